@@ -1,0 +1,77 @@
+// fastopt/api.h -- the torch-independent native ABI.
+//
+// Tensors travel as raw addresses (int64) plus element counts and a dtype code; scalars that may
+// change between steps (lr, step counts, grad scale, found_inf) may travel as addresses of fp32
+// scalars on the tensors' device, so that nothing syncs with the host.  The Python wrapper validates
+// everything first; check_* here re-checks cheaply and throws std::invalid_argument.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "fastopt/functors/adam.h"
+
+namespace fastopt {
+
+// The lists of one multi-tensor call: `ptrs` holds `depth` lists of `n` addresses, list after list.
+struct TensorLists {
+  std::vector<int64_t> ptrs;
+  std::vector<int64_t> numels;
+  int64_t depth = 0;
+  int64_t n = 0;
+  int dtype = kFloat32;
+  template <typename T> T* get(int64_t list, int64_t t) const {
+    return reinterpret_cast<T*>(static_cast<intptr_t>(ptrs[list * n + t]));
+  }
+};
+
+struct AdamArgs {
+  TensorLists lists;              // params, grads, exp_avgs, exp_avg_sqs[, max_exp_avg_sqs]
+  std::vector<int64_t> steps;     // n addresses of fp32 step counters (incremented by the call)
+  functors::AdamHyper hyper;
+  int64_t lr_ptr = 0;             // fp32 lr on the device, or 0: use hyper.lr
+  int64_t grad_scale_ptr = 0;     // fp32 scale the grads were multiplied by, or 0
+  int64_t found_inf_ptr = 0;      // fp32 flag; nonzero -> the whole step is skipped
+  bool decoupled = true;
+  bool amsgrad = false;
+  bool maximize = false;
+};
+
+inline void check_arg(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument("fastopt: " + msg);
+}
+
+inline void check_lists(const TensorLists& l, int64_t depth) {
+  check_arg(l.depth == depth, "expected " + std::to_string(depth) + " tensor lists, got " +
+                                  std::to_string(l.depth));
+  check_arg(l.n >= 0 && static_cast<int64_t>(l.numels.size()) == l.n, "numels has the wrong length");
+  check_arg(static_cast<int64_t>(l.ptrs.size()) == l.depth * l.n, "pointer table has the wrong length");
+  check_arg(l.dtype == kFloat32 || l.dtype == kFloat16 || l.dtype == kBFloat16,
+            "unsupported dtype code " + std::to_string(l.dtype));
+  for (int64_t t = 0; t < l.n; ++t) {
+    check_arg(l.numels[t] >= 0, "negative numel");
+    if (l.numels[t] == 0) continue;
+    for (int64_t d = 0; d < l.depth; ++d) check_arg(l.ptrs[d * l.n + t] != 0, "null tensor address");
+  }
+}
+
+inline void check_adam(const AdamArgs& a) {
+  check_lists(a.lists, a.amsgrad ? 5 : 4);
+  check_arg(static_cast<int64_t>(a.steps.size()) == a.lists.n, "one step counter per tensor is required");
+  for (int64_t s : a.steps) check_arg(s != 0, "null step counter address");
+  const auto& h = a.hyper;
+  check_arg(h.lr >= 0.0, "invalid learning rate");
+  check_arg(h.eps >= 0.0, "invalid epsilon");
+  check_arg(h.beta1 >= 0.0 && h.beta1 < 1.0, "invalid beta1");
+  check_arg(h.beta2 >= 0.0 && h.beta2 < 1.0, "invalid beta2");
+  check_arg(h.weight_decay >= 0.0, "invalid weight_decay");
+}
+
+void adam_cpu(const AdamArgs& args);
+#ifdef FASTOPT_WITH_CUDA
+void adam_cuda(const AdamArgs& args, int64_t stream);
+#endif
+
+}  // namespace fastopt

@@ -1,0 +1,104 @@
+// fastopt/multi_tensor.cuh -- the generic CUDA multi-tensor launcher.
+//
+// As in apex's multi_tensor_apply: the addresses and sizes of up to kMaxTensors tensors and the
+// (tensor, chunk) pair of up to kMaxBlocks CUDA blocks travel in one kernel-argument struct; the host
+// walks the lists once, launching whenever the struct is full.  One block handles one chunk of
+// kChunk elements.  Indexing is int64 at the chunk level (tensors of more than 2^31 elements work);
+// inside a chunk it is int32.  The per-element work is a callable `op(tl, tensor, chunk_start, n)`.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "fastopt/api.h"
+
+namespace fastopt {
+namespace cuda {
+
+constexpr int64_t kChunk = 65536;
+constexpr int kBlockThreads = 512;
+constexpr int kILP = 4;  // elements per thread per iteration: 16-byte loads for fp32
+
+// Kernel arguments stay under the classic 4 KiB limit for every depth.
+template <int DEPTH> struct Capacity;
+template <> struct Capacity<4> { static constexpr int tensors = 48, blocks = 320; };
+template <> struct Capacity<5> { static constexpr int tensors = 36, blocks = 320; };
+template <> struct Capacity<6> { static constexpr int tensors = 30, blocks = 320; };
+
+// DEPTH tensor lists; the last list of a call may hold per-tensor scalar addresses (the step counters).
+template <int DEPTH>
+struct TensorListMeta {
+  void* addresses[DEPTH][Capacity<DEPTH>::tensors];
+  int64_t numels[Capacity<DEPTH>::tensors];
+  unsigned char block_to_tensor[Capacity<DEPTH>::blocks];
+  int block_to_chunk[Capacity<DEPTH>::blocks];
+};
+
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fastopt: CUDA error in ") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+template <int DEPTH, typename Op, typename... Args>
+__global__ void __launch_bounds__(kBlockThreads)
+multi_tensor_kernel(const TensorListMeta<DEPTH> meta, Op op, Args... args) {
+  const int t = meta.block_to_tensor[blockIdx.x];
+  const int64_t start = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunk;
+  const int64_t rem = meta.numels[t] - start;
+  const int n = static_cast<int>(rem < kChunk ? rem : kChunk);
+  op(meta, t, start, n, args...);
+}
+
+// Walks `addr(list, tensor)` / `numel(tensor)` for n tensors and launches `op` over every chunk.
+template <int DEPTH, typename Op, typename Addr, typename Numel, typename... Args>
+void multi_tensor_apply(int64_t n, Addr addr, Numel numel, cudaStream_t stream, Op op, Args... args) {
+  using Cap = Capacity<DEPTH>;
+  TensorListMeta<DEPTH> meta;
+  int ntensors = 0, nblocks = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t size = numel(t);
+    if (size == 0) continue;
+    for (int d = 0; d < DEPTH; ++d) meta.addresses[d][ntensors] = addr(d, t);
+    meta.numels[ntensors] = size;
+    ++ntensors;
+    const int64_t chunks = (size + kChunk - 1) / kChunk;
+    for (int64_t c = 0; c < chunks; ++c) {
+      meta.block_to_tensor[nblocks] = static_cast<unsigned char>(ntensors - 1);
+      meta.block_to_chunk[nblocks] = static_cast<int>(c);
+      ++nblocks;
+      const bool blocks_full = nblocks == Cap::blocks;
+      const bool tensors_full = ntensors == Cap::tensors && c == chunks - 1;
+      const bool last = t == n - 1 && c == chunks - 1;
+      if (blocks_full || tensors_full || last) {
+        multi_tensor_kernel<DEPTH><<<nblocks, kBlockThreads, 0, stream>>>(meta, op, args...);
+        check_cuda(cudaGetLastError(), "multi_tensor_kernel launch");
+        nblocks = 0;
+        if (c == chunks - 1) {
+          ntensors = 0;
+        } else {  // the current tensor continues in the next launch, in slot 0
+          for (int d = 0; d < DEPTH; ++d) meta.addresses[d][0] = meta.addresses[d][ntensors - 1];
+          meta.numels[0] = meta.numels[ntensors - 1];
+          ntensors = 1;
+        }
+      }
+    }
+  }
+  if (nblocks > 0) {  // zero-sized tensors at the end of the list leave a partial launch behind
+    multi_tensor_kernel<DEPTH><<<nblocks, kBlockThreads, 0, stream>>>(meta, op, args...);
+    check_cuda(cudaGetLastError(), "multi_tensor_kernel launch");
+  }
+}
+
+// 16-byte-style vector access: kILP elements of T moved as one aligned unit.
+template <typename T> struct alignas(sizeof(T) * kILP) Vec { T v[kILP]; };
+
+template <typename T>
+__device__ __forceinline__ bool is_aligned(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kILP)) == 0;
+}
+
+}  // namespace cuda
+}  // namespace fastopt

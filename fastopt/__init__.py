@@ -1,0 +1,12 @@
+"""fastopt: fused optimizer, low-bit state, N:M sparsity and optimal-transport kernels for PyTorch.
+
+    import fastopt
+    opt = fastopt.AdamW(model.parameters(), lr=1e-3)   # instead of torch.optim.AdamW
+
+``python -m fastopt.info`` prints what this install was built with and which backend ``auto`` picks.
+"""
+from . import _ops  # noqa: F401  (registers the torch.library custom ops)
+from ._backend import BackendUnavailableError, available_backends, build_info  # noqa: F401
+from .optim import Adam, AdamW, functional  # noqa: F401
+
+__version__ = "0.1.0"

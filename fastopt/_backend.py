@@ -1,0 +1,153 @@
+"""Which backends exist on this install, and which one runs a given tensor.
+
+Backends (see DESIGN.md): ``cuda`` (fastopt._C built with nvcc), ``triton`` (fused GPU kernels with no
+compile step; on a CPU only under ``TRITON_INTERPRET=1``, which is how CI tests them), ``cpu``
+(fastopt._C's OpenMP kernels) and ``torch`` (the pure-PyTorch reference, available everywhere).
+``auto`` picks cuda > triton for CUDA tensors and cpu > torch for CPU tensors.
+"""
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that this install or this tensor's device cannot run."""
+
+
+@functools.lru_cache(maxsize=None)
+def _load_native():
+    try:
+        return importlib.import_module("fastopt._C"), None
+    except ImportError as e:
+        return None, str(e)
+
+
+def native():
+    """The native module fastopt._C, or a clear error when it was not built."""
+    mod, err = _load_native()
+    if mod is None:
+        raise BackendUnavailableError(
+            "fastopt._C is not built (" + err + "); install fastopt with "
+            "`pip install --no-build-isolation .` (needs a C++ compiler, cmake and pybind11), "
+            "or use backend='torch'")
+    return mod
+
+
+@functools.lru_cache(maxsize=None)
+def _load_triton():
+    try:
+        return importlib.import_module("fastopt.triton_kernels"), None
+    except ImportError as e:
+        return None, str(e)
+
+
+def triton_kernels():
+    mod, err = _load_triton()
+    if mod is None:
+        raise BackendUnavailableError(f"the triton backend is unavailable ({err}); pip install triton")
+    return mod
+
+
+def triton_interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def has_cpu():
+    return _load_native()[0] is not None
+
+
+def has_cuda():
+    mod = _load_native()[0]
+    return mod is not None and bool(getattr(mod, "with_cuda", False))
+
+
+def has_triton():
+    return _load_triton()[0] is not None
+
+
+def build_info():
+    """What this install has: a dict used by ``python -m fastopt.info`` and the benchmark report."""
+    mod, err = _load_native()
+    triton_mod, triton_err = _load_triton()
+    info = {
+        "native_module": mod is not None,
+        "native_error": err,
+        "cpu": mod is not None,
+        "cuda_kernels_built": has_cuda(),
+        "cpu_isa": getattr(mod, "cpu_isa", None) if mod is not None else None,
+        "triton": triton_mod is not None,
+        "triton_error": triton_err,
+        "triton_interpret": triton_interpret(),
+        "torch": torch.__version__,
+        "torch_cuda_available": torch.cuda.is_available(),
+    }
+    if triton_mod is not None:
+        import triton
+
+        info["triton_version"] = triton.__version__
+    return info
+
+
+def available_backends(device):
+    """The fastopt backends usable for tensors on ``device``, best first ('torch' always last)."""
+    device = torch.device(device)
+    out = []
+    if device.type == "cuda":
+        if has_cuda():
+            out.append("cuda")
+        if has_triton() and not triton_interpret():
+            out.append("triton")
+    elif device.type == "cpu":
+        if has_cpu():
+            out.append("cpu")
+        if has_triton() and triton_interpret():
+            out.append("triton")
+    out.append("torch")
+    return out
+
+
+def dtype_code(dtype):
+    return _DTYPE_CODES[dtype]
+
+
+def check_backend_name(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def resolve(backend, device, dtype, dense=True):
+    """The backend that runs tensors of ``dtype`` and layout ``dense`` on ``device``.
+
+    ``auto`` falls back to ``torch`` for what no kernel handles (other dtypes, non-dense layouts);
+    an explicitly named backend raises BackendUnavailableError instead.
+    """
+    check_backend_name(backend)
+    device = torch.device(device)
+    kernel_ok = dtype in KERNEL_DTYPES and dense
+    if backend == "auto":
+        if not kernel_ok:
+            return "torch"
+        if device.type == "cuda":
+            return "cuda" if has_cuda() else ("triton" if has_triton() else "torch")
+        return "cpu" if device.type == "cpu" and has_cpu() else "torch"
+    if backend == "torch":
+        return backend
+    if not kernel_ok:
+        what = f"dtype {dtype}" if dtype not in KERNEL_DTYPES else "non-dense (overlapping or strided) tensors"
+        raise BackendUnavailableError(
+            f"backend {backend!r} does not support {what}; use backend='torch' or 'auto'")
+    if backend not in available_backends(device):
+        why = {
+            "cuda": "needs CUDA tensors and fastopt._C built with nvcc",
+            "cpu": "needs CPU tensors and fastopt._C",
+            "triton": "needs triton and CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)",
+        }[backend]
+        raise BackendUnavailableError(f"backend {backend!r} cannot run on device {device}: it {why}")
+    return backend

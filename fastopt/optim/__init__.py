@@ -1,0 +1,4 @@
+"""fastopt optimizers: drop-in ``torch.optim.Optimizer`` classes running fused kernels."""
+from . import functional  # noqa: F401
+from .adam import Adam, AdamW  # noqa: F401
+from .base import FusedOptimizer  # noqa: F401

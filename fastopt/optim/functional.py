@@ -1,0 +1,134 @@
+"""Functional optimizer steps: validate lists of tensors, pick a backend, run the kernel.
+
+These are the middle layer between the kernels (``fastopt._ops``, ``fastopt.reference``) and the
+``torch.optim.Optimizer`` classes; they are usable on their own with tensors you manage yourself.
+"""
+import math
+
+import torch
+
+from .. import _backend, _ops
+from ..reference import adam_reference
+
+
+def is_dense(t):
+    """True when ``t`` covers its storage span without gaps or overlaps (any dimension order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted((s, st) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def check_hyper(name, value, low=0.0, high=math.inf, high_open=False):
+    """torch.optim-style validation of one hyperparameter (raises ValueError)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: a tensor {name} must have one element")
+        value = float(value)
+    ok = low <= value < high if high_open else low <= value <= high
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value}")
+
+
+def check_adam_hyper(lr, betas, eps, weight_decay):
+    check_hyper("learning rate", lr)
+    check_hyper("epsilon value", eps)
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: expected two values, got {betas!r}")
+    check_hyper("beta parameter at index 0", betas[0], high=1.0, high_open=True)
+    check_hyper("beta parameter at index 1", betas[1], high=1.0, high_open=True)
+    check_hyper("weight_decay value", weight_decay)
+
+
+def check_lists(names, lists, state_steps=None):
+    """Validate parallel tensor lists for one kernel call; returns (device, dtype, dense) of the call.
+
+    Every list must have the same length; tensor i of every list must have the shape, dtype, device
+    and strides of ``lists[0][i]``; the whole call must be on one device and of one dtype; gradients
+    must be dense (not sparse) and real.
+    """
+    n = len(lists[0])
+    for name, lst in zip(names, lists):
+        if len(lst) != n:
+            raise ValueError(f"{name} has {len(lst)} tensors, {names[0]} has {n}")
+    if n == 0:
+        return None, None, True
+    device, dtype = lists[0][0].device, lists[0][0].dtype
+    dense = True
+    for i in range(n):
+        ref = lists[0][i]
+        for name, lst in zip(names, lists):
+            t = lst[i]
+            if t.is_sparse or t.layout != torch.strided:
+                raise RuntimeError(f"fastopt does not support sparse tensors ({name}[{i}])")
+            if t.is_complex():
+                raise TypeError(f"fastopt does not support complex tensors ({name}[{i}] is {t.dtype})")
+            if t.device != device:
+                raise ValueError(f"all tensors of one call must be on one device: {name}[{i}] is on "
+                                 f"{t.device}, {names[0]}[0] on {device}")
+            if t.dtype != dtype:
+                raise ValueError(f"all tensors of one call must have one dtype: {name}[{i}] is {t.dtype}, "
+                                 f"{names[0]}[0] is {dtype}")
+            if t.shape != ref.shape:
+                raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, {names[0]}[{i}] has {tuple(ref.shape)}")
+            if t.numel() > 1 and t.stride() != ref.stride():
+                dense = False
+        dense = dense and is_dense(ref)
+    if state_steps is not None:
+        if len(state_steps) != n:
+            raise ValueError(f"state_steps has {len(state_steps)} tensors, {names[0]} has {n}")
+        for i, s in enumerate(state_steps):
+            if s.numel() != 1 or s.dtype != torch.float32 or s.device != device:
+                raise ValueError(f"state_steps[{i}] must be a one-element float32 tensor on {device} "
+                                 f"(got {s.dtype} with {s.numel()} elements on {s.device})")
+    return device, dtype, dense
+
+
+def _scalar_on(t, device, name):
+    if t is None:
+        return None
+    if t.numel() != 1:
+        raise ValueError(f"{name} must be a one-element tensor")
+    return t.to(device=device, dtype=torch.float32)
+
+
+def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
+         weight_decay, decoupled=True, amsgrad=False, maximize=False, grad_scale=None, found_inf=None,
+         backend="auto"):
+    """One fused Adam (``decoupled=False``) or AdamW (``decoupled=True``) step, in place.
+
+    Equations: see :func:`fastopt.reference.adam_reference`.  All tensors of one call share one device
+    and one dtype (fp32, fp16 or bf16 for the kernel backends); ``state_steps`` are one-element fp32
+    tensors on that device, incremented by the call unless ``found_inf`` (AMP) is nonzero.  ``lr`` is
+    a float or a one-element tensor (read on the device: no host sync, CUDA-graph safe).
+    Everything is validated before anything is written.
+    """
+    names = ["params", "grads", "exp_avgs", "exp_avg_sqs"] + (["max_exp_avg_sqs"] if amsgrad else [])
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    check_adam_hyper(lr, (beta1, beta2), eps, weight_decay)
+    device, dtype, dense = check_lists(names, lists, state_steps)
+    if device is None:
+        return
+    chosen = _backend.resolve(backend, device, dtype, dense)
+    grad_scale = _scalar_on(grad_scale, device, "grad_scale")
+    found_inf = _scalar_on(found_inf, device, "found_inf")
+    if chosen == "torch":
+        adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
+                       beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
+                       maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+        return
+    lr_tensor = None
+    if isinstance(lr, torch.Tensor):
+        if lr.device.type == "cpu" and device.type != "cpu":
+            lr = float(lr)  # a CPU scalar: reading it does not sync with the GPU
+        else:
+            lr_tensor = lr.to(device=device, dtype=torch.float32)
+            lr = 0.0
+    _ops.adam_step_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+                    list(max_exp_avg_sqs) if amsgrad else [], list(state_steps), float(lr), lr_tensor,
+                    float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad),
+                    bool(maximize), grad_scale, found_inf, chosen)

@@ -1,0 +1,8 @@
+"""Triton kernels of fastopt, installed as ``fastopt.triton_kernels``.
+
+One generic multi-tensor launcher (:mod:`.multi_tensor`) runs a per-optimizer ``@triton.jit`` update
+function (e.g. :func:`.adam.adam_update`) over every chunk of every tensor in one launch.  On a machine
+without a GPU the kernels run under ``TRITON_INTERPRET=1`` (that is how CI tests them).
+"""
+from .multi_tensor import multi_tensor_apply  # noqa: F401
+from .adam import adam_step  # noqa: F401
