@@ -2,8 +2,11 @@
 
 Each op takes already-validated lists (same device, same dtype, dense, matching layouts; see
 ``fastopt.optim.functional``) and a resolved kernel backend ('cuda', 'triton' or 'cpu').  The fake
-implementations let ``torch.compile`` and CUDA-graph capture see the ops; they mutate in place and
-return nothing.
+implementations let ``torch.compile`` see the ops; they mutate in place and return nothing.
+
+In eager mode the public callers (``adam_step`` ...) skip the custom-op dispatcher, whose Python layers
+cost about half a millisecond per call, and call the kernel directly, bumping the autograd version
+counters of what it mutated themselves; under ``torch.compile`` they call the custom op.
 """
 from typing import List, Optional
 
@@ -21,11 +24,7 @@ def _scalar_addr(t):
     return 0 if t is None else t.data_ptr()
 
 
-@torch.library.custom_op(
-    "fastopt::adam_step_",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
-)
-def adam_step_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+def _adam_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], lr: float, lr_tensor: Optional[Tensor],
                beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool, amsgrad: bool,
                maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor], backend: str) -> None:
@@ -56,7 +55,27 @@ def adam_step_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         raise ValueError(f"fastopt::adam_step_ has no kernel backend {backend!r}")
 
 
+adam_step_ = torch.library.custom_op(
+    "fastopt::adam_step_",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
+)(_adam_kernel)
+
+
 @adam_step_.register_fake
 def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, lr_tensor, beta1,
                     beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf, backend):
     return None
+
+
+def _eager_or_op(op, kernel, mutated, args):
+    if torch.compiler.is_compiling():
+        op(*args)
+        return
+    kernel(*args)
+    torch.autograd.graph.increment_version([t for lst in mutated for t in lst])
+
+
+def adam_step(*args):
+    """``fastopt::adam_step_`` (same arguments), without the dispatcher's overhead in eager mode."""
+    params, _grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = args[:6]
+    _eager_or_op(adam_step_, _adam_kernel, (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps), args)

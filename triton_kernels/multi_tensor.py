@@ -33,9 +33,22 @@ def _load_block(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, ma
 
 
 @triton.jit
+def to_bf16_rne(x):
+    """fp32 -> bf16, round to nearest even, NaN kept NaN.  Written out because Triton's interpreter
+    truncates in ``.to(tl.bfloat16)``; on GPUs this costs a few integer ops in a memory-bound loop."""
+    u = x.to(tl.uint32, bitcast=True)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = tl.where(x != x, (u >> 16) | 0x40, r)
+    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _store_block(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, mask, val, DTYPE: tl.constexpr):
     ptr = tl.load(addr_table + row * NCOL + col).to(tl.pointer_type(DTYPE))
-    tl.store(ptr + offs, val.to(DTYPE), mask=mask)
+    if DTYPE == tl.bfloat16:
+        tl.store(ptr + offs, to_bf16_rne(val), mask=mask)
+    else:
+        tl.store(ptr + offs, val.to(DTYPE), mask=mask)
 
 
 @triton.jit

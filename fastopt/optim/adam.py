@@ -50,20 +50,19 @@ class Adam(FusedOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _step_bucket(self, group, params, backend, grad_scale, found_inf):
+    def _step_bucket(self, group, params, grads, backend, grad_scale, found_inf):
         states = [self.state[p] for p in params]
         if group["amsgrad"]:
             for p, s in zip(params, states):  # a checkpoint saved without amsgrad
                 if "max_exp_avg_sq" not in s:
                     s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         beta1, beta2 = (float(b) for b in group["betas"])
-        F.adam(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-               [s["exp_avg_sq"] for s in states],
-               [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-               [s["step"] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-               weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
-               amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=grad_scale,
-               found_inf=found_inf, backend=backend)
+        F.adam_unchecked(
+            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            decoupled=group["decoupled_weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
+            grad_scale=grad_scale, found_inf=found_inf, backend=backend, device=params[0].device)
 
 
 class AdamW(Adam):

@@ -24,7 +24,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults):
         _backend.check_backend_name(defaults.get("backend", "auto"))
         super().__init__(params, defaults)
-        self.register_load_state_dict_post_hook(FusedOptimizer._steps_to_param_device)
+        self.register_load_state_dict_post_hook(FusedOptimizer._after_load)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -41,39 +41,56 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Fill the empty ``state`` dict of parameter ``p``."""
         raise NotImplementedError
 
-    def _step_bucket(self, group, params, backend, grad_scale, found_inf):
-        """Run one fused step over ``params`` (one device, one dtype) with ``backend``."""
+    def _step_bucket(self, group, params, grads, backend, grad_scale, found_inf):
+        """Run one fused step over ``params`` (one device, one dtype) with ``backend``; ``grads[i]`` has
+        the memory layout of ``params[i]`` (and of its state)."""
         raise NotImplementedError
 
     # -- the step --------------------------------------------------------------------------------
-    def _check_param(self, p):
-        g = p.grad
+    def _check_param(self, p, g):
+        if (g.layout, g.device, g.dtype, g.shape) == (torch.strided, p.device, p.dtype, p.shape) \
+                and not p.dtype.is_complex:
+            return
         name = type(self).__name__
-        if g.is_sparse or g.layout != torch.strided:
+        if g.layout != torch.strided:
             raise RuntimeError(f"{name} does not support sparse gradients")
         if p.is_complex():
             raise TypeError(f"{name} does not support complex parameters ({p.dtype}); "
                             "optimize torch.view_as_real(p) instead")
         if g.device != p.device:
             raise ValueError(f"{name}: a gradient is on {g.device} but its parameter on {p.device}")
-        if g.dtype != p.dtype or g.shape != p.shape:
-            raise ValueError(f"{name}: gradient {g.dtype}{tuple(g.shape)} does not match its parameter "
-                             f"{p.dtype}{tuple(p.shape)}")
+        raise ValueError(f"{name}: gradient {g.dtype}{tuple(g.shape)} does not match its parameter "
+                         f"{p.dtype}{tuple(p.shape)}")
 
     def _plan(self):
-        """Validate everything and bucket the params that have gradients; touches no state."""
+        """Validate everything and bucket the params that have gradients; touches no state.
+
+        Returns [(group, {(device, dtype, backend): ([params], [grads])})].  A gradient whose strides
+        differ from its dense parameter's is copied into the parameter's layout (autograd normally
+        produces matching layouts; the kernels walk parameter, gradient and state as flat buffers).
+        """
         plan = []
         for group in self.param_groups:
             self._check_group(group)
-            _backend.check_backend_name(group["backend"])
-            buckets = defaultdict(list)
+            by_layout = defaultdict(list)
             for p in group["params"]:
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                self._check_param(p)
-                dense = is_dense(p) and (p.numel() <= 1 or p.grad.stride() == p.stride())
-                backend = _backend.resolve(group["backend"], p.device, p.dtype, dense)
-                buckets[(p.device, p.dtype, backend)].append(p)
+                self._check_param(p, g)
+                if not (p.is_contiguous() and g.is_contiguous()):
+                    dense = is_dense(p)
+                    if dense and p.numel() > 1 and g.stride() != p.stride():
+                        g = torch.empty_like(p).copy_(g)
+                else:
+                    dense = True
+                by_layout[(p.device, p.dtype, dense)].append((p, g))
+            buckets = defaultdict(lambda: ([], []))
+            for (device, dtype, dense), pairs in by_layout.items():
+                backend = _backend.resolve(group["backend"], device, dtype, dense)
+                params, grads = buckets[(device, dtype, backend)]
+                params.extend(p for p, _ in pairs)
+                grads.extend(g for _, g in pairs)
             plan.append((group, buckets))
         return plan
 
@@ -88,28 +105,33 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for group, buckets in plan:
-            for params in buckets.values():
+            for params, _grads in buckets.values():
                 for p in params:
                     if not self.state[p]:
                         self._init_state(group, p, self.state[p])
         for group, buckets in plan:
-            for (device, _dtype, backend), params in buckets.items():
-                self._step_bucket(group, params, backend, _on(grad_scale, device), _on(found_inf, device))
+            for (device, _dtype, backend), (params, grads) in buckets.items():
+                self._step_bucket(group, params, grads, backend, _on(grad_scale, device), _on(found_inf, device))
         return loss
 
     @staticmethod
-    def _steps_to_param_device(optimizer):
+    def _after_load(optimizer):
         # torch.optim keeps `step` on the CPU for its non-fused paths; fastopt's kernels read it on
-        # the parameter's device.  Loading either kind of checkpoint ends up here.
+        # the parameter's device as fp32.  State tensors get the parameter's memory layout, which the
+        # kernels assume (they walk parameter, gradient and state as flat buffers in one order).
         for group in optimizer.param_groups:
             for p in group["params"]:
                 state = optimizer.state.get(p)
-                if state and "step" in state:
-                    step = state["step"]
-                    if not isinstance(step, torch.Tensor):
-                        step = torch.tensor(float(step))
-                    state["step"] = step.to(device=p.device, dtype=torch.float32).reshape(())
+                if not state:
+                    continue
+                for key, value in state.items():
+                    if key == "step":
+                        step = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+                        state[key] = step.to(device=p.device, dtype=torch.float32).reshape(())
+                    elif (isinstance(value, torch.Tensor) and value.shape == p.shape and value.numel() > 1
+                          and value.stride() != p.stride()):
+                        state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def _on(t, device):
-    return None if t is None else t.to(device)
+    return None if t is None else t.to(device=device, dtype=torch.float32)

@@ -16,7 +16,7 @@ def is_dense(t):
     if t.is_contiguous():
         return True
     expected = 1
-    for size, stride in sorted((s, st) for s, st in zip(t.shape, t.stride()) if s != 1):
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
         if stride != expected:
             return False
         expected *= size
@@ -48,8 +48,9 @@ def check_lists(names, lists, state_steps=None):
     """Validate parallel tensor lists for one kernel call; returns (device, dtype, dense) of the call.
 
     Every list must have the same length; tensor i of every list must have the shape, dtype, device
-    and strides of ``lists[0][i]``; the whole call must be on one device and of one dtype; gradients
-    must be dense (not sparse) and real.
+    and strides of ``lists[0][i]``; the whole call must be on one device and of one dtype; tensors
+    must be strided (not sparse) and real.  ``dense`` tells whether the kernels can walk every tensor
+    as one flat buffer (else only the torch backend can run the call).
     """
     n = len(lists[0])
     for name, lst in zip(names, lists):
@@ -57,25 +58,19 @@ def check_lists(names, lists, state_steps=None):
             raise ValueError(f"{name} has {len(lst)} tensors, {names[0]} has {n}")
     if n == 0:
         return None, None, True
-    device, dtype = lists[0][0].device, lists[0][0].dtype
+    first = lists[0][0]
+    device, dtype = first.device, first.dtype
+    if first.is_complex():
+        raise TypeError(f"fastopt does not support complex tensors ({names[0]}[0] is {dtype})")
     dense = True
     for i in range(n):
         ref = lists[0][i]
+        want = (torch.strided, device, dtype, ref.shape)
         for name, lst in zip(names, lists):
             t = lst[i]
-            if t.is_sparse or t.layout != torch.strided:
-                raise RuntimeError(f"fastopt does not support sparse tensors ({name}[{i}])")
-            if t.is_complex():
-                raise TypeError(f"fastopt does not support complex tensors ({name}[{i}] is {t.dtype})")
-            if t.device != device:
-                raise ValueError(f"all tensors of one call must be on one device: {name}[{i}] is on "
-                                 f"{t.device}, {names[0]}[0] on {device}")
-            if t.dtype != dtype:
-                raise ValueError(f"all tensors of one call must have one dtype: {name}[{i}] is {t.dtype}, "
-                                 f"{names[0]}[0] is {dtype}")
-            if t.shape != ref.shape:
-                raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, {names[0]}[{i}] has {tuple(ref.shape)}")
-            if t.numel() > 1 and t.stride() != ref.stride():
+            if (t.layout, t.device, t.dtype, t.shape) != want:
+                _explain_mismatch(name, i, t, names[0], ref, device, dtype)
+            if t is not ref and t.stride() != ref.stride() and t.numel() > 1:
                 dense = False
         dense = dense and is_dense(ref)
     if state_steps is not None:
@@ -86,6 +81,20 @@ def check_lists(names, lists, state_steps=None):
                 raise ValueError(f"state_steps[{i}] must be a one-element float32 tensor on {device} "
                                  f"(got {s.dtype} with {s.numel()} elements on {s.device})")
     return device, dtype, dense
+
+
+def _explain_mismatch(name, i, t, ref_name, ref, device, dtype):
+    if t.layout != torch.strided:
+        raise RuntimeError(f"fastopt does not support sparse tensors ({name}[{i}] is {t.layout})")
+    if t.is_complex():
+        raise TypeError(f"fastopt does not support complex tensors ({name}[{i}] is {t.dtype})")
+    if t.device != device:
+        raise ValueError(f"all tensors of one call must be on one device: {name}[{i}] is on {t.device}, "
+                         f"{ref_name}[0] on {device}")
+    if t.dtype != dtype:
+        raise ValueError(f"all tensors of one call must have one dtype: {name}[{i}] is {t.dtype}, "
+                         f"{ref_name}[0] is {dtype}")
+    raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, {ref_name}[{i}] has {tuple(ref.shape)}")
 
 
 def _scalar_on(t, device, name):
@@ -116,6 +125,16 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, 
     chosen = _backend.resolve(backend, device, dtype, dense)
     grad_scale = _scalar_on(grad_scale, device, "grad_scale")
     found_inf = _scalar_on(found_inf, device, "found_inf")
+    adam_unchecked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
+                   beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
+                   maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, backend=chosen, device=device)
+
+
+def adam_unchecked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
+                   weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf, backend, device):
+    """:func:`adam` for lists already validated (the optimizer classes validate once per step):
+    ``backend`` is resolved, ``grad_scale``/``found_inf`` are None or fp32 scalars on ``device``."""
+    chosen = backend
     if chosen == "torch":
         adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
                        beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
@@ -128,7 +147,7 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, 
         else:
             lr_tensor = lr.to(device=device, dtype=torch.float32)
             lr = 0.0
-    _ops.adam_step_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+    _ops.adam_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
                     list(max_exp_avg_sqs) if amsgrad else [], list(state_steps), float(lr), lr_tensor,
                     float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad),
                     bool(maximize), grad_scale, found_inf, chosen)
