@@ -48,9 +48,6 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
-#ifdef FASTOPT_CPU_ISA
-  m.attr("cpu_isa") = FASTOPT_CPU_ISA;
-#endif
   m.def(
       "adam_cpu",
       [](std::vector<int64_t> ptrs, std::vector<int64_t> numels, std::vector<int64_t> steps, int dtype,

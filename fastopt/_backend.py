@@ -81,7 +81,6 @@ def build_info():
         "native_error": err,
         "cpu": mod is not None,
         "cuda_kernels_built": has_cuda(),
-        "cpu_isa": getattr(mod, "cpu_isa", None) if mod is not None else None,
         "triton": triton_mod is not None,
         "triton_error": triton_err,
         "triton_interpret": triton_interpret(),
