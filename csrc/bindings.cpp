@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "fastopt/api.h"
+#include "cpu/isa.h"
 
 namespace py = pybind11;
 using fastopt::AdamArgs;
@@ -48,6 +49,7 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.def("cpu_isa", &fastopt::cpu::isa_name, "The CPU kernels' instruction set on this machine.");
   m.def(
       "adam_cpu",
       [](std::vector<int64_t> ptrs, std::vector<int64_t> numels, std::vector<int64_t> steps, int dtype,

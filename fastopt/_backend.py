@@ -81,6 +81,7 @@ def build_info():
         "native_error": err,
         "cpu": mod is not None,
         "cuda_kernels_built": has_cuda(),
+        "cpu_isa": mod.cpu_isa() if mod is not None else None,
         "triton": triton_mod is not None,
         "triton_error": triton_err,
         "triton_interpret": triton_interpret(),

@@ -12,7 +12,9 @@
 #define FASTOPT_HOST_DEVICE __host__ __device__ __forceinline__
 #define FASTOPT_DEVICE_CODE 1
 #else
-#define FASTOPT_HOST_DEVICE inline
+// always_inline: the CPU kernels are compiled once per instruction set (baseline, AVX2); forcing
+// inlining keeps an AVX2 copy of a shared inline function from being linked into the baseline path.
+#define FASTOPT_HOST_DEVICE inline __attribute__((always_inline))
 #endif
 
 namespace fastopt {

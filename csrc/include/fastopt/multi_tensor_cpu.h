@@ -1,10 +1,15 @@
 // fastopt/multi_tensor_cpu.h -- the generic CPU multi-tensor launcher.
 //
-// Every tensor of a list is cut into chunks of kChunk elements; OpenMP runs over the chunks of all
-// tensors together (static schedule), and `fn(tensor_index, start, length)` does one chunk with a
-// plain, vectorizable inner loop.  Small workloads stay on the calling thread.
+// The elements of all tensors of a list, laid end to end, are split into one contiguous range per
+// OpenMP thread (balanced by element count, boundaries on 64-element multiples inside a tensor, so
+// threads never share a cache line); each thread walks its range in pieces of at most kChunk
+// elements and calls `fn(tensor_index, start, length)`, whose inner loop is plain and vectorizable.
+// Small workloads stay on the calling thread.
 #pragma once
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -13,34 +18,36 @@ namespace cpu {
 
 constexpr int64_t kChunk = 65536;
 constexpr int64_t kParallelThreshold = 32768;  // total elements below which one thread does it all
-
-struct Chunk {
-  int64_t tensor;
-  int64_t start;
-  int64_t length;
-};
-
-inline std::vector<Chunk> make_chunks(const int64_t* numels, int64_t n, int64_t* total) {
-  std::vector<Chunk> chunks;
-  *total = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    for (int64_t s = 0; s < numels[t]; s += kChunk) {
-      const int64_t len = numels[t] - s < kChunk ? numels[t] - s : kChunk;
-      chunks.push_back({t, s, len});
-    }
-    *total += numels[t];
-  }
-  return chunks;
-}
+constexpr int64_t kSplitAlign = 64;             // elements; a multiple of every cache line size
 
 template <typename Fn>
 void multi_tensor_apply(const int64_t* numels, int64_t n, Fn&& fn) {
-  int64_t total = 0;
-  const std::vector<Chunk> chunks = make_chunks(numels, n, &total);
-  const int64_t nchunks = static_cast<int64_t>(chunks.size());
-#pragma omp parallel for schedule(static) if (total >= kParallelThreshold && nchunks > 1)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    fn(chunks[c].tensor, chunks[c].start, chunks[c].length);
+  std::vector<int64_t> offsets(n + 1, 0);
+  for (int64_t t = 0; t < n; ++t) offsets[t + 1] = offsets[t] + numels[t];
+  const int64_t total = offsets[n];
+  if (total == 0) return;
+  const int nthreads = total >= kParallelThreshold ? omp_get_max_threads() : 1;
+
+  // Where thread k's range starts: (tensor, offset inside it).  Thread k ends where k + 1 starts.
+  auto boundary = [&](int k, int64_t* tensor, int64_t* offset) {
+    if (k >= nthreads) { *tensor = n; *offset = 0; return; }
+    const int64_t pos = total / nthreads * k + (total % nthreads) * k / nthreads;
+    const int64_t t = std::upper_bound(offsets.begin(), offsets.end(), pos) - offsets.begin() - 1;
+    *tensor = t;
+    *offset = (pos - offsets[t]) / kSplitAlign * kSplitAlign;
+  };
+
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+    const int k = omp_get_thread_num();
+    int64_t t0, o0, t1, o1;
+    boundary(k, &t0, &o0);
+    boundary(k + 1, &t1, &o1);
+    for (int64_t t = t0; t <= t1 && t < n; ++t) {
+      const int64_t begin = t == t0 ? o0 : 0;
+      const int64_t end = t == t1 ? o1 : numels[t];
+      for (int64_t s = begin; s < end; s += kChunk) fn(t, s, std::min(kChunk, end - s));
+    }
   }
 }
 

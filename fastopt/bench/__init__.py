@@ -1,0 +1,7 @@
+"""Benchmarks: ``python -m fastopt.bench`` runs the report (see ``fastopt.bench.harness``).
+
+Each op's suite lives in its own module here and registers itself on import; add a suite by writing
+``fastopt/bench/<op>.py`` (see ``adamw.py``) and importing it below.
+"""
+from . import adamw  # noqa: F401  (registers the "adamw" suite)
+from .harness import SUITES, Bar, Case, Suite, Unsupported, Workload, main, register  # noqa: F401
