@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 
 from .. import _backend
-from .functional import is_dense
+from .functional import is_dense, scalar_on
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -111,7 +111,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                         self._init_state(group, p, self.state[p])
         for group, buckets in plan:
             for (device, _dtype, backend), (params, grads) in buckets.items():
-                self._step_bucket(group, params, grads, backend, _on(grad_scale, device), _on(found_inf, device))
+                self._step_bucket(group, params, grads, backend, scalar_on(grad_scale, device, "grad_scale"),
+                                  scalar_on(found_inf, device, "found_inf"))
         return loss
 
     @staticmethod
@@ -132,6 +133,3 @@ class FusedOptimizer(torch.optim.Optimizer):
                           and value.stride() != p.stride()):
                         state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
-
-def _on(t, device):
-    return None if t is None else t.to(device=device, dtype=torch.float32)

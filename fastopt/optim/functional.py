@@ -97,7 +97,7 @@ def _explain_mismatch(name, i, t, ref_name, ref, device, dtype):
     raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, {ref_name}[{i}] has {tuple(ref.shape)}")
 
 
-def _scalar_on(t, device, name):
+def scalar_on(t, device, name):
     if t is None:
         return None
     if t.numel() != 1:
@@ -123,8 +123,8 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, 
     if device is None:
         return
     chosen = _backend.resolve(backend, device, dtype, dense)
-    grad_scale = _scalar_on(grad_scale, device, "grad_scale")
-    found_inf = _scalar_on(found_inf, device, "found_inf")
+    grad_scale = scalar_on(grad_scale, device, "grad_scale")
+    found_inf = scalar_on(found_inf, device, "found_inf")
     adam_unchecked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
                    beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
                    maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, backend=chosen, device=device)
@@ -134,8 +134,7 @@ def adam_unchecked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
                    weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf, backend, device):
     """:func:`adam` for lists already validated (the optimizer classes validate once per step):
     ``backend`` is resolved, ``grad_scale``/``found_inf`` are None or fp32 scalars on ``device``."""
-    chosen = backend
-    if chosen == "torch":
+    if backend == "torch":
         adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
                        beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
                        maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
@@ -150,4 +149,4 @@ def adam_unchecked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
     _ops.adam_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
                     list(max_exp_avg_sqs) if amsgrad else [], list(state_steps), float(lr), lr_tensor,
                     float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad),
-                    bool(maximize), grad_scale, found_inf, chosen)
+                    bool(maximize), grad_scale, found_inf, backend)
