@@ -132,4 +132,3 @@ class FusedOptimizer(torch.optim.Optimizer):
                     elif (isinstance(value, torch.Tensor) and value.shape == p.shape and value.numel() > 1
                           and value.stride() != p.stride()):
                         state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
-
