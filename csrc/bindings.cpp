@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "fastopt/api.h"
@@ -40,6 +41,57 @@ constexpr const char* kAdamDoc =
     "fp32 step counters (incremented unless found_inf is set); dtype: 0 fp32, 1 fp16, 2 bf16; "
     "lr_ptr/grad_scale_ptr/found_inf_ptr: addresses of fp32 scalars or 0.";
 
+fastopt::ElementwiseArgs make_elementwise_args(std::string op, std::vector<int64_t> ptrs, std::vector<int64_t> numels,
+                                               std::vector<int64_t> steps, int dtype, std::vector<double> hyper,
+                                               int64_t flags, double lr, int64_t lr_ptr, int64_t grad_scale_ptr,
+                                               int64_t found_inf_ptr, bool maximize, int phase,
+                                               std::vector<int64_t> rows, int64_t row_coef_ptr,
+                                               int64_t reduce_out_ptr, uint64_t seed, bool stochastic) {
+  fastopt::ElementwiseArgs a;
+  a.op = std::move(op);
+  a.lists.n = static_cast<int64_t>(numels.size());
+  a.lists.depth = a.lists.n ? static_cast<int64_t>(ptrs.size()) / a.lists.n : 0;
+  if (a.lists.n == 0) {
+    int states = 0, reduce = 0;
+    if (fastopt::op_shape(a.op, &states, &reduce)) a.lists.depth = 2 + states;
+  }
+  a.lists.ptrs = std::move(ptrs);
+  a.lists.numels = std::move(numels);
+  a.lists.dtype = dtype;
+  a.steps = std::move(steps);
+  a.hyper = std::move(hyper);
+  a.flags = flags;
+  a.lr = lr;
+  a.lr_ptr = lr_ptr;
+  a.grad_scale_ptr = grad_scale_ptr;
+  a.found_inf_ptr = found_inf_ptr;
+  a.maximize = maximize;
+  a.phase = phase;
+  a.rows = std::move(rows);
+  a.row_coef_ptr = row_coef_ptr;
+  a.reduce_out_ptr = reduce_out_ptr;
+  a.seed = seed;
+  a.stochastic = stochastic;
+  return a;
+}
+
+constexpr const char* kElementwiseDoc =
+    "One call of a registered elementwise optimizer op (csrc/include/fastopt/ops.h).  ptrs: params, "
+    "grads and the op's state lists, list after list; steps: fp32 step counters (phase 0 increments "
+    "them unless found_inf is set); hyper: up to 16 op-defined values; phase 0 updates, phase 1 adds "
+    "per-row sums into reduce_out (fp32 [rows, 4]); rows: rows per tensor or []; row_coef_ptr: fp32 "
+    "[rows, 4] coefficients read by phase 0, or 0; seed/stochastic: stochastic rounding of bf16 params.";
+
+#define FASTOPT_ELEMENTWISE_PARAMS                                                                      \
+  std::string op, std::vector<int64_t> ptrs, std::vector<int64_t> numels, std::vector<int64_t> steps,   \
+      int dtype, std::vector<double> hyper, int64_t flags, double lr, int64_t lr_ptr,                   \
+      int64_t grad_scale_ptr, int64_t found_inf_ptr, bool maximize, int phase, std::vector<int64_t> rows, \
+      int64_t row_coef_ptr, int64_t reduce_out_ptr, uint64_t seed, bool stochastic
+#define FASTOPT_ELEMENTWISE_ARGS                                                                        \
+  make_elementwise_args(std::move(op), std::move(ptrs), std::move(numels), std::move(steps), dtype,     \
+                        std::move(hyper), flags, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, maximize,   \
+                        phase, std::move(rows), row_coef_ptr, reduce_out_ptr, seed, stochastic)
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -62,6 +114,19 @@ PYBIND11_MODULE(_C, m) {
         fastopt::adam_cpu(a);
       },
       kAdamDoc);
+  m.def(
+      "elementwise_cpu",
+      [](FASTOPT_ELEMENTWISE_PARAMS) {
+        fastopt::ElementwiseArgs a = FASTOPT_ELEMENTWISE_ARGS;
+        py::gil_scoped_release nogil;
+        fastopt::elementwise_cpu(a);
+      },
+      kElementwiseDoc);
+  m.def("op_shape", [](const std::string& op) {
+    int states = 0, reduce = 0;
+    if (!fastopt::op_shape(op, &states, &reduce)) throw std::invalid_argument("fastopt: unknown op '" + op + "'");
+    return py::make_tuple(states, reduce);
+  }, "(state lists, reduce sums) of a registered elementwise op.");
 #ifdef FASTOPT_WITH_CUDA
   m.def(
       "adam_cuda",
@@ -75,5 +140,13 @@ PYBIND11_MODULE(_C, m) {
         fastopt::adam_cuda(a, stream);
       },
       kAdamDoc);
+  m.def(
+      "elementwise_cuda",
+      [](FASTOPT_ELEMENTWISE_PARAMS, int64_t stream) {
+        fastopt::ElementwiseArgs a = FASTOPT_ELEMENTWISE_ARGS;
+        py::gil_scoped_release nogil;
+        fastopt::elementwise_cuda(a, stream);
+      },
+      kElementwiseDoc);
 #endif
 }

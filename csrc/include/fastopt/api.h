@@ -69,9 +69,38 @@ inline void check_adam(const AdamArgs& a) {
   check_arg(h.weight_decay >= 0.0, "invalid weight_decay");
 }
 
+// One call of a registered elementwise op (fastopt/ops.h): phase 0 is the step, phase 1 the reduce pass.
+struct ElementwiseArgs {
+  std::string op;
+  TensorLists lists;              // params, grads, then the op's state lists
+  std::vector<int64_t> steps;     // n addresses of fp32 step counters (phase 0 increments them)
+  std::vector<double> hyper;      // at most kMaxHyper values, meaning fixed by the op
+  int64_t flags = 0;
+  double lr = 0.0;
+  int64_t lr_ptr = 0;             // fp32 lr on the device, or 0: use lr
+  int64_t grad_scale_ptr = 0;
+  int64_t found_inf_ptr = 0;
+  bool maximize = false;
+  int phase = 0;                  // 0: update (+ step increment), 1: reduce into reduce_out
+  std::vector<int64_t> rows;      // rows per tensor (each divides its numel), or empty: one row each
+  int64_t row_coef_ptr = 0;       // fp32 [total rows, kMaxRowCoefs] read by phase 0, or 0
+  int64_t reduce_out_ptr = 0;     // phase 1: fp32 [total rows, kMaxReduce], added to (caller zeroes)
+  uint64_t seed = 0;              // stochastic rounding of bf16 params (phase 0) when `stochastic`
+  bool stochastic = false;
+};
+
+// The state-list and reduce counts of a registered op; false when `op` is unknown.
+bool op_shape(const std::string& op, int* states, int* reduce);
+// Checks the parts every backend relies on; `states` is the op's state count.
+void check_elementwise(const ElementwiseArgs& a, int states);
+// First global row of each tensor, n + 1 entries (rows per tensor, or one each).
+std::vector<int64_t> row_offsets(const ElementwiseArgs& a);
+
 void adam_cpu(const AdamArgs& args);
+void elementwise_cpu(const ElementwiseArgs& args);
 #ifdef FASTOPT_WITH_CUDA
 void adam_cuda(const AdamArgs& args, int64_t stream);
+void elementwise_cuda(const ElementwiseArgs& args, int64_t stream);
 #endif
 
 }  // namespace fastopt

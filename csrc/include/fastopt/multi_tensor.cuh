@@ -26,6 +26,10 @@ template <int DEPTH> struct Capacity;
 template <> struct Capacity<4> { static constexpr int tensors = 48, blocks = 320; };
 template <> struct Capacity<5> { static constexpr int tensors = 36, blocks = 320; };
 template <> struct Capacity<6> { static constexpr int tensors = 30, blocks = 320; };
+template <> struct Capacity<7> { static constexpr int tensors = 32, blocks = 320; };
+template <> struct Capacity<8> { static constexpr int tensors = 28, blocks = 320; };
+template <> struct Capacity<9> { static constexpr int tensors = 26, blocks = 320; };
+template <> struct Capacity<10> { static constexpr int tensors = 24, blocks = 320; };
 
 // DEPTH tensor lists; the last list of a call may hold per-tensor scalar addresses (the step counters).
 template <int DEPTH>

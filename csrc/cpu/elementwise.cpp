@@ -1,0 +1,101 @@
+// CPU entry point of the generic elementwise ops: validates, reads the device scalars (host memory
+// here), runs the ISA-specific kernels, then adds the reduce sums or increments the steps.
+#include <cstdint>
+#include <vector>
+
+#include "fastopt/api.h"
+#include "fastopt/elementwise.h"
+#include "fastopt/ops.h"
+#include "isa.h"
+
+namespace fastopt {
+namespace cpu {
+namespace baseline {
+bool elementwise_run(const ElementwiseArgs& a, double lr, float grad_mul, const double* steps,
+                     const int64_t* row_offset, double* sums);
+}
+namespace avx2 {
+bool elementwise_run(const ElementwiseArgs& a, double lr, float grad_mul, const double* steps,
+                     const int64_t* row_offset, double* sums);
+}
+}  // namespace cpu
+
+namespace {
+inline float read_scalar(int64_t addr) { return *reinterpret_cast<const float*>(static_cast<intptr_t>(addr)); }
+}  // namespace
+
+bool op_shape(const std::string& op, int* states, int* reduce) {
+#define FASTOPT_OP_SHAPE(NAME, TYPE) \
+  if (op == NAME) { *states = TYPE::kStates; *reduce = TYPE::kReduce; return true; }
+  FASTOPT_FOR_EACH_OP(FASTOPT_OP_SHAPE)
+#undef FASTOPT_OP_SHAPE
+  return false;
+}
+
+void check_elementwise(const ElementwiseArgs& a, int states) {
+  int op_states = 0, op_reduce = 0;
+  check_arg(op_shape(a.op, &op_states, &op_reduce), "unknown elementwise op '" + a.op + "'");
+  check_arg(states == op_states, "op '" + a.op + "' takes " + std::to_string(op_states) + " state lists");
+  check_lists(a.lists, 2 + op_states);
+  check_arg(static_cast<int64_t>(a.steps.size()) == a.lists.n, "one step counter per tensor is required");
+  for (int64_t s : a.steps) check_arg(s != 0, "null step counter address");
+  check_arg(a.hyper.size() <= static_cast<size_t>(kMaxHyper), "too many hyperparameters");
+  check_arg(a.phase == 0 || a.phase == 1, "phase must be 0 (update) or 1 (reduce)");
+  check_arg(a.phase == 0 || op_reduce > 0, "op '" + a.op + "' has no reduce phase");
+  check_arg(a.phase == 0 || a.reduce_out_ptr != 0, "the reduce phase needs reduce_out");
+  check_arg(a.rows.empty() || static_cast<int64_t>(a.rows.size()) == a.lists.n, "one row count per tensor");
+  for (size_t t = 0; t < a.rows.size(); ++t) {
+    check_arg(a.rows[t] >= 1 && (a.lists.numels[t] == 0 || a.lists.numels[t] % a.rows[t] == 0),
+              "a row count must be >= 1 and divide its tensor's numel");
+  }
+  check_arg(!a.stochastic || a.lists.dtype == kBFloat16, "stochastic rounding is for bf16 params");
+}
+
+// Row offsets (n + 1 entries) of the per-row sums and coefficients.
+std::vector<int64_t> row_offsets(const ElementwiseArgs& a) {
+  std::vector<int64_t> off(a.lists.n + 1, 0);
+  for (int64_t t = 0; t < a.lists.n; ++t) off[t + 1] = off[t] + (a.rows.empty() ? 1 : a.rows[t]);
+  return off;
+}
+
+void elementwise_cpu(const ElementwiseArgs& a) {
+  int states = 0, reduce = 0;
+  check_arg(op_shape(a.op, &states, &reduce), "unknown elementwise op '" + a.op + "'");
+  check_elementwise(a, states);
+  if (a.found_inf_ptr && read_scalar(a.found_inf_ptr) != 0.0f) return;  // AMP: inf/nan grads, skip
+  const TensorLists& l = a.lists;
+  const double lr = a.lr_ptr ? read_scalar(a.lr_ptr) : a.lr;
+  const float scale = a.grad_scale_ptr ? read_scalar(a.grad_scale_ptr) : 1.0f;
+  const float grad_mul = (a.maximize ? -1.0f : 1.0f) / scale;
+
+  std::vector<double> hyper(kMaxHyper, 0.0);
+  std::copy(a.hyper.begin(), a.hyper.end(), hyper.begin());
+  ElementwiseArgs padded = a;
+  padded.hyper = hyper;
+
+  std::vector<float*> steps(l.n);
+  std::vector<double> next(l.n);
+  for (int64_t t = 0; t < l.n; ++t) {
+    steps[t] = reinterpret_cast<float*>(static_cast<intptr_t>(a.steps[t]));
+    next[t] = static_cast<double>(*steps[t]) + 1.0;
+  }
+  const std::vector<int64_t> off = row_offsets(a);
+  std::vector<double> sums(a.phase == 1 ? off[l.n] * kMaxReduce : 0, 0.0);
+#if defined(FASTOPT_HAVE_AVX2_KERNELS)
+  if (cpu::use_avx2()) {
+    cpu::avx2::elementwise_run(padded, lr, grad_mul, next.data(), off.data(), sums.data());
+  } else {
+    cpu::baseline::elementwise_run(padded, lr, grad_mul, next.data(), off.data(), sums.data());
+  }
+#else
+  cpu::baseline::elementwise_run(padded, lr, grad_mul, next.data(), off.data(), sums.data());
+#endif
+  if (a.phase == 1) {
+    float* out = reinterpret_cast<float*>(static_cast<intptr_t>(a.reduce_out_ptr));
+    for (size_t i = 0; i < sums.size(); ++i) out[i] += static_cast<float>(sums[i]);
+  } else {
+    for (float* s : steps) *s += 1.0f;
+  }
+}
+
+}  // namespace fastopt

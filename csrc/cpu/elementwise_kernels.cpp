@@ -1,0 +1,127 @@
+// The generic elementwise-op CPU kernels (fastopt/elementwise.h), compiled once per ISA (see isa.h):
+// every op of fastopt/ops.h is instantiated here.
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "fastopt/api.h"
+#include "fastopt/dispatch.h"
+#include "fastopt/elementwise.h"
+#include "fastopt/multi_tensor_cpu.h"
+#include "fastopt/ops.h"
+
+#ifndef FASTOPT_CPU_NS
+#error "compile with -DFASTOPT_CPU_NS=<isa namespace>"
+#endif
+
+namespace fastopt {
+namespace cpu {
+namespace FASTOPT_CPU_NS {
+namespace {
+
+struct Plan {
+  const ElementwiseArgs* a;
+  double lr;
+  float grad_mul;
+  const double* steps;          // per tensor, after this step
+  const int64_t* row_offset;    // first global row of each tensor (n + 1 entries)
+  const float* row_coef;        // or null
+};
+
+template <typename Op, typename T>
+void update_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0, T* __restrict__ s1,
+                  T* __restrict__ s2, T* __restrict__ s3, int64_t begin, int64_t end, float grad_mul,
+                  const typename Op::Coeffs c, const float* rc, bool stochastic, uint32_t key) {
+  float row[kMaxRowCoefs] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (rc != nullptr) std::memcpy(row, rc, sizeof(row));
+  if (stochastic) {
+    for (int64_t i = begin; i < end; ++i)
+      op_update_element<Op, T>(p, g, s0, s1, s2, s3, i, grad_mul, c, row, true, key);
+  } else {
+    for (int64_t i = begin; i < end; ++i)
+      op_update_element<Op, T>(p, g, s0, s1, s2, s3, i, grad_mul, c, row, false, key);
+  }
+}
+
+// Eight interleaved partial sums per value, so the loop needs no reassociation to vectorize;
+// the partials go to fp64 once per range.
+template <typename Op, typename T>
+void reduce_range(const T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0, T* __restrict__ s1,
+                  T* __restrict__ s2, T* __restrict__ s3, int64_t begin, int64_t end, float grad_mul,
+                  const typename Op::Coeffs c, double* out) {
+  constexpr int kLanes = 8;
+  float part[kLanes][kMaxReduce] = {};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      float acc[kMaxReduce] = {0.0f, 0.0f, 0.0f, 0.0f};
+      op_reduce_element<Op, T>(p, g, s0, s1, s2, s3, i + l, grad_mul, c, acc);
+      for (int k = 0; k < Op::kReduce; ++k) part[l][k] += acc[k];
+    }
+  }
+  for (; i < end; ++i) {
+    float acc[kMaxReduce] = {0.0f, 0.0f, 0.0f, 0.0f};
+    op_reduce_element<Op, T>(p, g, s0, s1, s2, s3, i, grad_mul, c, acc);
+    for (int k = 0; k < Op::kReduce; ++k) part[0][k] += acc[k];
+  }
+  for (int k = 0; k < Op::kReduce; ++k) {
+    double sum = 0.0;
+    for (int l = 0; l < kLanes; ++l) sum += part[l][k];
+#pragma omp atomic
+    out[k] += sum;
+  }
+}
+
+template <typename Op, typename T>
+void run_op(const Plan& pl, double* sums) {
+  const ElementwiseArgs& a = *pl.a;
+  const TensorLists& l = a.lists;
+  auto state = [&](int k, int64_t t) -> T* { return Op::kStates > k ? l.get<T>(2 + k, t) : nullptr; };
+  std::vector<typename Op::Coeffs> coeffs(l.n);
+  for (int64_t t = 0; t < l.n; ++t) coeffs[t] = Op::coeffs(OpScalars{a.hyper.data(), a.flags, pl.lr, pl.steps[t]});
+  multi_tensor_apply(l.numels.data(), l.n, [&](int64_t t, int64_t s, int64_t len) {
+    T* p = l.get<T>(0, t);
+    const T* g = l.get<T>(1, t);
+    T *s0 = state(0, t), *s1 = state(1, t), *s2 = state(2, t), *s3 = state(3, t);
+    const int64_t rows = pl.row_offset[t + 1] - pl.row_offset[t];
+    const int64_t row_len = rows > 0 ? l.numels[t] / rows : l.numels[t];
+    const uint32_t key = sr_key(static_cast<uint32_t>(a.seed), static_cast<uint32_t>(t),
+                                static_cast<uint32_t>(pl.steps[t]));
+    // Walk the rows this piece [s, s + len) touches: row coefficients and sums are per row.
+    for (int64_t b = s; b < s + len;) {
+      const int64_t r = row_len > 0 ? b / row_len : 0;
+      const int64_t e = std::min(s + len, (r + 1) * row_len);
+      const int64_t grow = pl.row_offset[t] + r;
+      if (a.phase == 0) {
+        const float* rc = pl.row_coef != nullptr ? pl.row_coef + grow * kMaxRowCoefs : nullptr;
+        update_range<Op, T>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key);
+      } else {
+        reduce_range<Op, T>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], sums + grow * kMaxReduce);
+      }
+      b = e;
+    }
+  });
+}
+
+}  // namespace
+
+// Returns false when `a.op` is not a registered op.
+bool elementwise_run(const ElementwiseArgs& a, double lr, float grad_mul, const double* steps,
+                     const int64_t* row_offset, double* sums) {
+  Plan pl{&a, lr, grad_mul, steps, row_offset,
+          reinterpret_cast<const float*>(static_cast<intptr_t>(a.row_coef_ptr))};
+  bool found = false;
+#define FASTOPT_CPU_CASE(NAME, TYPE)                                          \
+  if (!found && a.op == NAME) {                                               \
+    found = true;                                                             \
+    FASTOPT_DTYPE_SWITCH(a.lists.dtype, [&] { run_op<TYPE, scalar_t>(pl, sums); }); \
+  }
+  FASTOPT_FOR_EACH_OP(FASTOPT_CPU_CASE)
+#undef FASTOPT_CPU_CASE
+  return found;
+}
+
+}  // namespace FASTOPT_CPU_NS
+}  // namespace cpu
+}  // namespace fastopt

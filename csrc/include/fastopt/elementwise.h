@@ -1,0 +1,124 @@
+// fastopt/elementwise.h -- the generic elementwise optimizer op, shared by the CPU and CUDA launchers.
+//
+// An optimizer rule is a struct `Op` (see functors/lion.h for the smallest one):
+//
+//   static constexpr int kStates;     // per-element state tensors (0..kMaxStates), after params, grads
+//   static constexpr int kReduce;     // sums accumulated by the reduce phase (0: the op has none)
+//   struct Coeffs;                    // per-tensor (per-row) coefficients, computed once per chunk
+//   static Coeffs coeffs(const OpScalars&);
+//   static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs&, const float* rc);
+//   static void reduce(float p, float g, float (&s)[kMaxStates], const Coeffs&, float (&acc)[kMaxReduce]);
+//
+// `update` is phase 0: the step itself.  Ops whose step needs per-tensor or per-row statistics
+// (LAMB's trust ratio, AdamP's projection, SGD-SaI's g-SNR, a global-norm clip) first run phase 1:
+// `reduce` may update the states and adds up to kMaxReduce values per element into per-row sums;
+// the Python wrapper turns those sums into row coefficients, which phase 0's `update` gets as `rc`
+// (kMaxRowCoefs floats of the element's row; a zero row when the call has no coefficients).  A "row" is tensor-local: a tensor of `rows` rows has numel/rows elements per row
+// (one row per tensor unless the caller says otherwise).
+//
+// Everything is fp32 in registers; storage may be fp32, fp16 or bf16.  bf16 params may be stored with
+// stochastic rounding (seeded, counter-based: the same bits on every backend, see sr_bits).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "fastopt/common.h"
+
+namespace fastopt {
+
+constexpr int kMaxHyper = 16;
+constexpr int kMaxStates = 4;
+constexpr int kMaxReduce = 4;
+constexpr int kMaxRowCoefs = 4;
+
+struct OpScalars {
+  const double* h;   // kMaxHyper hyperparameters, meaning fixed by the op
+  int64_t flags;     // op-defined bits
+  double lr;
+  double step;       // the step count after this step (state step + 1)
+};
+
+// 32-bit integer hash (the murmur3 finalizer); identical in C++ and Triton.
+FASTOPT_HOST_DEVICE uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// The per-(tensor, step) key of the stochastic-rounding stream.
+FASTOPT_HOST_DEVICE uint32_t sr_key(uint32_t seed, uint32_t tensor, uint32_t step) {
+  return fmix32(seed ^ fmix32(tensor * 0x27D4EB2Fu + step * 0x165667B1u));
+}
+
+// Random bits for element i (low 32 bits of its index inside the tensor).
+FASTOPT_HOST_DEVICE uint32_t sr_bits(uint32_t key, uint32_t i) { return fmix32(i * 0x9E3779B1u ^ key); }
+
+// fp32 -> bf16 with stochastic rounding: add 16 random bits below the kept mantissa, truncate.
+// Non-finite values round to nearest (inf stays inf, NaN stays NaN).
+FASTOPT_HOST_DEVICE bf16_t bf16_stochastic(float f, uint32_t rnd) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7F800000u) == 0x7F800000u) return bf16_from_float(f);
+  bf16_t r;
+  r.x = static_cast<uint16_t>((u + (rnd & 0xFFFFu)) >> 16);
+  return r;
+}
+
+template <typename T>
+FASTOPT_HOST_DEVICE T store_param(float f, bool stochastic, uint32_t key, uint32_t i) {
+  return from_float<T>(f);
+}
+template <>
+FASTOPT_HOST_DEVICE bf16_t store_param<bf16_t>(float f, bool stochastic, uint32_t key, uint32_t i) {
+  return stochastic ? bf16_stochastic(f, sr_bits(key, i)) : bf16_from_float(f);
+}
+
+// One element of every list: load, convert, Op::update, convert, store.  `ptr` = params, grads,
+// then the states; `grad_mul` = (maximize ? -1 : 1) / grad_scale; `i` indexes the tensor.
+template <typename Op, typename T>
+FASTOPT_HOST_DEVICE void op_update_element(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0,
+                                           T* __restrict__ s1, T* __restrict__ s2, T* __restrict__ s3,
+                                           int64_t i, float grad_mul, const typename Op::Coeffs& c,
+                                           const float* rc, bool stochastic, uint32_t key) {
+  float st[kMaxStates] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (Op::kStates > 0) st[0] = to_float(s0[i]);
+  if (Op::kStates > 1) st[1] = to_float(s1[i]);
+  if (Op::kStates > 2) st[2] = to_float(s2[i]);
+  if (Op::kStates > 3) st[3] = to_float(s3[i]);
+  float pf = to_float(p[i]);
+  Op::update(pf, to_float(g[i]) * grad_mul, st, c, rc);
+  p[i] = store_param<T>(pf, stochastic, key, static_cast<uint32_t>(i));
+  if (Op::kStates > 0) s0[i] = from_float<T>(st[0]);
+  if (Op::kStates > 1) s1[i] = from_float<T>(st[1]);
+  if (Op::kStates > 2) s2[i] = from_float<T>(st[2]);
+  if (Op::kStates > 3) s3[i] = from_float<T>(st[3]);
+}
+
+// Phase 1 of one element: Op::reduce may update the states (written back) and adds to `acc`.
+template <typename Op, typename T>
+FASTOPT_HOST_DEVICE void op_reduce_element(const T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0,
+                                           T* __restrict__ s1, T* __restrict__ s2, T* __restrict__ s3,
+                                           int64_t i, float grad_mul, const typename Op::Coeffs& c,
+                                           float (&acc)[kMaxReduce]) {
+  float st[kMaxStates] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (Op::kStates > 0) st[0] = to_float(s0[i]);
+  if (Op::kStates > 1) st[1] = to_float(s1[i]);
+  if (Op::kStates > 2) st[2] = to_float(s2[i]);
+  if (Op::kStates > 3) st[3] = to_float(s3[i]);
+  Op::reduce(to_float(p[i]), to_float(g[i]) * grad_mul, st, c, acc);
+  if (Op::kStates > 0) s0[i] = from_float<T>(st[0]);
+  if (Op::kStates > 1) s1[i] = from_float<T>(st[1]);
+  if (Op::kStates > 2) s2[i] = from_float<T>(st[2]);
+  if (Op::kStates > 3) s3[i] = from_float<T>(st[3]);
+}
+
+// For ops without a reduce phase.
+struct NoReduce {
+  template <typename C>
+  FASTOPT_HOST_DEVICE static void reduce(float, float, float (&)[kMaxStates], const C&, float (&)[kMaxReduce]) {}
+};
+
+}  // namespace fastopt
