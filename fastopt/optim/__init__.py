@@ -2,3 +2,4 @@
 from . import functional  # noqa: F401
 from .adam import Adam, AdamW  # noqa: F401
 from .base import FusedOptimizer  # noqa: F401
+from .lion import Lion  # noqa: F401

@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 
 from .. import _backend
-from .functional import is_dense, scalar_on
+from .functional import elementwise_unchecked, is_dense, scalar_on
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -132,3 +132,80 @@ class FusedOptimizer(torch.optim.Optimizer):
                     elif (isinstance(value, torch.Tensor) and value.shape == p.shape and value.numel() > 1
                           and value.stride() != p.stride()):
                         state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+class ElementwiseOptimizer(FusedOptimizer):
+    """Base class of the optimizers that run a registered elementwise op (``fastopt/ops.h``).
+
+    Subclasses set ``OP`` (the op name), ``STATE_NAMES`` (state tensors in the op's order),
+    ``HYPER_NAMES`` (group keys passed to the reference) and ``REFERENCE``, and define ``_check_group``
+    and ``_native_hyper(group) -> (floats, flags)``.  Ops with a reduce phase override ``_run``.
+
+    bf16/fp16 parameters: ``stochastic_rounding=True`` stores bf16 params with seeded, counter-based
+    stochastic rounding (the same bits on every backend); ``master_weights=True`` keeps an fp32 copy
+    of each low-precision parameter in ``state["master_param"]`` (and fp32 states), steps that copy
+    and writes it back rounded to nearest.
+    """
+
+    OP = None
+    STATE_NAMES = ()
+    HYPER_NAMES = ()
+    REFERENCE = None
+
+    def __init__(self, params, defaults):
+        if defaults.get("stochastic_rounding") and defaults.get("master_weights"):
+            raise ValueError(f"{type(self).__name__}: choose stochastic_rounding or master_weights, not both")
+        super().__init__(params, defaults)
+
+    def _native_hyper(self, group):
+        raise NotImplementedError
+
+    def _uses_master(self, group, p):
+        return bool(group.get("master_weights")) and p.dtype in (torch.bfloat16, torch.float16)
+
+    def _init_state(self, group, p, state):
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        like = p
+        if self._uses_master(group, p):
+            state["master_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
+            like = state["master_param"]
+        for name in self.STATE_NAMES:
+            state[name] = torch.zeros_like(like, memory_format=torch.preserve_format)
+
+    def _step_bucket(self, group, params, grads, backend, grad_scale, found_inf):
+        states = [self.state[p] for p in params]
+        targets = params
+        if self._uses_master(group, params[0]):
+            targets = [s["master_param"] for s in states]
+            grads = [g.float() for g in grads]
+        self._run(group, targets, grads, states, backend, grad_scale, found_inf)
+        if targets is not params:
+            torch._foreach_copy_(params, targets)
+
+    def _stochastic(self, group, p):
+        return bool(group.get("stochastic_rounding")) and p.dtype == torch.bfloat16
+
+    def _reference_step(self, group, params, grads, states, grad_scale, found_inf):
+        kwargs = {k: group[k] for k in self.HYPER_NAMES}
+        sr = self._stochastic(group, params[0])
+        targets = [p.float() for p in params] if sr else params
+        type(self).REFERENCE(targets, grads, states, lr=group["lr"], maximize=group["maximize"],
+                             grad_scale=grad_scale, found_inf=found_inf, **kwargs)
+        if sr and not (found_inf is not None and float(found_inf) != 0.0):
+            from ..reference.rounding import bf16_stochastic
+            for i, (p, t, s) in enumerate(zip(params, targets, states)):
+                p.copy_(bf16_stochastic(t, group["seed"], i, float(s["step"])))
+
+    def _run(self, group, params, grads, states, backend, grad_scale, found_inf, phase=0, rows=None,
+             row_coef=None, reduce_out=None):
+        """One call of the op over one bucket (``params`` may be fp32 master copies)."""
+        if backend == "torch":
+            self._reference_step(group, params, grads, states, grad_scale, found_inf)
+            return
+        hyper, flags = self._native_hyper(group)
+        lists = [s[name] for name in self.STATE_NAMES for s in states]
+        elementwise_unchecked(
+            self.OP, params, grads, lists, [s["step"] for s in states], hyper, flags, lr=group["lr"],
+            maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf, backend=backend,
+            device=params[0].device, phase=phase, rows=rows, row_coef=row_coef, reduce_out=reduce_out,
+            seed=group.get("seed", 0), stochastic=self._stochastic(group, params[0]))

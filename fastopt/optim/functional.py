@@ -150,3 +150,26 @@ def adam_unchecked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
                     list(max_exp_avg_sqs) if amsgrad else [], list(state_steps), float(lr), lr_tensor,
                     float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad),
                     bool(maximize), grad_scale, found_inf, backend)
+
+
+def _lr_args(lr, device):
+    """(float lr, fp32 device tensor or None): a CPU tensor lr for GPU tensors is read on the host
+    (that does not sync with the GPU); any other tensor lr is read by the kernel."""
+    if isinstance(lr, torch.Tensor):
+        if lr.device.type == "cpu" and device.type != "cpu":
+            return float(lr), None
+        return 0.0, lr.to(device=device, dtype=torch.float32)
+    return float(lr), None
+
+
+def elementwise_unchecked(op, params, grads, states, state_steps, hyper, flags, *, lr, maximize, grad_scale,
+                          found_inf, backend, device, phase=0, rows=None, row_coef=None, reduce_out=None,
+                          seed=0, stochastic=False):
+    """One kernel call of the registered elementwise op ``op`` over validated lists (one device, one
+    dtype, dense, matching layouts); ``states`` holds the op's state lists one after the other and
+    ``backend`` is a resolved kernel backend.  See ``csrc/include/fastopt/elementwise.h``."""
+    lr, lr_tensor = _lr_args(lr, device)
+    _ops.elementwise_step(op, list(params), list(grads), list(states), list(state_steps),
+                          [float(h) for h in hyper], int(flags), lr, lr_tensor, bool(maximize), grad_scale,
+                          found_inf, int(phase), list(rows) if rows is not None else [], row_coef, reduce_out,
+                          int(seed), bool(stochastic), backend)

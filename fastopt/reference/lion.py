@@ -1,0 +1,59 @@
+"""Reference Lion step (Chen et al., "Symbolic Discovery of Optimization Algorithms", NeurIPS 2023).
+
+Matches ``pytorch_optimizer.Lion`` (and ``lion_pytorch.Lion``, which is the ``weight_decouple=True,
+fixed_decay=False`` case) on fp32 tensors.  Deliberate differences: math is fp32 whatever the storage
+dtype, and the step count lives per parameter in ``state["step"]`` (pytorch_optimizer keeps it per
+group; Lion does not use it).  ``lerp`` is written as ``m + w (g - m)``: torch's lerp switches to
+``g - (1 - w)(g - m)`` for weights >= 0.5, which only matters for betas <= 0.5.
+"""
+import torch
+
+STATE_NAMES = ("exp_avg",)
+
+
+def lion_init_state(p, state, group=None):
+    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def prepare_grad(g, maximize, grad_scale):
+    """The gradient every reference steps with: fp32, negated for ``maximize``, unscaled for AMP."""
+    g = g.float()
+    if maximize:
+        g = -g
+    if grad_scale is not None:
+        g = g / grad_scale.to(device=g.device, dtype=torch.float32)
+    return g
+
+
+def skipped(found_inf):
+    return found_inf is not None and float(found_inf) != 0.0
+
+
+def lion_reference(params, grads, states, *, lr, betas=(0.9, 0.99), weight_decay=0.0, weight_decouple=True,
+                   fixed_decay=False, maximize=False, grad_scale=None, found_inf=None):
+    """One Lion step, in place.  With g the gradient::
+
+        p <- p (1 - wd (fixed_decay ? 1 : lr))    if weight_decouple, else g <- g + wd p
+        u <- sign(m + (1 - b1)(g - m))
+        m <- m + (1 - b2)(g - m)
+        p <- p - lr u
+    """
+    if skipped(found_inf):
+        return
+    beta1, beta2 = betas
+    for p, grad, state in zip(params, grads, states):
+        lr32 = float(lr)
+        g = prepare_grad(grad, maximize, grad_scale)
+        p32 = p.float()
+        if weight_decouple:
+            p32 = p32 * torch.tensor(1.0 - weight_decay * (1.0 if fixed_decay else lr32), dtype=torch.float32)
+        else:
+            g = g + weight_decay * p32
+        m = state["exp_avg"].float()
+        u = torch.sign(m + (1.0 - beta1) * (g - m))
+        m = m + (1.0 - beta2) * (g - m)
+        p32 = p32 - lr32 * u
+        p.copy_(p32)
+        state["exp_avg"].copy_(m)
+        state["step"] += 1

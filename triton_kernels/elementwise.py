@@ -1,0 +1,232 @@
+"""The generic Triton launcher of fastopt's elementwise optimizer ops (the Triton side of
+``csrc/include/fastopt/elementwise.h``).
+
+One launch covers every tensor of a call: an int64 table ``[n_tensors, 2 + NSTATE + 1]`` holds the
+addresses of param, grad, the op's states and the fp32 step counter; each program takes one chunk of
+``CHUNK`` elements of one tensor.  An op is two ``@triton.jit`` functions passed as constexprs:
+
+    UPDATE(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3, H0, ..., H11, FLAGS) -> (p, s1, s2, s3, s4)
+    REDUCE(p, g, s1, s2, s3, s4, step, lr, H0, ..., H11, FLAGS) -> (s1, s2, s3, s4, a0, a1, a2, a3)
+
+taking fp32 blocks (p, g with maximize and grad scaling applied, the states), fp32 scalars (the step
+count after this step, the learning rate, twelve op-defined slots) and the row coefficients
+``r0..r3`` of each element's row (blocks; zeros when the call has none).  Phase 1 calls REDUCE, which
+may update states, and adds ``a0..a3`` into per-row sums.  bf16 params may be stored with stochastic
+rounding: the same counter-based bits as the C++ kernels (``fmix32``), so CPU and GPU agree exactly.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .multi_tensor import CHUNK, _TL_DTYPES, _chunk_tables, to_bf16_rne
+
+BLOCK = 1024
+N_HYPER = 12
+MAX_STATES = 4
+
+
+@triton.jit
+def fmix32(h):
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _bf16_stochastic(x, rnd):
+    u = x.to(tl.uint32, bitcast=True)
+    r = ((u + (rnd & 0xFFFF)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where((u & 0x7F800000) == 0x7F800000, to_bf16_rne(x), r)
+
+
+@triton.jit
+def _ptr(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, DTYPE: tl.constexpr):
+    return tl.load(addr_table + row * NCOL + col).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _load(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, mask, DTYPE: tl.constexpr):
+    return tl.load(_ptr(addr_table, row, col, NCOL, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, mask, val, DTYPE: tl.constexpr):
+    ptr = _ptr(addr_table, row, col, NCOL, DTYPE)
+    if DTYPE == tl.bfloat16:
+        tl.store(ptr + offs, to_bf16_rne(val), mask=mask)
+    else:
+        tl.store(ptr + offs, val.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _elementwise_kernel(
+    addr_table, numels, row_offset, row_len, block_tensor, block_start,
+    lr_value, lr_ptr, grad_scale_ptr, found_inf_ptr, sign, row_coef, reduce_out, seed,
+    H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11,
+    UPDATE: tl.constexpr, REDUCE: tl.constexpr, NSTATE: tl.constexpr, NREDUCE: tl.constexpr,
+    PHASE: tl.constexpr, FLAGS: tl.constexpr, DTYPE: tl.constexpr,
+    HAS_LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    HAS_ROW_COEF: tl.constexpr, ONE_ROW: tl.constexpr, STOCHASTIC: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    NCOL: tl.constexpr = NSTATE + 3  # param, grad, states..., step counter
+    pid = tl.program_id(0)
+    skip = 0.0
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr)
+    if skip == 0.0:
+        row = tl.load(block_tensor + pid).to(tl.int64)
+        start = tl.load(block_start + pid)
+        n = tl.load(numels + row)
+        end = tl.minimum(start + CHUNK_SIZE, n)
+        lr = lr_value
+        if HAS_LR_PTR:
+            lr = tl.load(lr_ptr)
+        grad_mul = sign
+        if HAS_GRAD_SCALE:
+            grad_mul = sign / tl.load(grad_scale_ptr)
+        step_ptr = tl.load(addr_table + row * NCOL + (NCOL - 1)).to(tl.pointer_type(tl.float32))
+        step = tl.load(step_ptr) + 1.0
+        r_first = tl.load(row_offset + row)
+        r_len = tl.load(row_len + row)
+        key = fmix32(seed.to(tl.uint32) ^ fmix32(row.to(tl.uint32) * 0x27D4EB2F + step.to(tl.uint32) * 0x165667B1))
+        for off in range(start, end, BLOCK_SIZE):
+            offs = off + tl.arange(0, BLOCK_SIZE)
+            mask = offs < end
+            p = _load(addr_table, row, 0, NCOL, offs, mask, DTYPE)
+            g = _load(addr_table, row, 1, NCOL, offs, mask, DTYPE) * grad_mul
+            s1 = p * 0.0
+            s2 = s1
+            s3 = s1
+            s4 = s1
+            if NSTATE >= 1:
+                s1 = _load(addr_table, row, 2, NCOL, offs, mask, DTYPE)
+            if NSTATE >= 2:
+                s2 = _load(addr_table, row, 3, NCOL, offs, mask, DTYPE)
+            if NSTATE >= 3:
+                s3 = _load(addr_table, row, 4, NCOL, offs, mask, DTYPE)
+            if NSTATE >= 4:
+                s4 = _load(addr_table, row, 5, NCOL, offs, mask, DTYPE)
+            rows = r_first + offs // r_len
+            if PHASE == 0:
+                r0 = p * 0.0
+                r1 = r0
+                r2 = r0
+                r3 = r0
+                if HAS_ROW_COEF:
+                    r0 = tl.load(row_coef + rows * 4 + 0, mask=mask, other=0.0)
+                    r1 = tl.load(row_coef + rows * 4 + 1, mask=mask, other=0.0)
+                    r2 = tl.load(row_coef + rows * 4 + 2, mask=mask, other=0.0)
+                    r3 = tl.load(row_coef + rows * 4 + 3, mask=mask, other=0.0)
+                p, s1, s2, s3, s4 = UPDATE(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3,
+                                           H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, FLAGS)
+                pptr = _ptr(addr_table, row, 0, NCOL, DTYPE)
+                if STOCHASTIC:
+                    rnd = fmix32(offs.to(tl.uint32) * 0x9E3779B1 ^ key)
+                    tl.store(pptr + offs, _bf16_stochastic(p, rnd), mask=mask)
+                else:
+                    _store(addr_table, row, 0, NCOL, offs, mask, p, DTYPE)
+            else:
+                s1, s2, s3, s4, a0, a1, a2, a3 = REDUCE(p, g, s1, s2, s3, s4, step, lr,
+                                                        H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, FLAGS)
+                if ONE_ROW:
+                    tl.atomic_add(reduce_out + r_first * 4 + 0, tl.sum(tl.where(mask, a0, 0.0), axis=0))
+                    if NREDUCE >= 2:
+                        tl.atomic_add(reduce_out + r_first * 4 + 1, tl.sum(tl.where(mask, a1, 0.0), axis=0))
+                    if NREDUCE >= 3:
+                        tl.atomic_add(reduce_out + r_first * 4 + 2, tl.sum(tl.where(mask, a2, 0.0), axis=0))
+                    if NREDUCE >= 4:
+                        tl.atomic_add(reduce_out + r_first * 4 + 3, tl.sum(tl.where(mask, a3, 0.0), axis=0))
+                else:
+                    tl.atomic_add(reduce_out + rows * 4 + 0, a0, mask=mask)
+                    if NREDUCE >= 2:
+                        tl.atomic_add(reduce_out + rows * 4 + 1, a1, mask=mask)
+                    if NREDUCE >= 3:
+                        tl.atomic_add(reduce_out + rows * 4 + 2, a2, mask=mask)
+                    if NREDUCE >= 4:
+                        tl.atomic_add(reduce_out + rows * 4 + 3, a3, mask=mask)
+            if NSTATE >= 1:
+                _store(addr_table, row, 2, NCOL, offs, mask, s1, DTYPE)
+            if NSTATE >= 2:
+                _store(addr_table, row, 3, NCOL, offs, mask, s2, DTYPE)
+            if NSTATE >= 3:
+                _store(addr_table, row, 4, NCOL, offs, mask, s3, DTYPE)
+            if NSTATE >= 4:
+                _store(addr_table, row, 5, NCOL, offs, mask, s4, DTYPE)
+
+
+@triton.jit
+def _increment_steps_kernel(addr_table, n_tensors, found_inf_ptr, NCOL: tl.constexpr,
+                            HAS_FOUND_INF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    skip = 0.0
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr)
+    if skip == 0.0:
+        rows = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = rows < n_tensors
+        addrs = tl.load(addr_table + rows.to(tl.int64) * NCOL + (NCOL - 1), mask=mask, other=0)
+        ptrs = addrs.to(tl.pointer_type(tl.float32))
+        tl.store(ptrs, tl.load(ptrs, mask=mask) + 1.0, mask=mask)
+
+
+@triton.jit
+def no_reduce(p, g, s1, s2, s3, s4, step, lr, H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, FLAGS):
+    z = p * 0.0
+    return s1, s2, s3, s4, z, z, z, z
+
+
+def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr, grad_scale=None,
+                      found_inf=None, sign=1.0, phase=0, rows=None, row_coef=None, reduce_out=None,
+                      seed=0, stochastic=False):
+    """Run an op over ``lists`` = [params, grads, state1, ...] in one launch (see the module doc).
+
+    ``rows``: rows per tensor (or None: one row each); ``row_coef``: fp32 ``[total rows, 4]`` read by
+    phase 0; ``reduce_out``: fp32 ``[total rows, 4]`` added to by phase 1.  Phase 0 increments the
+    ``steps`` unless ``found_inf`` is nonzero.
+    """
+    params = lists[0]
+    if not params:
+        return
+    device = params[0].device
+    nstate = len(lists) - 2
+    if not 0 <= nstate <= MAX_STATES:
+        raise ValueError(f"the Triton elementwise launcher takes 0 to {MAX_STATES} state lists, got {nstate}")
+    if len(hyper) > N_HYPER:
+        raise ValueError(f"at most {N_HYPER} hyperparameters, got {len(hyper)}")
+    numels = tuple(p.numel() for p in params)
+    rows = tuple(rows) if rows is not None else (1,) * len(params)
+    offsets, lens, acc = [], [], 0
+    for n, r in zip(numels, rows):
+        offsets.append(acc)
+        lens.append(max(n // r, 1))
+        acc += r
+    addrs = [[t.data_ptr() for t in row] + [s.data_ptr()] for row, s in zip(zip(*lists), steps)]
+    addr_table = torch.tensor(addrs, dtype=torch.int64).to(device, non_blocking=True)
+    meta = torch.tensor([numels, offsets, lens], dtype=torch.int64).to(device, non_blocking=True)
+    block_tensor, block_start = _chunk_tables(numels, device)
+    hyper = tuple(float(h) for h in hyper) + (0.0,) * (N_HYPER - len(hyper))
+    lr_is_ptr = isinstance(lr, torch.Tensor)
+    dummy = torch.zeros(4, dtype=torch.float32, device=device)
+    if block_tensor.numel() > 0:
+        _elementwise_kernel[(block_tensor.numel(),)](
+            addr_table, meta[0], meta[1], meta[2], block_tensor, block_start,
+            0.0 if lr_is_ptr else float(lr), lr if lr_is_ptr else dummy,
+            grad_scale if grad_scale is not None else dummy,
+            found_inf if found_inf is not None else dummy, float(sign),
+            row_coef if row_coef is not None else dummy, reduce_out if reduce_out is not None else dummy,
+            int(seed) & 0xFFFFFFFF, *hyper,
+            UPDATE=update, REDUCE=reduce, NSTATE=nstate, NREDUCE=max(int(nreduce), 1), PHASE=int(phase),
+            FLAGS=int(flags), DTYPE=_TL_DTYPES[params[0].dtype],
+            HAS_LR_PTR=lr_is_ptr, HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+            HAS_ROW_COEF=row_coef is not None, ONE_ROW=all(r == 1 for r in rows), STOCHASTIC=bool(stochastic),
+            CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK,
+        )
+    if phase == 0:
+        n = len(params)
+        _increment_steps_kernel[(triton.cdiv(n, 256),)](
+            addr_table, n, found_inf if found_inf is not None else dummy,
+            NCOL=nstate + 3, HAS_FOUND_INF=found_inf is not None, BLOCK_SIZE=256,
+        )

@@ -1,0 +1,22 @@
+"""The registry of Triton elementwise ops: name -> (update, reduce, number of sums, pack).
+
+``pack(hyper, flags)`` maps the native op's hyperparameters (``csrc/include/fastopt/ops.h``, the
+same tuple the C++ kernels take) to the Triton slots.  Mirrors ``FASTOPT_FOR_EACH_OP``.
+"""
+from collections import namedtuple
+
+from .elementwise import elementwise_apply, no_reduce
+from .lion import lion_pack, lion_update
+
+TritonOp = namedtuple("TritonOp", "update reduce nreduce pack")
+
+OPS = {
+    "lion": TritonOp(lion_update, no_reduce, 0, lion_pack),
+}
+
+
+def elementwise_step(op, lists, steps, *, hyper, flags, **kwargs):
+    """Run the registered op ``op`` (see :func:`.elementwise.elementwise_apply` for the arguments)."""
+    spec = OPS[op]
+    thyper, tflags = spec.pack(tuple(hyper), int(flags))
+    elementwise_apply(spec.update, spec.reduce, spec.nreduce, lists, steps, hyper=thyper, flags=tflags, **kwargs)
