@@ -21,7 +21,7 @@ def set_grads(param_sets, seed, scale=1.0):
     for params in zip(*param_sets):
         g = torch.randn(params[0].shape, generator=gen) * scale
         for p in params:
-            p.grad = g.to(device=p.device, dtype=p.dtype)
+            p.grad = g.to(device=p.device, dtype=p.dtype, copy=True)  # upstream optimizers may edit grads
 
 
 def run_side_by_side(opts, param_sets, steps, seed0=100):

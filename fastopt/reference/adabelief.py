@@ -53,8 +53,12 @@ def rectify_step_size(step, lr, beta2, n_sma_threshold, degenerated_to_sgd):
     beta2_t = beta2 ** step
     n_sma = n_sma_max - 2 * step * beta2_t / (1.0 - beta2_t)
     if n_sma >= n_sma_threshold:
-        rt = math.sqrt((1.0 - beta2_t) * (n_sma - 4) / (n_sma_max - 4) * (n_sma - 2) / n_sma * n_sma_max
-                       / (n_sma_max - 2))
+        rt2 = (1.0 - beta2_t) * (n_sma - 4) / (n_sma_max - 4) * (n_sma - 2) / n_sma * n_sma_max / (n_sma_max - 2)
+        if rt2 < 0.0:
+            # Upstream dies here with "math domain error" (n_sma_threshold < 4 and 2 < n_sma < 4).
+            raise ValueError(f"rectify: n_sma = {n_sma:.4g} >= n_sma_threshold = {n_sma_threshold} but < 4 at "
+                             f"step {step:g}, so the rectification term is undefined; use n_sma_threshold >= 4")
+        rt = math.sqrt(rt2)
     elif degenerated_to_sgd:
         rt = 1.0
     else:
@@ -119,7 +123,9 @@ def adabelief_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight
         return
     beta1, beta2 = (float(b) for b in betas)
     lr = float(lr)
-    for p, grad, st in zip(params, grads, states):
+    # Per-tensor scalars first, so that an invalid rectification raises before anything is written.
+    coefs = []
+    for st in states:
         t = st["step"].item() + 1.0
         if rectify:
             step_size, n_sma = rectify_step_size(t, lr, beta2, n_sma_threshold, degenerated_to_sgd)
@@ -131,7 +137,8 @@ def adabelief_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight
             step_size = step_size / (1.0 - beta1 ** t)
         adaptive = not rectify or n_sma >= n_sma_threshold
         sgd = not adaptive and step_size > 0
-
+        coefs.append((c2, step_size, adaptive, sgd))
+    for p, grad, st, (c2, step_size, adaptive, sgd) in zip(params, grads, states, coefs):
         p32 = p.float()
         g = grad.float()
         if maximize:

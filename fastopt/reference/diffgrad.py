@@ -104,7 +104,9 @@ def diffgrad_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight_
         return
     beta1, beta2 = (float(b) for b in betas)
     lr = float(lr)
-    for p, grad, st in zip(params, grads, states):
+    # Per-tensor scalars first, so that an invalid rectification raises before anything is written.
+    coefs = []
+    for st in states:
         t = st["step"].item() + 1.0
         if rectify:
             step_size, n_sma = rectify_step_size(t, lr, beta2, n_sma_threshold, degenerated_to_sgd)
@@ -114,7 +116,8 @@ def diffgrad_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight_
             step_size = step_size / (1.0 - beta1 ** t)
         adaptive = not rectify or n_sma >= n_sma_threshold
         sgd = not adaptive and step_size > 0
-
+        coefs.append((step_size, adaptive, sgd))
+    for p, grad, st, (step_size, adaptive, sgd) in zip(params, grads, states, coefs):
         p32 = p.float()
         g = grad.float()
         if maximize:
