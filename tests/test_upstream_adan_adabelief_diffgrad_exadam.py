@@ -103,6 +103,7 @@ ADAN_CFGS = [
     dict(lr=1e-2, weight_decay=0.1, weight_decouple=False),  # no_prox=False (proximal)
     dict(lr=1e-2, weight_decay=0.1, weight_decouple=True),   # no_prox=True
     dict(lr=3e-3, betas=(0.9, 0.8, 0.95), eps=1e-6, weight_decay=0.05),
+    dict(lr=1e-2, eps=1e-3),  # a large eps makes its placement (after the bias correction) visible
 ]
 
 
@@ -161,6 +162,9 @@ ADABELIEF_CFGS = [
     dict(lr=1e-2, rectify=True, n_sma_threshold=7, betas=(0.8, 0.99)),
     dict(lr=1e-2, adam_debias=True, weight_decay=0.05),
     dict(lr=1e-2, adam_debias=True, rectify=True),
+    # Large eps: its two uses (stored in exp_avg_var, and after the bias correction) both show.
+    dict(lr=1e-2, eps=1e-3, weight_decay=0.1, weight_decouple=False),
+    dict(lr=1e-2, eps=1e-3, rectify=True, ams_bound=True, betas=(0.9, 0.9)),
 ]
 
 
@@ -184,6 +188,7 @@ DIFFGRAD_CFGS = [
     dict(lr=1e-2, rectify=True, degenerated_to_sgd=False),
     dict(lr=1e-2, rectify=True, n_sma_threshold=4, betas=(0.8, 0.99), eps=1e-6),
     dict(lr=1e-2, adam_debias=True),
+    dict(lr=1e-2, eps=1e-3, ams_bound=True, betas=(0.9, 0.9)),  # eps placement (not bias-corrected)
 ]
 
 
@@ -427,7 +432,8 @@ def test_found_inf_skips_everything(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_tensor_lr_equals_float_lr(name):
     # An fp32 tensor holds fp32(lr), so compare with that float; and an fp64 tensor with lr itself.
-    for lr_t in (torch.tensor(cfg["lr"]), torch.tensor(cfg["lr"], dtype=torch.float64)):
+    lr = CONTRACT_CFGS[name]["lr"]
+    for lr_t in (torch.tensor(lr), torch.tensor(lr, dtype=torch.float64)):
         cfg, a, sa, b, sb = _pair(name)
         _run_ref(name, a, sa, dict(cfg, lr=lr_t), 4)
         _run_ref(name, b, sb, dict(cfg, lr=lr_t.item()), 4)

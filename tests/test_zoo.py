@@ -196,7 +196,7 @@ def test_native_elementwise_abi_checks():
     bad = [
         (dict(op="nope"), "unknown elementwise op"),
         (dict(ptrs=[p.data_ptr()] * 2), "pointer table|tensor lists"),
-        (dict(steps=[]), "one step counter"),
+        (dict(steps=[step.data_ptr()] * 2), "one step counter"),
         (dict(hyper=[0.0] * 17), "too many hyperparameters"),
         (dict(phase=1, reduce_out_ptr=p.data_ptr()), "no reduce phase"),
         (dict(rows=[3]), "row count"),

@@ -69,7 +69,7 @@ def _elementwise_kernel(
     UPDATE: tl.constexpr, REDUCE: tl.constexpr, NSTATE: tl.constexpr, NREDUCE: tl.constexpr,
     PHASE: tl.constexpr, FLAGS: tl.constexpr, DTYPE: tl.constexpr,
     HAS_LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    HAS_ROW_COEF: tl.constexpr, ONE_ROW: tl.constexpr, STOCHASTIC: tl.constexpr,
+    HAS_ROW_COEF: tl.constexpr, ONE_ROW: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_STEPS: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     NCOL: tl.constexpr = NSTATE + 3  # param, grad, states..., step counter
@@ -88,8 +88,10 @@ def _elementwise_kernel(
         grad_mul = sign
         if HAS_GRAD_SCALE:
             grad_mul = sign / tl.load(grad_scale_ptr)
-        step_ptr = tl.load(addr_table + row * NCOL + (NCOL - 1)).to(tl.pointer_type(tl.float32))
-        step = tl.load(step_ptr) + 1.0
+        step = 1.0
+        if HAS_STEPS:
+            step_ptr = tl.load(addr_table + row * NCOL + (NCOL - 1)).to(tl.pointer_type(tl.float32))
+            step = tl.load(step_ptr) + 1.0
         r_first = tl.load(row_offset + row)
         r_len = tl.load(row_len + row)
         key = fmix32(seed.to(tl.uint32) ^ fmix32(row.to(tl.uint32) * 0x27D4EB2F + step.to(tl.uint32) * 0x165667B1))
@@ -203,7 +205,9 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
         offsets.append(acc)
         lens.append(max(n // r, 1))
         acc += r
-    addrs = [[t.data_ptr() for t in row] + [s.data_ptr()] for row, s in zip(zip(*lists), steps)]
+    has_steps = bool(steps)
+    step_addrs = [s.data_ptr() for s in steps] if has_steps else [0] * len(params)
+    addrs = [[t.data_ptr() for t in row] + [s] for row, s in zip(zip(*lists), step_addrs)]
     addr_table = torch.tensor(addrs, dtype=torch.int64).to(device, non_blocking=True)
     meta = torch.tensor([numels, offsets, lens], dtype=torch.int64).to(device, non_blocking=True)
     block_tensor, block_start = _chunk_tables(numels, device)
@@ -222,9 +226,10 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
             FLAGS=int(flags), DTYPE=_TL_DTYPES[params[0].dtype],
             HAS_LR_PTR=lr_is_ptr, HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             HAS_ROW_COEF=row_coef is not None, ONE_ROW=all(r == 1 for r in rows), STOCHASTIC=bool(stochastic),
+            HAS_STEPS=has_steps,
             CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK,
         )
-    if phase == 0:
+    if phase == 0 and has_steps:
         n = len(params)
         _increment_steps_kernel[(triton.cdiv(n, 256),)](
             addr_table, n, found_inf if found_inf is not None else dummy,

@@ -5,6 +5,7 @@ same tuple the C++ kernels take) to the Triton slots.  Mirrors ``FASTOPT_FOR_EAC
 """
 from collections import namedtuple
 
+from .clip import clip_pack, clip_reduce, clip_update
 from .elementwise import elementwise_apply, no_reduce
 from .lion import lion_pack, lion_update
 
@@ -12,6 +13,7 @@ TritonOp = namedtuple("TritonOp", "update reduce nreduce pack")
 
 OPS = {
     "lion": TritonOp(lion_update, no_reduce, 0, lion_pack),
+    "clip": TritonOp(clip_update, clip_reduce, 1, clip_pack),
 }
 
 

@@ -37,7 +37,8 @@ void check_elementwise(const ElementwiseArgs& a, int states) {
   check_arg(op_shape(a.op, &op_states, &op_reduce), "unknown elementwise op '" + a.op + "'");
   check_arg(states == op_states, "op '" + a.op + "' takes " + std::to_string(op_states) + " state lists");
   check_lists(a.lists, 2 + op_states);
-  check_arg(static_cast<int64_t>(a.steps.size()) == a.lists.n, "one step counter per tensor is required");
+  check_arg(a.steps.empty() || static_cast<int64_t>(a.steps.size()) == a.lists.n,
+            "one step counter per tensor (or none) is required");
   for (int64_t s : a.steps) check_arg(s != 0, "null step counter address");
   check_arg(a.hyper.size() <= static_cast<size_t>(kMaxHyper), "too many hyperparameters");
   check_arg(a.phase == 0 || a.phase == 1, "phase must be 0 (update) or 1 (reduce)");
@@ -73,9 +74,9 @@ void elementwise_cpu(const ElementwiseArgs& a) {
   ElementwiseArgs padded = a;
   padded.hyper = hyper;
 
-  std::vector<float*> steps(l.n);
-  std::vector<double> next(l.n);
-  for (int64_t t = 0; t < l.n; ++t) {
+  std::vector<float*> steps(a.steps.size());
+  std::vector<double> next(l.n, 1.0);
+  for (size_t t = 0; t < a.steps.size(); ++t) {
     steps[t] = reinterpret_cast<float*>(static_cast<intptr_t>(a.steps[t]));
     next[t] = static_cast<double>(*steps[t]) + 1.0;
   }

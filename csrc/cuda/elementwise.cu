@@ -46,7 +46,8 @@ struct ElementwiseOp {
     if (s.found_inf != nullptr && *s.found_inf != 0.0f) return;
     const double lr = s.lr_ptr != nullptr ? static_cast<double>(*s.lr_ptr) : s.lr;
     const float grad_mul = s.grad_scale != nullptr ? s.sign / *s.grad_scale : s.sign;
-    const float step_now = *static_cast<const float*>(meta.addresses[kLists][t]);
+    const float* step_ptr = static_cast<const float*>(meta.addresses[kLists][t]);
+    const float step_now = step_ptr != nullptr ? *step_ptr : 0.0f;
     const int64_t row_offset = reinterpret_cast<int64_t>(meta.addresses[kLists + 1][t]);
     const int64_t row_len = reinterpret_cast<int64_t>(meta.addresses[kLists + 2][t]);
     const uint32_t index = static_cast<uint32_t>(reinterpret_cast<int64_t>(meta.addresses[kLists + 3][t]));
@@ -112,7 +113,7 @@ void launch(const ElementwiseArgs& a, const DevScalars& s, const std::vector<int
   const TensorLists& l = a.lists;
   auto addr = [&](int d, int64_t t) -> void* {
     if (d < K::kLists) return l.get<void>(d, t);
-    if (d == K::kLists) return as_ptr<void>(a.steps[t]);
+    if (d == K::kLists) return a.steps.empty() ? nullptr : as_ptr<void>(a.steps[t]);
     const int64_t rows = row_offset[t + 1] - row_offset[t];
     const int64_t value = d == K::kLists + 1 ? row_offset[t]
                           : d == K::kLists + 2 ? (l.numels[t] > 0 ? l.numels[t] / rows : 1)
@@ -162,7 +163,7 @@ void elementwise_cuda(const ElementwiseArgs& a, int64_t stream_handle) {
   s.reduce_out = cuda::as_ptr<float>(a.reduce_out_ptr);
   s.seed = static_cast<uint32_t>(a.seed);
   cuda::op_dispatch(a, s, row_offsets(a), stream);
-  if (a.phase == 0) cuda::increment_steps(a.steps, s.found_inf, stream);
+  if (a.phase == 0 && !a.steps.empty()) cuda::increment_steps(a.steps, s.found_inf, stream);
 }
 
 }  // namespace fastopt

@@ -4,4 +4,5 @@ Each op's suite lives in its own module here and registers itself on import; add
 ``fastopt/bench/<op>.py`` (see ``adamw.py``) and importing it below.
 """
 from . import adamw  # noqa: F401  (registers the "adamw" suite)
+from . import zoo  # noqa: F401  (registers the "zoo-<optimizer>" suites)
 from .harness import SUITES, Bar, Case, Suite, Unsupported, Workload, main, register  # noqa: F401

@@ -73,7 +73,8 @@ inline void check_adam(const AdamArgs& a) {
 struct ElementwiseArgs {
   std::string op;
   TensorLists lists;              // params, grads, then the op's state lists
-  std::vector<int64_t> steps;     // n addresses of fp32 step counters (phase 0 increments them)
+  std::vector<int64_t> steps;     // n addresses of fp32 step counters (phase 0 increments them), or
+                                  // empty for ops without a step count (the step reads as 1)
   std::vector<double> hyper;      // at most kMaxHyper values, meaning fixed by the op
   int64_t flags = 0;
   double lr = 0.0;

@@ -5,7 +5,9 @@
 // functor header and one line here.
 #pragma once
 
+#include "fastopt/functors/clip.h"
 #include "fastopt/functors/lion.h"
 
 #define FASTOPT_FOR_EACH_OP(X)         \
-  X("lion", ::fastopt::functors::LionOp)
+  X("lion", ::fastopt::functors::LionOp) \
+  X("clip", ::fastopt::functors::ClipOp)

@@ -1,0 +1,31 @@
+// fastopt/functors/clip.h -- the two passes of a fused global-norm gradient clip
+// (torch.nn.utils.clip_grad_norm_ with norm_type 2).  Called with the gradients as both the
+// "params" and the "grads" list and no step counters:
+//   phase 1: acc[0] += g^2 per tensor       (the wrapper: total = sqrt(sum), coef = min(1, max/(total+1e-6)))
+//   phase 0: g <- g * rc[0]                  (rc[0] = coef, the same for every tensor)
+#pragma once
+
+#include "fastopt/elementwise.h"
+
+namespace fastopt {
+namespace functors {
+
+struct ClipOp {
+  static constexpr int kStates = 0;
+  static constexpr int kReduce = 1;
+  struct Coeffs {};
+
+  FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars&) { return Coeffs{}; }
+
+  FASTOPT_HOST_DEVICE static void reduce(float, float g, float (&)[kMaxStates], const Coeffs&,
+                                         float (&acc)[kMaxReduce]) {
+    acc[0] += g * g;
+  }
+
+  FASTOPT_HOST_DEVICE static void update(float& p, float g, float (&)[kMaxStates], const Coeffs&, const float* rc) {
+    p = g * rc[0];
+  }
+};
+
+}  // namespace functors
+}  // namespace fastopt

@@ -1,0 +1,113 @@
+"""The optimizer-zoo benchmark suites: one suite per optimizer (``zoo-<name>``), each timing one
+``opt.step()`` of every fastopt backend usable on the device beside ``pytorch_optimizer``'s
+implementation (the baseline) and torch's where torch has the algorithm, in the same run.
+
+Bytes moved per parameter (the ideal kernel's traffic): read p, g and every state, write p and every
+state, i.e. ``(3 + 2 * states) * itemsize``, plus one extra read of p, g and the states for ops with a
+reduce pass (LAMB, AdamP, SGDP).  Bars (issue 3): on CPU every ``fastopt-cpu`` >= 4x
+``pytorch_optimizer`` on 20x1M fp32; on CUDA every elementwise ``fastopt-cuda`` >= 90% of the copy
+bandwidth on 256M.
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .adamw import C_256M, C_20X1M, C_MIXED, C_MIXED_SMALL, C_SMALL, make_params, state_nbytes
+from .harness import Bar, Case, Suite, Unsupported, Workload, register
+
+BASELINE = "pytorch_optimizer"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One optimizer: fastopt's class name, its arguments, the upstream factory (params -> optimizer),
+    the state tensors per parameter and whether the step has a reduce pass."""
+
+    name: str
+    fastopt_cls: str
+    kwargs: dict
+    upstream: Callable
+    states: int
+    reduce: bool = False
+    torch_factory: Optional[Callable] = None
+
+
+def _po(cls_name, **kwargs):
+    def make(params):
+        import pytorch_optimizer
+
+        return getattr(pytorch_optimizer, cls_name)(params, **kwargs)
+    return make
+
+
+def _spec(name, cls_name, kwargs, states, reduce=False, upstream_kwargs=None, torch_factory=None):
+    return Spec(name, cls_name, kwargs, _po(cls_name if name != "lamb" else "Lamb", **(upstream_kwargs or kwargs)),
+                states, reduce, torch_factory)
+
+
+SPECS = [
+    _spec("lion", "Lion", dict(lr=1e-4, weight_decay=1e-2), states=1),
+]
+
+
+def _methods(device):
+    from fastopt._backend import available_backends
+
+    return [f"fastopt-{b}" for b in available_backends(device)] + [BASELINE]
+
+
+def _make(spec, method, params, device):
+    if method == BASELINE:
+        try:
+            return spec.upstream(params)
+        except ImportError as e:
+            raise Unsupported(f"pytorch_optimizer is not installed: {e}") from e
+    if method == "torch":
+        return spec.torch_factory(params)
+    import fastopt
+    from fastopt._backend import available_backends
+
+    backend = method.removeprefix("fastopt-")
+    if backend not in available_backends(device):
+        raise Unsupported(f"backend {backend!r} is not available on {device.type}")
+    if backend == "triton" and device.type == "cpu":
+        raise Unsupported("triton on CPU runs only in the TRITON_INTERPRET interpreter; not benchmarked")
+    return getattr(fastopt, spec.fastopt_cls)(params, backend=backend, **spec.kwargs)
+
+
+def configs(device, quick):
+    if quick:
+        return [C_SMALL, C_MIXED_SMALL]
+    return [C_20X1M, C_MIXED] + ([C_256M] if device.type == "cuda" else [])
+
+
+def setup(spec, config, method, device):
+    opt = _make(spec, method, make_params(config, device), device)
+    return Workload(fn=opt.step, state_bytes=lambda: state_nbytes(opt))
+
+
+def bytes_per_step(spec, config):
+    itemsize = torch.empty((), dtype=config.dtype).element_size()
+    per = 3 + 2 * spec.states + ((2 + spec.states) if spec.reduce else 0)
+    return per * itemsize * config.numel
+
+
+def _suite(spec):
+    def cases(ctx):
+        methods = _methods(ctx.device) + (["torch"] if spec.torch_factory else [])
+        return [Case(config=c.name, method=m, items=c.numel, bytes_moved=bytes_per_step(spec, c),
+                     setup=lambda c=c, m=m: setup(spec, c, m, ctx.device),
+                     info={"dtype": str(c.dtype).removeprefix("torch."), "tensors": len(c.sizes)})
+                for c in configs(ctx.device, ctx.quick) for m in methods]
+
+    def bars(ctx):
+        if ctx.device.type == "cuda":
+            return [] if spec.reduce else [Bar(C_256M.name, "fastopt-cuda", "frac_copy_bw", 0.9)]
+        return [Bar(C_20X1M.name, "fastopt-cpu", suite.speedup_key, 4.0)]
+
+    suite = Suite(name=f"zoo-{spec.name}", cases=cases, unit="params", baseline=BASELINE, bars=bars)
+    return register(suite)
+
+
+SUITES = {spec.name: _suite(spec) for spec in SPECS}
