@@ -9,6 +9,28 @@ ZOO = {
         dict(lr=3e-3, betas=(0.95, 0.98), weight_decay=0.1, weight_decouple=False),
         dict(lr=3e-3, weight_decay=0.05, fixed_decay=True, maximize=True),
     ]),
+    "adan": (fastopt.Adan, [
+        dict(lr=1e-2, weight_decay=0.02),
+        dict(lr=1e-2, weight_decay=0.02, weight_decouple=True, betas=(0.9, 0.9, 0.95)),
+        dict(lr=1e-3, maximize=True),
+    ]),
+    "adabelief": (fastopt.AdaBelief, [
+        dict(lr=1e-2, weight_decay=0.01),
+        dict(lr=1e-2, weight_decay=0.01, weight_decouple=False, ams_bound=True),
+        dict(lr=1e-2, rectify=True, n_sma_threshold=4, betas=(0.9, 0.9)),
+        dict(lr=1e-2, rectify=True, degenerated_to_sgd=False, fixed_decay=True, weight_decay=0.1),
+        dict(lr=1e-2, adam_debias=True, eps=1e-8),
+    ]),
+    "diffgrad": (fastopt.DiffGrad, [
+        dict(lr=1e-2, weight_decay=0.01),
+        dict(lr=1e-2, weight_decay=0.01, weight_decouple=False, ams_bound=True),
+        dict(lr=1e-2, rectify=True, betas=(0.9, 0.8)),
+        dict(lr=1e-2, adam_debias=True, maximize=True),
+    ]),
+    "exadam": (fastopt.EXAdam, [
+        dict(lr=1e-2, weight_decay=0.01),
+        dict(lr=1e-2, weight_decay=0.01, weight_decouple=False, eps=1e-6),
+    ]),
 }
 
 STATE_KEYS = {name: cls.STATE_NAMES for name, (cls, _) in ZOO.items()}

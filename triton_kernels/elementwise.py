@@ -5,11 +5,11 @@ One launch covers every tensor of a call: an int64 table ``[n_tensors, 2 + NSTAT
 addresses of param, grad, the op's states and the fp32 step counter; each program takes one chunk of
 ``CHUNK`` elements of one tensor.  An op is two ``@triton.jit`` functions passed as constexprs:
 
-    UPDATE(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3, H0, ..., H11, FLAGS) -> (p, s1, s2, s3, s4)
-    REDUCE(p, g, s1, s2, s3, s4, step, lr, H0, ..., H11, FLAGS) -> (s1, s2, s3, s4, a0, a1, a2, a3)
+    UPDATE(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3, H0, ..., H15, FLAGS) -> (p, s1, s2, s3, s4)
+    REDUCE(p, g, s1, s2, s3, s4, step, lr, H0, ..., H15, FLAGS) -> (s1, s2, s3, s4, a0, a1, a2, a3)
 
 taking fp32 blocks (p, g with maximize and grad scaling applied, the states), fp32 scalars (the step
-count after this step, the learning rate, twelve op-defined slots) and the row coefficients
+count after this step, the learning rate, sixteen op-defined slots) and the row coefficients
 ``r0..r3`` of each element's row (blocks; zeros when the call has none).  Phase 1 calls REDUCE, which
 may update states, and adds ``a0..a3`` into per-row sums.  bf16 params may be stored with stochastic
 rounding: the same counter-based bits as the C++ kernels (``fmix32``), so CPU and GPU agree exactly.
@@ -21,7 +21,7 @@ import triton.language as tl
 from .multi_tensor import CHUNK, _TL_DTYPES, _chunk_tables, to_bf16_rne
 
 BLOCK = 1024
-N_HYPER = 12
+N_HYPER = 16
 MAX_STATES = 4
 
 
@@ -65,7 +65,7 @@ def _store(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, mask, v
 def _elementwise_kernel(
     addr_table, numels, row_offset, row_len, block_tensor, block_start,
     lr_value, lr_ptr, grad_scale_ptr, found_inf_ptr, sign, row_coef, reduce_out, seed,
-    H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11,
+    H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
     UPDATE: tl.constexpr, REDUCE: tl.constexpr, NSTATE: tl.constexpr, NREDUCE: tl.constexpr,
     PHASE: tl.constexpr, FLAGS: tl.constexpr, DTYPE: tl.constexpr,
     HAS_LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
@@ -124,7 +124,7 @@ def _elementwise_kernel(
                     r2 = tl.load(row_coef + rows * 4 + 2, mask=mask, other=0.0)
                     r3 = tl.load(row_coef + rows * 4 + 3, mask=mask, other=0.0)
                 p, s1, s2, s3, s4 = UPDATE(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3,
-                                           H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, FLAGS)
+                                           H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
                 pptr = _ptr(addr_table, row, 0, NCOL, DTYPE)
                 if STOCHASTIC:
                     rnd = fmix32(offs.to(tl.uint32) * 0x9E3779B1 ^ key)
@@ -133,7 +133,7 @@ def _elementwise_kernel(
                     _store(addr_table, row, 0, NCOL, offs, mask, p, DTYPE)
             else:
                 s1, s2, s3, s4, a0, a1, a2, a3 = REDUCE(p, g, s1, s2, s3, s4, step, lr,
-                                                        H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, FLAGS)
+                                                        H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
                 if ONE_ROW:
                     tl.atomic_add(reduce_out + r_first * 4 + 0, tl.sum(tl.where(mask, a0, 0.0), axis=0))
                     if NREDUCE >= 2:
@@ -175,7 +175,7 @@ def _increment_steps_kernel(addr_table, n_tensors, found_inf_ptr, NCOL: tl.const
 
 
 @triton.jit
-def no_reduce(p, g, s1, s2, s3, s4, step, lr, H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, FLAGS):
+def no_reduce(p, g, s1, s2, s3, s4, step, lr, H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS):
     z = p * 0.0
     return s1, s2, s3, s4, z, z, z, z
 

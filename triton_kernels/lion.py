@@ -8,7 +8,7 @@ FIXED_DECAY = 2
 
 @triton.jit
 def lion_update(p, g, m, s2, s3, s4, step, lr, r0, r1, r2, r3,
-                one_minus_beta1, one_minus_beta2, wd, H3, H4, H5, H6, H7, H8, H9, H10, H11, FLAGS: tl.constexpr):
+                one_minus_beta1, one_minus_beta2, wd, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     if FLAGS & DECOUPLE:
         if FLAGS & FIXED_DECAY:
             p = p * (1.0 - wd)

@@ -158,8 +158,8 @@ _UPDATE_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=2, num_stages=3),
 ]
-_syrk_tuned = triton.autotune(configs=_SYRK_CONFIGS, key=["M", "K", "HAS_E", "OUT_DTYPE"])(_syrk_kernel)
-_update_tuned = triton.autotune(configs=_UPDATE_CONFIGS, key=["M", "N", "OUT_DTYPE"])(_update_kernel)
+_syrk_tuned = triton.autotune(configs=_SYRK_CONFIGS, key=["M", "K", "HAS_E"])(_syrk_kernel)
+_update_tuned = triton.autotune(configs=_UPDATE_CONFIGS, key=["M", "N"])(_update_kernel)
 
 # Interpreter (CPU tests): small fixed tiles, so that 30-100-sized test matrices span several tiles
 # and the masks are exercised.

@@ -5,6 +5,8 @@ same tuple the C++ kernels take) to the Triton slots.  Mirrors ``FASTOPT_FOR_EAC
 """
 from collections import namedtuple
 
+from .adan import adan_pack, adan_update
+from .adaptive import adabelief_update, adaptive_pack, adaptive_pack_ams, diffgrad_update, exadam_update
 from .clip import clip_pack, clip_reduce, clip_update
 from .elementwise import elementwise_apply, no_reduce
 from .lion import lion_pack, lion_update
@@ -14,6 +16,12 @@ TritonOp = namedtuple("TritonOp", "update reduce nreduce pack")
 OPS = {
     "lion": TritonOp(lion_update, no_reduce, 0, lion_pack),
     "clip": TritonOp(clip_update, clip_reduce, 1, clip_pack),
+    "adan": TritonOp(adan_update, no_reduce, 0, adan_pack),
+    "adabelief": TritonOp(adabelief_update, no_reduce, 0, adaptive_pack),
+    "adabelief_ams": TritonOp(adabelief_update, no_reduce, 0, adaptive_pack_ams),
+    "diffgrad": TritonOp(diffgrad_update, no_reduce, 0, adaptive_pack),
+    "diffgrad_ams": TritonOp(diffgrad_update, no_reduce, 0, adaptive_pack_ams),
+    "exadam": TritonOp(exadam_update, no_reduce, 0, adaptive_pack),
 }
 
 

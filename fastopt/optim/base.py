@@ -160,6 +160,13 @@ class ElementwiseOptimizer(FusedOptimizer):
     def _native_hyper(self, group):
         raise NotImplementedError
 
+    def _state_names(self, group):
+        """The op's state tensors for ``group`` (some options add one, e.g. ams_bound)."""
+        return self.STATE_NAMES
+
+    def _op_name(self, group):
+        return self.OP
+
     def _uses_master(self, group, p):
         return bool(group.get("master_weights")) and p.dtype in (torch.bfloat16, torch.float16)
 
@@ -169,11 +176,15 @@ class ElementwiseOptimizer(FusedOptimizer):
         if self._uses_master(group, p):
             state["master_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
             like = state["master_param"]
-        for name in self.STATE_NAMES:
+        for name in self._state_names(group):
             state[name] = torch.zeros_like(like, memory_format=torch.preserve_format)
 
     def _step_bucket(self, group, params, grads, backend, grad_scale, found_inf):
         states = [self.state[p] for p in params]
+        for name in self._state_names(group):  # an option that adds a state was switched on later
+            for p, s in zip(params, states):
+                if name not in s:
+                    s[name] = torch.zeros_like(s.get("master_param", p), memory_format=torch.preserve_format)
         targets = params
         if self._uses_master(group, params[0]):
             targets = [s["master_param"] for s in states]
@@ -203,9 +214,9 @@ class ElementwiseOptimizer(FusedOptimizer):
             self._reference_step(group, params, grads, states, grad_scale, found_inf)
             return
         hyper, flags = self._native_hyper(group)
-        lists = [s[name] for name in self.STATE_NAMES for s in states]
+        lists = [s[name] for name in self._state_names(group) for s in states]
         elementwise_unchecked(
-            self.OP, params, grads, lists, [s["step"] for s in states], hyper, flags, lr=group["lr"],
+            self._op_name(group), params, grads, lists, [s["step"] for s in states], hyper, flags, lr=group["lr"],
             maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf, backend=backend,
             device=params[0].device, phase=phase, rows=rows, row_coef=row_coef, reduce_out=reduce_out,
             seed=group.get("seed", 0), stochastic=self._stochastic(group, params[0]))

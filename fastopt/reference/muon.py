@@ -8,7 +8,7 @@ In particular, as upstream:
 * the Newton–Schulz iteration runs in bf16 (``ns_method="newton_schulz"``; the Gram variant in fp16)
   with fp32 accumulation inside ``torch.mm`` / ``torch.addmm``, on ``X = G^T`` when G has more rows than
   columns, normalized by ``max(||X||_F, eps)`` (the bf16 norm clamped from below; Keller Jordan's
-  ``||X|| + eps`` is the same number in bf16 for any norm above ~2e-5);
+  ``||X|| + eps`` is the same bf16 number for any norm above ~5e-5);
 * momentum is ``buf <- lerp(buf, g, 1 - mu)`` and the Nesterov update ``u = lerp(g, buf, mu)``;
 * a conv weight (out, in, kh, kw) is orthogonalized as the (out, in*kh*kw) matrix;
 * the learning rate is scaled by ``sqrt(max(1, rows / cols))`` (Keller Jordan), or with
@@ -19,9 +19,10 @@ In particular, as upstream:
   orthogonalized as one batch (``torch.bmm``), bit-identical to one at a time in practice.
 
 Deliberate differences: the gradients are not modified (upstream negates them for ``maximize``, adds the
-L2 term and the Nesterov mix into ``p.grad`` in place); ``cautious`` masks the update that is applied
-for every shape (upstream's non-foreach path drops the mask for transposed conv weights); parameters with
-no elements are skipped (upstream divides by zero).
+L2 term and the Nesterov mix into ``p.grad`` in place); a tensor ``lr`` is applied as upstream's foreach
+path does (``p += update * -lr``: no host sync; upstream's ``foreach=False`` path passes it as ``alpha``
+and can round the last fp32 bit differently); parameters with no elements are skipped (upstream divides
+by zero).
 """
 import math
 

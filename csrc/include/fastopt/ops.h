@@ -5,9 +5,17 @@
 // functor header and one line here.
 #pragma once
 
+#include "fastopt/functors/adan.h"
+#include "fastopt/functors/adaptive.h"
 #include "fastopt/functors/clip.h"
 #include "fastopt/functors/lion.h"
 
 #define FASTOPT_FOR_EACH_OP(X)         \
   X("lion", ::fastopt::functors::LionOp) \
-  X("clip", ::fastopt::functors::ClipOp)
+  X("clip", ::fastopt::functors::ClipOp)                      \
+  X("adan", ::fastopt::functors::AdanOp)                      \
+  X("adabelief", ::fastopt::functors::AdaBeliefOp<false>)     \
+  X("adabelief_ams", ::fastopt::functors::AdaBeliefOp<true>)  \
+  X("diffgrad", ::fastopt::functors::DiffGradOp<false>)       \
+  X("diffgrad_ams", ::fastopt::functors::DiffGradOp<true>)    \
+  X("exadam", ::fastopt::functors::ExAdamOp)

@@ -9,6 +9,7 @@
 #pragma once
 
 #include "fastopt/elementwise.h"
+#include "fastopt/functors/decay.h"
 
 namespace fastopt {
 namespace functors {
@@ -16,27 +17,23 @@ namespace functors {
 struct LionOp : NoReduce {
   static constexpr int kStates = 1;  // exp_avg
   static constexpr int kReduce = 0;
-  enum : int64_t { kDecouple = 1, kFixedDecay = 2 };
-
   struct Coeffs {
-    float one_minus_beta1, one_minus_beta2, lr, decay_factor, l2;
+    float one_minus_beta1, one_minus_beta2, lr;
+    Decay decay;
   };
 
   FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars& s) {
-    const double wd = s.h[2];
-    const bool decouple = s.flags & kDecouple;
     Coeffs c;
     c.one_minus_beta1 = static_cast<float>(1.0 - s.h[0]);
     c.one_minus_beta2 = static_cast<float>(1.0 - s.h[1]);
     c.lr = static_cast<float>(s.lr);
-    c.decay_factor = static_cast<float>(decouple ? 1.0 - wd * ((s.flags & kFixedDecay) ? 1.0 : s.lr) : 1.0);
-    c.l2 = static_cast<float>(decouple ? 0.0 : wd);
+    c.decay = make_decay(s, s.h[2]);
     return c;
   }
 
   FASTOPT_HOST_DEVICE static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c, const float*) {
-    g = g + c.l2 * p;
-    p = p * c.decay_factor;
+    g = g + c.decay.l2 * p;
+    p = p * c.decay.factor;
     const float blend = s[0] + c.one_minus_beta1 * (g - s[0]);
     const float u = static_cast<float>(blend > 0.0f) - static_cast<float>(blend < 0.0f);
     s[0] = s[0] + c.one_minus_beta2 * (g - s[0]);

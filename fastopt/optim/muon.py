@@ -1,0 +1,317 @@
+"""Muon (Jordan et al. 2024, "Muon: MomentUm Orthogonalized by Newton-schulz",
+https://kellerjordan.github.io/posts/muon/), with AdamW for the parameters that are not hidden matrices.
+
+Drop-in for ``pytorch_optimizer.Muon`` (4.1.0): same constructor arguments in the same order, the same
+``use_muon`` param-group flag and group keys, the same state names (``momentum_buffer`` for Muon
+parameters; ``exp_avg`` / ``exp_avg_sq`` for AdamW parameters; the step count in ``group["step"]``),
+so state dicts load into each other both ways.  Equations: :func:`fastopt.reference.muon.muon_reference`.
+"""
+import importlib
+from collections import defaultdict
+from typing import List
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference import muon as R
+from . import functional as F
+
+MUON_BACKENDS = ("auto", "triton", "torch")
+_ADAMW_STATE = ("exp_avg", "exp_avg_sq")
+
+
+def _newton_schulz_module():
+    _backend.triton_kernels()  # BackendUnavailableError when triton (or fastopt.triton_kernels) is missing
+    return importlib.import_module("fastopt.triton_kernels.newton_schulz")
+
+
+def resolve_ns_backend(backend, device):
+    """Which Newton–Schulz implementation runs matrices on ``device``: "triton" or "torch".
+
+    ``auto``: Triton for CUDA tensors when triton is installed, torch otherwise (on a CPU the Triton
+    interpreter is a test vehicle, not a fast path).  ``triton`` raises BackendUnavailableError where it
+    cannot run: CPU tensors outside ``TRITON_INTERPRET=1``, or triton missing.
+    """
+    if backend not in MUON_BACKENDS:
+        raise ValueError(f"unknown Muon backend {backend!r}; expected one of {MUON_BACKENDS}")
+    device = torch.device(device)
+    if backend == "torch":
+        return "torch"
+    usable = "triton" in _backend.available_backends(device)
+    if backend == "auto":
+        return "triton" if usable and device.type == "cuda" else "torch"
+    if not usable:
+        raise _backend.BackendUnavailableError(
+            f"Muon backend 'triton' cannot run on device {device}: it needs triton and CUDA tensors (or CPU "
+            "tensors under TRITON_INTERPRET=1); use backend='torch' or 'auto'")
+    return "triton"
+
+
+# -- Newton–Schulz in Triton as a custom op (visible to torch.compile; eager calls skip the dispatcher) --
+def _ns_triton(G, steps, eps, coeffs):
+    triples = [tuple(coeffs[i:i + 3]) for i in range(0, len(coeffs), 3)]
+    return _newton_schulz_module().newton_schulz_triton(G, steps=steps, eps=eps, coeffs=triples)
+
+
+def _ns_triton_op_impl(G: Tensor, steps: int, eps: float, coeffs: List[float]) -> Tensor:
+    return _ns_triton(G, steps, eps, coeffs).contiguous()
+
+
+newton_schulz_triton_ = torch.library.custom_op("fastopt::newton_schulz_triton", mutates_args=())(_ns_triton_op_impl)
+
+
+@newton_schulz_triton_.register_fake
+def _ns_triton_fake(G, steps, eps, coeffs):
+    return G.new_empty(G.shape, dtype=torch.bfloat16)
+
+
+def newton_schulz_triton(G, steps, coeffs, eps=1e-7):
+    """bf16 Newton–Schulz of ``G`` with the Triton kernels (see
+    :func:`fastopt.triton_kernels.newton_schulz.newton_schulz_triton`); ``coeffs`` is a list of triples.
+    Under ``torch.compile`` this is the custom op ``fastopt::newton_schulz_triton`` (contiguous output)."""
+    flat = [float(v) for c in coeffs for v in c]
+    if torch.compiler.is_compiling():
+        return newton_schulz_triton_(G, int(steps), float(eps), flat)
+    return _ns_triton(G, int(steps), float(eps), flat)
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an int >= {low})")
+
+
+class Muon(torch.optim.Optimizer):
+    r"""Muon for hidden matrices, AdamW for everything else (Jordan et al. 2024).
+
+    For a parameter P of a ``use_muon=True`` group, viewed as the matrix (rows, cols) = (out,
+    in * kh * kw ...), with gradient G, momentum mu, learning rate lr and weight decay wd::
+
+        P <- P (1 - lr wd)                 (weight_decouple; else G <- G + wd P)
+        M <- mu M + (1 - mu) G             (state "momentum_buffer")
+        U <- (1 - mu) G + mu M             (nesterov; else U <- M)
+        O <- NS_5(U) ~= U' V'^T for U = U' S V'^T   (bf16 quintic Newton-Schulz, below)
+        P <- P - lr * s * O,   s = sqrt(max(1, rows / cols))   or, use_adjusted_lr, 0.2 sqrt(max(rows, cols))
+
+    where NS_5 transposes U to rows <= cols, sets X = U / max(||U||_F, 1e-7) in bf16 and repeats
+    ``ns_steps`` times ``A = X X^T; X <- a X + (b A + c A^2) X`` with (a, b, c) = (3.4445, -4.7750,
+    2.0315) (or a schedule: ``ns_coeffs`` = "quintic", "polar_express", "polar_express_safer", a triple
+    or a list of triples).  The 0.2 sqrt(max(rows, cols)) scale (Moonlight, Liu et al. 2025) gives the
+    update the RMS of a typical AdamW update, so AdamW learning rates and weight decays carry over.
+
+    Parameters of ``use_muon=False`` groups (embeddings, output heads, biases, norm gains) take a fused
+    AdamW step (:func:`fastopt.optim.functional.adam`, bias-corrected, decoupled weight decay unless
+    ``weight_decouple=False``) with the group's ``lr`` / ``betas`` / ``eps`` / ``weight_decay``
+    (defaults ``adamw_lr`` / ``adamw_betas`` / ``adamw_eps`` / ``adamw_wd``).
+
+    Args: as ``pytorch_optimizer.Muon`` -- ``params`` is a list of dicts, each with a ``use_muon`` flag
+    (upstream's API; a plain iterable of tensors is also accepted and split: tensors with >= 2
+    dimensions into a Muon group, the rest into an AdamW group -- put embeddings and output heads in an
+    AdamW group yourself); ``ns_method="gram_newton_schulz"`` (fp16 Gram iteration) always runs in
+    torch; ``foreach`` (None/True: stack same-shape matrices into one batched Newton–Schulz, False: one
+    at a time); ``cautious`` (keyword, upstream's ``**kwargs`` option: zero the update entries whose
+    sign disagrees with the gradient, rescaled).  ``backend``: "auto" (Triton Newton–Schulz kernels
+    for CUDA tensors when triton is installed, torch otherwise), "triton" (on CPUs only under
+    ``TRITON_INTERPRET=1``; else BackendUnavailableError at ``step``) or "torch".  AdamW groups use
+    the fused AdamW kernels under "auto"/"triton" and the reference under "torch".
+
+    Parameters may be fp32, bf16 or fp16 (the states take the parameter dtype, as upstream).  Unlike
+    upstream, ``step`` never modifies ``p.grad``, and invalid hyperparameters, sparse or complex
+    gradients, < 2-D parameters in a Muon group and unavailable backends raise before anything is
+    written.
+    """
+
+    def __init__(self, params, lr=2e-2, momentum=0.95, weight_decay=0.0, weight_decouple=True, nesterov=True,
+                 ns_steps=5, ns_coeffs="original", use_adjusted_lr=False, adamw_lr=3e-4, adamw_betas=(0.9, 0.95),
+                 adamw_wd=0.0, adamw_eps=1e-10, maximize=False, foreach=None, ns_method="newton_schulz",
+                 ns_reset_steps=(2,), *, cautious=False, backend="auto"):
+        if backend not in MUON_BACKENDS:
+            raise ValueError(f"unknown Muon backend {backend!r}; expected one of {MUON_BACKENDS}")
+        muon = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
+                    ns_coeffs=ns_coeffs, ns_method=ns_method, ns_reset_steps=ns_reset_steps,
+                    use_adjusted_lr=use_adjusted_lr)
+        self._check_muon_hyper(muon, "")
+        muon["ns_coeffs"] = R.ns_coefficients(ns_coeffs)
+        muon["ns_reset_steps"] = tuple(ns_reset_steps)
+        adamw = dict(lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=adamw_wd)
+        self._check_adamw_hyper(adamw, names=("adamw_lr", "adamw_betas", "adamw_eps", "adamw_wd"))
+        self._group_defaults = {True: muon, False: adamw}
+        defaults = dict(weight_decouple=weight_decouple, maximize=maximize, foreach=foreach, cautious=cautious,
+                        backend=backend)
+        super().__init__(self._as_groups(params), defaults)
+
+    # -- param groups -----------------------------------------------------------------------------
+    @staticmethod
+    def _as_groups(params):
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of param-group dicts (with a `use_muon` flag) or of "
+                            f"Tensors, got {torch.typename(params)}")
+        params = list(params)
+        if not params or all(isinstance(p, dict) for p in params):
+            return params
+        if any(isinstance(p, dict) for p in params):
+            raise TypeError("Muon: params mixes param-group dicts and tensors")
+        matrices = [p for p in params if isinstance(p, torch.Tensor) and p.ndim >= 2]
+        rest = [p for p in params if not (isinstance(p, torch.Tensor) and p.ndim >= 2)]
+        return ([dict(params=matrices, use_muon=True)] if matrices else []) + \
+               ([dict(params=rest, use_muon=False)] if rest else [])
+
+    def add_param_group(self, param_group):
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {torch.typename(param_group)}")
+        if "use_muon" not in param_group:
+            raise ValueError("Muon: every param group needs a `use_muon` flag: True for hidden weight matrices "
+                             "(orthogonalized momentum), False for embeddings, heads, biases and gains (AdamW), "
+                             "e.g. dict(params=[...], use_muon=True)")
+        kind = bool(param_group["use_muon"])
+        for key, value in {**self._group_defaults[kind], **self.defaults}.items():
+            param_group.setdefault(key, value)
+        self._check_group(param_group)
+        if kind:
+            param_group["ns_coeffs"] = R.ns_coefficients(param_group["ns_coeffs"])
+            param_group["ns_reset_steps"] = tuple(param_group["ns_reset_steps"])
+            ps = param_group["params"]
+            ps = [ps] if isinstance(ps, torch.Tensor) else ps if isinstance(ps, (list, tuple)) else list(ps)
+            param_group["params"] = ps
+            for p in ps:
+                if isinstance(p, torch.Tensor):
+                    self._check_matrix(p)
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        kinds = getattr(self, "_group_defaults", None)
+        for group in self.param_groups:
+            if kinds is not None and "use_muon" in group:
+                for key, value in kinds[bool(group["use_muon"])].items():
+                    group.setdefault(key, value)
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    # -- validation (raises before anything is written) ----------------------------------------------
+    @staticmethod
+    def _check_muon_hyper(group, where):
+        F.check_hyper("learning rate" + where, group["lr"])
+        F.check_hyper("momentum" + where, group["momentum"], high=1.0, high_open=True)
+        F.check_hyper("weight_decay value" + where, group["weight_decay"])
+        _check_int("ns_steps" + where, group["ns_steps"], 1)
+        R.ns_coefficients(group["ns_coeffs"])
+        if group["ns_method"] not in R.NS_METHODS:
+            raise ValueError(f"Invalid ns_method{where}: {group['ns_method']!r} (expected one of {R.NS_METHODS})")
+        try:
+            resets = tuple(group["ns_reset_steps"])
+        except TypeError:
+            raise ValueError(f"Invalid ns_reset_steps{where}: {group['ns_reset_steps']!r} (expected a tuple of ints)") \
+                from None
+        for r in resets:
+            _check_int("ns_reset_steps entry" + where, r, 0)
+
+    @staticmethod
+    def _check_adamw_hyper(group, names=("learning rate", "betas", "epsilon value", "weight_decay value"), where=""):
+        F.check_hyper(names[0] + where, group["lr"])
+        betas = group["betas"]
+        if len(betas) != 2:
+            raise ValueError(f"Invalid {names[1]}{where}: expected two values, got {betas!r}")
+        for i, b in enumerate(betas):
+            F.check_hyper(f"{names[1]}{where} at index {i}", b, high=1.0, high_open=True)
+        F.check_hyper(names[2] + where, group["eps"])
+        F.check_hyper(names[3] + where, group["weight_decay"])
+
+    def _check_group(self, group):
+        if group.get("backend", "auto") not in MUON_BACKENDS:
+            raise ValueError(f"unknown Muon backend {group['backend']!r}; expected one of {MUON_BACKENDS}")
+        if group["use_muon"]:
+            self._check_muon_hyper(group, "")
+        else:
+            self._check_adamw_hyper(group, where=" (use_muon=False group)")
+
+    @staticmethod
+    def _check_matrix(p):
+        if p.ndim < 2:
+            raise ValueError(f"Muon: a use_muon=True group holds a {p.ndim}-D parameter of shape {tuple(p.shape)}; "
+                             "Newton-Schulz orthogonalizes matrices: put biases, gains and other < 2-D parameters "
+                             "in a use_muon=False (AdamW) group")
+
+    def _check_param(self, p, g, use_muon):
+        if g.layout != torch.strided:
+            raise RuntimeError("Muon does not support sparse gradients")
+        if p.is_complex() or g.is_complex():
+            raise TypeError(f"Muon does not support complex parameters ({p.dtype}); optimize "
+                            "torch.view_as_real(p) instead")
+        if not p.is_floating_point():
+            raise TypeError(f"Muon needs floating-point parameters, got {p.dtype}")
+        if g.device != p.device:
+            raise ValueError(f"Muon: a gradient is on {g.device} but its parameter on {p.device}")
+        if g.dtype != p.dtype or g.shape != p.shape:
+            raise ValueError(f"Muon: gradient {g.dtype}{tuple(g.shape)} does not match its parameter "
+                             f"{p.dtype}{tuple(p.shape)}")
+        if use_muon:
+            self._check_matrix(p)
+
+    def _plan(self):
+        """Validate every group and gradient and resolve backends; touches nothing.
+        Returns [(group, {(device, dtype): [params]}, {device: ns_backend})]."""
+        plan = []
+        for group in self.param_groups:
+            self._check_group(group)
+            buckets = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._check_param(p, p.grad, group["use_muon"])
+                buckets[(p.device, p.dtype)].append(p)
+            ns = {}
+            if group["use_muon"]:
+                ns = {dev: resolve_ns_backend(group["backend"], dev) for dev, _ in buckets}
+            plan.append((group, buckets, ns))
+        return plan
+
+    # -- the step ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._plan()
+        for group, buckets, _ in plan:
+            for params in buckets.values():
+                for p in params:
+                    state = self.state[p]
+                    for key in (("momentum_buffer",) if group["use_muon"] else _ADAMW_STATE):
+                        if key not in state:
+                            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for group, buckets, ns in plan:
+            group["step"] = group.get("step", 0) + 1
+            for (device, _dtype), params in buckets.items():
+                if group["use_muon"]:
+                    self._muon_bucket(group, params, ns[device])
+                else:
+                    self._adamw_bucket(group, params, device)
+        return loss
+
+    def _muon_bucket(self, group, params, ns_backend):
+        ns_fn = None
+        if ns_backend == "triton":
+            def ns_fn(x, steps, coeffs):
+                return newton_schulz_triton(x, steps, coeffs)
+        R.muon_reference(
+            params, [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params],
+            lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"], weight_decouple=group["weight_decouple"], ns_steps=group["ns_steps"],
+            ns_coeffs=group["ns_coeffs"], ns_method=group["ns_method"], ns_reset_steps=group["ns_reset_steps"],
+            use_adjusted_lr=group["use_adjusted_lr"], maximize=group["maximize"], cautious=bool(group["cautious"]),
+            batched=group["foreach"] is not False, newton_schulz_fn=ns_fn)
+
+    def _adamw_bucket(self, group, params, device):
+        states = [self.state[p] for p in params]
+        # The step count is per group (as upstream); the fused kernel reads and increments per-tensor fp32
+        # counters, so hand it throwaway ones holding step - 1.
+        steps = list(torch.full((len(params),), float(group["step"] - 1), dtype=torch.float32,
+                                device=device).unbind(0))
+        beta1, beta2 = (float(b) for b in group["betas"])
+        F.adam(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+               [], steps, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+               weight_decay=group["weight_decay"], decoupled=bool(group["weight_decouple"]), amsgrad=False,
+               maximize=bool(group["maximize"]), backend="torch" if group["backend"] == "torch" else "auto")

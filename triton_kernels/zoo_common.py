@@ -1,0 +1,56 @@
+"""Helpers shared by the zoo's Triton update functions."""
+import math
+
+import triton
+import triton.language as tl
+
+from .multi_tensor import split_f64
+
+
+@triton.jit
+def bias_correction(step, log_hi, log_lo):
+    """``1 - beta^step`` in fp64, with ``log(beta)`` given as an fp32 (hi, lo) pair."""
+    return 1.0 - tl.exp(tl.cast(step, tl.float64) * (tl.cast(log_hi, tl.float64) + tl.cast(log_lo, tl.float64)))
+
+
+def log_pair(beta):
+    """``log(beta)`` as two fp32 numbers (``-inf`` for beta 0, so that ``beta^t`` is 0)."""
+    return split_f64(math.log(beta)) if beta > 0 else (-math.inf, 0.0)
+
+DECOUPLE, FIXED_DECAY, RECTIFY, DEGENERATED_TO_SGD, ADAM_DEBIAS = 1, 2, 4, 8, 16
+
+
+@triton.jit
+def decay(p, g, lr, wd, FLAGS: tl.constexpr):
+    """pytorch_optimizer's weight decay: p *= 1 - wd (fixed ? 1 : lr) [decoupled], or g += wd p."""
+    if FLAGS & DECOUPLE:
+        if FLAGS & FIXED_DECAY:
+            p = p * (1.0 - tl.cast(wd, tl.float64)).to(tl.float32)
+        else:
+            p = p * (1.0 - tl.cast(wd, tl.float64) * tl.cast(lr, tl.float64)).to(tl.float32)
+    else:
+        g = g + wd * p
+    return p, g
+
+
+@triton.jit
+def rectified_step(step, lr, b2, l2_hi, l2_lo, n_sma_threshold, FLAGS: tl.constexpr):
+    """(step size before the 1/(1 - b1^t) debias, mode): RAdam rectification as pytorch_optimizer
+    computes it, in fp64; mode 1 adaptive, 2 plain momentum step, 0 no update."""
+    lr64 = tl.cast(lr, tl.float64)
+    size = lr64
+    mode = 1
+    if FLAGS & RECTIFY:
+        b2_64 = tl.cast(b2, tl.float64)
+        n_sma_max = 2.0 / (1.0 - b2_64) - 1.0
+        b2t = 1.0 - bias_correction(step, l2_hi, l2_lo)
+        step64 = tl.cast(step, tl.float64)
+        n_sma = n_sma_max - 2.0 * step64 * b2t / (1.0 - b2t)
+        rt2 = (1.0 - b2t) * (n_sma - 4.0) / (n_sma_max - 4.0) * (n_sma - 2.0) / n_sma * n_sma_max / (n_sma_max - 2.0)
+        adaptive = n_sma >= tl.cast(n_sma_threshold, tl.float64)
+        fallback = lr64
+        if not (FLAGS & DEGENERATED_TO_SGD):
+            fallback = -lr64
+        size = tl.where(adaptive, lr64 * tl.sqrt(tl.maximum(rt2, 0.0)), fallback)
+        mode = tl.where(adaptive, 1, tl.where(fallback > 0, 2, 0))
+    return size, mode
