@@ -120,7 +120,9 @@ def test_symmetric_kernels_match_matmul(device, shape):
     assert torch.equal(a, a.mT)  # exactly symmetric
     _assert_one_rounding(a, xd @ xd.mT, xd.abs() @ xd.abs().mT)
     plain = x @ x.mT  # torch's bf16 matmul: fp32 accumulation too; at most a rare summation-order flip
-    assert (a != plain).double().mean() <= 0.01 and (a.double() - plain.double()).abs().max() <= 2 ** -7 * plain.abs().max()
+    assert (a.double() - plain.double()).abs().max() <= 2 ** -7 * plain.abs().max()
+    if device == "cpu":  # (cuBLAS may reduce in bf16: allow_bf16_reduced_precision_reduction)
+        assert (a != plain).double().mean() <= 0.01
 
     ad = a.double()
     b = K.syrk(a, e=a, alpha=C_, beta=B_)
@@ -233,8 +235,12 @@ def _ids(cfgs):
     return ["-".join(f"{k}={v}" for k, v in c.items()) or "defaults" for c in cfgs]
 
 
-@pytest.mark.parametrize("foreach", [None, False])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
+# foreach=None is upstream's default (batched) path; foreach=False, its per-tensor path, for a few configs.
+RUNS = [(c, None) for c in CONFIGS] + [(CONFIGS[i], False) for i in (0, 1, 3, 7)]
+RUN_IDS = [f"{i}-foreach={f}" for i, (_, f) in zip(_ids([c for c, _ in RUNS]), RUNS)]
+
+
+@pytest.mark.parametrize("cfg,foreach", RUNS, ids=RUN_IDS)
 def test_torch_backend_matches_upstream(cfg, foreach):
     ours, theirs = make_params(), make_params()
     kw = {**HYPER, **cfg}

@@ -35,10 +35,14 @@ void update_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0
                   const typename Op::Coeffs c, const float* rc, bool stochastic, uint32_t key) {
   float row[kMaxRowCoefs] = {0.0f, 0.0f, 0.0f, 0.0f};
   if (rc != nullptr) std::memcpy(row, rc, sizeof(row));
+  // ivdep: element i of every list is read and written only by iteration i (the lists never
+  // overlap, except the clip op's, which passes one list as both param and grad).
   if (stochastic) {
+#pragma GCC ivdep
     for (int64_t i = begin; i < end; ++i)
       op_update_element<Op, T>(p, g, s0, s1, s2, s3, i, grad_mul, c, row, true, key);
   } else {
+#pragma GCC ivdep
     for (int64_t i = begin; i < end; ++i)
       op_update_element<Op, T>(p, g, s0, s1, s2, s3, i, grad_mul, c, row, false, key);
   }

@@ -48,6 +48,10 @@ def _spec(name, cls_name, kwargs, states, reduce=False, upstream_kwargs=None, to
 
 SPECS = [
     _spec("lion", "Lion", dict(lr=1e-4, weight_decay=1e-2), states=1),
+    _spec("adan", "Adan", dict(lr=1e-3, weight_decay=1e-2), states=4),
+    _spec("adabelief", "AdaBelief", dict(lr=1e-3, weight_decay=1e-2), states=2),
+    _spec("diffgrad", "DiffGrad", dict(lr=1e-3, weight_decay=1e-2), states=3),
+    _spec("exadam", "EXAdam", dict(lr=1e-3, weight_decay=1e-2), states=2),
 ]
 
 

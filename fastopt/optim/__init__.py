@@ -5,3 +5,4 @@ from .base import FusedOptimizer  # noqa: F401
 from .lion import Lion  # noqa: F401
 from .clip import clip_grad_norm_  # noqa: F401
 from .zoo import AdaBelief, Adan, DiffGrad, EXAdam  # noqa: F401
+from .muon import Muon  # noqa: F401

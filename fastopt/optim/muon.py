@@ -87,6 +87,7 @@ class Muon(torch.optim.Optimizer):
     For a parameter P of a ``use_muon=True`` group, viewed as the matrix (rows, cols) = (out,
     in * kh * kw ...), with gradient G, momentum mu, learning rate lr and weight decay wd::
 
+        G <- -G                            (maximize)
         P <- P (1 - lr wd)                 (weight_decouple; else G <- G + wd P)
         M <- mu M + (1 - mu) G             (state "momentum_buffer")
         U <- (1 - mu) G + mu M             (nesterov; else U <- M)

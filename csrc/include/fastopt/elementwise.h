@@ -115,6 +115,27 @@ FASTOPT_HOST_DEVICE void op_reduce_element(const T* __restrict__ p, const T* __r
   if (Op::kStates > 3) s3[i] = from_float<T>(st[3]);
 }
 
+// exp(x) for x <= 0.  On the device expf; on the host Cephes' expf (x = n ln2 + r, a degree-6
+// polynomial for exp(r), 2^n from the exponent bits, within ~2 ulp of expf), written so that the
+// loops calling it vectorize (glibc's expf does not without -ffast-math).
+FASTOPT_HOST_DEVICE float exp_nonpositive(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  x = x > -87.0f ? x : -87.0f;
+  const float n = floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float q = 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  const float y = q * (r * r) + r + 1.0f;
+  return y * bits_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+#endif
+}
+
 // For ops without a reduce phase.
 struct NoReduce {
   template <typename C>

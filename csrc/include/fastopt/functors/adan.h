@@ -1,7 +1,7 @@
 // fastopt/functors/adan.h -- Adan (Xie et al., "Adan: Adaptive Nesterov Momentum Algorithm for
 // Faster Optimizing Deep Models", 2022), semantics of pytorch_optimizer.Adan; the equations and
 // their order are those of fastopt/reference/adan.py:
-//   diff = g + prev (prev = -g_{t-1}; -g at t = 1)   m += (1-b1)(g - m)   d += (1-b2)(diff - d)
+//   diff = g + prev (prev = -g_{t-1}; diff = 0 at t = 1)   m += (1-b1)(g - m)   d += (1-b2)(diff - d)
 //   u = g + b2 diff    n = b3 n + (1-b3) u^2    denom = sqrt(n)/sqrt(1-b3^t) + eps
 //   p *= 1 - lr wd [weight_decouple]   p -= lr/(1-b1^t) m/denom   p -= lr b2/(1-b2^t) d/denom
 //   p /= 1 + lr wd [not weight_decouple]    prev = -g
@@ -22,7 +22,7 @@ struct AdanOp : NoReduce {
 
   struct Coeffs {
     float omb1, omb2, b2, b3, omb3, bc3_sqrt, eps, step_size, diff_step_size, decay, prox;
-    bool first;
+    float not_first;  // 0 at t = 1: the first gradient difference is 0
   };
 
   FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars& s) {
@@ -40,13 +40,14 @@ struct AdanOp : NoReduce {
     c.diff_step_size = static_cast<float>(lr * b2 / (1.0 - pow(b2, t)));
     c.decay = static_cast<float>(decouple ? 1.0 - lr * wd : 1.0);
     c.prox = static_cast<float>(decouple ? 1.0 : 1.0 + lr * wd);
-    c.first = t == 1.0;
+    c.not_first = t == 1.0 ? 0.0f : 1.0f;
     return c;
   }
 
   FASTOPT_HOST_DEVICE static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c, const float*) {
-    const float prev = c.first ? -g : s[3];
-    const float diff = g + prev;
+    // A multiply, not a select on the first step: a data-independent branch in this loop keeps GCC
+    // from vectorizing it (measured: 124 ms scalar vs 25 ms for 20x1M on one core).
+    const float diff = (g + s[3]) * c.not_first;
     s[0] = s[0] + c.omb1 * (g - s[0]);
     s[2] = s[2] + c.omb2 * (diff - s[2]);
     const float u = g + c.b2 * diff;

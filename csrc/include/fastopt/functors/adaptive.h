@@ -121,7 +121,7 @@ struct DiffGradOp : NoReduce {
     }
     if (c.mode == 1) {
       const float denom = sqrtf(vd + 1e-15f) + c.eps;
-      const float dfc = 1.0f / (1.0f + expf(-fabsf(s[2] - g)));
+      const float dfc = 1.0f / (1.0f + exp_nonpositive(-fabsf(s[2] - g)));
       p = p - c.step_size * ((dfc * s[0]) / denom);
     } else if (c.mode == 2) {
       p = p - c.step_size * s[0];
