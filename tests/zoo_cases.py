@@ -31,6 +31,20 @@ ZOO = {
         dict(lr=1e-2, weight_decay=0.01),
         dict(lr=1e-2, weight_decay=0.01, weight_decouple=False, eps=1e-6),
     ]),
+    "lamb": (fastopt.Lamb, [
+        dict(lr=1e-2, weight_decay=0.01),
+        dict(lr=1e-2, weight_decay=0.01, weight_decouple=False, grad_averaging=False),
+        dict(lr=1e-2, pre_norm=True, max_grad_norm=0.5, adam_debias=True, clamp=2.0),
+        dict(lr=1e-2, adam=True, fixed_decay=True, weight_decay=0.1, maximize=True),
+    ]),
+    "sgdsai": (fastopt.SGDSaI, [
+        dict(lr=1e-2),
+        dict(lr=1e-2, momentum=0.0, weight_decouple=False, weight_decay=0.05),
+        dict(lr=1e-2, momentum=0.3, maximize=True),
+    ]),
 }
+
+# Optimizers whose step reduces over a tensor (sums in a backend-dependent order).
+REDUCING = {"lamb", "adamp", "sgdp"}
 
 STATE_KEYS = {name: cls.STATE_NAMES for name, (cls, _) in ZOO.items()}

@@ -8,6 +8,8 @@ from collections import namedtuple
 from .adan import adan_pack, adan_update
 from .adaptive import adabelief_update, adaptive_pack, adaptive_pack_ams, diffgrad_update, exadam_update
 from .clip import clip_pack, clip_reduce, clip_update
+from .lamb import lamb_pack, lamb_reduce, lamb_update
+from .sgdsai import sgdsai_pack, sgdsai_plain_pack, sgdsai_update
 from .elementwise import elementwise_apply, no_reduce
 from .lion import lion_pack, lion_update
 
@@ -22,6 +24,9 @@ OPS = {
     "diffgrad": TritonOp(diffgrad_update, no_reduce, 0, adaptive_pack),
     "diffgrad_ams": TritonOp(diffgrad_update, no_reduce, 0, adaptive_pack_ams),
     "exadam": TritonOp(exadam_update, no_reduce, 0, adaptive_pack),
+    "lamb": TritonOp(lamb_update, lamb_reduce, 2, lamb_pack),
+    "sgdsai": TritonOp(sgdsai_update, no_reduce, 0, sgdsai_pack),
+    "sgdsai_plain": TritonOp(sgdsai_update, no_reduce, 0, sgdsai_plain_pack),
 }
 
 

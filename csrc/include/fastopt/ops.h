@@ -8,6 +8,8 @@
 #include "fastopt/functors/adan.h"
 #include "fastopt/functors/adaptive.h"
 #include "fastopt/functors/clip.h"
+#include "fastopt/functors/lamb.h"
+#include "fastopt/functors/sgdsai.h"
 #include "fastopt/functors/lion.h"
 
 #define FASTOPT_FOR_EACH_OP(X)         \
@@ -18,4 +20,7 @@
   X("adabelief_ams", ::fastopt::functors::AdaBeliefOp<true>)  \
   X("diffgrad", ::fastopt::functors::DiffGradOp<false>)       \
   X("diffgrad_ams", ::fastopt::functors::DiffGradOp<true>)    \
-  X("exadam", ::fastopt::functors::ExAdamOp)
+  X("exadam", ::fastopt::functors::ExAdamOp)                  \
+  X("lamb", ::fastopt::functors::LambOp)                      \
+  X("sgdsai", ::fastopt::functors::SgdSaiOp<true>)            \
+  X("sgdsai_plain", ::fastopt::functors::SgdSaiOp<false>)

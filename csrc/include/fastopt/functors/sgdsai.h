@@ -1,0 +1,51 @@
+// fastopt/functors/sgdsai.h -- SGD-SaI (Xu et al., "No More Adam: Learning Rate Scaling at
+// Initialization is All You Need", 2024), semantics of pytorch_optimizer.SGDSaI
+// (fastopt/reference/sgdsai.py).  The per-tensor g-SNR is computed once, at the first step, by the
+// wrapper; every step is then elementwise with rc[0] = fp32(lr * gsnr):
+//   buf = lerp(buf, g, 1 - momentum)      [MOMENTUM; torch.lerp's two formulas]   else buf = g
+//   buf += wd p                            [L2: only without momentum, as upstream]
+//   p = p (1 - lr wd) [weight_decouple]  - rc[0] buf
+// Hyper: h[0] momentum, h[1] wd.  Flags: bit 0 weight_decouple.
+#pragma once
+
+#include "fastopt/elementwise.h"
+#include "fastopt/functors/decay.h"
+
+namespace fastopt {
+namespace functors {
+
+template <bool MOMENTUM>
+struct SgdSaiOp : NoReduce {
+  static constexpr int kStates = MOMENTUM ? 1 : 0;  // momentum_buffer
+  static constexpr int kReduce = 0;
+  struct Coeffs {
+    Decay decay;
+    float w, one_minus_w;
+    bool high;  // lerp weight >= 0.5: torch computes g - (g - b)(1 - w)
+  };
+
+  FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars& s) {
+    Coeffs c;
+    c.decay = make_decay(s, s.h[1]);
+    const double w = 1.0 - s.h[0];
+    c.w = static_cast<float>(w);
+    c.one_minus_w = static_cast<float>(1.0 - w);
+    c.high = w >= 0.5;
+    return c;
+  }
+
+  FASTOPT_HOST_DEVICE static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c, const float* rc) {
+    float buf = g;
+    if (MOMENTUM) {
+      const float lo = s[0] + c.w * (g - s[0]);
+      const float hi = g - (g - s[0]) * c.one_minus_w;
+      buf = c.high ? hi : lo;
+      s[0] = buf;
+    }
+    buf = buf + c.decay.l2 * p;
+    p = p * c.decay.factor - rc[0] * buf;
+  }
+};
+
+}  // namespace functors
+}  // namespace fastopt
