@@ -7,7 +7,7 @@
 """
 from . import _ops  # noqa: F401  (registers the torch.library custom ops)
 from ._backend import BackendUnavailableError, available_backends, build_info  # noqa: F401
-from .optim import (AdaBelief, Adam, Adan, AdamW, DiffGrad, EXAdam, Lamb, Lion, Muon, SGDSaI,  # noqa: F401
-                    clip_grad_norm_, functional)
+from .optim import (SGDP, AdaBelief, Adam, Adan, AdamP, AdamW, DiffGrad, EXAdam, Lamb, Lion, Muon,  # noqa: F401
+                    SGDSaI, clip_grad_norm_, functional)
 
 __version__ = "0.1.0"

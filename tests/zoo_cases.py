@@ -42,6 +42,16 @@ ZOO = {
         dict(lr=1e-2, momentum=0.0, weight_decouple=False, weight_decay=0.05),
         dict(lr=1e-2, momentum=0.3, maximize=True),
     ]),
+    "adamp": (fastopt.AdamP, [
+        dict(lr=1e-2, weight_decay=0.01),
+        dict(lr=1e-2, weight_decay=0.01, nesterov=True, fixed_decay=True, delta=0.5),
+        dict(lr=1e-2, adam_debias=True, maximize=True, wd_ratio=0.5, weight_decay=0.1),
+    ]),
+    "sgdp": (fastopt.SGDP, [
+        dict(lr=1e-2, momentum=0.9, weight_decay=0.01),
+        dict(lr=1e-2, momentum=0.9, dampening=0.1, nesterov=True, weight_decay=0.01, delta=0.5),
+        dict(lr=1e-2, maximize=True, weight_decay=0.1, fixed_decay=True),
+    ]),
 }
 
 # Optimizers whose step reduces over a tensor (sums in a backend-dependent order).

@@ -119,7 +119,7 @@ def _elementwise_kernel(
                 r2 = r0
                 r3 = r0
                 if HAS_ROW_COEF:
-                    r0 = tl.load(row_coef + rows * 4 + 0, mask=mask, other=0.0)
+                    r0 = tl.load(row_coef + rows * 4 + 0, mask=mask, other=1.0)  # 1: no 0/0 in masked lanes
                     r1 = tl.load(row_coef + rows * 4 + 1, mask=mask, other=0.0)
                     r2 = tl.load(row_coef + rows * 4 + 2, mask=mask, other=0.0)
                     r3 = tl.load(row_coef + rows * 4 + 3, mask=mask, other=0.0)

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .zoo_common import decay
+from .zoo_common import decay, lerp, lerp_pack
 
 MOMENTUM = 64
 
@@ -12,9 +12,7 @@ def sgdsai_update(p, g, buf, s2, s3, s4, step, lr, r0, r1, r2, r3, w, one_minus_
                   H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     b = g
     if FLAGS & MOMENTUM:
-        lo = buf + w * (g - buf)
-        hi = g - (g - buf) * one_minus_w
-        b = tl.where(high != 0.0, hi, lo)
+        b = lerp(buf, g, w, one_minus_w, high)
         buf = b
     pd, b = decay(p, b, lr, wd, FLAGS)
     return pd - r0 * b, buf, s2, s3, s4
@@ -22,8 +20,7 @@ def sgdsai_update(p, g, buf, s2, s3, s4, step, lr, r0, r1, r2, r3, w, one_minus_
 
 def _pack(hyper, flags, momentum_flag):
     momentum, wd = hyper
-    w = 1.0 - momentum
-    return (w, 1.0 - w, 1.0 if w >= 0.5 else 0.0, wd), flags | momentum_flag
+    return (*lerp_pack(1.0 - momentum), wd), flags | momentum_flag
 
 
 def sgdsai_pack(hyper, flags):

@@ -54,3 +54,13 @@ def rectified_step(step, lr, b2, l2_hi, l2_lo, n_sma_threshold, FLAGS: tl.conste
         size = tl.where(adaptive, lr64 * tl.sqrt(tl.maximum(rt2, 0.0)), fallback)
         mode = tl.where(adaptive, 1, tl.where(fallback > 0, 2, 0))
     return size, mode
+
+
+@triton.jit
+def lerp(a, b, w, one_minus_w, high):
+    """torch.lerp(a, b, w) for a scalar weight: ``b - (b - a)(1 - w)`` when w >= 0.5 (``high``)."""
+    return tl.where(high != 0.0, b - (b - a) * one_minus_w, a + w * (b - a))
+
+
+def lerp_pack(w):
+    return (w, 1.0 - w, 1.0 if w >= 0.5 else 0.0)

@@ -6,4 +6,4 @@ from .lion import Lion  # noqa: F401
 from .clip import clip_grad_norm_  # noqa: F401
 from .zoo import AdaBelief, Adan, DiffGrad, EXAdam  # noqa: F401
 from .muon import Muon  # noqa: F401
-from .twophase import Lamb, SGDSaI  # noqa: F401
+from .twophase import SGDP, AdamP, Lamb, SGDSaI  # noqa: F401

@@ -9,13 +9,14 @@ et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invar
 """
 import torch
 
+from ..reference.adamp import adamp_reference, sgdp_reference
 from ..reference.lamb import SCALAR_STATE_NAMES as LAMB_SCALARS
 from ..reference.lamb import lamb_reference
 from ..reference.lion import skipped
 from ..reference.sgdsai import gsnr_of, sgdsai_reference
 from . import functional as F
-from .base import ElementwiseOptimizer
 from .functional import elementwise_unchecked
+from .lion import check_betas
 from .zoo import _COMMON_DOC, _flags, _ZooOptimizer
 
 
@@ -177,3 +178,159 @@ class SGDSaI(_ZooOptimizer):
                               lr=group["lr"], maximize=group["maximize"], grad_scale=grad_scale,
                               found_inf=found_inf, backend=backend, device=device, row_coef=row,
                               seed=group["seed"], stochastic=self._stochastic(group, params[0]))
+
+
+class _Projected(_ZooOptimizer):
+    """AdamP / SGDP: phase 1 updates the moments and sums (g.p, g.g, p.p, p.d) per row of every tensor
+    (rows = ``p.shape[0]`` for 2+ dimensions); the projection coefficients are computed from those sums
+    for all tensors of the bucket at once (a handful of torch ops, no host sync); phase 0 steps."""
+
+    def _check_group(self, group):
+        F.check_hyper("learning rate", group["lr"])
+        F.check_hyper("weight_decay value", group["weight_decay"])
+        F.check_hyper("epsilon value", group["eps"])
+        F.check_hyper("delta", group["delta"])
+        F.check_hyper("wd_ratio", group["wd_ratio"])
+        if not group["weight_decouple"] and group["weight_decay"] != 0:
+            raise ValueError(f"{type(self).__name__}: weight_decouple=False is not supported (upstream adds wd*p "
+                             "to the gradient after it has been used, so L2 decay does not change the step)")
+
+    def _decay_per_unit(self, group):
+        """The weight decay per unit ratio, before the learning rate (float)."""
+        return float(group["weight_decay"])
+
+    def _layout(self, params, device):
+        """Per-row tensor ids, rows per tensor and fp32 thresholds, cached per bucket layout."""
+        key = (tuple(tuple(p.shape) for p in params), str(device))
+        cache = self.__dict__.setdefault("_layouts", {})
+        if key not in cache:
+            import math
+
+            rows = [p.shape[0] if p.dim() > 1 and p.numel() > 0 else 1 for p in params]
+            multi = torch.tensor([p.dim() > 1 and p.numel() > 0 for p in params], device=device)
+            tid = torch.repeat_interleave(torch.arange(len(params)), torch.tensor(rows)).to(device)
+            numel = [max(p.numel(), 1) for p in params]
+            chan = torch.tensor([1.0 / math.sqrt(n // r) for n, r in zip(numel, rows)], dtype=torch.float64)
+            layer = torch.tensor([1.0 / math.sqrt(n) for n in numel], dtype=torch.float64)
+            if len(cache) > 32:
+                cache.clear()
+            cache[key] = (rows, multi, tid, chan.to(device), layer.to(device))
+        return cache[key]
+
+    def _run(self, group, params, grads, states, backend, grad_scale, found_inf):
+        if backend == "torch":
+            return super()._run(group, params, grads, states, backend, grad_scale, found_inf)
+        device, n, eps = params[0].device, len(params), float(group["eps"])
+        rows, multi, tid, chan_scale, layer_scale = self._layout(params, device)
+        hyper, flags = self._native_hyper(group)
+        lists = [s[name] for name in self.STATE_NAMES for s in states]
+        steps = [s["step"] for s in states]
+        call = dict(lr=group["lr"], maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
+                    backend=backend, device=device, rows=rows)
+        sums = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)
+        elementwise_unchecked(self._op_name(group), params, grads, lists, steps, hyper, flags, phase=1,
+                              reduce_out=sums, **call)
+        row = self._coefficients(group, sums, n, multi, tid, chan_scale, layer_scale, eps, device)
+        elementwise_unchecked(self._op_name(group), params, grads, lists, steps, hyper, flags, phase=0,
+                              row_coef=row, seed=group["seed"], stochastic=self._stochastic(group, params[0]),
+                              **call)
+
+    def _coefficients(self, group, sums, n, multi, tid, chan_scale, layer_scale, eps, device):
+        s_gp, s_gg, s_pp, s_pd = sums.unbind(1)
+
+        def cos(gp, gg, pp):
+            return (gp / (gg.sqrt().clamp_min(eps) * pp.sqrt().clamp_min(eps))).abs()
+
+        delta = float(group["delta"])
+        thr_c = (delta * chan_scale).float()
+        thr_l = (delta * layer_scale).float()
+        cmax = torch.zeros(n, dtype=torch.float32, device=device).scatter_reduce(
+            0, tid, cos(s_gp, s_gg, s_pp), "amax", include_self=False)
+        tot = torch.zeros((n, 4), dtype=torch.float32, device=device).index_add_(0, tid, sums)
+        channel = multi & (cmax < thr_c)
+        layer = multi & (cos(tot[:, 0], tot[:, 1], tot[:, 2]) < thr_l)
+        projected = channel | layer
+        ch_r, pr_r = channel[tid], projected[tid]
+        den = torch.where(ch_r, s_pp.sqrt(), tot[:, 2].sqrt()[tid]) + eps
+        radial = torch.where(ch_r, s_pd, tot[:, 3][tid]) / den
+        lr64 = _lr64(group["lr"], device)
+        wd_eff = self._decay_per_unit(group) * (torch.ones_like(lr64) if group["fixed_decay"] else lr64)
+        ratio = torch.where(projected, torch.tensor(float(group["wd_ratio"]), dtype=torch.float64, device=device),
+                            torch.tensor(1.0, dtype=torch.float64, device=device))
+        row = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)
+        row[:, 0] = torch.where(pr_r, den, torch.ones_like(den))
+        row[:, 1] = torch.where(pr_r, radial, torch.zeros_like(radial))
+        row[:, 2] = (1.0 - wd_eff * ratio).float()[tid]
+        return row
+
+
+class AdamP(_Projected):
+    r"""AdamP: Adam whose update loses its radial component on scale-invariant weights (those whose
+    gradient is nearly orthogonal to the weight, per channel or per layer), with the weight decay
+    scaled by ``wd_ratio`` there.  Drop-in for ``pytorch_optimizer.AdamP`` (and the official ``adamp``
+    package up to its eps placement).  Equations: :func:`fastopt.reference.adamp.adamp_reference`.
+    """ + _COMMON_DOC
+
+    OP = "adamp"
+    STATE_NAMES = ("exp_avg", "exp_avg_sq")
+    HYPER_NAMES = ("betas", "weight_decay", "weight_decouple", "fixed_decay", "delta", "wd_ratio", "nesterov", "eps",
+                   "adam_debias")
+
+    REFERENCE = staticmethod(adamp_reference)
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, weight_decouple=True,
+                 fixed_decay=False, delta=0.1, wd_ratio=0.1, nesterov=False, eps=1e-8, adam_debias=False, *,
+                 maximize=False, foreach=None, stochastic_rounding=False, master_weights=False, seed=0,
+                 backend="auto"):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                                      weight_decouple=weight_decouple, fixed_decay=fixed_decay, delta=delta,
+                                      wd_ratio=wd_ratio, nesterov=nesterov, eps=eps, adam_debias=adam_debias,
+                                      maximize=maximize, foreach=foreach, stochastic_rounding=stochastic_rounding,
+                                      master_weights=master_weights, seed=seed, backend=backend))
+
+    def _check_group(self, group):
+        super()._check_group(group)
+        check_betas(group["betas"])
+
+    def _native_hyper(self, group):
+        b1, b2 = (float(b) for b in group["betas"])
+        flags = (1 if group["nesterov"] else 0) | (16 if group["adam_debias"] else 0)
+        return (b1, b2, float(group["eps"])), flags
+
+
+class SGDP(_Projected):
+    r"""SGDP: SGD with momentum and AdamP's projection.  Drop-in for ``pytorch_optimizer.SGDP`` (the
+    official ``adamp.SGDP`` also projects its momentum buffer in place without nesterov; this one, like
+    pytorch_optimizer and the paper, does not).  Equations: :func:`fastopt.reference.adamp.sgdp_reference`.
+    """ + _COMMON_DOC
+
+    OP = "sgdp"
+    STATE_NAMES = ("momentum",)
+    HYPER_NAMES = ("momentum", "dampening", "weight_decay", "weight_decouple", "fixed_decay", "delta", "wd_ratio",
+                   "nesterov", "eps")
+
+    REFERENCE = staticmethod(sgdp_reference)
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, weight_decouple=True,
+                 fixed_decay=False, delta=0.1, wd_ratio=0.1, nesterov=False, eps=1e-8, *, maximize=False,
+                 foreach=None, stochastic_rounding=False, master_weights=False, seed=0, backend="auto"):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      weight_decouple=weight_decouple, fixed_decay=fixed_decay, delta=delta,
+                                      wd_ratio=wd_ratio, nesterov=nesterov, eps=eps, maximize=maximize,
+                                      foreach=foreach, stochastic_rounding=stochastic_rounding,
+                                      master_weights=master_weights, seed=seed, backend=backend))
+
+    def _check_group(self, group):
+        super()._check_group(group)
+        F.check_hyper("momentum value", group["momentum"], high=1.0)
+        F.check_hyper("dampening", group["dampening"], high=1.0)
+        if group["momentum"] == 1.0 and group["weight_decay"] != 0:
+            raise ValueError("SGDP: momentum=1 with weight decay is not supported (the decay is divided by "
+                             "1 - momentum)")
+
+    def _decay_per_unit(self, group):
+        wd = float(group["weight_decay"])
+        return wd / (1.0 - float(group["momentum"])) if wd != 0.0 else 0.0
+
+    def _native_hyper(self, group):
+        return (float(group["momentum"]), float(group["dampening"])), (1 if group["nesterov"] else 0)

@@ -5,6 +5,7 @@
 // functor header and one line here.
 #pragma once
 
+#include "fastopt/functors/adamp.h"
 #include "fastopt/functors/adan.h"
 #include "fastopt/functors/adaptive.h"
 #include "fastopt/functors/clip.h"
@@ -23,4 +24,6 @@
   X("exadam", ::fastopt::functors::ExAdamOp)                  \
   X("lamb", ::fastopt::functors::LambOp)                      \
   X("sgdsai", ::fastopt::functors::SgdSaiOp<true>)            \
-  X("sgdsai_plain", ::fastopt::functors::SgdSaiOp<false>)
+  X("sgdsai_plain", ::fastopt::functors::SgdSaiOp<false>)     \
+  X("adamp", ::fastopt::functors::AdamPOp)                    \
+  X("sgdp", ::fastopt::functors::SgdPOp)

@@ -9,6 +9,7 @@
 #pragma once
 
 #include "fastopt/elementwise.h"
+#include "fastopt/functors/adamp.h"
 #include "fastopt/functors/decay.h"
 
 namespace fastopt {
@@ -20,26 +21,20 @@ struct SgdSaiOp : NoReduce {
   static constexpr int kReduce = 0;
   struct Coeffs {
     Decay decay;
-    float w, one_minus_w;
-    bool high;  // lerp weight >= 0.5: torch computes g - (g - b)(1 - w)
+    Lerp lerp;  // weight 1 - momentum, with torch.lerp's two formulas
   };
 
   FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars& s) {
     Coeffs c;
     c.decay = make_decay(s, s.h[1]);
-    const double w = 1.0 - s.h[0];
-    c.w = static_cast<float>(w);
-    c.one_minus_w = static_cast<float>(1.0 - w);
-    c.high = w >= 0.5;
+    c.lerp = make_lerp(1.0 - s.h[0]);
     return c;
   }
 
   FASTOPT_HOST_DEVICE static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c, const float* rc) {
     float buf = g;
     if (MOMENTUM) {
-      const float lo = s[0] + c.w * (g - s[0]);
-      const float hi = g - (g - s[0]) * c.one_minus_w;
-      buf = c.high ? hi : lo;
+      buf = lerp(s[0], g, c.lerp);
       s[0] = buf;
     }
     buf = buf + c.decay.l2 * p;

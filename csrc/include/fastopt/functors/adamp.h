@@ -1,0 +1,121 @@
+// fastopt/functors/adamp.h -- AdamP and SGDP (Heo et al., "AdamP: Slowing Down the Slowdown for
+// Momentum Optimizers on Scale-invariant Weights", ICLR 2021), semantics of pytorch_optimizer
+// (fastopt/reference/adamp.py).  Called with rows = p.shape[0] for tensors of 2+ dimensions.
+//
+// phase 1 (reduce): update the moments, form the direction d;
+//                   per row acc = (g.p, g.g, p.p, p.d)
+// (wrapper)         cosine tests per row (channel view) and per tensor (layer view); per row
+//                   rc[0] = den, rc[1] = radial (0 where not projected), rc[2] = decay factor
+// phase 0 (update): recompute d from the stored moments;  d -= (p / den) radial;
+//                   p = p * decay - step d
+//
+// AdamP: m = lerp(m, g, 1-b1); v = b2 v + (1-b2) g^2;
+//        d = (nesterov ? lerp(m, g, 1-b1) : m) * ((1 / (sqrt(v) + eps)) * sqrt(1-b2^t));
+//        step = lr / (1-b1^t) (lr with adam_debias).  Hyper: b1, b2, eps.  Flags: bit 0 nesterov,
+//        bit 4 adam_debias.
+// SGDP:  buf = momentum buf + (1-dampening) g;  d = nesterov ? momentum buf + g : buf;  step = lr.
+//        Hyper: momentum, dampening.  Flags: bit 0 nesterov.
+#pragma once
+
+#include <cmath>
+
+#include "fastopt/elementwise.h"
+#include "fastopt/functors/decay.h"
+
+namespace fastopt {
+namespace functors {
+
+// torch.lerp(a, b, w) for a scalar weight: two formulas, picked by w < 0.5.
+struct Lerp {
+  float w, one_minus_w;
+  bool high;
+};
+FASTOPT_HOST_DEVICE Lerp make_lerp(double w) {
+  return Lerp{static_cast<float>(w), static_cast<float>(1.0 - w), w >= 0.5};
+}
+FASTOPT_HOST_DEVICE float lerp(float a, float b, const Lerp& l) {
+  const float lo = a + l.w * (b - a);
+  const float hi = b - (b - a) * l.one_minus_w;
+  return l.high ? hi : lo;
+}
+
+template <typename Dir>
+struct ProjectedOp {
+  static constexpr int kStates = Dir::kStates;
+  static constexpr int kReduce = 4;
+  using Coeffs = typename Dir::Coeffs;
+
+  FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars& s) { return Dir::coeffs(s); }
+
+  FASTOPT_HOST_DEVICE static void reduce(float p, float g, float (&s)[kMaxStates], const Coeffs& c,
+                                         float (&acc)[kMaxReduce]) {
+    Dir::moments(g, s, c);
+    const float d = Dir::direction(g, s, c);
+    acc[0] += g * p;
+    acc[1] += g * g;
+    acc[2] += p * p;
+    acc[3] += p * d;
+  }
+
+  FASTOPT_HOST_DEVICE static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c, const float* rc) {
+    const float d = Dir::direction(g, s, c) - (p / rc[0]) * rc[1];
+    p = p * rc[2] - c.step * d;
+  }
+};
+
+struct AdamPDir {
+  static constexpr int kStates = 2;  // exp_avg, exp_avg_sq
+  struct Coeffs {
+    Lerp lerp1;
+    float b2, omb2, eps, bc2_sqrt, step;
+    bool nesterov;
+  };
+  FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars& s) {
+    const double b1 = s.h[0], b2 = s.h[1];
+    Coeffs c;
+    c.lerp1 = make_lerp(1.0 - b1);
+    c.b2 = static_cast<float>(b2);
+    c.omb2 = static_cast<float>(1.0 - b2);
+    c.eps = static_cast<float>(s.h[2]);
+    c.bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(b2, s.step)));
+    c.step = static_cast<float>((s.flags & kAdamDebias) ? s.lr : s.lr / (1.0 - pow(b1, s.step)));
+    c.nesterov = s.flags & 1;
+    return c;
+  }
+  FASTOPT_HOST_DEVICE static void moments(float g, float (&s)[kMaxStates], const Coeffs& c) {
+    s[0] = lerp(s[0], g, c.lerp1);
+    s[1] = c.b2 * s[1] + c.omb2 * g * g;
+  }
+  FASTOPT_HOST_DEVICE static float direction(float g, const float (&s)[kMaxStates], const Coeffs& c) {
+    const float num = c.nesterov ? lerp(s[0], g, c.lerp1) : s[0];
+    return num * ((1.0f / (sqrtf(s[1]) + c.eps)) * c.bc2_sqrt);
+  }
+};
+
+struct SgdPDir {
+  static constexpr int kStates = 1;  // momentum
+  struct Coeffs {
+    float momentum, one_minus_dampening, step;
+    bool nesterov;
+  };
+  FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars& s) {
+    Coeffs c;
+    c.momentum = static_cast<float>(s.h[0]);
+    c.one_minus_dampening = static_cast<float>(1.0 - s.h[1]);
+    c.step = static_cast<float>(s.lr);
+    c.nesterov = s.flags & 1;
+    return c;
+  }
+  FASTOPT_HOST_DEVICE static void moments(float g, float (&s)[kMaxStates], const Coeffs& c) {
+    s[0] = s[0] * c.momentum + c.one_minus_dampening * g;
+  }
+  FASTOPT_HOST_DEVICE static float direction(float g, const float (&s)[kMaxStates], const Coeffs& c) {
+    return c.nesterov ? s[0] * c.momentum + g : s[0];
+  }
+};
+
+using AdamPOp = ProjectedOp<AdamPDir>;
+using SgdPOp = ProjectedOp<SgdPDir>;
+
+}  // namespace functors
+}  // namespace fastopt

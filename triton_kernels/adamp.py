@@ -1,0 +1,71 @@
+"""AdamP and SGDP's two phases as Triton functions (``csrc/include/fastopt/functors/adamp.h``).
+
+Slots: AdamP (1-b1 lerp triple, b2, 1-b2, eps, log(b1) pair, log(b2) pair); SGDP (momentum,
+1-dampening).  Flags: bit 0 nesterov, bit 4 adam_debias (AdamP).
+"""
+import triton
+import triton.language as tl
+
+from .zoo_common import ADAM_DEBIAS, bias_correction, lerp, lerp_pack, log_pair
+
+
+@triton.jit
+def _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, FLAGS: tl.constexpr):
+    bc2_sqrt = tl.sqrt(bias_correction(step, l2_hi, l2_lo)).to(tl.float32)
+    num = m
+    if FLAGS & 1:
+        num = lerp(m, g, w, omw, high)
+    return num * ((1.0 / (tl.sqrt(v) + eps)) * bc2_sqrt)
+
+
+@triton.jit
+def adamp_reduce(p, g, m, v, s3, s4, step, lr, w, omw, high, b2, omb2, eps, l1_hi, l1_lo, l2_hi, l2_lo,
+                 H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
+    m = lerp(m, g, w, omw, high)
+    v = b2 * v + omb2 * g * g
+    d = _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, FLAGS)
+    return m, v, s3, s4, g * p, g * g, p * p, p * d
+
+
+@triton.jit
+def adamp_update(p, g, m, v, s3, s4, step, lr, den, radial, decay, r3, w, omw, high, b2, omb2, eps,
+                 l1_hi, l1_lo, l2_hi, l2_lo, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
+    lr64 = tl.cast(lr, tl.float64)
+    step_size = lr64
+    if not (FLAGS & ADAM_DEBIAS):
+        step_size = lr64 / bias_correction(step, l1_hi, l1_lo)
+    d = _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, FLAGS) - (p / den) * radial
+    return p * decay - step_size.to(tl.float32) * d, m, v, s3, s4
+
+
+@triton.jit
+def _sgdp_direction(g, buf, momentum, FLAGS: tl.constexpr):
+    d = buf
+    if FLAGS & 1:
+        d = buf * momentum + g
+    return d
+
+
+@triton.jit
+def sgdp_reduce(p, g, buf, s2, s3, s4, step, lr, momentum, one_minus_dampening,
+                H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
+    buf = buf * momentum + one_minus_dampening * g
+    d = _sgdp_direction(g, buf, momentum, FLAGS)
+    return buf, s2, s3, s4, g * p, g * g, p * p, p * d
+
+
+@triton.jit
+def sgdp_update(p, g, buf, s2, s3, s4, step, lr, den, radial, decay, r3, momentum, one_minus_dampening,
+                H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
+    d = _sgdp_direction(g, buf, momentum, FLAGS) - (p / den) * radial
+    return p * decay - lr * d, buf, s2, s3, s4
+
+
+def adamp_pack(hyper, flags):
+    b1, b2, eps = hyper
+    return (*lerp_pack(1.0 - b1), b2, 1.0 - b2, eps, *log_pair(b1), *log_pair(b2)), flags
+
+
+def sgdp_pack(hyper, flags):
+    momentum, dampening = hyper
+    return (momentum, 1.0 - dampening), flags
