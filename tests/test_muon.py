@@ -505,3 +505,205 @@ def test_bench_baseline_computes_newton_schulz():
         with pytest.raises(harness.Unsupported, match="CUDA only"):
             case.setup()
     assert bench.ns_bars(ctx) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# (5) bf16 / fp16 options: master weights and stochastic rounding.
+# ---------------------------------------------------------------------------------------------
+
+def _grads_like(param_sets, seed):
+    """The same bf16-representable gradient for the params at one position of every set."""
+    for i, ps in enumerate(zip(*param_sets)):
+        g = randn(ps[0].shape, seed=seed + i, dtype=torch.bfloat16)
+        for p in ps:
+            p.grad = g.to(p.dtype)
+
+
+MASTER_RUNS = [(CONFIGS[0], None), (CONFIGS[1], None), (CONFIGS[3], None), (CONFIGS[7], False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cfg,foreach", MASTER_RUNS, ids=[RUN_IDS[i] for i in (0, 1, 3, len(CONFIGS) + 3)])
+def test_master_weights_equal_fp32_run(cfg, foreach, dtype):
+    """master_weights=True steps an fp32 copy of each low-precision param (Muon and AdamW groups): it
+    equals this optimizer run on fp32 params fed the same gradients, bit for bit, and the params are
+    that copy rounded to nearest."""
+    base = make_params(dtype)
+    lo = [torch.nn.Parameter(b.detach().clone()) for b in base]
+    fp = [torch.nn.Parameter(b.detach().float()) for b in base]
+    kw = {**HYPER, **cfg}
+    opt_lo = Muon(groups(lo), foreach=foreach, backend="torch", master_weights=True, **kw)
+    opt_fp = Muon(groups(fp), foreach=foreach, backend="torch", **kw)
+    for k in range(3):
+        _grads_like([lo, fp], seed=200 + 17 * k)
+        opt_lo.step()
+        opt_fp.step()
+    for i, (a, b, b0) in enumerate(zip(lo, fp, base)):
+        state = opt_lo.state[a]
+        assert a.dtype == dtype and state["master_param"].dtype == torch.float32
+        assert torch.equal(state["master_param"], b.detach())
+        assert torch.equal(a.detach(), b.detach().to(dtype))
+        keys = ("momentum_buffer",) if i < N_MUON else ("exp_avg", "exp_avg_sq")
+        for key in keys:
+            assert state[key].dtype == torch.float32 and torch.equal(state[key], opt_fp.state[b][key])
+        assert (b.detach() - b0.float()).abs().max() > 1e-3  # everything moved
+    assert opt_lo.param_groups[0]["step"] == opt_lo.param_groups[1]["step"] == 3
+
+
+def test_bf16_options_leave_fp32_params_alone():
+    """The options act on low-precision params only: fp32 params step as without them (and fp16
+    params as without stochastic rounding), with no master copy."""
+    runs = {}
+    for name, (dtype, opts) in {"fp32": (torch.float32, {}), "fp32_master": (torch.float32, dict(master_weights=True)),
+                                "fp32_sr": (torch.float32, dict(stochastic_rounding=True, seed=3)),
+                                "fp16": (torch.float16, {}), "fp16_sr": (torch.float16, dict(stochastic_rounding=True))
+                                }.items():
+        ps = make_params(dtype)
+        opt = Muon(groups(ps), backend="torch", **HYPER, **opts)
+        run([opt], [ps], steps=2)
+        assert all("master_param" not in opt.state[p] for p in ps)
+        runs[name] = ps
+    for name, ref in (("fp32_master", "fp32"), ("fp32_sr", "fp32"), ("fp16_sr", "fp16")):
+        for p, q in zip(runs[name], runs[ref]):
+            assert torch.equal(p, q)
+
+
+def _bf16_neighbours(x):
+    """The bf16 values just below and just above (in magnitude) the fp32 tensor ``x``, as int32 bit
+    patterns of fp32 (int64 tensors), and whether ``x`` is itself a bf16 value."""
+    bits = x.float().contiguous().view(torch.int32).to(torch.int64)
+    low = bits & ~0xFFFF
+    return low, low + 0x10000, (bits & 0xFFFF) == 0
+
+
+def _fp32_step(opt, ps, states_before, params_before, grads):
+    """What a stochastic-rounding step computes before it rounds: the Muon / AdamW math on fp32 copies
+    of the bf16 params, from the same bf16 grads and (copies of the) bf16 states, with the bf16 L2 term.
+    Returns the fp32 values and the states the step should leave."""
+    out, states = [], []
+    for gi, group in enumerate(opt.param_groups):
+        idx = range(N_MUON) if gi == 0 else range(N_MUON, len(ps))
+        xs = [params_before[i].float() for i in idx]
+        st = [{k: v.clone() for k, v in states_before[i].items()} for i in idx]
+        gs = [grads[i] for i in idx]
+        if group["use_muon"]:
+            bufs = [s.get("momentum_buffer", torch.zeros_like(params_before[i])) for s, i in zip(st, idx)]
+            maximize, wd = group["maximize"], group["weight_decay"]
+            if not group["weight_decouple"] and wd > 0:
+                gs = [(-g if maximize else g).add(params_before[i], alpha=wd) for g, i in zip(gs, idx)]
+                maximize, wd = False, 0.0
+            R.muon_reference(xs, gs, bufs, lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+                             weight_decay=wd, weight_decouple=group["weight_decouple"], ns_steps=group["ns_steps"],
+                             ns_coeffs=group["ns_coeffs"], ns_method=group["ns_method"],
+                             ns_reset_steps=group["ns_reset_steps"], use_adjusted_lr=group["use_adjusted_lr"],
+                             maximize=maximize, cautious=group["cautious"])
+            states += [dict(momentum_buffer=b) for b in bufs]
+        else:
+            from fastopt.reference.adam import adam_reference
+
+            ms = [s.get("exp_avg", torch.zeros_like(params_before[i])) for s, i in zip(st, idx)]
+            vs = [s.get("exp_avg_sq", torch.zeros_like(params_before[i])) for s, i in zip(st, idx)]
+            steps = [torch.tensor(float(group.get("step", 0))) for _ in idx]  # the count before the step
+            adam_reference(xs, gs, ms, vs, [], steps, lr=group["lr"], beta1=group["betas"][0],
+                           beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"],
+                           decoupled=group["weight_decouple"], amsgrad=False, maximize=group["maximize"])
+            states += [dict(exp_avg=m, exp_avg_sq=v) for m, v in zip(ms, vs)]
+        out += xs
+    return out, states
+
+
+SR_CONFIGS = [dict(), CONFIGS[1], dict(cautious=True, use_adjusted_lr=True, adamw_wd=0.0)]
+
+
+@pytest.mark.parametrize("cfg", SR_CONFIGS, ids=_ids(SR_CONFIGS))
+def test_stochastic_rounding_rounds_the_fp32_step(cfg):
+    """stochastic_rounding=True: every bf16 result is one of the two bf16 neighbours of the fp32 value
+    the step computes from the same inputs (exactly the value when that is a bf16 number), and
+    is bf16_stochastic(value, seed, index in the bucket, step after the step); the states stay bf16,
+    as the plain bf16 math leaves them; rounding differs from round-to-nearest for a sizeable share of
+    the entries, and is unbiased on average."""
+    from fastopt.reference.rounding import bf16_stochastic
+
+    ps = make_params(torch.bfloat16)
+    kw = {**HYPER, **cfg}
+    opt = Muon(groups(ps), backend="torch", stochastic_rounding=True, seed=11, **kw)
+    away, total, bias = 0, 0, []
+    for k in range(3):
+        _grads_like([ps], seed=300 + 17 * k)
+        params_before = [p.detach().clone() for p in ps]
+        states_before = [{key: v.clone() for key, v in opt.state[p].items()} for p in ps]
+        xs, states = _fp32_step(opt, ps, states_before, params_before, [p.grad for p in ps])
+        opt.step()
+        step = opt.param_groups[0]["step"]
+        assert step == k + 1
+        for i, (p, x, st) in enumerate(zip(ps, xs, states)):
+            assert p.dtype == torch.bfloat16
+            got = p.detach().float().contiguous().view(torch.int32).to(torch.int64)
+            low, high, exact = _bf16_neighbours(x)
+            assert bool(((got == low) | ((got == high) & ~exact)).all())
+            index = i if i < N_MUON else i - N_MUON
+            assert torch.equal(p.detach(), bf16_stochastic(x, 11, index, step))
+            for key, v in st.items():
+                assert opt.state[p][key].dtype == torch.bfloat16 and torch.equal(opt.state[p][key], v)
+            away += int((p.detach() != x.bfloat16()).sum())
+            total += p.numel()
+            bias.append(float((p.detach().float() - x).sum() / (x.bfloat16().float() - x).abs().sum()))
+        assert all(not torch.equal(p, b) for p, b in zip(ps, params_before))  # everything moved
+    assert 0.1 * total < away < 0.5 * total  # ~1/4 of the entries round away from the nearest value
+    assert abs(sum(bias) / len(bias)) < 0.2  # unbiased: mean error << the round-to-nearest error
+
+
+def test_stochastic_rounding_is_seeded():
+    """Same seed: identical bits (params and states) after 3 steps; another seed: other bits -- after one
+    step from the same inputs, every entry within one bf16 spacing of the other seed's (the two bf16
+    neighbours of one fp32 value)."""
+    def sr_run(seed, steps):
+        ps = make_params(torch.bfloat16)
+        opt = Muon(groups(ps), backend="torch", stochastic_rounding=True, seed=seed, **HYPER)
+        run([opt], [ps], steps=steps)
+        assert opt.param_groups[0]["seed"] == opt.param_groups[1]["seed"] == seed
+        return ps, opt
+
+    (a, opt_a), (b, opt_b), (c, _) = sr_run(5, 3), sr_run(5, 3), sr_run(6, 3)
+    for p, q, r in zip(a, b, c):
+        assert torch.equal(p.detach().view(torch.int16), q.detach().view(torch.int16))
+        for key, v in opt_a.state[p].items():
+            assert torch.equal(v, opt_b.state[q][key])
+        assert not torch.equal(p, r)
+    (a, _), (c, _) = sr_run(5, 1), sr_run(6, 1)
+    differ = 0
+    for p, r in zip(a, c):
+        bits_p = p.detach().view(torch.int16).to(torch.int32)
+        bits_r = r.detach().view(torch.int16).to(torch.int32)
+        assert bool(((bits_p - bits_r).abs() <= 1).all())  # same sign (moves are << |p|), adjacent values
+        differ += int((bits_p != bits_r).sum())
+    assert differ > 0.1 * sum(p.numel() for p in a)
+
+
+def test_bf16_option_errors():
+    """Both options at once, per optimizer or per group, or a non-int seed: ValueError, raised before
+    anything else and before anything is written."""
+    ps = make_params(torch.bfloat16)
+    for extra in ({}, dict(backend="cuda"), dict(lr=-1.0)):
+        with pytest.raises(ValueError, match="choose stochastic_rounding or master_weights, not both"):
+            Muon(groups(ps), stochastic_rounding=True, master_weights=True, **extra)
+    for seed in (1.5, "0", True):
+        with pytest.raises(ValueError, match="Invalid seed"):
+            Muon(groups(ps), stochastic_rounding=True, seed=seed)
+    opt = Muon(groups(ps), backend="torch", master_weights=True, **HYPER)
+    with pytest.raises(ValueError, match="not both"):
+        opt.add_param_group(dict(params=[torch.nn.Parameter(torch.zeros(3))], use_muon=False,
+                                 stochastic_rounding=True))
+    assert len(opt.param_groups) == 2
+    run([opt], [ps], steps=1)
+    opt.param_groups[1]["stochastic_rounding"] = True
+    _set_grads(ps)
+    snap = _snapshot(ps, opt)
+    with pytest.raises(ValueError, match="not both"):
+        opt.step()
+    _assert_unchanged(ps, opt, snap)
+    opt.param_groups[1]["stochastic_rounding"] = False
+    opt.param_groups[0]["seed"] = 0.5
+    with pytest.raises(ValueError, match="Invalid seed"):
+        opt.step()
+    _assert_unchanged(ps, opt, snap)

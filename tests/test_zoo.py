@@ -136,6 +136,26 @@ def test_master_weights_equal_fp32_run(device, backend, name):
             assert lo.state[a][key].dtype == torch.float32
 
 
+@pytest.mark.parametrize("name", list(ZOO))
+def test_master_weights_survive_state_dict_round_trip(name):
+    """torch.optim casts floating states to the param dtype on load; the fp32 master copy and the fp32
+    states that go with it must come back fp32 (else the extra precision is silently lost)."""
+    base = make_params([(97,), (13, 31)], dtype=torch.bfloat16)
+    a_p, b_p = clone_params(base), clone_params(base)
+    a = build(name, 0, a_p, "cpu", master_weights=True)
+    run_side_by_side([a], [a_p], steps=2)
+    b = build(name, 0, b_p, "cpu", master_weights=True)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for pa, pb in zip(a_p, b_p):
+        for key, value in a.state[pa].items():
+            assert b.state[pb][key].dtype == value.dtype, key
+            assert torch.equal(b.state[pb][key], value), key
+    for x, y in zip(a_p, b_p):
+        y.data.copy_(x.data)
+    run_side_by_side([a, b], [a_p, b_p], steps=2, seed0=300)
+    assert_same(a, a_p, b, b_p, keys(a) + ("master_param",), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("name", list(ZOO))
 def test_amp_found_inf_and_grad_scale(device, backend, name):

@@ -69,3 +69,20 @@ def adamp_pack(hyper, flags):
 def sgdp_pack(hyper, flags):
     momentum, dampening = hyper
     return (momentum, 1.0 - dampening), flags
+
+
+@triton.jit
+def adamp_flat_update(p, g, m, v, s3, s4, step, lr, den, radial, decay, r3, w, omw, high, b2, omb2, eps,
+                      l1_hi, l1_lo, l2_hi, l2_lo, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
+    m = lerp(m, g, w, omw, high)
+    v = b2 * v + omb2 * g * g
+    return adamp_update(p, g, m, v, s3, s4, step, lr, den, radial, decay, r3, w, omw, high, b2, omb2, eps,
+                        l1_hi, l1_lo, l2_hi, l2_lo, H10, H11, H12, H13, H14, H15, FLAGS)
+
+
+@triton.jit
+def sgdp_flat_update(p, g, buf, s2, s3, s4, step, lr, den, radial, decay, r3, momentum, one_minus_dampening,
+                     H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
+    buf = buf * momentum + one_minus_dampening * g
+    return sgdp_update(p, g, buf, s2, s3, s4, step, lr, den, radial, decay, r3, momentum, one_minus_dampening,
+                       H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)

@@ -5,7 +5,8 @@ same tuple the C++ kernels take) to the Triton slots.  Mirrors ``FASTOPT_FOR_EAC
 """
 from collections import namedtuple
 
-from .adamp import adamp_pack, adamp_reduce, adamp_update, sgdp_pack, sgdp_reduce, sgdp_update
+from .adamp import (adamp_flat_update, adamp_pack, adamp_reduce, adamp_update, sgdp_flat_update, sgdp_pack,
+                    sgdp_reduce, sgdp_update)
 from .adan import adan_pack, adan_update
 from .adaptive import adabelief_update, adaptive_pack, adaptive_pack_ams, diffgrad_update, exadam_update
 from .clip import clip_pack, clip_reduce, clip_update
@@ -30,6 +31,8 @@ OPS = {
     "sgdsai_plain": TritonOp(sgdsai_update, no_reduce, 0, sgdsai_plain_pack),
     "adamp": TritonOp(adamp_update, adamp_reduce, 4, adamp_pack),
     "sgdp": TritonOp(sgdp_update, sgdp_reduce, 4, sgdp_pack),
+    "adamp_flat": TritonOp(adamp_flat_update, no_reduce, 0, adamp_pack),
+    "sgdp_flat": TritonOp(sgdp_flat_update, no_reduce, 0, sgdp_pack),
 }
 
 

@@ -48,32 +48,35 @@ void update_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0
   }
 }
 
-// Eight interleaved partial sums per value, so the loop needs no reassociation to vectorize;
-// the partials go to fp64 once per range.
+// fp32 partial sums over blocks of kReduceBlock elements (an OpenMP simd reduction, so the loop
+// vectorizes), added in fp64 per block and per range.
+constexpr int64_t kReduceBlock = 4096;
+
 template <typename Op, typename T>
 void reduce_range(const T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0, T* __restrict__ s1,
                   T* __restrict__ s2, T* __restrict__ s3, int64_t begin, int64_t end, float grad_mul,
                   const typename Op::Coeffs c, double* out) {
-  constexpr int kLanes = 8;
-  float part[kLanes][kMaxReduce] = {};
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
+  double sum[kMaxReduce] = {0.0, 0.0, 0.0, 0.0};
+  for (int64_t b = begin; b < end; b += kReduceBlock) {
+    const int64_t e = std::min(end, b + kReduceBlock);
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t i = b; i < e; ++i) {
       float acc[kMaxReduce] = {0.0f, 0.0f, 0.0f, 0.0f};
-      op_reduce_element<Op, T>(p, g, s0, s1, s2, s3, i + l, grad_mul, c, acc);
-      for (int k = 0; k < Op::kReduce; ++k) part[l][k] += acc[k];
+      op_reduce_element<Op, T>(p, g, s0, s1, s2, s3, i, grad_mul, c, acc);
+      a0 += acc[0];
+      a1 += acc[1];
+      a2 += acc[2];
+      a3 += acc[3];
     }
-  }
-  for (; i < end; ++i) {
-    float acc[kMaxReduce] = {0.0f, 0.0f, 0.0f, 0.0f};
-    op_reduce_element<Op, T>(p, g, s0, s1, s2, s3, i, grad_mul, c, acc);
-    for (int k = 0; k < Op::kReduce; ++k) part[0][k] += acc[k];
+    sum[0] += a0;
+    sum[1] += a1;
+    sum[2] += a2;
+    sum[3] += a3;
   }
   for (int k = 0; k < Op::kReduce; ++k) {
-    double sum = 0.0;
-    for (int l = 0; l < kLanes; ++l) sum += part[l][k];
 #pragma omp atomic
-    out[k] += sum;
+    out[k] += sum[k];
   }
 }
 

@@ -2,6 +2,10 @@
 ``opt.step()`` of every fastopt backend usable on the device beside ``pytorch_optimizer``'s
 implementation (the baseline) and torch's where torch has the algorithm, in the same run.
 
+A ``clip_grad_norm`` suite times ``fastopt.clip_grad_norm_`` beside ``torch.nn.utils.clip_grad_norm_``
+(foreach and for-loop; 3 * itemsize bytes per parameter: two reads and a write; max_norm large, so
+every method does the full work: torch's foreach path also multiplies by the clamped coefficient 1).
+
 Bytes moved per parameter (the ideal kernel's traffic): read p, g and every state, write p and every
 state, i.e. ``(3 + 2 * states) * itemsize``, plus one extra read of p, g and the states for ops with a
 reduce pass (LAMB, AdamP, SGDP).  Bars (issue 3): on CPU every ``fastopt-cpu`` >= 4x
@@ -42,8 +46,7 @@ def _po(cls_name, **kwargs):
 
 
 def _spec(name, cls_name, kwargs, states, reduce=False, upstream_kwargs=None, torch_factory=None):
-    return Spec(name, cls_name, kwargs, _po(cls_name if name != "lamb" else "Lamb", **(upstream_kwargs or kwargs)),
-                states, reduce, torch_factory)
+    return Spec(name, cls_name, kwargs, _po(cls_name, **(upstream_kwargs or kwargs)), states, reduce, torch_factory)
 
 
 SPECS = [
@@ -52,6 +55,10 @@ SPECS = [
     _spec("adabelief", "AdaBelief", dict(lr=1e-3, weight_decay=1e-2), states=2),
     _spec("diffgrad", "DiffGrad", dict(lr=1e-3, weight_decay=1e-2), states=3),
     _spec("exadam", "EXAdam", dict(lr=1e-3, weight_decay=1e-2), states=2),
+    _spec("lamb", "Lamb", dict(lr=1e-3, weight_decay=1e-2), states=2, reduce=True),
+    _spec("sgdsai", "SGDSaI", dict(lr=1e-2, weight_decay=1e-2), states=1),
+    _spec("adamp", "AdamP", dict(lr=1e-3, weight_decay=1e-2), states=2, reduce=True),
+    _spec("sgdp", "SGDP", dict(lr=1e-3, momentum=0.9, weight_decay=1e-2), states=1, reduce=True),
 ]
 
 
@@ -115,3 +122,34 @@ def _suite(spec):
 
 
 SUITES = {spec.name: _suite(spec) for spec in SPECS}
+
+
+# -- the fused global-norm gradient clip ------------------------------------------------------------
+CLIP_METHODS = ("torch-foreach", "torch-forloop")
+
+
+def clip_setup(config, method, device):
+    import fastopt
+
+    params = make_params(config, device)
+    if method.startswith("fastopt-"):
+        from fastopt._backend import available_backends
+
+        backend = method.removeprefix("fastopt-")
+        if backend not in available_backends(device) or (backend == "triton" and device.type == "cpu"):
+            raise Unsupported(f"backend {backend!r} is not benchmarked on {device.type}")
+        return Workload(fn=lambda: fastopt.clip_grad_norm_(params, 1e9, backend=backend))
+    foreach = method == "torch-foreach"
+    return Workload(fn=lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=foreach))
+
+
+def _clip_cases(ctx):
+    methods = [m for m in _methods(ctx.device) if m != BASELINE] + list(CLIP_METHODS)
+    return [Case(config=c.name, method=m, items=c.numel,
+                 bytes_moved=3 * torch.empty((), dtype=c.dtype).element_size() * c.numel,
+                 setup=lambda c=c, m=m: clip_setup(c, m, ctx.device),
+                 info={"dtype": str(c.dtype).removeprefix("torch."), "tensors": len(c.sizes)})
+            for c in configs(ctx.device, ctx.quick) for m in methods]
+
+
+CLIP_SUITE = register(Suite(name="clip_grad_norm", cases=_clip_cases, unit="params", baseline="torch-foreach"))

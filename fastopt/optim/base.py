@@ -24,6 +24,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults):
         _backend.check_backend_name(defaults.get("backend", "auto"))
         super().__init__(params, defaults)
+        self.register_load_state_dict_pre_hook(FusedOptimizer._before_load)
         self.register_load_state_dict_post_hook(FusedOptimizer._after_load)
 
     def __setstate__(self, state):
@@ -116,7 +117,29 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     @staticmethod
+    def _before_load(optimizer, state_dict):
+        # torch.optim casts every floating-point state to its param's dtype on load.  fastopt keeps the
+        # fp32 state it made fp32 -- master weights and the states stepped with them, per-tensor fp32
+        # scalars (LAMB's norms, SGD-SaI's g-SNR) -- so set those aside here; _after_load puts them back.
+        saved = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        current = [p for g in optimizer.param_groups for p in g["params"]]
+        master = {pid for g in state_dict["param_groups"] if g.get("master_weights") for pid in g["params"]}
+        stash = {}
+        for pid, p in zip(saved, current):
+            if not p.is_floating_point() or p.dtype == torch.float32:
+                continue
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if (key != "step" and torch.is_tensor(value) and value.dtype == torch.float32
+                        and (pid in master or value.dim() == 0)):
+                    stash.setdefault(p, {})[key] = value
+        optimizer._fp32_stash = stash
+
+    @staticmethod
     def _after_load(optimizer):
+        for p, values in getattr(optimizer, "_fp32_stash", {}).items():
+            for key, value in values.items():
+                optimizer.state[p][key] = value.to(device=p.device, copy=value.device == p.device)
+        optimizer._fp32_stash = {}
         # torch.optim keeps `step` on the CPU for its non-fused paths; fastopt's kernels read it on
         # the parameter's device as fp32.  State tensors get the parameter's memory layout, which the
         # kernels assume (they walk parameter, gradient and state as flat buffers in one order).
@@ -204,8 +227,12 @@ class ElementwiseOptimizer(FusedOptimizer):
                              grad_scale=grad_scale, found_inf=found_inf, **kwargs)
         if sr and not (found_inf is not None and float(found_inf) != 0.0):
             from ..reference.rounding import bf16_stochastic
-            for i, (p, t, s) in enumerate(zip(params, targets, states)):
+            for i, p, t, s in zip(self._sr_indices(params), params, targets, states):
                 p.copy_(bf16_stochastic(t, group["seed"], i, float(s["step"])))
+
+    def _sr_indices(self, params):
+        """The index each param has in the kernel call that rounds it (its stochastic-rounding stream)."""
+        return range(len(params))
 
     def _run(self, group, params, grads, states, backend, grad_scale, found_inf, phase=0, rows=None,
              row_coef=None, reduce_out=None):

@@ -5,6 +5,7 @@ Drop-in for ``pytorch_optimizer.Muon`` (4.1.0): same constructor arguments in th
 ``use_muon`` param-group flag and group keys, the same state names (``momentum_buffer`` for Muon
 parameters; ``exp_avg`` / ``exp_avg_sq`` for AdamW parameters; the step count in ``group["step"]``),
 so state dicts load into each other both ways.  Equations: :func:`fastopt.reference.muon.muon_reference`.
+``master_weights=True`` adds ``master_param`` (fp32) to the state of bf16/fp16 parameters.
 """
 import importlib
 from collections import defaultdict
@@ -15,6 +16,8 @@ from torch import Tensor
 
 from .. import _backend
 from ..reference import muon as R
+from ..reference.adam import adam_reference
+from ..reference.rounding import bf16_stochastic
 from . import functional as F
 
 MUON_BACKENDS = ("auto", "triton", "torch")
@@ -116,8 +119,28 @@ class Muon(torch.optim.Optimizer):
     ``TRITON_INTERPRET=1``; else BackendUnavailableError at ``step``) or "torch".  AdamW groups use
     the fused AdamW kernels under "auto"/"triton" and the reference under "torch".
 
-    Parameters may be fp32, bf16 or fp16 (the states take the parameter dtype, as upstream).  Unlike
-    upstream, ``step`` never modifies ``p.grad``, and invalid hyperparameters, sparse or complex
+    Parameters may be fp32, bf16 or fp16 (the states take the parameter dtype, as upstream).  For
+    low-precision parameters, as every fastopt optimizer (keyword-only, group keys; not both at once):
+
+    * ``master_weights=True`` (bf16/fp16 params): keeps an fp32 copy of each parameter in
+      ``state["master_param"]`` (made from ``p.float()`` at the parameter's first step), with fp32
+      ``momentum_buffer`` / ``exp_avg`` / ``exp_avg_sq``; the step runs on the copy with the gradients cast
+      to fp32 -- exactly what this optimizer does on fp32 parameters fed those gradients -- and the
+      parameter gets the copy rounded to nearest.
+    * ``stochastic_rounding=True`` (bf16 params; others are unaffected): the step computes the new
+      parameter in fp32 from ``p.float()`` and stores it with seeded, counter-based stochastic rounding,
+      :func:`fastopt.reference.rounding.bf16_stochastic` ``(new, seed, index, step)`` (``index``: the
+      parameter's position in its group's list of bf16 parameters with a gradient on its device;
+      ``step``: the group's step count after the step), unbiased and the same bits for the same seed.
+      The states stay bf16.  Muon groups: the momentum buffer, the Newton–Schulz input and the gradient
+      terms are computed in bf16 exactly as without the option (the L2 term ``g + wd p`` of
+      ``weight_decouple=False`` included), only the weight decay and the update ``p - lr s O`` are
+      carried in fp32.  AdamW groups: the step runs in :func:`fastopt.reference.adam.adam_reference`
+      (the fused kernels take one dtype per call), which does all of its math in fp32 and stores
+      ``exp_avg`` / ``exp_avg_sq`` rounded to nearest, as the kernels do.
+    * ``seed`` (int): the stochastic-rounding seed.
+
+    Unlike upstream, ``step`` never modifies ``p.grad``, and invalid hyperparameters, sparse or complex
     gradients, < 2-D parameters in a Muon group and unavailable backends raise before anything is
     written.
     """
@@ -125,7 +148,10 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr=2e-2, momentum=0.95, weight_decay=0.0, weight_decouple=True, nesterov=True,
                  ns_steps=5, ns_coeffs="original", use_adjusted_lr=False, adamw_lr=3e-4, adamw_betas=(0.9, 0.95),
                  adamw_wd=0.0, adamw_eps=1e-10, maximize=False, foreach=None, ns_method="newton_schulz",
-                 ns_reset_steps=(2,), *, cautious=False, backend="auto"):
+                 ns_reset_steps=(2,), *, cautious=False, stochastic_rounding=False, master_weights=False, seed=0,
+                 backend="auto"):
+        if stochastic_rounding and master_weights:
+            raise ValueError("Muon: choose stochastic_rounding or master_weights, not both")
         if backend not in MUON_BACKENDS:
             raise ValueError(f"unknown Muon backend {backend!r}; expected one of {MUON_BACKENDS}")
         muon = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
@@ -138,6 +164,7 @@ class Muon(torch.optim.Optimizer):
         self._check_adamw_hyper(adamw, names=("adamw_lr", "adamw_betas", "adamw_eps", "adamw_wd"))
         self._group_defaults = {True: muon, False: adamw}
         defaults = dict(weight_decouple=weight_decouple, maximize=maximize, foreach=foreach, cautious=cautious,
+                        stochastic_rounding=stochastic_rounding, master_weights=master_weights, seed=seed,
                         backend=backend)
         super().__init__(self._as_groups(params), defaults)
 
@@ -219,6 +246,11 @@ class Muon(torch.optim.Optimizer):
         F.check_hyper(names[3] + where, group["weight_decay"])
 
     def _check_group(self, group):
+        if group.get("stochastic_rounding") and group.get("master_weights"):
+            raise ValueError("Muon: choose stochastic_rounding or master_weights, not both")
+        seed = group.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Invalid seed: {seed!r} (expected an int)")
         if group.get("backend", "auto") not in MUON_BACKENDS:
             raise ValueError(f"unknown Muon backend {group['backend']!r}; expected one of {MUON_BACKENDS}")
         if group["use_muon"]:
@@ -267,6 +299,34 @@ class Muon(torch.optim.Optimizer):
             plan.append((group, buckets, ns))
         return plan
 
+    # -- bf16 / fp16 options --------------------------------------------------------------------------------
+    @staticmethod
+    def _uses_master(group, p):
+        return bool(group.get("master_weights")) and p.dtype in (torch.bfloat16, torch.float16)
+
+    @staticmethod
+    def _stochastic(group, p):
+        return bool(group.get("stochastic_rounding")) and p.dtype == torch.bfloat16
+
+    def _init_state(self, group, p):
+        """Create missing state of ``p``.  The states take the dtype of what the step updates: fp32 next to
+        an fp32 master copy, else the parameter's (states of another dtype -- an option switched after
+        some steps, or fp32 states cast by ``load_state_dict`` -- are converted)."""
+        state = self.state[p]
+        like = p
+        if self._uses_master(group, p):
+            master = state.get("master_param")
+            if master is None:
+                master = p.detach().float().clone(memory_format=torch.preserve_format)
+            elif master.dtype != torch.float32:
+                master = master.float()
+            state["master_param"] = like = master
+        for key in (("momentum_buffer",) if group["use_muon"] else _ADAMW_STATE):
+            if key not in state:
+                state[key] = torch.zeros_like(like, memory_format=torch.preserve_format)
+            elif state[key].dtype != like.dtype:
+                state[key] = state[key].to(like.dtype)
+
     # -- the step ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -279,40 +339,69 @@ class Muon(torch.optim.Optimizer):
         for group, buckets, _ in plan:
             for params in buckets.values():
                 for p in params:
-                    state = self.state[p]
-                    for key in (("momentum_buffer",) if group["use_muon"] else _ADAMW_STATE):
-                        if key not in state:
-                            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self._init_state(group, p)
         for group, buckets, ns in plan:
             group["step"] = group.get("step", 0) + 1
             for (device, _dtype), params in buckets.items():
-                if group["use_muon"]:
-                    self._muon_bucket(group, params, ns[device])
-                else:
-                    self._adamw_bucket(group, params, device)
+                self._step_bucket(group, params, device, ns.get(device))
         return loss
 
-    def _muon_bucket(self, group, params, ns_backend):
+    def _step_bucket(self, group, params, device, ns_backend):
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        master = self._uses_master(group, params[0])
+        sr = self._stochastic(group, params[0])
+        if master:  # step the fp32 copies with fp32 gradients, as on fp32 params
+            targets = [s["master_param"] for s in states]
+            grads = [g.float() for g in grads]
+        elif sr:  # step fp32 copies (grads and states stay bf16), then round them stochastically
+            targets = [p.float() for p in params]
+        else:
+            targets = params
+        if group["use_muon"]:
+            self._muon_bucket(group, targets, grads, states, ns_backend, params if sr else None)
+        else:
+            self._adamw_bucket(group, targets, grads, states, device, sr)
+        if master:
+            torch._foreach_copy_(params, targets)
+        elif sr:
+            step = group["step"]
+            for i, (p, t) in enumerate(zip(params, targets)):
+                if p.numel() > 0:  # an empty parameter does not step
+                    p.copy_(bf16_stochastic(t, group["seed"], i, step))
+
+    def _muon_bucket(self, group, targets, grads, states, ns_backend, sr_params=None):
+        """``targets``: the tensors updated (the params, or fp32 copies); ``sr_params``: the bf16 params
+        under stochastic rounding (``targets`` are then their fp32 copies)."""
         ns_fn = None
         if ns_backend == "triton":
             def ns_fn(x, steps, coeffs):
                 return newton_schulz_triton(x, steps, coeffs)
+        maximize, weight_decay = bool(group["maximize"]), group["weight_decay"]
+        if sr_params is not None and not group["weight_decouple"] and weight_decay > 0.0:
+            # The L2 term, in bf16 as the reference computes it on bf16 params: g + wd p on the fp32
+            # copy would make g fp32, and the bf16 momentum buffer's lerp_ needs one dtype.
+            grads = [(g.neg() if maximize else g).add(p, alpha=weight_decay) for g, p in zip(grads, sr_params)]
+            maximize, weight_decay = False, 0.0
         R.muon_reference(
-            params, [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params],
+            targets, grads, [s["momentum_buffer"] for s in states],
             lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"], weight_decouple=group["weight_decouple"], ns_steps=group["ns_steps"],
+            weight_decay=weight_decay, weight_decouple=group["weight_decouple"], ns_steps=group["ns_steps"],
             ns_coeffs=group["ns_coeffs"], ns_method=group["ns_method"], ns_reset_steps=group["ns_reset_steps"],
-            use_adjusted_lr=group["use_adjusted_lr"], maximize=group["maximize"], cautious=bool(group["cautious"]),
+            use_adjusted_lr=group["use_adjusted_lr"], maximize=maximize, cautious=bool(group["cautious"]),
             batched=group["foreach"] is not False, newton_schulz_fn=ns_fn)
 
-    def _adamw_bucket(self, group, params, device):
-        states = [self.state[p] for p in params]
+    def _adamw_bucket(self, group, targets, grads, states, device, sr=False):
         # The step count is per group (as upstream); the fused kernel reads and increments per-tensor fp32
         # counters, so hand it throwaway ones holding step - 1.
-        steps = list(torch.full((len(params),), float(group["step"] - 1), dtype=torch.float32,
+        steps = list(torch.full((len(targets),), float(group["step"] - 1), dtype=torch.float32,
                                 device=device).unbind(0))
         beta1, beta2 = (float(b) for b in group["betas"])
-        F.adam(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-               [], steps, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-               weight_decay=group["weight_decay"], decoupled=bool(group["weight_decouple"]), amsgrad=False,
-               maximize=bool(group["maximize"]), backend="torch" if group["backend"] == "torch" else "auto")
+        kwargs = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                      decoupled=bool(group["weight_decouple"]), amsgrad=False, maximize=bool(group["maximize"]))
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        if sr:  # fp32 copies of bf16 params with bf16 grads and states: F.adam takes one dtype per call
+            adam_reference(targets, grads, exp_avgs, exp_avg_sqs, [], steps, **kwargs)
+        else:
+            F.adam(targets, grads, exp_avgs, exp_avg_sqs, [], steps,
+                   backend="torch" if group["backend"] == "torch" else "auto", **kwargs)

@@ -220,20 +220,51 @@ class _Projected(_ZooOptimizer):
     def _run(self, group, params, grads, states, backend, grad_scale, found_inf):
         if backend == "torch":
             return super()._run(group, params, grads, states, backend, grad_scale, found_inf)
-        device, n, eps = params[0].device, len(params), float(group["eps"])
-        rows, multi, tid, chan_scale, layer_scale = self._layout(params, device)
+        device, eps = params[0].device, float(group["eps"])
         hyper, flags = self._native_hyper(group)
-        lists = [s[name] for name in self.STATE_NAMES for s in states]
-        steps = [s["step"] for s in states]
+        sr = dict(seed=group["seed"], stochastic=self._stochastic(group, params[0]))
         call = dict(lr=group["lr"], maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
-                    backend=backend, device=device, rows=rows)
-        sums = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)
-        elementwise_unchecked(self._op_name(group), params, grads, lists, steps, hyper, flags, phase=1,
-                              reduce_out=sums, **call)
-        row = self._coefficients(group, sums, n, multi, tid, chan_scale, layer_scale, eps, device)
-        elementwise_unchecked(self._op_name(group), params, grads, lists, steps, hyper, flags, phase=0,
-                              row_coef=row, seed=group["seed"], stochastic=self._stochastic(group, params[0]),
-                              **call)
+                    backend=backend, device=device)
+        # Tensors of fewer than two dimensions are never projected: one pass ("<op>_flat").  The
+        # stochastic-rounding stream numbers tensors within each of the two calls (_sr_indices).
+        flat = [i for i, p in enumerate(params) if self._is_flat(p)]
+        proj = [i for i, p in enumerate(params) if not self._is_flat(p)]
+        for idx, op in ((flat, self.OP + "_flat"), (proj, self.OP)):
+            if not idx:
+                continue
+            ps, gs, sts = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
+            lists = [s[name] for name in self.STATE_NAMES for s in sts]
+            steps = [s["step"] for s in sts]
+            if op != self.OP:
+                row = torch.zeros((len(ps), 4), dtype=torch.float32, device=device)
+                row[:, 0] = 1.0
+                row[:, 2] = (1.0 - self._wd_eff(group, device)).float()
+                elementwise_unchecked(op, ps, gs, lists, steps, hyper, flags, row_coef=row, **sr, **call)
+                continue
+            rows, multi, tid, chan_scale, layer_scale = self._layout(ps, device)
+            sums = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)
+            elementwise_unchecked(op, ps, gs, lists, steps, hyper, flags, phase=1, reduce_out=sums, rows=rows,
+                                  **call)
+            row = self._coefficients(group, sums, len(ps), multi, tid, chan_scale, layer_scale, eps, device)
+            elementwise_unchecked(op, ps, gs, lists, steps, hyper, flags, phase=0, row_coef=row, rows=rows, **sr,
+                                  **call)
+
+    @staticmethod
+    def _is_flat(p):
+        return p.dim() < 2 or p.numel() == 0
+
+    def _sr_indices(self, params):
+        counts, out = [0, 0], []
+        for p in params:
+            k = 0 if self._is_flat(p) else 1
+            out.append(counts[k])
+            counts[k] += 1
+        return out
+
+    def _wd_eff(self, group, device):
+        """The decay per unit ratio times (fixed_decay ? 1 : lr), fp64 on the device."""
+        lr64 = _lr64(group["lr"], device)
+        return self._decay_per_unit(group) * (torch.ones_like(lr64) if group["fixed_decay"] else lr64)
 
     def _coefficients(self, group, sums, n, multi, tid, chan_scale, layer_scale, eps, device):
         s_gp, s_gg, s_pp, s_pd = sums.unbind(1)
@@ -253,8 +284,7 @@ class _Projected(_ZooOptimizer):
         ch_r, pr_r = channel[tid], projected[tid]
         den = torch.where(ch_r, s_pp.sqrt(), tot[:, 2].sqrt()[tid]) + eps
         radial = torch.where(ch_r, s_pd, tot[:, 3][tid]) / den
-        lr64 = _lr64(group["lr"], device)
-        wd_eff = self._decay_per_unit(group) * (torch.ones_like(lr64) if group["fixed_decay"] else lr64)
+        wd_eff = self._wd_eff(group, device)
         ratio = torch.where(projected, torch.tensor(float(group["wd_ratio"]), dtype=torch.float64, device=device),
                             torch.tensor(1.0, dtype=torch.float64, device=device))
         row = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)

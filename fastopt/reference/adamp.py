@@ -47,6 +47,7 @@ they run phase B with ``projected = False``):
   ``projected = channel | layer`` (0-dim bool, no sync); ``decay = fp32(1 - wd_eff * ratio)``.
 * phase B, per element: re-read the stored moments, ``g`` and ``p``; recompute ``d``;
   ``d <- d - (p / den[r]) radial[r]`` if projected; ``p = p decay - step d``.
+* tensors with fewer than two dimensions: one pass (moments, ``d`` in fp32, ``p = p decay - step d``).
 
 State: AdamP ``ADAMP_STATE_NAMES = ("exp_avg", "exp_avg_sq")`` (``STATE_NAMES`` is this one), SGDP
 ``SGDP_STATE_NAMES = ("momentum",)``; both plus ``state["step"]``.  No per-tensor scalar state.
@@ -172,8 +173,9 @@ def _projected_step(p, d_of, g, st, *, delta, eps, wd_eff, wd_ratio, step_size, 
         projected = None
         ratio = torch.tensor(1.0, dtype=torch.float64, device=p.device)
     decay = (1.0 - wd_eff * ratio).float()
-    # phase B
-    d = d_of()
+    # phase B (tensors of fewer than two dimensions have no phase B in the kernels: they step in one pass
+    # with the fp32 direction of phase A, not one recomputed from the stored, possibly bf16, moments)
+    d = d_of() if projected is not None else phase_a_d
     p32 = p.float()
     if projected is not None:
         d = _project(p32, d, den, radial, projected)

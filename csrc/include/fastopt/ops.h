@@ -26,4 +26,6 @@
   X("sgdsai", ::fastopt::functors::SgdSaiOp<true>)            \
   X("sgdsai_plain", ::fastopt::functors::SgdSaiOp<false>)     \
   X("adamp", ::fastopt::functors::AdamPOp)                    \
-  X("sgdp", ::fastopt::functors::SgdPOp)
+  X("sgdp", ::fastopt::functors::SgdPOp)                      \
+  X("adamp_flat", ::fastopt::functors::AdamPFlatOp)           \
+  X("sgdp_flat", ::fastopt::functors::SgdPFlatOp)

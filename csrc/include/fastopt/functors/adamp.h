@@ -8,6 +8,7 @@
 //                   rc[0] = den, rc[1] = radial (0 where not projected), rc[2] = decay factor
 // phase 0 (update): recompute d from the stored moments;  d -= (p / den) radial;
 //                   p = p * decay - step d
+// ("adamp_flat" / "sgdp_flat": 0-/1-D tensors in one pass, see ProjectedOp's FLAT)
 //
 // AdamP: m = lerp(m, g, 1-b1); v = b2 v + (1-b2) g^2;
 //        d = (nesterov ? lerp(m, g, 1-b1) : m) * ((1 / (sqrt(v) + eps)) * sqrt(1-b2^t));
@@ -39,7 +40,9 @@ FASTOPT_HOST_DEVICE float lerp(float a, float b, const Lerp& l) {
   return l.high ? hi : lo;
 }
 
-template <typename Dir>
+// FLAT: the one-pass variant for tensors that are never projected (fewer than two dimensions):
+// phase 0 updates the moments itself, then steps with rc = (1, 0, decay); no reduce pass.
+template <typename Dir, bool FLAT>
 struct ProjectedOp {
   static constexpr int kStates = Dir::kStates;
   static constexpr int kReduce = 4;
@@ -58,6 +61,7 @@ struct ProjectedOp {
   }
 
   FASTOPT_HOST_DEVICE static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c, const float* rc) {
+    if (FLAT) Dir::moments(g, s, c);
     const float d = Dir::direction(g, s, c) - (p / rc[0]) * rc[1];
     p = p * rc[2] - c.step * d;
   }
@@ -114,8 +118,10 @@ struct SgdPDir {
   }
 };
 
-using AdamPOp = ProjectedOp<AdamPDir>;
-using SgdPOp = ProjectedOp<SgdPDir>;
+using AdamPOp = ProjectedOp<AdamPDir, false>;
+using SgdPOp = ProjectedOp<SgdPDir, false>;
+using AdamPFlatOp = ProjectedOp<AdamPDir, true>;
+using SgdPFlatOp = ProjectedOp<SgdPDir, true>;
 
 }  // namespace functors
 }  // namespace fastopt
