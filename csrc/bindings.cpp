@@ -92,6 +92,27 @@ constexpr const char* kElementwiseDoc =
                         std::move(hyper), flags, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, maximize,   \
                         phase, std::move(rows), row_coef_ptr, reduce_out_ptr, seed, stochastic)
 
+constexpr const char* kLowbitDoc =
+    "One step of a registered elementwise op with low-bit states (csrc/include/fastopt/quant.h): the "
+    "elementwise arguments (phase 0, no rows), then books: per state the address of its int32 codebook "
+    "or 0 (a plain state of the params' dtype); absmax: per state and tensor (state-major) the address "
+    "of its fp32 block maxima, 0 for plain states; block: elements per block.  A quantized state's "
+    "list holds its uint8 codes.";
+
+constexpr const char* kQuantizeDoc =
+    "Blockwise codec of one fp32 buffer of numel values: quantize x into codes (uint8; numel/2 bytes "
+    "for a 16-code book) and absmax (fp32 [numel/block]), or dequantize them into x.";
+
+fastopt::LowbitArgs make_lowbit_args(fastopt::ElementwiseArgs base, std::vector<int64_t> books,
+                                     std::vector<int64_t> absmax, int64_t block) {
+  fastopt::LowbitArgs a;
+  a.base = std::move(base);
+  a.books = std::move(books);
+  a.absmax = std::move(absmax);
+  a.block = block;
+  return a;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -122,6 +143,21 @@ PYBIND11_MODULE(_C, m) {
         fastopt::elementwise_cpu(a);
       },
       kElementwiseDoc);
+  m.def(
+      "lowbit_cpu",
+      [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> books, std::vector<int64_t> absmax, int64_t block) {
+        fastopt::LowbitArgs a = make_lowbit_args(FASTOPT_ELEMENTWISE_ARGS, std::move(books), std::move(absmax), block);
+        py::gil_scoped_release nogil;
+        fastopt::lowbit_cpu(a);
+      },
+      kLowbitDoc);
+  m.def(
+      "quantize_cpu",
+      [](int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t block, int64_t book, bool dequantize) {
+        py::gil_scoped_release nogil;
+        fastopt::quantize_cpu(x, codes, absmax, numel, block, book, dequantize);
+      },
+      kQuantizeDoc);
   m.def("op_shape", [](const std::string& op) {
     int states = 0, reduce = 0;
     if (!fastopt::op_shape(op, &states, &reduce)) throw std::invalid_argument("fastopt: unknown op '" + op + "'");
@@ -148,5 +184,22 @@ PYBIND11_MODULE(_C, m) {
         fastopt::elementwise_cuda(a, stream);
       },
       kElementwiseDoc);
+  m.def(
+      "lowbit_cuda",
+      [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> books, std::vector<int64_t> absmax, int64_t block,
+         int64_t stream) {
+        fastopt::LowbitArgs a = make_lowbit_args(FASTOPT_ELEMENTWISE_ARGS, std::move(books), std::move(absmax), block);
+        py::gil_scoped_release nogil;
+        fastopt::lowbit_cuda(a, stream);
+      },
+      kLowbitDoc);
+  m.def(
+      "quantize_cuda",
+      [](int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t block, int64_t book, bool dequantize,
+         int64_t stream) {
+        py::gil_scoped_release nogil;
+        fastopt::quantize_cuda(x, codes, absmax, numel, block, book, dequantize, stream);
+      },
+      kQuantizeDoc);
 #endif
 }

@@ -134,3 +134,100 @@ def elementwise_step(*args):
     params, states, state_steps, reduce_out = args[1], args[3], args[4], args[15]
     mutated = (params, states, state_steps) + (([reduce_out],) if reduce_out is not None else ())
     _eager_or_op(elementwise_step_, _elementwise_kernel, mutated, args)
+
+
+def _lowbit_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: List[Tensor], absmax: List[Tensor],
+                   books: List[Tensor], block: int, state_steps: List[Tensor], hyper: List[float], flags: int,
+                   lr: float, lr_tensor: Optional[Tensor], maximize: bool, grad_scale: Optional[Tensor],
+                   found_inf: Optional[Tensor], seed: int, stochastic: bool, backend: str) -> None:
+    """One step of a registered elementwise op with low-bit states (``csrc/include/fastopt/quant.h``):
+    ``states`` holds the op's state lists one after the other (uint8 codes for a quantized state, the
+    params' dtype for a plain one); ``books`` one int32 codebook per state (an empty tensor: plain);
+    ``absmax`` the fp32 block maxima of the quantized states, state after state."""
+    if not params:
+        return
+    n = len(params)
+    nstates = len(books)
+    quantized = [b.numel() > 0 for b in books]
+    per_state, it = [], iter(absmax)
+    for q in quantized:
+        per_state.append([next(it) for _ in range(n)] if q else None)
+    if backend == "triton":
+        lists = [params, grads] + [states[k * n:(k + 1) * n] for k in range(nstates)]
+        _backend.triton_kernels().lowbit_step(
+            op, lists, state_steps, books=[b if q else None for b, q in zip(books, quantized)], absmax=per_state,
+            block=block, hyper=hyper, flags=flags, lr=lr_tensor if lr_tensor is not None else lr,
+            grad_scale=grad_scale, found_inf=found_inf, sign=-1.0 if maximize else 1.0, seed=seed,
+            stochastic=stochastic)
+        return
+    absmax_addrs = []
+    for lst in per_state:
+        absmax_addrs += _addrs(lst) if lst is not None else [0] * n
+    args = (
+        op, _addrs(params) + _addrs(grads) + _addrs(states), [p.numel() for p in params], _addrs(state_steps),
+        _backend.dtype_code(params[0].dtype), list(hyper), int(flags), float(lr), _scalar_addr(lr_tensor),
+        _scalar_addr(grad_scale), _scalar_addr(found_inf), bool(maximize), 0, [], 0, 0,
+        int(seed) & 0xFFFFFFFFFFFFFFFF, bool(stochastic),
+        [b.data_ptr() if q else 0 for b, q in zip(books, quantized)], absmax_addrs, int(block),
+    )
+    native = _backend.native()
+    if backend == "cpu":
+        native.lowbit_cpu(*args)
+    elif backend == "cuda":
+        device = params[0].device
+        with torch.cuda.device(device):
+            native.lowbit_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        raise ValueError(f"fastopt::lowbit_step_ has no kernel backend {backend!r}")
+
+
+lowbit_step_ = torch.library.custom_op(
+    "fastopt::lowbit_step_",
+    mutates_args=("params", "states", "absmax", "state_steps"),
+)(_lowbit_kernel)
+
+
+@lowbit_step_.register_fake
+def _lowbit_step_fake(op, params, grads, states, absmax, books, block, state_steps, hyper, flags, lr, lr_tensor,
+                      maximize, grad_scale, found_inf, seed, stochastic, backend):
+    return None
+
+
+def lowbit_step(*args):
+    """``fastopt::lowbit_step_`` (same arguments), without the dispatcher's overhead in eager mode."""
+    params, states, absmax, state_steps = args[1], args[3], args[4], args[7]
+    _eager_or_op(lowbit_step_, _lowbit_kernel, (params, states, absmax, state_steps), args)
+
+
+def _codec_kernel(x: Tensor, codes: Tensor, absmax: Tensor, book: Tensor, block: int, dequantize: bool,
+                  backend: str) -> None:
+    """Blockwise quantize (``x`` -> ``codes``, ``absmax``) or dequantize (-> ``x``) of one fp32 buffer."""
+    if x.numel() == 0:
+        return
+    if backend == "triton":
+        _backend.triton_kernels().quantize_blockwise(x, codes, absmax, book, block, dequantize=dequantize)
+        return
+    args = (x.data_ptr(), codes.data_ptr(), absmax.data_ptr(), x.numel(), int(block), book.data_ptr(), bool(dequantize))
+    native = _backend.native()
+    if backend == "cpu":
+        native.quantize_cpu(*args)
+    elif backend == "cuda":
+        with torch.cuda.device(x.device):
+            native.quantize_cuda(*args, torch.cuda.current_stream(x.device).cuda_stream)
+    else:
+        raise ValueError(f"fastopt::blockwise_codec_ has no kernel backend {backend!r}")
+
+
+blockwise_codec_ = torch.library.custom_op(
+    "fastopt::blockwise_codec_", mutates_args=("x", "codes", "absmax"),
+)(_codec_kernel)
+
+
+@blockwise_codec_.register_fake
+def _codec_fake(x, codes, absmax, book, block, dequantize, backend):
+    return None
+
+
+def blockwise_codec(*args):
+    """``fastopt::blockwise_codec_`` without the dispatcher in eager mode."""
+    _eager_or_op(blockwise_codec_, _codec_kernel, ([args[0]], [args[1]], [args[2]]), args)

@@ -7,6 +7,7 @@
 #include "fastopt/elementwise.h"
 #include "fastopt/ops.h"
 #include "isa.h"
+#include "step.h"
 
 namespace fastopt {
 namespace cpu {
@@ -21,7 +22,7 @@ bool elementwise_run(const ElementwiseArgs& a, double lr, float grad_mul, const 
 }  // namespace cpu
 
 namespace {
-inline float read_scalar(int64_t addr) { return *reinterpret_cast<const float*>(static_cast<intptr_t>(addr)); }
+float read_scalar(int64_t addr) { return *reinterpret_cast<const float*>(static_cast<intptr_t>(addr)); }
 }  // namespace
 
 bool op_shape(const std::string& op, int* states, int* reduce) {
@@ -59,43 +60,47 @@ std::vector<int64_t> row_offsets(const ElementwiseArgs& a) {
   return off;
 }
 
+CpuStep prepare_cpu_step(const ElementwiseArgs& a) {
+  CpuStep st;
+  st.skip = a.found_inf_ptr && read_scalar(a.found_inf_ptr) != 0.0f;  // AMP: inf/nan grads, skip
+  st.lr = a.lr_ptr ? read_scalar(a.lr_ptr) : a.lr;
+  const float scale = a.grad_scale_ptr ? read_scalar(a.grad_scale_ptr) : 1.0f;
+  st.grad_mul = (a.maximize ? -1.0f : 1.0f) / scale;
+  st.padded = a;
+  st.padded.hyper.assign(kMaxHyper, 0.0);
+  std::copy(a.hyper.begin(), a.hyper.end(), st.padded.hyper.begin());
+  st.steps.resize(a.steps.size());
+  st.next.assign(a.lists.n, 1.0);
+  for (size_t t = 0; t < a.steps.size(); ++t) {
+    st.steps[t] = reinterpret_cast<float*>(static_cast<intptr_t>(a.steps[t]));
+    st.next[t] = static_cast<double>(*st.steps[t]) + 1.0;
+  }
+  st.row_offset = row_offsets(a);
+  return st;
+}
+
 void elementwise_cpu(const ElementwiseArgs& a) {
   int states = 0, reduce = 0;
   check_arg(op_shape(a.op, &states, &reduce), "unknown elementwise op '" + a.op + "'");
   check_elementwise(a, states);
-  if (a.found_inf_ptr && read_scalar(a.found_inf_ptr) != 0.0f) return;  // AMP: inf/nan grads, skip
-  const TensorLists& l = a.lists;
-  const double lr = a.lr_ptr ? read_scalar(a.lr_ptr) : a.lr;
-  const float scale = a.grad_scale_ptr ? read_scalar(a.grad_scale_ptr) : 1.0f;
-  const float grad_mul = (a.maximize ? -1.0f : 1.0f) / scale;
-
-  std::vector<double> hyper(kMaxHyper, 0.0);
-  std::copy(a.hyper.begin(), a.hyper.end(), hyper.begin());
-  ElementwiseArgs padded = a;
-  padded.hyper = hyper;
-
-  std::vector<float*> steps(a.steps.size());
-  std::vector<double> next(l.n, 1.0);
-  for (size_t t = 0; t < a.steps.size(); ++t) {
-    steps[t] = reinterpret_cast<float*>(static_cast<intptr_t>(a.steps[t]));
-    next[t] = static_cast<double>(*steps[t]) + 1.0;
-  }
-  const std::vector<int64_t> off = row_offsets(a);
-  std::vector<double> sums(a.phase == 1 ? off[l.n] * kMaxReduce : 0, 0.0);
+  CpuStep st = prepare_cpu_step(a);
+  if (st.skip) return;
+  const std::vector<int64_t>& off = st.row_offset;
+  std::vector<double> sums(a.phase == 1 ? off[a.lists.n] * kMaxReduce : 0, 0.0);
 #if defined(FASTOPT_HAVE_AVX2_KERNELS)
   if (cpu::use_avx2()) {
-    cpu::avx2::elementwise_run(padded, lr, grad_mul, next.data(), off.data(), sums.data());
+    cpu::avx2::elementwise_run(st.padded, st.lr, st.grad_mul, st.next.data(), off.data(), sums.data());
   } else {
-    cpu::baseline::elementwise_run(padded, lr, grad_mul, next.data(), off.data(), sums.data());
+    cpu::baseline::elementwise_run(st.padded, st.lr, st.grad_mul, st.next.data(), off.data(), sums.data());
   }
 #else
-  cpu::baseline::elementwise_run(padded, lr, grad_mul, next.data(), off.data(), sums.data());
+  cpu::baseline::elementwise_run(st.padded, st.lr, st.grad_mul, st.next.data(), off.data(), sums.data());
 #endif
   if (a.phase == 1) {
     float* out = reinterpret_cast<float*>(static_cast<intptr_t>(a.reduce_out_ptr));
     for (size_t i = 0; i < sums.size(); ++i) out[i] += static_cast<float>(sums[i]);
   } else {
-    for (float* s : steps) *s += 1.0f;
+    for (float* s : st.steps) *s += 1.0f;
   }
 }
 

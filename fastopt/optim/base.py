@@ -13,7 +13,9 @@ from collections import defaultdict
 import torch
 
 from .. import _backend
-from .functional import elementwise_unchecked, is_dense, scalar_on
+from ..lowbit import state as lowbit_state
+from ..lowbit.codebook import codebook, dequantize_reference, get_format, quantize_reference
+from .functional import elementwise_unchecked, is_dense, lowbit_unchecked, scalar_on
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -121,24 +123,34 @@ class FusedOptimizer(torch.optim.Optimizer):
         # torch.optim casts every floating-point state to its param's dtype on load.  fastopt keeps the
         # fp32 state it made fp32 -- master weights and the states stepped with them, per-tensor fp32
         # scalars (LAMB's norms, SGD-SaI's g-SNR) -- so set those aside here; _after_load puts them back.
+        # Low-bit states (uint8 codes, fp32 absmax) are set aside whatever the param's dtype: torch
+        # would cast them to it.
         saved = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         current = [p for g in optimizer.param_groups for p in g["params"]]
         master = {pid for g in state_dict["param_groups"] if g.get("master_weights") for pid in g["params"]}
+        optimizer._check_loaded(state_dict, saved)
         stash = {}
         for pid, p in zip(saved, current):
-            if not p.is_floating_point() or p.dtype == torch.float32:
+            saved_state = state_dict["state"].get(pid, {})
+            quantized = "state_format" in saved_state
+            if not quantized and (not p.is_floating_point() or p.dtype == torch.float32):
                 continue
-            for key, value in state_dict["state"].get(pid, {}).items():
-                if (key != "step" and torch.is_tensor(value) and value.dtype == torch.float32
-                        and (pid in master or value.dim() == 0)):
+            for key, value in saved_state.items():
+                if key == "step" or not (torch.is_tensor(value) or (quantized and isinstance(value, str))):
+                    continue  # (torch's load would turn the format tag, a str, into a generator's repr)
+                if quantized or (value.dtype == torch.float32 and (pid in master or value.dim() == 0)):
                     stash.setdefault(p, {})[key] = value
         optimizer._fp32_stash = stash
+
+    def _check_loaded(self, state_dict, saved_ids):
+        """Raise before anything is loaded when ``state_dict`` cannot be loaded (subclasses)."""
 
     @staticmethod
     def _after_load(optimizer):
         for p, values in getattr(optimizer, "_fp32_stash", {}).items():
             for key, value in values.items():
-                optimizer.state[p][key] = value.to(device=p.device, copy=value.device == p.device)
+                optimizer.state[p][key] = (value if isinstance(value, str)
+                                           else value.to(device=p.device, copy=value.device == p.device))
         optimizer._fp32_stash = {}
         # torch.optim keeps `step` on the CPU for its non-fused paths; fastopt's kernels read it on
         # the parameter's device as fp32.  State tensors get the parameter's memory layout, which the
@@ -168,6 +180,11 @@ class ElementwiseOptimizer(FusedOptimizer):
     stochastic rounding (the same bits on every backend); ``master_weights=True`` keeps an fp32 copy
     of each low-precision parameter in ``state["master_param"]`` (and fp32 states), steps that copy
     and writes it back rounded to nearest.
+
+    Low-bit states: ``state_bits=8``, ``4`` or ``"fp8"`` keeps the states of every parameter with at
+    least ``min_quant_size`` elements (and a numel that is a multiple of the block) blockwise
+    quantized, updated in one fused dequantize-update-requantize pass (see :mod:`fastopt.lowbit`).
+    Ops with a reduce phase (LAMB, AdamP, SGDP, SGD-SaI) do not support it.
     """
 
     OP = None
@@ -176,8 +193,14 @@ class ElementwiseOptimizer(FusedOptimizer):
     REFERENCE = None
 
     def __init__(self, params, defaults):
+        name = type(self).__name__
         if defaults.get("stochastic_rounding") and defaults.get("master_weights"):
-            raise ValueError(f"{type(self).__name__}: choose stochastic_rounding or master_weights, not both")
+            raise ValueError(f"{name}: choose stochastic_rounding or master_weights, not both")
+        if "state_bits" in defaults:
+            defaults["state_bits"] = lowbit_state.check_state_bits(defaults["state_bits"], name)
+            if not isinstance(defaults.get("min_quant_size"), int) or defaults["min_quant_size"] < 0:
+                raise ValueError(f"{name}: min_quant_size must be a non-negative int, "
+                                 f"got {defaults.get('min_quant_size')!r}")
         super().__init__(params, defaults)
 
     def _native_hyper(self, group):
@@ -199,22 +222,81 @@ class ElementwiseOptimizer(FusedOptimizer):
         if self._uses_master(group, p):
             state["master_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
             like = state["master_param"]
-        for name in self._state_names(group):
+        names = self._state_names(group)
+        bits = group.get("state_bits")
+        if lowbit_state.is_quantizable(p.numel(), bits, group.get("min_quant_size", 4096)):
+            lowbit_state.init_quantized(state, like, names, bits)
+            return
+        for name in names:
             state[name] = torch.zeros_like(like, memory_format=torch.preserve_format)
+
+    def _check_loaded(self, state_dict, saved_ids):
+        current = [(g, p) for g in self.param_groups for p in g["params"]]
+        for pid, (group, p) in zip(saved_ids, current):
+            state = state_dict["state"].get(pid)
+            if state:
+                lowbit_state.check_loaded_state(type(self).__name__, state, p, self._state_names(group),
+                                                group.get("state_bits"), group.get("min_quant_size", 4096),
+                                                f"the state of parameter {pid}")
 
     def _step_bucket(self, group, params, grads, backend, grad_scale, found_inf):
         states = [self.state[p] for p in params]
-        for name in self._state_names(group):  # an option that adds a state was switched on later
+        names = self._state_names(group)
+        for p, s in zip(params, states):
+            if "state_format" in s:
+                expected = lowbit_state.format_tag(lowbit_state.state_formats(group["state_bits"], names))
+                if s["state_format"] != expected:
+                    raise ValueError(f"{type(self).__name__}: a parameter's states are {s['state_format']!r} but "
+                                     f"the group's options need {expected!r} (state_bits or ams_bound changed "
+                                     "after the first step)")
+        for name in names:  # an option that adds a state was switched on later
             for p, s in zip(params, states):
-                if name not in s:
+                if name not in s and "state_format" not in s:
                     s[name] = torch.zeros_like(s.get("master_param", p), memory_format=torch.preserve_format)
         targets = params
         if self._uses_master(group, params[0]):
             targets = [s["master_param"] for s in states]
             grads = [g.float() for g in grads]
-        self._run(group, targets, grads, states, backend, grad_scale, found_inf)
+        quant = [i for i, s in enumerate(states) if "state_format" in s]
+        if not quant:
+            self._run(group, targets, grads, states, backend, grad_scale, found_inf)
+        else:
+            plain = [i for i, s in enumerate(states) if "state_format" not in s]
+            pick = lambda seq, idx: [seq[i] for i in idx]  # noqa: E731
+            if plain:
+                self._run(group, pick(targets, plain), pick(grads, plain), pick(states, plain), backend, grad_scale,
+                          found_inf)
+            self._run_lowbit(group, pick(targets, quant), pick(grads, quant), pick(states, quant), backend,
+                             grad_scale, found_inf)
         if targets is not params:
             torch._foreach_copy_(params, targets)
+
+    def _run_lowbit(self, group, params, grads, states, backend, grad_scale, found_inf):
+        """One fused step over the params whose states are quantized."""
+        names = self._state_names(group)
+        formats = [get_format(f) for f in lowbit_state.state_formats(group["state_bits"], names)]
+        if backend == "torch":
+            skip = found_inf is not None and float(found_inf) != 0.0
+            temps = [{"step": s["step"], **{n: dequantize_reference(s[n], s[n + "_absmax"], f).view_as(p)
+                                            for n, f in zip(names, formats)}}
+                     for p, s in zip(params, states)]
+            self._reference_step(group, params, grads, temps, grad_scale, found_inf)
+            if not skip:
+                for s, t in zip(states, temps):
+                    s["step"] = t["step"]
+                    for n, f in zip(names, formats):
+                        codes, absmax = quantize_reference(t[n], f)
+                        s[n].copy_(codes)
+                        s[n + "_absmax"].copy_(absmax)
+            return
+        hyper, flags = self._native_hyper(group)
+        device = params[0].device
+        lowbit_unchecked(
+            self._op_name(group), params, grads, [s[n] for n in names for s in states],
+            [s[n + "_absmax"] for n in names for s in states], [codebook(f, device) for f in formats],
+            formats[0].block, [s["step"] for s in states], hyper, flags, lr=group["lr"], maximize=group["maximize"],
+            grad_scale=grad_scale, found_inf=found_inf, backend=backend, device=device, seed=group.get("seed", 0),
+            stochastic=self._stochastic(group, params[0]))
 
     def _stochastic(self, group, p):
         return bool(group.get("stochastic_rounding")) and p.dtype == torch.bfloat16

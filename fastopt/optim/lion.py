@@ -36,11 +36,12 @@ class Lion(ElementwiseOptimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, weight_decouple=True,
                  fixed_decay=False, *, maximize=False, foreach=None, stochastic_rounding=False,
-                 master_weights=False, seed=0, backend="auto"):
+                 master_weights=False, seed=0, state_bits=None, min_quant_size=4096,
+                 backend="auto"):
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, weight_decouple=weight_decouple,
                         fixed_decay=fixed_decay, maximize=maximize, foreach=foreach,
                         stochastic_rounding=stochastic_rounding, master_weights=master_weights, seed=seed,
-                        backend=backend)
+                        backend=backend, state_bits=state_bits, min_quant_size=min_quant_size)
         self._check_group(defaults)
         super().__init__(params, defaults)
 

@@ -56,11 +56,13 @@ class Adan(_ZooOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.98, 0.92, 0.99), weight_decay=0.0, weight_decouple=False,
                  eps=1e-8, *, maximize=False, foreach=None, stochastic_rounding=False, master_weights=False,
-                 seed=0, backend="auto"):
+                 seed=0, state_bits=None, min_quant_size=4096,
+                 backend="auto"):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                                       weight_decouple=weight_decouple, eps=eps, maximize=maximize, foreach=foreach,
                                       stochastic_rounding=stochastic_rounding, master_weights=master_weights,
-                                      seed=seed, backend=backend))
+                                      seed=seed, backend=backend, state_bits=state_bits,
+                                      min_quant_size=min_quant_size))
 
     def _check_group(self, group):
         self._check_common(group, nbetas=3)
@@ -121,11 +123,12 @@ class AdaBelief(_RectifiedAdam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, weight_decouple=True,
                  fixed_decay=False, rectify=False, n_sma_threshold=5, degenerated_to_sgd=True, ams_bound=False,
                  eps=1e-16, adam_debias=False, *, maximize=False, foreach=None, stochastic_rounding=False,
-                 master_weights=False, seed=0, backend="auto"):
+                 master_weights=False, seed=0, state_bits=None, min_quant_size=4096,
+                 backend="auto"):
         super().__init__(params, self._defaults(lr, betas, weight_decay, weight_decouple, fixed_decay, rectify,
                                                 n_sma_threshold, degenerated_to_sgd, ams_bound, eps, adam_debias,
                                                 maximize, foreach, stochastic_rounding, master_weights, seed,
-                                                backend))
+                                                backend) | dict(state_bits=state_bits, min_quant_size=min_quant_size))
 
 
 class DiffGrad(_RectifiedAdam):
@@ -144,11 +147,12 @@ class DiffGrad(_RectifiedAdam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, weight_decouple=True,
                  fixed_decay=False, rectify=False, n_sma_threshold=5, degenerated_to_sgd=True, ams_bound=False,
                  eps=1e-8, adam_debias=False, *, maximize=False, foreach=None, stochastic_rounding=False,
-                 master_weights=False, seed=0, backend="auto"):
+                 master_weights=False, seed=0, state_bits=None, min_quant_size=4096,
+                 backend="auto"):
         super().__init__(params, self._defaults(lr, betas, weight_decay, weight_decouple, fixed_decay, rectify,
                                                 n_sma_threshold, degenerated_to_sgd, ams_bound, eps, adam_debias,
                                                 maximize, foreach, stochastic_rounding, master_weights, seed,
-                                                backend))
+                                                backend) | dict(state_bits=state_bits, min_quant_size=min_quant_size))
 
 
 class EXAdam(_ZooOptimizer):
@@ -164,11 +168,13 @@ class EXAdam(_ZooOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, weight_decouple=True,
                  fixed_decay=False, eps=1e-8, *, maximize=False, foreach=None, stochastic_rounding=False,
-                 master_weights=False, seed=0, backend="auto"):
+                 master_weights=False, seed=0, state_bits=None, min_quant_size=4096,
+                 backend="auto"):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                                       weight_decouple=weight_decouple, fixed_decay=fixed_decay, eps=eps,
                                       maximize=maximize, foreach=foreach, stochastic_rounding=stochastic_rounding,
-                                      master_weights=master_weights, seed=seed, backend=backend))
+                                      master_weights=master_weights, seed=seed, backend=backend,
+                                      state_bits=state_bits, min_quant_size=min_quant_size))
 
     def _check_group(self, group):
         self._check_common(group)

@@ -90,6 +90,16 @@ struct ElementwiseArgs {
   bool stochastic = false;
 };
 
+// One step of a registered elementwise op with low-bit states (fastopt/quant.h): `base` as above
+// (phase 0 only), except that a quantized state's list holds its codes (uint8; numel or numel / 2
+// bytes).  Every tensor's numel is a multiple of `block`; plain states have the params' dtype.
+struct LowbitArgs {
+  ElementwiseArgs base;
+  std::vector<int64_t> books;     // per state: address of its int32 codebook (the tensors' device), or 0: plain
+  std::vector<int64_t> absmax;    // per state, per tensor (state-major): fp32 [numel / block], or 0 for plain
+  int64_t block = 0;              // elements per quantization block, at most kMaxQuantBlock
+};
+
 // The state-list and reduce counts of a registered op; false when `op` is unknown.
 bool op_shape(const std::string& op, int* states, int* reduce);
 // Checks the parts every backend relies on; `states` is the op's state count.
@@ -97,11 +107,20 @@ void check_elementwise(const ElementwiseArgs& a, int states);
 // First global row of each tensor, n + 1 entries (rows per tensor, or one each).
 std::vector<int64_t> row_offsets(const ElementwiseArgs& a);
 
+// Checks a low-bit call (and its base); `states` is the op's state count.
+void check_lowbit(const LowbitArgs& a, int states);
+
 void adam_cpu(const AdamArgs& args);
 void elementwise_cpu(const ElementwiseArgs& args);
+void lowbit_cpu(const LowbitArgs& args);
+// Blockwise codec of one fp32 buffer: quantize (x -> codes, absmax) or dequantize (codes, absmax -> x).
+void quantize_cpu(int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t block, int64_t book, bool dequantize);
 #ifdef FASTOPT_WITH_CUDA
 void adam_cuda(const AdamArgs& args, int64_t stream);
 void elementwise_cuda(const ElementwiseArgs& args, int64_t stream);
+void lowbit_cuda(const LowbitArgs& args, int64_t stream);
+void quantize_cuda(int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t block, int64_t book, bool dequantize,
+                   int64_t stream);
 #endif
 
 }  // namespace fastopt

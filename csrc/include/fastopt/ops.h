@@ -5,6 +5,7 @@
 // functor header and one line here.
 #pragma once
 
+#include "fastopt/functors/adam.h"
 #include "fastopt/functors/adamp.h"
 #include "fastopt/functors/adan.h"
 #include "fastopt/functors/adaptive.h"
@@ -13,8 +14,12 @@
 #include "fastopt/functors/sgdsai.h"
 #include "fastopt/functors/lion.h"
 
-#define FASTOPT_FOR_EACH_OP(X)         \
-  X("lion", ::fastopt::functors::LionOp) \
+#define FASTOPT_FOR_EACH_OP(X)                                \
+  X("adamw", ::fastopt::functors::AdamWOp)      \
+  X("adamw_ams", ::fastopt::functors::AdamWAmsOp)   \
+  X("adam", ::fastopt::functors::AdamL2Op)      \
+  X("adam_ams", ::fastopt::functors::AdamL2AmsOp)   \
+  X("lion", ::fastopt::functors::LionOp)                      \
   X("clip", ::fastopt::functors::ClipOp)                      \
   X("adan", ::fastopt::functors::AdanOp)                      \
   X("adabelief", ::fastopt::functors::AdaBeliefOp<false>)     \

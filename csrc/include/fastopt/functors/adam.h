@@ -97,3 +97,33 @@ FASTOPT_HOST_DEVICE void adam_element(T* p, const T* g, T* m, T* v, T* vmax, int
 
 }  // namespace functors
 }  // namespace fastopt
+
+#include "fastopt/elementwise.h"
+
+namespace fastopt {
+namespace functors {
+
+// Adam/AdamW as a registered elementwise op (fastopt/ops.h), for the paths that need the generic
+// launchers (low-bit states).  Hyper: h[0] b1, h[1] b2, h[2] eps, h[3] wd.  States: exp_avg,
+// exp_avg_sq[, max_exp_avg_sq].
+template <bool DECOUPLED, bool AMSGRAD>
+struct AdamOp : NoReduce {
+  static constexpr int kStates = AMSGRAD ? 3 : 2;
+  static constexpr int kReduce = 0;
+  using Coeffs = AdamCoeffs;
+
+  FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars& s) {
+    return adam_coeffs(AdamHyper{s.lr, s.h[0], s.h[1], s.h[2], s.h[3]}, s.lr, s.step);
+  }
+
+  FASTOPT_HOST_DEVICE static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c, const float*) {
+    adam_update<DECOUPLED, AMSGRAD>(p, g, s[0], s[1], s[2], c);
+  }
+};
+using AdamWOp = AdamOp<true, false>;
+using AdamWAmsOp = AdamOp<true, true>;
+using AdamL2Op = AdamOp<false, false>;
+using AdamL2AmsOp = AdamOp<false, true>;
+
+}  // namespace functors
+}  // namespace fastopt

@@ -1,0 +1,77 @@
+// fastopt/quant.h -- blockwise low-bit codecs of optimizer states, shared by the CPU and CUDA kernels.
+//
+// A quantized state is, per block of `block` elements, one fp32 absmax and one code per element
+// (a byte for 8-bit formats; two per byte for 4-bit ones, element 2j in the low nibble of byte j):
+//   x_hat = values[code] * absmax,      code = nearest(values, x * (1 / absmax)), ties to the lower value.
+// The formats and their maps are defined in Python (fastopt/lowbit/codebook.py), which also builds
+// the int32 codebook read here; its bucket table turns nearest-code search into two table reads:
+//   [0] nc  [1] nr  [2] e_lo  [3] identity  [4..7] 0
+//   [8 ...] values by code (fp32 bits) | sorted midpoints, +inf last (fp32 bits) | code of each rank |
+//   buckets [2 signs][nr][256]: the rank at each bucket's lower end.
+#pragma once
+
+#include <cstdint>
+
+#include "fastopt/common.h"
+
+namespace fastopt {
+
+constexpr int kCodebookHeader = 8;
+constexpr int kMaxQuantBlock = 256;
+
+struct CodebookView {
+  int nc;              // number of codes: 256 (8-bit) or 16 (4-bit)
+  int nr;              // exponent rows of the bucket table
+  int e_lo;            // biased fp32 exponent of row 1
+  bool identity;       // code == rank (a sorted map)
+  const float* values;
+  const float* bounds;
+  const int32_t* rank_code;
+  const int32_t* buckets;
+};
+
+FASTOPT_HOST_DEVICE CodebookView codebook_view(const int32_t* cb) {
+  CodebookView v;
+  v.nc = cb[0];
+  v.nr = cb[1];
+  v.e_lo = cb[2];
+  v.identity = cb[3] != 0;
+  v.values = reinterpret_cast<const float*>(cb + kCodebookHeader);
+  v.bounds = reinterpret_cast<const float*>(cb + kCodebookHeader + v.nc);
+  v.rank_code = cb + kCodebookHeader + 2 * v.nc;
+  v.buckets = cb + kCodebookHeader + 3 * v.nc;
+  return v;
+}
+
+// The rank (position among the sorted map values) nearest to xn, which lies in [-1, 1].
+FASTOPT_HOST_DEVICE int quantize_rank(const CodebookView& b, float xn) {
+  const uint32_t u = float_bits(xn);
+  const int sign = static_cast<int>(u >> 31);
+  int row = static_cast<int>((u >> 23) & 0xFFu) - b.e_lo + 1;
+  int m = static_cast<int>((u >> 15) & 0xFFu);
+  m = row < 1 ? 0 : m;
+  row = row < 1 ? 0 : (row > b.nr - 1 ? b.nr - 1 : row);  // NaN/inf never index out of the table
+  const int r = b.buckets[(sign * b.nr + row) * 256 + m];
+  return r + (b.bounds[r] < xn ? 1 : 0);
+}
+
+FASTOPT_HOST_DEVICE int quantize_code(const CodebookView& b, float xn) {
+  const int r = quantize_rank(b, xn);
+  return b.identity ? r : b.rank_code[r];
+}
+
+// x * (1 / absmax), clamped to [-1, 1]; an all-zero block (absmax 0) quantizes every value as 0.
+FASTOPT_HOST_DEVICE float quant_inv_scale(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
+FASTOPT_HOST_DEVICE float quant_normalize(float x, float inv) {
+  const float xn = x * inv;
+  return xn < -1.0f ? -1.0f : (xn > 1.0f ? 1.0f : xn);
+}
+
+// Code of element i of a block whose codes start at `codes` (4-bit: two per byte, low nibble first).
+FASTOPT_HOST_DEVICE int load_code(const uint8_t* codes, int64_t i, bool four_bit) {
+  if (!four_bit) return codes[i];
+  const uint8_t byte = codes[i >> 1];
+  return (i & 1) ? (byte >> 4) : (byte & 0xF);
+}
+
+}  // namespace fastopt

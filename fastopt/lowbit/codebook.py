@@ -1,0 +1,231 @@
+"""Quantization formats of low-bit optimizer states, and the codebook every backend quantizes with.
+
+A format maps a block of ``block`` fp32 values to ``bits``-bit codes plus one fp32 ``absmax`` per
+block: ``x_hat = values[code] * absmax``, where ``values`` (the *map*) lies in [-1, 1] and ``absmax``
+is the block's largest ``|x|``.  Quantizing picks the **nearest** map value to ``x / absmax``, ties
+toward the lower value (``torch.bucketize`` on the midpoints between sorted map values); an all-zero
+block has ``absmax = 0`` and every code at the map value 0 (or the smallest one when the map has no 0).
+
+Formats (``FORMATS``):
+
+==========  =====  =====  ==========================================================================
+name        bits   block  map
+==========  =====  =====  ==========================================================================
+``dyn8s``   8      256    bitsandbytes' signed dynamic map (``create_dynamic_map(signed=True)``);
+                          the first moment of the 8-bit optimizers (same format as bitsandbytes >= 0.44)
+``dyn8u``   8      256    bitsandbytes' unsigned dynamic map; the second moment
+``dyn4s``   4      128    the signed dynamic 4-bit map (3 exponent bits; Li et al. 2023, torchao);
+                          the first moment of the 4-bit optimizers
+``lin4u``   4      128    the linear map without zero, ``k / 16`` for k = 1..16 (Li et al. 2023);
+                          the second moment of the 4-bit optimizers
+``fp8``     8      256    float8 e4m3fn: the code is the e4m3 bit pattern, the value ``e4m3 / 448``
+                          (so ``x_hat = e4m3(code) * absmax / 448``, as torchao's fp8 states)
+==========  =====  =====  ==========================================================================
+
+4-bit codes are packed two per byte: element ``2j`` in the low nibble of byte ``j``, ``2j + 1`` in the
+high nibble.
+
+The codebook (:func:`codebook`) is one int32 tensor that the C++ (``fastopt/quant.h``), CUDA and
+Triton quantizers read; it makes nearest-code search two table reads.  Layout, with ``nc`` the number
+of codes and ``nr`` the number of exponent rows::
+
+    [0] nc    [1] nr    [2] e_lo    [3] 1 if code == rank (sorted map) else 0    [4..7] 0
+    [8 + 0*nc ...]  values by code (fp32 bits)             -- the dequantization table
+    [8 + 1*nc ...]  sorted midpoints, rank order, +inf last (fp32 bits)
+    [8 + 2*nc ...]  the code of each rank
+    [8 + 3*nc ...]  bucket table [2 signs][nr rows][256]: the rank at the bucket's lower end
+
+A value ``x`` in [-1, 1] falls in the bucket (sign bit, row, top 8 mantissa bits) where
+``row = max(exponent - e_lo + 1, 0)`` (row 0 gathers every ``|x| < 2**(e_lo - 127)``, mantissa bits
+ignored).  :func:`codebook` checks that each bucket holds at most one midpoint, so
+``rank = bucket[...] + (midpoint[bucket[...]] < x)`` is exact: the same code as ``torch.bucketize``.
+"""
+import functools
+import math
+
+import torch
+
+HEADER = 8
+MANTISSA_BITS = 8  # top mantissa bits that index a bucket
+
+
+def dynamic_map(signed=True, max_exponent_bits=7, total_bits=8):
+    """The dynamic map of Dettmers (2016, "8-Bit Approximations for Parallelism in Deep Learning") as
+    bitsandbytes builds it: per decade ``10**-k`` (k = max_exponent_bits-1 .. 0), the midpoints of a
+    linear split of [0.1, 1] into ``2**i`` (signed, mirrored) or ``2**(i+1)`` parts, then 0 and 1."""
+    data = []
+    non_sign_bits = total_bits - 1
+    extra = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        parts = 2 ** (i + non_sign_bits - max_exponent_bits) if signed else 2 ** (i + non_sign_bits - max_exponent_bits + 1)
+        edges = torch.linspace(0.1, 1, parts + 1)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + i)
+        data += (scale * means).tolist()  # fp32 products, as bitsandbytes rounds them
+        if signed:
+            data += (-scale * means).tolist()
+    if extra > 0:
+        edges = torch.linspace(0.1, 1, extra + 1)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)
+        data += (scale * means).tolist()
+        if signed:
+            data += (-scale * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (2 ** total_bits - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def linear_map_no_zero(total_bits=4):
+    """``k / 2**bits`` for k = 1 .. 2**bits: the 4-bit second-moment map of Li et al. (2023)."""
+    return torch.linspace(0, 1, 2 ** total_bits + 1, dtype=torch.float32)[1:].clone()
+
+
+def fp8_e4m3_map():
+    """Value of each e4m3fn bit pattern divided by 448 (its largest finite value); NaN codes map to NaN."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    return codes.float() / 448.0
+
+
+class Format:
+    """A blockwise quantization format (see the module doc)."""
+
+    def __init__(self, name, bits, block, values, signed):
+        self.name, self.bits, self.block, self.signed = name, bits, block, signed
+        self.values = values  # fp32 [2**bits], by code
+
+    def __repr__(self):
+        return f"Format({self.name!r}, bits={self.bits}, block={self.block})"
+
+    def codes_numel(self, numel):
+        """Bytes of codes for ``numel`` values."""
+        return numel * self.bits // 8
+
+
+FORMATS = {
+    "dyn8s": Format("dyn8s", 8, 256, dynamic_map(True), True),
+    "dyn8u": Format("dyn8u", 8, 256, dynamic_map(False), False),
+    "dyn4s": Format("dyn4s", 4, 128, dynamic_map(True, 3, 4), True),
+    "lin4u": Format("lin4u", 4, 128, linear_map_no_zero(4), False),
+    "fp8": Format("fp8", 8, 256, fp8_e4m3_map(), True),
+}
+
+
+def get_format(fmt):
+    if isinstance(fmt, Format):
+        return fmt
+    try:
+        return FORMATS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown low-bit format {fmt!r}; expected one of {sorted(FORMATS)}") from None
+
+
+def _sorted_finite(values):
+    """(sorted finite values, the code of each) -- NaN codes are never chosen."""
+    finite = torch.isfinite(values)
+    codes = torch.arange(values.numel())[finite]
+    vals = values[finite].double()
+    order = torch.argsort(vals, stable=True)
+    vals, codes = vals[order], codes[order]
+    # Equal values (fp8's +0/-0): keep the first code of each value.
+    keep = torch.ones_like(vals, dtype=torch.bool)
+    keep[1:] = vals[1:] != vals[:-1]
+    return vals[keep], codes[keep]
+
+
+def _f32_bits(x):
+    return torch.tensor(x, dtype=torch.float32).view(torch.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _codebook_cpu(name):
+    fmt = FORMATS[name]
+    values = fmt.values
+    nc = values.numel()
+    svals, scodes = _sorted_finite(values)
+    nsorted = svals.numel()
+    mids32 = ((svals[:-1] + svals[1:]) / 2).float()  # midpoints as the quantizer compares them: fp32
+    mids = mids32.double()
+    smallest = mids.abs()[mids != 0].min().item()
+    e_lo = max(1, min(127, math.floor(math.log2(smallest)) + 127))
+    nr = 127 - e_lo + 2
+    # Bucket edges, as doubles: row r >= 1 has exponent e_lo + r - 1, bucket m covers
+    # [2**(e-127) * (1 + m/256), 2**(e-127) * (1 + (m+1)/256)); row 0 covers [0, 2**(e_lo-127)).
+    m = torch.arange(256, dtype=torch.float64)
+    lo = torch.zeros(nr, 256, dtype=torch.float64)
+    hi = torch.zeros(nr, 256, dtype=torch.float64)
+    hi[0] = 2.0 ** (e_lo - 127)
+    for r in range(1, nr):
+        base = 2.0 ** (e_lo + r - 1 - 127)
+        lo[r] = base * (1 + m / 256)
+        hi[r] = base * (1 + (m + 1) / 256)
+    # Positive buckets [lo, hi): rank at lo = #mids < lo; one midpoint at most in [lo, hi).
+    pos = torch.searchsorted(mids, lo.flatten(), right=False).view(nr, 256)
+    pos_hi = torch.searchsorted(mids, hi.flatten(), right=False).view(nr, 256)
+    # Negative buckets (-hi, -lo]: rank at the infimum = #mids <= -hi; one midpoint at most in (-hi, -lo].
+    neg = torch.searchsorted(mids, (-hi).flatten(), right=True).view(nr, 256)
+    neg_hi = torch.searchsorted(mids, (-lo).flatten(), right=True).view(nr, 256)
+    if int((pos_hi - pos).max()) > 1 or int((neg_hi - neg).max()) > 1:
+        raise AssertionError(f"codebook {name}: a bucket holds more than one midpoint")
+    bounds = torch.full((nc,), math.inf, dtype=torch.float32)
+    bounds[:nsorted - 1] = mids32
+    rank_code = torch.zeros(nc, dtype=torch.int32)
+    rank_code[:nsorted] = scodes.to(torch.int32)
+    identity = int(nsorted == nc and torch.equal(scodes, torch.arange(nc)))
+    header = torch.tensor([nc, nr, e_lo, identity, 0, 0, 0, 0], dtype=torch.int32)
+    buckets = torch.stack([pos, neg]).to(torch.int32).flatten()
+    return torch.cat([header, values.view(torch.int32), bounds.view(torch.int32), rank_code, buckets])
+
+
+def codebook(fmt, device="cpu"):
+    """The int32 codebook of ``fmt`` on ``device`` (cached per device)."""
+    return _codebook_on(get_format(fmt).name, torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _codebook_on(name, device):
+    return _codebook_cpu(name).to(device)
+
+
+# -- the reference codec (pure PyTorch; the executable spec of every kernel) -----------------------
+
+def reference_codes(xn, fmt):
+    """Nearest-code search of normalized values ``xn`` (fp32, in [-1, 1]): ``torch.bucketize`` on the
+    fp32 midpoints between sorted map values, ties toward the lower value.  Returns int64 codes."""
+    fmt = get_format(fmt)
+    svals, scodes = _sorted_finite(fmt.values)
+    mids = ((svals[:-1] + svals[1:]) / 2).float().to(xn.device)
+    rank = torch.bucketize(xn.float(), mids, right=False)
+    return scodes.to(xn.device)[rank]
+
+
+def pack4(codes):
+    """Pack 4-bit codes (uint8/int64, even count) two per byte, low nibble first."""
+    c = codes.reshape(-1, 2).to(torch.uint8)
+    return (c[:, 0] | (c[:, 1] << 4)).contiguous()
+
+
+def unpack4(packed):
+    p = packed.reshape(-1).to(torch.int64)
+    return torch.stack([p & 0xF, p >> 4], dim=1).reshape(-1)
+
+
+def quantize_reference(x, fmt):
+    """Blockwise quantization of ``x`` (numel a multiple of the block): returns ``(codes, absmax)``,
+    codes uint8 (packed for 4-bit), absmax fp32 ``[numel / block]``."""
+    fmt = get_format(fmt)
+    xb = x.detach().float().reshape(-1, fmt.block)
+    absmax = xb.abs().amax(dim=1)
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    xn = (xb * inv[:, None]).clamp(-1.0, 1.0)
+    codes = reference_codes(xn.reshape(-1), fmt)
+    codes = pack4(codes) if fmt.bits == 4 else codes.to(torch.uint8)
+    return codes, absmax
+
+
+def dequantize_reference(codes, absmax, fmt):
+    """fp32 values of ``codes`` with per-block ``absmax`` (flat)."""
+    fmt = get_format(fmt)
+    idx = unpack4(codes) if fmt.bits == 4 else codes.reshape(-1).to(torch.int64)
+    vals = fmt.values.to(codes.device)[idx].reshape(-1, fmt.block)
+    return (vals * absmax.reshape(-1, 1)).reshape(-1)

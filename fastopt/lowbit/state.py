@@ -1,0 +1,94 @@
+"""Low-bit optimizer states inside fastopt's elementwise optimizers (the machinery behind
+``state_bits=``).
+
+``state_bits`` picks a format family: ``8`` (``dyn8s`` for signed states, ``dyn8u`` for non-negative
+ones, block 256), ``4`` (``dyn4s`` / ``lin4u``, block 128) or ``"fp8"`` (e4m3, block 256).  A
+parameter whose numel is at least ``min_quant_size`` (default 4096, as bitsandbytes'
+``min_8bit_size``) and a multiple of the block gets quantized states; any other keeps its states in
+full precision (the parameter's dtype, fp32 with ``master_weights``) and takes the ordinary path.
+
+A quantized state ``name`` is stored as ``state[name]`` (uint8 codes) and ``state[name + "_absmax"]``
+(fp32, one per block); ``state["state_format"]`` tags the layout, e.g.
+``"fastopt.lowbit/1:dyn8s,dyn8u"`` (the format of each state, in the optimizer's state order).
+"""
+import torch
+
+from .codebook import get_format
+
+TAG = "fastopt.lowbit/1"
+STATE_BITS = {8: ("dyn8s", "dyn8u"), 4: ("dyn4s", "lin4u"), "fp8": ("fp8", "fp8")}
+# States that never go negative take the unsigned map.
+UNSIGNED_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "exp_avg_var", "max_exp_avg_var"})
+
+
+def check_state_bits(bits, name="optimizer"):
+    """``None`` (full precision), 8, 4 or "fp8"; anything else is a ValueError."""
+    if bits is None:
+        return None
+    if isinstance(bits, str) and bits.lower() == "fp8":
+        return "fp8"
+    if bits in (8, 4) and not isinstance(bits, bool):
+        return int(bits)
+    raise ValueError(f"{name}: state_bits must be None, 8, 4 or 'fp8', got {bits!r}")
+
+
+def state_formats(bits, names):
+    """The format name of each state in ``names`` for the family ``bits``."""
+    signed, unsigned = STATE_BITS[check_state_bits(bits)]
+    return tuple(unsigned if n in UNSIGNED_STATES else signed for n in names)
+
+
+def format_tag(formats):
+    return f"{TAG}:{','.join(formats)}"
+
+
+def block_of(bits):
+    return get_format(STATE_BITS[check_state_bits(bits)][0]).block
+
+
+def is_quantizable(numel, bits, min_size):
+    return bits is not None and numel >= max(int(min_size), 1) and numel % block_of(bits) == 0
+
+
+def init_quantized(state, like, names, bits):
+    """Zero codes and absmax for each state of ``names`` (shaped after ``like``)."""
+    formats = state_formats(bits, names)
+    for name, fname in zip(names, formats):
+        fmt = get_format(fname)
+        state[name] = torch.zeros(fmt.codes_numel(like.numel()), dtype=torch.uint8, device=like.device)
+        state[name + "_absmax"] = torch.zeros(like.numel() // fmt.block, dtype=torch.float32, device=like.device)
+    state["state_format"] = format_tag(formats)
+
+
+def check_loaded_state(owner, state, p, names, bits, min_size, where):
+    """Raise ValueError when a loaded ``state`` does not have the layout this optimizer gives ``p``."""
+    expect_quant = is_quantizable(p.numel(), bits, min_size)
+    tag = state.get("state_format")
+    if tag is None:
+        quant_keys = [n for n in names if n in state and torch.is_tensor(state[n]) and state[n].dtype == torch.uint8]
+        if expect_quant and any(n in state for n in names):
+            raise ValueError(
+                f"{owner}: {where} holds full-precision states, but this optimizer keeps "
+                f"{bits if bits == 'fp8' else str(bits) + '-bit'} states for this parameter; load it into the "
+                f"full-precision optimizer, or start the low-bit one from scratch")
+        if quant_keys:
+            raise ValueError(f"{owner}: {where} holds uint8 states without a state_format tag")
+        return
+    if not isinstance(tag, str) or not tag.startswith(TAG + ":"):
+        raise ValueError(f"{owner}: {where} has an unknown state format {tag!r} (this fastopt reads {TAG!r})")
+    if not expect_quant:
+        raise ValueError(f"{owner}: {where} holds low-bit states ({tag}), but this optimizer "
+                         f"(state_bits={bits!r}, min_quant_size={min_size}) keeps this parameter's states in full "
+                         "precision")
+    expected = format_tag(state_formats(bits, names))
+    if tag != expected:
+        raise ValueError(f"{owner}: {where} was saved with state format {tag!r}, but this optimizer uses "
+                         f"{expected!r}; build the optimizer with the same state_bits (and options) as the "
+                         "checkpoint")
+    for name, fname in zip(names, state_formats(bits, names)):
+        fmt = get_format(fname)
+        codes, absmax = state.get(name), state.get(name + "_absmax")
+        if (not torch.is_tensor(codes) or codes.dtype != torch.uint8 or codes.numel() != fmt.codes_numel(p.numel())
+                or not torch.is_tensor(absmax) or absmax.numel() != p.numel() // fmt.block):
+            raise ValueError(f"{owner}: {where}: state {name!r} does not match a {fname} state of a "
+                             f"{p.numel()}-element parameter")

@@ -1,0 +1,396 @@
+"""Low-bit optimizer states: the blockwise codecs (every backend vs the reference vs brute force vs
+bitsandbytes), the fused low-bit step of every optimizer and backend vs the reference path, state
+dicts, AMP, errors, and training behaviour (a small model, a long noisy quadratic)."""
+import copy
+import io
+
+import pytest
+import torch
+
+import fastopt
+from fastopt import lowbit
+from fastopt.lowbit import FORMATS, dequantize_blockwise, quantize_blockwise
+from fastopt.lowbit.codebook import dequantize_reference, quantize_reference, unpack4
+
+from conftest import DEVICE_BACKENDS, KERNEL_DEVICE_BACKENDS
+from helpers import clone_params, run_side_by_side
+
+FORMAT_NAMES = sorted(FORMATS)
+
+
+def wide_values(n, seed=0, signed=True):
+    """Values over ~10 decades, plus the awkward ones: zero blocks, +-1 times the block max, exact
+    midpoints between map values."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen) * torch.logspace(-8, 2, n)[torch.randperm(n, generator=gen)]
+    x[:256] = 0.0                      # an all-zero block (absmax 0)
+    x[256:512] = 1e-30                 # a block of tiny equal values
+    return x if signed else x.abs()
+
+
+def midpoint_block(fmt, seed=0):
+    """Blocks whose normalized values sit exactly on the fp32 midpoints between map values, one ulp to
+    either side, and on the map values themselves (the first element of each block is 1: absmax 1)."""
+    f = FORMATS[fmt]
+    vals = torch.sort(f.values[torch.isfinite(f.values)]).values
+    mids = (vals[:-1] + vals[1:]) / 2
+    pts = torch.cat([mids, torch.nextafter(mids, torch.ones_like(mids)), torch.nextafter(mids, -torch.ones_like(mids)),
+                     vals, torch.tensor([1.0, -1.0, 0.0, -0.0])]).clamp(-1, 1)
+    per = f.block - 1
+    pad = (-pts.numel()) % per
+    pts = torch.cat([pts, torch.zeros(pad)]).reshape(-1, per)
+    return torch.cat([torch.ones(pts.shape[0], 1), pts], dim=1).reshape(-1)
+
+
+# -- the codec ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_reference_codes_are_nearest(fmt):
+    """The reference picks the nearest map value (brute force over all codes), ties to the lower."""
+    f = FORMATS[fmt]
+    x = torch.cat([wide_values(1 << 14, signed=f.signed), midpoint_block(fmt)])
+    codes, absmax = quantize_reference(x, fmt)
+    xn = (x.reshape(-1, f.block) * torch.where(absmax > 0, 1 / absmax, 0)[:, None]).clamp(-1, 1).reshape(-1)
+    idx = unpack4(codes) if f.bits == 4 else codes.long()
+    finite = torch.isfinite(f.values)
+    dist = (xn.double()[:, None] - f.values.double()[None, :]).abs()
+    dist[:, ~finite] = float("inf")
+    best = dist.min(dim=1).values
+    chosen = dist.gather(1, idx[:, None]).squeeze(1)
+    # Nearest up to the fp32 rounding of the midpoints the quantizer compares with (< 1 ulp of 1.0).
+    assert (chosen - best).max().item() <= 6e-8
+    # Exactly on a midpoint: the lower value.
+    vals = torch.sort(f.values[finite]).values
+    mids = ((vals[:-1] + vals[1:]) / 2).float()
+    on_mid = torch.isin(xn, mids)
+    if on_mid.any():
+        chosen_vals = f.values[idx[on_mid]]
+        assert (chosen_vals <= xn[on_mid]).all()
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_DEVICE_BACKENDS)
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_codec_matches_reference(device, backend, fmt):
+    f = FORMATS[fmt]
+    n = 1 << 13 if backend == "triton" else 1 << 16
+    x = torch.cat([wide_values(n, signed=f.signed), midpoint_block(fmt)]).to(device)
+    codes, absmax = quantize_blockwise(x, fmt, backend=backend)
+    ref_codes, ref_absmax = quantize_reference(x.cpu(), fmt)
+    assert codes.dtype == torch.uint8 and codes.numel() == f.codes_numel(x.numel())
+    assert torch.equal(absmax.cpu(), ref_absmax)
+    assert torch.equal(codes.cpu(), ref_codes)
+    back = dequantize_blockwise(codes, absmax, fmt, backend=backend)
+    assert torch.equal(back.cpu(), dequantize_reference(ref_codes, ref_absmax, fmt))
+
+
+def test_codec_errors():
+    with pytest.raises(ValueError, match="multiple of the dyn8s block 256"):
+        quantize_blockwise(torch.zeros(300), "dyn8s")
+    with pytest.raises(ValueError, match="unknown low-bit format"):
+        quantize_blockwise(torch.zeros(256), "int3")
+    codes, absmax = quantize_blockwise(torch.randn(512), "dyn8s")
+    with pytest.raises(ValueError, match="256 values per absmax"):
+        dequantize_blockwise(codes, absmax[:1], "dyn8s")
+
+
+def test_maps_match_bitsandbytes_and_torchao():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    assert torch.equal(FORMATS["dyn8s"].values, bnbf.create_dynamic_map(signed=True))
+    assert torch.equal(FORMATS["dyn8u"].values, bnbf.create_dynamic_map(signed=False))
+    try:
+        from torchao.optim.subclass_4bit import get_qmap_signed, get_qmap_unsigned
+    except ImportError:
+        return
+    assert torch.equal(FORMATS["dyn4s"].values, torch.tensor(get_qmap_signed()))
+    assert torch.equal(FORMATS["lin4u"].values, torch.tensor(get_qmap_unsigned()))
+
+
+@pytest.mark.parametrize("fmt,signed", [("dyn8s", True), ("dyn8u", False)])
+@pytest.mark.parametrize("data", ["randn", "squared", "wide"])
+def test_codec_vs_bitsandbytes(fmt, signed, data):
+    """Same format as bitsandbytes' quantize_blockwise (CPU): identical absmax, bnb decodes our codes
+    to exactly our values.  bnb's CPU quantizer is not always nearest (its fast search misplaces some
+    small values), so codes agree on most elements and, where they differ, ours is never farther."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    gen = torch.Generator().manual_seed(1)
+    n = 1 << 18
+    x = {"randn": lambda: torch.randn(n, generator=gen),
+         "squared": lambda: torch.randn(n, generator=gen) ** 2 * 1e-4,
+         "wide": lambda: wide_values(n, seed=1)}[data]()
+    if not signed:
+        x = x.abs()
+    code = bnbf.create_dynamic_map(signed=signed)
+    q, qstate = bnbf.quantize_blockwise(x, code=code, blocksize=256)
+    codes, absmax = quantize_blockwise(x, fmt, backend="cpu" if fastopt.build_info()["native_module"] else "torch")
+    assert torch.equal(qstate.absmax, absmax)
+    ours = dequantize_blockwise(codes, absmax, fmt)
+    assert torch.equal(bnbf.dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=256), ours)
+    xn = (x.reshape(-1, 256) * torch.where(absmax > 0, 1 / absmax, 0)[:, None]).reshape(-1).double()
+    d_ours = (xn - code.double()[codes.long()]).abs()
+    d_bnb = (xn - code.double()[q.long()]).abs()
+    assert (d_ours - d_bnb).max().item() <= 6e-8
+    agree = (q == codes).float().mean().item()
+    assert agree > {"randn": 0.99, "squared": 0.95, "wide": 0.3}[data], agree
+
+
+# -- the fused step -------------------------------------------------------------------------------
+
+LOWBIT_CLASSES = [
+    (lowbit.AdamW8bit, {}), (lowbit.AdamW4bit, {}), (lowbit.AdamWFp8, {}),
+    (lowbit.Adam8bit, dict(weight_decay=0.1, amsgrad=True)),
+    (lowbit.Lion8bit, dict(weight_decay=0.1)), (lowbit.Lion4bit, {}),
+    (lowbit.Adan8bit, dict(weight_decay=0.02)), (lowbit.Adan4bit, dict(weight_decay=0.02, weight_decouple=True)),
+    (lowbit.AdaBelief8bit, dict(rectify=True)), (lowbit.AdaBelief4bit, dict(ams_bound=True)),
+    (lowbit.DiffGrad8bit, {}), (lowbit.EXAdamFp8, {}),
+]
+# Quantized (4096+ and block multiples) and full-precision (small or odd) tensors in one group.
+SHAPES = [(64, 128), (4096 * 3,), (1000,), (7,), (256 * 17,)]
+
+
+def _ids(cases):
+    return [f"{c.__name__}{'-' + '-'.join(k for k in kw) if kw else ''}" for c, kw in cases]
+
+
+def _lr(cls):
+    return 1e-3 if "Lion" in cls.__name__ else 1e-2
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_DEVICE_BACKENDS)
+@pytest.mark.parametrize("cls,kw", LOWBIT_CLASSES, ids=_ids(LOWBIT_CLASSES))
+def test_lowbit_step_matches_reference(device, backend, cls, kw):
+    shapes = SHAPES if backend != "triton" else [(64, 64), (4096,), (100,)]
+    base = [torch.randn(s) for s in shapes]
+    pa, pb = clone_params([t.to(device) for t in base]), clone_params(base)
+    a = cls(pa, lr=_lr(cls), backend=backend, **kw)
+    b = cls(pb, lr=_lr(cls), backend="torch", **kw)
+    run_side_by_side([a, b], [pa, pb], steps=4)
+    for x, y in zip(pa, pb):
+        diff = (x.detach().cpu() - y.detach()).abs()
+        # fp32 rounding differences (kernel vs torch ops) may move a state across a code midpoint,
+        # which then moves that element's update: allow it for a tiny fraction, bounded by the lr.
+        assert (diff > 2e-6 + 2e-5 * y.detach().abs()).float().mean().item() < 1e-3
+        assert diff.max().item() <= 4 * _lr(cls)
+        sa, sb = a.state[x], b.state[y]
+        assert ("state_format" in sa) == ("state_format" in sb) == (x.numel() >= 4096)
+        assert float(sa["step"]) == float(sb["step"]) == 4.0
+        for key, value in sb.items():
+            if key.endswith("_absmax"):
+                torch.testing.assert_close(sa[key].cpu(), value, rtol=1e-5, atol=0)
+            elif "state_format" in sb and torch.is_tensor(value) and value.dtype == torch.uint8:
+                # fp32 rounding differences may move a value across a midpoint: one code, rarely.
+                assert (sa[key].cpu() != value).float().mean().item() < 1e-3, key
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_quantized_and_small_tensors(device, backend):
+    ps = clone_params([torch.randn(s, device=device) for s in [(4096,), (4095,), (4352,), (256,)]])
+    opt = lowbit.AdamW8bit(ps, lr=1e-3, backend=backend)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    kinds = [opt.state[p]["exp_avg"].dtype for p in ps]
+    assert kinds == [torch.uint8, torch.float32, torch.uint8, torch.float32]
+    assert opt.state[ps[0]]["exp_avg_absmax"].shape == (16,)
+    assert opt.state[ps[0]]["state_format"] == "fastopt.lowbit/1:dyn8s,dyn8u"
+    opt4 = lowbit.AdamW4bit(clone_params([torch.randn(4096 + 128, device=device)]), backend=backend)
+    p4 = opt4.param_groups[0]["params"][0]
+    p4.grad = torch.randn_like(p4)
+    opt4.step()
+    assert opt4.state[p4]["exp_avg"].numel() == (4096 + 128) // 2
+    assert opt4.state[p4]["exp_avg_sq_absmax"].numel() == (4096 + 128) // 128
+    small = lowbit.Lion8bit(clone_params([torch.randn(8192, device=device)]), min_quant_size=10 ** 6)
+    q = small.param_groups[0]["params"][0]
+    q.grad = torch.randn_like(q)
+    small.step()
+    assert small.state[q]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_DEVICE_BACKENDS)
+def test_bf16_stochastic_rounding_and_master_weights(device, backend):
+    base = [torch.randn(4096).bfloat16(), torch.randn(64, 128).bfloat16()]
+    for extra in (dict(stochastic_rounding=True, seed=7), dict(master_weights=True)):
+        pa, pb = clone_params([t.to(device) for t in base]), clone_params(base)
+        a = lowbit.AdamW8bit(pa, lr=1e-2, backend=backend, **extra)
+        b = lowbit.AdamW8bit(pb, lr=1e-2, backend="torch", **extra)
+        run_side_by_side([a, b], [pa, pb], steps=3)
+        for x, y in zip(pa, pb):
+            assert x.dtype == torch.bfloat16
+            diff = (x.detach().float().cpu() - y.detach().float()).abs()
+            # bf16 storage: identical bits, or one bf16 ulp where fp32 math differs at a rounding edge.
+            assert (diff > 0).float().mean().item() < 1e-3
+            if "master_param" in b.state[y]:
+                torch.testing.assert_close(a.state[x]["master_param"].cpu(), b.state[y]["master_param"],
+                                           rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_amp_found_inf_skips(device, backend):
+    ps = clone_params([torch.randn(8192, device=device)])
+    opt = lowbit.AdamW8bit(ps, lr=1e-2, backend=backend)
+    ps[0].grad = torch.randn_like(ps[0])
+    opt.step()
+    before = copy.deepcopy(opt.state_dict()), ps[0].detach().clone()
+    opt.grad_scale = torch.tensor(1024.0, device=device)
+    opt.found_inf = torch.tensor(1.0, device=device)
+    ps[0].grad = torch.full_like(ps[0], float("inf"))
+    opt.step()
+    after = opt.state_dict()
+    assert torch.equal(ps[0].detach(), before[1])
+    for key, value in before[0]["state"][0].items():
+        assert torch.equal(after["state"][0][key], value) if torch.is_tensor(value) else after["state"][0][key] == value
+    opt.found_inf = torch.tensor(0.0, device=device)
+    ps[0].grad = torch.randn_like(ps[0]) * 1024
+    opt.step()
+    assert float(opt.state[ps[0]]["step"]) == 2.0
+    assert torch.isfinite(ps[0]).all()
+
+
+# -- state dicts ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls", [lowbit.AdamW8bit, lowbit.AdamW4bit, lowbit.LionFp8])
+def test_state_dict_round_trip_bit_exact(cls, dtype):
+    base = [torch.randn(4096).to(dtype), torch.randn(64, 128).to(dtype), torch.randn(10).to(dtype)]
+    pa = clone_params(base)
+    a = cls(pa, lr=1e-2)
+    run_side_by_side([a], [pa], steps=3)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    pb = clone_params([p.detach() for p in pa])
+    b = cls(pb, lr=1e-2)
+    b.load_state_dict(saved)
+    for x, y in zip(pa, pb):
+        sa, sb = a.state[x], b.state[y]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            if torch.is_tensor(sa[key]):
+                assert sb[key].dtype == sa[key].dtype and torch.equal(sb[key], sa[key]), key
+            else:
+                assert sa[key] == sb[key]
+    run_side_by_side([a, b], [pa, pb], steps=2, seed0=50)
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_state_dict_across_devices():
+    base = [torch.randn(8192), torch.randn(100)]
+    pa = clone_params(base)
+    a = lowbit.AdamW8bit(pa, lr=1e-2, backend="cpu")
+    run_side_by_side([a], [pa], steps=2)
+    pb = clone_params([p.detach().cuda() for p in pa])
+    b = lowbit.AdamW8bit(pb, lr=1e-2)
+    b.load_state_dict(a.state_dict())
+    for x, y in zip(pa, pb):
+        for key, value in a.state[x].items():
+            if torch.is_tensor(value):
+                assert b.state[y][key].device.type == "cuda" and torch.equal(b.state[y][key].cpu(), value)
+    run_side_by_side([a, b], [pa, pb], steps=2, seed0=9)
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(y.detach().cpu(), x.detach(), rtol=2e-5, atol=2e-6)
+
+
+def test_incompatible_state_dicts_are_refused():
+    base = [torch.randn(8192)]
+    p8 = clone_params(base)
+    o8 = lowbit.AdamW8bit(p8)
+    run_side_by_side([o8], [p8], steps=1)
+    sd8 = o8.state_dict()
+    p4 = clone_params(base)
+    o4 = lowbit.AdamW4bit(p4)
+    run_side_by_side([o4], [p4], steps=1)
+    before = copy.deepcopy(o4.state_dict())
+    with pytest.raises(ValueError, match="dyn8s,dyn8u.*dyn4s,lin4u"):
+        o4.load_state_dict(sd8)
+    assert torch.equal(o4.state_dict()["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
+    # A full-precision checkpoint into a low-bit optimizer, and the other way round.
+    pf = clone_params(base)
+    of = fastopt.AdamW(pf)
+    run_side_by_side([of], [pf], steps=1)
+    with pytest.raises(ValueError, match="full-precision states"):
+        lowbit.AdamW8bit(clone_params(base)).load_state_dict(of.state_dict())
+    with pytest.raises(ValueError, match="keeps this parameter's states in full precision"):
+        lowbit.AdamW8bit(clone_params(base), min_quant_size=10 ** 6).load_state_dict(sd8)
+    bad = copy.deepcopy(sd8)
+    bad["state"][0]["state_format"] = "fastopt.lowbit/9:dyn8s,dyn8u"
+    with pytest.raises(ValueError, match="unknown state format"):
+        lowbit.AdamW8bit(clone_params(base)).load_state_dict(bad)
+
+
+def test_option_errors():
+    with pytest.raises(ValueError, match="state_bits must be None, 8, 4 or 'fp8'"):
+        fastopt.Lion(clone_params([torch.randn(10)]), state_bits=6)
+    with pytest.raises(ValueError, match="min_quant_size"):
+        fastopt.Adan(clone_params([torch.randn(10)]), state_bits=8, min_quant_size=-1)
+    ps = clone_params([torch.randn(8192)])
+    opt = fastopt.AdaBelief(ps, state_bits=8)
+    run_side_by_side([opt], [ps], steps=1)
+    opt.param_groups[0]["state_bits"] = 4
+    before = ps[0].detach().clone()
+    with pytest.raises(ValueError, match="state_bits or ams_bound changed"):
+        run_side_by_side([opt], [ps], steps=1)
+    assert torch.equal(ps[0].detach(), before)
+
+
+# -- training behaviour ---------------------------------------------------------------------------
+
+def _train(opt_factory, steps=300):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    teacher = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64))
+    opt = opt_factory(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(128, 64, generator=gen)
+        with torch.no_grad():
+            y = teacher(x)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return sum(losses[-20:]) / 20, losses[0]
+
+
+# Stated tolerances (measured on CPU: AdamW 8bit -1.8%, 4bit +1.2%, fp8 -3.0%; Lion 8bit +3.2%,
+# fp8 +8.0%, 4bit +35%: 4-bit momentum flips Lion's sign update often enough to show).
+TRAIN_TOLERANCE = {("AdamW", 8): 0.05, ("AdamW", 4): 0.05, ("AdamW", "fp8"): 0.05,
+                   ("Lion", 8): 0.10, ("Lion", "fp8"): 0.15, ("Lion", 4): 0.50}
+
+
+@pytest.mark.parametrize("bits", [8, 4, "fp8"])
+@pytest.mark.parametrize("name", ["AdamW", "Lion"])
+def test_training_tracks_full_precision(name, bits):
+    """A 2-layer MLP regressing a random teacher for 300 steps: the low-bit optimizer's final loss
+    (mean of the last 20) is within TRAIN_TOLERANCE of the full-precision one's, which falls > 3x."""
+    lr = 1e-3 if name == "AdamW" else 1e-4
+    full_cls = lowbit.ElementwiseAdamW if name == "AdamW" else fastopt.Lion
+    full, first = _train(lambda ps: full_cls(ps, lr=lr))
+    low, _ = _train(lambda ps: full_cls(ps, lr=lr, state_bits=bits, min_quant_size=1024))
+    assert full < first / 3
+    assert abs(low - full) <= TRAIN_TOLERANCE[(name, bits)] * full, (low, full)
+
+
+def test_no_nan_over_10k_steps_on_a_noisy_quadratic():
+    """10,000 steps of AdamW with 8-bit, 4-bit and fp8 states on 0.5 * sum(h x^2) with noisy gradients,
+    curvatures h over two decades, shuffled: no NaN/inf anywhere, and the loss ends 1000x below its
+    start (full precision: 8874 -> 0.2; 8bit 0.4, fp8 0.5, 4bit 2.7).  Wider curvature ranges inside one
+    block put the small second moments below the map's smallest nonzero value (see the README)."""
+    for bits in (8, 4, "fp8"):
+        gen = torch.Generator().manual_seed(3)
+        h = torch.logspace(-1, 1, 8192)[torch.randperm(8192, generator=gen)]
+        x = torch.nn.Parameter(torch.randn(8192, generator=gen))
+        opt = lowbit.ElementwiseAdamW([x], lr=1e-3, weight_decay=0.0, state_bits=bits)
+        start = float((0.5 * h * x.detach() ** 2).sum())
+        for _ in range(10_000):
+            x.grad = h * x.detach() + 0.1 * torch.randn(8192, generator=gen)
+            opt.step()
+        state = opt.state[x]
+        assert state["exp_avg"].dtype == torch.uint8
+        assert torch.isfinite(x).all()
+        assert torch.isfinite(state["exp_avg_absmax"]).all() and torch.isfinite(state["exp_avg_sq_absmax"]).all()
+        end = float((0.5 * h * x.detach() ** 2).sum())
+        assert end < start / 1000, (bits, start, end)
