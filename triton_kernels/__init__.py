@@ -7,3 +7,4 @@ without a GPU the kernels run under ``TRITON_INTERPRET=1`` (that is how CI tests
 from .multi_tensor import multi_tensor_apply  # noqa: F401
 from .adam import adam_step  # noqa: F401
 from .ops import OPS, elementwise_step  # noqa: F401
+from .lowbit import lowbit_step, quantize_blockwise  # noqa: F401

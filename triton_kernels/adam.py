@@ -58,3 +58,35 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
         flags=(DECOUPLED if decoupled else 0) | (AMSGRAD if amsgrad else 0),
         lr=lr, grad_scale=grad_scale, found_inf=found_inf, sign=-1.0 if maximize else 1.0,
     )
+
+
+# -- Adam / AdamW as registered elementwise ops ("adamw", "adamw_ams", "adam", "adam_ams"; the C++
+# AdamOp<DECOUPLED, AMSGRAD> of functors/adam.h), for the generic launchers (elementwise.py, lowbit.py).
+
+@triton.jit
+def adam_op_update(p, g, m, v, vmax, s4, step, lr, r0, r1, r2, r3,
+                   one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                   log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo, H9, H10, H11, H12, H13, H14, H15,
+                   FLAGS: tl.constexpr):
+    """:func:`adam_update` with the generic UPDATE signature (states exp_avg, exp_avg_sq[, max_exp_avg_sq])."""
+    p, m, v, vmax = adam_update(p, g, m, v, vmax, step, lr, one_minus_beta1, beta2, one_minus_beta2, eps,
+                                weight_decay, log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo, H9, FLAGS)
+    return p, m, v, vmax, s4
+
+
+def _adam_pack(decoupled, amsgrad):
+    bits = (DECOUPLED if decoupled else 0) | (AMSGRAD if amsgrad else 0)
+
+    def pack(hyper, flags):
+        """Native hyper (beta1, beta2, eps, weight_decay), flags 0 (the op name picks the variant) -> slots."""
+        beta1, beta2, eps, weight_decay = hyper
+        return (1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay,
+                *split_f64(_log(beta1)), *split_f64(_log(beta2))), bits
+
+    return pack
+
+
+adamw_pack = _adam_pack(True, False)
+adamw_ams_pack = _adam_pack(True, True)
+adam_l2_pack = _adam_pack(False, False)
+adam_l2_ams_pack = _adam_pack(False, True)

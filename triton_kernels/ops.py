@@ -5,6 +5,7 @@ same tuple the C++ kernels take) to the Triton slots.  Mirrors ``FASTOPT_FOR_EAC
 """
 from collections import namedtuple
 
+from .adam import adam_l2_ams_pack, adam_l2_pack, adam_op_update, adamw_ams_pack, adamw_pack
 from .adamp import (adamp_flat_update, adamp_pack, adamp_reduce, adamp_update, sgdp_flat_update, sgdp_pack,
                     sgdp_reduce, sgdp_update)
 from .adan import adan_pack, adan_update
@@ -18,6 +19,10 @@ from .lion import lion_pack, lion_update
 TritonOp = namedtuple("TritonOp", "update reduce nreduce pack")
 
 OPS = {
+    "adamw": TritonOp(adam_op_update, no_reduce, 0, adamw_pack),
+    "adamw_ams": TritonOp(adam_op_update, no_reduce, 0, adamw_ams_pack),
+    "adam": TritonOp(adam_op_update, no_reduce, 0, adam_l2_pack),
+    "adam_ams": TritonOp(adam_op_update, no_reduce, 0, adam_l2_ams_pack),
     "lion": TritonOp(lion_update, no_reduce, 0, lion_pack),
     "clip": TritonOp(clip_update, clip_reduce, 1, clip_pack),
     "adan": TritonOp(adan_update, no_reduce, 0, adan_pack),

@@ -67,7 +67,8 @@ void lowbit_cpu(const LowbitArgs& la) {
 
 void quantize_cpu(int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t block, int64_t book, bool dequantize) {
   check_arg(x != 0 && codes != 0 && absmax != 0 && book != 0, "null address");
-  check_arg(block >= 2 && block % 2 == 0 && numel % block == 0, "numel must be a multiple of an even block");
+  check_arg(block >= 2 && block % 2 == 0 && block <= kMaxQuantBlock && numel % block == 0,
+            "numel must be a multiple of an even block of at most " + std::to_string(kMaxQuantBlock));
   auto* xp = reinterpret_cast<float*>(static_cast<intptr_t>(x));
   auto* cp = reinterpret_cast<uint8_t*>(static_cast<intptr_t>(codes));
   auto* ap = reinterpret_cast<float*>(static_cast<intptr_t>(absmax));

@@ -6,4 +6,5 @@ Each op's suite lives in its own module here and registers itself on import; add
 from . import adamw  # noqa: F401  (registers the "adamw" suite)
 from . import zoo  # noqa: F401  (registers the "zoo-<optimizer>" suites)
 from . import muon  # noqa: F401  (registers the "newton_schulz" and "muon" suites)
+from . import lowbit  # noqa: F401  (registers the "lowbit-adamw" suite)
 from .harness import SUITES, Bar, Case, Suite, Unsupported, Workload, main, register  # noqa: F401

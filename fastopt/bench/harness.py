@@ -99,10 +99,15 @@ class Suite:
     unit: str = "items"
     baseline: Optional[str] = None
     bars: Callable[["Context"], list] = lambda ctx: []
+    other_baselines: tuple = ()  # more methods to get a speedup_vs_<method> column
 
     @property
     def speedup_key(self):
-        return "speedup_vs_" + re.sub(r"\W", "_", self.baseline) if self.baseline else None
+        return speedup_key(self.baseline) if self.baseline else None
+
+
+def speedup_key(method):
+    return "speedup_vs_" + re.sub(r"\W", "_", method)
 
 
 def register(suite):
@@ -275,12 +280,11 @@ def run_case(suite, case, ctx):
 
 def add_speedups(suite, rows):
     """``speedup_vs_<baseline>`` = baseline ms / ms, per config; None where either did not run."""
-    if not suite.baseline:
-        return
-    base = {r["config"]: r.get("ms") for r in rows if r["method"] == suite.baseline}
-    for r in rows:
-        b = base.get(r["config"])
-        r[suite.speedup_key] = b / r["ms"] if b and r.get("ms") else None
+    for baseline in ((suite.baseline,) if suite.baseline else ()) + tuple(suite.other_baselines):
+        base = {r["config"]: r.get("ms") for r in rows if r["method"] == baseline}
+        for r in rows:
+            b = base.get(r["config"])
+            r[speedup_key(baseline)] = b / r["ms"] if b and r.get("ms") else None
 
 
 def run_suite(suite, ctx):

@@ -1,0 +1,424 @@
+"""Low-bit optimizer states in Triton: the blockwise codec and the fused dequantize -> update ->
+requantize step of every registered elementwise op (the Triton side of ``csrc/include/fastopt/quant.h``
+and ``csrc/cpu/lowbit_kernels.cpp``).
+
+A quantized state stores, per block of ``block`` elements, one fp32 ``absmax`` and one code per element
+(a byte for 8-bit formats; two per byte for 16-code books, element ``2j`` in the low nibble of byte
+``j``); ``x_hat = values[code] * absmax``.  Quantizing reads the int32 codebook of
+:mod:`fastopt.lowbit.codebook` exactly as ``quant.h`` does::
+
+    absmax = max |x| over the block;  inv = absmax > 0 ? 1 / absmax : 0;  xn = clamp(x * inv, -1, 1)
+    rank = bucket[sign][row][top 8 mantissa bits of xn] + (bounds[rank] < xn)
+    code = identity ? rank : rank_code[rank]
+
+Each program handles ``G`` whole blocks as a ``[G, block / 2, 2]`` tile: element ``(g, j, h)`` is
+element ``2 j + h`` of block ``g``, so the tile is contiguous in memory, a 4-bit byte holds the pair
+``(g, j, 0..1)`` and packing is a sum over the last axis (no reshapes, no atomics).  The step kernel
+loads params, grads and states (plain states in the params' dtype, quantized ones dequantized), calls
+the op's ``UPDATE`` (:mod:`.ops`) in fp32 with zero row coefficients, stores the params (bf16:
+round to nearest even, or stochastic rounding with the same counter-based bits as
+:mod:`.elementwise`) and requantizes each quantized state with its new block absmax.
+"""
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .elementwise import MAX_STATES, N_HYPER, _bf16_stochastic, _increment_steps_kernel, _ptr, fmix32
+from .multi_tensor import _TL_DTYPES, to_bf16_rne
+from .ops import OPS
+
+HEADER = 8          # int32 words before the codebook's tables
+MAX_BLOCK = 256     # as kMaxQuantBlock
+# Elements per program (G = TILE // block whole blocks).  The interpreter pays ~1 ms of Python per
+# nested @triton.jit call and program, whatever the tile size: it gets big tiles.
+TILE = 8192 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 1024
+
+PLAIN, Q8, Q4 = 0, 1, 2   # how a state is stored
+
+
+# -- device helpers ----------------------------------------------------------------------------------
+
+@triton.jit
+def _tile(blk0, nblocks, BLOCK: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr):
+    """Blocks ``blk0 .. blk0 + G - 1`` (those below ``nblocks``) as a [G, HALF, 2] tile.
+
+    Returns (block index [G], its mask, pair index [G, HALF] = byte index of 4-bit codes, its mask,
+    element offsets [G, HALF, 2], their mask, the nibble index [2])."""
+    g = tl.arange(0, G)
+    j = tl.arange(0, HALF)
+    h = tl.arange(0, 2)
+    blk = blk0 + g
+    gmask = blk < nblocks
+    pair = blk[:, None] * (BLOCK // 2) + j[None, :]
+    pmask = gmask[:, None] & (j < BLOCK // 2)[None, :]
+    offs = pair[:, :, None] * 2 + h[None, None, :]
+    mask = pmask[:, :, None] & (h < 2)[None, None, :]
+    return blk, gmask, pair, pmask, offs, mask, h
+
+
+@triton.jit
+def _load_codes(cptr, pair, pmask, offs, mask, h, FOUR: tl.constexpr):
+    """int32 codes [G, HALF, 2] (``quant.h`` load_code)."""
+    if FOUR:
+        byte = tl.load(cptr + pair, mask=pmask, other=0).to(tl.int32)
+        code = (byte[:, :, None] >> (h * 4)[None, None, :]) & 0xF
+    else:
+        code = tl.load(cptr + offs, mask=mask, other=0).to(tl.int32)
+    return code
+
+
+@triton.jit
+def _store_codes(cptr, code, pair, pmask, offs, mask, h, FOUR: tl.constexpr):
+    if FOUR:
+        packed = tl.sum(code << (h * 4)[None, None, :], axis=2)  # disjoint nibbles: sum == or
+        tl.store(cptr + pair, packed.to(tl.uint8), mask=pmask)
+    else:
+        tl.store(cptr + offs, code.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _dequantize(book, code, amax):
+    """values[code] * absmax, with absmax per block ([G])."""
+    vals = tl.load(book + HEADER + code).to(tl.float32, bitcast=True)
+    return vals * amax[:, None, None]
+
+
+@triton.jit
+def _quantize(book, x, mask):
+    """(absmax [G], codes [G, HALF, 2]) of the fp32 tile ``x``: quant.h quantize_code(quant_normalize(x,
+    quant_inv_scale(absmax))).  NaNs never raise absmax (as std::max in the C++ reduction)."""
+    a = tl.where(mask & (x == x), tl.abs(x), 0.0)
+    amax = tl.max(tl.max(a, axis=2), axis=1)
+    pos = amax > 0.0
+    inv = tl.where(pos, tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), tl.where(pos, amax, 1.0)), 0.0)
+    xn = x * inv[:, None, None]
+    xn = tl.where(xn < -1.0, -1.0, tl.where(xn > 1.0, 1.0, xn))  # NaN stays NaN, as in quant.h
+    nc = tl.load(book)
+    nr = tl.load(book + 1)
+    e_lo = tl.load(book + 2)
+    identity = tl.load(book + 3)
+    u = xn.to(tl.uint32, bitcast=True)
+    sign = (u >> 31).to(tl.int32)
+    row = ((u >> 23) & 0xFF).to(tl.int32) - e_lo + 1
+    m = ((u >> 15) & 0xFF).to(tl.int32)
+    m = tl.where(row < 1, 0, m)
+    row = tl.where(row < 1, 0, tl.where(row > nr - 1, nr - 1, row))
+    r = tl.load(book + HEADER + 3 * nc + (sign * nr + row) * 256 + m)
+    bound = tl.load(book + HEADER + nc + r).to(tl.float32, bitcast=True)
+    r = r + (bound < xn).to(tl.int32)
+    code = tl.where(identity != 0, r, tl.load(book + HEADER + 2 * nc + r))
+    return amax, code
+
+
+@triton.jit
+def _codec_kernel(x, codes, absmax, book, nblocks, DEQUANTIZE: tl.constexpr, FOUR: tl.constexpr,
+                  BLOCK: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr):
+    blk0 = tl.program_id(0).to(tl.int64) * G
+    blk, gmask, pair, pmask, offs, mask, h = _tile(blk0, nblocks, BLOCK, G, HALF)
+    if DEQUANTIZE:
+        amax = tl.load(absmax + blk, mask=gmask, other=0.0)
+        code = _load_codes(codes, pair, pmask, offs, mask, h, FOUR)
+        tl.store(x + offs, _dequantize(book, code, amax), mask=mask)
+    else:
+        v = tl.load(x + offs, mask=mask, other=0.0)
+        amax, code = _quantize(book, v, mask)
+        tl.store(absmax + blk, amax, mask=gmask)
+        _store_codes(codes, code, pair, pmask, offs, mask, h, FOUR)
+
+
+@triton.jit
+def _load_state(addr_table, row, COL: tl.constexpr, ACOL: tl.constexpr, NCOL: tl.constexpr, book, blk, gmask,
+                pair, pmask, offs, mask, h, Q: tl.constexpr, DTYPE: tl.constexpr):
+    if Q == 0:
+        v = tl.load(_ptr(addr_table, row, COL, NCOL, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        amax = tl.load(_ptr(addr_table, row, ACOL, NCOL, tl.float32) + blk, mask=gmask, other=0.0)
+        code = _load_codes(_ptr(addr_table, row, COL, NCOL, tl.uint8), pair, pmask, offs, mask, h, Q == 2)
+        v = _dequantize(book, code, amax)
+    return v
+
+
+@triton.jit
+def _store_state(addr_table, row, COL: tl.constexpr, ACOL: tl.constexpr, NCOL: tl.constexpr, book, v, blk, gmask,
+                 pair, pmask, offs, mask, h, Q: tl.constexpr, DTYPE: tl.constexpr):
+    if Q == 0:
+        ptr = _ptr(addr_table, row, COL, NCOL, DTYPE)
+        if DTYPE == tl.bfloat16:
+            tl.store(ptr + offs, to_bf16_rne(v), mask=mask)
+        else:
+            tl.store(ptr + offs, v.to(DTYPE), mask=mask)
+    else:
+        amax, code = _quantize(book, v, mask)
+        tl.store(_ptr(addr_table, row, ACOL, NCOL, tl.float32) + blk, amax, mask=gmask)
+        _store_codes(_ptr(addr_table, row, COL, NCOL, tl.uint8), code, pair, pmask, offs, mask, h, Q == 2)
+
+
+@triton.jit(do_not_specialize=["seed"])  # seed == 1 must not become a constexpr (seed.to below)
+def _lowbit_kernel(
+    addr_table, nblocks_ptr, prog_tensor, prog_block,
+    lr_value, lr_ptr, grad_scale_ptr, found_inf_ptr, sign, seed, B1, B2, B3, B4,
+    H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
+    UPDATE: tl.constexpr, NSTATE: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr, Q3: tl.constexpr,
+    Q4: tl.constexpr, FLAGS: tl.constexpr, DTYPE: tl.constexpr,
+    HAS_LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    STOCHASTIC: tl.constexpr, HAS_STEPS: tl.constexpr,
+    BLOCK: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr,
+):
+    # Table columns: param, grad, the states (codes or values), each state's absmax (0: plain), step.
+    NCOL: tl.constexpr = 2 * NSTATE + 3
+    pid = tl.program_id(0)
+    skip = 0.0
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr)
+    if skip == 0.0:
+        row = tl.load(prog_tensor + pid).to(tl.int64)
+        blk0 = tl.load(prog_block + pid)
+        nblocks = tl.load(nblocks_ptr + row)
+        lr = lr_value
+        if HAS_LR_PTR:
+            lr = tl.load(lr_ptr)
+        grad_mul = sign
+        if HAS_GRAD_SCALE:
+            grad_mul = sign / tl.load(grad_scale_ptr)
+        step = tl.full([], 1.0, tl.float32)
+        if HAS_STEPS:
+            step_ptr = tl.load(addr_table + row * NCOL + (NCOL - 1)).to(tl.pointer_type(tl.float32))
+            step = tl.load(step_ptr) + 1.0
+        blk, gmask, pair, pmask, offs, mask, h = _tile(blk0, nblocks, BLOCK, G, HALF)
+        pptr = _ptr(addr_table, row, 0, NCOL, DTYPE)
+        p = tl.load(pptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(_ptr(addr_table, row, 1, NCOL, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32) * grad_mul
+        zero = tl.zeros([G, HALF, 2], dtype=tl.float32)
+        s1 = zero
+        s2 = zero
+        s3 = zero
+        s4 = zero
+        if NSTATE >= 1:
+            s1 = _load_state(addr_table, row, 2, 2 + NSTATE, NCOL, B1, blk, gmask, pair, pmask, offs, mask, h, Q1, DTYPE)
+        if NSTATE >= 2:
+            s2 = _load_state(addr_table, row, 3, 3 + NSTATE, NCOL, B2, blk, gmask, pair, pmask, offs, mask, h, Q2, DTYPE)
+        if NSTATE >= 3:
+            s3 = _load_state(addr_table, row, 4, 4 + NSTATE, NCOL, B3, blk, gmask, pair, pmask, offs, mask, h, Q3, DTYPE)
+        if NSTATE >= 4:
+            s4 = _load_state(addr_table, row, 5, 5 + NSTATE, NCOL, B4, blk, gmask, pair, pmask, offs, mask, h, Q4, DTYPE)
+        p, s1, s2, s3, s4 = UPDATE(p, g, s1, s2, s3, s4, step, lr, zero, zero, zero, zero,
+                                   H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
+        if STOCHASTIC:
+            key = fmix32(seed.to(tl.uint32) ^ fmix32(row.to(tl.uint32) * 0x27D4EB2F + step.to(tl.uint32) * 0x165667B1))
+            rnd = fmix32(offs.to(tl.uint32) * 0x9E3779B1 ^ key)
+            tl.store(pptr + offs, _bf16_stochastic(p, rnd), mask=mask)
+        elif DTYPE == tl.bfloat16:
+            tl.store(pptr + offs, to_bf16_rne(p), mask=mask)
+        else:
+            tl.store(pptr + offs, p.to(DTYPE), mask=mask)
+        if NSTATE >= 1:
+            _store_state(addr_table, row, 2, 2 + NSTATE, NCOL, B1, s1, blk, gmask, pair, pmask, offs, mask, h, Q1, DTYPE)
+        if NSTATE >= 2:
+            _store_state(addr_table, row, 3, 3 + NSTATE, NCOL, B2, s2, blk, gmask, pair, pmask, offs, mask, h, Q2, DTYPE)
+        if NSTATE >= 3:
+            _store_state(addr_table, row, 4, 4 + NSTATE, NCOL, B3, s3, blk, gmask, pair, pmask, offs, mask, h, Q3, DTYPE)
+        if NSTATE >= 4:
+            _store_state(addr_table, row, 5, 5 + NSTATE, NCOL, B4, s4, blk, gmask, pair, pmask, offs, mask, h, Q4, DTYPE)
+
+
+# -- host side ---------------------------------------------------------------------------------------
+
+def _tile_shape(block):
+    """(G blocks per program, HALF = the pair axis padded to a power of two)."""
+    half = triton.next_power_of_2(block // 2)
+    return max(1, TILE // (2 * half)), half
+
+
+def _check_block(block):
+    block = int(block)
+    if not (2 <= block <= MAX_BLOCK and block % 2 == 0):
+        raise ValueError(f"block must be even and at most {MAX_BLOCK}, got {block}")
+    return block
+
+
+def _book_codes(book):
+    """Number of codes of an int32 codebook, from its size alone (8 + 3 nc + 512 nr words; no device sync)."""
+    if book.dtype != torch.int32 or book.dim() != 1:
+        raise ValueError("a codebook is a 1-D int32 tensor (fastopt.lowbit.codebook.codebook)")
+    n = book.numel()
+    for nc in (16, 256):
+        if n > HEADER + 3 * nc and (n - HEADER - 3 * nc) % 512 == 0:
+            return nc
+    raise ValueError(f"not a codebook of 16 or 256 codes ({n} words)")
+
+
+def _code_kind(codes, numel, nc):
+    """Q8 or Q4 from the codes' size, checked against the codebook."""
+    kind = Q4 if nc == 16 else Q8
+    want = numel // 2 if kind == Q4 else numel
+    if codes.dtype != torch.uint8 or codes.numel() != want or not codes.is_contiguous():
+        raise ValueError(f"codes of {numel} values with a {nc}-code book: contiguous uint8 of {want} bytes, got "
+                         f"{codes.dtype} of {codes.numel()}")
+    return kind
+
+
+@functools.lru_cache(maxsize=64)
+def _program_tables_host(nblocks, g):
+    counts = torch.tensor([-(-nb // g) for nb in nblocks], dtype=torch.int64)
+    tensor = torch.repeat_interleave(torch.arange(len(nblocks), dtype=torch.int64), counts)
+    first = torch.cumsum(counts, 0) - counts
+    start = (torch.arange(tensor.numel(), dtype=torch.int64) - first[tensor]) * g
+    return tensor.to(torch.int32), start, torch.tensor(nblocks, dtype=torch.int64)
+
+
+_device_tables = {}
+
+
+def _program_tables(nblocks, g, device):
+    """(tensor of each program int32, its first block int64, blocks per tensor int64), cached."""
+    key = (nblocks, g, str(device))
+    tables = _device_tables.get(key)
+    if tables is None:
+        tables = tuple(t.to(device) for t in _program_tables_host(nblocks, g))
+        if len(_device_tables) > 64:
+            _device_tables.clear()
+        _device_tables[key] = tables
+    return tables
+
+
+def quantize_blockwise(x, codes, absmax, book, block, dequantize=False):
+    """Blockwise codec of one fp32 buffer (``quant.h``; the C++ ``quantize_cpu``), in place.
+
+    Quantize: ``x`` (fp32, contiguous, numel a multiple of ``block``) -> ``codes`` (uint8, numel bytes,
+    or numel / 2 for a 16-code book) and ``absmax`` (fp32 ``[numel / block]``); returns ``(codes,
+    absmax)``.  ``dequantize=True``: ``x <- values[codes] * absmax``; returns ``x``.  ``book``: the
+    int32 codebook (:func:`fastopt.lowbit.codebook.codebook`) on ``x``'s device.
+    """
+    block = _check_block(block)
+    numel = x.numel()
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError("x must be a contiguous fp32 tensor")
+    if numel % block:
+        raise ValueError(f"numel {numel} is not a multiple of the block {block}")
+    nc = _book_codes(book)
+    kind = _code_kind(codes, numel, nc)
+    nblocks = numel // block
+    if absmax.dtype != torch.float32 or absmax.numel() != nblocks or not absmax.is_contiguous():
+        raise ValueError(f"absmax must be a contiguous fp32 tensor of {nblocks} values")
+    for t in (codes, absmax, book):
+        if t.device != x.device:
+            raise ValueError("x, codes, absmax and the codebook must be on one device")
+    if nblocks:
+        g, half = _tile_shape(block)
+        _codec_kernel[(triton.cdiv(nblocks, g),)](
+            x, codes, absmax, book, nblocks,
+            DEQUANTIZE=bool(dequantize), FOUR=kind == Q4, BLOCK=block, G=g, HALF=half,
+        )
+    return x if dequantize else (codes, absmax)
+
+
+def lowbit_step(op, lists, steps, *, books, absmax, block, hyper, flags, lr, grad_scale=None, found_inf=None,
+                sign=1.0, seed=0, stochastic=False):
+    """One step of the registered op ``op`` (:data:`.ops.OPS`) with low-bit states, in one launch.
+
+    ``lists`` = [params, grads, state_1, ...]; state ``k`` is quantized when ``books[k]`` (its int32
+    codebook) is given: ``lists[2 + k]`` then holds uint8 codes and ``absmax[k]`` the fp32 absmax
+    tensors ``[numel / block]``; a plain state (``books[k]``, ``absmax[k]`` None) has the params'
+    dtype.  Every numel is a multiple of ``block``.  ``hyper``/``flags``: the native op's (as
+    :func:`.ops.elementwise_step`); ``lr``: float or fp32 1-element tensor; ``grad_scale``,
+    ``found_inf``: fp32 tensors (``found_inf`` nonzero: nothing is written, the steps stay);
+    ``sign``: -1 for maximize; ``steps``: fp32 counters (read as ``step + 1``, then incremented;
+    empty: the op sees step 1); ``seed``/``stochastic``: stochastic rounding of bf16 params.
+    Semantics of ``csrc/cpu/lowbit_kernels.cpp`` (run_lowbit).
+    """
+    spec = OPS[op]
+    params = lists[0]
+    if not params:
+        return
+    n = len(params)
+    nstate = len(lists) - 2
+    if not 0 <= nstate <= MAX_STATES:
+        raise ValueError(f"lowbit_step takes 0 to {MAX_STATES} state lists, got {nstate}")
+    if any(len(lst) != n for lst in lists):
+        raise ValueError("every list needs one tensor per param")
+    books = list(books) if books is not None else [None] * nstate
+    absmax = list(absmax) if absmax is not None else [None] * nstate
+    if len(books) != nstate or len(absmax) != nstate:
+        raise ValueError("one codebook (or None) and one absmax list (or None) per state")
+    if steps and len(steps) != n:
+        raise ValueError("one step counter per param (or none)")
+    block = _check_block(block)
+    device, dtype = params[0].device, params[0].dtype
+    if dtype not in _TL_DTYPES:
+        raise ValueError(f"unsupported param dtype {dtype}")
+    numels = tuple(p.numel() for p in params)
+    for t, nel in enumerate(numels):
+        if nel % block:
+            raise ValueError(f"tensor {t}: numel {nel} is not a multiple of the block {block}")
+    for i, lst in enumerate(lists[:2]):
+        for t, x in enumerate(lst):
+            if x.dtype != dtype or x.numel() != numels[t] or not x.is_contiguous() or x.device != device:
+                raise ValueError(f"list {i}, tensor {t}: expected a contiguous {dtype} tensor of {numels[t]} "
+                                 f"values on {device}")
+    kinds = []
+    for k in range(nstate):
+        states, book, amax = lists[2 + k], books[k], absmax[k]
+        if book is None:
+            if amax is not None:
+                raise ValueError(f"state {k} is plain (no codebook) but has absmax tensors")
+            for t, x in enumerate(states):
+                if x.dtype != dtype or x.numel() != numels[t] or not x.is_contiguous() or x.device != device:
+                    raise ValueError(f"plain state {k}, tensor {t}: expected a contiguous {dtype} tensor of "
+                                     f"{numels[t]} values on {device}")
+            kinds.append(PLAIN)
+            continue
+        nc = _book_codes(book)
+        if book.device != device:
+            raise ValueError(f"state {k}: the codebook is not on {device}")
+        if amax is None or len(amax) != n:
+            raise ValueError(f"quantized state {k} needs one absmax tensor per param")
+        for t in range(n):
+            _code_kind(states[t], numels[t], nc)
+            a = amax[t]
+            if (a.dtype != torch.float32 or a.numel() != numels[t] // block or not a.is_contiguous()
+                    or a.device != device or states[t].device != device):
+                raise ValueError(f"state {k}, tensor {t}: absmax must be a contiguous fp32 tensor of "
+                                 f"{numels[t] // block} values on {device}")
+        kinds.append(Q4 if nc == 16 else Q8)
+    kinds += [PLAIN] * (MAX_STATES - nstate)
+
+    thyper, tflags = spec.pack(tuple(hyper), int(flags))
+    if len(thyper) > N_HYPER:
+        raise ValueError(f"at most {N_HYPER} hyperparameters, got {len(thyper)}")
+    thyper = tuple(float(v) for v in thyper) + (0.0,) * (N_HYPER - len(thyper))
+    has_steps = bool(steps)
+    rows = []
+    for t in range(n):
+        row = [params[t].data_ptr(), lists[1][t].data_ptr()]
+        row += [lists[2 + k][t].data_ptr() for k in range(nstate)]
+        row += [absmax[k][t].data_ptr() if kinds[k] != PLAIN else 0 for k in range(nstate)]
+        row.append(steps[t].data_ptr() if has_steps else 0)
+        rows.append(row)
+    addr_table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    g, half = _tile_shape(block)
+    prog_tensor, prog_block, nblocks = _program_tables(tuple(nel // block for nel in numels), g, device)
+    lr_is_ptr = isinstance(lr, torch.Tensor)
+    dummy = torch.zeros(4, dtype=torch.float32, device=device)
+    dummy_book = torch.zeros(4, dtype=torch.int32, device=device)
+    bk = [books[k] if k < nstate and kinds[k] != PLAIN else dummy_book for k in range(MAX_STATES)]
+    if prog_tensor.numel() > 0:
+        _lowbit_kernel[(prog_tensor.numel(),)](
+            addr_table, nblocks, prog_tensor, prog_block,
+            0.0 if lr_is_ptr else float(lr), lr if lr_is_ptr else dummy,
+            grad_scale if grad_scale is not None else dummy,
+            found_inf if found_inf is not None else dummy, float(sign), int(seed) & 0xFFFFFFFF,
+            *bk, *thyper,
+            UPDATE=spec.update, NSTATE=nstate, Q1=kinds[0], Q2=kinds[1], Q3=kinds[2], Q4=kinds[3],
+            FLAGS=int(tflags), DTYPE=_TL_DTYPES[dtype],
+            HAS_LR_PTR=lr_is_ptr, HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+            STOCHASTIC=bool(stochastic) and dtype == torch.bfloat16, HAS_STEPS=has_steps,
+            BLOCK=block, G=g, HALF=half,
+        )
+    if has_steps:
+        _increment_steps_kernel[(triton.cdiv(n, 256),)](
+            addr_table, n, found_inf if found_inf is not None else dummy,
+            NCOL=2 * nstate + 3, HAS_FOUND_INF=found_inf is not None, BLOCK_SIZE=256,
+        )
