@@ -319,6 +319,20 @@ def test_incompatible_state_dicts_are_refused():
         lowbit.AdamW8bit(clone_params(base)).load_state_dict(bad)
 
 
+@pytest.mark.parametrize("device,backend", KERNEL_DEVICE_BACKENDS)
+def test_reduce_ops_are_refused(device, backend):
+    from fastopt.lowbit import codebook
+
+    p = torch.randn(4096, device=device)
+    states = [torch.zeros(4096, dtype=torch.uint8, device=device) for _ in range(2)]
+    absmax = [torch.zeros(16, device=device) for _ in range(2)]
+    with pytest.raises(ValueError, match="reduce phase"):
+        fastopt.optim.functional.lowbit_unchecked(
+            "lamb", [p], [p.clone()], states, absmax, [codebook("dyn8s", device), codebook("dyn8u", device)], 256,
+            [torch.zeros((), device=device)], [0.9, 0.999, 1e-6, 0.0], 0, lr=1e-3, maximize=False,
+            grad_scale=None, found_inf=None, backend=backend, device=p.device)
+
+
 def test_option_errors():
     with pytest.raises(ValueError, match="state_bits must be None, 8, 4 or 'fp8'"):
         fastopt.Lion(clone_params([torch.randn(10)]), state_bits=6)

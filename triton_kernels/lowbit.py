@@ -330,6 +330,8 @@ def lowbit_step(op, lists, steps, *, books, absmax, block, hyper, flags, lr, gra
     Semantics of ``csrc/cpu/lowbit_kernels.cpp`` (run_lowbit).
     """
     spec = OPS[op]
+    if spec.nreduce:
+        raise ValueError(f"op {op!r} has a reduce phase; low-bit states are for single-pass ops")
     params = lists[0]
     if not params:
         return

@@ -24,6 +24,9 @@ namespace avx2 { FASTOPT_LOWBIT_DECLS }
 void check_lowbit(const LowbitArgs& la, int states) {
   const ElementwiseArgs& a = la.base;
   check_elementwise(a, states);
+  int op_states = 0, op_reduce = 0;
+  op_shape(a.op, &op_states, &op_reduce);
+  check_arg(op_reduce == 0, "op '" + a.op + "' has a reduce phase; low-bit states are for single-pass ops");
   check_arg(a.phase == 0, "low-bit states support the update phase only");
   check_arg(a.rows.empty() && a.row_coef_ptr == 0, "low-bit states take no row coefficients");
   check_arg(la.block >= 2 && la.block <= kMaxQuantBlock && la.block % 2 == 0,

@@ -29,16 +29,22 @@ The codebook (:func:`codebook`) is one int32 tensor that the C++ (``fastopt/quan
 Triton quantizers read; it makes nearest-code search two table reads.  Layout, with ``nc`` the number
 of codes and ``nr`` the number of exponent rows::
 
-    [0] nc    [1] nr    [2] e_lo    [3] 1 if code == rank (sorted map) else 0    [4..7] 0
+    [0] nc    [1] nr    [2] e_lo    [3] 1 if code == rank (sorted map) else 0
+    [4] offset of the packed table    [5..7] 0
     [8 + 0*nc ...]  values by code (fp32 bits)             -- the dequantization table
     [8 + 1*nc ...]  sorted midpoints, rank order, +inf last (fp32 bits)
     [8 + 2*nc ...]  the code of each rank
     [8 + 3*nc ...]  bucket table [2 signs][nr rows][256]: the rank at the bucket's lower end
+    [[4] ...]       packed bucket table [2][nr][256]: code at the lower end | next code << 8 |
+                    the low 15 mantissa bits of the bucket's midpoint << 16 (one read per value)
 
 A value ``x`` in [-1, 1] falls in the bucket (sign bit, row, top 8 mantissa bits) where
 ``row = max(exponent - e_lo + 1, 0)`` (row 0 gathers every ``|x| < 2**(e_lo - 127)``, mantissa bits
 ignored).  :func:`codebook` checks that each bucket holds at most one midpoint, so
 ``rank = bucket[...] + (midpoint[bucket[...]] < x)`` is exact: the same code as ``torch.bucketize``.
+The packed table folds the midpoint test into the entry (the midpoint shares the bucket's sign,
+exponent and top mantissa bits, so comparing the low 15 bits decides it): the C++/CUDA quantizer
+reads one int32 per value; the Triton one uses the rank/midpoint tables (same codes; tested).
 """
 import functools
 import math
@@ -172,9 +178,22 @@ def _codebook_cpu(name):
     rank_code = torch.zeros(nc, dtype=torch.int32)
     rank_code[:nsorted] = scodes.to(torch.int32)
     identity = int(nsorted == nc and torch.equal(scodes, torch.arange(nc)))
-    header = torch.tensor([nc, nr, e_lo, identity, 0, 0, 0, 0], dtype=torch.int32)
     buckets = torch.stack([pos, neg]).to(torch.int32).flatten()
-    return torch.cat([header, values.view(torch.int32), bounds.view(torch.int32), rank_code, buckets])
+    # Packed entries (one read): code at the bucket's lower end | next code << 8 | the low 15 mantissa
+    # bits of the midpoint inside the bucket << 16 (sentinel 0x7FFF for positive buckets, 0 for
+    # negative ones: never crossed).  x > midpoint <=> low15(x) > thr (x >= 0) or low15(x) < thr (x < 0).
+    low15 = (mids32.view(torch.int32) & 0x7FFF).to(torch.int64)
+    base = torch.stack([pos, neg])
+    has = torch.stack([pos_hi - pos, neg_hi - neg]) > 0
+    thr = torch.where(has, low15[base.clamp(max=nsorted - 2)],
+                      torch.tensor([[[0x7FFF]], [[0]]], dtype=torch.int64).expand_as(base))
+    code_base = scodes[base]
+    code_next = scodes[(base + 1).clamp(max=nsorted - 1)]
+    packed = (code_base | (code_next << 8) | (thr << 16)).to(torch.int64)
+    packed = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32).flatten()
+    head = torch.tensor([nc, nr, e_lo, identity, 0, 0, 0, 0], dtype=torch.int32)
+    head[4] = HEADER + 3 * nc + buckets.numel()  # where the packed table starts
+    return torch.cat([head, values.view(torch.int32), bounds.view(torch.int32), rank_code, buckets, packed])
 
 
 def codebook(fmt, device="cpu"):

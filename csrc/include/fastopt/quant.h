@@ -5,9 +5,11 @@
 //   x_hat = values[code] * absmax,      code = nearest(values, x * (1 / absmax)), ties to the lower value.
 // The formats and their maps are defined in Python (fastopt/lowbit/codebook.py), which also builds
 // the int32 codebook read here; its bucket table turns nearest-code search into two table reads:
-//   [0] nc  [1] nr  [2] e_lo  [3] identity  [4..7] 0
+//   [0] nc  [1] nr  [2] e_lo  [3] identity  [4] offset of the packed table  [5..7] 0
 //   [8 ...] values by code (fp32 bits) | sorted midpoints, +inf last (fp32 bits) | code of each rank |
-//   buckets [2 signs][nr][256]: the rank at each bucket's lower end.
+//   buckets [2 signs][nr][256]: the rank at each bucket's lower end |
+//   packed [2][nr][256]: code at the lower end | next code << 8 | low 15 mantissa bits of the
+//   bucket's midpoint << 16 -- quantize_code reads one entry per value.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +30,7 @@ struct CodebookView {
   const float* bounds;
   const int32_t* rank_code;
   const int32_t* buckets;
+  const uint32_t* packed;
 };
 
 FASTOPT_HOST_DEVICE CodebookView codebook_view(const int32_t* cb) {
@@ -40,24 +43,38 @@ FASTOPT_HOST_DEVICE CodebookView codebook_view(const int32_t* cb) {
   v.bounds = reinterpret_cast<const float*>(cb + kCodebookHeader + v.nc);
   v.rank_code = cb + kCodebookHeader + 2 * v.nc;
   v.buckets = cb + kCodebookHeader + 3 * v.nc;
+  v.packed = reinterpret_cast<const uint32_t*>(cb + cb[4]);
   return v;
 }
 
-// The rank (position among the sorted map values) nearest to xn, which lies in [-1, 1].
-FASTOPT_HOST_DEVICE int quantize_rank(const CodebookView& b, float xn) {
-  const uint32_t u = float_bits(xn);
+// The bucket of xn (in [-1, 1]): sign, exponent row (row 0: |xn| < 2^(e_lo - 127)), top 8 mantissa bits.
+FASTOPT_HOST_DEVICE int quant_bucket(const CodebookView& b, uint32_t u) {
   const int sign = static_cast<int>(u >> 31);
   int row = static_cast<int>((u >> 23) & 0xFFu) - b.e_lo + 1;
   int m = static_cast<int>((u >> 15) & 0xFFu);
   m = row < 1 ? 0 : m;
   row = row < 1 ? 0 : (row > b.nr - 1 ? b.nr - 1 : row);  // NaN/inf never index out of the table
-  const int r = b.buckets[(sign * b.nr + row) * 256 + m];
+  return (sign * b.nr + row) * 256 + m;
+}
+
+// The rank (position among the sorted map values) nearest to xn, which lies in [-1, 1].
+FASTOPT_HOST_DEVICE int quantize_rank(const CodebookView& b, float xn) {
+  const int r = b.buckets[quant_bucket(b, float_bits(xn))];
   return r + (b.bounds[r] < xn ? 1 : 0);
 }
 
+// The code of the value with bits `u`, given its bucket's packed entry `e`.
+FASTOPT_HOST_DEVICE int quant_pick(uint32_t u, uint32_t e) {
+  const int low = static_cast<int>(u & 0x7FFFu);
+  const int thr = static_cast<int>(e >> 16);
+  const bool up = (u >> 31) ? (low < thr) : (low > thr);
+  return static_cast<int>(up ? ((e >> 8) & 0xFFu) : (e & 0xFFu));
+}
+
+// The code nearest to xn: one packed-table read; the same code as rank_code[quantize_rank(xn)].
 FASTOPT_HOST_DEVICE int quantize_code(const CodebookView& b, float xn) {
-  const int r = quantize_rank(b, xn);
-  return b.identity ? r : b.rank_code[r];
+  const uint32_t u = float_bits(xn);
+  return quant_pick(u, b.packed[quant_bucket(b, u)]);
 }
 
 // x * (1 / absmax), clamped to [-1, 1]; an all-zero block (absmax 0) quantizes every value as 0.
