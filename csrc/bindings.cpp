@@ -96,20 +96,25 @@ constexpr const char* kLowbitDoc =
     "One step of a registered elementwise op with low-bit states (csrc/include/fastopt/quant.h): the "
     "elementwise arguments (phase 0, no rows), then books: per state the address of its int32 codebook "
     "or 0 (a plain state of the params' dtype); absmax: per state and tensor (state-major) the address "
-    "of its fp32 block maxima, 0 for plain states; block: elements per block.  A quantized state's "
-    "list holds its uint8 codes.";
+    "of its fp32 block maxima, 0 for plain states; block: elements per block; colmax: per state and "
+    "tensor the fp32 column maxima of a rank-1 normalized state (its absmax then holds the row maxima) "
+    "or 0, or []; rank1_rows: rows of each tensor's rank-1 view (CPU only).  A quantized state's list "
+    "holds its uint8 codes.";
 
 constexpr const char* kQuantizeDoc =
     "Blockwise codec of one fp32 buffer of numel values: quantize x into codes (uint8; numel/2 bytes "
     "for a 16-code book) and absmax (fp32 [numel/block]), or dequantize them into x.";
 
 fastopt::LowbitArgs make_lowbit_args(fastopt::ElementwiseArgs base, std::vector<int64_t> books,
-                                     std::vector<int64_t> absmax, int64_t block) {
+                                     std::vector<int64_t> absmax, int64_t block, std::vector<int64_t> colmax,
+                                     std::vector<int64_t> rank1_rows) {
   fastopt::LowbitArgs a;
   a.base = std::move(base);
   a.books = std::move(books);
   a.absmax = std::move(absmax);
   a.block = block;
+  a.colmax = std::move(colmax);
+  a.rank1_rows = std::move(rank1_rows);
   return a;
 }
 
@@ -145,8 +150,10 @@ PYBIND11_MODULE(_C, m) {
       kElementwiseDoc);
   m.def(
       "lowbit_cpu",
-      [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> books, std::vector<int64_t> absmax, int64_t block) {
-        fastopt::LowbitArgs a = make_lowbit_args(FASTOPT_ELEMENTWISE_ARGS, std::move(books), std::move(absmax), block);
+      [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> books, std::vector<int64_t> absmax, int64_t block,
+         std::vector<int64_t> colmax, std::vector<int64_t> rank1_rows) {
+        fastopt::LowbitArgs a = make_lowbit_args(FASTOPT_ELEMENTWISE_ARGS, std::move(books), std::move(absmax), block,
+                                                 std::move(colmax), std::move(rank1_rows));
         py::gil_scoped_release nogil;
         fastopt::lowbit_cpu(a);
       },
@@ -187,8 +194,9 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "lowbit_cuda",
       [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> books, std::vector<int64_t> absmax, int64_t block,
-         int64_t stream) {
-        fastopt::LowbitArgs a = make_lowbit_args(FASTOPT_ELEMENTWISE_ARGS, std::move(books), std::move(absmax), block);
+         std::vector<int64_t> colmax, std::vector<int64_t> rank1_rows, int64_t stream) {
+        fastopt::LowbitArgs a = make_lowbit_args(FASTOPT_ELEMENTWISE_ARGS, std::move(books), std::move(absmax), block,
+                                                 std::move(colmax), std::move(rank1_rows));
         py::gil_scoped_release nogil;
         fastopt::lowbit_cuda(a, stream);
       },

@@ -139,11 +139,14 @@ def elementwise_step(*args):
 def _lowbit_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: List[Tensor], absmax: List[Tensor],
                    books: List[Tensor], block: int, state_steps: List[Tensor], hyper: List[float], flags: int,
                    lr: float, lr_tensor: Optional[Tensor], maximize: bool, grad_scale: Optional[Tensor],
-                   found_inf: Optional[Tensor], seed: int, stochastic: bool, backend: str) -> None:
+                   found_inf: Optional[Tensor], seed: int, stochastic: bool, colmax: List[Tensor],
+                   rank1: List[bool], rank1_rows: List[int], backend: str) -> None:
     """One step of a registered elementwise op with low-bit states (``csrc/include/fastopt/quant.h``):
     ``states`` holds the op's state lists one after the other (uint8 codes for a quantized state, the
     params' dtype for a plain one); ``books`` one int32 codebook per state (an empty tensor: plain);
-    ``absmax`` the fp32 block maxima of the quantized states, state after state."""
+    ``absmax`` the fp32 block maxima of the quantized states, state after state.  Rank-1 normalized
+    states (``rank1[k]``; CPU only) hold row maxima in ``absmax`` and column maxima in ``colmax`` (the
+    rank-1 states' lists, state after state); ``rank1_rows`` gives each tensor's rows."""
     if not params:
         return
     n = len(params)
@@ -152,6 +155,10 @@ def _lowbit_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: L
     per_state, it = [], iter(absmax)
     for q in quantized:
         per_state.append([next(it) for _ in range(n)] if q else None)
+    any_r1 = any(rank1)
+    if any_r1 and backend != "cpu":
+        raise _backend.BackendUnavailableError(
+            f"rank-1 normalized low-bit states run on the cpu and torch backends only, not {backend!r}")
     if backend == "triton":
         lists = [params, grads] + [states[k * n:(k + 1) * n] for k in range(nstates)]
         _backend.triton_kernels().lowbit_step(
@@ -163,12 +170,17 @@ def _lowbit_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: L
     absmax_addrs = []
     for lst in per_state:
         absmax_addrs += _addrs(lst) if lst is not None else [0] * n
+    colmax_addrs, it = [], iter(colmax)
+    if any_r1:
+        for r in (list(rank1) + [False] * nstates)[:nstates]:
+            colmax_addrs += [next(it).data_ptr() for _ in range(n)] if r else [0] * n
     args = (
         op, _addrs(params) + _addrs(grads) + _addrs(states), [p.numel() for p in params], _addrs(state_steps),
         _backend.dtype_code(params[0].dtype), list(hyper), int(flags), float(lr), _scalar_addr(lr_tensor),
         _scalar_addr(grad_scale), _scalar_addr(found_inf), bool(maximize), 0, [], 0, 0,
         int(seed) & 0xFFFFFFFFFFFFFFFF, bool(stochastic),
-        [b.data_ptr() if q else 0 for b, q in zip(books, quantized)], absmax_addrs, int(block),
+        [b.data_ptr() if q else 0 for b, q in zip(books, quantized)], absmax_addrs, int(block), colmax_addrs,
+        [int(r) for r in rank1_rows] if any_r1 else [],
     )
     native = _backend.native()
     if backend == "cpu":
@@ -183,20 +195,20 @@ def _lowbit_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: L
 
 lowbit_step_ = torch.library.custom_op(
     "fastopt::lowbit_step_",
-    mutates_args=("params", "states", "absmax", "state_steps"),
+    mutates_args=("params", "states", "absmax", "state_steps", "colmax"),
 )(_lowbit_kernel)
 
 
 @lowbit_step_.register_fake
 def _lowbit_step_fake(op, params, grads, states, absmax, books, block, state_steps, hyper, flags, lr, lr_tensor,
-                      maximize, grad_scale, found_inf, seed, stochastic, backend):
+                      maximize, grad_scale, found_inf, seed, stochastic, colmax, rank1, rank1_rows, backend):
     return None
 
 
 def lowbit_step(*args):
     """``fastopt::lowbit_step_`` (same arguments), without the dispatcher's overhead in eager mode."""
-    params, states, absmax, state_steps = args[1], args[3], args[4], args[7]
-    _eager_or_op(lowbit_step_, _lowbit_kernel, (params, states, absmax, state_steps), args)
+    params, states, absmax, state_steps, colmax = args[1], args[3], args[4], args[7], args[17]
+    _eager_or_op(lowbit_step_, _lowbit_kernel, (params, states, absmax, state_steps, colmax), args)
 
 
 def _codec_kernel(x: Tensor, codes: Tensor, absmax: Tensor, book: Tensor, block: int, dequantize: bool,

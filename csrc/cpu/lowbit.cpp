@@ -43,6 +43,21 @@ void check_lowbit(const LowbitArgs& la, int states) {
   for (int64_t t = 0; t < a.lists.n; ++t) {
     check_arg(a.lists.numels[t] % la.block == 0, "every tensor's numel must be a multiple of the block");
   }
+  check_arg(la.colmax.empty() || static_cast<int64_t>(la.colmax.size()) == states * a.lists.n,
+            "colmax: one address (or 0) per state and tensor");
+  bool any = false;
+  for (int64_t c : la.colmax) any = any || c != 0;
+  if (any) {
+    check_arg(static_cast<int64_t>(la.rank1_rows.size()) == a.lists.n, "rank1_rows: one row count per tensor");
+    for (int k = 0; k < states; ++k) {
+      for (int64_t t = 0; t < a.lists.n; ++t) {
+        if (la.colmax[k * a.lists.n + t] == 0) continue;
+        const int64_t rows = la.rank1_rows[t];
+        check_arg(la.books[k] != 0 && rows >= 1 && a.lists.numels[t] % rows == 0,
+                  "a rank-1 state is quantized and its row count divides the tensor's numel");
+      }
+    }
+  }
 }
 
 void lowbit_cpu(const LowbitArgs& la) {

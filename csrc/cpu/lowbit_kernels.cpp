@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <vector>
 
+#include <omp.h>
+
 #include "fastopt/api.h"
 #include "fastopt/dispatch.h"
 #include "fastopt/elementwise.h"
@@ -74,6 +76,27 @@ __attribute__((noinline)) float quantize_block(const CodebookView& b, const floa
   return amax;
 }
 
+// Rank-1 scales of elements [base, base + len) of a [rows, cols] tensor: min(row max, column max).
+inline void rank1_scales(const float* row, const float* col, int64_t cols, int64_t base, int64_t len, float* out) {
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t idx = base + j;
+    out[j] = std::min(row[idx / cols], col[idx % cols]);
+  }
+}
+
+__attribute__((noinline)) void dequantize_rank1(const CodebookView& b, const uint8_t* codes, const float* scale,
+                                                int64_t len, float* out) {
+  dequantize_block(b, codes, 1.0f, len, out);
+  for (int64_t j = 0; j < len; ++j) out[j] *= scale[j];
+}
+
+__attribute__((noinline)) void quantize_rank1(const CodebookView& b, const float* x, const float* scale, int64_t len,
+                                              uint8_t* codes) {
+  alignas(64) int32_t code[kMaxQuantBlock];
+  for (int64_t j = 0; j < len; ++j) code[j] = quantize_code(b, quant_normalize(x[j], quant_inv_scale(scale[j])));
+  for (int64_t j = 0; j < len / 2; ++j) codes[j] = static_cast<uint8_t>(code[2 * j] | (code[2 * j + 1] << 4));
+}
+
 // Op::update over one block whose states were dequantized into s0..s3 (fp32, updated in place).
 template <typename Op, typename T, bool STOCHASTIC>
 void update_block(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ s0, float* __restrict__ s1,
@@ -112,15 +135,92 @@ void run_lowbit(const LowbitArgs& la, const ElementwiseArgs& a, double lr, float
   for (int64_t t = 0; t < n; ++t) coeffs[t] = Op::coeffs(OpScalars{a.hyper.data(), a.flags, lr, steps[t]});
   std::vector<int64_t> nblocks(n);
   for (int64_t t = 0; t < n; ++t) nblocks[t] = l.numels[t] / block;
+
+  // Rank-1 states: pass 1 recomputes every step's new states (writing nothing) to find the new row
+  // and column maxima; the step (pass 2) then quantizes with them.  Old maxima dequantize.
+  auto r1 = [&](int k, int64_t t) { return !la.colmax.empty() && la.colmax[k * n + t] != 0; };
+  bool any_r1 = false;
+  std::vector<int64_t> r1_off(kMaxStates * n + 1, 0);  // offsets into the new-maxima buffer
+  for (int k = 0; k < kMaxStates; ++k) {
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t i = k * n + t;
+      int64_t len = 0;
+      if (k < Op::kStates && r1(k, t)) {
+        any_r1 = true;
+        len = la.rank1_rows[t] + l.numels[t] / la.rank1_rows[t];
+      }
+      r1_off[i + 1] = r1_off[i] + len;
+    }
+  }
+  std::vector<float> fresh(r1_off.back(), 0.0f);  // new [row maxima, column maxima] per rank-1 state
+  if (any_r1) {
+    const int nthreads = omp_get_max_threads();
+    std::vector<float> local(static_cast<size_t>(nthreads) * fresh.size(), 0.0f);
+    multi_tensor_apply(nblocks.data(), n, [&](int64_t t, int64_t b0, int64_t nb) {
+      bool here = false;
+      for (int k = 0; k < Op::kStates; ++k) here = here || r1(k, t);
+      if (!here) return;
+      float* acc = local.data() + static_cast<size_t>(omp_get_thread_num()) * fresh.size();
+      const T* p = l.get<T>(0, t);
+      const T* g = l.get<T>(1, t);
+      const int64_t rows = la.rank1_rows[t], cols = l.numels[t] / rows;
+      alignas(64) float st[kMaxStates][kMaxQuantBlock];
+      alignas(64) float scale[kMaxQuantBlock];
+      const float no_row[kMaxRowCoefs] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int64_t blk = b0; blk < b0 + nb; ++blk) {
+        const int64_t base = blk * block;
+        for (int k = 0; k < Op::kStates; ++k) {
+          const uint8_t* codes = quant[k] ? l.get<uint8_t>(2 + k, t) + (books[k].nc == 16 ? base / 2 : base) : nullptr;
+          if (r1(k, t)) {
+            rank1_scales(addr<float>(la.absmax[k * n + t]), addr<float>(la.colmax[k * n + t]), cols, base, block, scale);
+            dequantize_rank1(books[k], codes, scale, block, st[k]);
+          } else if (quant[k]) {
+            dequantize_block(books[k], codes, addr<float>(la.absmax[k * n + t])[blk], block, st[k]);
+          } else {
+            const T* s = l.get<T>(2 + k, t) + base;
+            for (int64_t j = 0; j < block; ++j) st[k][j] = to_float(s[j]);
+          }
+        }
+        for (int64_t j = 0; j < block; ++j) {
+          float s[kMaxStates] = {0.0f, 0.0f, 0.0f, 0.0f};
+          for (int k = 0; k < Op::kStates; ++k) s[k] = st[k][j];
+          float pf = to_float(p[base + j]);
+          Op::update(pf, to_float(g[base + j]) * grad_mul, s, coeffs[t], no_row);
+          for (int k = 0; k < Op::kStates; ++k) st[k][j] = s[k];
+        }
+        for (int k = 0; k < Op::kStates; ++k) {
+          if (!r1(k, t)) continue;
+          float* rmax = acc + r1_off[k * n + t];
+          float* cmax = rmax + rows;
+          for (int64_t j = 0; j < block; ++j) {
+            const int64_t idx = base + j;
+            const float v = std::fabs(st[k][j]);
+            rmax[idx / cols] = std::max(rmax[idx / cols], v);
+            cmax[idx % cols] = std::max(cmax[idx % cols], v);
+          }
+        }
+      }
+    });
+    for (int th = 0; th < nthreads; ++th) {
+      const float* acc = local.data() + static_cast<size_t>(th) * fresh.size();
+      for (size_t i = 0; i < fresh.size(); ++i) fresh[i] = std::max(fresh[i], acc[i]);
+    }
+  }
+
   multi_tensor_apply(nblocks.data(), n, [&](int64_t t, int64_t b0, int64_t nb) {
     T* p = l.get<T>(0, t);
     const T* g = l.get<T>(1, t);
     const uint32_t key = sr_key(static_cast<uint32_t>(a.seed), static_cast<uint32_t>(t), static_cast<uint32_t>(steps[t]));
     alignas(64) float st[kMaxStates][kMaxQuantBlock];
+    alignas(64) float scale[kMaxQuantBlock];
+    const int64_t rows = any_r1 ? la.rank1_rows[t] : 1, cols = l.numels[t] / std::max<int64_t>(rows, 1);
     for (int64_t blk = b0; blk < b0 + nb; ++blk) {
       const int64_t base = blk * block;
       for (int k = 0; k < Op::kStates; ++k) {
-        if (quant[k]) {
+        if (r1(k, t)) {
+          rank1_scales(addr<float>(la.absmax[k * n + t]), addr<float>(la.colmax[k * n + t]), cols, base, block, scale);
+          dequantize_rank1(books[k], l.get<uint8_t>(2 + k, t) + base / 2, scale, block, st[k]);
+        } else if (quant[k]) {
           const int64_t byte0 = books[k].nc == 16 ? base / 2 : base;
           dequantize_block(books[k], l.get<uint8_t>(2 + k, t) + byte0, addr<float>(la.absmax[k * n + t])[blk], block,
                            st[k]);
@@ -137,7 +237,11 @@ void run_lowbit(const LowbitArgs& la, const ElementwiseArgs& a, double lr, float
                                    static_cast<uint32_t>(base));
       }
       for (int k = 0; k < Op::kStates; ++k) {
-        if (quant[k]) {
+        if (r1(k, t)) {
+          const float* rmax = fresh.data() + r1_off[k * n + t];
+          rank1_scales(rmax, rmax + rows, cols, base, block, scale);
+          quantize_rank1(books[k], st[k], scale, block, l.get<uint8_t>(2 + k, t) + base / 2);
+        } else if (quant[k]) {
           const int64_t byte0 = books[k].nc == 16 ? base / 2 : base;
           addr<float>(la.absmax[k * n + t])[blk] = quantize_block(books[k], st[k], block, l.get<uint8_t>(2 + k, t) + byte0);
         } else {
@@ -147,6 +251,15 @@ void run_lowbit(const LowbitArgs& la, const ElementwiseArgs& a, double lr, float
       }
     }
   });
+  for (int k = 0; k < Op::kStates; ++k) {
+    for (int64_t t = 0; t < n; ++t) {
+      if (!r1(k, t)) continue;
+      const float* rmax = fresh.data() + r1_off[k * n + t];
+      const int64_t rows = la.rank1_rows[t], cols = l.numels[t] / rows;
+      std::copy(rmax, rmax + rows, addr<float>(la.absmax[k * n + t]));
+      std::copy(rmax + rows, rmax + rows + cols, addr<float>(la.colmax[k * n + t]));
+    }
+  }
 }
 
 }  // namespace

@@ -317,6 +317,7 @@ void lowbit_cuda(const LowbitArgs& la, int64_t stream_handle) {
   int states = 0, reduce = 0;
   check_arg(op_shape(la.base.op, &states, &reduce), "unknown elementwise op '" + la.base.op + "'");
   check_lowbit(la, states);
+  for (int64_t c : la.colmax) check_arg(c == 0, "rank-1 normalized states run on the cpu (and torch) backends only");
   // The codebooks live on the device: their code counts (256 or 16) are not re-checked here.
   const ElementwiseArgs& a = la.base;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream_handle));

@@ -20,6 +20,8 @@ name        bits   block  map
                           the second moment of the 4-bit optimizers
 ``fp8``     8      256    float8 e4m3fn: the code is the e4m3 bit pattern, the value ``e4m3 / 448``
                           (so ``x_hat = e4m3(code) * absmax / 448``, as torchao's fp8 states)
+``lin4u-r1`` 4     --     ``lin4u`` codes with rank-1 normalization (Li et al. 2023): the tensor viewed
+                          as ``[rows, cols]``, ``x_hat = map[code] * min(row_max[i], col_max[j])``
 ==========  =====  =====  ==========================================================================
 
 4-bit codes are packed two per byte: element ``2j`` in the low nibble of byte ``j``, ``2j + 1`` in the
@@ -94,10 +96,11 @@ def fp8_e4m3_map():
 
 
 class Format:
-    """A blockwise quantization format (see the module doc)."""
+    """A blockwise quantization format (see the module doc).  ``rank1``: scaled per element by
+    min(row max, column max) of the tensor viewed as ``[shape[0], -1]`` instead of per block."""
 
-    def __init__(self, name, bits, block, values, signed):
-        self.name, self.bits, self.block, self.signed = name, bits, block, signed
+    def __init__(self, name, bits, block, values, signed, rank1=False):
+        self.name, self.bits, self.block, self.signed, self.rank1 = name, bits, block, signed, rank1
         self.values = values  # fp32 [2**bits], by code
 
     def __repr__(self):
@@ -114,6 +117,8 @@ FORMATS = {
     "dyn4s": Format("dyn4s", 4, 128, dynamic_map(True, 3, 4), True),
     "lin4u": Format("lin4u", 4, 128, linear_map_no_zero(4), False),
     "fp8": Format("fp8", 8, 256, fp8_e4m3_map(), True),
+    # lin4u with rank-1 normalization (Li et al. 2023): codes as lin4u, scales min(row max, col max).
+    "lin4u-r1": Format("lin4u-r1", 4, 128, linear_map_no_zero(4), False, rank1=True),
 }
 
 
@@ -248,3 +253,20 @@ def dequantize_reference(codes, absmax, fmt):
     idx = unpack4(codes) if fmt.bits == 4 else codes.reshape(-1).to(torch.int64)
     vals = fmt.values.to(codes.device)[idx].reshape(-1, fmt.block)
     return (vals * absmax.reshape(-1, 1)).reshape(-1)
+
+
+def rank1_quantize_reference(x, rows, fmt="lin4u-r1"):
+    """Rank-1 normalized quantization of ``x`` viewed as ``[rows, -1]``: returns ``(codes, row_max,
+    col_max)``; each value is normalized by ``min(row_max[i], col_max[j])`` (>= |x|, so within [-1, 1])."""
+    fmt = get_format(fmt)
+    x2 = x.detach().float().reshape(rows, -1)
+    rmax, cmax = x2.abs().amax(dim=1), x2.abs().amax(dim=0)
+    scale = torch.minimum(rmax[:, None], cmax[None, :])
+    xn = (x2 * torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))).clamp(-1.0, 1.0)
+    return pack4(reference_codes(xn.reshape(-1), fmt)), rmax, cmax
+
+
+def rank1_dequantize_reference(codes, row_max, col_max, fmt="lin4u-r1"):
+    fmt = get_format(fmt)
+    vals = fmt.values.to(codes.device)[unpack4(codes)].reshape(row_max.numel(), col_max.numel())
+    return (vals * torch.minimum(row_max[:, None], col_max[None, :])).reshape(-1)

@@ -2,7 +2,10 @@
 ``state_bits=``).
 
 ``state_bits`` picks a format family: ``8`` (``dyn8s`` for signed states, ``dyn8u`` for non-negative
-ones, block 256), ``4`` (``dyn4s`` / ``lin4u``, block 128) or ``"fp8"`` (e4m3, block 256).  A
+ones, block 256), ``4`` (``dyn4s`` / ``lin4u``, block 128), ``"4-rank1"`` (as 4, but the non-negative
+states of parameters with 2+ rows and columns are ``lin4u-r1``: scaled by min(row max, column max),
+kept in ``state[name + "_row"]`` / ``state[name + "_col"]``; cpu and torch backends only) or
+``"fp8"`` (e4m3, block 256).  A
 parameter whose numel is at least ``min_quant_size`` (default 4096, as bitsandbytes'
 ``min_8bit_size``) and a multiple of the block gets quantized states; any other keeps its states in
 full precision (the parameter's dtype, fp32 with ``master_weights``) and takes the ordinary path.
@@ -16,25 +19,39 @@ import torch
 from .codebook import get_format
 
 TAG = "fastopt.lowbit/1"
-STATE_BITS = {8: ("dyn8s", "dyn8u"), 4: ("dyn4s", "lin4u"), "fp8": ("fp8", "fp8")}
+STATE_BITS = {8: ("dyn8s", "dyn8u"), 4: ("dyn4s", "lin4u"), "fp8": ("fp8", "fp8"), "4-rank1": ("dyn4s", "lin4u-r1")}
 # States that never go negative take the unsigned map.
 UNSIGNED_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "exp_avg_var", "max_exp_avg_var"})
 
 
 def check_state_bits(bits, name="optimizer"):
-    """``None`` (full precision), 8, 4 or "fp8"; anything else is a ValueError."""
+    """``None`` (full precision), 8, 4, "fp8" or "4-rank1"; anything else is a ValueError."""
     if bits is None:
         return None
-    if isinstance(bits, str) and bits.lower() == "fp8":
-        return "fp8"
+    if isinstance(bits, str) and bits.lower() in ("fp8", "4-rank1"):
+        return bits.lower()
     if bits in (8, 4) and not isinstance(bits, bool):
         return int(bits)
-    raise ValueError(f"{name}: state_bits must be None, 8, 4 or 'fp8', got {bits!r}")
+    raise ValueError(f"{name}: state_bits must be None, 8, 4, 'fp8' or '4-rank1', got {bits!r}")
 
 
-def state_formats(bits, names):
-    """The format name of each state in ``names`` for the family ``bits``."""
+def rank1_rows(shape):
+    """Rows of the rank-1 view of a parameter of ``shape`` (``shape[0]``), or None when it has fewer
+    than 2 rows or columns (then its non-negative states are quantized per block)."""
+    if len(shape) < 2 or shape[0] < 2:
+        return None
+    numel = 1
+    for d in shape:
+        numel *= d
+    return shape[0] if numel // shape[0] >= 2 else None
+
+
+def state_formats(bits, names, shape=None):
+    """The format name of each state in ``names`` for the family ``bits`` (``shape``: the parameter's,
+    which decides whether "4-rank1" can normalize by rows and columns)."""
     signed, unsigned = STATE_BITS[check_state_bits(bits)]
+    if unsigned == "lin4u-r1" and (shape is None or rank1_rows(shape) is None):
+        unsigned = "lin4u"
     return tuple(unsigned if n in UNSIGNED_STATES else signed for n in names)
 
 
@@ -50,13 +67,25 @@ def is_quantizable(numel, bits, min_size):
     return bits is not None and numel >= max(int(min_size), 1) and numel % block_of(bits) == 0
 
 
+def scale_shapes(fmt, shape):
+    """{suffix: numel} of the fp32 scales a state of format ``fmt`` keeps for a parameter of ``shape``."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if fmt.rank1:
+        rows = rank1_rows(shape)
+        return {"_row": rows, "_col": numel // rows}
+    return {"_absmax": numel // fmt.block}
+
+
 def init_quantized(state, like, names, bits):
-    """Zero codes and absmax for each state of ``names`` (shaped after ``like``)."""
-    formats = state_formats(bits, names)
+    """Zero codes and scales for each state of ``names`` (shaped after ``like``)."""
+    formats = state_formats(bits, names, like.shape)
     for name, fname in zip(names, formats):
         fmt = get_format(fname)
         state[name] = torch.zeros(fmt.codes_numel(like.numel()), dtype=torch.uint8, device=like.device)
-        state[name + "_absmax"] = torch.zeros(like.numel() // fmt.block, dtype=torch.float32, device=like.device)
+        for suffix, size in scale_shapes(fmt, like.shape).items():
+            state[name + suffix] = torch.zeros(size, dtype=torch.float32, device=like.device)
     state["state_format"] = format_tag(formats)
 
 
@@ -80,15 +109,17 @@ def check_loaded_state(owner, state, p, names, bits, min_size, where):
         raise ValueError(f"{owner}: {where} holds low-bit states ({tag}), but this optimizer "
                          f"(state_bits={bits!r}, min_quant_size={min_size}) keeps this parameter's states in full "
                          "precision")
-    expected = format_tag(state_formats(bits, names))
+    expected = format_tag(state_formats(bits, names, p.shape))
     if tag != expected:
         raise ValueError(f"{owner}: {where} was saved with state format {tag!r}, but this optimizer uses "
                          f"{expected!r}; build the optimizer with the same state_bits (and options) as the "
                          "checkpoint")
-    for name, fname in zip(names, state_formats(bits, names)):
+    for name, fname in zip(names, state_formats(bits, names, p.shape)):
         fmt = get_format(fname)
-        codes, absmax = state.get(name), state.get(name + "_absmax")
+        codes = state.get(name)
+        scales_ok = all(torch.is_tensor(state.get(name + suffix)) and state[name + suffix].numel() == size
+                        for suffix, size in scale_shapes(fmt, p.shape).items())
         if (not torch.is_tensor(codes) or codes.dtype != torch.uint8 or codes.numel() != fmt.codes_numel(p.numel())
-                or not torch.is_tensor(absmax) or absmax.numel() != p.numel() // fmt.block):
+                or not scales_ok):
             raise ValueError(f"{owner}: {where}: state {name!r} does not match a {fname} state of a "
-                             f"{p.numel()}-element parameter")
+                             f"{tuple(p.shape)} parameter")

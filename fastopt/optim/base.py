@@ -14,8 +14,28 @@ import torch
 
 from .. import _backend
 from ..lowbit import state as lowbit_state
-from ..lowbit.codebook import codebook, dequantize_reference, get_format, quantize_reference
+from ..lowbit.codebook import (codebook, dequantize_reference, get_format, quantize_reference,
+                               rank1_dequantize_reference, rank1_quantize_reference)
 from .functional import elementwise_unchecked, is_dense, lowbit_unchecked, scalar_on
+
+
+def lowbit_dequantize(state, name, fmt, p):
+    """The fp32 values of quantized state ``name`` (reference path)."""
+    if fmt.rank1:
+        return rank1_dequantize_reference(state[name], state[name + "_row"], state[name + "_col"], fmt)
+    return dequantize_reference(state[name], state[name + "_absmax"], fmt)
+
+
+def lowbit_quantize_into(state, name, fmt, p, values):
+    """Quantize ``values`` into quantized state ``name`` in place (reference path)."""
+    if fmt.rank1:
+        codes, rows, cols = rank1_quantize_reference(values, lowbit_state.rank1_rows(p.shape), fmt)
+        state[name + "_row"].copy_(rows)
+        state[name + "_col"].copy_(cols)
+    else:
+        codes, absmax = quantize_reference(values, fmt)
+        state[name + "_absmax"].copy_(absmax)
+    state[name].copy_(codes)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -108,6 +128,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for group, buckets in plan:
+            for (_device, _dtype, backend), (params, _grads) in buckets.items():
+                self._check_bucket(group, params, backend)
+        for group, buckets in plan:
             for params, _grads in buckets.values():
                 for p in params:
                     if not self.state[p]:
@@ -144,6 +167,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _check_loaded(self, state_dict, saved_ids):
         """Raise before anything is loaded when ``state_dict`` cannot be loaded (subclasses)."""
+
+    def _check_bucket(self, group, params, backend):
+        """Raise before any state changes when ``backend`` cannot step ``params`` (subclasses)."""
 
     @staticmethod
     def _after_load(optimizer):
@@ -230,6 +256,16 @@ class ElementwiseOptimizer(FusedOptimizer):
         for name in names:
             state[name] = torch.zeros_like(like, memory_format=torch.preserve_format)
 
+    def _check_bucket(self, group, params, backend):
+        if group.get("state_bits") == "4-rank1" and backend not in ("cpu", "torch"):
+            names = self._state_names(group)
+            for p in params:
+                quantized = lowbit_state.is_quantizable(p.numel(), "4-rank1", group.get("min_quant_size", 4096))
+                if quantized and any(get_format(f).rank1 for f in lowbit_state.state_formats("4-rank1", names, p.shape)):
+                    raise _backend.BackendUnavailableError(
+                        f"{type(self).__name__}: rank-1 normalized low-bit states run on the cpu and torch backends "
+                        f"only, not {backend!r} (use state_bits=4 on GPUs)")
+
     def _check_loaded(self, state_dict, saved_ids):
         current = [(g, p) for g in self.param_groups for p in g["params"]]
         for pid, (group, p) in zip(saved_ids, current):
@@ -244,7 +280,7 @@ class ElementwiseOptimizer(FusedOptimizer):
         names = self._state_names(group)
         for p, s in zip(params, states):
             if "state_format" in s:
-                expected = lowbit_state.format_tag(lowbit_state.state_formats(group["state_bits"], names))
+                expected = lowbit_state.format_tag(lowbit_state.state_formats(group["state_bits"], names, p.shape))
                 if s["state_format"] != expected:
                     raise ValueError(f"{type(self).__name__}: a parameter's states are {s['state_format']!r} but "
                                      f"the group's options need {expected!r} (state_bits or ams_bound changed "
@@ -272,31 +308,41 @@ class ElementwiseOptimizer(FusedOptimizer):
             torch._foreach_copy_(params, targets)
 
     def _run_lowbit(self, group, params, grads, states, backend, grad_scale, found_inf):
-        """One fused step over the params whose states are quantized."""
+        """Fused steps over the params whose states are quantized: one call per layout (the formats of
+        a parameter's states depend on its shape only with rank-1 normalization)."""
         names = self._state_names(group)
-        formats = [get_format(f) for f in lowbit_state.state_formats(group["state_bits"], names)]
+        layouts = defaultdict(list)
+        for i, p in enumerate(params):
+            layouts[lowbit_state.state_formats(group["state_bits"], names, p.shape)].append(i)
+        for fnames, idx in layouts.items():
+            pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
+            self._run_lowbit_layout(group, [get_format(f) for f in fnames], pick(params), pick(grads), pick(states),
+                                    backend, grad_scale, found_inf)
+
+    def _run_lowbit_layout(self, group, formats, params, grads, states, backend, grad_scale, found_inf):
+        names = self._state_names(group)
         if backend == "torch":
             skip = found_inf is not None and float(found_inf) != 0.0
-            temps = [{"step": s["step"], **{n: dequantize_reference(s[n], s[n + "_absmax"], f).view_as(p)
-                                            for n, f in zip(names, formats)}}
+            temps = [{"step": s["step"], **{n: lowbit_dequantize(s, n, f, p).view_as(p) for n, f in zip(names, formats)}}
                      for p, s in zip(params, states)]
             self._reference_step(group, params, grads, temps, grad_scale, found_inf)
             if not skip:
-                for s, t in zip(states, temps):
+                for p, s, t in zip(params, states, temps):
                     s["step"] = t["step"]
                     for n, f in zip(names, formats):
-                        codes, absmax = quantize_reference(t[n], f)
-                        s[n].copy_(codes)
-                        s[n + "_absmax"].copy_(absmax)
+                        lowbit_quantize_into(s, n, f, p, t[n])
             return
         hyper, flags = self._native_hyper(group)
         device = params[0].device
+        rank1 = [f.rank1 for f in formats]
+        scales = [s[n + ("_row" if f.rank1 else "_absmax")] for n, f in zip(names, formats) for s in states]
+        colmax = [s[n + "_col"] for n, f in zip(names, formats) if f.rank1 for s in states]
         lowbit_unchecked(
-            self._op_name(group), params, grads, [s[n] for n in names for s in states],
-            [s[n + "_absmax"] for n in names for s in states], [codebook(f, device) for f in formats],
-            formats[0].block, [s["step"] for s in states], hyper, flags, lr=group["lr"], maximize=group["maximize"],
-            grad_scale=grad_scale, found_inf=found_inf, backend=backend, device=device, seed=group.get("seed", 0),
-            stochastic=self._stochastic(group, params[0]))
+            self._op_name(group), params, grads, [s[n] for n in names for s in states], scales,
+            [codebook(f, device) for f in formats], formats[0].block, [s["step"] for s in states], hyper, flags,
+            lr=group["lr"], maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf, backend=backend,
+            device=device, seed=group.get("seed", 0), stochastic=self._stochastic(group, params[0]), colmax=colmax,
+            rank1=rank1, rank1_rows=[lowbit_state.rank1_rows(p.shape) or 1 for p in params] if any(rank1) else [])
 
     def _stochastic(self, group, p):
         return bool(group.get("stochastic_rounding")) and p.dtype == torch.bfloat16

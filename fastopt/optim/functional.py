@@ -176,7 +176,8 @@ def elementwise_unchecked(op, params, grads, states, state_steps, hyper, flags, 
 
 
 def lowbit_unchecked(op, params, grads, states, absmax, books, block, state_steps, hyper, flags, *, lr, maximize,
-                     grad_scale, found_inf, backend, device, seed=0, stochastic=False):
+                     grad_scale, found_inf, backend, device, seed=0, stochastic=False, colmax=(), rank1=(),
+                     rank1_rows=()):
     """One fused low-bit-state step of the registered op ``op`` over validated lists: ``states`` holds
     the op's state lists one after the other (uint8 codes when quantized), ``absmax`` the block maxima
     of every state in the same order, ``books`` each state's int32 codebook.  See
@@ -184,4 +185,5 @@ def lowbit_unchecked(op, params, grads, states, absmax, books, block, state_step
     lr, lr_tensor = _lr_args(lr, device)
     _ops.lowbit_step(op, list(params), list(grads), list(states), list(absmax), list(books), int(block),
                      list(state_steps), [float(h) for h in hyper], int(flags), lr, lr_tensor, bool(maximize),
-                     grad_scale, found_inf, int(seed), bool(stochastic), backend)
+                     grad_scale, found_inf, int(seed), bool(stochastic), list(colmax), [bool(r) for r in rank1],
+                     [int(r) for r in rank1_rows], backend)

@@ -98,6 +98,11 @@ struct LowbitArgs {
   std::vector<int64_t> books;     // per state: address of its int32 codebook (the tensors' device), or 0: plain
   std::vector<int64_t> absmax;    // per state, per tensor (state-major): fp32 [numel / block], or 0 for plain
   int64_t block = 0;              // elements per quantization block, at most kMaxQuantBlock
+  // Rank-1 normalization (Li et al. 2023): a state whose colmax address is nonzero is scaled per
+  // element by min(row max, column max) of the tensor viewed as [rows, numel / rows] instead of per
+  // block; its absmax address then holds the row maxima.  CPU only.
+  std::vector<int64_t> colmax;    // per state and tensor (state-major): fp32 [cols], or 0; may be empty
+  std::vector<int64_t> rank1_rows;  // per tensor: rows of the rank-1 view (needed where colmax is set)
 };
 
 // The state-list and reduce counts of a registered op; false when `op` is unknown.
