@@ -198,6 +198,11 @@ def test_quantized_and_small_tensors(device, backend):
     opt4.step()
     assert opt4.state[p4]["exp_avg"].numel() == (4096 + 128) // 2
     assert opt4.state[p4]["exp_avg_sq_absmax"].numel() == (4096 + 128) // 128
+    strided = torch.nn.Parameter(torch.randn(128, 64, device=device).t())  # dense, not contiguous
+    o_t = lowbit.AdamW8bit([strided], backend=backend)
+    strided.grad = torch.randn_like(strided)
+    o_t.step()
+    assert o_t.state[strided]["exp_avg"].dtype == torch.float32
     small = lowbit.Lion8bit(clone_params([torch.randn(8192, device=device)]), min_quant_size=10 ** 6)
     q = small.param_groups[0]["params"][0]
     q.grad = torch.randn_like(q)

@@ -6,7 +6,7 @@ ones, block 256), ``4`` (``dyn4s`` / ``lin4u``, block 128), ``"4-rank1"`` (as 4,
 states of parameters with 2+ rows and columns are ``lin4u-r1``: scaled by min(row max, column max),
 kept in ``state[name + "_row"]`` / ``state[name + "_col"]``; cpu and torch backends only) or
 ``"fp8"`` (e4m3, block 256).  A
-parameter whose numel is at least ``min_quant_size`` (default 4096, as bitsandbytes'
+contiguous parameter whose numel is at least ``min_quant_size`` (default 4096, as bitsandbytes'
 ``min_8bit_size``) and a multiple of the block gets quantized states; any other keeps its states in
 full precision (the parameter's dtype, fp32 with ``master_weights``) and takes the ordinary path.
 
@@ -63,8 +63,12 @@ def block_of(bits):
     return get_format(STATE_BITS[check_state_bits(bits)][0]).block
 
 
-def is_quantizable(numel, bits, min_size):
-    return bits is not None and numel >= max(int(min_size), 1) and numel % block_of(bits) == 0
+def is_quantizable(p, bits, min_size):
+    """Whether parameter ``p`` gets quantized states: at least ``min_size`` elements, a block multiple,
+    and contiguous (the kernels walk states in memory order, the reference in logical order)."""
+    numel = p.numel()
+    return (bits is not None and numel >= max(int(min_size), 1) and numel % block_of(bits) == 0
+            and p.is_contiguous())
 
 
 def scale_shapes(fmt, shape):
@@ -91,7 +95,7 @@ def init_quantized(state, like, names, bits):
 
 def check_loaded_state(owner, state, p, names, bits, min_size, where):
     """Raise ValueError when a loaded ``state`` does not have the layout this optimizer gives ``p``."""
-    expect_quant = is_quantizable(p.numel(), bits, min_size)
+    expect_quant = is_quantizable(p, bits, min_size)
     tag = state.get("state_format")
     if tag is None:
         quant_keys = [n for n in names if n in state and torch.is_tensor(state[n]) and state[n].dtype == torch.uint8]

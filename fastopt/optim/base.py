@@ -250,7 +250,7 @@ class ElementwiseOptimizer(FusedOptimizer):
             like = state["master_param"]
         names = self._state_names(group)
         bits = group.get("state_bits")
-        if lowbit_state.is_quantizable(p.numel(), bits, group.get("min_quant_size", 4096)):
+        if lowbit_state.is_quantizable(p, bits, group.get("min_quant_size", 4096)):
             lowbit_state.init_quantized(state, like, names, bits)
             return
         for name in names:
@@ -260,7 +260,7 @@ class ElementwiseOptimizer(FusedOptimizer):
         if group.get("state_bits") == "4-rank1" and backend not in ("cpu", "torch"):
             names = self._state_names(group)
             for p in params:
-                quantized = lowbit_state.is_quantizable(p.numel(), "4-rank1", group.get("min_quant_size", 4096))
+                quantized = lowbit_state.is_quantizable(p, "4-rank1", group.get("min_quant_size", 4096))
                 if quantized and any(get_format(f).rank1 for f in lowbit_state.state_formats("4-rank1", names, p.shape)):
                     raise _backend.BackendUnavailableError(
                         f"{type(self).__name__}: rank-1 normalized low-bit states run on the cpu and torch backends "
