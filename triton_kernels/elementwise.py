@@ -61,7 +61,7 @@ def _store(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, mask, v
         tl.store(ptr + offs, val.to(DTYPE), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # seed == 1 must not become a constexpr (seed.to below)
 def _elementwise_kernel(
     addr_table, numels, row_offset, row_len, block_tensor, block_start,
     lr_value, lr_ptr, grad_scale_ptr, found_inf_ptr, sign, row_coef, reduce_out, seed,
@@ -198,6 +198,8 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
         raise ValueError(f"the Triton elementwise launcher takes 0 to {MAX_STATES} state lists, got {nstate}")
     if len(hyper) > N_HYPER:
         raise ValueError(f"at most {N_HYPER} hyperparameters, got {len(hyper)}")
+    if stochastic and params[0].dtype != torch.bfloat16:
+        raise ValueError("stochastic rounding is for bf16 params")  # as the C++ launchers check
     numels = tuple(p.numel() for p in params)
     rows = tuple(rows) if rows is not None else (1,) * len(params)
     offsets, lens, acc = [], [], 0
