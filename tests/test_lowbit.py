@@ -343,14 +343,21 @@ def test_option_errors():
         fastopt.Lion(clone_params([torch.randn(10)]), state_bits=6)
     with pytest.raises(ValueError, match="min_quant_size"):
         fastopt.Adan(clone_params([torch.randn(10)]), state_bits=8, min_quant_size=-1)
-    ps = clone_params([torch.randn(8192)])
-    opt = fastopt.AdaBelief(ps, state_bits=8)
+    grouped = fastopt.Lion([{"params": clone_params([torch.randn(10)])},
+                            {"params": clone_params([torch.randn(10)]), "state_bits": "FP8"}], state_bits=8)
+    assert [g["state_bits"] for g in grouped.param_groups] == [8, "fp8"]
+    with pytest.raises(ValueError, match="state_bits must be"):
+        grouped.add_param_group({"params": clone_params([torch.randn(10)]), "state_bits": 3})
+    assert len(grouped.param_groups) == 2
+    ps = clone_params([torch.randn(8192), torch.randn(4096)])
+    opt = fastopt.AdaBelief([{"params": [ps[0]]}, {"params": [ps[1]], "state_bits": 4}], state_bits=8)
     run_side_by_side([opt], [ps], steps=1)
-    opt.param_groups[0]["state_bits"] = 4
-    before = ps[0].detach().clone()
+    opt.param_groups[1]["state_bits"] = 8  # the second group's states are 4-bit
+    before = [p.detach().clone() for p in ps]
     with pytest.raises(ValueError, match="state_bits or ams_bound changed"):
         run_side_by_side([opt], [ps], steps=1)
-    assert torch.equal(ps[0].detach(), before)
+    assert all(torch.equal(p.detach(), q) for p, q in zip(ps, before))  # the first group did not step either
+    assert float(opt.state[ps[0]]["step"]) == 1.0
 
 
 # -- training behaviour ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from ..lowbit.codebook import (codebook, dequantize_reference, get_format, quant
 from .functional import elementwise_unchecked, is_dense, lowbit_unchecked, scalar_on
 
 
-def lowbit_dequantize(state, name, fmt, p):
+def lowbit_dequantize(state, name, fmt):
     """The fp32 values of quantized state ``name`` (reference path)."""
     if fmt.rank1:
         return rank1_dequantize_reference(state[name], state[name + "_row"], state[name + "_col"], fmt)
@@ -219,15 +219,25 @@ class ElementwiseOptimizer(FusedOptimizer):
     REFERENCE = None
 
     def __init__(self, params, defaults):
-        name = type(self).__name__
         if defaults.get("stochastic_rounding") and defaults.get("master_weights"):
-            raise ValueError(f"{name}: choose stochastic_rounding or master_weights, not both")
-        if "state_bits" in defaults:
-            defaults["state_bits"] = lowbit_state.check_state_bits(defaults["state_bits"], name)
-            if not isinstance(defaults.get("min_quant_size"), int) or defaults["min_quant_size"] < 0:
-                raise ValueError(f"{name}: min_quant_size must be a non-negative int, "
-                                 f"got {defaults.get('min_quant_size')!r}")
+            raise ValueError(f"{type(self).__name__}: choose stochastic_rounding or master_weights, not both")
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        """torch's add_param_group, then the low-bit options of the new group are checked (and
+        ``state_bits`` normalized): every group may choose its own."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if "state_bits" in group:
+            name = type(self).__name__
+            try:
+                group["state_bits"] = lowbit_state.check_state_bits(group["state_bits"], name)
+                size = group.get("min_quant_size")
+                if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                    raise ValueError(f"{name}: min_quant_size must be a non-negative int, got {size!r}")
+            except ValueError:
+                self.param_groups.pop()
+                raise
 
     def _native_hyper(self, group):
         raise NotImplementedError
@@ -257,8 +267,18 @@ class ElementwiseOptimizer(FusedOptimizer):
             state[name] = torch.zeros_like(like, memory_format=torch.preserve_format)
 
     def _check_bucket(self, group, params, backend):
+        names = self._state_names(group)
+        for p in params:
+            tag = self.state[p].get("state_format") if p in self.state else None
+            if tag is not None:
+                bits = group.get("state_bits")
+                expected = (lowbit_state.format_tag(lowbit_state.state_formats(bits, names, p.shape))
+                            if bits is not None else None)
+                if tag != expected:
+                    raise ValueError(f"{type(self).__name__}: a parameter's states are {tag!r} but the group's "
+                                     f"options need {expected!r} (state_bits or ams_bound changed after the first "
+                                     "step)")
         if group.get("state_bits") == "4-rank1" and backend not in ("cpu", "torch"):
-            names = self._state_names(group)
             for p in params:
                 quantized = lowbit_state.is_quantizable(p, "4-rank1", group.get("min_quant_size", 4096))
                 if quantized and any(get_format(f).rank1 for f in lowbit_state.state_formats("4-rank1", names, p.shape)):
@@ -278,13 +298,6 @@ class ElementwiseOptimizer(FusedOptimizer):
     def _step_bucket(self, group, params, grads, backend, grad_scale, found_inf):
         states = [self.state[p] for p in params]
         names = self._state_names(group)
-        for p, s in zip(params, states):
-            if "state_format" in s:
-                expected = lowbit_state.format_tag(lowbit_state.state_formats(group["state_bits"], names, p.shape))
-                if s["state_format"] != expected:
-                    raise ValueError(f"{type(self).__name__}: a parameter's states are {s['state_format']!r} but "
-                                     f"the group's options need {expected!r} (state_bits or ams_bound changed "
-                                     "after the first step)")
         for name in names:  # an option that adds a state was switched on later
             for p, s in zip(params, states):
                 if name not in s and "state_format" not in s:
@@ -323,7 +336,7 @@ class ElementwiseOptimizer(FusedOptimizer):
         names = self._state_names(group)
         if backend == "torch":
             skip = found_inf is not None and float(found_inf) != 0.0
-            temps = [{"step": s["step"], **{n: lowbit_dequantize(s, n, f, p).view_as(p) for n, f in zip(names, formats)}}
+            temps = [{"step": s["step"], **{n: lowbit_dequantize(s, n, f).view_as(p) for n, f in zip(names, formats)}}
                      for p, s in zip(params, states)]
             self._reference_step(group, params, grads, temps, grad_scale, found_inf)
             if not skip:
