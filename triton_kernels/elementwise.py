@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import CHUNK, _TL_DTYPES, _chunk_tables, to_bf16_rne
+from .multi_tensor import (CHUNK, _TL_DTYPES, _chunk_tables, _increment_steps_kernel, _load_block, _ptr, _store_block,
+                           to_bf16_rne)
 
 BLOCK = 1024
 N_HYPER = 16
@@ -40,25 +41,6 @@ def _bf16_stochastic(x, rnd):
     u = x.to(tl.uint32, bitcast=True)
     r = ((u + (rnd & 0xFFFF)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return tl.where((u & 0x7F800000) == 0x7F800000, to_bf16_rne(x), r)
-
-
-@triton.jit
-def _ptr(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, DTYPE: tl.constexpr):
-    return tl.load(addr_table + row * NCOL + col).to(tl.pointer_type(DTYPE))
-
-
-@triton.jit
-def _load(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, mask, DTYPE: tl.constexpr):
-    return tl.load(_ptr(addr_table, row, col, NCOL, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, mask, val, DTYPE: tl.constexpr):
-    ptr = _ptr(addr_table, row, col, NCOL, DTYPE)
-    if DTYPE == tl.bfloat16:
-        tl.store(ptr + offs, to_bf16_rne(val), mask=mask)
-    else:
-        tl.store(ptr + offs, val.to(DTYPE), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed"])  # seed == 1 must not become a constexpr (seed.to below)
@@ -98,20 +80,20 @@ def _elementwise_kernel(
         for off in range(start, end, BLOCK_SIZE):
             offs = off + tl.arange(0, BLOCK_SIZE)
             mask = offs < end
-            p = _load(addr_table, row, 0, NCOL, offs, mask, DTYPE)
-            g = _load(addr_table, row, 1, NCOL, offs, mask, DTYPE) * grad_mul
+            p = _load_block(addr_table, row, 0, NCOL, offs, mask, DTYPE)
+            g = _load_block(addr_table, row, 1, NCOL, offs, mask, DTYPE) * grad_mul
             s1 = p * 0.0
             s2 = s1
             s3 = s1
             s4 = s1
             if NSTATE >= 1:
-                s1 = _load(addr_table, row, 2, NCOL, offs, mask, DTYPE)
+                s1 = _load_block(addr_table, row, 2, NCOL, offs, mask, DTYPE)
             if NSTATE >= 2:
-                s2 = _load(addr_table, row, 3, NCOL, offs, mask, DTYPE)
+                s2 = _load_block(addr_table, row, 3, NCOL, offs, mask, DTYPE)
             if NSTATE >= 3:
-                s3 = _load(addr_table, row, 4, NCOL, offs, mask, DTYPE)
+                s3 = _load_block(addr_table, row, 4, NCOL, offs, mask, DTYPE)
             if NSTATE >= 4:
-                s4 = _load(addr_table, row, 5, NCOL, offs, mask, DTYPE)
+                s4 = _load_block(addr_table, row, 5, NCOL, offs, mask, DTYPE)
             rows = r_first + offs // r_len
             if PHASE == 0:
                 r0 = p * 0.0
@@ -130,7 +112,7 @@ def _elementwise_kernel(
                     rnd = fmix32(offs.to(tl.uint32) * 0x9E3779B1 ^ key)
                     tl.store(pptr + offs, _bf16_stochastic(p, rnd), mask=mask)
                 else:
-                    _store(addr_table, row, 0, NCOL, offs, mask, p, DTYPE)
+                    _store_block(addr_table, row, 0, NCOL, offs, mask, p, DTYPE)
             else:
                 s1, s2, s3, s4, a0, a1, a2, a3 = REDUCE(p, g, s1, s2, s3, s4, step, lr,
                                                         H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
@@ -151,27 +133,13 @@ def _elementwise_kernel(
                     if NREDUCE >= 4:
                         tl.atomic_add(reduce_out + rows * 4 + 3, a3, mask=mask)
             if NSTATE >= 1:
-                _store(addr_table, row, 2, NCOL, offs, mask, s1, DTYPE)
+                _store_block(addr_table, row, 2, NCOL, offs, mask, s1, DTYPE)
             if NSTATE >= 2:
-                _store(addr_table, row, 3, NCOL, offs, mask, s2, DTYPE)
+                _store_block(addr_table, row, 3, NCOL, offs, mask, s2, DTYPE)
             if NSTATE >= 3:
-                _store(addr_table, row, 4, NCOL, offs, mask, s3, DTYPE)
+                _store_block(addr_table, row, 4, NCOL, offs, mask, s3, DTYPE)
             if NSTATE >= 4:
-                _store(addr_table, row, 5, NCOL, offs, mask, s4, DTYPE)
-
-
-@triton.jit
-def _increment_steps_kernel(addr_table, n_tensors, found_inf_ptr, NCOL: tl.constexpr,
-                            HAS_FOUND_INF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    skip = 0.0
-    if HAS_FOUND_INF:
-        skip = tl.load(found_inf_ptr)
-    if skip == 0.0:
-        rows = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = rows < n_tensors
-        addrs = tl.load(addr_table + rows.to(tl.int64) * NCOL + (NCOL - 1), mask=mask, other=0)
-        ptrs = addrs.to(tl.pointer_type(tl.float32))
-        tl.store(ptrs, tl.load(ptrs, mask=mask) + 1.0, mask=mask)
+                _store_block(addr_table, row, 5, NCOL, offs, mask, s4, DTYPE)
 
 
 @triton.jit

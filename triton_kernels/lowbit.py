@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .elementwise import MAX_STATES, N_HYPER, _bf16_stochastic, _increment_steps_kernel, _ptr, fmix32
-from .multi_tensor import _TL_DTYPES, to_bf16_rne
+from .elementwise import MAX_STATES, N_HYPER, _bf16_stochastic, fmix32
+from .multi_tensor import _TL_DTYPES, _increment_steps_kernel, _ptr, to_bf16_rne
 from .ops import OPS
 
 HEADER = 8          # int32 words before the codebook's tables

@@ -27,9 +27,14 @@ N_HYPER = 10
 
 
 @triton.jit
+def _ptr(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, DTYPE: tl.constexpr):
+    """The address in column ``col`` of row ``row`` of an address table, as a ``DTYPE`` pointer."""
+    return tl.load(addr_table + row * NCOL + col).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
 def _load_block(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, mask, DTYPE: tl.constexpr):
-    ptr = tl.load(addr_table + row * NCOL + col).to(tl.pointer_type(DTYPE))
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(_ptr(addr_table, row, col, NCOL, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -44,7 +49,7 @@ def to_bf16_rne(x):
 
 @triton.jit
 def _store_block(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, mask, val, DTYPE: tl.constexpr):
-    ptr = tl.load(addr_table + row * NCOL + col).to(tl.pointer_type(DTYPE))
+    ptr = _ptr(addr_table, row, col, NCOL, DTYPE)
     if DTYPE == tl.bfloat16:
         tl.store(ptr + offs, to_bf16_rne(val), mask=mask)
     else:
