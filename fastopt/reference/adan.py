@@ -37,6 +37,8 @@ import math
 
 import torch
 
+from .lion import prepare_grad, skipped
+
 STATE_NAMES = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "previous_grad")
 
 
@@ -101,7 +103,7 @@ def adan_reference(params, grads, states, *, lr, betas=(0.98, 0.92, 0.99), weigh
     If ``found_inf`` is nonzero nothing changes (AMP skipped step).  ``lr`` may be a 0-dim tensor.
     """
     _check(params, grads, states, betas=betas, max_grad_norm=max_grad_norm, use_gc=use_gc, adanorm=adanorm)
-    if found_inf is not None and float(found_inf) != 0.0:
+    if skipped(found_inf):
         return
     beta1, beta2, beta3 = (float(b) for b in betas)
     lr = float(lr)
@@ -112,11 +114,7 @@ def adan_reference(params, grads, states, *, lr, betas=(0.98, 0.92, 0.99), weigh
         bc3_sqrt = math.sqrt(1.0 - beta3 ** t)
 
         p32 = p.float()
-        g = grad.float()
-        if maximize:
-            g = -g
-        if grad_scale is not None:
-            g = g / grad_scale.to(device=p.device, dtype=torch.float32)
+        g = prepare_grad(grad, maximize, grad_scale)
 
         prev = -g if t == 1.0 else st["previous_grad"].float()
         diff = g + prev

@@ -20,6 +20,8 @@ counter is a per-tensor fp32 0-dim tensor (upstream: a per-group int); gradients
 """
 import torch
 
+from .lion import prepare_grad, skipped, weight_decay_step
+
 STATE_NAMES = ("exp_avg", "exp_avg_sq")
 
 
@@ -72,7 +74,7 @@ def exadam_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight_de
     If ``found_inf`` is nonzero nothing changes (AMP skipped step).  ``lr`` may be a 0-dim tensor.
     """
     _check(params, grads, states, betas=betas)
-    if found_inf is not None and float(found_inf) != 0.0:
+    if skipped(found_inf):
         return
     beta1, beta2 = (float(b) for b in betas)
     lr = float(lr)
@@ -84,16 +86,8 @@ def exadam_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight_de
         b2t = 1.0 - bc2
 
         p32 = p.float()
-        g = grad.float()
-        if maximize:
-            g = -g
-        if grad_scale is not None:
-            g = g / grad_scale.to(device=p.device, dtype=torch.float32)
-        if weight_decay != 0.0:
-            if weight_decouple:
-                p32 = p32 * (1.0 - weight_decay * (1.0 if fixed_decay else lr))
-            else:
-                g = g + weight_decay * p32
+        g = prepare_grad(grad, maximize, grad_scale)
+        p32, g = weight_decay_step(p32, g, weight_decay, weight_decouple, fixed_decay, lr)
 
         m = st["exp_avg"].float()
         m = m + (1.0 - beta1) * (g - m)

@@ -30,6 +30,17 @@ def skipped(found_inf):
     return found_inf is not None and float(found_inf) != 0.0
 
 
+def weight_decay_step(p32, g, weight_decay, weight_decouple, fixed_decay, lr):
+    """pytorch_optimizer's weight decay: decoupled ``p (1 - wd (fixed_decay ? 1 : lr))`` or L2
+    ``g + wd p``; returns ``(p32, g)``."""
+    if weight_decay != 0.0:
+        if weight_decouple:
+            p32 = p32 * (1.0 - weight_decay * (1.0 if fixed_decay else lr))
+        else:
+            g = g + weight_decay * p32
+    return p32, g
+
+
 def lion_reference(params, grads, states, *, lr, betas=(0.9, 0.99), weight_decay=0.0, weight_decouple=True,
                    fixed_decay=False, maximize=False, grad_scale=None, found_inf=None):
     """One Lion step, in place.  With g the gradient::
