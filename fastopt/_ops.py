@@ -24,6 +24,18 @@ def _scalar_addr(t):
     return 0 if t is None else t.data_ptr()
 
 
+def _run_native(backend, name, device, args, op):
+    """``fastopt._C.<name>_cpu(*args)`` or ``<name>_cuda(*args, stream)`` on ``device``'s current stream."""
+    native = _backend.native()
+    if backend == "cpu":
+        getattr(native, name + "_cpu")(*args)
+    elif backend == "cuda":
+        with torch.cuda.device(device):
+            getattr(native, name + "_cuda")(*args, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        raise ValueError(f"fastopt::{op} has no kernel backend {backend!r}")
+
+
 def _adam_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], lr: float, lr_tensor: Optional[Tensor],
                beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool, amsgrad: bool,
@@ -44,15 +56,7 @@ def _adam_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tenso
         _backend.dtype_code(params[0].dtype), lr, _scalar_addr(lr_tensor), beta1, beta2, eps, weight_decay,
         decoupled, amsgrad, maximize, _scalar_addr(grad_scale), _scalar_addr(found_inf),
     )
-    native = _backend.native()
-    if backend == "cpu":
-        native.adam_cpu(*args)
-    elif backend == "cuda":
-        device = params[0].device
-        with torch.cuda.device(device):
-            native.adam_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        raise ValueError(f"fastopt::adam_step_ has no kernel backend {backend!r}")
+    _run_native(backend, "adam", params[0].device, args, "adam_step_")
 
 
 adam_step_ = torch.library.custom_op(
@@ -106,15 +110,7 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
         _scalar_addr(grad_scale), _scalar_addr(found_inf), bool(maximize), int(phase), list(rows),
         _scalar_addr(row_coef), _scalar_addr(reduce_out), int(seed) & 0xFFFFFFFFFFFFFFFF, bool(stochastic),
     )
-    native = _backend.native()
-    if backend == "cpu":
-        native.elementwise_cpu(*args)
-    elif backend == "cuda":
-        device = params[0].device
-        with torch.cuda.device(device):
-            native.elementwise_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        raise ValueError(f"fastopt::elementwise_step_ has no kernel backend {backend!r}")
+    _run_native(backend, "elementwise", params[0].device, args, "elementwise_step_")
 
 
 elementwise_step_ = torch.library.custom_op(
@@ -182,15 +178,7 @@ def _lowbit_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: L
         [b.data_ptr() if q else 0 for b, q in zip(books, quantized)], absmax_addrs, int(block), colmax_addrs,
         [int(r) for r in rank1_rows] if any_r1 else [],
     )
-    native = _backend.native()
-    if backend == "cpu":
-        native.lowbit_cpu(*args)
-    elif backend == "cuda":
-        device = params[0].device
-        with torch.cuda.device(device):
-            native.lowbit_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        raise ValueError(f"fastopt::lowbit_step_ has no kernel backend {backend!r}")
+    _run_native(backend, "lowbit", params[0].device, args, "lowbit_step_")
 
 
 lowbit_step_ = torch.library.custom_op(
@@ -220,14 +208,7 @@ def _codec_kernel(x: Tensor, codes: Tensor, absmax: Tensor, book: Tensor, block:
         _backend.triton_kernels().quantize_blockwise(x, codes, absmax, book, block, dequantize=dequantize)
         return
     args = (x.data_ptr(), codes.data_ptr(), absmax.data_ptr(), x.numel(), int(block), book.data_ptr(), bool(dequantize))
-    native = _backend.native()
-    if backend == "cpu":
-        native.quantize_cpu(*args)
-    elif backend == "cuda":
-        with torch.cuda.device(x.device):
-            native.quantize_cuda(*args, torch.cuda.current_stream(x.device).cuda_stream)
-    else:
-        raise ValueError(f"fastopt::blockwise_codec_ has no kernel backend {backend!r}")
+    _run_native(backend, "quantize", x.device, args, "blockwise_codec_")
 
 
 blockwise_codec_ = torch.library.custom_op(
