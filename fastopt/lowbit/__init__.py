@@ -12,6 +12,7 @@ import torch
 
 from .. import _backend, _ops
 from .codebook import FORMATS, Format, codebook, dequantize_reference, get_format, quantize_reference  # noqa: F401
+from .int8 import Int8Linear, dequantize_int8, int8_linear_, is_int8_weight, quantize_int8  # noqa: F401
 from .state import STATE_BITS, state_formats  # noqa: F401
 
 
@@ -61,4 +62,5 @@ def dequantize_blockwise(codes, absmax, fmt="dyn8s", *, backend="auto"):
 from .optim import *  # noqa: E402,F401,F403
 from .optim import __all__ as _optim_all  # noqa: E402
 
-__all__ = ["FORMATS", "codebook", "quantize_blockwise", "dequantize_blockwise", "state_formats"] + _optim_all
+__all__ = (["FORMATS", "codebook", "quantize_blockwise", "dequantize_blockwise", "state_formats", "Int8Linear",
+            "int8_linear_", "quantize_int8", "dequantize_int8", "is_int8_weight"] + _optim_all)

@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 
 from .. import _backend
+from ..lowbit import int8 as lowbit_int8
 from ..lowbit import state as lowbit_state
 from ..lowbit.codebook import (codebook, dequantize_reference, get_format, quantize_reference,
                                rank1_dequantize_reference, rank1_quantize_reference)
@@ -42,6 +43,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     """Base class: subclasses define ``_check_group``, ``_init_state`` and ``_step_bucket``."""
 
     _step_supports_amp_scaling = True
+    # Whether the optimizer can step the int8 weights of fastopt.lowbit.Int8Linear (ElementwiseOptimizer).
+    _supports_int8_weights = False
 
     def __init__(self, params, defaults):
         _backend.check_backend_name(defaults.get("backend", "auto"))
@@ -96,7 +99,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             self._check_group(group)
             by_layout = defaultdict(list)
+            int8 = defaultdict(lambda: ([], []))
             for p in group["params"]:
+                if lowbit_int8.is_int8_weight(p):
+                    g = self._check_int8_param(p)
+                    if g is not None:
+                        backend = _backend.resolve(group["backend"], p.device, torch.float32, True)
+                        int8[(p.device, torch.uint8, backend)][0].append(p)
+                        int8[(p.device, torch.uint8, backend)][1].append(g)
+                    continue
                 g = p.grad
                 if g is None:
                     continue
@@ -114,8 +125,37 @@ class FusedOptimizer(torch.optim.Optimizer):
                 params, grads = buckets[(device, dtype, backend)]
                 params.extend(p for p, _ in pairs)
                 grads.extend(g for _, g in pairs)
+            buckets.update(int8)
             plan.append((group, buckets))
         return plan
+
+    def _check_int8_param(self, p):
+        """The gradient (``float_grad``) of the int8 weight ``p`` of an Int8Linear, or None; raises for
+        an optimizer that cannot step int8 weights or a gradient that does not fit."""
+        name = type(self).__name__
+        if not self._supports_int8_weights:
+            raise TypeError(f"{name} cannot step the int8 weights of fastopt.lowbit.Int8Linear; use one of "
+                            "fastopt's elementwise optimizers (fastopt.lowbit.AdamW8bit / ElementwiseAdamW, Lion, "
+                            "Adan, AdaBelief, DiffGrad, EXAdam, Lamb, AdamP, SGDP, SGDSaI)")
+        g = getattr(p, "float_grad", None)
+        if g is None:
+            return None
+        if (not torch.is_tensor(g) or g.layout != torch.strided or g.device != p.device or g.shape != p.shape
+                or not g.is_floating_point() or g.is_complex()):
+            what = f"{g.dtype}{tuple(g.shape)} on {g.device}" if torch.is_tensor(g) else type(g).__name__
+            raise ValueError(f"{name}: the float_grad of an int8 weight {tuple(p.shape)} on {p.device} is {what}")
+        return g.float().contiguous()
+
+    def zero_grad(self, set_to_none=True):
+        """torch's zero_grad, which also clears ``float_grad`` of the int8 weights of Int8Linear layers."""
+        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if getattr(p, "float_grad", None) is not None and lowbit_int8.is_int8_weight(p):
+                    if set_to_none:
+                        p.float_grad = None
+                    else:
+                        p.float_grad.zero_()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -214,6 +254,7 @@ class ElementwiseOptimizer(FusedOptimizer):
     """
 
     OP = None
+    _supports_int8_weights = True
     STATE_NAMES = ()
     HYPER_NAMES = ()
     REFERENCE = None
@@ -255,6 +296,8 @@ class ElementwiseOptimizer(FusedOptimizer):
     def _init_state(self, group, p, state):
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         like = p
+        if lowbit_int8.is_int8_weight(p):  # stepped through an fp32 copy, so its states are fp32
+            like = torch.empty(p.shape, dtype=torch.float32, device=p.device)
         if self._uses_master(group, p):
             state["master_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
             like = state["master_param"]
@@ -296,7 +339,34 @@ class ElementwiseOptimizer(FusedOptimizer):
                                                 f"the state of parameter {pid}")
 
     def _step_bucket(self, group, params, grads, backend, grad_scale, found_inf):
-        states = [self.state[p] for p in params]
+        if lowbit_int8.is_int8_weight(params[0]):
+            self._step_int8(group, params, grads, backend, grad_scale, found_inf)
+            return
+        self._step_float(group, params, grads, [self.state[p] for p in params], backend, grad_scale, found_inf)
+
+    def _step_int8(self, group, params, grads, backend, grad_scale, found_inf):
+        """Int8Linear weights, one at a time (so only one fp32 copy exists): dequantize to fp32, step
+        that copy with the parameter's states, requantize with new group scales (stochastic rounding
+        per the layer's option).  A step skipped by AMP's ``found_inf`` leaves the codes as they were."""
+        index = {id(p): i for i, p in enumerate(group["params"])}
+        for p, g in zip(params, grads):
+            owner = lowbit_int8.int8_owner(p)
+            state = self.state[p]
+            w = owner.dequantized_weight(torch.float32)
+            self._step_float(group, [w], [g], [state], backend, grad_scale, found_inf)
+            codes, scales, zeros = lowbit_int8.quantize_int8(
+                w, owner.group_size, stochastic=owner.stochastic_rounding, seed=group.get("seed", 0),
+                index=index[id(p)], step=state["step"])
+            if found_inf is not None:
+                skip = found_inf.to(device=p.device, dtype=torch.float32) != 0
+                codes = torch.where(skip, p, codes)
+                scales = torch.where(skip, owner.weight_scale, scales)
+                zeros = torch.where(skip, owner.weight_zero, zeros)
+            p.copy_(codes)
+            owner.weight_scale.copy_(scales)
+            owner.weight_zero.copy_(zeros)
+
+    def _step_float(self, group, params, grads, states, backend, grad_scale, found_inf):
         names = self._state_names(group)
         for name in names:  # an option that adds a state was switched on later
             for p, s in zip(params, states):
