@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reference.rounding import _M32, fmix32
+from ..reference.rounding import sr_bits
 
 __all__ = ["Int8Linear", "int8_linear_", "quantize_int8", "dequantize_int8", "is_int8_weight"]
 
@@ -41,15 +41,8 @@ def _check_groups(numel, group_size, who):
 
 
 def _uniform(numel, device, seed, index, step):
-    """fp32 uniforms in [0, 1) for elements 0..numel-1 (24 random bits each); ``step`` may be a 0-d
-    tensor on ``device`` (no host sync)."""
-    if torch.is_tensor(step):
-        step = step.to(device=device, dtype=torch.int64)
-    inner = fmix32((int(index) * 0x27D4EB2F + step * 0x165667B1) & _M32)
-    key = fmix32((int(seed) & _M32) ^ inner)
-    i = torch.arange(numel, dtype=torch.int64, device=device)
-    bits = fmix32(((i * 0x9E3779B1) & _M32) ^ key)
-    return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    """fp32 uniforms in [0, 1) for elements 0..numel-1: the top 24 of the stream's 32 bits."""
+    return (sr_bits(numel, device, seed, index, step) >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def quantize_int8(w, group_size=256, *, stochastic=False, seed=0, index=0, step=0):

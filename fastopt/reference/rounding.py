@@ -21,14 +21,26 @@ def fmix32(h):
 
 
 def sr_key(seed, index, step):
-    return fmix32((seed & _M32) ^ fmix32((index * 0x27D4EB2F + int(step) * 0x165667B1) & _M32))
+    """The stream key; ``step`` may be a 0-d tensor (then so is the key, on its device: no host sync)."""
+    if torch.is_tensor(step):
+        step = step.to(torch.int64)
+    else:
+        step = int(step)
+    return fmix32((int(seed) & _M32) ^ fmix32((int(index) * 0x27D4EB2F + step * 0x165667B1) & _M32))
+
+
+def sr_bits(numel, device, seed, index, step):
+    """The 32 random bits (int64 tensor) of elements ``0..numel-1`` of stream (seed, index, step)."""
+    if torch.is_tensor(step):
+        step = step.to(device)
+    i = torch.arange(numel, dtype=torch.int64, device=device)
+    return fmix32(((i * 0x9E3779B1) & _M32) ^ sr_key(seed, index, step))
 
 
 def bf16_stochastic(x, seed, index, step):
     """Round the fp32 tensor ``x`` to bf16 stochastically (see the module doc)."""
     x = x.float().contiguous()
-    i = torch.arange(x.numel(), dtype=torch.int64, device=x.device) & _M32
-    rnd = fmix32(((i * 0x9E3779B1) & _M32) ^ sr_key(seed, index, step))
+    rnd = sr_bits(x.numel(), x.device, seed, index, step)
     u = x.view(-1).view(torch.int32).to(torch.int64) & _M32
     r = ((u + (rnd & 0xFFFF)) >> 16) << 16
     out = (r & _M32).to(torch.int64)
