@@ -118,6 +118,14 @@ fastopt::LowbitArgs make_lowbit_args(fastopt::ElementwiseArgs base, std::vector<
   return a;
 }
 
+constexpr const char* kNMMaskDoc =
+    "N:M mask (in, out, outer, len, inner, n, m, dtype[, stream]): in viewed as [outer, len, inner]; out (uint8) "
+    "gets 1 for the n largest |x| of every m consecutive positions along len (NaN as +inf, ties to the lowest "
+    "index).";
+constexpr const char* kTile24Doc =
+    "Transposable 2:4 mask (in, out, rows, cols, dtype, exact[, stream]) of a [rows, cols] matrix: 2 kept per "
+    "row and column of every 4x4 tile; exact = best of the 90 patterns, else greedy.";
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -165,6 +173,22 @@ PYBIND11_MODULE(_C, m) {
         fastopt::quantize_cpu(x, codes, absmax, numel, block, book, dequantize);
       },
       kQuantizeDoc);
+  m.def(
+      "nm_mask_cpu",
+      [](int64_t in, int64_t out, int64_t outer, int64_t len, int64_t inner, int64_t n, int64_t m_, int dtype) {
+        fastopt::NMMaskArgs a{in, out, outer, len, inner, n, m_, dtype};
+        py::gil_scoped_release nogil;
+        fastopt::nm_mask_cpu(a);
+      },
+      kNMMaskDoc);
+  m.def(
+      "tile24_mask_cpu",
+      [](int64_t in, int64_t out, int64_t rows, int64_t cols, int dtype, bool exact) {
+        fastopt::Tile24Args a{in, out, rows, cols, dtype, exact};
+        py::gil_scoped_release nogil;
+        fastopt::tile24_mask_cpu(a);
+      },
+      kTile24Doc);
   m.def("op_shape", [](const std::string& op) {
     int states = 0, reduce = 0;
     if (!fastopt::op_shape(op, &states, &reduce)) throw std::invalid_argument("fastopt: unknown op '" + op + "'");
@@ -201,6 +225,23 @@ PYBIND11_MODULE(_C, m) {
         fastopt::lowbit_cuda(a, stream);
       },
       kLowbitDoc);
+  m.def(
+      "nm_mask_cuda",
+      [](int64_t in, int64_t out, int64_t outer, int64_t len, int64_t inner, int64_t n, int64_t m_, int dtype,
+         int64_t stream) {
+        fastopt::NMMaskArgs a{in, out, outer, len, inner, n, m_, dtype};
+        py::gil_scoped_release nogil;
+        fastopt::nm_mask_cuda(a, stream);
+      },
+      kNMMaskDoc);
+  m.def(
+      "tile24_mask_cuda",
+      [](int64_t in, int64_t out, int64_t rows, int64_t cols, int dtype, bool exact, int64_t stream) {
+        fastopt::Tile24Args a{in, out, rows, cols, dtype, exact};
+        py::gil_scoped_release nogil;
+        fastopt::tile24_mask_cuda(a, stream);
+      },
+      kTile24Doc);
   m.def(
       "quantize_cuda",
       [](int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t block, int64_t book, bool dequantize,

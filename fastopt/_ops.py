@@ -224,3 +224,52 @@ def _codec_fake(x, codes, absmax, book, block, dequantize, backend):
 def blockwise_codec(*args):
     """``fastopt::blockwise_codec_`` without the dispatcher in eager mode."""
     _eager_or_op(blockwise_codec_, _codec_kernel, ([args[0]], [args[1]], [args[2]]), args)
+
+
+def _nm_mask_kernel(x: Tensor, out: Tensor, outer: int, length: int, inner: int, n: int, m: int,
+                    backend: str) -> None:
+    """N:M mask of the contiguous ``x`` viewed as [outer, length, inner] into uint8 ``out``."""
+    if x.numel() == 0:
+        return
+    if backend == "triton":
+        _backend.triton_kernels().nm_mask(x, out, outer, length, inner, n, m)
+        return
+    args = (x.data_ptr(), out.data_ptr(), outer, length, inner, n, m, _backend.dtype_code(x.dtype))
+    _run_native(backend, "nm_mask", x.device, args, "nm_mask_")
+
+
+nm_mask_ = torch.library.custom_op("fastopt::nm_mask_", mutates_args=("out",))(_nm_mask_kernel)
+
+
+@nm_mask_.register_fake
+def _nm_mask_fake(x, out, outer, length, inner, n, m, backend):
+    return None
+
+
+def nm_mask(*args):
+    """``fastopt::nm_mask_`` without the dispatcher in eager mode."""
+    _eager_or_op(nm_mask_, _nm_mask_kernel, ([args[1]],), args)
+
+
+def _tile24_kernel(x: Tensor, out: Tensor, rows: int, cols: int, exact: bool, backend: str) -> None:
+    """Transposable 2:4 mask of the contiguous [rows, cols] ``x`` into uint8 ``out``."""
+    if x.numel() == 0:
+        return
+    if backend == "triton":
+        _backend.triton_kernels().transposable24(x, out, rows, cols, exact)
+        return
+    args = (x.data_ptr(), out.data_ptr(), rows, cols, _backend.dtype_code(x.dtype), bool(exact))
+    _run_native(backend, "tile24_mask", x.device, args, "tile24_mask_")
+
+
+tile24_mask_ = torch.library.custom_op("fastopt::tile24_mask_", mutates_args=("out",))(_tile24_kernel)
+
+
+@tile24_mask_.register_fake
+def _tile24_fake(x, out, rows, cols, exact, backend):
+    return None
+
+
+def tile24_mask(*args):
+    """``fastopt::tile24_mask_`` without the dispatcher in eager mode."""
+    _eager_or_op(tile24_mask_, _tile24_kernel, ([args[1]],), args)

@@ -115,12 +115,47 @@ std::vector<int64_t> row_offsets(const ElementwiseArgs& a);
 // Checks a low-bit call (and its base); `states` is the op's state count.
 void check_lowbit(const LowbitArgs& a, int states);
 
+// N:M mask of one contiguous tensor viewed as [outer, len, inner]: groups of m consecutive positions
+// along len; out (uint8, same numel) gets 1 for the n kept elements of each group (fastopt/sparse.h).
+struct NMMaskArgs {
+  int64_t in = 0, out = 0;
+  int64_t outer = 0, len = 0, inner = 0;
+  int64_t n = 0, m = 0;
+  int dtype = kFloat32;
+};
+// Transposable 2:4 mask of one contiguous [rows, cols] matrix (rows, cols multiples of 4).
+struct Tile24Args {
+  int64_t in = 0, out = 0;
+  int64_t rows = 0, cols = 0;
+  int dtype = kFloat32;
+  bool exact = true;
+};
+
+inline void check_nm_mask(const NMMaskArgs& a) {
+  check_arg(a.outer >= 0 && a.len >= 0 && a.inner >= 0, "negative size");
+  check_arg(a.m >= 1 && a.m <= 64 && a.n >= 0 && a.n <= a.m, "need 0 <= n <= m <= 64");
+  check_arg(a.len % a.m == 0, "the masked dimension is not a multiple of m");
+  check_arg(a.dtype == kFloat32 || a.dtype == kFloat16 || a.dtype == kBFloat16, "unsupported dtype code");
+  check_arg(a.outer * a.len * a.inner == 0 || (a.in != 0 && a.out != 0), "null tensor address");
+}
+
+inline void check_tile24(const Tile24Args& a) {
+  check_arg(a.rows >= 0 && a.cols >= 0 && a.rows % 4 == 0 && a.cols % 4 == 0,
+            "rows and cols must be non-negative multiples of 4");
+  check_arg(a.dtype == kFloat32 || a.dtype == kFloat16 || a.dtype == kBFloat16, "unsupported dtype code");
+  check_arg(a.rows * a.cols == 0 || (a.in != 0 && a.out != 0), "null tensor address");
+}
+
+void nm_mask_cpu(const NMMaskArgs& args);
+void tile24_mask_cpu(const Tile24Args& args);
 void adam_cpu(const AdamArgs& args);
 void elementwise_cpu(const ElementwiseArgs& args);
 void lowbit_cpu(const LowbitArgs& args);
 // Blockwise codec of one fp32 buffer: quantize (x -> codes, absmax) or dequantize (codes, absmax -> x).
 void quantize_cpu(int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t block, int64_t book, bool dequantize);
 #ifdef FASTOPT_WITH_CUDA
+void nm_mask_cuda(const NMMaskArgs& args, int64_t stream);
+void tile24_mask_cuda(const Tile24Args& args, int64_t stream);
 void adam_cuda(const AdamArgs& args, int64_t stream);
 void elementwise_cuda(const ElementwiseArgs& args, int64_t stream);
 void lowbit_cuda(const LowbitArgs& args, int64_t stream);
