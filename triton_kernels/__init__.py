@@ -8,3 +8,4 @@ from .multi_tensor import multi_tensor_apply  # noqa: F401
 from .adam import adam_step  # noqa: F401
 from .ops import OPS, elementwise_step  # noqa: F401
 from .lowbit import lowbit_step, quantize_blockwise  # noqa: F401
+from .sparse import nm_mask, transposable24  # noqa: F401
