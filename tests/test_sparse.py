@@ -155,6 +155,8 @@ def test_nm_mask_pad():
     assert bool((got[:, 8:] == True).all())            # noqa: E712  (a partial group of 2 keeps both)
     one = sparse.nm_mask(torch.randn(2, 9), 2, 4, pad=True)
     assert one[:, 8].all()
+    with pytest.raises(IndexError, match="dim 5"):
+        sparse.nm_mask(w, 2, 4, dim=5, pad=True)
 
 
 def test_nm_mask_errors():

@@ -43,7 +43,8 @@ def nm_mask(w, n, m, dim=-1, *, pad=False, backend="auto"):
     if w.is_complex() or not w.is_floating_point():
         raise TypeError(f"nm_mask: expected a real floating-point tensor, got {w.dtype}")
     shape = tuple(w.shape)
-    if pad and w.dim() > 0 and isinstance(m, int) and m >= 1 and shape[dim % w.dim()] % m:
+    if (pad and isinstance(dim, int) and -w.dim() <= dim < w.dim() and isinstance(m, int) and m >= 1
+            and shape[dim % w.dim()] % m):
         d = dim % w.dim()
         extra = -shape[d] % m
         padded = torch.cat([w.detach(), w.new_zeros(shape[:d] + (extra,) + shape[d + 1:])], dim=d)
