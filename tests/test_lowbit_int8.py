@@ -259,6 +259,28 @@ def test_int8_state_dict_round_trip_continues_identically():
         assert torch.equal(v, twin.state_dict()[k]), k
 
 
+def test_int8_model_pickles_and_deepcopies_and_keeps_training():
+    model = int8_linear_(mlp())
+    start = model[0].weight.clone()
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(16, 64), torch.randint(0, 16, (16,))
+    results = []
+    for m in (model, loaded, twin):
+        assert fastopt.lowbit.is_int8_weight(m[0].weight)       # found before any forward
+        opt = fastopt.lowbit.AdamW8bit(m.parameters(), lr=1e-2, min_quant_size=0)
+        _loss(m, x, y).backward()
+        opt.step()
+        results.append(m.state_dict())
+    for other in results[1:]:
+        for k, v in results[0].items():
+            assert torch.equal(v, other[k]), k
+    assert not torch.equal(results[0]["0.weight"], start)     # the step did move the int8 weight
+
+
 def test_int8_errors_before_any_state_change():
     model = int8_linear_(mlp())
     x, y = torch.randn(8, 64), torch.randint(0, 16, (8,))

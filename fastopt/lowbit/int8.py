@@ -25,12 +25,15 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..reference.rounding import sr_bits
 
 __all__ = ["Int8Linear", "int8_linear_", "quantize_int8", "dequantize_int8", "is_int8_weight"]
 
 _LEVELS = 255
+# int8 weight -> weakref to its Int8Linear (kept outside the Parameter, so modules still pickle).
+_OWNERS = WeakIdKeyDictionary()
 
 
 def _check_groups(numel, group_size, who):
@@ -80,12 +83,13 @@ def dequantize_int8(codes, scales, zeros, group_size=256, dtype=torch.float32):
 
 def is_int8_weight(p):
     """Whether ``p`` is the weight of a live :class:`Int8Linear`."""
-    ref = getattr(p, "_fastopt_int8_owner", None)
-    return ref is not None and ref() is not None and ref().weight is p
+    ref = _OWNERS.get(p) if torch.is_tensor(p) else None
+    owner = ref() if ref is not None else None
+    return owner is not None and owner.weight is p
 
 
 def int8_owner(p):
-    return p._fastopt_int8_owner()
+    return _OWNERS[p]()
 
 
 class _Int8LinearFunction(torch.autograd.Function):
@@ -136,10 +140,14 @@ class Int8Linear(nn.Module):
         self._attach()
 
     def _attach(self):
-        # The optimizer finds the scales through the weight; re-attached on every forward because
-        # copy.deepcopy and pickling drop attributes of a Parameter.
-        self.weight._fastopt_int8_owner = weakref.ref(self)
+        # The optimizer finds the scales through the weight (_OWNERS); checked again on every forward
+        # in case the weight Parameter was replaced.
+        _OWNERS[self.weight] = weakref.ref(self)
         self._anchor = torch.empty(0, requires_grad=True)  # makes autograd call the backward for the weight
+
+    def __setstate__(self, state):  # unpickling and copy.deepcopy
+        super().__setstate__(state)
+        self._attach()
 
     @classmethod
     def from_linear(cls, linear, *, group_size=256, stochastic_rounding=True):
@@ -165,7 +173,7 @@ class Int8Linear(nn.Module):
         return dequantize_int8(self.weight, self.weight_scale, self.weight_zero, self.group_size, dtype)
 
     def forward(self, x):
-        if getattr(self.weight, "_fastopt_int8_owner", None) is None or self.weight._fastopt_int8_owner() is not self:
+        if not is_int8_weight(self.weight) or int8_owner(self.weight) is not self:
             self._attach()
         if not torch.is_grad_enabled():
             return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
