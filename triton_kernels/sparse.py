@@ -91,23 +91,6 @@ def _pick(q: tl.constexpr, v0, v1, v2, v3, v4, v5):
 
 
 @triton.jit
-def _pick_mask(msk: tl.constexpr, v0, v1, v2, v3, v4, v5):
-    """The pair sum of the pair whose column mask is ``msk`` (3, 5, 9, 6, 10 or 12)."""
-    r = v0
-    if msk == 5:
-        r = v1
-    if msk == 9:
-        r = v2
-    if msk == 6:
-        r = v3
-    if msk == 10:
-        r = v4
-    if msk == 12:
-        r = v5
-    return r
-
-
-@triton.jit
 def _row_pairs(x, base, tmask, R: tl.constexpr, cols):
     """The six pair sums ``k[R, a] + k[R, b]`` ([T] each) of row R of every tile, in _PAIRS order."""
     p = x + base + R * cols
@@ -132,10 +115,12 @@ def _try_pattern(best, bits, s01, p20, p21, p22, p23, p24, p25, p30, p31, p32, p
     C2: tl.constexpr = ((M0 >> 2) & 1) + ((M1 >> 2) & 1) + ((M2 >> 2) & 1)
     C3: tl.constexpr = ((M0 >> 3) & 1) + ((M1 >> 3) & 1) + ((M2 >> 3) & 1)
     M3: tl.constexpr = (C0 == 1) * 1 + (C1 == 1) * 2 + (C2 == 1) * 4 + (C3 == 1) * 8
+    # row 3's pair index (_PAIRS order) from its column mask 3, 5, 9, 6, 10, 12
+    Q3: tl.constexpr = (M3 == 5) * 1 + (M3 == 9) * 2 + (M3 == 6) * 3 + (M3 == 10) * 4 + (M3 == 12) * 5
     OVER: tl.constexpr = (C0 > 2) + (C1 > 2) + (C2 > 2) + (C3 > 2)
     if OVER == 0:
         if M3 != 0:     # no column over 2 and two columns at 1: M3 has two bits, a valid pattern
-            s = (s01 + _pick(Q2, p20, p21, p22, p23, p24, p25)) + _pick_mask(M3, p30, p31, p32, p33, p34, p35)
+            s = (s01 + _pick(Q2, p20, p21, p22, p23, p24, p25)) + _pick(Q3, p30, p31, p32, p33, p34, p35)
             better = s > best                                        # strict: ties keep the earlier
             best = tl.where(better, s, best)
             bits = tl.where(better, M0 | (M1 << 4) | (M2 << 8) | (M3 << 12), bits)
