@@ -17,10 +17,6 @@ void adam_run(const AdamArgs& a, const std::vector<functors::AdamCoeffs>& coeffs
 }
 }  // namespace cpu
 
-namespace {
-inline float read_scalar(int64_t addr) { return *reinterpret_cast<const float*>(static_cast<intptr_t>(addr)); }
-}  // namespace
-
 void adam_cpu(const AdamArgs& a) {
   check_adam(a);
   if (a.found_inf_ptr && read_scalar(a.found_inf_ptr) != 0.0f) return;  // AMP: inf/nan grads, skip
@@ -32,7 +28,7 @@ void adam_cpu(const AdamArgs& a) {
   std::vector<functors::AdamCoeffs> coeffs(l.n);
   std::vector<float*> steps(l.n);
   for (int64_t t = 0; t < l.n; ++t) {
-    steps[t] = reinterpret_cast<float*>(static_cast<intptr_t>(a.steps[t]));
+    steps[t] = as_ptr<float>(a.steps[t]);
     coeffs[t] = functors::adam_coeffs(a.hyper, lr, static_cast<double>(*steps[t]) + 1.0);
   }
 #if defined(FASTOPT_HAVE_AVX2_KERNELS)

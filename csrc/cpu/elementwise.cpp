@@ -21,10 +21,6 @@ bool elementwise_run(const ElementwiseArgs& a, double lr, float grad_mul, const 
 }
 }  // namespace cpu
 
-namespace {
-float read_scalar(int64_t addr) { return *reinterpret_cast<const float*>(static_cast<intptr_t>(addr)); }
-}  // namespace
-
 bool op_shape(const std::string& op, int* states, int* reduce) {
 #define FASTOPT_OP_SHAPE(NAME, TYPE) \
   if (op == NAME) { *states = TYPE::kStates; *reduce = TYPE::kReduce; return true; }
@@ -72,7 +68,7 @@ CpuStep prepare_cpu_step(const ElementwiseArgs& a) {
   st.steps.resize(a.steps.size());
   st.next.assign(a.lists.n, 1.0);
   for (size_t t = 0; t < a.steps.size(); ++t) {
-    st.steps[t] = reinterpret_cast<float*>(static_cast<intptr_t>(a.steps[t]));
+    st.steps[t] = as_ptr<float>(a.steps[t]);
     st.next[t] = static_cast<double>(*st.steps[t]) + 1.0;
   }
   st.row_offset = row_offsets(a);
@@ -97,7 +93,7 @@ void elementwise_cpu(const ElementwiseArgs& a) {
   cpu::baseline::elementwise_run(st.padded, st.lr, st.grad_mul, st.next.data(), off.data(), sums.data());
 #endif
   if (a.phase == 1) {
-    float* out = reinterpret_cast<float*>(static_cast<intptr_t>(a.reduce_out_ptr));
+    float* out = as_ptr<float>(a.reduce_out_ptr);
     for (size_t i = 0; i < sums.size(); ++i) out[i] += static_cast<float>(sums[i]);
   } else {
     for (float* s : st.steps) *s += 1.0f;

@@ -117,7 +117,7 @@ void run_op(const Plan& pl, double* sums) {
 bool elementwise_run(const ElementwiseArgs& a, double lr, float grad_mul, const double* steps,
                      const int64_t* row_offset, double* sums) {
   Plan pl{&a, lr, grad_mul, steps, row_offset,
-          reinterpret_cast<const float*>(static_cast<intptr_t>(a.row_coef_ptr))};
+          as_ptr<const float>(a.row_coef_ptr)};
   bool found = false;
 #define FASTOPT_CPU_CASE(NAME, TYPE)                                          \
   if (!found && a.op == NAME) {                                               \

@@ -65,8 +65,8 @@ void lowbit_cpu(const LowbitArgs& la) {
   check_arg(op_shape(la.base.op, &states, &reduce), "unknown elementwise op '" + la.base.op + "'");
   check_lowbit(la, states);
   for (int64_t book : la.books) {
-    if (book) check_arg(codebook_view(reinterpret_cast<const int32_t*>(static_cast<intptr_t>(book))).nc == 256 ||
-                        codebook_view(reinterpret_cast<const int32_t*>(static_cast<intptr_t>(book))).nc == 16,
+    if (book) check_arg(codebook_view(as_ptr<const int32_t>(book)).nc == 256 ||
+                        codebook_view(as_ptr<const int32_t>(book)).nc == 16,
                         "a codebook has 256 or 16 codes");
   }
   CpuStep st = prepare_cpu_step(la.base);
@@ -87,10 +87,10 @@ void quantize_cpu(int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64
   check_arg(x != 0 && codes != 0 && absmax != 0 && book != 0, "null address");
   check_arg(block >= 2 && block % 2 == 0 && block <= kMaxQuantBlock && numel % block == 0,
             "numel must be a multiple of an even block of at most " + std::to_string(kMaxQuantBlock));
-  auto* xp = reinterpret_cast<float*>(static_cast<intptr_t>(x));
-  auto* cp = reinterpret_cast<uint8_t*>(static_cast<intptr_t>(codes));
-  auto* ap = reinterpret_cast<float*>(static_cast<intptr_t>(absmax));
-  const auto* bp = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(book));
+  auto* xp = as_ptr<float>(x);
+  auto* cp = as_ptr<uint8_t>(codes);
+  auto* ap = as_ptr<float>(absmax);
+  const auto* bp = as_ptr<const int32_t>(book);
 #if defined(FASTOPT_HAVE_AVX2_KERNELS)
   if (cpu::use_avx2()) {
     cpu::avx2::codec_run(xp, cp, ap, numel, block, bp, dequantize);

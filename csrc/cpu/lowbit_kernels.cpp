@@ -24,9 +24,6 @@ namespace cpu {
 namespace FASTOPT_CPU_NS {
 namespace {
 
-template <typename T>
-T* addr(int64_t a) { return reinterpret_cast<T*>(static_cast<intptr_t>(a)); }
-
 // Dequantize `len` values of one block (codes start at the block's first element).
 // (Not inlined: compiled once, vectorized, whatever the caller; inlined into the ~60 op kernels
 // GCC vectorized some copies and left others scalar with branches.)
@@ -129,7 +126,7 @@ void run_lowbit(const LowbitArgs& la, const ElementwiseArgs& a, double lr, float
   bool quant[kMaxStates] = {false, false, false, false};
   for (int k = 0; k < Op::kStates; ++k) {
     quant[k] = la.books[k] != 0;
-    if (quant[k]) books[k] = codebook_view(addr<const int32_t>(la.books[k]));
+    if (quant[k]) books[k] = codebook_view(as_ptr<const int32_t>(la.books[k]));
   }
   std::vector<typename Op::Coeffs> coeffs(n);
   for (int64_t t = 0; t < n; ++t) coeffs[t] = Op::coeffs(OpScalars{a.hyper.data(), a.flags, lr, steps[t]});
@@ -172,10 +169,10 @@ void run_lowbit(const LowbitArgs& la, const ElementwiseArgs& a, double lr, float
         for (int k = 0; k < Op::kStates; ++k) {
           const uint8_t* codes = quant[k] ? l.get<uint8_t>(2 + k, t) + (books[k].nc == 16 ? base / 2 : base) : nullptr;
           if (r1(k, t)) {
-            rank1_scales(addr<float>(la.absmax[k * n + t]), addr<float>(la.colmax[k * n + t]), cols, base, block, scale);
+            rank1_scales(as_ptr<float>(la.absmax[k * n + t]), as_ptr<float>(la.colmax[k * n + t]), cols, base, block, scale);
             dequantize_rank1(books[k], codes, scale, block, st[k]);
           } else if (quant[k]) {
-            dequantize_block(books[k], codes, addr<float>(la.absmax[k * n + t])[blk], block, st[k]);
+            dequantize_block(books[k], codes, as_ptr<float>(la.absmax[k * n + t])[blk], block, st[k]);
           } else {
             const T* s = l.get<T>(2 + k, t) + base;
             for (int64_t j = 0; j < block; ++j) st[k][j] = to_float(s[j]);
@@ -218,11 +215,11 @@ void run_lowbit(const LowbitArgs& la, const ElementwiseArgs& a, double lr, float
       const int64_t base = blk * block;
       for (int k = 0; k < Op::kStates; ++k) {
         if (r1(k, t)) {
-          rank1_scales(addr<float>(la.absmax[k * n + t]), addr<float>(la.colmax[k * n + t]), cols, base, block, scale);
+          rank1_scales(as_ptr<float>(la.absmax[k * n + t]), as_ptr<float>(la.colmax[k * n + t]), cols, base, block, scale);
           dequantize_rank1(books[k], l.get<uint8_t>(2 + k, t) + base / 2, scale, block, st[k]);
         } else if (quant[k]) {
           const int64_t byte0 = books[k].nc == 16 ? base / 2 : base;
-          dequantize_block(books[k], l.get<uint8_t>(2 + k, t) + byte0, addr<float>(la.absmax[k * n + t])[blk], block,
+          dequantize_block(books[k], l.get<uint8_t>(2 + k, t) + byte0, as_ptr<float>(la.absmax[k * n + t])[blk], block,
                            st[k]);
         } else {
           const T* s = l.get<T>(2 + k, t) + base;
@@ -243,7 +240,7 @@ void run_lowbit(const LowbitArgs& la, const ElementwiseArgs& a, double lr, float
           quantize_rank1(books[k], st[k], scale, block, l.get<uint8_t>(2 + k, t) + base / 2);
         } else if (quant[k]) {
           const int64_t byte0 = books[k].nc == 16 ? base / 2 : base;
-          addr<float>(la.absmax[k * n + t])[blk] = quantize_block(books[k], st[k], block, l.get<uint8_t>(2 + k, t) + byte0);
+          as_ptr<float>(la.absmax[k * n + t])[blk] = quantize_block(books[k], st[k], block, l.get<uint8_t>(2 + k, t) + byte0);
         } else {
           T* s = l.get<T>(2 + k, t) + base;
           for (int64_t j = 0; j < block; ++j) s[j] = from_float<T>(st[k][j]);
@@ -256,8 +253,8 @@ void run_lowbit(const LowbitArgs& la, const ElementwiseArgs& a, double lr, float
       if (!r1(k, t)) continue;
       const float* rmax = fresh.data() + r1_off[k * n + t];
       const int64_t rows = la.rank1_rows[t], cols = l.numels[t] / rows;
-      std::copy(rmax, rmax + rows, addr<float>(la.absmax[k * n + t]));
-      std::copy(rmax + rows, rmax + rows + cols, addr<float>(la.colmax[k * n + t]));
+      std::copy(rmax, rmax + rows, as_ptr<float>(la.absmax[k * n + t]));
+      std::copy(rmax + rows, rmax + rows + cols, as_ptr<float>(la.colmax[k * n + t]));
     }
   }
 }

@@ -29,8 +29,8 @@ inline void nm_group(const T* x, uint8_t* out, int64_t inner, int m, int n) {
 
 template <int M, typename T>
 void nm_run(const NMMaskArgs& a) {
-  const T* x = reinterpret_cast<const T*>(static_cast<intptr_t>(a.in));
-  uint8_t* out = reinterpret_cast<uint8_t*>(static_cast<intptr_t>(a.out));
+  const T* x = as_ptr<const T>(a.in);
+  uint8_t* out = as_ptr<uint8_t>(a.out);
   const int64_t groups = a.len / a.m, inner = a.inner;
   const int m = static_cast<int>(a.m), n = static_cast<int>(a.n);
   const int64_t total = a.outer * groups;  // (outer, group) pairs, each covering m * inner elements
@@ -45,8 +45,8 @@ void nm_run(const NMMaskArgs& a) {
 // compiler can unroll (and vectorize across groups).
 template <int M, typename T>
 void nm_run_rows(const NMMaskArgs& a) {
-  const T* __restrict__ x = reinterpret_cast<const T*>(static_cast<intptr_t>(a.in));
-  uint8_t* __restrict__ out = reinterpret_cast<uint8_t*>(static_cast<intptr_t>(a.out));
+  const T* __restrict__ x = as_ptr<const T>(a.in);
+  uint8_t* __restrict__ out = as_ptr<uint8_t>(a.out);
   const int64_t groups = a.outer * (a.len / M);
   const int n = static_cast<int>(a.n);
 #pragma omp parallel for schedule(static)
@@ -86,8 +86,8 @@ constexpr uint16_t kPatterns[sparse::kTilePatterns] = {FASTOPT_TILE_PATTERNS};
 
 template <typename T>
 void tile24_run(const Tile24Args& a) {
-  const T* x = reinterpret_cast<const T*>(static_cast<intptr_t>(a.in));
-  uint8_t* out = reinterpret_cast<uint8_t*>(static_cast<intptr_t>(a.out));
+  const T* x = as_ptr<const T>(a.in);
+  uint8_t* out = as_ptr<uint8_t>(a.out);
   const int64_t trows = a.rows / 4, tcols = a.cols / 4, cols = a.cols;
   const bool exact = a.exact;
 #pragma omp parallel for schedule(static)

@@ -79,7 +79,6 @@ __global__ void increment_steps_kernel(StepList list, const float* found_inf) {
   *list.steps[i] += 1.0f;
 }
 
-template <typename F> F* as_ptr(int64_t addr) { return reinterpret_cast<F*>(static_cast<intptr_t>(addr)); }
 
 }  // namespace
 
@@ -98,23 +97,23 @@ void increment_steps(const std::vector<int64_t>& steps, const float* found_inf, 
 void adam_cuda(const AdamArgs& a, int64_t stream_handle) {
   check_adam(a);
   const TensorLists& l = a.lists;
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream_handle));
-  cuda::AdamScalars s{a.hyper, cuda::as_ptr<const float>(a.lr_ptr), cuda::as_ptr<const float>(a.grad_scale_ptr),
-                      cuda::as_ptr<const float>(a.found_inf_ptr), a.maximize ? -1.0f : 1.0f};
+  cudaStream_t stream = cuda::as_stream(stream_handle);
+  cuda::AdamScalars s{a.hyper, as_ptr<const float>(a.lr_ptr), as_ptr<const float>(a.grad_scale_ptr),
+                      as_ptr<const float>(a.found_inf_ptr), a.maximize ? -1.0f : 1.0f};
   FASTOPT_DTYPE_SWITCH(l.dtype, [&] {
     FASTOPT_BOOL_SWITCH(a.decoupled, DECOUPLED, [&] {
       FASTOPT_BOOL_SWITCH(a.amsgrad, AMSGRAD, [&] {
         using Op = cuda::AdamOp<scalar_t, DECOUPLED, AMSGRAD>;
         constexpr int kDepth = Op::kLists + 1;
         auto addr = [&](int d, int64_t t) -> void* {
-          return d == kDepth - 1 ? cuda::as_ptr<void>(a.steps[t]) : l.get<void>(d, t);
+          return d == kDepth - 1 ? as_ptr<void>(a.steps[t]) : l.get<void>(d, t);
         };
         auto numel = [&](int64_t t) { return l.numels[t]; };
         cuda::multi_tensor_apply<kDepth>(l.n, addr, numel, stream, Op{}, s);
       });
     });
   });
-  cuda::increment_steps(a.steps, cuda::as_ptr<const float>(a.found_inf_ptr), stream);
+  cuda::increment_steps(a.steps, as_ptr<const float>(a.found_inf_ptr), stream);
 }
 
 }  // namespace fastopt

@@ -103,7 +103,6 @@ struct ElementwiseOp {
   }
 };
 
-template <typename F> F* as_ptr(int64_t addr) { return reinterpret_cast<F*>(static_cast<intptr_t>(addr)); }
 
 template <typename Op, typename T, int PHASE, bool SR>
 void launch(const ElementwiseArgs& a, const DevScalars& s, const std::vector<int64_t>& row_offset,
@@ -150,17 +149,17 @@ void elementwise_cuda(const ElementwiseArgs& a, int64_t stream_handle) {
   int states = 0, reduce = 0;
   check_arg(op_shape(a.op, &states, &reduce), "unknown elementwise op '" + a.op + "'");
   check_elementwise(a, states);
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream_handle));
+  cudaStream_t stream = cuda::as_stream(stream_handle);
   cuda::DevScalars s{};
   for (size_t k = 0; k < a.hyper.size(); ++k) s.h[k] = a.hyper[k];
   s.flags = a.flags;
   s.lr = a.lr;
-  s.lr_ptr = cuda::as_ptr<const float>(a.lr_ptr);
-  s.grad_scale = cuda::as_ptr<const float>(a.grad_scale_ptr);
-  s.found_inf = cuda::as_ptr<const float>(a.found_inf_ptr);
+  s.lr_ptr = as_ptr<const float>(a.lr_ptr);
+  s.grad_scale = as_ptr<const float>(a.grad_scale_ptr);
+  s.found_inf = as_ptr<const float>(a.found_inf_ptr);
   s.sign = a.maximize ? -1.0f : 1.0f;
-  s.row_coef = cuda::as_ptr<const float>(a.row_coef_ptr);
-  s.reduce_out = cuda::as_ptr<float>(a.reduce_out_ptr);
+  s.row_coef = as_ptr<const float>(a.row_coef_ptr);
+  s.reduce_out = as_ptr<float>(a.reduce_out_ptr);
   s.seed = static_cast<uint32_t>(a.seed);
   cuda::op_dispatch(a, s, row_offsets(a), stream);
   if (a.phase == 0 && !a.steps.empty()) cuda::increment_steps(a.steps, s.found_inf, stream);

@@ -198,7 +198,6 @@ __global__ void __launch_bounds__(kThreads) lowbit_kernel(const LowbitMeta meta,
   }
 }
 
-template <typename F> F* as_ptr(int64_t addr) { return reinterpret_cast<F*>(static_cast<intptr_t>(addr)); }
 
 // Walks the tensors and launches lowbit_kernel over every chunk of quantization blocks.
 template <typename Op, typename T>
@@ -320,15 +319,15 @@ void lowbit_cuda(const LowbitArgs& la, int64_t stream_handle) {
   for (int64_t c : la.colmax) check_arg(c == 0, "rank-1 normalized states run on the cpu (and torch) backends only");
   // The codebooks live on the device: their code counts (256 or 16) are not re-checked here.
   const ElementwiseArgs& a = la.base;
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream_handle));
+  cudaStream_t stream = cuda::as_stream(stream_handle);
   cuda::LowbitScalars s{};
   for (size_t k = 0; k < a.hyper.size(); ++k) s.h[k] = a.hyper[k];
   s.flags = a.flags;
   s.lr = a.lr;
-  s.lr_ptr = cuda::as_ptr<const float>(a.lr_ptr);
-  s.grad_scale = cuda::as_ptr<const float>(a.grad_scale_ptr);
-  s.found_inf = cuda::as_ptr<const float>(a.found_inf_ptr);
-  for (int k = 0; k < states; ++k) s.books[k] = cuda::as_ptr<const int32_t>(la.books[k]);
+  s.lr_ptr = as_ptr<const float>(a.lr_ptr);
+  s.grad_scale = as_ptr<const float>(a.grad_scale_ptr);
+  s.found_inf = as_ptr<const float>(a.found_inf_ptr);
+  for (int k = 0; k < states; ++k) s.books[k] = as_ptr<const int32_t>(la.books[k]);
   s.sign = a.maximize ? -1.0f : 1.0f;
   s.seed = static_cast<uint32_t>(a.seed);
   s.block = static_cast<int>(la.block);
@@ -346,12 +345,12 @@ void quantize_cuda(int64_t x, int64_t codes, int64_t absmax, int64_t numel, int6
   check_arg(block <= INT_MAX, "block too large");
   const int64_t nblocks = numel / block;
   if (nblocks <= 0) return;
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream_handle));
+  cudaStream_t stream = cuda::as_stream(stream_handle);
   const int64_t want = (nblocks + cuda::kWarps - 1) / cuda::kWarps;
   const int grid = static_cast<int>(want < (1 << 20) ? want : (1 << 20));  // the kernel grid-strides past this
   cuda::codec_kernel<<<grid, cuda::kThreads, 0, stream>>>(
-      cuda::as_ptr<float>(x), cuda::as_ptr<uint8_t>(codes), cuda::as_ptr<float>(absmax), nblocks,
-      static_cast<int>(block), cuda::as_ptr<const int32_t>(book), dequantize);
+      as_ptr<float>(x), as_ptr<uint8_t>(codes), as_ptr<float>(absmax), nblocks,
+      static_cast<int>(block), as_ptr<const int32_t>(book), dequantize);
   cuda::check_cuda(cudaGetLastError(), "codec_kernel launch");
 }
 

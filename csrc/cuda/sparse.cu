@@ -48,7 +48,6 @@ namespace {
 constexpr int kSparseThreads = 256;
 constexpr int64_t kSparseMaxGrid = int64_t{1} << 20;
 
-template <typename F> F* as_ptr(int64_t addr) { return reinterpret_cast<F*>(static_cast<intptr_t>(addr)); }
 
 int grid_for(int64_t work) {
   const int64_t want = (work + kSparseThreads - 1) / kSparseThreads;
@@ -404,9 +403,9 @@ void nm_mask_cuda(const NMMaskArgs& a, int64_t stream_handle) {
   check_nm_mask(a);
   const int64_t numel = a.outer * a.len * a.inner;
   if (numel == 0) return;
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream_handle));
+  cudaStream_t stream = cuda::as_stream(stream_handle);
   if (a.n == 0 || a.n == a.m) {  // nothing / everything kept
-    cuda::check_cuda(cudaMemsetAsync(cuda::as_ptr<void>(a.out), a.n == 0 ? 0 : 1, static_cast<size_t>(numel), stream),
+    cuda::check_cuda(cudaMemsetAsync(as_ptr<void>(a.out), a.n == 0 ? 0 : 1, static_cast<size_t>(numel), stream),
                      "nm_mask memset");
     return;
   }
@@ -416,7 +415,7 @@ void nm_mask_cuda(const NMMaskArgs& a, int64_t stream_handle) {
 void tile24_mask_cuda(const Tile24Args& a, int64_t stream_handle) {
   check_tile24(a);
   if (a.rows * a.cols == 0) return;
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream_handle));
+  cudaStream_t stream = cuda::as_stream(stream_handle);
   FASTOPT_DTYPE_SWITCH(a.dtype, [&] { cuda::tile24_launch<scalar_t>(a, stream); });
 }
 

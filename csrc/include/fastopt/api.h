@@ -15,6 +15,11 @@
 
 namespace fastopt {
 
+// The pointer behind an address of the ABI (a tensor's data_ptr, or 0 for "none").
+template <typename T> T* as_ptr(int64_t addr) { return reinterpret_cast<T*>(static_cast<intptr_t>(addr)); }
+// The fp32 scalar at a host address (the CPU entry points' lr / grad_scale / found_inf).
+inline float read_scalar(int64_t addr) { return *as_ptr<const float>(addr); }
+
 // The lists of one multi-tensor call: `ptrs` holds `depth` lists of `n` addresses, list after list.
 struct TensorLists {
   std::vector<int64_t> ptrs;
@@ -23,7 +28,7 @@ struct TensorLists {
   int64_t n = 0;
   int dtype = kFloat32;
   template <typename T> T* get(int64_t list, int64_t t) const {
-    return reinterpret_cast<T*>(static_cast<intptr_t>(ptrs[list * n + t]));
+    return as_ptr<T>(ptrs[list * n + t]);
   }
 };
 

@@ -46,6 +46,9 @@ inline void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
+// The cudaStream_t behind the ABI's stream handle (torch.cuda.current_stream().cuda_stream).
+inline cudaStream_t as_stream(int64_t handle) { return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(handle)); }
+
 template <int DEPTH, typename Op, typename... Args>
 __global__ void __launch_bounds__(kBlockThreads)
 multi_tensor_kernel(const TensorListMeta<DEPTH> meta, Op op, Args... args) {
