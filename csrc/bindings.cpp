@@ -80,7 +80,17 @@ constexpr const char* kElementwiseDoc =
     "grads and the op's state lists, list after list; steps: fp32 step counters (phase 0 increments "
     "them unless found_inf is set); hyper: up to 16 op-defined values; phase 0 updates, phase 1 adds "
     "per-row sums into reduce_out (fp32 [rows, 4]); rows: rows per tensor or []; row_coef_ptr: fp32 "
-    "[rows, 4] coefficients read by phase 0, or 0; seed/stochastic: stochastic rounding of bf16 params.";
+    "[rows, 4] coefficients read by phase 0, or 0; seed/stochastic: stochastic rounding of bf16 params; "
+    "sparse_mask/sparse_out/sparse_lambda/sparse_beta: the sparse-training epilogue (uint8 masks and "
+    "forward weights per tensor, or [] for none; see fastopt/elementwise.h).";
+
+void set_sparse(fastopt::ElementwiseArgs& a, std::vector<int64_t> mask, std::vector<int64_t> out, double lambda,
+                double beta) {
+  a.sparse_mask = std::move(mask);
+  a.sparse_out = std::move(out);
+  a.sparse_lambda = lambda;
+  a.sparse_beta = beta;
+}
 
 #define FASTOPT_ELEMENTWISE_PARAMS                                                                      \
   std::string op, std::vector<int64_t> ptrs, std::vector<int64_t> numels, std::vector<int64_t> steps,   \
@@ -150,8 +160,10 @@ PYBIND11_MODULE(_C, m) {
       kAdamDoc);
   m.def(
       "elementwise_cpu",
-      [](FASTOPT_ELEMENTWISE_PARAMS) {
+      [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> sparse_mask, std::vector<int64_t> sparse_out,
+         double sparse_lambda, double sparse_beta) {
         fastopt::ElementwiseArgs a = FASTOPT_ELEMENTWISE_ARGS;
+        set_sparse(a, std::move(sparse_mask), std::move(sparse_out), sparse_lambda, sparse_beta);
         py::gil_scoped_release nogil;
         fastopt::elementwise_cpu(a);
       },
@@ -209,8 +221,10 @@ PYBIND11_MODULE(_C, m) {
       kAdamDoc);
   m.def(
       "elementwise_cuda",
-      [](FASTOPT_ELEMENTWISE_PARAMS, int64_t stream) {
+      [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> sparse_mask, std::vector<int64_t> sparse_out,
+         double sparse_lambda, double sparse_beta, int64_t stream) {
         fastopt::ElementwiseArgs a = FASTOPT_ELEMENTWISE_ARGS;
+        set_sparse(a, std::move(sparse_mask), std::move(sparse_out), sparse_lambda, sparse_beta);
         py::gil_scoped_release nogil;
         fastopt::elementwise_cuda(a, stream);
       },

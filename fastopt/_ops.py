@@ -89,10 +89,16 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
                         state_steps: List[Tensor], hyper: List[float], flags: int, lr: float,
                         lr_tensor: Optional[Tensor], maximize: bool, grad_scale: Optional[Tensor],
                         found_inf: Optional[Tensor], phase: int, rows: List[int], row_coef: Optional[Tensor],
-                        reduce_out: Optional[Tensor], seed: int, stochastic: bool, backend: str) -> None:
+                        reduce_out: Optional[Tensor], seed: int, stochastic: bool, backend: str,
+                        sparse_mask: List[Tensor], sparse_out: List[Tensor], sparse_lambda: float,
+                        sparse_beta: float) -> None:
     """One call of a registered elementwise op (``csrc/include/fastopt/ops.h``): ``states`` holds the
     op's state lists one after the other (``k * len(params)`` tensors).  Phase 0 is the update and
-    increments ``state_steps``; phase 1 adds per-row sums into ``reduce_out`` (fp32 ``[rows, 4]``)."""
+    increments ``state_steps``; phase 1 adds per-row sums into ``reduce_out`` (fp32 ``[rows, 4]``).
+    ``sparse_mask`` (one bool mask per param, or []) adds the sparse-training epilogue to phase 0:
+    the params are dense weights, ``g += sparse_lambda * p`` where the mask is False, and
+    ``sparse_out`` (forward weights, or []) gets ``mask ? p : sparse_beta * p`` (see
+    ``csrc/include/fastopt/elementwise.h``)."""
     if not params:
         return
     n = len(params)
@@ -102,33 +108,37 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
         _backend.triton_kernels().elementwise_step(
             op, lists, state_steps, hyper=hyper, flags=flags, lr=lr_tensor if lr_tensor is not None else lr,
             grad_scale=grad_scale, found_inf=found_inf, sign=-1.0 if maximize else 1.0, phase=phase,
-            rows=rows or None, row_coef=row_coef, reduce_out=reduce_out, seed=seed, stochastic=stochastic)
+            rows=rows or None, row_coef=row_coef, reduce_out=reduce_out, seed=seed, stochastic=stochastic,
+            sparse_mask=sparse_mask, sparse_out=sparse_out, sparse_lambda=sparse_lambda, sparse_beta=sparse_beta)
         return
     args = (
         op, _addrs(params) + _addrs(grads) + _addrs(states), [p.numel() for p in params], _addrs(state_steps),
         _backend.dtype_code(params[0].dtype), list(hyper), int(flags), float(lr), _scalar_addr(lr_tensor),
         _scalar_addr(grad_scale), _scalar_addr(found_inf), bool(maximize), int(phase), list(rows),
         _scalar_addr(row_coef), _scalar_addr(reduce_out), int(seed) & 0xFFFFFFFFFFFFFFFF, bool(stochastic),
+        _addrs(sparse_mask), _addrs(sparse_out) if sparse_mask else [],
+        float(sparse_lambda), float(sparse_beta),
     )
     _run_native(backend, "elementwise", params[0].device, args, "elementwise_step_")
 
 
 elementwise_step_ = torch.library.custom_op(
     "fastopt::elementwise_step_",
-    mutates_args=("params", "states", "state_steps", "reduce_out"),
+    mutates_args=("params", "states", "state_steps", "reduce_out", "sparse_out"),
 )(_elementwise_kernel)
 
 
 @elementwise_step_.register_fake
 def _elementwise_step_fake(op, params, grads, states, state_steps, hyper, flags, lr, lr_tensor, maximize,
-                           grad_scale, found_inf, phase, rows, row_coef, reduce_out, seed, stochastic, backend):
+                           grad_scale, found_inf, phase, rows, row_coef, reduce_out, seed, stochastic, backend,
+                           sparse_mask, sparse_out, sparse_lambda, sparse_beta):
     return None
 
 
 def elementwise_step(*args):
     """``fastopt::elementwise_step_`` (same arguments), without the dispatcher's overhead in eager mode."""
     params, states, state_steps, reduce_out = args[1], args[3], args[4], args[15]
-    mutated = (params, states, state_steps) + (([reduce_out],) if reduce_out is not None else ())
+    mutated = (params, states, state_steps, args[20]) + (([reduce_out],) if reduce_out is not None else ())
     _eager_or_op(elementwise_step_, _elementwise_kernel, mutated, args)
 
 

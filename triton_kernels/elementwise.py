@@ -47,11 +47,13 @@ def _bf16_stochastic(x, rnd):
 def _elementwise_kernel(
     addr_table, numels, row_offset, row_len, block_tensor, block_start,
     lr_value, lr_ptr, grad_scale_ptr, found_inf_ptr, sign, row_coef, reduce_out, seed,
+    sparse_table, sparse_lambda, sparse_beta,
     H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
     UPDATE: tl.constexpr, REDUCE: tl.constexpr, NSTATE: tl.constexpr, NREDUCE: tl.constexpr,
     PHASE: tl.constexpr, FLAGS: tl.constexpr, DTYPE: tl.constexpr,
     HAS_LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     HAS_ROW_COEF: tl.constexpr, ONE_ROW: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_STEPS: tl.constexpr,
+    SPARSE: tl.constexpr, SPARSE_OUT: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     NCOL: tl.constexpr = NSTATE + 3  # param, grad, states..., step counter
@@ -96,6 +98,10 @@ def _elementwise_kernel(
                 s4 = _load_block(addr_table, row, 5, NCOL, offs, mask, DTYPE)
             rows = r_first + offs // r_len
             if PHASE == 0:
+                if SPARSE:  # the sparse-training epilogue (elementwise.h's op_update_element)
+                    mptr = tl.load(sparse_table + row * 2).to(tl.pointer_type(tl.uint8))
+                    keep = tl.load(mptr + offs, mask=mask, other=1) != 0
+                    g = tl.where(keep | (sparse_lambda == 0.0), g, g + sparse_lambda * p)
                 r0 = p * 0.0
                 r1 = r0
                 r2 = r0
@@ -109,10 +115,21 @@ def _elementwise_kernel(
                                            H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
                 pptr = _ptr(addr_table, row, 0, NCOL, DTYPE)
                 if STOCHASTIC:
-                    rnd = fmix32(offs.to(tl.uint32) * 0x9E3779B1 ^ key)
-                    tl.store(pptr + offs, _bf16_stochastic(p, rnd), mask=mask)
+                    stored = _bf16_stochastic(p, fmix32(offs.to(tl.uint32) * 0x9E3779B1 ^ key))
+                elif DTYPE == tl.bfloat16:
+                    stored = to_bf16_rne(p)
                 else:
-                    _store_block(addr_table, row, 0, NCOL, offs, mask, p, DTYPE)
+                    stored = p.to(DTYPE)
+                tl.store(pptr + offs, stored, mask=mask)
+                if SPARSE_OUT:
+                    optr = tl.load(sparse_table + row * 2 + 1).to(tl.pointer_type(DTYPE))
+                    ps = stored.to(tl.float32)
+                    pruned = tl.where(sparse_beta == 0.0, 0.0, sparse_beta * ps)
+                    if DTYPE == tl.bfloat16:
+                        pruned = to_bf16_rne(pruned)
+                    else:
+                        pruned = pruned.to(DTYPE)
+                    tl.store(optr + offs, tl.where(keep, stored, pruned), mask=mask)
             else:
                 s1, s2, s3, s4, a0, a1, a2, a3 = REDUCE(p, g, s1, s2, s3, s4, step, lr,
                                                         H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
@@ -150,12 +167,15 @@ def no_reduce(p, g, s1, s2, s3, s4, step, lr, H0, H1, H2, H3, H4, H5, H6, H7, H8
 
 def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr, grad_scale=None,
                       found_inf=None, sign=1.0, phase=0, rows=None, row_coef=None, reduce_out=None,
-                      seed=0, stochastic=False):
+                      seed=0, stochastic=False, sparse_mask=None, sparse_out=None, sparse_lambda=0.0,
+                      sparse_beta=0.0):
     """Run an op over ``lists`` = [params, grads, state1, ...] in one launch (see the module doc).
 
     ``rows``: rows per tensor (or None: one row each); ``row_coef``: fp32 ``[total rows, 4]`` read by
     phase 0; ``reduce_out``: fp32 ``[total rows, 4]`` added to by phase 1.  Phase 0 increments the
-    ``steps`` unless ``found_inf`` is nonzero.
+    ``steps`` unless ``found_inf`` is nonzero.  ``sparse_mask`` (bool/uint8 per param) switches on the
+    sparse-training epilogue of phase 0: ``g += sparse_lambda * p`` where the mask is 0, and, with
+    ``sparse_out``, the forward weights ``mask ? p : sparse_beta * p`` (see ``fastopt/elementwise.h``).
     """
     params = lists[0]
     if not params:
@@ -184,6 +204,14 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
     hyper = tuple(float(h) for h in hyper) + (0.0,) * (N_HYPER - len(hyper))
     lr_is_ptr = isinstance(lr, torch.Tensor)
     dummy = torch.zeros(4, dtype=torch.float32, device=device)
+    sparse = bool(sparse_mask)
+    if sparse and (phase != 0 or nreduce):
+        raise ValueError("the sparse epilogue is for the update of ops without a reduce phase")
+    sparse_table = dummy
+    if sparse:
+        outs = list(sparse_out) if sparse_out else [None] * len(params)
+        sparse_table = torch.tensor([[m.data_ptr(), o.data_ptr() if o is not None else 0]
+                                     for m, o in zip(sparse_mask, outs)], dtype=torch.int64).to(device, non_blocking=True)
     if block_tensor.numel() > 0:
         _elementwise_kernel[(block_tensor.numel(),)](
             addr_table, meta[0], meta[1], meta[2], block_tensor, block_start,
@@ -191,12 +219,12 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
             grad_scale if grad_scale is not None else dummy,
             found_inf if found_inf is not None else dummy, float(sign),
             row_coef if row_coef is not None else dummy, reduce_out if reduce_out is not None else dummy,
-            int(seed) & 0xFFFFFFFF, *hyper,
+            int(seed) & 0xFFFFFFFF, sparse_table, float(sparse_lambda), float(sparse_beta), *hyper,
             UPDATE=update, REDUCE=reduce, NSTATE=nstate, NREDUCE=max(int(nreduce), 1), PHASE=int(phase),
             FLAGS=int(flags), DTYPE=_TL_DTYPES[params[0].dtype],
             HAS_LR_PTR=lr_is_ptr, HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             HAS_ROW_COEF=row_coef is not None, ONE_ROW=all(r == 1 for r in rows), STOCHASTIC=bool(stochastic),
-            HAS_STEPS=has_steps,
+            HAS_STEPS=has_steps, SPARSE=sparse, SPARSE_OUT=sparse and bool(sparse_out),
             CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK,
         )
     if phase == 0 and has_steps:

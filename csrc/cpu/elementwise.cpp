@@ -47,6 +47,19 @@ void check_elementwise(const ElementwiseArgs& a, int states) {
               "a row count must be >= 1 and divide its tensor's numel");
   }
   check_arg(!a.stochastic || a.lists.dtype == kBFloat16, "stochastic rounding is for bf16 params");
+  if (a.sparse_mask.empty()) {
+    check_arg(a.sparse_out.empty(), "sparse_out needs sparse_mask");
+    return;
+  }
+  check_arg(a.phase == 0 && op_reduce == 0, "the sparse epilogue is for the update of ops without a reduce phase");
+  check_arg(static_cast<int64_t>(a.sparse_mask.size()) == a.lists.n, "one sparse mask per tensor");
+  check_arg(a.sparse_out.empty() || static_cast<int64_t>(a.sparse_out.size()) == a.lists.n,
+            "one sparse output per tensor (or none)");
+  check_arg(a.sparse_lambda >= 0.0 && a.sparse_beta >= 0.0 && a.sparse_beta <= 1.0,
+            "sparse lambda must be >= 0 and beta in [0, 1]");
+  for (int64_t t = 0; t < a.lists.n; ++t) {
+    if (a.lists.numels[t] > 0) check_arg(a.sparse_mask[t] != 0, "null sparse mask address");
+  }
 }
 
 // Row offsets (n + 1 entries) of the per-row sums and coefficients.

@@ -29,10 +29,11 @@ struct Plan {
   const float* row_coef;        // or null
 };
 
-template <typename Op, typename T>
+template <typename Op, typename T, bool SPARSE>
 void update_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0, T* __restrict__ s1,
                   T* __restrict__ s2, T* __restrict__ s3, int64_t begin, int64_t end, float grad_mul,
-                  const typename Op::Coeffs c, const float* rc, bool stochastic, uint32_t key) {
+                  const typename Op::Coeffs c, const float* rc, bool stochastic, uint32_t key,
+                  const uint8_t* __restrict__ mask, T* __restrict__ out, float lambda, float beta) {
   float row[kMaxRowCoefs] = {0.0f, 0.0f, 0.0f, 0.0f};
   if (rc != nullptr) std::memcpy(row, rc, sizeof(row));
   // ivdep: element i of every list is read and written only by iteration i (the lists never
@@ -40,11 +41,12 @@ void update_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0
   if (stochastic) {
 #pragma GCC ivdep
     for (int64_t i = begin; i < end; ++i)
-      op_update_element<Op, T>(p, g, s0, s1, s2, s3, i, grad_mul, c, row, true, key);
+      op_update_element<Op, T, SPARSE>(p, g, s0, s1, s2, s3, i, grad_mul, c, row, true, key, mask, out, lambda, beta);
   } else {
 #pragma GCC ivdep
     for (int64_t i = begin; i < end; ++i)
-      op_update_element<Op, T>(p, g, s0, s1, s2, s3, i, grad_mul, c, row, false, key);
+      op_update_element<Op, T, SPARSE>(p, g, s0, s1, s2, s3, i, grad_mul, c, row, false, key, mask, out, lambda,
+                                       beta);
   }
 }
 
@@ -102,7 +104,15 @@ void run_op(const Plan& pl, double* sums) {
       const int64_t grow = pl.row_offset[t] + r;
       if (a.phase == 0) {
         const float* rc = pl.row_coef != nullptr ? pl.row_coef + grow * kMaxRowCoefs : nullptr;
-        update_range<Op, T>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key);
+        if (a.sparse_mask.empty()) {
+          update_range<Op, T, false>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key,
+                                     nullptr, nullptr, 0.0f, 0.0f);
+        } else if constexpr (Op::kReduce == 0) {  // check_elementwise: the epilogue needs a one-pass op
+          T* out = a.sparse_out.empty() ? nullptr : as_ptr<T>(a.sparse_out[t]);
+          update_range<Op, T, true>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key,
+                                    as_ptr<const uint8_t>(a.sparse_mask[t]), out,
+                                    static_cast<float>(a.sparse_lambda), static_cast<float>(a.sparse_beta));
+        }
       } else {
         reduce_range<Op, T>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], sums + grow * kMaxReduce);
       }

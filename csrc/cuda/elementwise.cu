@@ -3,7 +3,8 @@
 //
 // Per tensor the launcher carries, after the op's lists and the step counter, three integers in
 // pointer slots: the tensor's first global row, its row length and its index (for the stochastic
-// rounding stream).  Phase 1 reduces a chunk that lies in one row with a block reduction and one
+// rounding stream); with the sparse epilogue, two more: the tensor's uint8 mask and its forward
+// weight (or null).  Phase 1 reduces a chunk that lies in one row with a block reduction and one
 // atomicAdd per sum; a chunk spanning rows (rows shorter than a chunk) adds per element.
 #include <cuda_runtime.h>
 
@@ -34,9 +35,11 @@ struct DevScalars {
   const float* row_coef;
   float* reduce_out;
   uint32_t seed;
+  float sparse_lambda;
+  float sparse_beta;
 };
 
-template <typename Op, typename T, int PHASE, bool SR>
+template <typename Op, typename T, int PHASE, bool SR, bool SPARSE = false>
 struct ElementwiseOp {
   static constexpr int kLists = 2 + Op::kStates;
 
@@ -64,7 +67,14 @@ struct ElementwiseOp {
       for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const int64_t gi = start + i;
         const float* rc = s.row_coef != nullptr ? s.row_coef + (row_offset + gi / row_len) * kMaxRowCoefs : zero;
-        op_update_element<Op, T>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, rc, SR, key);
+        if constexpr (SPARSE) {
+          op_update_element<Op, T, true>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, rc, SR, key,
+                                         static_cast<const uint8_t*>(meta.addresses[kLists + 4][t]),
+                                         static_cast<T*>(meta.addresses[kLists + 5][t]), s.sparse_lambda,
+                                         s.sparse_beta);
+        } else {
+          op_update_element<Op, T>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, rc, SR, key);
+        }
       }
     } else {
       const bool one_row = start / row_len == (start + n - 1) / row_len;
@@ -104,15 +114,17 @@ struct ElementwiseOp {
 };
 
 
-template <typename Op, typename T, int PHASE, bool SR>
+template <typename Op, typename T, int PHASE, bool SR, bool SPARSE = false>
 void launch(const ElementwiseArgs& a, const DevScalars& s, const std::vector<int64_t>& row_offset,
             cudaStream_t stream) {
-  using K = ElementwiseOp<Op, T, PHASE, SR>;
-  constexpr int kDepth = K::kLists + 4;
+  using K = ElementwiseOp<Op, T, PHASE, SR, SPARSE>;
+  constexpr int kDepth = K::kLists + 4 + (SPARSE ? 2 : 0);
   const TensorLists& l = a.lists;
   auto addr = [&](int d, int64_t t) -> void* {
     if (d < K::kLists) return l.get<void>(d, t);
     if (d == K::kLists) return a.steps.empty() ? nullptr : as_ptr<void>(a.steps[t]);
+    if (d == K::kLists + 4) return as_ptr<void>(a.sparse_mask[t]);
+    if (d == K::kLists + 5) return a.sparse_out.empty() ? nullptr : as_ptr<void>(a.sparse_out[t]);
     const int64_t rows = row_offset[t + 1] - row_offset[t];
     const int64_t value = d == K::kLists + 1 ? row_offset[t]
                           : d == K::kLists + 2 ? (l.numels[t] > 0 ? l.numels[t] / rows : 1)
@@ -133,7 +145,13 @@ bool op_dispatch(const ElementwiseArgs& a, const DevScalars& s, const std::vecto
       if (a.phase == 1) {                                                                       \
         if constexpr (TYPE::kReduce > 0) launch<TYPE, scalar_t, 1, false>(a, s, row_offset, stream); \
       } else {                                                                                  \
-        FASTOPT_BOOL_SWITCH(a.stochastic, SR, [&] { launch<TYPE, scalar_t, 0, SR>(a, s, row_offset, stream); }); \
+        FASTOPT_BOOL_SWITCH(a.stochastic, SR, [&] {                                           \
+          if (a.sparse_mask.empty()) {                                                          \
+            launch<TYPE, scalar_t, 0, SR>(a, s, row_offset, stream);                            \
+          } else if constexpr (TYPE::kReduce == 0) {                                            \
+            launch<TYPE, scalar_t, 0, SR, true>(a, s, row_offset, stream);                      \
+          }                                                                                     \
+        });                                                                                     \
       }                                                                                         \
     });                                                                                         \
   }
@@ -161,6 +179,8 @@ void elementwise_cuda(const ElementwiseArgs& a, int64_t stream_handle) {
   s.row_coef = as_ptr<const float>(a.row_coef_ptr);
   s.reduce_out = as_ptr<float>(a.reduce_out_ptr);
   s.seed = static_cast<uint32_t>(a.seed);
+  s.sparse_lambda = static_cast<float>(a.sparse_lambda);
+  s.sparse_beta = static_cast<float>(a.sparse_beta);
   cuda::op_dispatch(a, s, row_offsets(a), stream);
   if (a.phase == 0 && !a.steps.empty()) cuda::increment_steps(a.steps, s.found_inf, stream);
 }

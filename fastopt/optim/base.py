@@ -17,6 +17,8 @@ from ..lowbit import int8 as lowbit_int8
 from ..lowbit import state as lowbit_state
 from ..lowbit.codebook import (codebook, dequantize_reference, get_format, quantize_reference,
                                rank1_dequantize_reference, rank1_quantize_reference)
+from ..sparse import MAX_KERNEL_M, nm_mask, transposable_mask
+from ..sparse.training import NMSparsity
 from .functional import elementwise_unchecked, is_dense, lowbit_unchecked, scalar_on
 
 
@@ -45,12 +47,37 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     # Whether the optimizer can step the int8 weights of fastopt.lowbit.Int8Linear (ElementwiseOptimizer).
     _supports_int8_weights = False
+    # Whether param groups may carry "sparsity": fastopt.sparse.NMSparsity (ElementwiseOptimizer).
+    _supports_sparsity = False
 
     def __init__(self, params, defaults):
         _backend.check_backend_name(defaults.get("backend", "auto"))
         super().__init__(params, defaults)
         self.register_load_state_dict_pre_hook(FusedOptimizer._before_load)
         self.register_load_state_dict_post_hook(FusedOptimizer._after_load)
+
+    def add_param_group(self, param_group):
+        """torch's add_param_group, then a group's ``sparsity`` (N:M sparse training) is checked
+        against its parameters; a group that fails is not added."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        sparsity = group.get("sparsity")
+        if sparsity is None:
+            return
+        name = type(self).__name__
+        try:
+            if not self._supports_sparsity:
+                raise TypeError(f"{name} does not support N:M sparse training (a group's 'sparsity'); use one of "
+                                "fastopt's elementwise optimizers (fastopt.lowbit.AdamW8bit / ElementwiseAdamW, Lion, "
+                                "Adan, AdaBelief, DiffGrad, EXAdam, Lamb, AdamP, SGDP, SGDSaI)")
+            if not isinstance(sparsity, NMSparsity):
+                raise TypeError(f"{name}: a group's 'sparsity' must be a fastopt.sparse.NMSparsity, got "
+                                f"{type(sparsity).__name__}")
+            for p in group["params"]:
+                sparsity.check_param(p, name)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -255,6 +282,7 @@ class ElementwiseOptimizer(FusedOptimizer):
 
     OP = None
     _supports_int8_weights = True
+    _supports_sparsity = True
     STATE_NAMES = ()
     HYPER_NAMES = ()
     REFERENCE = None
@@ -342,7 +370,119 @@ class ElementwiseOptimizer(FusedOptimizer):
         if lowbit_int8.is_int8_weight(params[0]):
             self._step_int8(group, params, grads, backend, grad_scale, found_inf)
             return
+        if group.get("sparsity") is not None:
+            self._step_sparse(group, params, grads, backend, grad_scale, found_inf)
+            return
         self._step_float(group, params, grads, [self.state[p] for p in params], backend, grad_scale, found_inf)
+
+    # -- N:M sparse training (fastopt.sparse.training) ------------------------------------------------
+    @torch.no_grad()
+    def sparsify(self):
+        """Start N:M sparse training now: every parameter of a group with ``sparsity`` whose schedule
+        is sparse at its current step gets its optimizer state (the dense weights, the mask) and its
+        forward weights.  Without this call the first step does it, after a forward on the dense
+        weights.  Parameters already sparse are left alone."""
+        for group in self.param_groups:
+            sp = group.get("sparsity")
+            if sp is None:
+                continue
+            for p in group["params"]:
+                state = self.state[p]
+                t = state.get("nm_step", 0)
+                if "nm_mask" in state or sp.is_dense(t):
+                    continue
+                if not state:
+                    self._init_state(group, p, state)
+                backend = _backend.resolve(group["backend"], p.device, p.dtype, is_dense(p))
+                self._enter_sparse(group, sp, p, state, t, backend)
+
+    def _dense_weight(self, group, p, state):
+        """The dense weights of a sparse-trained parameter: the fp32 master copy or ``dense_param``."""
+        return state["master_param"] if "master_param" in state else state["dense_param"]
+
+    def _enter_sparse(self, group, sp, p, state, t, backend):
+        """``p`` (dense so far) becomes sparse for the forward at step ``t``."""
+        if "master_param" not in state:
+            state["dense_param"] = p.detach().clone(memory_format=torch.preserve_format)
+        self._refresh_mask(sp, p, self._dense_weight(group, p, state), state, t, backend, None)
+
+    def _refresh_mask(self, sp, p, w, state, t, backend, found_inf):
+        """New mask of ``w`` for the forward at step ``t``, then that forward's weights into ``p``."""
+        kernel = backend if backend != "torch" and sp.m <= MAX_KERNEL_M else "torch"
+        if sp.transposable:
+            mask = transposable_mask(w, "exact", backend=kernel)
+        else:
+            mask = nm_mask(w, sp.pattern(t), sp.m, sp.dim, backend=kernel)
+        if mask.stride() != w.stride():  # the kernels walk w, p and the mask as one flat buffer
+            mask = torch.empty_like(w, dtype=torch.bool).copy_(mask)
+        state["nm_mask"] = mask
+        self._write_forward(p, p if "master_param" in state else w, mask, sp.beta(t), found_inf)
+
+    @staticmethod
+    def _write_forward(p, src, mask, beta, found_inf):
+        """``p = mask ? src : beta * src`` (exactly 0 where pruned when beta is 0); with AMP's
+        ``found_inf`` set, ``p`` keeps its values (as the fused epilogue does)."""
+        pruned = src * beta if beta != 0.0 else torch.zeros((), dtype=src.dtype, device=src.device)
+        new = torch.where(mask, src, pruned)
+        if found_inf is not None:
+            new = torch.where(found_inf.to(device=p.device) != 0, p, new)
+        p.copy_(new)
+
+    @staticmethod
+    def _srste_grad(g, w, mask, lam, maximize, grad_scale):
+        """``g`` plus the SR-STE term ``lam * (1 - mask) * w``, scaled (AMP) and signed (maximize) as
+        the gradient is, so that the kernels' unscaling yields ``g / scale + lam * (1 - mask) * w``."""
+        extra = torch.where(mask, 0.0, w.float()) * (-lam if maximize else lam)
+        if grad_scale is not None:
+            extra = extra * grad_scale.to(device=extra.device)
+        return (g.float() + extra).to(g.dtype)
+
+    def _fused_sparse_ok(self, group, params, states, backend):
+        """Whether one kernel call can run the step and the sparse epilogue: a kernel backend, an op
+        without a reduce phase, full-precision states and no master copy."""
+        return (backend != "torch" and type(self)._run is ElementwiseOptimizer._run
+                and not any("state_format" in s or "master_param" in s for s in states))
+
+    def _step_sparse(self, group, params, grads, backend, grad_scale, found_inf):
+        """A step of N:M sparse-trained parameters (see fastopt.sparse.training), in calls of
+        parameters at the same point of the schedule."""
+        sp = group["sparsity"]
+        calls = defaultdict(list)
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            calls[(state.get("nm_step", 0), "nm_mask" in state)].append((p, g, state))
+        for (t, sparse), items in calls.items():
+            ps, gs, states = [list(x) for x in zip(*items)]
+            if not sparse:  # dense so far: p holds the dense weights
+                self._step_float(group, ps, gs, states, backend, grad_scale, found_inf)
+                if not sp.is_dense(t + 1):
+                    for p, state in zip(ps, states):
+                        self._enter_sparse(group, sp, p, state, t + 1, backend)
+            else:
+                self._step_sparse_call(group, sp, t, ps, gs, states, backend, grad_scale, found_inf)
+            for state in states:
+                state["nm_step"] = t + 1
+
+    def _step_sparse_call(self, group, sp, t, params, grads, states, backend, grad_scale, found_inf):
+        lam, beta, refresh = sp.srste(t), sp.beta(t + 1), sp.refresh(t + 1)
+        dense = [self._dense_weight(group, p, s) for p, s in zip(params, states)]
+        masks = [s["nm_mask"] for s in states]
+        if self._fused_sparse_ok(group, params, states, backend):
+            self._add_missing_states(group, dense, states)
+            self._run(group, dense, grads, states, backend, grad_scale, found_inf,
+                      sparse=(masks, [] if refresh else params, lam, beta))
+        else:
+            if lam:
+                grads = [self._srste_grad(g, w, m, lam, group["maximize"], grad_scale)
+                         for g, w, m in zip(grads, dense, masks)]
+            master = "master_param" in states[0]
+            self._step_float(group, params if master else dense, grads, states, backend, grad_scale, found_inf)
+            if not refresh:
+                for p, w, m in zip(params, dense, masks):
+                    self._write_forward(p, p if master else w, m, beta, found_inf)
+        if refresh:
+            for p, w, s in zip(params, dense, states):
+                self._refresh_mask(sp, p, w, s, t + 1, backend, None)
 
     def _step_int8(self, group, params, grads, backend, grad_scale, found_inf):
         """Int8Linear weights, one at a time (so only one fp32 copy exists): dequantize to fp32, step
@@ -366,12 +506,14 @@ class ElementwiseOptimizer(FusedOptimizer):
             owner.weight_scale.copy_(scales)
             owner.weight_zero.copy_(zeros)
 
-    def _step_float(self, group, params, grads, states, backend, grad_scale, found_inf):
-        names = self._state_names(group)
-        for name in names:  # an option that adds a state was switched on later
+    def _add_missing_states(self, group, params, states):
+        for name in self._state_names(group):  # an option that adds a state was switched on later
             for p, s in zip(params, states):
                 if name not in s and "state_format" not in s:
                     s[name] = torch.zeros_like(s.get("master_param", p), memory_format=torch.preserve_format)
+
+    def _step_float(self, group, params, grads, states, backend, grad_scale, found_inf):
+        self._add_missing_states(group, params, states)
         targets = params
         if self._uses_master(group, params[0]):
             targets = [s["master_param"] for s in states]
@@ -446,8 +588,10 @@ class ElementwiseOptimizer(FusedOptimizer):
         return range(len(params))
 
     def _run(self, group, params, grads, states, backend, grad_scale, found_inf, phase=0, rows=None,
-             row_coef=None, reduce_out=None):
-        """One call of the op over one bucket (``params`` may be fp32 master copies)."""
+             row_coef=None, reduce_out=None, sparse=None):
+        """One call of the op over one bucket (``params`` may be fp32 master copies, or the dense
+        weights of N:M sparse training with ``sparse = (masks, forward weights or [], lambda, beta)``:
+        the fused epilogue of ``fastopt/elementwise.h``, kernel backends only)."""
         if backend == "torch":
             self._reference_step(group, params, grads, states, grad_scale, found_inf)
             return
@@ -457,4 +601,5 @@ class ElementwiseOptimizer(FusedOptimizer):
             self._op_name(group), params, grads, lists, [s["step"] for s in states], hyper, flags, lr=group["lr"],
             maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf, backend=backend,
             device=params[0].device, phase=phase, rows=rows, row_coef=row_coef, reduce_out=reduce_out,
-            seed=group.get("seed", 0), stochastic=self._stochastic(group, params[0]))
+            seed=group.get("seed", 0), stochastic=self._stochastic(group, params[0]),
+            **(dict(zip(("sparse_mask", "sparse_out", "sparse_lambda", "sparse_beta"), sparse)) if sparse else {}))

@@ -164,15 +164,18 @@ def _lr_args(lr, device):
 
 def elementwise_unchecked(op, params, grads, states, state_steps, hyper, flags, *, lr, maximize, grad_scale,
                           found_inf, backend, device, phase=0, rows=None, row_coef=None, reduce_out=None,
-                          seed=0, stochastic=False):
+                          seed=0, stochastic=False, sparse_mask=None, sparse_out=None, sparse_lambda=0.0,
+                          sparse_beta=0.0):
     """One kernel call of the registered elementwise op ``op`` over validated lists (one device, one
     dtype, dense, matching layouts); ``states`` holds the op's state lists one after the other and
-    ``backend`` is a resolved kernel backend.  See ``csrc/include/fastopt/elementwise.h``."""
+    ``backend`` is a resolved kernel backend.  ``sparse_mask``/``sparse_out``/``sparse_lambda``/
+    ``sparse_beta``: the sparse-training epilogue.  See ``csrc/include/fastopt/elementwise.h``."""
     lr, lr_tensor = _lr_args(lr, device)
-    _ops.elementwise_step(op, list(params), list(grads), list(states), list(state_steps),
-                          [float(h) for h in hyper], int(flags), lr, lr_tensor, bool(maximize), grad_scale,
-                          found_inf, int(phase), list(rows) if rows is not None else [], row_coef, reduce_out,
-                          int(seed), bool(stochastic), backend)
+    args = (op, list(params), list(grads), list(states), list(state_steps), [float(h) for h in hyper], int(flags),
+            lr, lr_tensor, bool(maximize), grad_scale, found_inf, int(phase), list(rows) if rows is not None else [],
+            row_coef, reduce_out, int(seed), bool(stochastic), backend, list(sparse_mask or ()),
+            list(sparse_out or ()), float(sparse_lambda), float(sparse_beta))
+    _ops.elementwise_step(*args)
 
 
 def lowbit_unchecked(op, params, grads, states, absmax, books, block, state_steps, hyper, flags, *, lr, maximize,

@@ -14,7 +14,8 @@ from .. import _backend, _ops
 from ..reference.sparse import (check_nm, check_tiles, nm_mask_reference, tile_pattern_masks,  # noqa: F401
                                 tile_patterns, transposable24_reference)
 
-__all__ = ["nm_mask", "transposable_mask", "is_nm_sparse", "compress_2to4", "MAX_KERNEL_M"]
+__all__ = ["nm_mask", "transposable_mask", "is_nm_sparse", "compress_2to4", "MAX_KERNEL_M", "NMSparsity",
+           "nm_param_groups"]
 
 MAX_KERNEL_M = 64   # larger groups run on the torch backend
 
@@ -113,3 +114,6 @@ def compress_2to4(w):
         raise ValueError("compress_2to4: some group of 4 along the rows has more than 2 nonzeros; "
                          "apply an nm_mask(w, 2, 4) first")
     return torch.sparse.to_sparse_semi_structured(w)
+
+
+from .training import NMSparsity, nm_param_groups  # noqa: E402,F401  (after nm_mask: optim imports both)

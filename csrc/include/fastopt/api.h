@@ -93,6 +93,13 @@ struct ElementwiseArgs {
   int64_t reduce_out_ptr = 0;     // phase 1: fp32 [total rows, kMaxReduce], added to (caller zeroes)
   uint64_t seed = 0;              // stochastic rounding of bf16 params (phase 0) when `stochastic`
   bool stochastic = false;
+  // The sparse-training epilogue (phase 0 of ops without a reduce phase; see op_update_element):
+  // the params are the dense weights; per tensor the address of its uint8 mask (nonzero = kept) and
+  // of its forward weight (the params' dtype, or 0: not written).  Empty: no epilogue.
+  std::vector<int64_t> sparse_mask;
+  std::vector<int64_t> sparse_out;  // empty or one per tensor
+  double sparse_lambda = 0.0;       // SR-STE: g += lambda * p where the mask is 0
+  double sparse_beta = 0.0;         // out = beta * p where the mask is 0
 };
 
 // One step of a registered elementwise op with low-bit states (fastopt/quant.h): `base` as above

@@ -78,19 +78,36 @@ FASTOPT_HOST_DEVICE bf16_t store_param<bf16_t>(float f, bool stochastic, uint32_
 
 // One element of every list: load, convert, Op::update, convert, store.  `ptr` = params, grads,
 // then the states; `grad_mul` = (maximize ? -1 : 1) / grad_scale; `i` indexes the tensor.
-template <typename Op, typename T>
+//
+// SPARSE adds the sparse-training epilogue (fastopt.sparse.NMSparsity), with `p` the dense weight:
+// where `mask[i]` is 0 (pruned in the forward that produced g) the gradient gets `lambda * p` (SR-STE;
+// nothing is added when lambda is 0), and, unless `out` is null, the forward weight is written:
+// out = p where kept, beta * p where pruned (exactly +0 when beta is 0), from the stored p.
+template <typename Op, typename T, bool SPARSE = false>
 FASTOPT_HOST_DEVICE void op_update_element(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0,
                                            T* __restrict__ s1, T* __restrict__ s2, T* __restrict__ s3,
                                            int64_t i, float grad_mul, const typename Op::Coeffs& c,
-                                           const float* rc, bool stochastic, uint32_t key) {
+                                           const float* rc, bool stochastic, uint32_t key,
+                                           const uint8_t* __restrict__ mask = nullptr, T* __restrict__ out = nullptr,
+                                           float lambda = 0.0f, float beta = 0.0f) {
   float st[kMaxStates] = {0.0f, 0.0f, 0.0f, 0.0f};
   if (Op::kStates > 0) st[0] = to_float(s0[i]);
   if (Op::kStates > 1) st[1] = to_float(s1[i]);
   if (Op::kStates > 2) st[2] = to_float(s2[i]);
   if (Op::kStates > 3) st[3] = to_float(s3[i]);
   float pf = to_float(p[i]);
-  Op::update(pf, to_float(g[i]) * grad_mul, st, c, rc);
-  p[i] = store_param<T>(pf, stochastic, key, static_cast<uint32_t>(i));
+  float gf = to_float(g[i]) * grad_mul;
+  bool keep = true;
+  if (SPARSE) {
+    keep = mask[i] != 0;
+    if (!keep && lambda != 0.0f) gf += lambda * pf;
+  }
+  Op::update(pf, gf, st, c, rc);
+  const T stored = store_param<T>(pf, stochastic, key, static_cast<uint32_t>(i));
+  p[i] = stored;
+  if (SPARSE && out != nullptr) {
+    out[i] = keep ? stored : from_float<T>(beta == 0.0f ? 0.0f : beta * to_float(stored));
+  }
   if (Op::kStates > 0) s0[i] = from_float<T>(st[0]);
   if (Op::kStates > 1) s1[i] = from_float<T>(st[1]);
   if (Op::kStates > 2) s2[i] = from_float<T>(st[2]);

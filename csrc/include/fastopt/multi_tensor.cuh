@@ -30,6 +30,8 @@ template <> struct Capacity<7> { static constexpr int tensors = 32, blocks = 320
 template <> struct Capacity<8> { static constexpr int tensors = 28, blocks = 320; };
 template <> struct Capacity<9> { static constexpr int tensors = 26, blocks = 320; };
 template <> struct Capacity<10> { static constexpr int tensors = 24, blocks = 320; };
+template <> struct Capacity<11> { static constexpr int tensors = 22, blocks = 320; };
+template <> struct Capacity<12> { static constexpr int tensors = 20, blocks = 320; };
 
 // DEPTH tensor lists; the last list of a call may hold per-tensor scalar addresses (the step counters).
 template <int DEPTH>
