@@ -223,12 +223,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         for pid, p in zip(saved, current):
             saved_state = state_dict["state"].get(pid, {})
             quantized = "state_format" in saved_state
-            if not quantized and (not p.is_floating_point() or p.dtype == torch.float32):
-                continue
+            low_precision = p.is_floating_point() and p.dtype != torch.float32
             for key, value in saved_state.items():
                 if key == "step" or not (torch.is_tensor(value) or (quantized and isinstance(value, str))):
                     continue  # (torch's load would turn the format tag, a str, into a generator's repr)
-                if quantized or (value.dtype == torch.float32 and (pid in master or value.dim() == 0)):
+                if (quantized or value.dtype == torch.bool  # bool: the mask of N:M sparse training
+                        or (low_precision and value.dtype == torch.float32 and (pid in master or value.dim() == 0))):
                     stash.setdefault(p, {})[key] = value
         optimizer._fp32_stash = stash
 
