@@ -29,7 +29,7 @@ struct Plan {
   const float* row_coef;        // or null
 };
 
-template <typename Op, typename T, bool SPARSE>
+template <typename Op, typename T, int SPARSE>
 void update_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0, T* __restrict__ s1,
                   T* __restrict__ s2, T* __restrict__ s3, int64_t begin, int64_t end, float grad_mul,
                   const typename Op::Coeffs c, const float* rc, bool stochastic, uint32_t key,
@@ -105,13 +105,19 @@ void run_op(const Plan& pl, double* sums) {
       if (a.phase == 0) {
         const float* rc = pl.row_coef != nullptr ? pl.row_coef + grow * kMaxRowCoefs : nullptr;
         if (a.sparse_mask.empty()) {
-          update_range<Op, T, false>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key,
-                                     nullptr, nullptr, 0.0f, 0.0f);
+          update_range<Op, T, 0>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key,
+                                 nullptr, nullptr, 0.0f, 0.0f);
         } else if constexpr (Op::kReduce == 0) {  // check_elementwise: the epilogue needs a one-pass op
           T* out = a.sparse_out.empty() ? nullptr : as_ptr<T>(a.sparse_out[t]);
-          update_range<Op, T, true>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key,
-                                    as_ptr<const uint8_t>(a.sparse_mask[t]), out,
-                                    static_cast<float>(a.sparse_lambda), static_cast<float>(a.sparse_beta));
+          const uint8_t* mask = as_ptr<const uint8_t>(a.sparse_mask[t]);
+          const float lambda = static_cast<float>(a.sparse_lambda), beta = static_cast<float>(a.sparse_beta);
+          if (out != nullptr) {
+            update_range<Op, T, 2>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key, mask,
+                                   out, lambda, beta);
+          } else {
+            update_range<Op, T, 1>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key, mask,
+                                   nullptr, lambda, beta);
+          }
         }
       } else {
         reduce_range<Op, T>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], sums + grow * kMaxReduce);

@@ -68,10 +68,15 @@ struct ElementwiseOp {
         const int64_t gi = start + i;
         const float* rc = s.row_coef != nullptr ? s.row_coef + (row_offset + gi / row_len) * kMaxRowCoefs : zero;
         if constexpr (SPARSE) {
-          op_update_element<Op, T, true>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, rc, SR, key,
-                                         static_cast<const uint8_t*>(meta.addresses[kLists + 4][t]),
-                                         static_cast<T*>(meta.addresses[kLists + 5][t]), s.sparse_lambda,
-                                         s.sparse_beta);
+          T* out = static_cast<T*>(meta.addresses[kLists + 5][t]);
+          const uint8_t* mask = static_cast<const uint8_t*>(meta.addresses[kLists + 4][t]);
+          if (out != nullptr) {
+            op_update_element<Op, T, 2>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, rc, SR, key, mask, out,
+                                        s.sparse_lambda, s.sparse_beta);
+          } else {
+            op_update_element<Op, T, 1>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, rc, SR, key, mask,
+                                        nullptr, s.sparse_lambda, s.sparse_beta);
+          }
         } else {
           op_update_element<Op, T>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, rc, SR, key);
         }

@@ -7,5 +7,5 @@ from . import adamw  # noqa: F401  (registers the "adamw" suite)
 from . import zoo  # noqa: F401  (registers the "zoo-<optimizer>" suites)
 from . import muon  # noqa: F401  (registers the "newton_schulz" and "muon" suites)
 from . import lowbit  # noqa: F401  (registers the "lowbit-adamw" suite)
-from . import sparse  # noqa: F401  (registers the "nm-mask" and "transposable-24" suites)
+from . import sparse  # noqa: F401  (registers the "nm-mask", "transposable-24" and "sparse-step" suites)
 from .harness import SUITES, Bar, Case, Suite, Unsupported, Workload, main, register  # noqa: F401

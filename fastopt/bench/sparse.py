@@ -12,6 +12,8 @@ Bytes per call: read the matrix, write one byte per element (the bool mask).  Ba
 ``fastopt-cpu`` >= 10x ``torch-topk``; on CUDA ``fastopt-cuda`` >= 80% of the copy bandwidth.
 
 ``transposable-24``: the transposable 2:4 mask (exact and greedy) beside the torch reference.
+
+``sparse-step``: one SR-STE 2:4 AdamW step of sparse training (see the comment above the suite).
 """
 from dataclasses import dataclass
 
@@ -131,3 +133,97 @@ def tile_cases(ctx):
 
 TILE_SUITE = register(Suite(name="transposable-24", cases=tile_cases, unit="elements",
                             baseline="fastopt-torch-exact", other_baselines=("fastopt-torch-greedy",)))
+
+
+# -- sparse training: one SR-STE 2:4 optimizer step ------------------------------------------------
+#
+# ``sparse-step``: an AdamW step of N:M sparse training (SR-STE, lambda 2e-4) over a list of weight
+# matrices, with fastopt (``fastopt.lowbit.ElementwiseAdamW`` with a ``sparsity`` group):
+#
+# * ``fastopt-<b>-k1``: the mask refreshed every step (the SR-STE paper's recipe): the fused step,
+#   then the mask kernel and the masked write;
+# * ``fastopt-<b>-steady``: steps between refreshes (``refresh_every`` beyond the run): one fused pass;
+# * ``fastopt-<b>-dense``: the same optimizer without sparsity (the floor);
+# * ``torch-srste`` (the baseline): the same math in torch, as sparse-training code writes it:
+#   ``g + lambda * (~mask) * W``, ``torch.optim.AdamW`` (foreach) on W, a topk 2:4 mask, ``W * mask``.
+#
+# Bytes per step: the ideal single pass (read W, g, exp_avg, exp_avg_sq and the mask; write W, both
+# states and the forward weights): 33 bytes per fp32 element.
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    tensors: int
+    rows: int
+    cols: int
+
+    @property
+    def name(self):
+        return f"{self.tensors}x{self.rows}x{self.cols}"
+
+    @property
+    def numel(self):
+        return self.tensors * self.rows * self.cols
+
+
+S_CPU = StepConfig(8, 1024, 1024)
+S_CPU_QUICK = StepConfig(2, 256, 256)
+S_CUDA = StepConfig(24, 4096, 4096)
+S_CUDA_QUICK = StepConfig(4, 1024, 1024)
+STEP_BASELINE = "torch-srste"
+
+
+def _step_methods(device):
+    from fastopt._backend import available_backends
+
+    kernels = [b for b in available_backends(device) if b != "torch"]
+    return [f"fastopt-{b}-{mode}" for b in kernels for mode in ("k1", "steady", "dense")] + [STEP_BASELINE]
+
+
+def step_setup(config, method, device):
+    from fastopt.lowbit import ElementwiseAdamW
+    from fastopt.sparse import NMSparsity
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(config.rows, config.cols, device=device, generator=gen))
+              for _ in range(config.tensors)]
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, generator=gen) * 1e-2
+    if method == STEP_BASELINE:
+        opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+        dense = [p.detach().clone() for p in params]
+        masks = [topk_mask(w) for w in dense]
+        grads = [p.grad for p in params]
+
+        def step():
+            for w, mk, g, p in zip(dense, masks, grads, params):
+                w.grad = g + 2e-4 * (~mk) * w
+            opt.param_groups[0]["params"] = dense
+            opt.step()
+            for i, (w, p) in enumerate(zip(dense, params)):
+                masks[i] = topk_mask(w)
+                p.data.copy_(w * masks[i])
+        return Workload(fn=step)
+    backend, mode = method[len("fastopt-"):].rsplit("-", 1)
+    if mode == "dense":
+        opt = ElementwiseAdamW(params, lr=1e-3, backend=backend)
+    else:
+        sp = NMSparsity(2, 4, recipe="sr-ste", refresh_every=1 if mode == "k1" else 10 ** 9)
+        opt = ElementwiseAdamW([{"params": params, "sparsity": sp}], lr=1e-3, backend=backend)
+        opt.sparsify()
+    opt.step()  # states made outside the timing
+    return Workload(fn=opt.step)
+
+
+def step_cases(ctx):
+    if ctx.device.type == "cuda":
+        configs = [S_CUDA_QUICK] if ctx.quick else [S_CUDA]
+    else:
+        configs = [S_CPU_QUICK] if ctx.quick else [S_CPU]
+    return [Case(config=c.name, method=m, items=c.numel, bytes_moved=33 * c.numel,
+                 setup=lambda c=c, m=m: step_setup(c, m, ctx.device),
+                 info={"recipe": "sr-ste 2:4", "optimizer": "AdamW fp32"})
+            for c in configs for m in _step_methods(ctx.device)]
+
+
+STEP_SUITE = register(Suite(name="sparse-step", cases=step_cases, unit="params", baseline=STEP_BASELINE))

@@ -423,10 +423,10 @@ class ElementwiseOptimizer(FusedOptimizer):
         """``p = mask ? src : beta * src`` (exactly 0 where pruned when beta is 0); with AMP's
         ``found_inf`` set, ``p`` keeps its values (as the fused epilogue does)."""
         pruned = src * beta if beta != 0.0 else torch.zeros((), dtype=src.dtype, device=src.device)
-        new = torch.where(mask, src, pruned)
-        if found_inf is not None:
-            new = torch.where(found_inf.to(device=p.device) != 0, p, new)
-        p.copy_(new)
+        if found_inf is None:
+            torch.where(mask, src, pruned, out=p)   # one pass, no temporary (src may be p itself)
+            return
+        p.copy_(torch.where(found_inf.to(device=p.device) != 0, p, torch.where(mask, src, pruned)))
 
     @staticmethod
     def _srste_grad(g, w, mask, lam, maximize, grad_scale):

@@ -81,9 +81,10 @@ FASTOPT_HOST_DEVICE bf16_t store_param<bf16_t>(float f, bool stochastic, uint32_
 //
 // SPARSE adds the sparse-training epilogue (fastopt.sparse.NMSparsity), with `p` the dense weight:
 // where `mask[i]` is 0 (pruned in the forward that produced g) the gradient gets `lambda * p` (SR-STE;
-// nothing is added when lambda is 0), and, unless `out` is null, the forward weight is written:
-// out = p where kept, beta * p where pruned (exactly +0 when beta is 0), from the stored p.
-template <typename Op, typename T, bool SPARSE = false>
+// nothing is added when lambda is 0); SPARSE == 2 also writes the forward weight: out = p where
+// kept, beta * p where pruned (exactly +0 when beta is 0), from the stored p.  (Selects, not
+// branches, so that the CPU loops vectorize.)
+template <typename Op, typename T, int SPARSE = 0>
 FASTOPT_HOST_DEVICE void op_update_element(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0,
                                            T* __restrict__ s1, T* __restrict__ s2, T* __restrict__ s3,
                                            int64_t i, float grad_mul, const typename Op::Coeffs& c,
@@ -98,15 +99,16 @@ FASTOPT_HOST_DEVICE void op_update_element(T* __restrict__ p, const T* __restric
   float pf = to_float(p[i]);
   float gf = to_float(g[i]) * grad_mul;
   bool keep = true;
-  if (SPARSE) {
+  if (SPARSE > 0) {
     keep = mask[i] != 0;
-    if (!keep && lambda != 0.0f) gf += lambda * pf;
+    gf = (keep || lambda == 0.0f) ? gf : gf + lambda * pf;
   }
   Op::update(pf, gf, st, c, rc);
   const T stored = store_param<T>(pf, stochastic, key, static_cast<uint32_t>(i));
   p[i] = stored;
-  if (SPARSE && out != nullptr) {
-    out[i] = keep ? stored : from_float<T>(beta == 0.0f ? 0.0f : beta * to_float(stored));
+  if (SPARSE > 1) {
+    const float pruned = beta == 0.0f ? 0.0f : beta * to_float(stored);
+    out[i] = keep ? stored : from_float<T>(pruned);
   }
   if (Op::kStates > 0) s0[i] = from_float<T>(st[0]);
   if (Op::kStates > 1) s1[i] = from_float<T>(st[1]);
