@@ -352,15 +352,18 @@ def test_state_dict_round_trip_continues_identically(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch"] + KERNELS)
-def test_amp_skip_keeps_everything(backend):
-    sp = NMSparsity(2, 4, recipe="decay", decay_coef=0.2, refresh_every=4)
-    params, extra, opt = _run(ElementwiseAdamW, backend, sp, 2, lr=1e-2)
+@pytest.mark.parametrize("refresh_every", [4, 3], ids=["between-refreshes", "refresh-step"])
+def test_amp_skip_keeps_everything(backend, refresh_every):
+    sp = NMSparsity(2, 4, recipe="decay", decay_coef=0.2, refresh_every=refresh_every)
+    params, extra, opt = _run(ElementwiseAdamW, backend, sp, 2, lr=0.1)
     before = [(p.detach().clone(), opt.state[p]["dense_param"].clone(), opt.state[p]["nm_mask"].clone())
               for p in params]
+    if sp.refresh(3):  # the refresh would change the mask: the skip must keep the old one
+        assert any(not torch.equal(nm_mask(w, 2, 4), m) for _, w, m in before)
     _grads(params, extra, 99)
     opt.grad_scale = torch.tensor(4.0)
     opt.found_inf = torch.tensor(1.0)
-    opt.step()     # step 2 -> 3: no refresh (refresh_every=4), beta changes; the skip keeps all
+    opt.step()     # step 2 -> 3: beta changes, the mask is refreshed or not; the skip keeps all
     for p, (v, w, m) in zip(params, before):
         assert torch.equal(p.detach(), v) and torch.equal(opt.state[p]["dense_param"], w)
         assert torch.equal(opt.state[p]["nm_mask"], m)

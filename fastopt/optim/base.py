@@ -415,6 +415,8 @@ class ElementwiseOptimizer(FusedOptimizer):
             mask = nm_mask(w, sp.pattern(t), sp.m, sp.dim, backend=kernel)
         if mask.stride() != w.stride():  # the kernels walk w, p and the mask as one flat buffer
             mask = torch.empty_like(w, dtype=torch.bool).copy_(mask)
+        if found_inf is not None and "nm_mask" in state:  # AMP skipped the step: the mask stays (no sync)
+            mask = torch.where(found_inf.to(device=mask.device) != 0, state["nm_mask"], mask)
         state["nm_mask"] = mask
         self._write_forward(p, p if "master_param" in state else w, mask, sp.beta(t), found_inf)
 
@@ -482,7 +484,7 @@ class ElementwiseOptimizer(FusedOptimizer):
                     self._write_forward(p, p if master else w, m, beta, found_inf)
         if refresh:
             for p, w, s in zip(params, dense, states):
-                self._refresh_mask(sp, p, w, s, t + 1, backend, None)
+                self._refresh_mask(sp, p, w, s, t + 1, backend, found_inf)
 
     def _step_int8(self, group, params, grads, backend, grad_scale, found_inf):
         """Int8Linear weights, one at a time (so only one fp32 copy exists): dequantize to fp32, step
