@@ -132,6 +132,11 @@ constexpr const char* kNMMaskDoc =
     "N:M mask (in, out, outer, len, inner, n, m, dtype[, stream]): in viewed as [outer, len, inner]; out (uint8) "
     "gets 1 for the n largest |x| of every m consecutive positions along len (NaN as +inf, ties to the lowest "
     "index).";
+constexpr const char* kOtDoc =
+    "Entropic-OT pass (x, y, cost_matrix, h, c, out, batch, n, m, d, cost, mode, eps, dtype) over B point clouds "
+    "x (B, n, d), y (B, m, d) (or a dense cost (B, n, m), then x = y = 0): mode 0 writes out[b,i] = "
+    "LSE_j(h[b,j] - C_ij / eps) (fp32), mode 1 writes out[b,i,:] = sum_j exp(c[b,i] + h[b,j] - C_ij / eps) dC_ij/dx_i; "
+    "cost 0 = |x - y|^2, 1 = |x - y|.";
 constexpr const char* kTile24Doc =
     "Transposable 2:4 mask (in, out, rows, cols, dtype, exact[, stream]) of a [rows, cols] matrix: 2 kept per "
     "row and column of every 4x4 tile; exact = best of the 90 patterns, else greedy.";
@@ -193,6 +198,15 @@ PYBIND11_MODULE(_C, m) {
         fastopt::nm_mask_cpu(a);
       },
       kNMMaskDoc);
+  m.def(
+      "ot_pass_cpu",
+      [](int64_t x, int64_t y, int64_t cost_matrix, int64_t h, int64_t c, int64_t out, int64_t batch, int64_t n,
+         int64_t m_, int64_t d, int cost, int mode, double eps, int dtype) {
+        fastopt::OtArgs a{x, y, cost_matrix, h, c, out, batch, n, m_, d, cost, mode, eps, dtype};
+        py::gil_scoped_release nogil;
+        fastopt::ot_pass_cpu(a);
+      },
+      kOtDoc);
   m.def(
       "tile24_mask_cpu",
       [](int64_t in, int64_t out, int64_t rows, int64_t cols, int dtype, bool exact) {

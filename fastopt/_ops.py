@@ -283,3 +283,34 @@ def _tile24_fake(x, out, rows, cols, exact, backend):
 def tile24_mask(*args):
     """``fastopt::tile24_mask_`` without the dispatcher in eager mode."""
     _eager_or_op(tile24_mask_, _tile24_kernel, ([args[1]],), args)
+
+
+def _ot_pass_kernel(x: Optional[Tensor], y: Optional[Tensor], cost_matrix: Optional[Tensor], h: Tensor,
+                    c: Optional[Tensor], out: Tensor, eps: float, cost: int, mode: int, backend: str) -> None:
+    """One entropic-OT pass (``csrc/include/fastopt/api.h`` OtArgs, ``triton_kernels/ot.py``) into ``out``:
+    mode 0 ``out_i = LSE_j(h_j - C_ij / eps)``, mode 1 ``out_i = sum_j exp(c_i + h_j - C_ij / eps) dC_ij/dx_i``
+    over contiguous points ``x`` (B, n, d), ``y`` (B, m, d) or a dense ``cost_matrix`` (B, n, m)."""
+    if out.numel() == 0:
+        return
+    if backend == "triton":
+        _backend.triton_kernels().ot_pass(x, y, cost_matrix, h, c, out, eps, cost, mode)
+        return
+    ref = cost_matrix if cost_matrix is not None else x
+    d = 0 if cost_matrix is not None else x.shape[2]
+    args = (_scalar_addr(x), _scalar_addr(y), _scalar_addr(cost_matrix), h.data_ptr(), _scalar_addr(c), out.data_ptr(),
+            ref.shape[0], ref.shape[1], h.shape[1], d, int(cost), int(mode), float(eps),
+            _backend.dtype_code(ref.dtype))
+    _run_native(backend, "ot_pass", ref.device, args, "ot_pass_")
+
+
+ot_pass_ = torch.library.custom_op("fastopt::ot_pass_", mutates_args=("out",))(_ot_pass_kernel)
+
+
+@ot_pass_.register_fake
+def _ot_pass_fake(x, y, cost_matrix, h, c, out, eps, cost, mode, backend):
+    return None
+
+
+def ot_pass(*args):
+    """``fastopt::ot_pass_`` without the dispatcher in eager mode."""
+    _eager_or_op(ot_pass_, _ot_pass_kernel, ([args[5]],), args)

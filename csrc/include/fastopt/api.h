@@ -158,6 +158,38 @@ inline void check_tile24(const Tile24Args& a) {
   check_arg(a.rows * a.cols == 0 || (a.in != 0 && a.out != 0), "null tensor address");
 }
 
+// One pass of entropic optimal transport over a batch of point clouds (fastopt/ot, the CPU side of
+// triton_kernels/ot.py).  For every batch entry b and row i, with C_ij = cost(x[b,i], y[b,j]) computed
+// on the fly (cost 0: |x - y|^2, 1: |x - y|) or read from a dense cost matrix (B, n, m):
+//   mode 0:  out[b,i]   = LSE_j (h[b,j] - C_ij / eps)                           (fp32 (B, n))
+//   mode 1:  out[b,i,:] = sum_j exp(c[b,i] + h[b,j] - C_ij / eps) * dC_ij/dx_i  (fp32 (B, n, d); points only)
+// h (B, m) and c (B, n) are fp32 and may hold -inf (no mass); x (B, n, d), y (B, m, d) and the cost
+// matrix have the storage dtype; accumulation is fp32 with an online (rescaled) maximum.
+struct OtArgs {
+  int64_t x = 0, y = 0, cost_matrix = 0;  // x, y: points; or cost_matrix (then x = y = 0)
+  int64_t h = 0, c = 0, out = 0;
+  int64_t batch = 0, n = 0, m = 0, d = 0;
+  int cost = 0;
+  int mode = 0;
+  double eps = 1.0;
+  int dtype = kFloat32;
+};
+
+inline void check_ot(const OtArgs& a) {
+  check_arg(a.batch >= 0 && a.n >= 0 && a.m >= 0 && a.d >= 0, "negative size");
+  check_arg(a.mode == 0 || a.mode == 1, "mode must be 0 (log-sum-exp) or 1 (gradient)");
+  check_arg(a.cost == 0 || a.cost == 1, "cost must be 0 (squared Euclidean) or 1 (Euclidean)");
+  check_arg(a.eps > 0.0, "eps must be > 0");
+  check_arg(a.dtype == kFloat32 || a.dtype == kFloat16 || a.dtype == kBFloat16, "unsupported dtype code");
+  const bool dense = a.cost_matrix != 0;
+  check_arg(!dense || a.mode == 0, "the gradient pass needs points, not a cost matrix");
+  check_arg(dense || a.d >= 1, "points need d >= 1");
+  if (a.batch * a.n == 0) return;
+  check_arg(a.h != 0 && a.out != 0 && (a.mode == 0 || a.c != 0), "null tensor address");
+  check_arg(dense || (a.x != 0 && (a.m == 0 || a.y != 0)), "null point address");
+}
+
+void ot_pass_cpu(const OtArgs& args);
 void nm_mask_cpu(const NMMaskArgs& args);
 void tile24_mask_cpu(const Tile24Args& args);
 void adam_cpu(const AdamArgs& args);

@@ -1,0 +1,43 @@
+// CPU entry point of the entropic-OT passes (fastopt/api.h OtArgs): validates, lays y out transposed
+// in fp32 ([B, d, m], so the kernels' loops over j vectorize), runs the ISA-specific kernel.
+#include <cstdint>
+#include <vector>
+
+#include "fastopt/api.h"
+#include "fastopt/dispatch.h"
+#include "isa.h"
+
+namespace fastopt {
+namespace cpu {
+namespace baseline {
+void ot_run(const OtArgs& a, const float* yT);
+}
+namespace avx2 {
+void ot_run(const OtArgs& a, const float* yT);
+}
+}  // namespace cpu
+
+void ot_pass_cpu(const OtArgs& a) {
+  check_ot(a);
+  if (a.batch * a.n == 0) return;
+  std::vector<float> yT;
+  if (a.cost_matrix == 0) {
+    yT.resize(static_cast<size_t>(a.batch * a.d * a.m));
+    FASTOPT_DTYPE_SWITCH(a.dtype, [&] {
+      const scalar_t* y = as_ptr<const scalar_t>(a.y);
+      for (int64_t b = 0; b < a.batch; ++b)
+        for (int64_t j = 0; j < a.m; ++j)
+          for (int64_t k = 0; k < a.d; ++k)
+            yT[(b * a.d + k) * a.m + j] = to_float(y[(b * a.m + j) * a.d + k]);
+    });
+  }
+#if defined(FASTOPT_HAVE_AVX2_KERNELS)
+  if (cpu::use_avx2()) {
+    cpu::avx2::ot_run(a, yT.data());
+    return;
+  }
+#endif
+  cpu::baseline::ot_run(a, yT.data());
+}
+
+}  // namespace fastopt
