@@ -286,19 +286,19 @@ def tile24_mask(*args):
 
 
 def _ot_pass_kernel(x: Optional[Tensor], y: Optional[Tensor], cost_matrix: Optional[Tensor], h: Tensor,
-                    c: Optional[Tensor], out: Tensor, eps: float, cost: int, mode: int, backend: str) -> None:
+                    c: Optional[Tensor], out: Tensor, eps: float, cost: int, kind: int, backend: str) -> None:
     """One entropic-OT pass (``csrc/include/fastopt/api.h`` OtArgs, ``triton_kernels/ot.py``) into ``out``:
-    mode 0 ``out_i = LSE_j(h_j - C_ij / eps)``, mode 1 ``out_i = sum_j exp(c_i + h_j - C_ij / eps) dC_ij/dx_i``
+    kind 0 ``out_i = LSE_j(h_j - C_ij / eps)``, kind 1 ``out_i = sum_j exp(c_i + h_j - C_ij / eps) dC_ij/dx_i``
     over contiguous points ``x`` (B, n, d), ``y`` (B, m, d) or a dense ``cost_matrix`` (B, n, m)."""
     if out.numel() == 0:
         return
     if backend == "triton":
-        _backend.triton_kernels().ot_pass(x, y, cost_matrix, h, c, out, eps, cost, mode)
+        _backend.triton_kernels().ot_pass(x, y, cost_matrix, h, c, out, eps, cost, kind)
         return
     ref = cost_matrix if cost_matrix is not None else x
     d = 0 if cost_matrix is not None else x.shape[2]
     args = (_scalar_addr(x), _scalar_addr(y), _scalar_addr(cost_matrix), h.data_ptr(), _scalar_addr(c), out.data_ptr(),
-            ref.shape[0], ref.shape[1], h.shape[1], d, int(cost), int(mode), float(eps),
+            ref.shape[0], ref.shape[1], h.shape[1], d, int(cost), int(kind), float(eps),
             _backend.dtype_code(ref.dtype))
     _run_native(backend, "ot_pass", ref.device, args, "ot_pass_")
 
@@ -307,7 +307,7 @@ ot_pass_ = torch.library.custom_op("fastopt::ot_pass_", mutates_args=("out",))(_
 
 
 @ot_pass_.register_fake
-def _ot_pass_fake(x, y, cost_matrix, h, c, out, eps, cost, mode, backend):
+def _ot_pass_fake(x, y, cost_matrix, h, c, out, eps, cost, kind, backend):
     return None
 
 

@@ -57,6 +57,30 @@ inline void point_block(const float* __restrict__ xi, const float* __restrict__ 
   for (int64_t j = 0; j < len; ++j) s[j] = h[j0 + j] - s[j] * inv_eps;
 }
 
+// point_block + block_max in one pass for small d known at compile time (the common d = 1..4): the
+// costs stay in registers.
+template <int D, int COST>
+inline float point_block_small(const float* __restrict__ xi, const float* __restrict__ yT,
+                               const float* __restrict__ h, int64_t m, int64_t j0, int64_t len, float inv_eps,
+                               float* __restrict__ s) {
+  float xk[D];
+  for (int k = 0; k < D; ++k) xk[k] = xi[k];
+  float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < len; ++j) {
+    float c = 0.0f;
+    for (int k = 0; k < D; ++k) {
+      const float t = xk[k] - yT[k * m + j0 + j];
+      c += t * t;
+    }
+    if (COST == 1) c = std::sqrt(c);
+    const float v = h[j0 + j] - c * inv_eps;
+    s[j] = v;
+    mx = std::max(mx, v);
+  }
+  return mx;
+}
+
 inline float block_max(const float* __restrict__ s, int64_t len) {
   float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
@@ -84,8 +108,34 @@ struct Lse {
   inline float value() const { return M == kNegInf ? kNegInf : M + std::log(S); }
 };
 
+template <int D, int COST>
+float row_block(const float* xi, const float* yT, const float* h, int64_t m, int64_t d, int64_t j0, int64_t len,
+                float inv_eps, float* s) {
+  if constexpr (D > 0) {
+    return point_block_small<D, COST>(xi, yT, h, m, j0, len, inv_eps, s);
+  } else {
+    point_block(xi, yT, h, m, d, j0, len, COST, inv_eps, s);
+    return block_max(s, len);
+  }
+}
+
+template <typename T, int D, int COST>
+void lse_points_d(const OtArgs& a, const float* yT_all);
+
 template <typename T>
 void lse_points(const OtArgs& a, const float* yT_all) {
+  const bool eu = a.cost == 1;
+  switch (a.d) {
+    case 1: return eu ? lse_points_d<T, 1, 1>(a, yT_all) : lse_points_d<T, 1, 0>(a, yT_all);
+    case 2: return eu ? lse_points_d<T, 2, 1>(a, yT_all) : lse_points_d<T, 2, 0>(a, yT_all);
+    case 3: return eu ? lse_points_d<T, 3, 1>(a, yT_all) : lse_points_d<T, 3, 0>(a, yT_all);
+    case 4: return eu ? lse_points_d<T, 4, 1>(a, yT_all) : lse_points_d<T, 4, 0>(a, yT_all);
+    default: return eu ? lse_points_d<T, 0, 1>(a, yT_all) : lse_points_d<T, 0, 0>(a, yT_all);
+  }
+}
+
+template <typename T, int D, int COST>
+void lse_points_d(const OtArgs& a, const float* yT_all) {
   const T* x = as_ptr<const T>(a.x);
   const float* h_all = as_ptr<const float>(a.h);
   float* out = as_ptr<float>(a.out);
@@ -105,8 +155,7 @@ void lse_points(const OtArgs& a, const float* yT_all) {
       Lse l;
       for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
         const int64_t len = std::min(kBlock, m - j0);
-        point_block(xbuf, yT, h, m, d, j0, len, a.cost, inv_eps, s);
-        const float bm = block_max(s, len);
+        const float bm = row_block<D, COST>(xbuf, yT, h, m, d, j0, len, inv_eps, s);
         if (bm == kNegInf) continue;
         float unused;
         l.add(s, len, bm, &unused);

@@ -274,7 +274,7 @@ def _solve(prob, eps, rho, n_iter, tol, check_every, eps_scaling, f=None, g=None
                 err = torch.linalg.vector_norm(torch.where(torch.isfinite(lb), col - lb.exp(), 0.0), dim=1)
             else:
                 err = torch.maximum(_change(f, f_prev, la), _change(g, g_prev, lb)) / eps
-            if bool((err <= tol).all()):
+            if bool((err < tol).all()):
                 converged = True
                 break
     f = torch.where(torch.isfinite(la), f, 0.0)

@@ -73,8 +73,8 @@ def sinkhorn_reference(C, log_a, log_b, eps, *, n_iter=1000, tol=1e-9, check_eve
     """Log-domain Sinkhorn on a dense cost ``C`` (..., n, m) with log weights ``log_a`` (..., n) and
     ``log_b`` (..., m); returns ``(f, g, iterations, error)``.
 
-    Iterates until the error (checked every ``check_every`` iterations and after the last one) is at
-    most ``tol`` for every batch entry, or ``n_iter`` iterations.  The error is the marginal error
+    Iterates until the error (checked every ``check_every`` iterations and after the last one) is
+    below ``tol`` for every batch entry, or ``n_iter`` iterations.  The error is the marginal error
     (:func:`marginal_error`) when balanced; when unbalanced (``rho``: KL marginals of that strength)
     it is the largest change of ``f / eps`` and ``g / eps`` in the last iteration (the log scalings,
     as POT's ``sinkhorn_unbalanced`` measures it).  ``f``/``g``: warm start.
@@ -95,7 +95,7 @@ def sinkhorn_reference(C, log_a, log_b, eps, *, n_iter=1000, tol=1e-9, check_eve
                 err = marginal_error(C, log_a, log_b, f, g, eps)
             else:
                 err = torch.maximum(_change(f, f_prev, log_a), _change(g, g_prev, log_b)) / eps
-            if bool((err <= tol).all()):
+            if bool((err < tol).all()):
                 break
     f = torch.where(torch.isfinite(log_a), f, 0.0)
     g = torch.where(torch.isfinite(log_b), g, 0.0)
