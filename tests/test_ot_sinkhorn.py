@@ -231,7 +231,7 @@ def test_divergence_matches_geomloss():
     assert float(sinkhorn_divergence(x[0], x[0], eps=0.5, tol=1e-10, backend="torch")) == pytest.approx(0.0, abs=1e-9)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_divergence_gradient_flow_decreases(backend):
     x, y = _clouds(1, 30, 30, 2, seed=8)
     x = x[0].clone().requires_grad_()
@@ -245,15 +245,15 @@ def test_divergence_gradient_flow_decreases(backend):
     assert vals[-1] < 0.3 * vals[0] and all(v > -1e-5 for v in vals)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_convergence_reporting_and_eps_scaling(backend):
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # (the loop is backend-independent;
+def test_convergence_reporting_and_eps_scaling(backend):                    # interpreted Triton is slow)
     x, y = _clouds(1, 50, 60, 2, seed=6)
-    plain = sinkhorn(x, y, eps=0.02, tol=1e-5, n_iter=5000, backend=backend)
+    plain = sinkhorn(x, y, eps=0.05, tol=1e-5, n_iter=3000, backend=backend)
     assert plain.converged and float(plain.error.max()) < 1e-5 and plain.n_iter % 10 == 0
-    scaled = sinkhorn(x, y, eps=0.02, tol=1e-5, n_iter=5000, eps_scaling=0.7, backend=backend)
-    assert scaled.converged and scaled.n_iter < plain.n_iter
+    scaled = sinkhorn(x, y, eps=0.05, tol=1e-5, n_iter=3000, eps_scaling=0.7, backend=backend)
+    assert scaled.converged and scaled.n_iter < 0.9 * plain.n_iter
     torch.testing.assert_close(scaled.value, plain.value, rtol=1e-4, atol=1e-5)
-    capped = sinkhorn(x, y, eps=0.02, tol=0.0, n_iter=7, backend=backend)
+    capped = sinkhorn(x, y, eps=0.05, tol=0.0, n_iter=7, backend=backend)
     assert capped.n_iter == 7 and not capped.converged
 
 

@@ -28,7 +28,10 @@ namespace {
 
 constexpr int64_t kBlock = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int kMaxD = 16;  // gradient accumulators on the stack; larger d uses the generic path
+constexpr int kMaxD = 16;
+// Below this many (i, j) pairs one thread runs the pass: waking a team costs more than the work
+// (and a spinning team on a busy machine costs far more).
+constexpr int64_t kParallelWork = 1 << 16;  // gradient accumulators on the stack; larger d uses the generic path
 
 inline float exp_or_zero(float v) {  // v <= 0
   const float e = exp_nonpositive(v);
@@ -141,7 +144,7 @@ void lse_points_d(const OtArgs& a, const float* yT_all) {
   float* out = as_ptr<float>(a.out);
   const int64_t n = a.n, m = a.m, d = a.d;
   const float inv_eps = static_cast<float>(1.0 / a.eps);
-#pragma omp parallel
+#pragma omp parallel if (a.batch * a.n * a.m >= kParallelWork)
   {
     alignas(64) float s[kBlock];
     float xi[kMaxD];
@@ -173,7 +176,7 @@ void lse_dense(const OtArgs& a) {
   float* out = as_ptr<float>(a.out);
   const int64_t n = a.n, m = a.m;
   const float inv_eps = static_cast<float>(1.0 / a.eps);
-#pragma omp parallel
+#pragma omp parallel if (a.batch * a.n * a.m >= kParallelWork)
   {
     alignas(64) float s[kBlock];
 #pragma omp for schedule(static)
@@ -206,7 +209,7 @@ void grad_points(const OtArgs& a, const float* yT_all) {
   float* out = as_ptr<float>(a.out);
   const int64_t n = a.n, m = a.m, d = a.d;
   const float inv_eps = static_cast<float>(1.0 / a.eps);
-#pragma omp parallel
+#pragma omp parallel if (a.batch * a.n * a.m >= kParallelWork)
   {
     alignas(64) float s[kBlock];
     alignas(64) float dist[kBlock];

@@ -8,4 +8,5 @@ from . import zoo  # noqa: F401  (registers the "zoo-<optimizer>" suites)
 from . import muon  # noqa: F401  (registers the "newton_schulz" and "muon" suites)
 from . import lowbit  # noqa: F401  (registers the "lowbit-adamw" suite)
 from . import sparse  # noqa: F401  (registers the "nm-mask", "transposable-24" and "sparse-step" suites)
+from . import ot  # noqa: F401  (registers the "sinkhorn" suite)
 from .harness import SUITES, Bar, Case, Suite, Unsupported, Workload, main, register  # noqa: F401
