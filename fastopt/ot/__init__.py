@@ -1,2 +1,5 @@
-"""Optimal transport: online batched log-domain Sinkhorn (:mod:`.sinkhorn`)."""
+"""Optimal transport: online batched log-domain Sinkhorn (:mod:`.sinkhorn`) and the sliced Wasserstein
+family (:mod:`.sliced`)."""
 from .sinkhorn import COSTS, SinkhornResult, sinkhorn, sinkhorn_divergence  # noqa: F401
+from .sliced import (CONTROL_VARIATES, max_sliced_wasserstein, random_projections, sample_vmf,  # noqa: F401
+                     sliced_wasserstein, vmf_distributional_sliced_wasserstein, wasserstein_1d)
