@@ -10,4 +10,5 @@ from . import lowbit  # noqa: F401  (registers the "lowbit-adamw" suite)
 from . import sparse  # noqa: F401  (registers the "nm-mask", "transposable-24" and "sparse-step" suites)
 from . import ot  # noqa: F401  (registers the "sinkhorn" suite)
 from . import ot_sliced  # noqa: F401  (registers the "sliced-wasserstein" suite)
+from . import ot_newton  # noqa: F401  (registers the "sinkhorn-newton" suite)
 from .harness import SUITES, Bar, Case, Suite, Unsupported, Workload, main, register  # noqa: F401

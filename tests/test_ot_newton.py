@@ -1,0 +1,305 @@
+"""Sinkhorn–Newton–Sparse (fastopt.ot.newton) against POT (exact OT and Sinkhorn) and the Sinkhorn reference."""
+import math
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from fastopt.ot import newton
+from fastopt.ot.newton import lyapunov, sinkhorn_newton_sparse, sparsify_plan
+from fastopt.reference.ot import sinkhorn_reference, sqeuclidean_cost
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The problems here are small (at most 100 x 100): extra threads only add OpenMP barriers, which make
+    a run several times slower when other processes compete for the cores.  Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _clouds(n, m, seed, dtype=torch.float64, weights=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 2, generator=g, dtype=torch.float64)
+    y = torch.rand(m, 2, generator=g, dtype=torch.float64)
+    C = sqeuclidean_cost(x, y)
+    if weights:
+        a = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+        b = torch.rand(m, generator=g, dtype=torch.float64) + 0.5
+    else:
+        a, b = torch.ones(n, dtype=torch.float64), torch.ones(m, dtype=torch.float64)
+    return C.to(dtype), (a / a.sum()).to(dtype), (b / b.sum()).to(dtype)
+
+
+def _marginal_error(P, a, b):
+    return float(((P.sum(-1) - a).square().sum(-1) + (P.sum(-2) - b).square().sum(-1)).sqrt().max())
+
+
+# -- (a) the plan tends to the exact (LP) plan as eps -> 0 ----------------------------------------
+def test_converges_to_exact_ot_as_eps_shrinks():
+    C, a, b = _clouds(30, 40, seed=0)
+    G = torch.from_numpy(ot.emd(a.numpy(), b.numpy(), C.numpy()))
+    W = float(ot.emd2(a.numpy(), b.numpy(), C.numpy()))
+    gaps, dists = [], []
+    for eps in (3e-2, 1e-2, 3e-3, 1e-3, 3e-4):
+        res = sinkhorn_newton_sparse(C, a, b, eps, return_plan=True)
+        assert res.log["stop"] == "tol" and bool(res.log["converged"])
+        assert _marginal_error(res.plan, a, b) <= 1e-10
+        gaps.append(float((res.plan * C).sum()) - W)
+        dists.append(float((res.plan - G).abs().sum()))
+    assert all(gap > 0 for gap in gaps)  # the entropic plan is feasible, so it costs more than the LP optimum
+    assert all(g1 < 0.5 * g0 for g0, g1 in zip(gaps, gaps[1:])), gaps
+    assert all(d1 < d0 for d0, d1 in zip(dists, dists[1:])), dists
+    assert gaps[-1] / W < 1e-3  # eps = 3e-4 (cost range ~2): <P, C> within 0.1% of ot.emd2 (measured 2.2e-4)
+    assert dists[-1] < 0.1  # L1 distance to ot.emd's plan (measured 0.045; total mass 2 for disjoint plans)
+
+
+def test_plan_matches_pot_sinkhorn():
+    C, a, b = _clouds(25, 35, seed=1)
+    eps = 0.01
+    res = sinkhorn_newton_sparse(C, a, b, eps, return_plan=True)
+    P_pot = ot.sinkhorn(a.numpy(), b.numpy(), C.numpy(), eps, method="sinkhorn_log", stopThr=1e-13,
+                        numItermax=100000)
+    np.testing.assert_allclose(res.plan.numpy(), P_pot, atol=1e-11, rtol=0)
+    # the dual value is OT_eps = <P, C> + eps KL(P | a b^T) and the maximum of the Lyapunov potential
+    P = res.plan
+    kl = float((P * (P / (a[:, None] * b[None, :])).log()).sum())
+    value = float(res.log["value"])
+    assert value == pytest.approx(float((P * C).sum()) + eps * kl, abs=1e-10)
+    assert float(lyapunov(C, a, b, res.f, res.g, eps)) == pytest.approx(value, abs=1e-12)
+    assert float(lyapunov(C, a, b, res.f + 1e-3 * torch.randn(25, dtype=torch.float64), res.g, eps)) < value
+
+
+# -- (b) far fewer iterations than Sinkhorn, same potentials -------------------------------------
+def test_fewer_iterations_than_sinkhorn_same_potentials():
+    C, a, b = _clouds(100, 100, seed=1, weights=False)
+    eps, tol = 2e-3, 1e-10
+    f_sk, g_sk, it_sk, err_sk = sinkhorn_reference(C, a.log(), b.log(), eps, n_iter=20000, tol=tol)
+    assert float(err_sk) <= tol
+    res = sinkhorn_newton_sparse(C, a, b, eps, tol=tol)
+    log = res.log
+    assert log["stop"] == "tol" and float(log["err"]) <= tol
+    assert log["iterations"] == log["sinkhorn_iters"] + log["newton_iters"]
+    # measured: Sinkhorn 1430 iterations, SNS 120 Sinkhorn + 8 Newton (374 CG products on the sparse Hessian)
+    assert log["iterations"] * 5 <= it_sk, (log["iterations"], it_sk)
+    assert log["newton_iters"] <= 20
+    # the error history ends at the final error and the Newton stage converges fast
+    assert log["err_history"][-1] == pytest.approx(float(log["err"]))
+    assert log["iter_history"][-1] == log["iterations"]
+    newton_errs = log["err_history"][-log["newton_iters"] - 1:]
+    assert newton_errs[-1] < 1e-6 * newton_errs[0]
+    # potentials: equal up to the additive constant (f + t, g - t)
+    shift = float((res.f - f_sk).mean())
+    torch.testing.assert_close(res.f - shift, f_sk, atol=1e-8, rtol=0)
+    torch.testing.assert_close(res.g + shift, g_sk, atol=1e-8, rtol=0)
+
+
+def test_converges_where_sinkhorn_stalls():
+    # eps = 1e-3 on 80 points: Sinkhorn is still at 1e-6 after 3000 iterations, SNS reaches 1e-10 in < 400
+    C, a, b = _clouds(80, 80, seed=0, weights=False)
+    eps = 1e-3
+    _, _, it_sk, err_sk = sinkhorn_reference(C, a.log(), b.log(), eps, n_iter=3000, tol=1e-10)
+    assert it_sk == 3000 and float(err_sk) > 1e-7
+    res = sinkhorn_newton_sparse(C, a, b, eps)
+    assert float(res.log["err"]) <= 1e-10 and res.log["iterations"] < 400
+
+
+def test_tiny_eps_uses_sinkhorn_fallback():
+    # eps = 1e-4 (cost range 2): the first Newton directions are huge (nearly decoupled clusters), the line
+    # search rejects them and Sinkhorn iterations take over until Newton steps are accepted again
+    C, a, b = _clouds(12, 15, seed=3)
+    res = sinkhorn_newton_sparse(C, a, b, 1e-4, sinkhorn_iters=50, return_plan=True)
+    assert res.log["fallbacks"] >= 1
+    assert res.log["stop"] == "tol" and _marginal_error(res.plan, a, b) <= 1e-10
+    W = float(ot.emd2(a.numpy(), b.numpy(), C.numpy()))
+    assert 0 < float((res.plan * C).sum()) - W < 1e-3 * W
+
+
+# -- (c) the sparsified Hessian keeps the requested entries --------------------------------------
+@pytest.mark.parametrize("rho,n,m", [(0.1, 20, 30), (0.05, 17, 23), (1.0, 5, 7), (1e-6, 10, 10)])
+def test_sparsify_fraction_keeps_largest_entries(rho, n, m):
+    P = torch.rand(2, n, m, dtype=torch.float64)
+    rows, cols, vals = sparsify_plan(P, rho)
+    K = max(1, math.ceil(round(rho * n * m, 6)))
+    assert rows.shape == cols.shape == vals.shape == (2, K)
+    for i in range(2):
+        torch.testing.assert_close(vals[i], P[i, rows[i], cols[i]])
+        assert len({(int(r), int(c)) for r, c in zip(rows[i], cols[i])}) == K  # distinct entries
+        kept = torch.zeros(n, m, dtype=torch.bool)
+        kept[rows[i], cols[i]] = True
+        if K < n * m:
+            assert float(P[i][kept].min()) >= float(P[i][~kept].max())
+
+
+def test_sparsify_per_row_keeps_row_topk():
+    P = torch.rand(3, 11, 9, dtype=torch.float64)
+    rows, cols, vals = sparsify_plan(P, 4)
+    assert rows.shape == (3, 44)
+    for i in range(3):
+        counts = torch.bincount(rows[i], minlength=11)
+        assert counts.tolist() == [4] * 11
+        for r in range(11):
+            mine = sorted(vals[i][rows[i] == r].tolist())
+            assert mine == pytest.approx(sorted(P[i, r].topk(4).values.tolist()))
+    assert sparsify_plan(P, 100)[0].shape == (3, 99)  # k > m keeps whole rows
+
+
+def test_sparse_hessian_operator_is_psd_and_counts_logged():
+    C, a, b = _clouds(15, 12, seed=4)
+    eps = 0.01
+    f, g, _, _ = sinkhorn_reference(C, a.log(), b.log(), eps, n_iter=30, tol=0.0)
+    P = (a.log()[:, None] + b.log()[None, :] + (f[:, None] + g[None, :] - C) / eps).exp()
+    rows, cols, vals = sparsify_plan(P[None], 0.2)
+    d = torch.cat([P.sum(-1), P.sum(-2)])[None]
+    M = torch.stack([newton._hessian_matvec(e[None], d, rows, cols, vals, 15)[0]
+                     for e in torch.eye(27, dtype=torch.float64)])
+    S = torch.zeros(15, 12, dtype=torch.float64)
+    S[rows[0], cols[0]] = vals[0]
+    dense = torch.cat([torch.cat([torch.diag(P.sum(-1)), S], 1), torch.cat([S.T, torch.diag(P.sum(-2))], 1)])
+    torch.testing.assert_close(M, dense)
+    assert int((dense != 0).sum()) == 15 + 12 + 2 * rows.shape[-1]  # n + m + 2K nonzeros
+    assert float(torch.linalg.eigvalsh(dense).min()) > -1e-14
+    res = sinkhorn_newton_sparse(C, a, b, eps, sparsity=0.2, sparsity_growth=1.0)
+    assert res.log["hessian_nnz"] == [math.ceil(0.2 * 15 * 12)] * res.log["newton_iters"]
+    res = sinkhorn_newton_sparse(C, a, b, eps, sparsity=3, sparsity_growth=1.0)
+    assert res.log["hessian_nnz"] == [3 * 15] * res.log["newton_iters"]
+    assert res.log["stop"] == "tol"
+
+
+def test_sparsity_growth_when_newton_is_slow():
+    C, a, b = _clouds(60, 60, seed=5, weights=False)
+    fixed = sinkhorn_newton_sparse(C, a, b, 0.02, sparsity=2, sparsity_growth=1.0, newton_iters=15)
+    grown = sinkhorn_newton_sparse(C, a, b, 0.02, sparsity=2)
+    assert grown.log["stop"] == "tol"
+    assert grown.log["hessian_nnz"][-1] > grown.log["hessian_nnz"][0] == 2 * 60
+    assert grown.log["newton_iters"] < fixed.log["newton_iters"] or float(fixed.log["err"]) > 1e-10
+
+
+# -- batches, padding, dtypes ---------------------------------------------------------------------
+def test_batched_with_zero_weights_matches_single_solves():
+    Cs, as_, bs = zip(*[_clouds(20, 26, seed=s) for s in range(3)])
+    C, a, b = torch.stack(Cs), torch.stack(as_), torch.stack(bs)
+    a[1, :4] = 0
+    a[1] /= a[1].sum()
+    b[2, -5:] = 0
+    b[2] /= b[2].sum()
+    eps = 5e-3
+    res = sinkhorn_newton_sparse(C.view(3, 1, 20, 26), a.view(3, 1, 20), b.view(3, 1, 26), eps, return_plan=True)
+    assert res.f.shape == (3, 1, 20) and res.plan.shape == (3, 1, 20, 26) and res.log["err"].shape == (3, 1)
+    assert float(res.f[1, 0, :4].abs().max()) == 0 and float(res.g[2, 0, -5:].abs().max()) == 0
+    assert float(res.plan[1, 0, :4].abs().max()) == 0 and float(res.plan[2, 0, :, -5:].abs().max()) == 0
+    for i in range(3):
+        single = sinkhorn_newton_sparse(C[i], a[i], b[i], eps, return_plan=True)
+        torch.testing.assert_close(res.plan[i, 0], single.plan, atol=1e-9, rtol=0)  # both within tol 1e-10
+        with np.errstate(divide="ignore"):  # POT takes log(0) of the zero weights
+            P_pot = ot.sinkhorn(a[i].numpy(), b[i].numpy(), C[i].numpy(), eps, method="sinkhorn_log",
+                                stopThr=1e-13, numItermax=100000)
+        np.testing.assert_allclose(res.plan[i, 0].numpy(), P_pot, atol=1e-9, rtol=0)
+
+
+def test_float32_close_to_float64():
+    C, a, b = _clouds(40, 30, seed=6)
+    eps = 5e-3
+    r64 = sinkhorn_newton_sparse(C, a, b, eps, return_plan=True)
+    r32 = sinkhorn_newton_sparse(C.float(), a.float(), b.float(), eps, return_plan=True)
+    assert r32.f.dtype == torch.float32 and r32.log["tol"] == 1e-5
+    assert bool(r32.log["converged"]) and _marginal_error(r32.plan.double(), a, b) <= 2e-5
+    assert float((r32.plan.double() - r64.plan).abs().max()) < 1e-4
+    # the fp32 plan is no further from the fp64 plan than an fp32 Sinkhorn run to the same tolerance
+    f, g, _, _ = sinkhorn_reference(C.float(), a.float().log(), b.float().log(), eps, n_iter=20000, tol=1e-5)
+    P_sk = (a.float().log()[:, None] + b.float().log()[None, :] + (f[:, None] + g[None, :] - C.float()) / eps).exp()
+    assert float((r32.plan.double() - r64.plan).abs().max()) <= 2 * float((P_sk.double() - r64.plan).abs().max())
+
+
+def test_empty_batch_and_single_point():
+    res = sinkhorn_newton_sparse(torch.zeros(0, 4, 5, dtype=torch.float64), eps=0.1, return_plan=True)
+    assert res.f.shape == (0, 4) and res.plan.shape == (0, 4, 5) and res.log["iterations"] == 0
+    C = torch.tensor([[0.3, 0.1, 0.7]], dtype=torch.float64)
+    res = sinkhorn_newton_sparse(C, eps=0.05, return_plan=True)  # one source: the plan is b
+    torch.testing.assert_close(res.plan, torch.full((1, 3), 1 / 3, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_warm_start_from_solution_needs_no_newton_step():
+    C, a, b = _clouds(30, 30, seed=7)
+    first = sinkhorn_newton_sparse(C, a, b, 0.01)
+    again = sinkhorn_newton_sparse(C, a, b, 0.01, f=first.f, g=first.g, sinkhorn_iters=0)
+    assert again.log["newton_iters"] == 0 and again.log["iterations"] == 0
+    torch.testing.assert_close(again.f, first.f)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    C, a, b = _clouds(64, 48, seed=8)
+    cpu = sinkhorn_newton_sparse(C, a, b, 3e-3, return_plan=True)
+    gpu = sinkhorn_newton_sparse(C.cuda(), a.cuda(), b.cuda(), 3e-3, return_plan=True)
+    assert gpu.f.is_cuda and gpu.log["stop"] == "tol"
+    torch.testing.assert_close(gpu.plan.cpu(), cpu.plan, atol=1e-10, rtol=0)
+
+
+# -- (d) errors -----------------------------------------------------------------------------------
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the solver starts iterating (errors must come before any work)."""
+    def boom(*args, **kwargs):
+        raise AssertionError("the solver started working before rejecting its input")
+
+    monkeypatch.setattr(newton, "sinkhorn_reference", boom)
+    monkeypatch.setattr(newton, "_pcg", boom)
+
+
+@pytest.mark.parametrize("eps", [0, -1.0, math.nan, math.inf, "0.1", None, torch.tensor([0.1, 0.2])])
+def test_bad_eps(no_work, eps):
+    C, a, b = _clouds(5, 6, seed=0)
+    with pytest.raises(ValueError, match="eps"):
+        sinkhorn_newton_sparse(C, a, b, eps)
+
+
+def test_bad_weights_cost_shapes(no_work):
+    C, a, b = _clouds(5, 6, seed=0)
+    cases = [
+        (dict(a=-a), "non-negative"),
+        (dict(a=torch.where(torch.arange(5) == 2, math.nan, a)), "finite"),
+        (dict(b=torch.where(torch.arange(6) == 0, math.inf, b)), "finite"),
+        (dict(b=torch.zeros(6, dtype=torch.float64)), "positive total mass"),
+        (dict(C=torch.where(C > 0.5, math.inf, C)), "C must be finite"),
+        (dict(C=C.to(torch.int64)), "float32 or float64"),
+        (dict(C=C[0]), r"\(\.\.\., n, m\)"),
+        (dict(C=[[1.0]]), "torch.Tensor"),
+        (dict(a=a[:4]), "shape"),
+        (dict(b=torch.ones(2, 7, dtype=torch.float64) / 7), "shape"),
+        (dict(b=torch.ones(2, 6, dtype=torch.float64) / 6), "broadcast"),
+        (dict(a=2 * a), "same total mass"),
+        (dict(a=a.to("meta")), "meta"),
+        (dict(sparsity=0.0), "sparsity"),
+        (dict(sparsity=1.5), "sparsity"),
+        (dict(sparsity=0), "sparsity"),
+        (dict(sparsity=True), "sparsity"),
+        (dict(tol=0.0), "tol"),
+        (dict(cg_tol=1.0), "cg_tol"),
+        (dict(newton_iters=-1), "newton_iters"),
+        (dict(sinkhorn_iters=2.5), "sinkhorn_iters"),
+        (dict(ls_beta=1.0), "ls_beta"),
+        (dict(sparsity_growth=0.5), "sparsity_growth"),
+        (dict(f=torch.zeros(4, dtype=torch.float64)), "warm start"),
+    ]
+    for kwargs, match in cases:
+        args = dict(C=C, a=a, b=b)
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=match):
+            sinkhorn_newton_sparse(args.pop("C"), eps=0.1, **args)
+
+
+def test_bench_suite_methods_reach_the_tolerance():
+    from fastopt.bench import ot_newton as bench
+
+    config = bench.Config(60, 0.01)
+    C, a, b = bench.make_problem(config, "cpu")
+    iters = {}
+    for method in bench.METHODS:
+        plan, info = bench.solver(method, C, a, b, config.eps)()
+        assert bench.marginal_error(plan, a, b) <= bench.TOL, method
+        iters[method] = info["iters"]
+    assert iters["fastopt-sns"] * 5 <= iters["torch-sinkhorn-log"] == iters["pot-sinkhorn-log"]
