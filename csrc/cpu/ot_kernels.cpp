@@ -246,32 +246,20 @@ void grad_points(const OtArgs& a, const float* yT_all) {
         l.add(s, len, bm, &scale);  // s[j] = w_j = exp(s_j - M)
         W *= scale;
         for (int64_t k = 0; k < d; ++k) acc[k] *= scale;
-        if (a.cost == 0) {
-          float wsum = 0.0f;
-#pragma omp simd reduction(+ : wsum)
-          for (int64_t j = 0; j < len; ++j) wsum += s[j];
-          W += wsum;
-          for (int64_t k = 0; k < d; ++k) {
-            const float* yk = yT + k * m + j0;
-            float wy = 0.0f;
-#pragma omp simd reduction(+ : wy)
-            for (int64_t j = 0; j < len; ++j) wy += s[j] * yk[j];
-            acc[k] += wy;
-          }
-        } else {
+        if (a.cost == 1) {  // |x-y|: the weights of the unit vectors, w_j / |x_i - y_j|
 #pragma omp simd
           for (int64_t j = 0; j < len; ++j) s[j] = dist[j] > 0.0f ? s[j] / std::sqrt(dist[j]) : 0.0f;
-          float wsum = 0.0f;
+        }
+        float wsum = 0.0f;
 #pragma omp simd reduction(+ : wsum)
-          for (int64_t j = 0; j < len; ++j) wsum += s[j];
-          W += wsum;
-          for (int64_t k = 0; k < d; ++k) {
-            const float* yk = yT + k * m + j0;
-            float wy = 0.0f;
+        for (int64_t j = 0; j < len; ++j) wsum += s[j];
+        W += wsum;
+        for (int64_t k = 0; k < d; ++k) {
+          const float* yk = yT + k * m + j0;
+          float wy = 0.0f;
 #pragma omp simd reduction(+ : wy)
-            for (int64_t j = 0; j < len; ++j) wy += s[j] * yk[j];
-            acc[k] += wy;
-          }
+          for (int64_t j = 0; j < len; ++j) wy += s[j] * yk[j];
+          acc[k] += wy;
         }
       }
       const float ci = c[r];
