@@ -314,3 +314,27 @@ def _ot_pass_fake(x, y, cost_matrix, h, c, out, eps, cost, kind, backend):
 def ot_pass(*args):
     """``fastopt::ot_pass_`` without the dispatcher in eager mode."""
     _eager_or_op(ot_pass_, _ot_pass_kernel, ([args[5]],), args)
+
+
+def _sliced_wpp_kernel(x: Tensor, y: Tensor, dirs: Optional[Tensor], wpp: Tensor, cx: Tensor, cy: Tensor,
+                       p: float, grad: bool, backend: str) -> None:
+    """Sliced-Wasserstein projection + sort + ``W_p^p`` per direction (``triton_kernels/sliced.py``):
+    ``x``, ``y`` (B, n, d) points with ``dirs`` (1 or B, L, d), or (B, L, n) projections with ``dirs``
+    None, into ``wpp`` (B, L); with ``grad``, ``d wpp / d projection`` into ``cx``, ``cy`` (B, L, n).
+    Triton only: there is no C++ kernel."""
+    if backend != "triton":
+        raise _backend.BackendUnavailableError(f"sliced_wpp has only a triton kernel, got backend {backend!r}")
+    _backend.triton_kernels().sliced_wpp(x, y, dirs, wpp, cx, cy, p, grad)
+
+
+sliced_wpp_ = torch.library.custom_op("fastopt::sliced_wpp_", mutates_args=("wpp", "cx", "cy"))(_sliced_wpp_kernel)
+
+
+@sliced_wpp_.register_fake
+def _sliced_wpp_fake(x, y, dirs, wpp, cx, cy, p, grad, backend):
+    return None
+
+
+def sliced_wpp(*args):
+    """``fastopt::sliced_wpp_`` without the dispatcher in eager mode."""
+    _eager_or_op(sliced_wpp_, _sliced_wpp_kernel, ([args[3]], [args[4]], [args[5]]), args)

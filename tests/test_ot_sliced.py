@@ -452,7 +452,8 @@ X, Y = points(5, 3, 0), points(4, 3, 1)
     (dict(control_variate="upper", p=1), ValueError, "needs p=2"),
     (dict(seed=0, generator=torch.Generator()), ValueError, "pass seed or generator"),
     (dict(backend="bogus"), ValueError, "backend must be one of"),
-    (dict(backend="cuda"), BackendUnavailableError, "pure PyTorch"),
+    (dict(backend="cuda"), BackendUnavailableError, "no .cuda. kernel"),
+    (dict(backend="triton"), BackendUnavailableError, "float32"),  # X, Y are float64
 ])
 def test_sliced_wasserstein_errors(kwargs, err, match):
     args = dict(x=X, y=Y)

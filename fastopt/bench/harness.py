@@ -426,7 +426,7 @@ _MEASURED = ("ms", "ms_p20", "ms_p80", "repeats", "GBps", "frac_copy_bw", "state
 def _info_keys(suite, rows):
     """The descriptive columns the suite's cases added (``Case.info``), in order of appearance."""
     fixed = {"op", "config", "method", suite.unit, "bytes_per_call", "status", f"{suite.unit}_per_s",
-             suite.speedup_key, "rounds_ms", *_MEASURED}
+             suite.speedup_key, "rounds_ms", *_MEASURED, *(speedup_key(b) for b in suite.other_baselines)}
     return list(dict.fromkeys(k for r in rows for k in r if k not in fixed))
 
 
@@ -436,7 +436,8 @@ def format_table(suite, rows):
     has_peak = any(r.get("peak_step_MB") is not None for r in rows)
     headers = ["config", "method", *info_keys, f"M{suite.unit}", "ms", "p20-p80", f"M{suite.unit}/s", "GB/s",
                "copy%", "state_MB", *(["peak_MB"] if has_peak else []),
-               *([f"vs {suite.baseline}"] if suite.baseline else []), "status"]
+               *([f"vs {suite.baseline}"] if suite.baseline else []), *(f"vs {b}" for b in suite.other_baselines),
+               "status"]
     lines = []
     for r in rows:
         cells = [r["config"], r["method"], *(str(r.get(k, "-")) for k in info_keys), f"{r[suite.unit] / 1e6:.3f}"]
@@ -446,7 +447,9 @@ def format_table(suite, rows):
                       _sig(r[f"{suite.unit}_per_s"] / 1e6), _sig(r["GBps"]),
                       _fmt(frac * 100 if frac is not None else None, ".0f"), _fmt(r["state_MB"], ".1f"),
                       *([_fmt(r["peak_step_MB"], ".1f")] if has_peak else []),
-                      *([_fmt(r[suite.speedup_key], ".2f") + "x"] if suite.baseline else [])]
+                      *([_fmt(r[suite.speedup_key], ".2f") + "x"] if suite.baseline else []),
+                      *("-" if r.get(speedup_key(b)) is None else f"{r[speedup_key(b)]:.2f}x"
+                        for b in suite.other_baselines)]
         else:
             cells += ["-"] * (len(headers) - len(cells) - 1)
         cells.append(r["status"] if len(r["status"]) <= 70 else r["status"][:67] + "...")

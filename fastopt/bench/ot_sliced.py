@@ -3,8 +3,11 @@
 One timed call is one Monte-Carlo ``SW_2`` between two point clouds with the same fixed projection
 matrix for every method (drawn once in the setup, POT's ``(d, L)`` layout, fp32):
 
-* ``fastopt`` — :func:`fastopt.ot.sliced.sliced_wasserstein` (pure PyTorch; on CPU its sorts go through
-  NumPy's SIMD sort);
+* ``fastopt`` — :func:`fastopt.ot.sliced.sliced_wasserstein` with ``backend="auto"``: on CUDA the fused
+  Triton projection + sort kernel where it applies (uniform weights, ``n == m <= 8192``), else the
+  torch path (GEMM + sort; on CPU the sorts go through NumPy's SIMD sort);
+* ``fastopt-torch`` — the same with ``backend="torch"`` (CUDA only: on CPU it is ``fastopt``), to
+  measure the kernel against the torch path;
 * ``pot-torch`` (the baseline) — ``ot.sliced_wasserstein_distance`` on the same torch tensors (POT's
   torch backend, same device);
 * ``pot-numpy`` — ``ot.sliced_wasserstein_distance`` on NumPy copies (CPU only).
@@ -26,7 +29,7 @@ import torch
 from .harness import Bar, Case, Suite, Unsupported, Workload, register
 
 BASELINE = "pot-torch"
-METHODS = ("fastopt", BASELINE, "pot-numpy")
+METHODS = ("fastopt", "fastopt-torch", BASELINE, "pot-numpy")
 
 
 @dataclass(frozen=True)
@@ -59,12 +62,14 @@ C_CPU_QUICK = Config(2_000, 2_000, 3, 20)
 C_CUDA = Config(100_000, 100_000, 3, 1000)
 C_CUDA_W = Config(100_000, 80_000, 3, 1000, weighted=True)
 C_CUDA_GRAD = Config(100_000, 100_000, 3, 1000, grad=True)
-C_CUDA_QUICK = Config(10_000, 10_000, 3, 100)
+C_CUDA_FUSED = Config(8192, 8192, 3, 1000)  # the largest the fused kernel takes
+C_CUDA_FUSED_GRAD = Config(8192, 8192, 3, 1000, grad=True)
+C_CUDA_QUICK = Config(4096, 4096, 3, 100)
 
 
 def _configs(ctx):
     if ctx.device.type == "cuda":
-        return [C_CUDA_QUICK] if ctx.quick else [C_CUDA, C_CUDA_W, C_CUDA_GRAD]
+        return [C_CUDA_QUICK] if ctx.quick else [C_CUDA, C_CUDA_W, C_CUDA_GRAD, C_CUDA_FUSED, C_CUDA_FUSED_GRAD]
     return [C_CPU_QUICK] if ctx.quick else [C_CPU, C_CPU_W, C_CPU_GRAD]
 
 
@@ -97,6 +102,10 @@ def sw_setup(config, method, device):
 
     if method == "fastopt":
         return Workload(fn=lambda: run(lambda: sliced_wasserstein(x, y, a, b, projections=proj)))
+    if method == "fastopt-torch":
+        if device.type != "cuda":
+            raise Unsupported("on CPU backend='auto' is the torch path: see the fastopt row")
+        return Workload(fn=lambda: run(lambda: sliced_wasserstein(x, y, a, b, projections=proj, backend="torch")))
     try:
         import ot
     except ImportError as e:

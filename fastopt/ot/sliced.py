@@ -1,4 +1,5 @@
-"""Sliced Wasserstein distances in pure PyTorch: SW_p, max-SW, v-DSW and control-variate estimators.
+"""Sliced Wasserstein distances: SW_p, max-SW, v-DSW and control-variate estimators (PyTorch, and a fused
+Triton projection + sort kernel).
 
     sw = fastopt.ot.sliced.sliced_wasserstein(x, y, n_projections=200, seed=0)   # x (n, d), y (m, d)
     sw.backward()                                                                  # d SW_p / dx, d SW_p / dy
@@ -40,6 +41,16 @@ NumPy's SIMD sort in one block per torch thread (on a 2-core EPYC, ``np.sort`` i
 ``FASTOPT_NUMPY_SORT=0`` turns it off).  Gradients with respect to the points (and the weights) flow
 through the sort permutation.
 
+Backends (``backend=``): ``"torch"`` runs every case on every device (a GEMM for the projections, then
+the sorts above); ``"triton"`` is the fused kernel of ``triton_kernels/sliced.py``: one program per
+direction and batch entry projects both clouds, sorts them in registers and reduces
+``1/n sum_k |xs_k - ys_k|^p``, so the ``L x n`` projections are never written unsorted, and writes
+``d W_p^p / d projection`` for the backward (two GEMMs).  It takes uniform weights, ``n == m <= 8192``
+points, float32 compute (half inputs are upcast) and no control variate; for ``d > 16`` a GEMM
+projects and the kernel sorts and reduces.  ``"auto"`` picks it for CUDA tensors when it applies and
+the torch path otherwise; ``backend="triton"`` on a problem it cannot take raises
+``BackendUnavailableError`` saying why.  There is no ``"cpu"`` / ``"cuda"`` (C++) kernel here.
+
 Errors: bad inputs raise ``TypeError`` / ``ValueError`` naming the parameter, before any computation
 (non-tensor, integer, bool or complex points; dimension or batch mismatch; negative, non-finite or
 zero-sum weights; ``p < 1``; ``n_projections < 1``; an unknown control variate).
@@ -51,6 +62,7 @@ import os
 
 import torch
 
+from .. import _backend, _ops
 from .._backend import BACKENDS, BackendUnavailableError
 
 __all__ = ["sliced_wasserstein", "max_sliced_wasserstein", "vmf_distributional_sliced_wasserstein",
@@ -61,12 +73,45 @@ CONTROL_VARIATES = (None, "lower", "upper")
 
 # -- argument checks ------------------------------------------------------------------------------
 def _check_backend(backend, fn):
+    """The backend name, checked; 'cpu' and 'cuda' have no kernel here (the sorts are NumPy's or torch's)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend not in ("auto", "torch"):
+    if backend in ("cpu", "cuda"):
         raise BackendUnavailableError(
-            f"{fn} has no {backend!r} kernel: it is pure PyTorch and runs on every device "
-            "(use backend='auto' or 'torch')")
+            f"{fn} has no {backend!r} kernel: it runs on backend='triton' (the fused projection + sort kernel, "
+            "uniform weights and n == m) or 'torch' (every case, every device); 'auto' picks")
+
+
+def _fused_reason(x, y, a, b, dtype):
+    """Why the fused Triton kernel cannot take this problem, or None when it can."""
+    n, m = x.shape[-2], y.shape[-2]
+    if dtype != torch.float32:
+        return f"it computes in float32 (inputs of {dtype} run on backend='torch')"
+    if a is not None or b is not None:
+        return "it takes uniform weights only (a = b = None)"
+    if n != m:
+        return f"it needs as many points in x as in y (got n={n}, m={m})"
+    if n > _FUSED_MAX_N:
+        return f"a program sorts at most {_FUSED_MAX_N} points in registers (got n={n})"
+    return None
+
+
+def _resolve(backend, fn, x, y, a, b, dtype, extra=None):
+    """'triton' or 'torch' for a checked problem (``extra``: a reason the caller rules the kernel out)."""
+    _check_backend(backend, fn)
+    if backend == "torch":
+        return "torch"
+    reason = extra or _fused_reason(x, y, a, b, dtype)
+    if backend == "auto":
+        usable = (x.device.type == "cuda" and _backend.has_triton() and not _backend.triton_interpret())
+        return "triton" if usable and reason is None else "torch"
+    if "triton" not in _backend.available_backends(x.device):
+        raise BackendUnavailableError(f"{fn}: backend 'triton' cannot run on device {x.device}: it needs triton "
+                                      "and CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)")
+    if reason is not None:
+        raise BackendUnavailableError(f"{fn}: the triton kernel cannot take this problem: {reason}; "
+                                      "use backend='torch' or 'auto'")
+    return "triton"
 
 
 def _check_float_tensor(name, t):
@@ -405,7 +450,12 @@ def wasserstein_1d(u_values, v_values, u_weights=None, v_weights=None, p=1, *, d
             # checked as the weights of (*batch, k, 1) points
             w = _check_weights(name, w, vals.unsqueeze(-1), vname, dtype)
         weights.append(w)
-    return _wpp_sorted_last(u.to(dtype), v.to(dtype), weights[0], weights[1], p)
+    u, v = u.to(dtype), v.to(dtype)
+    if _resolve(backend, "wasserstein_1d", u.unsqueeze(-1), v.unsqueeze(-1), *weights, dtype) == "triton":
+        n = u.shape[-1]  # the fused kernel on given "projections": sort and reduce
+        wpp = _FusedWpp.apply(u.reshape(-1, 1, n).contiguous(), v.reshape(-1, 1, n).contiguous(), None, p)
+        return wpp.reshape(u.shape[:-1])
+    return _wpp_sorted_last(u, v, weights[0], weights[1], p)
 
 
 # -- directions -----------------------------------------------------------------------------------
@@ -442,8 +492,66 @@ def _project(dirs, x):
     return torch.matmul(dirs, x.mT)
 
 
-def _wpp_directions(x, y, a, b, dirs, p):
-    """``W_p^p`` along each direction: ``dirs (*, L, d)`` (rows) -> ``(*batch, L)``."""
+_FUSED_MAX_N = 8192  # triton_kernels.sliced.MAX_N: the points one program sorts in registers
+_FUSED_PROJECT_MAX_D = 16  # above, a GEMM projects and the kernel only sorts and reduces
+
+
+class _FusedWpp(torch.autograd.Function):
+    """``W_p^p`` per direction by the fused Triton kernel (``triton_kernels/sliced.py``).
+
+    ``x``, ``y`` (B, n, d) fp32 and ``dirs`` (1 or B, L, d): projection, sort and cost in one kernel;
+    or ``x``, ``y`` the projections (B, L, n) and ``dirs`` None.  The kernel also writes ``d wpp / d
+    projection`` (B, L, n) when a gradient is needed, so the backward is two GEMMs (no sort, no scatter).
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, dirs, p):
+        projected = dirs is None
+        batch, n = x.shape[0], x.shape[-1] if projected else x.shape[1]
+        L = x.shape[1] if projected else dirs.shape[1]
+        grad = any(ctx.needs_input_grad[:3])
+        wpp = x.new_empty((batch, L))
+        cx = x.new_empty((batch, L, n) if grad else (0,))
+        cy = x.new_empty((batch, L, n) if grad else (0,))
+        _ops.sliced_wpp(x, y, dirs, wpp, cx, cy, p, grad, "triton")
+        if grad:
+            ctx.save_for_backward(x, y, dirs, cx, cy)
+        return wpp
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, dirs, cx, cy = ctx.saved_tensors
+        wx, wy = g.unsqueeze(-1) * cx, g.unsqueeze(-1) * cy  # d loss / d projection
+        if dirs is None:
+            return wx, wy, None, None
+        gx = torch.matmul(wx.mT, dirs) if ctx.needs_input_grad[0] else None  # (B, n, L) @ (Bd, L, d)
+        gy = torch.matmul(wy.mT, dirs) if ctx.needs_input_grad[1] else None
+        gd = None
+        if ctx.needs_input_grad[2]:
+            gd = torch.matmul(wx, x) + torch.matmul(wy, y)  # (B, L, d)
+            if dirs.shape[0] == 1 and gd.shape[0] != 1:
+                gd = gd.sum(0, keepdim=True)
+        return gx, gy, gd, None
+
+
+def _fused_wpp(x, y, dirs, p):
+    """``W_p^p`` along ``dirs (*, L, d)`` on the fused kernel: ``(*batch, L)``; uniform weights, n == m."""
+    batch, (n, d), L = x.shape[:-2], x.shape[-2:], dirs.shape[-2]
+    xf, yf = x.reshape(-1, n, d), y.reshape(-1, n, d)
+    if d > _FUSED_PROJECT_MAX_D:
+        px = torch.matmul(dirs.reshape(-1, L, d), xf.mT).contiguous()  # (B, L, n)
+        py = torch.matmul(dirs.reshape(-1, L, d), yf.mT).contiguous()
+        wpp = _FusedWpp.apply(px, py, None, p)
+    else:
+        wpp = _FusedWpp.apply(xf.contiguous(), yf.contiguous(), dirs.reshape(-1, L, d).contiguous(), p)
+    return wpp.reshape(*batch, L)
+
+
+def _wpp_directions(x, y, a, b, dirs, p, backend="torch"):
+    """``W_p^p`` along each direction: ``dirs (*, L, d)`` (rows) -> ``(*batch, L)``, and the projections
+    (None on the fused kernel, which never stores them unsorted)."""
+    if backend == "triton":
+        return _fused_wpp(x, y, dirs, p), None, None
     px = _project(dirs, x)  # (*batch, L, n)
     py = _project(dirs, y)
     a = None if a is None else a.unsqueeze(-2)
@@ -518,7 +626,7 @@ def sliced_wasserstein(x, y, a=None, b=None, *, n_projections=50, p=2, projectio
             (clamped at 0).  Fitting ``gamma`` on the same directions makes the estimator biased by
             O(1/L), as usual for control variates; the closed forms assume uniform directions, so
             pass only such ``projections``.
-        backend: ``"auto"`` or ``"torch"`` (this function is pure PyTorch).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (the fused kernel; see the module docstring).
 
     Returns:
         ``SW_p`` with shape ``batch`` (float64 for float64 inputs, float32 otherwise), differentiable
@@ -533,6 +641,9 @@ def sliced_wasserstein(x, y, a=None, b=None, *, n_projections=50, p=2, projectio
         raise ValueError(f"control_variate must be one of {CONTROL_VARIATES}, got {control_variate!r}")
     if control_variate is not None and p != 2.0:
         raise ValueError(f"control_variate={control_variate!r} needs p=2 (the Gaussian W_2 closed form), got p={p}")
+    backend = _resolve(backend, "sliced_wasserstein", x, y, a, b, dtype,
+                       extra=None if control_variate is None else
+                       "control variates need the projections' moments (torch only)")
     d, batch = x.shape[-1], x.shape[:-2]
     if projections is None:
         n_projections = _check_int("n_projections", n_projections, 1)
@@ -540,7 +651,7 @@ def sliced_wasserstein(x, y, a=None, b=None, *, n_projections=50, p=2, projectio
                                           generator=_make_generator(seed, generator, x.device))
     else:
         projections = _check_directions("projections", projections, d, batch, dtype, x.device, vector=False)
-    wpp, px, py = _wpp_directions(x, y, a, b, projections.mT, p)
+    wpp, px, py = _wpp_directions(x, y, a, b, projections.mT, p, backend)
     if control_variate is None:
         sw = wpp.mean(-1)
         value = sw.sqrt() if p == 2.0 else sw.pow(1.0 / p)
@@ -601,6 +712,7 @@ def max_sliced_wasserstein(x, y, a=None, b=None, *, p=2, n_iter=100, lr=0.5, n_i
     _check_backend(backend, "max_sliced_wasserstein")
     x, y, a, b, dtype = _prepare(x, y, a, b)
     p = _check_p(p)
+    backend = _resolve(backend, "max_sliced_wasserstein", x, y, a, b, dtype)
     n_iter = _check_int("n_iter", n_iter, 0)
     lr = _check_positive("lr", lr)
     n_init = _check_int("n_init", n_init, 1)
@@ -614,7 +726,7 @@ def max_sliced_wasserstein(x, y, a=None, b=None, *, p=2, n_iter=100, lr=0.5, n_i
     for t in range(n_iter + 1):
         th = theta.detach().requires_grad_(t < n_iter)
         with torch.enable_grad() if t < n_iter else torch.no_grad():
-            val = _wpp_directions(xd, yd, ad, bd, th, p)[0]  # (*batch, K)
+            val = _wpp_directions(xd, yd, ad, bd, th, p, backend)[0]  # (*batch, K)
             if t < n_iter:
                 (grad,) = torch.autograd.grad(val.sum(), th)
         val = val.detach()
@@ -628,7 +740,7 @@ def max_sliced_wasserstein(x, y, a=None, b=None, *, p=2, n_iter=100, lr=0.5, n_i
             theta = _sphere_ascent_step(theta, grad, _step_size(lr, t, n_iter))
     pick = best_val.argmax(-1, keepdim=True)  # (*batch, 1)
     theta = torch.gather(best_theta, -2, pick.unsqueeze(-1).expand(*batch, 1, d))  # (*batch, 1, d)
-    wpp = _wpp_directions(x, y, a, b, theta, p)[0].squeeze(-1)
+    wpp = _wpp_directions(x, y, a, b, theta, p, backend)[0].squeeze(-1)
     value = wpp.sqrt() if p == 2.0 else wpp.pow(1.0 / p)
     return value, theta.squeeze(-2)
 
@@ -738,6 +850,7 @@ def vmf_distributional_sliced_wasserstein(x, y, a=None, b=None, *, kappa=10.0, n
     _check_backend(backend, "vmf_distributional_sliced_wasserstein")
     x, y, a, b, dtype = _prepare(x, y, a, b)
     p = _check_p(p)
+    backend = _resolve(backend, "vmf_distributional_sliced_wasserstein", x, y, a, b, dtype)
     kappa = _check_positive("kappa", kappa, allow_zero=True)
     n_projections = _check_int("n_projections", n_projections, 1)
     n_iter = _check_int("n_iter", n_iter, 0)
@@ -754,10 +867,10 @@ def vmf_distributional_sliced_wasserstein(x, y, a=None, b=None, *, kappa=10.0, n
         e = eps.detach().requires_grad_(True)
         with torch.enable_grad():
             dirs = _sample_vmf(e, kappa, n_projections, gen)  # (*batch, L, d)
-            val = _wpp_directions(xd, yd, ad, bd, dirs, p)[0].mean(-1)
+            val = _wpp_directions(xd, yd, ad, bd, dirs, p, backend)[0].mean(-1)
             (grad,) = torch.autograd.grad(val.sum(), e)
         eps = _sphere_ascent_step(eps, grad, _step_size(lr, t, n_iter))
     dirs = _sample_vmf(eps, kappa, n_projections, gen)
-    sw = _wpp_directions(x, y, a, b, dirs, p)[0].mean(-1)
+    sw = _wpp_directions(x, y, a, b, dirs, p, backend)[0].mean(-1)
     value = sw.sqrt() if p == 2.0 else sw.pow(1.0 / p)
     return (value, eps, dirs.mT) if return_projections else (value, eps)
