@@ -15,8 +15,9 @@ import triton.language as tl
 
 from .multi_tensor import multi_tensor_apply, split_f64
 
-DECOUPLED = 1
-AMSGRAD = 2
+# flag bits; constexpr so the @triton.jit code may read them (a plain int global does not compile)
+DECOUPLED = tl.constexpr(1)
+AMSGRAD = tl.constexpr(2)
 
 
 @triton.jit
@@ -28,14 +29,14 @@ def adam_update(p, g, m, v, vmax, step, lr, one_minus_beta1, beta2, one_minus_be
     bc2 = 1.0 - tl.exp(step64 * (tl.cast(log_beta2_hi, tl.float64) + tl.cast(log_beta2_lo, tl.float64)))
     step_size = (tl.cast(lr, tl.float64) / bc1).to(tl.float32)
     bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
-    if FLAGS & DECOUPLED:
+    if DECOUPLED & FLAGS:
         p = p * (1.0 - tl.cast(lr, tl.float64) * tl.cast(weight_decay, tl.float64)).to(tl.float32)
     else:
         g = g + weight_decay * p
     m = m + one_minus_beta1 * (g - m)
     v = beta2 * v + one_minus_beta2 * g * g
     vd = v
-    if FLAGS & AMSGRAD:
+    if AMSGRAD & FLAGS:
         vmax = tl.maximum(vmax, v)
         vd = vmax
     denom = tl.sqrt(vd) / bc2_sqrt + eps
@@ -55,7 +56,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
         adam_update, lists, steps,
         hyper=(1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay,
                *split_f64(_log(beta1)), *split_f64(_log(beta2))),
-        flags=(DECOUPLED if decoupled else 0) | (AMSGRAD if amsgrad else 0),
+        flags=(DECOUPLED.value if decoupled else 0) | (AMSGRAD.value if amsgrad else 0),
         lr=lr, grad_scale=grad_scale, found_inf=found_inf, sign=-1.0 if maximize else 1.0,
     )
 
@@ -75,7 +76,7 @@ def adam_op_update(p, g, m, v, vmax, s4, step, lr, r0, r1, r2, r3,
 
 
 def _adam_pack(decoupled, amsgrad):
-    bits = (DECOUPLED if decoupled else 0) | (AMSGRAD if amsgrad else 0)
+    bits = (DECOUPLED.value if decoupled else 0) | (AMSGRAD.value if amsgrad else 0)
 
     def pack(hyper, flags):
         """Native hyper (beta1, beta2, eps, weight_decay), flags 0 (the op name picks the variant) -> slots."""

@@ -32,7 +32,7 @@ def adamp_update(p, g, m, v, s3, s4, step, lr, den, radial, decay, r3, w, omw, h
                  l1_hi, l1_lo, l2_hi, l2_lo, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     lr64 = tl.cast(lr, tl.float64)
     step_size = lr64
-    if not (FLAGS & ADAM_DEBIAS):
+    if not (ADAM_DEBIAS & FLAGS):
         step_size = lr64 / bias_correction(step, l1_hi, l1_lo)
     d = _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, FLAGS) - (p / den) * radial
     return p * decay - step_size.to(tl.float32) * d, m, v, s3, s4

@@ -10,7 +10,7 @@ from .zoo_common import ADAM_DEBIAS, RECTIFY, bias_correction, decay, log_pair, 
 
 @triton.jit
 def _debiased(step, size, l1_hi, l1_lo, FLAGS: tl.constexpr):
-    if not (FLAGS & ADAM_DEBIAS):
+    if not (ADAM_DEBIAS & FLAGS):
         size = size / bias_correction(step, l1_hi, l1_lo)
     return size.to(tl.float32)
 
@@ -22,7 +22,7 @@ def adabelief_update(p, g, m, s, smax, s4, step, lr, r0, r1, r2, r3,
     size, mode = rectified_step(step, lr, b2, l2_hi, l2_lo, n_sma_threshold, FLAGS)
     step_size = _debiased(step, size, l1_hi, l1_lo, FLAGS)
     c2 = 1.0
-    if not (FLAGS & RECTIFY):
+    if not (RECTIFY & FLAGS):
         c2 = tl.sqrt(bias_correction(step, l2_hi, l2_lo)).to(tl.float32)
     p, g = decay(p, g, lr, wd, FLAGS)
     m = m + omb1 * (g - m)
@@ -42,7 +42,7 @@ def diffgrad_update(p, g, m, v, prev, vmax, step, lr, r0, r1, r2, r3,
                     omb1, b2, omb2, wd, eps, l1_hi, l1_lo, l2_hi, l2_lo, n_sma_threshold, H10, H11, H12, H13,
                     H14, H15, FLAGS: tl.constexpr):
     size, mode = rectified_step(step, lr, b2, l2_hi, l2_lo, n_sma_threshold, FLAGS)
-    if not (FLAGS & RECTIFY):
+    if not (RECTIFY & FLAGS):
         size = size * tl.sqrt(bias_correction(step, l2_hi, l2_lo))
     step_size = _debiased(step, size, l1_hi, l1_lo, FLAGS)
     p, g = decay(p, g, lr, wd, FLAGS)

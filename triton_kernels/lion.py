@@ -2,15 +2,15 @@
 import triton
 import triton.language as tl
 
-DECOUPLE = 1
-FIXED_DECAY = 2
+DECOUPLE = tl.constexpr(1)  # constexpr: read by @triton.jit code
+FIXED_DECAY = tl.constexpr(2)
 
 
 @triton.jit
 def lion_update(p, g, m, s2, s3, s4, step, lr, r0, r1, r2, r3,
                 one_minus_beta1, one_minus_beta2, wd, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
-    if FLAGS & DECOUPLE:
-        if FLAGS & FIXED_DECAY:
+    if DECOUPLE & FLAGS:
+        if FIXED_DECAY & FLAGS:
             p = p * (1.0 - wd)
         else:
             p = p * (1.0 - wd * lr)

@@ -30,7 +30,7 @@ from .elementwise import MAX_STATES, N_HYPER, _bf16_stochastic, fmix32
 from .multi_tensor import _TL_DTYPES, _increment_steps_kernel, _ptr, to_bf16_rne
 from .ops import OPS
 
-HEADER = 8          # int32 words before the codebook's tables
+HEADER = tl.constexpr(8)  # int32 words before the codebook's tables (constexpr: read by @triton.jit code)
 MAX_BLOCK = 256     # as kMaxQuantBlock
 # Elements per program (G = TILE // block whole blocks).  The interpreter pays ~1 ms of Python per
 # nested @triton.jit call and program, whatever the tile size: it gets big tiles.
@@ -245,7 +245,7 @@ def _book_codes(book):
         raise ValueError("a codebook is a 1-D int32 tensor (fastopt.lowbit.codebook.codebook)")
     n = book.numel()
     for nc in (16, 256):
-        if n > HEADER + 3 * nc and (n - HEADER - 3 * nc) % 512 == 0:
+        if n > HEADER.value + 3 * nc and (n - HEADER.value - 3 * nc) % 512 == 0:
             return nc
     raise ValueError(f"not a codebook of 16 or 256 codes ({n} words)")
 

@@ -13,7 +13,7 @@ so no n x m matrix is ever stored: memory is O((n + m) d).  ``h`` and ``c`` may 
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))  # constexpr: read by @triton.jit code
 
 
 @triton.jit

@@ -4,14 +4,14 @@ import triton.language as tl
 
 from .zoo_common import decay, lerp, lerp_pack
 
-MOMENTUM = 64
+MOMENTUM = tl.constexpr(64)  # constexpr: read by @triton.jit code
 
 
 @triton.jit
 def sgdsai_update(p, g, buf, s2, s3, s4, step, lr, r0, r1, r2, r3, w, one_minus_w, high, wd,
                   H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     b = g
-    if FLAGS & MOMENTUM:
+    if MOMENTUM & FLAGS:
         b = lerp(buf, g, w, one_minus_w, high)
         buf = b
     pd, b = decay(p, b, lr, wd, FLAGS)
@@ -24,7 +24,7 @@ def _pack(hyper, flags, momentum_flag):
 
 
 def sgdsai_pack(hyper, flags):
-    return _pack(hyper, flags, MOMENTUM)
+    return _pack(hyper, flags, MOMENTUM.value)
 
 
 def sgdsai_plain_pack(hyper, flags):

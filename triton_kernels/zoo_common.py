@@ -17,14 +17,17 @@ def log_pair(beta):
     """``log(beta)`` as two fp32 numbers (``-inf`` for beta 0, so that ``beta^t`` is 0)."""
     return split_f64(math.log(beta)) if beta > 0 else (-math.inf, 0.0)
 
-DECOUPLE, FIXED_DECAY, RECTIFY, DEGENERATED_TO_SGD, ADAM_DEBIAS = 1, 2, 4, 8, 16
+# flag bits (fastopt/optim/zoo.py sets them): constexpr, so the @triton.jit code may read them (the compiler
+# refuses a plain int global); tested as ``BIT & FLAGS``, since the interpreter passes FLAGS as a plain int
+# and int & constexpr is undefined
+DECOUPLE, FIXED_DECAY, RECTIFY, DEGENERATED_TO_SGD, ADAM_DEBIAS = (tl.constexpr(v) for v in (1, 2, 4, 8, 16))
 
 
 @triton.jit
 def decay(p, g, lr, wd, FLAGS: tl.constexpr):
     """pytorch_optimizer's weight decay: p *= 1 - wd (fixed ? 1 : lr) [decoupled], or g += wd p."""
-    if FLAGS & DECOUPLE:
-        if FLAGS & FIXED_DECAY:
+    if DECOUPLE & FLAGS:
+        if FIXED_DECAY & FLAGS:
             p = p * (1.0 - tl.cast(wd, tl.float64)).to(tl.float32)
         else:
             p = p * (1.0 - tl.cast(wd, tl.float64) * tl.cast(lr, tl.float64)).to(tl.float32)
@@ -40,7 +43,7 @@ def rectified_step(step, lr, b2, l2_hi, l2_lo, n_sma_threshold, FLAGS: tl.conste
     lr64 = tl.cast(lr, tl.float64)
     size = lr64
     mode = 1
-    if FLAGS & RECTIFY:
+    if RECTIFY & FLAGS:
         b2_64 = tl.cast(b2, tl.float64)
         n_sma_max = 2.0 / (1.0 - b2_64) - 1.0
         b2t = 1.0 - bias_correction(step, l2_hi, l2_lo)
@@ -49,7 +52,7 @@ def rectified_step(step, lr, b2, l2_hi, l2_lo, n_sma_threshold, FLAGS: tl.conste
         rt2 = (1.0 - b2t) * (n_sma - 4.0) / (n_sma_max - 4.0) * (n_sma - 2.0) / n_sma * n_sma_max / (n_sma_max - 2.0)
         adaptive = n_sma >= tl.cast(n_sma_threshold, tl.float64)
         fallback = lr64
-        if not (FLAGS & DEGENERATED_TO_SGD):
+        if not (DEGENERATED_TO_SGD & FLAGS):
             fallback = -lr64
         size = tl.where(adaptive, lr64 * tl.sqrt(tl.maximum(rt2, 0.0)), fallback)
         mode = tl.where(adaptive, 1, tl.where(fallback > 0, 2, 0))
