@@ -81,6 +81,20 @@ def test_fused_ties_and_half_inputs():
     assert abs(float(got) - float(want)) <= 1e-6 * float(want)
 
 
+def test_fused_nan_points_give_nan():
+    # a NaN sorts by its bits, possibly past the padding; the kernel flags it like the torch path
+    x, y = _clouds((2,), 20, 3, seed=13)
+    x[1, 4, 0] = float("nan")
+    y[1, 7, 1] = -float("nan")
+    proj = random_projections(3, 3, dtype=torch.float64, seed=14)
+    xg = x.float().to(DEV).requires_grad_()
+    got = sliced_wasserstein(xg, y.float().to(DEV), projections=proj.float().to(DEV), backend="triton")
+    got.sum().backward()  # the gradient pass runs with NaN keys and stays inside its rows
+    want = sliced_wasserstein(x, y, projections=proj, backend="torch")
+    assert torch.isnan(want[1]) and torch.isnan(got[1].cpu())
+    assert abs(float(got[0]) - float(want[0])) <= 1e-6 * float(want[0])
+
+
 def test_fused_larger_sort():
     # one program sorts 1200 points (a 2048-wide block)
     x, y = _clouds((), 1200, 3, seed=9)

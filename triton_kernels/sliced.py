@@ -84,7 +84,10 @@ def _sw_kernel(x_ptr, y_ptr, dir_ptr, wpp_ptr, cx_ptr, cy_ptr, n, L, d, dir_bstr
         cost = diff * diff
     else:
         cost = tl.where(ad > 0.0, tl.exp2(p * tl.log2(tl.where(ad > 0.0, ad, 1.0))), 0.0)
-    tl.store(wpp_ptr + b * L + l, tl.sum(cost, axis=0) * inv_n)
+    # a NaN sorts by its bits, possibly past the padding: flag it instead of dropping it
+    nans = tl.sum(tl.where(msk & ((px != px) | (py != py)), 1, 0), axis=0)
+    total = tl.sum(cost, axis=0) * inv_n
+    tl.store(wpp_ptr + b * L + l, tl.where(nans > 0, float("nan"), total))
     if GRAD:
         sign = tl.where(diff > 0.0, 1.0, tl.where(diff < 0.0, -1.0, 0.0))
         if P_KIND == 1:
@@ -94,8 +97,11 @@ def _sw_kernel(x_ptr, y_ptr, dir_ptr, wpp_ptr, cx_ptr, cy_ptr, n, L, d, dir_bstr
         else:
             coef = p * sign * tl.where(ad > 0.0, tl.exp2((p - 1.0) * tl.log2(tl.where(ad > 0.0, ad, 1.0))), 0.0)
         coef = coef * inv_n
-        tl.store(cx_ptr + row + kx.to(tl.int32), coef, mask=msk)  # the low word of a key is its index
-        tl.store(cy_ptr + row + ky.to(tl.int32), -coef, mask=msk)
+        ix = kx.to(tl.int32)  # the low word of a key is its index
+        iy = ky.to(tl.int32)
+        # with a NaN input a padding index can land at a rank < n: never store outside the row
+        tl.store(cx_ptr + row + ix, coef, mask=msk & (ix < n))
+        tl.store(cy_ptr + row + iy, -coef, mask=msk & (iy < n))
 
 
 def sliced_wpp(x, y, dirs, wpp, cx, cy, p, grad):
