@@ -127,8 +127,9 @@ def _check_cost(C):
         raise _InputError("C must be finite (found inf or nan)")
 
 
-def _check_weights(name, w, C, size, batch):
-    """``w`` as a (..., size) tensor of C's dtype (uniform when None), after the checks."""
+def _check_weights(name, w, C, size, batch, positive=False):
+    """``w`` as a (..., size) tensor of C's dtype (uniform when None), after the checks: non-negative with
+    a positive total, or with ``positive`` every weight > 0 (sparse_ot's rule)."""
     if w is None:
         return torch.full((*batch, size), 1.0 / size, dtype=C.dtype, device=C.device)
     if not isinstance(w, torch.Tensor):
@@ -144,6 +145,10 @@ def _check_weights(name, w, C, size, batch):
     except RuntimeError:
         raise _InputError(f"{name} of shape {tuple(w.shape)} does not broadcast to the batch shape "
                          f"{tuple(batch)} of C {tuple(C.shape)}") from None
+    if positive:
+        if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
+            raise _InputError(f"{name} must be finite and > 0 (drop zero-weight points before calling)")
+        return w
     if not bool(torch.isfinite(w).all()):
         raise _InputError(f"{name} must be finite (found inf or nan)")
     if bool((w < 0).any()):

@@ -60,6 +60,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .newton import _check_balanced, _check_weights
+
 __all__ = ["sparsity_constrained_ot", "sparse_simplex_projection", "SparseOTResult"]
 
 
@@ -122,32 +124,9 @@ def _check_inputs(C, a, b, k, reg, max_iter, tol, method, history_size):
             raise ValueError(f"{name} must be an int >= 1{' (or auto / full)' if name == 'history_size' else ''}, "
                              f"got {value!r}")
     batch = C.shape[:-2]
-    a = _weights("a", a, C, n, batch)
-    b = _weights("b", b, C, m, batch)
-    ma, mb = a.sum(-1), b.sum(-1)
-    if bool(((ma - mb).abs() > 1e-5 * torch.maximum(ma, mb)).any()):
-        raise ValueError("a and b must have the same total mass; got sums "
-                         f"{ma.flatten()[:4].tolist()} and {mb.flatten()[:4].tolist()}")
-    return a, b * (ma / mb)[..., None]
-
-
-def _weights(name, w, C, size, batch):
-    if w is None:
-        return torch.full((*batch, size), 1.0 / size, dtype=C.dtype, device=C.device)
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point torch.Tensor or None")
-    if w.device != C.device:
-        raise ValueError(f"{name} is on {w.device} but C is on {C.device}")
-    if w.dim() == 0 or w.shape[-1] != size:
-        raise ValueError(f"{name} must have shape (..., {size}) to match C {tuple(C.shape)}, got {tuple(w.shape)}")
-    try:
-        w = w.to(C.dtype).expand(*batch, size)
-    except RuntimeError:
-        raise ValueError(f"{name} of shape {tuple(w.shape)} does not broadcast to the batch shape "
-                         f"{tuple(batch)} of C") from None
-    if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
-        raise ValueError(f"{name} must be finite and > 0 (drop zero-weight points before calling)")
-    return w
+    a = _check_weights("a", a, C, n, batch, positive=True)
+    b = _check_weights("b", b, C, m, batch, positive=True)
+    return a, _check_balanced(a, b)
 
 
 # -- objectives (value to maximize, gradient, plan) ----------------------------------------------
