@@ -103,11 +103,9 @@ def _resolve(backend, fn, x, y, a, b, dtype, extra=None):
         return "torch"
     reason = extra or _fused_reason(x, y, a, b, dtype)
     if backend == "auto":
-        usable = (x.device.type == "cuda" and _backend.has_triton() and not _backend.triton_interpret())
+        usable = x.device.type == "cuda" and "triton" in _backend.available_backends(x.device)
         return "triton" if usable and reason is None else "torch"
-    if "triton" not in _backend.available_backends(x.device):
-        raise BackendUnavailableError(f"{fn}: backend 'triton' cannot run on device {x.device}: it needs triton "
-                                      "and CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)")
+    _backend.resolve("triton", x.device, torch.float32)  # raises when triton cannot run on this device
     if reason is not None:
         raise BackendUnavailableError(f"{fn}: the triton kernel cannot take this problem: {reason}; "
                                       "use backend='torch' or 'auto'")
