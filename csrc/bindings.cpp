@@ -19,8 +19,8 @@ AdamArgs make_adam_args(std::vector<int64_t> ptrs, std::vector<int64_t> numels, 
                         double weight_decay, bool decoupled, bool amsgrad, bool maximize,
                         int64_t grad_scale_ptr, int64_t found_inf_ptr) {
   AdamArgs a;
-  a.lists.n = static_cast<int64_t>(numels.size());
-  a.lists.depth = a.lists.n ? static_cast<int64_t>(ptrs.size()) / a.lists.n : (amsgrad ? 5 : 4);
+  a.lists.depth = amsgrad ? 5 : 4;
+  a.lists.n = static_cast<int64_t>(ptrs.size()) / a.lists.depth;
   a.lists.ptrs = std::move(ptrs);
   a.lists.numels = std::move(numels);
   a.lists.dtype = dtype;
@@ -37,7 +37,8 @@ AdamArgs make_adam_args(std::vector<int64_t> ptrs, std::vector<int64_t> numels, 
 
 constexpr const char* kAdamDoc =
     "Fused multi-tensor Adam/AdamW step.  ptrs: addresses of params, grads, exp_avgs, exp_avg_sqs"
-    "[, max_exp_avg_sqs], list after list; numels: element count per tensor; steps: addresses of the "
+    "[, max_exp_avg_sqs], list after list; numels: the element count of every one of those tensors, in the "
+    "same order (each must equal its param's); steps: addresses of the "
     "fp32 step counters (incremented unless found_inf is set); dtype: 0 fp32, 1 fp16, 2 bf16; "
     "lr_ptr/grad_scale_ptr/found_inf_ptr: addresses of fp32 scalars or 0.";
 
@@ -49,12 +50,9 @@ fastopt::ElementwiseArgs make_elementwise_args(std::string op, std::vector<int64
                                                int64_t reduce_out_ptr, uint64_t seed, bool stochastic) {
   fastopt::ElementwiseArgs a;
   a.op = std::move(op);
-  a.lists.n = static_cast<int64_t>(numels.size());
-  a.lists.depth = a.lists.n ? static_cast<int64_t>(ptrs.size()) / a.lists.n : 0;
-  if (a.lists.n == 0) {
-    int states = 0, reduce = 0;
-    if (fastopt::op_shape(a.op, &states, &reduce)) a.lists.depth = 2 + states;
-  }
+  int states = 0, reduce = 0;
+  a.lists.depth = fastopt::op_shape(a.op, &states, &reduce) ? 2 + states : 0;
+  a.lists.n = a.lists.depth ? static_cast<int64_t>(ptrs.size()) / a.lists.depth : 0;
   a.lists.ptrs = std::move(ptrs);
   a.lists.numels = std::move(numels);
   a.lists.dtype = dtype;
@@ -77,17 +75,19 @@ fastopt::ElementwiseArgs make_elementwise_args(std::string op, std::vector<int64
 
 constexpr const char* kElementwiseDoc =
     "One call of a registered elementwise optimizer op (csrc/include/fastopt/ops.h).  ptrs: params, "
-    "grads and the op's state lists, list after list; steps: fp32 step counters (phase 0 increments "
+    "grads and the op's state lists, list after list; numels: the element count of each of those tensors "
+    "(each must equal its param's); steps: fp32 step counters (phase 0 increments "
     "them unless found_inf is set); hyper: up to 16 op-defined values; phase 0 updates, phase 1 adds "
     "per-row sums into reduce_out (fp32 [rows, 4]); rows: rows per tensor or []; row_coef_ptr: fp32 "
     "[rows, 4] coefficients read by phase 0, or 0; seed/stochastic: stochastic rounding of bf16 params; "
-    "sparse_mask/sparse_out/sparse_lambda/sparse_beta: the sparse-training epilogue (uint8 masks and "
-    "forward weights per tensor, or [] for none; see fastopt/elementwise.h).";
+    "sparse_mask/sparse_out/sparse_numels/sparse_lambda/sparse_beta: the sparse-training epilogue (uint8 "
+    "masks and forward weights per tensor, or [] for none, and the numel of each; see fastopt/elementwise.h).";
 
-void set_sparse(fastopt::ElementwiseArgs& a, std::vector<int64_t> mask, std::vector<int64_t> out, double lambda,
-                double beta) {
+void set_sparse(fastopt::ElementwiseArgs& a, std::vector<int64_t> mask, std::vector<int64_t> out,
+                std::vector<int64_t> numels, double lambda, double beta) {
   a.sparse_mask = std::move(mask);
   a.sparse_out = std::move(out);
+  a.sparse_numels = std::move(numels);
   a.sparse_lambda = lambda;
   a.sparse_beta = beta;
 }
@@ -106,24 +106,28 @@ constexpr const char* kLowbitDoc =
     "One step of a registered elementwise op with low-bit states (csrc/include/fastopt/quant.h): the "
     "elementwise arguments (phase 0, no rows), then books: per state the address of its int32 codebook "
     "or 0 (a plain state of the params' dtype); absmax: per state and tensor (state-major) the address "
-    "of its fp32 block maxima, 0 for plain states; block: elements per block; colmax: per state and "
-    "tensor the fp32 column maxima of a rank-1 normalized state (its absmax then holds the row maxima) "
-    "or 0, or []; rank1_rows: rows of each tensor's rank-1 view (CPU only).  A quantized state's list "
+    "of its fp32 block maxima, 0 for plain states; absmax_numels: the numel of each; block: elements per "
+    "block; colmax: per state and tensor the fp32 column maxima of a rank-1 normalized state (its absmax "
+    "then holds the row maxima) or 0, or []; colmax_numels: the numel of each; rank1_rows: rows of each tensor's rank-1 view (CPU only).  A quantized state's list "
     "holds its uint8 codes.";
 
 constexpr const char* kQuantizeDoc =
-    "Blockwise codec of one fp32 buffer of numel values: quantize x into codes (uint8; numel/2 bytes "
-    "for a 16-code book) and absmax (fp32 [numel/block]), or dequantize them into x.";
+    "Blockwise codec (x, codes, absmax, numel, codes_numel, absmax_numel, block, book, dequantize[, stream]) of "
+    "one fp32 buffer of numel values: quantize x into codes (uint8; numel/2 bytes for a 16-code book) and "
+    "absmax (fp32 [numel/block]), or dequantize them into x.";
 
 fastopt::LowbitArgs make_lowbit_args(fastopt::ElementwiseArgs base, std::vector<int64_t> books,
-                                     std::vector<int64_t> absmax, int64_t block, std::vector<int64_t> colmax,
+                                     std::vector<int64_t> absmax, std::vector<int64_t> absmax_numels, int64_t block,
+                                     std::vector<int64_t> colmax, std::vector<int64_t> colmax_numels,
                                      std::vector<int64_t> rank1_rows) {
   fastopt::LowbitArgs a;
   a.base = std::move(base);
   a.books = std::move(books);
   a.absmax = std::move(absmax);
+  a.absmax_numels = std::move(absmax_numels);
   a.block = block;
   a.colmax = std::move(colmax);
+  a.colmax_numels = std::move(colmax_numels);
   a.rank1_rows = std::move(rank1_rows);
   return a;
 }
@@ -166,28 +170,33 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "elementwise_cpu",
       [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> sparse_mask, std::vector<int64_t> sparse_out,
-         double sparse_lambda, double sparse_beta) {
+         std::vector<int64_t> sparse_numels, double sparse_lambda, double sparse_beta) {
         fastopt::ElementwiseArgs a = FASTOPT_ELEMENTWISE_ARGS;
-        set_sparse(a, std::move(sparse_mask), std::move(sparse_out), sparse_lambda, sparse_beta);
+        set_sparse(a, std::move(sparse_mask), std::move(sparse_out), std::move(sparse_numels), sparse_lambda,
+                   sparse_beta);
         py::gil_scoped_release nogil;
         fastopt::elementwise_cpu(a);
       },
       kElementwiseDoc);
   m.def(
       "lowbit_cpu",
-      [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> books, std::vector<int64_t> absmax, int64_t block,
-         std::vector<int64_t> colmax, std::vector<int64_t> rank1_rows) {
-        fastopt::LowbitArgs a = make_lowbit_args(FASTOPT_ELEMENTWISE_ARGS, std::move(books), std::move(absmax), block,
-                                                 std::move(colmax), std::move(rank1_rows));
+      [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> books, std::vector<int64_t> absmax,
+         std::vector<int64_t> absmax_numels, int64_t block, std::vector<int64_t> colmax,
+         std::vector<int64_t> colmax_numels, std::vector<int64_t> rank1_rows) {
+        fastopt::LowbitArgs a = make_lowbit_args(FASTOPT_ELEMENTWISE_ARGS, std::move(books), std::move(absmax),
+                                                 std::move(absmax_numels), block, std::move(colmax),
+                                                 std::move(colmax_numels), std::move(rank1_rows));
         py::gil_scoped_release nogil;
         fastopt::lowbit_cpu(a);
       },
       kLowbitDoc);
   m.def(
       "quantize_cpu",
-      [](int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t block, int64_t book, bool dequantize) {
+      [](int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t codes_numel, int64_t absmax_numel,
+         int64_t block, int64_t book, bool dequantize) {
+        fastopt::CodecArgs a{x, codes, absmax, book, numel, codes_numel, absmax_numel, block, dequantize};
         py::gil_scoped_release nogil;
-        fastopt::quantize_cpu(x, codes, absmax, numel, block, book, dequantize);
+        fastopt::quantize_cpu(a);
       },
       kQuantizeDoc);
   m.def(
@@ -236,19 +245,22 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "elementwise_cuda",
       [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> sparse_mask, std::vector<int64_t> sparse_out,
-         double sparse_lambda, double sparse_beta, int64_t stream) {
+         std::vector<int64_t> sparse_numels, double sparse_lambda, double sparse_beta, int64_t stream) {
         fastopt::ElementwiseArgs a = FASTOPT_ELEMENTWISE_ARGS;
-        set_sparse(a, std::move(sparse_mask), std::move(sparse_out), sparse_lambda, sparse_beta);
+        set_sparse(a, std::move(sparse_mask), std::move(sparse_out), std::move(sparse_numels), sparse_lambda,
+                   sparse_beta);
         py::gil_scoped_release nogil;
         fastopt::elementwise_cuda(a, stream);
       },
       kElementwiseDoc);
   m.def(
       "lowbit_cuda",
-      [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> books, std::vector<int64_t> absmax, int64_t block,
-         std::vector<int64_t> colmax, std::vector<int64_t> rank1_rows, int64_t stream) {
-        fastopt::LowbitArgs a = make_lowbit_args(FASTOPT_ELEMENTWISE_ARGS, std::move(books), std::move(absmax), block,
-                                                 std::move(colmax), std::move(rank1_rows));
+      [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> books, std::vector<int64_t> absmax,
+         std::vector<int64_t> absmax_numels, int64_t block, std::vector<int64_t> colmax,
+         std::vector<int64_t> colmax_numels, std::vector<int64_t> rank1_rows, int64_t stream) {
+        fastopt::LowbitArgs a = make_lowbit_args(FASTOPT_ELEMENTWISE_ARGS, std::move(books), std::move(absmax),
+                                                 std::move(absmax_numels), block, std::move(colmax),
+                                                 std::move(colmax_numels), std::move(rank1_rows));
         py::gil_scoped_release nogil;
         fastopt::lowbit_cuda(a, stream);
       },
@@ -272,10 +284,11 @@ PYBIND11_MODULE(_C, m) {
       kTile24Doc);
   m.def(
       "quantize_cuda",
-      [](int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t block, int64_t book, bool dequantize,
-         int64_t stream) {
+      [](int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t codes_numel, int64_t absmax_numel,
+         int64_t block, int64_t book, bool dequantize, int64_t stream) {
+        fastopt::CodecArgs a{x, codes, absmax, book, numel, codes_numel, absmax_numel, block, dequantize};
         py::gil_scoped_release nogil;
-        fastopt::quantize_cuda(x, codes, absmax, numel, block, book, dequantize, stream);
+        fastopt::quantize_cuda(a, stream);
       },
       kQuantizeDoc);
 #endif

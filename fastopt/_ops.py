@@ -8,6 +8,9 @@ In eager mode the public callers (``adam_step`` ...) skip the custom-op dispatch
 cost about half a millisecond per call, and call the kernel directly, bumping the autograd version
 counters of what it mutated themselves; under ``torch.compile`` they call the custom op.
 """
+import functools
+import weakref
+from collections import OrderedDict
 from typing import List, Optional
 
 import torch
@@ -15,13 +18,119 @@ from torch import Tensor
 
 from . import _backend
 
+# NOTE: [the tensor boundary]
+# No call into fastopt._C or a Triton launcher may make a kernel touch memory its tensors do not own.
+# Every entry point below therefore checks, before any kernel runs, every tensor it hands over: its
+# device, dtype and layout, that it is dense (the kernels walk it as one flat buffer), that its
+# storage holds its whole extent (a storage resized after the tensor was made may not), and that the
+# element counts of parallel lists agree; and it passes every tensor's numel to C++, which checks the
+# agreement again.  The full check of a call is remembered (keyed on every tensor's address, numel
+# and dtype, and held by weak references to the very tensor objects) so that a steady-state step
+# re-checks only those keys: a tensor whose storage is resized or replaced changes its address, and
+# while a checked tensor object is alive nothing else can own its memory.
 
-def _addrs(tensors):
-    return [t.data_ptr() for t in tensors]
+
+class _Call:
+    """The tensors of one kernel call, registered list by list with what each must be, then checked
+    at once by :meth:`check` (see NOTE: [the tensor boundary])."""
+
+    _checked = OrderedDict()  # call key -> weak references to the tensors it was checked with
+    _MAX_CHECKED = 512
+
+    def __init__(self, op, device):
+        self.op = op
+        self.device = device
+        self.lists = {}   # name -> (tensors, dtype, numels, strides like); in registration order
+
+    def add(self, name, tensors, dtype, numels=None, like=None):
+        """Register the tensors ``name`` of ``dtype`` whose numels must equal ``numels`` (a list, or
+        None: any) and whose strides must be those of the parallel list ``like`` (or None); returns
+        their numels."""
+        tensors = list(tensors)
+        found = [t.numel() for t in tensors]
+        if numels is not None and found != list(numels):
+            if len(found) != len(numels):
+                raise ValueError(f"fastopt::{self.op}: {name} has {len(found)} tensors, expected {len(numels)}")
+            i = next(i for i, (f, want) in enumerate(zip(found, numels)) if f != want)
+            raise ValueError(f"fastopt::{self.op}: {name}[{i}] has {found[i]} elements, expected {numels[i]}")
+        for i, t in enumerate(tensors):
+            if t.dtype != dtype:
+                raise ValueError(f"fastopt::{self.op}: {name}[{i}] is {t.dtype}, expected {dtype}")
+        self.lists[name] = (tensors, dtype, found, like)
+        return found
+
+    def add_scalar(self, name, t, dtype=torch.float32, numel=1):
+        """An optional buffer ``t`` (None: absent) of at least ``numel`` elements (a device scalar: 1)."""
+        if t is None:
+            return
+        if t.numel() < numel:
+            raise ValueError(f"fastopt::{self.op}: {name} has {t.numel()} elements, needs at least {numel}")
+        self.add(name, [t], dtype)
+
+    def check(self):
+        """Check every registered tensor, or find the same tensors checked before; then
+        :meth:`ptrs` / :meth:`numels` give the call's arguments."""
+        tensors = [t for ts, _, _, _ in self.lists.values() for t in ts]
+        self._ptrs = {}
+        for name, (ts, _, _, _) in self.lists.items():
+            self._ptrs[name] = [t.data_ptr() for t in ts]
+        key = (self.device, tuple(p for ps in self._ptrs.values() for p in ps),
+               tuple(n for _, _, ns, _ in self.lists.values() for n in ns),
+               tuple((name, dtype, len(ts)) for name, (ts, dtype, _, _) in self.lists.items()))
+        refs = self._checked.get(key)
+        if refs is None or not all(r() is t for r, t in zip(refs, tensors)):
+            self._check_all()
+            self._checked[key] = [weakref.ref(t) for t in tensors]
+            if len(self._checked) > self._MAX_CHECKED:
+                self._checked.popitem(last=False)
+        return self
+
+    def ptrs(self, *names):
+        """The addresses of the lists ``names``, one after the other (absent optional buffers: 0)."""
+        out = []
+        for name in names:
+            out += self._ptrs.get(name, [0])
+        return out
+
+    def ptr(self, name):
+        return self.ptrs(name)[0]
+
+    def numels(self, *names):
+        return [n for name in names for n in self.lists[name][2]]
+
+    def _check_all(self):
+        for name, (tensors, _, _, like) in self.lists.items():
+            for i, t in enumerate(tensors):
+                where = f"fastopt::{self.op}: {name}[{i}]"
+                if t.layout != torch.strided:
+                    raise ValueError(f"{where} is a {t.layout} tensor; the kernels take strided tensors")
+                if t.device != self.device:
+                    raise ValueError(f"{where} is on {t.device}, the call on {self.device}")
+                if t.numel() == 0:
+                    continue
+                if t.data_ptr() == 0:
+                    raise ValueError(f"{where} has no storage (a null address)")
+                if not _is_dense(t):
+                    raise ValueError(f"{where} is not dense (strides {t.stride()} for shape {tuple(t.shape)}); "
+                                     "the kernels walk every tensor as one flat buffer")
+                if like is not None and t.numel() > 1 and t.stride() != like[i].stride():
+                    raise ValueError(f"{where} has strides {t.stride()}, its parameter {like[i].stride()}")
+                extent = (t.storage_offset() + t.numel()) * t.element_size()
+                if extent > t.untyped_storage().nbytes():
+                    raise ValueError(f"{where}: its storage ({t.untyped_storage().nbytes()} bytes) is smaller "
+                                     f"than its extent ({extent} bytes)")
 
 
-def _scalar_addr(t):
-    return 0 if t is None else t.data_ptr()
+def _is_dense(t):
+    """True when ``t`` covers its storage span without gaps or overlaps (any dimension order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _run_native(backend, name, device, args, op):
@@ -43,6 +152,15 @@ def _adam_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tenso
     """Fused Adam/AdamW over lists of tensors (see fastopt.optim.functional.adam for the semantics)."""
     if not params:
         return
+    names = ("params", "grads", "exp_avgs", "exp_avg_sqs") + (("max_exp_avg_sqs",) if amsgrad else ())
+    call = _Call("adam_step_", params[0].device)
+    numels = call.add("params", params, params[0].dtype)
+    for name, lst in zip(names[1:], (grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)):
+        call.add(name, lst, params[0].dtype, numels, like=params)
+    call.add("state_steps", state_steps, torch.float32, [1] * len(params))
+    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        call.add_scalar(name, t)
+    call.check()
     if backend == "triton":
         _backend.triton_kernels().adam_step(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
@@ -50,11 +168,10 @@ def _adam_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tenso
             weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
             grad_scale=grad_scale, found_inf=found_inf)
         return
-    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     args = (
-        [a for lst in lists for a in _addrs(lst)], [p.numel() for p in params], _addrs(state_steps),
-        _backend.dtype_code(params[0].dtype), lr, _scalar_addr(lr_tensor), beta1, beta2, eps, weight_decay,
-        decoupled, amsgrad, maximize, _scalar_addr(grad_scale), _scalar_addr(found_inf),
+        call.ptrs(*names), call.numels(*names), call.ptrs("state_steps"), _backend.dtype_code(params[0].dtype), lr,
+        call.ptr("lr_tensor"), beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, call.ptr("grad_scale"),
+        call.ptr("found_inf"),
     )
     _run_native(backend, "adam", params[0].device, args, "adam_step_")
 
@@ -102,7 +219,33 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
     if not params:
         return
     n = len(params)
+    if len(states) % n:
+        raise ValueError(f"fastopt::elementwise_step_: {len(states)} state tensors for {n} params")
     nstates = len(states) // n
+    dtype = params[0].dtype
+    call = _Call("elementwise_step_", params[0].device)
+    numels = call.add("params", params, dtype)
+    call.add("grads", grads, dtype, numels, like=params)
+    call.add("states", states, dtype, numels * nstates, like=params * nstates)
+    call.add("state_steps", state_steps, torch.float32, [1] * n if state_steps else [])
+    if rows:
+        if len(rows) != n or any(r < 1 or (m and m % r) for r, m in zip(rows, numels)):
+            raise ValueError("fastopt::elementwise_step_: rows must give each tensor a row count >= 1 that divides "
+                             "its numel")
+    total_rows = sum(rows) if rows else n
+    call.add_scalar("row_coef", row_coef, numel=4 * total_rows)
+    call.add_scalar("reduce_out", reduce_out, numel=4 * total_rows)
+    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        call.add_scalar(name, t)
+    if sparse_mask:
+        call.add("sparse_mask", sparse_mask, sparse_mask[0].dtype, numels, like=params)
+        if sparse_mask[0].dtype not in (torch.bool, torch.uint8):
+            raise ValueError(f"fastopt::elementwise_step_: sparse masks are bool or uint8, not {sparse_mask[0].dtype}")
+        if sparse_out:
+            call.add("sparse_out", sparse_out, dtype, numels, like=params)
+    elif sparse_out:
+        raise ValueError("fastopt::elementwise_step_: sparse_out needs sparse_mask")
+    call.check()
     if backend == "triton":
         lists = [params, grads] + [states[k * n:(k + 1) * n] for k in range(nstates)]
         _backend.triton_kernels().elementwise_step(
@@ -111,13 +254,14 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
             rows=rows or None, row_coef=row_coef, reduce_out=reduce_out, seed=seed, stochastic=stochastic,
             sparse_mask=sparse_mask, sparse_out=sparse_out, sparse_lambda=sparse_lambda, sparse_beta=sparse_beta)
         return
+    sparse_names = ("sparse_mask", "sparse_out") if sparse_out else ("sparse_mask",) if sparse_mask else ()
     args = (
-        op, _addrs(params) + _addrs(grads) + _addrs(states), [p.numel() for p in params], _addrs(state_steps),
-        _backend.dtype_code(params[0].dtype), list(hyper), int(flags), float(lr), _scalar_addr(lr_tensor),
-        _scalar_addr(grad_scale), _scalar_addr(found_inf), bool(maximize), int(phase), list(rows),
-        _scalar_addr(row_coef), _scalar_addr(reduce_out), int(seed) & 0xFFFFFFFFFFFFFFFF, bool(stochastic),
-        _addrs(sparse_mask), _addrs(sparse_out) if sparse_mask else [],
-        float(sparse_lambda), float(sparse_beta),
+        op, call.ptrs("params", "grads", "states"), call.numels("params", "grads", "states"), call.ptrs("state_steps"),
+        _backend.dtype_code(dtype), list(hyper), int(flags), float(lr), call.ptr("lr_tensor"),
+        call.ptr("grad_scale"), call.ptr("found_inf"), bool(maximize), int(phase), list(rows),
+        call.ptr("row_coef"), call.ptr("reduce_out"), int(seed) & 0xFFFFFFFFFFFFFFFF, bool(stochastic),
+        call.ptrs("sparse_mask") if sparse_mask else [], call.ptrs("sparse_out") if sparse_out else [],
+        call.numels(*sparse_names), float(sparse_lambda), float(sparse_beta),
     )
     _run_native(backend, "elementwise", params[0].device, args, "elementwise_step_")
 
@@ -157,14 +301,51 @@ def _lowbit_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: L
         return
     n = len(params)
     nstates = len(books)
-    quantized = [b.numel() > 0 for b in books]
-    per_state, it = [], iter(absmax)
-    for q in quantized:
-        per_state.append([next(it) for _ in range(n)] if q else None)
+    if len(states) != n * nstates:
+        raise ValueError(f"fastopt::lowbit_step_: {len(states)} state tensors for {n} params and {nstates} books")
+    dtype = params[0].dtype
+    call = _Call("lowbit_step_", params[0].device)
+    numels = call.add("params", params, dtype)
+    call.add("grads", grads, dtype, numels, like=params)
+    if block < 2 or block % 2 or any(m % block for m in numels):
+        raise ValueError(f"fastopt::lowbit_step_: every numel must be a multiple of an even block, got {block}")
+    bits = [_codebook_bits(b, params[0].device) for b in books]
+    quantized = [b is not None for b in bits]
+    rank1 = (list(rank1) + [False] * nstates)[:nstates]
     any_r1 = any(rank1)
     if any_r1 and backend != "cpu":
         raise _backend.BackendUnavailableError(
             f"rank-1 normalized low-bit states run on the cpu and torch backends only, not {backend!r}")
+    if any_r1 and (len(rank1_rows) != n or any(r < 1 or m % r for r, m in zip(rank1_rows, numels))):
+        raise ValueError("fastopt::lowbit_step_: rank1_rows must give each tensor a row count >= 1 that divides it")
+    absmax_it, colmax_it, per_state = iter(absmax), iter(colmax), []
+    scale_names, colmax_names = [], []
+    for k in range(nstates):
+        chunk = states[k * n:(k + 1) * n]
+        if not quantized[k]:
+            if rank1[k]:
+                raise ValueError(f"fastopt::lowbit_step_: state {k} is rank-1 normalized but has no codebook")
+            call.add(f"states[{k}]", chunk, dtype, numels, like=params)
+            per_state.append(None)
+            continue
+        call.add(f"states[{k}]", chunk, torch.uint8, [m * bits[k] // 8 for m in numels])
+        scales = [next(absmax_it, None) for _ in range(n)]
+        if any(s is None for s in scales):
+            raise ValueError("fastopt::lowbit_step_: one absmax tensor per quantized state and param is required")
+        want = list(rank1_rows) if rank1[k] else [m // block for m in numels]
+        scale_names.append(f"absmax[{k}]")
+        call.add(scale_names[-1], scales, torch.float32, want)
+        per_state.append(scales)
+        if rank1[k]:
+            cols = [next(colmax_it, None) for _ in range(n)]
+            if any(c is None for c in cols):
+                raise ValueError("fastopt::lowbit_step_: one colmax tensor per rank-1 state and param is required")
+            colmax_names.append(f"colmax[{k}]")
+            call.add(colmax_names[-1], cols, torch.float32, [m // r for m, r in zip(numels, rank1_rows)])
+    call.add("state_steps", state_steps, torch.float32, [1] * n)
+    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        call.add_scalar(name, t)
+    call.check()
     if backend == "triton":
         lists = [params, grads] + [states[k * n:(k + 1) * n] for k in range(nstates)]
         _backend.triton_kernels().lowbit_step(
@@ -173,22 +354,54 @@ def _lowbit_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: L
             grad_scale=grad_scale, found_inf=found_inf, sign=-1.0 if maximize else 1.0, seed=seed,
             stochastic=stochastic)
         return
-    absmax_addrs = []
-    for lst in per_state:
-        absmax_addrs += _addrs(lst) if lst is not None else [0] * n
-    colmax_addrs, it = [], iter(colmax)
-    if any_r1:
-        for r in (list(rank1) + [False] * nstates)[:nstates]:
-            colmax_addrs += [next(it).data_ptr() for _ in range(n)] if r else [0] * n
+    state_names = [f"states[{k}]" for k in range(nstates)]
+    absmax_addrs, absmax_numels, colmax_addrs, colmax_numels = [], [], [], []
+    for k in range(nstates):
+        absmax_addrs += call.ptrs(f"absmax[{k}]") if quantized[k] else [0] * n
+        absmax_numels += call.numels(f"absmax[{k}]") if quantized[k] else [0] * n
+        if any_r1:
+            colmax_addrs += call.ptrs(f"colmax[{k}]") if rank1[k] else [0] * n
+            colmax_numels += call.numels(f"colmax[{k}]") if rank1[k] else [0] * n
     args = (
-        op, _addrs(params) + _addrs(grads) + _addrs(states), [p.numel() for p in params], _addrs(state_steps),
-        _backend.dtype_code(params[0].dtype), list(hyper), int(flags), float(lr), _scalar_addr(lr_tensor),
-        _scalar_addr(grad_scale), _scalar_addr(found_inf), bool(maximize), 0, [], 0, 0,
+        op, call.ptrs("params", "grads", *state_names), call.numels("params", "grads", *state_names),
+        call.ptrs("state_steps"), _backend.dtype_code(dtype), list(hyper), int(flags), float(lr),
+        call.ptr("lr_tensor"), call.ptr("grad_scale"), call.ptr("found_inf"), bool(maximize), 0, [], 0, 0,
         int(seed) & 0xFFFFFFFFFFFFFFFF, bool(stochastic),
-        [b.data_ptr() if q else 0 for b, q in zip(books, quantized)], absmax_addrs, int(block), colmax_addrs,
-        [int(r) for r in rank1_rows] if any_r1 else [],
+        [b.data_ptr() if q else 0 for b, q in zip(books, quantized)], absmax_addrs, absmax_numels, int(block),
+        colmax_addrs, colmax_numels, [int(r) for r in rank1_rows] if any_r1 else [],
     )
     _run_native(backend, "lowbit", params[0].device, args, "lowbit_step_")
+
+
+def _add_contiguous(call, name, t, dtype, numel=None, shape=None):
+    """Register the single contiguous tensor ``t`` of ``dtype`` (``numel`` elements, ``shape``) with ``call``."""
+    if t is None:
+        raise ValueError(f"fastopt::{call.op}: {name} is required")
+    if not t.is_contiguous() or (shape is not None and tuple(t.shape) != tuple(shape)):
+        raise ValueError(f"fastopt::{call.op}: {name} must be a contiguous tensor"
+                         + (f" of shape {tuple(shape)}" if shape is not None else "") + f", got {tuple(t.shape)}")
+    call.add(name, [t], dtype, None if numel is None else [numel])
+
+
+def _codebook_bits(book, device):
+    """Bits per code of ``book``: one of fastopt's own codebooks on ``device`` (``fastopt.lowbit.codebook``),
+    or an empty tensor (a plain state: None).  A kernel trusts a codebook's header to size its tables,
+    so no other int32 tensor is accepted."""
+    if book.numel() == 0:
+        return None
+    known = _known_codebooks(device)
+    bits = known.get(book.data_ptr())
+    if bits is None or book.dtype != torch.int32 or book.device != device:
+        raise ValueError("fastopt::lowbit_step_: a codebook must be one returned by fastopt.lowbit.codebook() for "
+                         f"the call's device ({device})")
+    return bits
+
+
+@functools.lru_cache(maxsize=None)
+def _known_codebooks(device):
+    """{address: bits per code} of every codebook fastopt keeps on ``device`` (they live for the process)."""
+    from .lowbit.codebook import FORMATS, codebook
+    return {codebook(name, device).data_ptr(): fmt.bits for name, fmt in FORMATS.items()}
 
 
 lowbit_step_ = torch.library.custom_op(
@@ -214,10 +427,20 @@ def _codec_kernel(x: Tensor, codes: Tensor, absmax: Tensor, book: Tensor, block:
     """Blockwise quantize (``x`` -> ``codes``, ``absmax``) or dequantize (-> ``x``) of one fp32 buffer."""
     if x.numel() == 0:
         return
+    bits = _codebook_bits(book, x.device) if book.numel() else None
+    if bits is None or block < 2 or block % 2 or x.numel() % block:
+        raise ValueError(f"fastopt::blockwise_codec_: needs one of fastopt's codebooks and a numel ({x.numel()}) that "
+                         f"is a multiple of an even block ({block})")
+    call = _Call("blockwise_codec_", x.device)
+    _add_contiguous(call, "x", x, torch.float32)
+    _add_contiguous(call, "codes", codes, torch.uint8, x.numel() * bits // 8)
+    _add_contiguous(call, "absmax", absmax, torch.float32, x.numel() // block)
+    call.check()
     if backend == "triton":
         _backend.triton_kernels().quantize_blockwise(x, codes, absmax, book, block, dequantize=dequantize)
         return
-    args = (x.data_ptr(), codes.data_ptr(), absmax.data_ptr(), x.numel(), int(block), book.data_ptr(), bool(dequantize))
+    args = (call.ptr("x"), call.ptr("codes"), call.ptr("absmax"), x.numel(), codes.numel(), absmax.numel(), int(block),
+            book.data_ptr(), bool(dequantize))
     _run_native(backend, "quantize", x.device, args, "blockwise_codec_")
 
 
@@ -241,10 +464,16 @@ def _nm_mask_kernel(x: Tensor, out: Tensor, outer: int, length: int, inner: int,
     """N:M mask of the contiguous ``x`` viewed as [outer, length, inner] into uint8 ``out``."""
     if x.numel() == 0:
         return
+    if min(outer, length, inner) < 0 or outer * length * inner != x.numel():
+        raise ValueError(f"fastopt::nm_mask_: [{outer}, {length}, {inner}] does not cover x's {x.numel()} elements")
+    call = _Call("nm_mask_", x.device)
+    _add_contiguous(call, "x", x, x.dtype)
+    _add_contiguous(call, "out", out, torch.uint8, x.numel())
+    call.check()
     if backend == "triton":
         _backend.triton_kernels().nm_mask(x, out, outer, length, inner, n, m)
         return
-    args = (x.data_ptr(), out.data_ptr(), outer, length, inner, n, m, _backend.dtype_code(x.dtype))
+    args = (call.ptr("x"), call.ptr("out"), outer, length, inner, n, m, _backend.dtype_code(x.dtype))
     _run_native(backend, "nm_mask", x.device, args, "nm_mask_")
 
 
@@ -265,10 +494,16 @@ def _tile24_kernel(x: Tensor, out: Tensor, rows: int, cols: int, exact: bool, ba
     """Transposable 2:4 mask of the contiguous [rows, cols] ``x`` into uint8 ``out``."""
     if x.numel() == 0:
         return
+    if min(rows, cols) < 0 or rows * cols != x.numel():
+        raise ValueError(f"fastopt::tile24_mask_: [{rows}, {cols}] does not cover x's {x.numel()} elements")
+    call = _Call("tile24_mask_", x.device)
+    _add_contiguous(call, "x", x, x.dtype)
+    _add_contiguous(call, "out", out, torch.uint8, x.numel())
+    call.check()
     if backend == "triton":
         _backend.triton_kernels().transposable24(x, out, rows, cols, exact)
         return
-    args = (x.data_ptr(), out.data_ptr(), rows, cols, _backend.dtype_code(x.dtype), bool(exact))
+    args = (call.ptr("x"), call.ptr("out"), rows, cols, _backend.dtype_code(x.dtype), bool(exact))
     _run_native(backend, "tile24_mask", x.device, args, "tile24_mask_")
 
 
@@ -292,14 +527,30 @@ def _ot_pass_kernel(x: Optional[Tensor], y: Optional[Tensor], cost_matrix: Optio
     over contiguous points ``x`` (B, n, d), ``y`` (B, m, d) or a dense ``cost_matrix`` (B, n, m)."""
     if out.numel() == 0:
         return
+    ref = cost_matrix if cost_matrix is not None else x
+    if ref is None or ref.dim() != 3 or h.dim() != 2:
+        raise ValueError("fastopt::ot_pass_: needs points x (B, n, d) and y (B, m, d) or a cost matrix (B, n, m), "
+                         "and h (B, m)")
+    batch, n, m = ref.shape[0], ref.shape[1], h.shape[1]
+    d = 0 if cost_matrix is not None else x.shape[2]
+    call = _Call("ot_pass_", ref.device)
+    if cost_matrix is not None:
+        if x is not None or y is not None or kind != 0:
+            raise ValueError("fastopt::ot_pass_: a cost matrix takes no points, and only the log-sum-exp pass")
+        _add_contiguous(call, "cost_matrix", cost_matrix, ref.dtype, batch * n * m, (batch, n, m))
+    else:
+        _add_contiguous(call, "x", x, ref.dtype, batch * n * d, (batch, n, d))
+        _add_contiguous(call, "y", y, ref.dtype, batch * m * d, (batch, m, d))
+    _add_contiguous(call, "h", h, torch.float32, batch * m, (batch, m))
+    if kind == 1:
+        _add_contiguous(call, "c", c, torch.float32, batch * n, (batch, n))
+    _add_contiguous(call, "out", out, torch.float32, batch * n * (d if kind == 1 else 1))
+    call.check()
     if backend == "triton":
         _backend.triton_kernels().ot_pass(x, y, cost_matrix, h, c, out, eps, cost, kind)
         return
-    ref = cost_matrix if cost_matrix is not None else x
-    d = 0 if cost_matrix is not None else x.shape[2]
-    args = (_scalar_addr(x), _scalar_addr(y), _scalar_addr(cost_matrix), h.data_ptr(), _scalar_addr(c), out.data_ptr(),
-            ref.shape[0], ref.shape[1], h.shape[1], d, int(cost), int(kind), float(eps),
-            _backend.dtype_code(ref.dtype))
+    args = (call.ptr("x"), call.ptr("y"), call.ptr("cost_matrix"), call.ptr("h"), call.ptr("c"), call.ptr("out"),
+            batch, n, m, d, int(cost), int(kind), float(eps), _backend.dtype_code(ref.dtype))
     _run_native(backend, "ot_pass", ref.device, args, "ot_pass_")
 
 

@@ -338,10 +338,10 @@ def test_native_abi_checks():
     C = fastopt._backend.native()
     p = torch.zeros(4)
     step = torch.zeros(())
-    good = ([p.data_ptr()] * 4, [4], [step.data_ptr()], 0, 1e-3, 0, 0.9, 0.999, 1e-8, 0.0, True, False, False, 0, 0)
+    good = ([p.data_ptr()] * 4, [4] * 4, [step.data_ptr()], 0, 1e-3, 0, 0.9, 0.999, 1e-8, 0.0, True, False, False, 0, 0)
     C.adam_cpu(*good)
     assert float(step) == 1.0
-    with pytest.raises(ValueError, match="expected 4 tensor lists, got 3"):
+    with pytest.raises(ValueError, match="pointer table has the wrong length"):
         C.adam_cpu([p.data_ptr()] * 3, *good[1:])
     with pytest.raises(ValueError, match="dtype code"):
         C.adam_cpu(*good[:3], 7, *good[4:])
@@ -349,8 +349,12 @@ def test_native_abi_checks():
         C.adam_cpu(*good[:6], 1.5, *good[7:])
     with pytest.raises(ValueError, match="null"):
         C.adam_cpu([0] * 4, *good[1:])
-    with pytest.raises(ValueError, match="lists"):  # amsgrad needs a fifth list
+    with pytest.raises(ValueError, match="pointer table"):  # amsgrad needs a fifth list
         C.adam_cpu(*good[:11], True, *good[12:])
+    with pytest.raises(ValueError, match="one numel per tensor"):  # every tensor's numel travels
+        C.adam_cpu(good[0], [4], *good[2:])
+    with pytest.raises(ValueError, match="tensor 0 of list 3 has 2 elements, its param 4"):
+        C.adam_cpu(good[0], [4, 4, 4, 2], *good[2:])
     assert float(step) == 1.0
 
 

@@ -221,11 +221,14 @@ def test_native_elementwise_abi_checks():
     native = _backend.native()
     p = torch.zeros(8)
     step = torch.zeros(())
-    base = dict(op="lion", ptrs=[p.data_ptr()] * 3, numels=[8], steps=[step.data_ptr()], dtype=0,
+    base = dict(op="lion", ptrs=[p.data_ptr()] * 3, numels=[8] * 3, steps=[step.data_ptr()], dtype=0,
                 hyper=[0.9, 0.99, 0.0], flags=1, lr=1e-3, lr_ptr=0, grad_scale_ptr=0, found_inf_ptr=0,
                 maximize=False, phase=0, rows=[], row_coef_ptr=0, reduce_out_ptr=0, seed=0, stochastic=False,
-                sparse_mask=[], sparse_out=[], sparse_lambda=0.0, sparse_beta=0.0)
+                sparse_mask=[], sparse_out=[], sparse_numels=[], sparse_lambda=0.0, sparse_beta=0.0)
     bad = [
+        (dict(numels=[8]), "one numel per tensor"),
+        (dict(numels=[8, 8, 7]), "list 2 has 7 elements, its param 8"),
+        (dict(sparse_mask=[p.data_ptr()], sparse_numels=[4]), "sparse mask or output must have its param's numel"),
         (dict(op="nope"), "unknown elementwise op"),
         (dict(ptrs=[p.data_ptr()] * 2), "pointer table|tensor lists"),
         (dict(steps=[step.data_ptr()] * 2), "one step counter"),
@@ -233,12 +236,13 @@ def test_native_elementwise_abi_checks():
         (dict(phase=1, reduce_out_ptr=p.data_ptr()), "no reduce phase"),
         (dict(rows=[3]), "row count"),
         (dict(stochastic=True), "bf16"),
-        (dict(sparse_mask=[p.data_ptr()] * 2), "one sparse mask per tensor"),
+        (dict(sparse_mask=[p.data_ptr()] * 2, sparse_numels=[8, 8]), "one sparse mask per tensor"),
         (dict(sparse_out=[p.data_ptr()]), "sparse_out needs sparse_mask"),
-        (dict(sparse_mask=[p.data_ptr()], sparse_out=[p.data_ptr()] * 2), "one sparse output per tensor"),
-        (dict(sparse_mask=[p.data_ptr()], sparse_lambda=-1.0), "lambda must be >= 0"),
-        (dict(sparse_mask=[p.data_ptr()], sparse_beta=1.5), "beta in"),
-        (dict(sparse_mask=[0]), "null sparse mask"),
+        (dict(sparse_mask=[p.data_ptr()], sparse_out=[p.data_ptr()] * 2, sparse_numels=[8] * 3),
+         "one sparse output per tensor"),
+        (dict(sparse_mask=[p.data_ptr()], sparse_numels=[8], sparse_lambda=-1.0), "lambda must be >= 0"),
+        (dict(sparse_mask=[p.data_ptr()], sparse_numels=[8], sparse_beta=1.5), "beta in"),
+        (dict(sparse_mask=[0], sparse_numels=[8]), "null sparse mask"),
     ]
     for change, match in bad:
         with pytest.raises(ValueError, match=match):

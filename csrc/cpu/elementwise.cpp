@@ -29,11 +29,11 @@ bool op_shape(const std::string& op, int* states, int* reduce) {
   return false;
 }
 
-void check_elementwise(const ElementwiseArgs& a, int states) {
+void check_elementwise(const ElementwiseArgs& a, int states, const std::vector<int>& values_per_element) {
   int op_states = 0, op_reduce = 0;
   check_arg(op_shape(a.op, &op_states, &op_reduce), "unknown elementwise op '" + a.op + "'");
   check_arg(states == op_states, "op '" + a.op + "' takes " + std::to_string(op_states) + " state lists");
-  check_lists(a.lists, 2 + op_states);
+  check_lists(a.lists, 2 + op_states, values_per_element);
   check_arg(a.steps.empty() || static_cast<int64_t>(a.steps.size()) == a.lists.n,
             "one step counter per tensor (or none) is required");
   for (int64_t s : a.steps) check_arg(s != 0, "null step counter address");
@@ -57,6 +57,10 @@ void check_elementwise(const ElementwiseArgs& a, int states) {
             "one sparse output per tensor (or none)");
   check_arg(a.sparse_lambda >= 0.0 && a.sparse_beta >= 0.0 && a.sparse_beta <= 1.0,
             "sparse lambda must be >= 0 and beta in [0, 1]");
+  check_arg(a.sparse_numels.size() == a.sparse_mask.size() + a.sparse_out.size(), "one numel per sparse tensor");
+  for (size_t i = 0; i < a.sparse_numels.size(); ++i) {
+    check_arg(a.sparse_numels[i] == a.lists.numels[i % a.lists.n], "a sparse mask or output must have its param's numel");
+  }
   for (int64_t t = 0; t < a.lists.n; ++t) {
     if (a.lists.numels[t] > 0) check_arg(a.sparse_mask[t] != 0, "null sparse mask address");
   }

@@ -20,10 +20,13 @@ template <typename T> T* as_ptr(int64_t addr) { return reinterpret_cast<T*>(stat
 // The fp32 scalar at a host address (the CPU entry points' lr / grad_scale / found_inf).
 inline float read_scalar(int64_t addr) { return *as_ptr<const float>(addr); }
 
-// The lists of one multi-tensor call: `ptrs` holds `depth` lists of `n` addresses, list after list.
+// The lists of one multi-tensor call: `ptrs` holds `depth` lists of `n` addresses, list after list,
+// and `numels` the element count of every one of those tensors in the same order.  The first `n`
+// numels (the params') are what the kernels iterate over; check_lists refuses a call in which any
+// other tensor's numel disagrees with its param's (see NOTE: [the tensor boundary] in _ops.py).
 struct TensorLists {
   std::vector<int64_t> ptrs;
-  std::vector<int64_t> numels;
+  std::vector<int64_t> numels;    // depth * n element counts, list after list
   int64_t depth = 0;
   int64_t n = 0;
   int dtype = kFloat32;
@@ -48,16 +51,26 @@ inline void check_arg(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument("fastopt: " + msg);
 }
 
-inline void check_lists(const TensorLists& l, int64_t depth) {
+// `values_per_element[d]` (default 1 for every list): how many of the params' values one element of
+// list d holds (2 for packed 4-bit codes), so that list d's tensor t must have numel[t] / that many
+// elements.
+inline void check_lists(const TensorLists& l, int64_t depth, const std::vector<int>& values_per_element = {}) {
   check_arg(l.depth == depth, "expected " + std::to_string(depth) + " tensor lists, got " +
                                   std::to_string(l.depth));
-  check_arg(l.n >= 0 && static_cast<int64_t>(l.numels.size()) == l.n, "numels has the wrong length");
-  check_arg(static_cast<int64_t>(l.ptrs.size()) == l.depth * l.n, "pointer table has the wrong length");
+  check_arg(l.n >= 0 && static_cast<int64_t>(l.ptrs.size()) == l.depth * l.n, "pointer table has the wrong length");
+  check_arg(static_cast<int64_t>(l.numels.size()) == l.depth * l.n, "one numel per tensor of every list is required");
   check_arg(l.dtype == kFloat32 || l.dtype == kFloat16 || l.dtype == kBFloat16,
             "unsupported dtype code " + std::to_string(l.dtype));
   for (int64_t t = 0; t < l.n; ++t) {
-    check_arg(l.numels[t] >= 0, "negative numel");
-    if (l.numels[t] == 0) continue;
+    const int64_t numel = l.numels[t];
+    check_arg(numel >= 0, "negative numel");
+    for (int64_t d = 1; d < l.depth; ++d) {
+      const int per = d < static_cast<int64_t>(values_per_element.size()) ? values_per_element[d] : 1;
+      check_arg(per >= 1 && numel % per == 0 && l.numels[d * l.n + t] == numel / per,
+                "tensor " + std::to_string(t) + " of list " + std::to_string(d) + " has " +
+                    std::to_string(l.numels[d * l.n + t]) + " elements, its param " + std::to_string(numel));
+    }
+    if (numel == 0) continue;
     for (int64_t d = 0; d < l.depth; ++d) check_arg(l.ptrs[d * l.n + t] != 0, "null tensor address");
   }
 }
@@ -98,6 +111,7 @@ struct ElementwiseArgs {
   // of its forward weight (the params' dtype, or 0: not written).  Empty: no epilogue.
   std::vector<int64_t> sparse_mask;
   std::vector<int64_t> sparse_out;  // empty or one per tensor
+  std::vector<int64_t> sparse_numels;  // the numel of every mask, then of every output (each the param's)
   double sparse_lambda = 0.0;       // SR-STE: g += lambda * p where the mask is 0
   double sparse_beta = 0.0;         // out = beta * p where the mask is 0
 };
@@ -109,18 +123,21 @@ struct LowbitArgs {
   ElementwiseArgs base;
   std::vector<int64_t> books;     // per state: address of its int32 codebook (the tensors' device), or 0: plain
   std::vector<int64_t> absmax;    // per state, per tensor (state-major): fp32 [numel / block], or 0 for plain
+  std::vector<int64_t> absmax_numels;  // the numel of each absmax tensor (0 for plain states)
   int64_t block = 0;              // elements per quantization block, at most kMaxQuantBlock
   // Rank-1 normalization (Li et al. 2023): a state whose colmax address is nonzero is scaled per
   // element by min(row max, column max) of the tensor viewed as [rows, numel / rows] instead of per
   // block; its absmax address then holds the row maxima.  CPU only.
   std::vector<int64_t> colmax;    // per state and tensor (state-major): fp32 [cols], or 0; may be empty
+  std::vector<int64_t> colmax_numels;  // the numel of each colmax tensor (as colmax)
   std::vector<int64_t> rank1_rows;  // per tensor: rows of the rank-1 view (needed where colmax is set)
 };
 
 // The state-list and reduce counts of a registered op; false when `op` is unknown.
 bool op_shape(const std::string& op, int* states, int* reduce);
-// Checks the parts every backend relies on; `states` is the op's state count.
-void check_elementwise(const ElementwiseArgs& a, int states);
+// Checks the parts every backend relies on; `states` is the op's state count; `values_per_element`
+// as for check_lists (the packed codes of low-bit states).
+void check_elementwise(const ElementwiseArgs& a, int states, const std::vector<int>& values_per_element = {});
 // First global row of each tensor, n + 1 entries (rows per tensor, or one each).
 std::vector<int64_t> row_offsets(const ElementwiseArgs& a);
 
@@ -196,15 +213,24 @@ void adam_cpu(const AdamArgs& args);
 void elementwise_cpu(const ElementwiseArgs& args);
 void lowbit_cpu(const LowbitArgs& args);
 // Blockwise codec of one fp32 buffer: quantize (x -> codes, absmax) or dequantize (codes, absmax -> x).
-void quantize_cpu(int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t block, int64_t book, bool dequantize);
+struct CodecArgs {
+  int64_t x = 0, codes = 0, absmax = 0, book = 0;
+  int64_t numel = 0;          // fp32 values in x
+  int64_t codes_numel = 0;    // bytes of codes: numel, or numel / 2 for a 16-code book
+  int64_t absmax_numel = 0;   // numel / block
+  int64_t block = 0;
+  bool dequantize = false;
+};
+// Checks the sizes and addresses of a codec call.
+void check_codec(const CodecArgs& a);
+void quantize_cpu(const CodecArgs& args);
 #ifdef FASTOPT_WITH_CUDA
 void nm_mask_cuda(const NMMaskArgs& args, int64_t stream);
 void tile24_mask_cuda(const Tile24Args& args, int64_t stream);
 void adam_cuda(const AdamArgs& args, int64_t stream);
 void elementwise_cuda(const ElementwiseArgs& args, int64_t stream);
 void lowbit_cuda(const LowbitArgs& args, int64_t stream);
-void quantize_cuda(int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t block, int64_t book, bool dequantize,
-                   int64_t stream);
+void quantize_cuda(const CodecArgs& args, int64_t stream);
 #endif
 
 }  // namespace fastopt
