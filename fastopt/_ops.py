@@ -219,9 +219,11 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
     if not params:
         return
     n = len(params)
-    if len(states) % n:
-        raise ValueError(f"fastopt::elementwise_step_: {len(states)} state tensors for {n} params")
     nstates = len(states) // n
+    if backend != "triton":  # (the Triton launcher loads NSTATE lists, whatever the op)
+        nstates = _backend.native().op_shape(op)[0]
+    if len(states) != nstates * n:
+        raise ValueError(f"fastopt::elementwise_step_: {len(states)} state tensors for {n} params of op {op!r}")
     dtype = params[0].dtype
     call = _Call("elementwise_step_", params[0].device)
     numels = call.add("params", params, dtype)
@@ -384,24 +386,30 @@ def _add_contiguous(call, name, t, dtype, numel=None, shape=None):
 
 
 def _codebook_bits(book, device):
-    """Bits per code of ``book``: one of fastopt's own codebooks on ``device`` (``fastopt.lowbit.codebook``),
-    or an empty tensor (a plain state: None).  A kernel trusts a codebook's header to size its tables,
-    so no other int32 tensor is accepted."""
+    """Bits per code of ``book``, or None for an empty tensor (a plain state).  A kernel trusts a
+    codebook's header to size its tables, so ``book`` must be one of fastopt's codebooks on ``device``
+    (``fastopt.lowbit.codebook``) or an int32 tensor equal to one."""
     if book.numel() == 0:
         return None
-    known = _known_codebooks(device)
-    bits = known.get(book.data_ptr())
-    if bits is None or book.dtype != torch.int32 or book.device != device:
-        raise ValueError("fastopt::lowbit_step_: a codebook must be one returned by fastopt.lowbit.codebook() for "
-                         f"the call's device ({device})")
-    return bits
+    if book.dtype == torch.int32 and book.device == device:
+        known = _known_codebooks(device)
+        hit = known.get(book.data_ptr())
+        if hit is not None:
+            return hit[1]
+        for fmt_book, bits in known.values():
+            if book.shape == fmt_book.shape and torch.equal(book, fmt_book):
+                return bits
+    raise ValueError(f"fastopt: a codebook must be one of fastopt.lowbit.codebook()'s on the call's device ({device}), "
+                     f"got {book.dtype}{tuple(book.shape)} on {book.device}")
 
 
 @functools.lru_cache(maxsize=None)
 def _known_codebooks(device):
-    """{address: bits per code} of every codebook fastopt keeps on ``device`` (they live for the process)."""
+    """{address: (codebook, bits per code)} of every codebook fastopt keeps on ``device`` (they live for
+    the process)."""
     from .lowbit.codebook import FORMATS, codebook
-    return {codebook(name, device).data_ptr(): fmt.bits for name, fmt in FORMATS.items()}
+    books = {name: codebook(name, device) for name in FORMATS}
+    return {book.data_ptr(): (book, FORMATS[name].bits) for name, book in books.items()}
 
 
 lowbit_step_ = torch.library.custom_op(

@@ -118,12 +118,18 @@ def check_loaded_state(owner, state, p, names, bits, min_size, where):
         raise ValueError(f"{owner}: {where} was saved with state format {tag!r}, but this optimizer uses "
                          f"{expected!r}; build the optimizer with the same state_bits (and options) as the "
                          "checkpoint")
-    for name, fname in zip(names, state_formats(bits, names, p.shape)):
+    check_quantized(owner, state, p, names, state_formats(bits, names, p.shape), where, device=False)
+
+
+def check_quantized(owner, state, p, names, formats, where, device=True):
+    """Raise ValueError unless each quantized state of ``names`` (formats ``formats``) has the codes
+    (uint8) and fp32 scales of its format for parameter ``p`` (and, with ``device``, on its device)."""
+    for name, fname in zip(names, formats):
         fmt = get_format(fname)
-        codes = state.get(name)
-        scales_ok = all(torch.is_tensor(state.get(name + suffix)) and state[name + suffix].numel() == size
-                        for suffix, size in scale_shapes(fmt, p.shape).items())
-        if (not torch.is_tensor(codes) or codes.dtype != torch.uint8 or codes.numel() != fmt.codes_numel(p.numel())
-                or not scales_ok):
-            raise ValueError(f"{owner}: {where}: state {name!r} does not match a {fname} state of a "
-                             f"{tuple(p.shape)} parameter")
+        parts = [(state.get(name), torch.uint8, fmt.codes_numel(p.numel()))]
+        parts += [(state.get(name + suffix), torch.float32, size) for suffix, size in scale_shapes(fmt, p.shape).items()]
+        for t, dtype, numel in parts:
+            if not (torch.is_tensor(t) and t.dtype == dtype and t.numel() == numel and t.is_contiguous()
+                    and (not device or t.device == p.device)):
+                raise ValueError(f"{owner}: {where}: state {name!r} does not match a {fname} state of a "
+                                 f"{tuple(p.shape)} parameter on {p.device}")

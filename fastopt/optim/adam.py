@@ -50,6 +50,9 @@ class Adam(FusedOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    def _elementwise_states(self, group, p, state):
+        return dict.fromkeys(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), p.dtype)
+
     def _step_bucket(self, group, params, grads, backend, grad_scale, found_inf):
         states = [self.state[p] for p in params]
         if group["amsgrad"]:

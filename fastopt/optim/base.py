@@ -19,7 +19,7 @@ from ..lowbit.codebook import (codebook, dequantize_reference, get_format, quant
                                rank1_dequantize_reference, rank1_quantize_reference)
 from ..sparse import MAX_KERNEL_M, nm_mask, transposable_mask
 from ..sparse.training import NMSparsity
-from .functional import elementwise_unchecked, is_dense, lowbit_unchecked, scalar_on
+from .functional import elementwise_unchecked, is_dense, lowbit_unchecked, overlaps_itself, scalar_on
 
 
 def lowbit_dequantize(state, name, fmt):
@@ -41,10 +41,25 @@ def lowbit_quantize_into(state, name, fmt, p, values):
     state[name].copy_(codes)
 
 
+def _group_view(group):
+    """``group`` as the step reads it: a one-element tensor ``lr`` of any shape (torch.optim accepts
+    ``torch.tensor([[1e-2]])``) as a 0-d view, so that every backend broadcasts it as a scalar."""
+    lr = group.get("lr")
+    if isinstance(lr, torch.Tensor) and lr.dim() > 0:
+        return {**group, "lr": lr.reshape(())}
+    return group
+
+
+def _describe(v):
+    return f"{v.dtype}{tuple(v.shape)} on {v.device}" if torch.is_tensor(v) else type(v).__name__
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class: subclasses define ``_check_group``, ``_init_state`` and ``_step_bucket``."""
 
     _step_supports_amp_scaling = True
+    # Whether the optimizer keeps blockwise quantized (low-bit) states (ElementwiseOptimizer).
+    _supports_lowbit_states = False
     # Whether the optimizer can step the int8 weights of fastopt.lowbit.Int8Linear (ElementwiseOptimizer).
     _supports_int8_weights = False
     # Whether param groups may carry "sparsity": fastopt.sparse.NMSparsity (ElementwiseOptimizer).
@@ -57,14 +72,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.register_load_state_dict_post_hook(FusedOptimizer._after_load)
 
     def add_param_group(self, param_group):
-        """torch's add_param_group, then a group's ``sparsity`` (N:M sparse training) is checked
-        against its parameters; a group that fails is not added."""
+        """torch's add_param_group, then the group is checked: each parameter once (the kernels would
+        step a repeated one concurrently), and its ``sparsity`` (N:M sparse training) against its
+        parameters; a group that fails is not added."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        name = type(self).__name__
+        if len({id(p) for p in group["params"]}) != len(group["params"]):
+            self.param_groups.pop()
+            raise ValueError(f"{name}: a parameter appears more than once in one param group (torch.optim steps it "
+                             "once per appearance, one after the other); pass each parameter once")
         sparsity = group.get("sparsity")
         if sparsity is None:
             return
-        name = type(self).__name__
         try:
             if not self._supports_sparsity:
                 raise TypeError(f"{name} does not support N:M sparse training (a group's 'sparsity'); use one of "
@@ -102,9 +122,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------------
     def _check_param(self, p, g):
         if (g.layout, g.device, g.dtype, g.shape) == (torch.strided, p.device, p.dtype, p.shape) \
-                and not p.dtype.is_complex:
+                and p.dtype.is_floating_point:
             return
         name = type(self).__name__
+        if not (p.dtype.is_floating_point or p.dtype.is_complex):
+            raise TypeError(f"{name} optimizes floating-point parameters; a parameter with a gradient is {p.dtype}")
         if g.layout != torch.strided:
             raise RuntimeError(f"{name} does not support sparse gradients")
         if p.is_complex():
@@ -141,6 +163,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._check_param(p, g)
                 if not (p.is_contiguous() and g.is_contiguous()):
                     dense = is_dense(p)
+                    if not dense and overlaps_itself(p):
+                        raise ValueError(f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} has strides "
+                                         f"{p.stride()}, so several of its elements share memory (an expand()ed "
+                                         "tensor?); it cannot be updated in place")
                     if dense and p.numel() > 1 and g.stride() != p.stride():
                         g = torch.empty_like(p).copy_(g)
                 else:
@@ -153,8 +179,21 @@ class FusedOptimizer(torch.optim.Optimizer):
                 params.extend(p for p, _ in pairs)
                 grads.extend(g for _, g in pairs)
             buckets.update(int8)
-            plan.append((group, buckets))
+            plan.append((_group_view(group), buckets))
+        self._check_disjoint(plan)
         return plan
+
+    def _check_disjoint(self, plan):
+        """Raise when two parameters stepped together share memory (the kernels step them concurrently)."""
+        spans = []
+        for _, buckets in plan:
+            for params, _ in buckets.values():
+                spans += [(p.data_ptr(), p.nbytes) for p in params]
+        spans.sort()
+        for (start, size), (next_start, _) in zip(spans, spans[1:]):
+            if next_start < start + size:
+                raise ValueError(f"{type(self).__name__}: two parameters share memory (views of one tensor that "
+                                 "overlap); fastopt steps parameters concurrently, so each must own its elements")
 
     def _check_int8_param(self, p):
         """The gradient (``float_grad``) of the int8 weight ``p`` of an Int8Linear, or None; raises for
@@ -194,9 +233,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         plan = self._plan()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        scalars = {}
         for group, buckets in plan:
-            for (_device, _dtype, backend), (params, _grads) in buckets.items():
+            for (device, _dtype, backend), (params, _grads) in buckets.items():
                 self._check_bucket(group, params, backend)
+                self._check_states(group, params)
+                if device not in scalars:
+                    scalars[device] = (scalar_on(grad_scale, device, "grad_scale"),
+                                       scalar_on(found_inf, device, "found_inf"))
         for group, buckets in plan:
             for params, _grads in buckets.values():
                 for p in params:
@@ -204,8 +248,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         self._init_state(group, p, self.state[p])
         for group, buckets in plan:
             for (device, _dtype, backend), (params, grads) in buckets.items():
-                self._step_bucket(group, params, grads, backend, scalar_on(grad_scale, device, "grad_scale"),
-                                  scalar_on(found_inf, device, "found_inf"))
+                self._step_bucket(group, params, grads, backend, *scalars[device])
         return loss
 
     @staticmethod
@@ -219,6 +262,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         current = [p for g in optimizer.param_groups for p in g["params"]]
         master = {pid for g in state_dict["param_groups"] if g.get("master_weights") for pid in g["params"]}
         optimizer._check_loaded(state_dict, saved)
+        # The backend the optimizer was built with wins over the checkpoint's (a checkpoint written on
+        # another machine, or with another backend, must not choose this one's kernels).
+        optimizer._backends_before_load = [g.get("backend", "auto") for g in optimizer.param_groups]
         stash = {}
         for pid, p in zip(saved, current):
             saved_state = state_dict["state"].get(pid, {})
@@ -232,14 +278,69 @@ class FusedOptimizer(torch.optim.Optimizer):
                     stash.setdefault(p, {})[key] = value
         optimizer._fp32_stash = stash
 
+    def _elementwise_states(self, group, p, state):
+        """{name: dtype} of the states of ``p`` that a step walks element by element beside it: each
+        must have ``p``'s shape, device and strides and this dtype (subclasses)."""
+        return {}
+
+    def _check_states(self, group, params):
+        """Raise before any state changes when the state of one of ``params`` does not belong to it
+        (replaced by hand, or loaded for another parameter); cheap: a few attribute reads per state."""
+        for p in params:
+            state = self.state.get(p)
+            if not state:
+                continue
+            shape, device, contiguous = p.shape, p.device, p.is_contiguous()
+            for name, dtype in self._elementwise_states(group, p, state).items():
+                v = state.get(name)
+                if v is None:
+                    continue
+                if not (isinstance(v, torch.Tensor) and v.dtype == dtype and v.shape == shape and v.device == device
+                        and (v.is_contiguous() if contiguous else v.numel() <= 1 or v.stride() == p.stride())):
+                    raise ValueError(f"{type(self).__name__}: state {name!r} of a parameter {p.dtype}{tuple(shape)} "
+                                     f"on {device} is {_describe(v)}; it must be {dtype} with the parameter's "
+                                     "shape, device and strides")
+            step = state.get("step")
+            if step is not None and not (isinstance(step, torch.Tensor) and step.numel() == 1
+                                         and step.device == device):
+                raise ValueError(f"{type(self).__name__}: the state 'step' of a parameter on {device} must be a "
+                                 f"one-element tensor on its device, got {_describe(step)}")
+
     def _check_loaded(self, state_dict, saved_ids):
-        """Raise before anything is loaded when ``state_dict`` cannot be loaded (subclasses)."""
+        """Raise before anything is loaded when ``state_dict`` cannot be loaded: a saved state must
+        belong to the parameter it is loaded into (one-element tensors, or tensors of that parameter's
+        shape), and only optimizers with low-bit states take low-bit ones."""
+        name = type(self).__name__
+        current = [p for g in self.param_groups for p in g["params"]]
+        for i, (pid, p) in enumerate(zip(saved_ids, current)):
+            state = state_dict["state"].get(pid)
+            if not state:
+                continue
+            where = f"the state of parameter {pid} (loaded into parameter {i}, {p.dtype}{tuple(p.shape)})"
+            if "state_format" in state:
+                if not self._supports_lowbit_states:
+                    raise ValueError(f"{name}: {where} holds low-bit states ({state['state_format']}); load it into "
+                                     "an optimizer with the same state_bits (fastopt.lowbit.AdamW8bit, "
+                                     "ElementwiseAdamW(state_bits=...), ...)")
+                continue  # _check_loaded_lowbit checks its layout
+            for key, value in state.items():
+                if not torch.is_tensor(value) or value.numel() == 1 and value.shape != p.shape:
+                    continue
+                if value.shape != p.shape:
+                    raise ValueError(f"{name}: {where}: state {key!r} has shape {tuple(value.shape)}; the "
+                                     "checkpoint's parameters are in another order or belong to another model")
+                if not (value.is_floating_point() or value.dtype == torch.bool):
+                    raise ValueError(f"{name}: {where}: state {key!r} is {value.dtype}, a format this optimizer "
+                                     "does not read")
 
     def _check_bucket(self, group, params, backend):
         """Raise before any state changes when ``backend`` cannot step ``params`` (subclasses)."""
 
     @staticmethod
     def _after_load(optimizer):
+        for group, backend in zip(optimizer.param_groups, getattr(optimizer, "_backends_before_load", ())):
+            group["backend"] = backend
+        optimizer._backends_before_load = []
         for p, values in getattr(optimizer, "_fp32_stash", {}).items():
             for key, value in values.items():
                 optimizer.state[p][key] = (value if isinstance(value, str)
@@ -283,6 +384,7 @@ class ElementwiseOptimizer(FusedOptimizer):
     OP = None
     _supports_int8_weights = True
     _supports_sparsity = True
+    _supports_lowbit_states = True
     STATE_NAMES = ()
     HYPER_NAMES = ()
     REFERENCE = None
@@ -349,6 +451,8 @@ class ElementwiseOptimizer(FusedOptimizer):
                     raise ValueError(f"{type(self).__name__}: a parameter's states are {tag!r} but the group's "
                                      f"options need {expected!r} (state_bits or ams_bound changed after the first "
                                      "step)")
+                lowbit_state.check_quantized(type(self).__name__, self.state[p], p, names,
+                                             lowbit_state.state_formats(bits, names, p.shape), "a parameter's state")
         if group.get("state_bits") == "4-rank1" and backend not in ("cpu", "torch"):
             for p in params:
                 quantized = lowbit_state.is_quantizable(p, "4-rank1", group.get("min_quant_size", 4096))
@@ -357,7 +461,22 @@ class ElementwiseOptimizer(FusedOptimizer):
                         f"{type(self).__name__}: rank-1 normalized low-bit states run on the cpu and torch backends "
                         f"only, not {backend!r} (use state_bits=4 on GPUs)")
 
+    def _elementwise_states(self, group, p, state):
+        if "state_format" in state:  # quantized: _check_bucket checks the format and sizes
+            dtypes = {}
+        else:
+            fp32 = "master_param" in state or lowbit_int8.is_int8_weight(p)
+            dtypes = dict.fromkeys(self._state_names(group), torch.float32 if fp32 else p.dtype)
+        if "master_param" in state:
+            dtypes["master_param"] = torch.float32
+        if "dense_param" in state:
+            dtypes["dense_param"] = p.dtype
+        if "nm_mask" in state:
+            dtypes["nm_mask"] = torch.bool
+        return dtypes
+
     def _check_loaded(self, state_dict, saved_ids):
+        super()._check_loaded(state_dict, saved_ids)
         current = [(g, p) for g in self.param_groups for p in g["params"]]
         for pid, (group, p) in zip(saved_ids, current):
             state = state_dict["state"].get(pid)

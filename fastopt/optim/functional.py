@@ -23,6 +23,17 @@ def is_dense(t):
     return True
 
 
+def overlaps_itself(t):
+    """True when two elements of ``t`` may share memory (a stride-0 ``expand()``, or strides that
+    interleave); False for every layout torch makes without ``expand``/``as_strided``."""
+    extent = 0
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride <= extent:
+            return True
+        extent += stride * (size - 1)
+    return False
+
+
 def check_hyper(name, value, low=0.0, high=math.inf, high_open=False):
     """torch.optim-style validation of one hyperparameter (raises ValueError)."""
     if isinstance(value, torch.Tensor):
