@@ -22,6 +22,7 @@ from . import functional as F
 
 MUON_BACKENDS = ("auto", "triton", "torch")
 _ADAMW_STATE = ("exp_avg", "exp_avg_sq")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _newton_schulz_module():
@@ -77,6 +78,31 @@ def newton_schulz_triton(G, steps, coeffs, eps=1e-7):
     if torch.compiler.is_compiling():
         return newton_schulz_triton_(G, int(steps), float(eps), flat)
     return _ns_triton(G, int(steps), float(eps), flat)
+
+
+def _overlaps(t):
+    """Whether two elements of ``t`` share memory (an ``expand()``-ed or ``as_strided`` view)."""
+    if t.is_contiguous() or t.numel() <= 1:
+        return False
+    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)
+    extent = 0  # the largest offset the dims seen so far reach
+    for stride, size in dims:
+        if stride <= extent:
+            break
+        extent += stride * (size - 1)
+    else:
+        return False
+    # Interleaved strides (rare): count the distinct offsets.
+    offsets = torch.zeros((), dtype=torch.int64)
+    for stride, size in dims:
+        offsets = (offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride).flatten()
+    return offsets.unique().numel() != offsets.numel()
+
+
+def _scalar_lr(lr):
+    """A tensor ``lr`` with one element as a 0-dim tensor (a view: in-place changes to ``lr`` still show),
+    as torch.optim uses it: a scalar, whatever its number of dimensions."""
+    return lr.reshape(()) if isinstance(lr, Tensor) and lr.dim() != 0 else lr
 
 
 def _check_int(name, value, low):
@@ -140,9 +166,16 @@ class Muon(torch.optim.Optimizer):
       ``exp_avg`` / ``exp_avg_sq`` rounded to nearest, as the kernels do.
     * ``seed`` (int): the stochastic-rounding seed.
 
+    ``lr`` (either kind of group) may be a float or a tensor with one element, used as a scalar whatever
+    its shape (as torch.optim does).
+
     Unlike upstream, ``step`` never modifies ``p.grad``, and invalid hyperparameters, sparse or complex
-    gradients, < 2-D parameters in a Muon group and unavailable backends raise before anything is
-    written.
+    gradients, non-floating-point parameters, parameters whose elements share memory (``expand()``-ed
+    views: an in-place update of them is undefined), < 2-D parameters in a Muon group, states whose
+    shape is not their parameter's and unavailable backends raise before anything is written (in any
+    group).  ``load_state_dict`` keeps the fp32 states of ``master_weights`` groups fp32 (torch.optim
+    would cast them to the parameter's dtype), so a run resumed from a checkpoint is bit-identical to
+    an uninterrupted one, and refuses a checkpoint whose states do not fit the parameters' shapes.
     """
 
     def __init__(self, params, lr=2e-2, momentum=0.95, weight_decay=0.0, weight_decouple=True, nesterov=True,
@@ -216,6 +249,32 @@ class Muon(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict):
+        """torch's ``load_state_dict``, except that the fp32 states of the low-precision parameters of
+        ``master_weights`` groups (``master_param``, ``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``)
+        stay fp32 (torch.optim casts floating-point states to the parameter's dtype), copied from the
+        checkpoint; and a checkpoint whose states do not have their parameters' shapes is refused
+        (ValueError) before anything is loaded."""
+        saved_groups = state_dict["param_groups"]
+        keep = {}
+        if [len(g["params"]) for g in saved_groups] == [len(g["params"]) for g in self.param_groups]:
+            master = {pid for g in saved_groups if g.get("master_weights") for pid in g["params"]}
+            saved = [pid for g in saved_groups for pid in g["params"]]
+            current = [p for g in self.param_groups for p in g["params"]]
+            for pid, p in zip(saved, current):
+                state = state_dict["state"].get(pid)
+                if not state:
+                    continue
+                self._check_state(p, state, f" of parameter {pid} in the checkpoint")
+                if pid in master and p.dtype in _LOW_PRECISION:
+                    keep[p] = {k: v for k, v in state.items()
+                               if k != "step" and isinstance(v, Tensor) and v.dtype == torch.float32}
+        super().load_state_dict(state_dict)  # (raises for mismatched groups, before loading anything)
+        for p, values in keep.items():
+            for key, value in values.items():
+                self.state[p][key] = value.to(device=p.device, copy=True)
+
     # -- validation (raises before anything is written) ----------------------------------------------
     @staticmethod
     def _check_muon_hyper(group, where):
@@ -280,9 +339,30 @@ class Muon(torch.optim.Optimizer):
                              f"{p.dtype}{tuple(p.shape)}")
         if use_muon:
             self._check_matrix(p)
+        if _overlaps(p):
+            raise ValueError(f"Muon: a parameter of shape {tuple(p.shape)} (strides {p.stride()}) has elements "
+                             "that share memory (an expand()-ed view?), so it cannot be updated in place; "
+                             "optimize a tensor with memory of its own (e.g. p.clone())")
+        self._check_state(p, self.state.get(p))
+
+    @staticmethod
+    def _check_state(p, state, where=""):
+        """Raise ValueError when a state tensor that the step writes does not fit parameter ``p``."""
+        for key in ("master_param", "momentum_buffer") + _ADAMW_STATE:
+            value = (state or {}).get(key)
+            if value is None:
+                continue
+            if not isinstance(value, Tensor) or value.shape != p.shape or not value.is_floating_point():
+                what = f"{value.dtype}{tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"Muon: state {key!r}{where} is {what}, its parameter {p.dtype}{tuple(p.shape)} "
+                                 "(a checkpoint of other parameters, or of these in another order?)")
+            if _overlaps(value):
+                raise ValueError(f"Muon: state {key!r}{where} of shape {tuple(value.shape)} has elements that "
+                                 "share memory, so it cannot be updated in place")
 
     def _plan(self):
-        """Validate every group and gradient and resolve backends; touches nothing.
+        """Validate every group, parameter, gradient and existing state and resolve backends, for every
+        group before any runs; touches nothing.
         Returns [(group, {(device, dtype): [params]}, {device: ns_backend})]."""
         plan = []
         for group in self.param_groups:
@@ -311,7 +391,7 @@ class Muon(torch.optim.Optimizer):
     def _init_state(self, group, p):
         """Create missing state of ``p``.  The states take the dtype of what the step updates: fp32 next to
         an fp32 master copy, else the parameter's (states of another dtype -- an option switched after
-        some steps, or fp32 states cast by ``load_state_dict`` -- are converted)."""
+        some steps, or a checkpoint saved without it -- are converted)."""
         state = self.state[p]
         like = p
         if self._uses_master(group, p):
@@ -385,7 +465,7 @@ class Muon(torch.optim.Optimizer):
             maximize, weight_decay = False, 0.0
         R.muon_reference(
             targets, grads, [s["momentum_buffer"] for s in states],
-            lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+            lr=_scalar_lr(group["lr"]), momentum=group["momentum"], nesterov=group["nesterov"],
             weight_decay=weight_decay, weight_decouple=group["weight_decouple"], ns_steps=group["ns_steps"],
             ns_coeffs=group["ns_coeffs"], ns_method=group["ns_method"], ns_reset_steps=group["ns_reset_steps"],
             use_adjusted_lr=group["use_adjusted_lr"], maximize=maximize, cautious=bool(group["cautious"]),
@@ -397,8 +477,9 @@ class Muon(torch.optim.Optimizer):
         steps = list(torch.full((len(targets),), float(group["step"] - 1), dtype=torch.float32,
                                 device=device).unbind(0))
         beta1, beta2 = (float(b) for b in group["betas"])
-        kwargs = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                      decoupled=bool(group["weight_decouple"]), amsgrad=False, maximize=bool(group["maximize"]))
+        kwargs = dict(lr=_scalar_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                      weight_decay=group["weight_decay"], decoupled=bool(group["weight_decouple"]), amsgrad=False,
+                      maximize=bool(group["maximize"]))
         exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         if sr:  # fp32 copies of bf16 params with bf16 grads and states: F.adam takes one dtype per call
             adam_reference(targets, grads, exp_avgs, exp_avg_sqs, [], steps, **kwargs)

@@ -8,6 +8,7 @@ Papers: You et al., "Large Batch Optimization for Deep Learning: Training BERT i
 et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights" (ICLR 2021).
 """
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..reference.adamp import adamp_reference, sgdp_reference
 from ..reference.lamb import SCALAR_STATE_NAMES as LAMB_SCALARS
@@ -21,7 +22,8 @@ from .zoo import _COMMON_DOC, _flags, _ZooOptimizer
 
 
 def _lr64(lr, device):
-    return torch.as_tensor(lr, dtype=torch.float64).to(device)
+    """``lr`` (a float or a one-element tensor of any shape) as an fp64 0-dim tensor on ``device``."""
+    return torch.as_tensor(lr, dtype=torch.float64).reshape(()).to(device)
 
 
 def _steps(states, device):
@@ -159,16 +161,21 @@ class SGDSaI(_ZooOptimizer):
         if backend == "torch":
             return super()._run(group, params, grads, states, backend, grad_scale, found_inf)
         device, eps = params[0].device, float(group["eps"])
-        # The g-SNR of each tensor's first step: the step count is read on the host once per state
-        # dict (so the steps after the first never sync); `_gsnr_known` remembers which were checked.
-        known = self.__dict__.setdefault("_gsnr_known", set())
-        unknown = [(g, s) for g, s in zip(grads, states) if id(s) not in known]
+        # The g-SNR of each tensor's first step: the step count is read on the host once per (step,
+        # gsnr) pair of state tensors, so the steps after the first never sync.  `_gsnr_known` maps
+        # each step tensor checked to the gsnr tensor it was checked with, weakly (by identity, never
+        # by a recyclable id): a state made anew (opt.state.clear(), load_state_dict, a replaced step
+        # or gsnr) is checked again.
+        known = self.__dict__.get("_gsnr_known")
+        if not isinstance(known, WeakIdKeyDictionary):
+            known = self._gsnr_known = WeakIdKeyDictionary()
+        unknown = [(g, s) for g, s in zip(grads, states) if known.get(s["step"]) is not s["gsnr"]]
         if unknown and not skipped(found_inf):
             for g, s in unknown:
                 if float(s["step"]) == 0.0:
                     g32 = g.float() if grad_scale is None else g.float() / grad_scale
                     s["gsnr"].copy_(gsnr_of(g32, eps))
-                known.add(id(s))
+                known[s["step"]] = s["gsnr"]
         lr64 = _lr64(group["lr"], device)
         row = torch.zeros((len(params), 4), dtype=torch.float32, device=device)
         row[:, 0] = (lr64 * torch.stack([s["gsnr"] for s in states]).double()).float()

@@ -236,7 +236,8 @@ def muon_reference(params, grads, momentum_buffers, *, lr, momentum=0.95, nester
         O <- O * mask * numel / (sum(mask) + 1),  mask = [O * v > 0]    if cautious (v: u if nesterov else g)
         p <- p - lr * scale(rows, cols) * O                  (see :func:`adjusted_lr`)
 
-    ``params``/``grads``/``momentum_buffers`` are parallel lists; ``lr`` is a float or a tensor.
+    ``params``/``grads``/``momentum_buffers`` are parallel lists; ``lr`` is a float or a one-element tensor
+    (of any shape, used as a scalar).
     Parameters without elements are left alone.  ``grads`` are not modified.
     """
     keep = [i for i, p in enumerate(params) if p.numel() > 0]
@@ -245,6 +246,8 @@ def muon_reference(params, grads, momentum_buffers, *, lr, momentum=0.95, nester
     bufs = [momentum_buffers[i] for i in keep]
     if not params:
         return
+    if isinstance(lr, torch.Tensor) and lr.dim() != 0:
+        lr = lr.reshape(())
     updates, refs = [], []
     for p, g, buf in zip(params, grads, bufs):
         if maximize:

@@ -74,8 +74,8 @@ def gsnr_of(g, eps):
 def sgdsai_reference(params, grads, states, *, lr, momentum=0.9, weight_decay=1e-2, weight_decouple=True,
                      eps=1e-8, maximize=False, grad_scale=None, found_inf=None):
     """One SGD-SaI step, in place (equations and phase split: module docstring).  ``states[i]`` is the
-    state dict of ``params[i]``; ``lr`` may be a float or a 0-dim tensor; if ``found_inf`` is nonzero
-    nothing changes."""
+    state dict of ``params[i]``; ``lr`` may be a float or a one-element tensor (of any shape, used as a
+    scalar); if ``found_inf`` is nonzero nothing changes."""
     momentum, wd, eps = float(momentum), float(weight_decay), float(eps)
     if not weight_decouple and wd != 0.0 and momentum > 0.0:
         raise ValueError("SGDSaI reference: weight_decouple=False with momentum > 0 is not supported (upstream "
@@ -94,7 +94,7 @@ def sgdsai_reference(params, grads, states, *, lr, momentum=0.9, weight_decay=1e
         return
     for p, grad, st in zip(params, grads, states):
         device = p.device
-        lr64 = torch.as_tensor(lr, dtype=torch.float64, device=device)
+        lr64 = torch.as_tensor(lr, dtype=torch.float64, device=device).reshape(())
         g = prepare_grad(grad, maximize, grad_scale)
 
         # first step only: gsnr from the gradient's per-tensor sums
