@@ -220,7 +220,7 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
         return
     n = len(params)
     nstates = len(states) // n
-    if backend != "triton":  # (the Triton launcher loads NSTATE lists, whatever the op)
+    if _backend.has_cpu():  # the op registry (without fastopt._C, Triton loads the lists it is given)
         nstates = _backend.native().op_shape(op)[0]
     if len(states) != nstates * n:
         raise ValueError(f"fastopt::elementwise_step_: {len(states)} state tensors for {n} params of op {op!r}")

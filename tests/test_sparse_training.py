@@ -178,7 +178,7 @@ def test_fused_epilogue_direct_call(backend):
 def test_fused_epilogue_rejects_reduce_ops_and_bad_lists():
     from fastopt.optim.functional import elementwise_unchecked
     p, g = torch.randn(8), torch.randn(8)
-    with pytest.raises(ValueError, match="one sparse mask per tensor"):
+    with pytest.raises(ValueError, match="sparse_mask has 2 tensors, expected 1"):
         elementwise_unchecked("lion", [p], [g], [torch.zeros(8)], [torch.zeros(())], [0.9, 0.99, 0.0], 1, lr=0.1,
                               maximize=False, grad_scale=None, found_inf=None, backend="cpu", device=p.device,
                               sparse_mask=[torch.ones(8, dtype=torch.bool)] * 2, sparse_out=[])
