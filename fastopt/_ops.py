@@ -110,7 +110,7 @@ class _Call:
                     continue
                 if t.data_ptr() == 0:
                     raise ValueError(f"{where} has no storage (a null address)")
-                if not _is_dense(t):
+                if not is_dense(t):
                     raise ValueError(f"{where} is not dense (strides {t.stride()} for shape {tuple(t.shape)}); "
                                      "the kernels walk every tensor as one flat buffer")
                 if like is not None and t.numel() > 1 and t.stride() != like[i].stride():
@@ -121,7 +121,18 @@ class _Call:
                                      f"than its extent ({extent} bytes)")
 
 
-def _is_dense(t):
+def _step_call(op, params, grads, lr_tensor, grad_scale, found_inf):
+    """A :class:`_Call` of an optimizer step with its params, grads (the params' numels, dtype and
+    strides) and optional device scalars registered; returns it and the params' numels."""
+    call = _Call(op, params[0].device)
+    numels = call.add("params", params, params[0].dtype)
+    call.add("grads", grads, params[0].dtype, numels, like=params)
+    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        call.add_scalar(name, t)
+    return call, numels
+
+
+def is_dense(t):
     """True when ``t`` covers its storage span without gaps or overlaps (any dimension order)."""
     if t.is_contiguous():
         return True
@@ -153,13 +164,10 @@ def _adam_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tenso
     if not params:
         return
     names = ("params", "grads", "exp_avgs", "exp_avg_sqs") + (("max_exp_avg_sqs",) if amsgrad else ())
-    call = _Call("adam_step_", params[0].device)
-    numels = call.add("params", params, params[0].dtype)
-    for name, lst in zip(names[1:], (grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)):
+    call, numels = _step_call("adam_step_", params, grads, lr_tensor, grad_scale, found_inf)
+    for name, lst in zip(names[2:], (exp_avgs, exp_avg_sqs, max_exp_avg_sqs)):
         call.add(name, lst, params[0].dtype, numels, like=params)
     call.add("state_steps", state_steps, torch.float32, [1] * len(params))
-    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
-        call.add_scalar(name, t)
     call.check()
     if backend == "triton":
         _backend.triton_kernels().adam_step(
@@ -225,9 +233,7 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
     if len(states) != nstates * n:
         raise ValueError(f"fastopt::elementwise_step_: {len(states)} state tensors for {n} params of op {op!r}")
     dtype = params[0].dtype
-    call = _Call("elementwise_step_", params[0].device)
-    numels = call.add("params", params, dtype)
-    call.add("grads", grads, dtype, numels, like=params)
+    call, numels = _step_call("elementwise_step_", params, grads, lr_tensor, grad_scale, found_inf)
     call.add("states", states, dtype, numels * nstates, like=params * nstates)
     call.add("state_steps", state_steps, torch.float32, [1] * n if state_steps else [])
     if rows:
@@ -237,8 +243,6 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
     total_rows = sum(rows) if rows else n
     call.add_scalar("row_coef", row_coef, numel=4 * total_rows)
     call.add_scalar("reduce_out", reduce_out, numel=4 * total_rows)
-    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
-        call.add_scalar(name, t)
     if sparse_mask:
         call.add("sparse_mask", sparse_mask, sparse_mask[0].dtype, numels, like=params)
         if sparse_mask[0].dtype not in (torch.bool, torch.uint8):
@@ -306,9 +310,7 @@ def _lowbit_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: L
     if len(states) != n * nstates:
         raise ValueError(f"fastopt::lowbit_step_: {len(states)} state tensors for {n} params and {nstates} books")
     dtype = params[0].dtype
-    call = _Call("lowbit_step_", params[0].device)
-    numels = call.add("params", params, dtype)
-    call.add("grads", grads, dtype, numels, like=params)
+    call, numels = _step_call("lowbit_step_", params, grads, lr_tensor, grad_scale, found_inf)
     if block < 2 or block % 2 or any(m % block for m in numels):
         raise ValueError(f"fastopt::lowbit_step_: every numel must be a multiple of an even block, got {block}")
     bits = [_codebook_bits(b, params[0].device) for b in books]
@@ -345,8 +347,6 @@ def _lowbit_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: L
             colmax_names.append(f"colmax[{k}]")
             call.add(colmax_names[-1], cols, torch.float32, [m // r for m, r in zip(numels, rank1_rows)])
     call.add("state_steps", state_steps, torch.float32, [1] * n)
-    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
-        call.add_scalar(name, t)
     call.check()
     if backend == "triton":
         lists = [params, grads] + [states[k * n:(k + 1) * n] for k in range(nstates)]

@@ -8,19 +8,8 @@ import math
 import torch
 
 from .. import _backend, _ops
+from .._ops import is_dense  # noqa: F401  (the optimizers' layout test is the boundary's)
 from ..reference import adam_reference
-
-
-def is_dense(t):
-    """True when ``t`` covers its storage span without gaps or overlaps (any dimension order)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def overlaps_itself(t):
