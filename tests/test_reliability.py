@@ -343,3 +343,15 @@ def test_bad_grad_scale_is_refused_before_any_bucket(backend):
     with pytest.raises(ValueError, match="grad_scale"):
         opt.step()
     assert_unchanged(opt, params, snap)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_muon_parameters_sharing_memory_are_refused(backend):
+    buf = torch.randn(12, 8)
+    a, b = torch.nn.Parameter(buf[:8]), torch.nn.Parameter(buf[6:])
+    opt = fastopt.Muon([a, b], lr=1e-2, backend=backend)
+    give_grads([a, b])
+    snap = snapshot(opt, [a, b])
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step()
+    assert_unchanged(opt, [a, b], snap)

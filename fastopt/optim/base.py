@@ -19,7 +19,8 @@ from ..lowbit.codebook import (codebook, dequantize_reference, get_format, quant
                                rank1_dequantize_reference, rank1_quantize_reference)
 from ..sparse import MAX_KERNEL_M, nm_mask, transposable_mask
 from ..sparse.training import NMSparsity
-from .functional import elementwise_unchecked, is_dense, lowbit_unchecked, overlaps_itself, scalar_on
+from .functional import (check_disjoint, elementwise_unchecked, is_dense, lowbit_unchecked, overlaps_itself,
+                         scalar_on)
 
 
 def lowbit_dequantize(state, name, fmt):
@@ -180,20 +181,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 grads.extend(g for _, g in pairs)
             buckets.update(int8)
             plan.append((_group_view(group), buckets))
-        self._check_disjoint(plan)
+        check_disjoint(type(self).__name__,
+                       [p for _, buckets in plan for params, _ in buckets.values() for p in params])
         return plan
-
-    def _check_disjoint(self, plan):
-        """Raise when two parameters stepped together share memory (the kernels step them concurrently)."""
-        spans = []
-        for _, buckets in plan:
-            for params, _ in buckets.values():
-                spans += [(p.data_ptr(), p.nbytes) for p in params]
-        spans.sort()
-        for (start, size), (next_start, _) in zip(spans, spans[1:]):
-            if next_start < start + size:
-                raise ValueError(f"{type(self).__name__}: two parameters share memory (views of one tensor that "
-                                 "overlap); fastopt steps parameters concurrently, so each must own its elements")
 
     def _check_int8_param(self, p):
         """The gradient (``float_grad``) of the int8 weight ``p`` of an Int8Linear, or None; raises for

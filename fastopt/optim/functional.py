@@ -13,14 +13,33 @@ from ..reference import adam_reference
 
 
 def overlaps_itself(t):
-    """True when two elements of ``t`` may share memory (a stride-0 ``expand()``, or strides that
-    interleave); False for every layout torch makes without ``expand``/``as_strided``."""
-    extent = 0
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+    """Whether two elements of ``t`` share memory (an ``expand()``ed or ``as_strided`` view)."""
+    if t.is_contiguous() or t.numel() <= 1:
+        return False
+    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)
+    extent = 0  # the largest offset the dims seen so far reach
+    for stride, size in dims:
         if stride <= extent:
-            return True
+            break
         extent += stride * (size - 1)
-    return False
+    else:
+        return False
+    # Interleaved strides (rare): count the distinct offsets.
+    offsets = torch.zeros((), dtype=torch.int64)
+    for stride, size in dims:
+        offsets = (offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride).flatten()
+    return offsets.unique().numel() != offsets.numel()
+
+
+def check_disjoint(owner, params):
+    """Raise ValueError when two of ``params`` share memory (overlapping views of one buffer): the
+    kernels step the tensors of a call concurrently, so each must own its elements.  Adjacent views
+    (a flat buffer cut into pieces) are fine."""
+    spans = sorted((p.data_ptr(), p.nbytes) for p in params)
+    for (start, size), (next_start, _) in zip(spans, spans[1:]):
+        if next_start < start + size:
+            raise ValueError(f"{owner}: two parameters share memory (views of one tensor that overlap); fastopt "
+                             "steps parameters concurrently, so each must own its elements")
 
 
 def check_hyper(name, value, low=0.0, high=math.inf, high_open=False):

@@ -80,25 +80,6 @@ def newton_schulz_triton(G, steps, coeffs, eps=1e-7):
     return _ns_triton(G, int(steps), float(eps), flat)
 
 
-def _overlaps(t):
-    """Whether two elements of ``t`` share memory (an ``expand()``-ed or ``as_strided`` view)."""
-    if t.is_contiguous() or t.numel() <= 1:
-        return False
-    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)
-    extent = 0  # the largest offset the dims seen so far reach
-    for stride, size in dims:
-        if stride <= extent:
-            break
-        extent += stride * (size - 1)
-    else:
-        return False
-    # Interleaved strides (rare): count the distinct offsets.
-    offsets = torch.zeros((), dtype=torch.int64)
-    for stride, size in dims:
-        offsets = (offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride).flatten()
-    return offsets.unique().numel() != offsets.numel()
-
-
 def _scalar_lr(lr):
     """A tensor ``lr`` with one element as a 0-dim tensor (a view: in-place changes to ``lr`` still show),
     as torch.optim uses it: a scalar, whatever its number of dimensions."""
@@ -339,7 +320,7 @@ class Muon(torch.optim.Optimizer):
                              f"{p.dtype}{tuple(p.shape)}")
         if use_muon:
             self._check_matrix(p)
-        if _overlaps(p):
+        if F.overlaps_itself(p):
             raise ValueError(f"Muon: a parameter of shape {tuple(p.shape)} (strides {p.stride()}) has elements "
                              "that share memory (an expand()-ed view?), so it cannot be updated in place; "
                              "optimize a tensor with memory of its own (e.g. p.clone())")
@@ -356,7 +337,7 @@ class Muon(torch.optim.Optimizer):
                 what = f"{value.dtype}{tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"Muon: state {key!r}{where} is {what}, its parameter {p.dtype}{tuple(p.shape)} "
                                  "(a checkpoint of other parameters, or of these in another order?)")
-            if _overlaps(value):
+            if F.overlaps_itself(value):
                 raise ValueError(f"Muon: state {key!r}{where} of shape {tuple(value.shape)} has elements that "
                                  "share memory, so it cannot be updated in place")
 
@@ -377,6 +358,7 @@ class Muon(torch.optim.Optimizer):
             if group["use_muon"]:
                 ns = {dev: resolve_ns_backend(group["backend"], dev) for dev, _ in buckets}
             plan.append((group, buckets, ns))
+        F.check_disjoint("Muon", [p for _, buckets, _ in plan for params in buckets.values() for p in params])
         return plan
 
     # -- bf16 / fp16 options --------------------------------------------------------------------------------
