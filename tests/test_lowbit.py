@@ -543,3 +543,149 @@ def test_rank1_round_trip_and_gpu_backends():
         with pytest.raises(fastopt.BackendUnavailableError, match="cpu and torch backends only"):
             t.step()
         assert all(torch.equal(p, q) for p, q in zip(pt, before)) and not t.state
+
+
+# -- non-finite values: one rule on every backend (a NaN or inf poisons its block) -----------------
+
+def _zero_code(fmt):
+    """The code of 0 in ``fmt``: every code of a poisoned block."""
+    from fastopt.lowbit.codebook import reference_codes
+
+    return int(reference_codes(torch.zeros(1), fmt)[0])
+
+
+def _nonfinite_input(fmt, nblocks=6, seed=0):
+    """Blocks of random values; block 0 holds one NaN, block 2 one +inf, block 3 one -inf and a NaN;
+    blocks 1, 4, 5 are finite (4 all zero)."""
+    b = FORMATS[fmt].block
+    x = torch.randn(nblocks, b, generator=torch.Generator().manual_seed(seed))
+    x[0, 3] = float("nan")
+    x[2, b - 1] = float("inf")
+    x[3, 0], x[3, 7] = -float("inf"), float("nan")
+    x[4] = 0.0
+    return x.reshape(-1), torch.tensor([True, False, True, True, False, False])
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_codec_nonfinite_poisons_the_block(device, backend, fmt):
+    """A NaN or an infinity poisons its block: absmax NaN, every code the code of 0, the whole block
+    dequantizes to NaN; the other blocks are bit-identical to the reference's (every backend)."""
+    f = FORMATS[fmt]
+    x, bad = _nonfinite_input(fmt)
+    codes, absmax = quantize_blockwise(x.to(device), fmt, backend=backend)
+    codes, absmax = codes.cpu(), absmax.cpu()
+    assert torch.equal(torch.isnan(absmax), bad), absmax
+    assert torch.equal(absmax[~bad], x.reshape(bad.numel(), -1)[~bad].abs().amax(1))
+    per_block = codes.reshape(bad.numel(), -1)
+    zero = _zero_code(fmt)
+    zero_byte = zero | (zero << 4) if f.bits == 4 else zero
+    assert bool((per_block[bad] == zero_byte).all())
+    ref_codes, ref_absmax = quantize_reference(x, fmt)
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(absmax, ref_absmax, rtol=0, atol=0, equal_nan=True)
+    back = dequantize_blockwise(codes.to(device), absmax.to(device), fmt, backend=backend).cpu()
+    back = back.reshape(bad.numel(), -1)
+    assert bool(back[bad].isnan().all()) and not bool(back[~bad].isnan().any())
+    assert torch.equal(back[~bad], dequantize_reference(ref_codes, ref_absmax, fmt).reshape(bad.numel(), -1)[~bad])
+
+
+def test_rank1_reference_codec_nonfinite():
+    """Rank-1: a non-finite element poisons its row and its column (maxima NaN, codes of 0)."""
+    from fastopt.lowbit.codebook import rank1_dequantize_reference, rank1_quantize_reference
+
+    x = torch.rand(48, 80)
+    x[5, 7] = float("nan")
+    x[10, 20] = float("inf")
+    codes, rows, cols = rank1_quantize_reference(x, 48)
+    assert torch.isnan(rows).nonzero().flatten().tolist() == [5, 10]
+    assert torch.isnan(cols).nonzero().flatten().tolist() == [7, 20]
+    back = rank1_dequantize_reference(codes, rows, cols).reshape(48, 80)
+    poisoned = torch.zeros(48, 80, dtype=torch.bool)
+    poisoned[[5, 10]] = True
+    poisoned[:, [7, 20]] = True
+    assert torch.equal(back.isnan(), poisoned)
+    assert bool((unpack4(codes).reshape(48, 80)[poisoned] == _zero_code("lin4u-r1")).all())
+
+
+# (class, kwargs, state names): AdamW with both moments quantized, Lion with one, and "4-rank1".
+NONFINITE_CASES = [
+    (lowbit.AdamW8bit, {}, ("exp_avg", "exp_avg_sq")),
+    (lowbit.AdamW4bit, {}, ("exp_avg", "exp_avg_sq")),
+    (lowbit.AdamWFp8, {}, ("exp_avg", "exp_avg_sq")),
+    (lowbit.Lion8bit, {}, ("exp_avg",)),
+    (lowbit.AdamW4bit, dict(state_bits="4-rank1"), ("exp_avg", "exp_avg_sq")),
+]
+
+
+def _dequantized_states(opt, p, names):
+    from fastopt.lowbit.state import state_formats
+    from fastopt.optim.base import lowbit_dequantize
+
+    st = opt.state[p]
+    fmts = [FORMATS[f] for f in state_formats(opt.param_groups[0]["state_bits"], names, p.shape)]
+    return {name: lowbit_dequantize({k: v.cpu() for k, v in st.items() if torch.is_tensor(v)}, name, fmt)
+            for name, fmt in zip(names, fmts)}, fmts
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_DEVICE_BACKENDS)
+@pytest.mark.parametrize("cls,kw,names", NONFINITE_CASES,
+                         ids=["AdamW8bit", "AdamW4bit", "AdamWFp8", "Lion8bit", "AdamW4bit-rank1"])
+def test_step_nonfinite_poisons_the_block_on_every_backend(device, backend, cls, kw, names):
+    """A NaN gradient element (and an inf one in another tensor) makes that element's states NaN: every
+    backend then poisons the same blocks (rank-1: the same row and column) as the torch path, so the
+    same params turn NaN in the next step; everything else agrees as in the fused-step test."""
+    rank1 = kw.get("state_bits") == "4-rank1"
+    if rank1 and backend != "cpu":
+        pytest.skip("rank-1 normalized states run on the cpu and torch backends only")
+    shapes = [(64, 64), (4096,)]
+    base = [torch.randn(s) for s in shapes]
+    pa, pb = clone_params([t.to(device) for t in base]), clone_params(base)
+    lr = _lr(cls)
+    a = cls(pa, lr=lr, backend=backend, **kw)
+    b = cls(pb, lr=lr, backend="torch", **kw)
+    bad_at = [(17, 300), (1000,)]  # (row, col) of the 2-D param, index of the 1-D one
+    for step in range(3):
+        gen = torch.Generator().manual_seed(50 + step)
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        if step == 1:
+            grads[0].view(-1)[bad_at[0][0] * 64 + bad_at[0][1] % 64] = float("nan")
+            grads[1][bad_at[1][0]] = float("inf")
+        for x, y, g in zip(pa, pb, grads):
+            x.grad, y.grad = g.to(device), g.clone()
+        a.step()
+        b.step()
+        if step == 0:
+            continue
+        for t, (x, y) in enumerate(zip(pa, pb)):
+            xa, yb = x.detach().cpu(), y.detach()
+            assert torch.equal(xa.isnan(), yb.isnan()), (step, t)
+            fin = ~yb.isnan()
+            diff = (xa[fin] - yb[fin]).abs()
+            assert (diff > 2e-6 + 2e-5 * yb[fin].abs()).float().mean().item() < 1e-3
+            assert diff.max().item() <= 4 * lr
+            sa, fmts = _dequantized_states(a, x, names)
+            sb, _ = _dequantized_states(b, y, names)
+            for (name, va), fmt in zip(sa.items(), fmts):
+                vb = sb[name]
+                # The rule pins the pattern: the block of the bad element (rank-1: its row and column).
+                expect = torch.zeros(x.numel(), dtype=torch.bool)
+                if fmt.rank1 and step == 1:
+                    m = expect.view(64, 64)
+                    m[bad_at[0][0]] = True
+                    m[:, bad_at[0][1] % 64] = True
+                elif fmt.rank1:  # a step later every row crosses the poisoned column: all of it
+                    expect[:] = True
+                else:
+                    i = bad_at[t][0] * 64 + bad_at[t][1] % 64 if t == 0 else bad_at[t][0]
+                    expect.view(-1, fmt.block)[i // fmt.block] = True
+                assert torch.equal(va.isnan(), expect), (step, t, name, int(va.isnan().sum()))
+                assert torch.equal(vb.isnan(), expect), (step, t, name, int(vb.isnan().sum()))
+                if not bool(expect.all()):
+                    close = (va[~expect] - vb[~expect]).abs() <= 1e-6 + 1e-2 * vb[~expect].abs()
+                    assert close.float().mean().item() > 0.999, (step, t, name)
+                codes_a, codes_b = a.state[x][name].cpu(), b.state[y][name]
+                per = 2 if fmt.bits == 4 else 1
+                bad_bytes = expect.view(-1, per).all(1) if not fmt.rank1 else None
+                if bad_bytes is not None:  # a poisoned block: the code of 0, on every backend
+                    assert torch.equal(codes_a[bad_bytes], codes_b[bad_bytes])

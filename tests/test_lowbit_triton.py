@@ -429,3 +429,52 @@ def test_adam_op_matches_torch_adamw():
                               hyper=(0.9, 0.999, 1e-8, 0.1), flags=0, lr=1e-2)
     for a, b in zip(tri_p, ref):
         torch.testing.assert_close(a.cpu(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+# -- non-finite values: a NaN or an infinity poisons its block (quant.h, every backend) -----------------
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_quantize_nonfinite_poisons_the_block(name):
+    fmt = get_format(name)
+    x = _codec_input(fmt, nblocks=9).cpu().reshape(9, -1)
+    x[0, 5] = float("nan")
+    x[2, -1] = float("inf")
+    x[3, 0], x[3, 1] = -float("inf"), float("nan")
+    bad = [True, False, True, True] + [False] * 5
+    x = x.reshape(-1).to(DEVICE)
+    codes = torch.full((fmt.codes_numel(x.numel()),), 0xAB, dtype=torch.uint8, device=DEVICE)
+    absmax = torch.full((9,), -1.0, device=DEVICE)
+    tk().quantize_blockwise(x, codes, absmax, codebook(name, DEVICE), fmt.block)
+    ref_codes, ref_absmax = quantize_reference(x.cpu(), name)
+    assert torch.isnan(absmax.cpu()).tolist() == bad
+    torch.testing.assert_close(absmax.cpu(), ref_absmax, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(codes.cpu(), ref_codes)
+    y = torch.empty_like(x)
+    tk().quantize_blockwise(y, codes, absmax, codebook(name, DEVICE), fmt.block, dequantize=True)
+    y = y.cpu().reshape(9, -1)
+    assert y.isnan().all(1).tolist() == bad
+    assert not bool(y[~torch.tensor(bad)].isnan().any())
+
+
+@pytest.mark.parametrize("bits", sorted(FORMAT_SETS))
+def test_lowbit_step_nonfinite_grad_matches_oracle(bits):
+    """A NaN and an inf gradient element: the same poisoned blocks (absmax NaN, codes of 0) and the same
+    NaN params as the oracle (dequantize_reference -> elementwise_step -> quantize_reference)."""
+    case = LowbitCase("adamw", bits, torch.float32, sizes=(2048, 1280))
+    for i in range(2):
+        grads = case.grads(40 + i)
+        if i == 0:
+            grads[0][700] = float("nan")
+            grads[1][5] = float("inf")
+        expected = case.oracle(grads, lr=1e-2)
+        case.run(grads, lr=1e-2)
+        params, states, absmax, _ = expected
+        for a, b in zip(case.params, params):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0, equal_nan=True)
+        for k, fmt in enumerate(case.fmts):
+            for t in range(2):
+                torch.testing.assert_close(case.absmax[k][t].cpu(), absmax[k][t], rtol=1e-6, atol=0, equal_nan=True)
+                bad = torch.isnan(absmax[k][t])
+                assert bad.nonzero().flatten().tolist() == [(700 if t == 0 else 5) // case.block]
+                if INTERPRET:
+                    assert torch.equal(case.states[k][t].cpu(), states[k][t])

@@ -11,6 +11,9 @@ A quantized state stores, per block of ``block`` elements, one fp32 ``absmax`` a
     rank = bucket[sign][row][top 8 mantissa bits of xn] + (bounds[rank] < xn)
     code = identity ? rank : rank_code[rank]
 
+and a block holding a NaN or an infinity is poisoned: absmax NaN, every code the code of 0 (so the
+whole block dequantizes to NaN), as on every backend.
+
 Each program handles ``G`` whole blocks as a ``[G, block / 2, 2]`` tile: element ``(g, j, h)`` is
 element ``2 j + h`` of block ``g``, so the tile is contiguous in memory, a 4-bit byte holds the pair
 ``(g, j, 0..1)`` and packing is a sum over the last axis (no reshapes, no atomics).  The step kernel
@@ -89,13 +92,19 @@ def _dequantize(book, code, amax):
 @triton.jit
 def _quantize(book, x, mask):
     """(absmax [G], codes [G, HALF, 2]) of the fp32 tile ``x``: quant.h quantize_code(quant_normalize(x,
-    quant_inv_scale(absmax))).  NaNs never raise absmax (as std::max in the C++ reduction)."""
-    a = tl.where(mask & (x == x), tl.abs(x), 0.0)
+    quant_inv_scale(absmax))).  A block holding a NaN or an infinity is poisoned (quant.h): its absmax
+    is NaN and every code is the code of 0, so the whole block dequantizes to NaN."""
+    ax = tl.abs(x)
+    bad_el = mask & ~(ax <= 3.4028234663852886e38)  # NaN or +-inf
+    bad = tl.max(tl.max(bad_el.to(tl.int32), axis=2), axis=1) > 0
+    a = tl.where(mask & ~bad_el, ax, 0.0)
     amax = tl.max(tl.max(a, axis=2), axis=1)
     pos = amax > 0.0
     inv = tl.where(pos, tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), tl.where(pos, amax, 1.0)), 0.0)
     xn = x * inv[:, None, None]
-    xn = tl.where(xn < -1.0, -1.0, tl.where(xn > 1.0, 1.0, xn))  # NaN stays NaN, as in quant.h
+    xn = tl.where(xn < -1.0, -1.0, tl.where(xn > 1.0, 1.0, xn))
+    xn = tl.where(bad[:, None, None], 0.0, xn)
+    amax = tl.where(bad, tl.full(amax.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True), amax)  # quiet NaN
     nc = tl.load(book)
     nr = tl.load(book + 1)
     e_lo = tl.load(book + 2)

@@ -45,10 +45,20 @@ __attribute__((noinline)) void dequantize_block(const CodebookView& b, const uin
 
 // Quantize `len` (<= kMaxQuantBlock) values of one block: writes the codes and returns the block's
 // absmax.  The loops are branch-free so that they vectorize (table reads become gathers).
+// A block holding a NaN or an infinity is poisoned (quant.h): absmax NaN, every code the code of 0.
 __attribute__((noinline)) float quantize_block(const CodebookView& b, const float* x, int64_t len, uint8_t* codes) {
   float amax = 0.0f;
-#pragma omp simd reduction(max : amax)
-  for (int64_t j = 0; j < len; ++j) amax = std::max(amax, std::fabs(x[j]));
+  uint32_t bad = 0;
+#pragma omp simd reduction(max : amax) reduction(| : bad)
+  for (int64_t j = 0; j < len; ++j) {
+    amax = std::max(amax, std::fabs(x[j]));
+    bad |= quant_finite(x[j]) ? 0u : 1u;
+  }
+  if (bad != 0) {
+    const uint32_t zero = static_cast<uint32_t>(quantize_code(b, 0.0f));
+    std::fill(codes, codes + (b.nc == 16 ? len / 2 : len), static_cast<uint8_t>(b.nc == 16 ? zero | (zero << 4) : zero));
+    return quant_poison();
+  }
   const float inv = quant_inv_scale(amax);
   // Three loops: bucket indices (vector), table reads, then the midpoint test and code choice
   // (vector).  GCC's default tuning leaves the table reads to scalar loads; forcing AVX2 gathers
@@ -73,12 +83,20 @@ __attribute__((noinline)) float quantize_block(const CodebookView& b, const floa
   return amax;
 }
 
-// Rank-1 scales of elements [base, base + len) of a [rows, cols] tensor: min(row max, column max).
+// Rank-1 scales of elements [base, base + len) of a [rows, cols] tensor: min(row max, column max),
+// NaN where either maximum is NaN (a poisoned row or column, quant.h).
 inline void rank1_scales(const float* row, const float* col, int64_t cols, int64_t base, int64_t len, float* out) {
   for (int64_t j = 0; j < len; ++j) {
     const int64_t idx = base + j;
-    out[j] = std::min(row[idx / cols], col[idx % cols]);
+    const float r = row[idx / cols], c = col[idx % cols];
+    out[j] = (r != r || c != c) ? quant_poison() : std::min(r, c);
   }
+}
+
+// max(m, |v|) for the rank-1 maxima, where a NaN or infinite value (or a NaN m) gives NaN: poisoned.
+inline float rank1_max(float m, float v) {
+  const float a = std::fabs(v);
+  return (m != m || !quant_finite(a)) ? quant_poison() : (a > m ? a : m);
 }
 
 __attribute__((noinline)) void dequantize_rank1(const CodebookView& b, const uint8_t* codes, const float* scale,
@@ -90,7 +108,10 @@ __attribute__((noinline)) void dequantize_rank1(const CodebookView& b, const uin
 __attribute__((noinline)) void quantize_rank1(const CodebookView& b, const float* x, const float* scale, int64_t len,
                                               uint8_t* codes) {
   alignas(64) int32_t code[kMaxQuantBlock];
-  for (int64_t j = 0; j < len; ++j) code[j] = quantize_code(b, quant_normalize(x[j], quant_inv_scale(scale[j])));
+  // A NaN scale (poisoned row or column): the code of 0.  A finite scale bounds |x|, so x is finite.
+  for (int64_t j = 0; j < len; ++j) {
+    code[j] = quantize_code(b, quant_finite(scale[j]) ? quant_normalize(x[j], quant_inv_scale(scale[j])) : 0.0f);
+  }
   for (int64_t j = 0; j < len / 2; ++j) codes[j] = static_cast<uint8_t>(code[2 * j] | (code[2 * j + 1] << 4));
 }
 
@@ -151,6 +172,8 @@ void run_lowbit(const LowbitArgs& la, const ElementwiseArgs& a, double lr, float
   }
   std::vector<float> fresh(r1_off.back(), 0.0f);  // new [row maxima, column maxima] per rank-1 state
   if (any_r1) {
+    // One accumulator per thread the team can have (multi_tensor_apply's team never exceeds
+    // omp_get_max_threads(); with OMP_DYNAMIC it may be smaller -- unused accumulators stay 0).
     const int nthreads = omp_get_max_threads();
     std::vector<float> local(static_cast<size_t>(nthreads) * fresh.size(), 0.0f);
     multi_tensor_apply(nblocks.data(), n, [&](int64_t t, int64_t b0, int64_t nb) {
@@ -191,16 +214,16 @@ void run_lowbit(const LowbitArgs& la, const ElementwiseArgs& a, double lr, float
           float* cmax = rmax + rows;
           for (int64_t j = 0; j < block; ++j) {
             const int64_t idx = base + j;
-            const float v = std::fabs(st[k][j]);
-            rmax[idx / cols] = std::max(rmax[idx / cols], v);
-            cmax[idx % cols] = std::max(cmax[idx % cols], v);
+            rmax[idx / cols] = rank1_max(rmax[idx / cols], st[k][j]);
+            cmax[idx % cols] = rank1_max(cmax[idx % cols], st[k][j]);
           }
         }
       }
-    });
+    }, block);
+    // Maxima are exact whatever the order; rank1_max makes NaN (a poisoned row or column) win.
     for (int th = 0; th < nthreads; ++th) {
       const float* acc = local.data() + static_cast<size_t>(th) * fresh.size();
-      for (size_t i = 0; i < fresh.size(); ++i) fresh[i] = std::max(fresh[i], acc[i]);
+      for (size_t i = 0; i < fresh.size(); ++i) fresh[i] = rank1_max(fresh[i], acc[i]);
     }
   }
 
@@ -247,7 +270,7 @@ void run_lowbit(const LowbitArgs& la, const ElementwiseArgs& a, double lr, float
         }
       }
     }
-  });
+  }, block);
   for (int k = 0; k < Op::kStates; ++k) {
     for (int64_t t = 0; t < n; ++t) {
       if (!r1(k, t)) continue;
@@ -288,7 +311,7 @@ void codec_run(float* x, uint8_t* codes, float* absmax, int64_t numel, int64_t b
         absmax[blk] = quantize_block(b, x + base, block, c);
       }
     }
-  });
+  }, block);
 }
 
 }  // namespace FASTOPT_CPU_NS

@@ -7,8 +7,9 @@
 // One warp owns one quantization block (at most kMaxQuantBlock = 256 elements): lane l handles the
 // element pairs (2j, 2j+1) for j = l, l + 32, ..., so a lane's pair is one byte of a 4-bit state (low
 // nibble = element 2j) and the block's states stay in registers (at most 4 pairs per lane) between
-// the update and the requantization; the new absmax is a warp-shuffle max.  A CUDA block of
-// kThreads threads takes a chunk of consecutive quantization blocks of one tensor, its warps striding
+// the update and the requantization; the new absmax is a warp-shuffle max (NaN for a block holding a
+// NaN or an infinity: quant.h's rule for non-finite values).  A CUDA block of kThreads threads takes
+// a chunk of consecutive quantization blocks of one tensor, its warps striding
 // over them.  As in multi_tensor.cuh, the per-tensor addresses and the (tensor, chunk) pair of every
 // CUDA block travel in one kernel-argument struct, the host launching whenever it is full.
 #include <cuda_runtime.h>
@@ -79,6 +80,18 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// The absmax a warp stores for its block: the warp max of the lanes' |x| maxima, or NaN when any
+// lane saw a NaN or an infinity (a poisoned block, quant.h; fmaxf alone would drop a NaN).
+__device__ __forceinline__ float warp_absmax(float lane_max, bool lane_bad) {
+  const float amax = warp_max(lane_max);
+  return __any_sync(0xffffffffu, lane_bad) ? quant_poison() : amax;
+}
+
+// The normalized value quantized for x: x / absmax clamped, or 0 in a poisoned block (absmax NaN).
+__device__ __forceinline__ float block_normalize(float x, float amax, float inv) {
+  return quant_finite(amax) ? quant_normalize(x, inv) : 0.0f;
+}
+
 // One quantization block `qb` of tensor `tt`, handled by one warp (all 32 lanes must call it).
 template <typename Op, typename T>
 __device__ __forceinline__ void lowbit_block(const LowbitTensor& tt, const LowbitScalars& s,
@@ -138,19 +151,23 @@ __device__ __forceinline__ void lowbit_block(const LowbitTensor& tt, const Lowbi
   for (int k = 0; k < Op::kStates; ++k) {
     if (quant[k]) {
       float amax = 0.0f;
+      bool bad = false;
 #pragma unroll
       for (int i = 0; i < kPairs; ++i) {
-        if (lane + 32 * i < half) amax = fmaxf(amax, fmaxf(fabsf(st[k][i][0]), fabsf(st[k][i][1])));
+        if (lane + 32 * i < half) {
+          amax = fmaxf(amax, fmaxf(fabsf(st[k][i][0]), fabsf(st[k][i][1])));
+          bad = bad || !quant_finite(st[k][i][0]) || !quant_finite(st[k][i][1]);
+        }
       }
-      amax = warp_max(amax);
+      amax = warp_absmax(amax, bad);
       const float inv = quant_inv_scale(amax);
       uint8_t* codes = static_cast<uint8_t*>(tt.s[k]);
 #pragma unroll
       for (int i = 0; i < kPairs; ++i) {
         const int jp = lane + 32 * i;
         if (jp >= half) continue;
-        const int c0 = quantize_code(books[k], quant_normalize(st[k][i][0], inv));
-        const int c1 = quantize_code(books[k], quant_normalize(st[k][i][1], inv));
+        const int c0 = quantize_code(books[k], block_normalize(st[k][i][0], amax, inv));
+        const int c1 = quantize_code(books[k], block_normalize(st[k][i][1], amax, inv));
         if (books[k].nc == 16) {
           codes[(base >> 1) + jp] = static_cast<uint8_t>(c0 | (c1 << 4));
         } else {
@@ -289,14 +306,17 @@ codec_kernel(float* x, uint8_t* codes, float* absmax, int64_t nblocks, int block
       }
     } else {
       float amax = 0.0f;
+      bool bad = false;
       for (int jp = lane; jp < half; jp += 32) {
-        amax = fmaxf(amax, fmaxf(fabsf(x[base + 2 * jp]), fabsf(x[base + 2 * jp + 1])));
+        const float x0 = x[base + 2 * jp], x1 = x[base + 2 * jp + 1];
+        amax = fmaxf(amax, fmaxf(fabsf(x0), fabsf(x1)));
+        bad = bad || !quant_finite(x0) || !quant_finite(x1);
       }
-      amax = warp_max(amax);
+      amax = warp_absmax(amax, bad);
       const float inv = quant_inv_scale(amax);
       for (int jp = lane; jp < half; jp += 32) {
-        const int c0 = quantize_code(b, quant_normalize(x[base + 2 * jp], inv));
-        const int c1 = quantize_code(b, quant_normalize(x[base + 2 * jp + 1], inv));
+        const int c0 = quantize_code(b, block_normalize(x[base + 2 * jp], amax, inv));
+        const int c1 = quantize_code(b, block_normalize(x[base + 2 * jp + 1], amax, inv));
         if (four_bit) {
           cb[jp] = static_cast<uint8_t>(c0 | (c1 << 4));
         } else {
@@ -338,19 +358,17 @@ void lowbit_cuda(const LowbitArgs& la, int64_t stream_handle) {
   if (!a.steps.empty()) cuda::increment_steps(a.steps, s.found_inf, stream);
 }
 
-void quantize_cuda(int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t block, int64_t book,
-                   bool dequantize, int64_t stream_handle) {
-  check_arg(x != 0 && codes != 0 && absmax != 0 && book != 0, "null address");
-  check_arg(block >= 2 && block % 2 == 0 && numel % block == 0, "numel must be a multiple of an even block");
-  check_arg(block <= INT_MAX, "block too large");
-  const int64_t nblocks = numel / block;
+void quantize_cuda(const CodecArgs& a, int64_t stream_handle) {
+  check_codec(a);
+  check_arg(a.block <= INT_MAX, "block too large");
+  const int64_t nblocks = a.numel / a.block;
   if (nblocks <= 0) return;
   cudaStream_t stream = cuda::as_stream(stream_handle);
   const int64_t want = (nblocks + cuda::kWarps - 1) / cuda::kWarps;
   const int grid = static_cast<int>(want < (1 << 20) ? want : (1 << 20));  // the kernel grid-strides past this
   cuda::codec_kernel<<<grid, cuda::kThreads, 0, stream>>>(
-      as_ptr<float>(x), as_ptr<uint8_t>(codes), as_ptr<float>(absmax), nblocks,
-      static_cast<int>(block), as_ptr<const int32_t>(book), dequantize);
+      as_ptr<float>(a.x), as_ptr<uint8_t>(a.codes), as_ptr<float>(a.absmax), nblocks,
+      static_cast<int>(a.block), as_ptr<const int32_t>(a.book), a.dequantize);
   cuda::check_cuda(cudaGetLastError(), "codec_kernel launch");
 }
 

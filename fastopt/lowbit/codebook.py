@@ -27,6 +27,15 @@ name        bits   block  map
 4-bit codes are packed two per byte: element ``2j`` in the low nibble of byte ``j``, ``2j + 1`` in the
 high nibble.
 
+Non-finite values (one rule on every backend -- cpu, cuda, triton and this reference -- for the fused
+optimizer steps and the standalone codec alike): a block that holds a NaN or an infinity is
+*poisoned*.  Its ``absmax`` is stored as NaN and each of its codes is the code of 0, so every element
+of the block dequantizes to NaN, and stays NaN in later steps -- what a full-precision state would do
+with the bad element, spread over its block (an unquantized NaN can only be represented by the scale
+it shares).  The other blocks are untouched.  Rank-1 normalized states (``lin4u-r1``) apply the rule
+per row and column: a non-finite element makes its row maximum and its column maximum NaN, so its
+whole row and column dequantize to NaN (codes: the code of 0).
+
 The codebook (:func:`codebook`) is one int32 tensor that the C++ (``fastopt/quant.h``), CUDA and
 Triton quantizers read; it makes nearest-code search two table reads.  Layout, with ``nc`` the number
 of codes and ``nr`` the number of exponent rows::
@@ -234,14 +243,21 @@ def unpack4(packed):
     return torch.stack([p & 0xF, p >> 4], dim=1).reshape(-1)
 
 
+def _poison(amax):
+    """Block (or row / column) maxima with every non-finite one -- the group held a NaN or an
+    infinity -- replaced by NaN: the group is poisoned (see the module doc)."""
+    return torch.where(torch.isfinite(amax), amax, torch.full_like(amax, math.nan))
+
+
 def quantize_reference(x, fmt):
     """Blockwise quantization of ``x`` (numel a multiple of the block): returns ``(codes, absmax)``,
     codes uint8 (packed for 4-bit), absmax fp32 ``[numel / block]``."""
     fmt = get_format(fmt)
     xb = x.detach().float().reshape(-1, fmt.block)
-    absmax = xb.abs().amax(dim=1)
+    absmax = _poison(xb.abs().amax(dim=1))
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     xn = (xb * inv[:, None]).clamp(-1.0, 1.0)
+    xn = torch.where(torch.isnan(absmax)[:, None], 0.0, xn)  # a poisoned block: every code is the code of 0
     codes = reference_codes(xn.reshape(-1), fmt)
     codes = pack4(codes) if fmt.bits == 4 else codes.to(torch.uint8)
     return codes, absmax
@@ -260,9 +276,10 @@ def rank1_quantize_reference(x, rows, fmt="lin4u-r1"):
     col_max)``; each value is normalized by ``min(row_max[i], col_max[j])`` (>= |x|, so within [-1, 1])."""
     fmt = get_format(fmt)
     x2 = x.detach().float().reshape(rows, -1)
-    rmax, cmax = x2.abs().amax(dim=1), x2.abs().amax(dim=0)
-    scale = torch.minimum(rmax[:, None], cmax[None, :])
+    rmax, cmax = _poison(x2.abs().amax(dim=1)), _poison(x2.abs().amax(dim=0))
+    scale = torch.minimum(rmax[:, None], cmax[None, :])  # NaN where the row or the column is poisoned
     xn = (x2 * torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))).clamp(-1.0, 1.0)
+    xn = torch.where(torch.isnan(scale), 0.0, xn)
     return pack4(reference_codes(xn.reshape(-1), fmt)), rmax, cmax
 
 

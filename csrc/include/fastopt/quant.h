@@ -10,6 +10,13 @@
 //   buckets [2 signs][nr][256]: the rank at each bucket's lower end |
 //   packed [2][nr][256]: code at the lower end | next code << 8 | low 15 mantissa bits of the
 //   bucket's midpoint << 16 -- quantize_code reads one entry per value.
+//
+// Non-finite values (one rule for every backend: cpu, cuda, triton and the torch reference): a block
+// holding a NaN or an infinity is *poisoned* -- its absmax is stored as NaN, each of its codes is the
+// code of 0, and so every element of the block dequantizes to NaN (values[code] * NaN).  Rank-1
+// normalized states follow the same rule per row and column: a non-finite element makes its row max
+// and its column max NaN, and every element scaled by a NaN maximum gets the code of 0 and
+// dequantizes to NaN.
 #pragma once
 
 #include <cstdint>
@@ -76,6 +83,11 @@ FASTOPT_HOST_DEVICE int quantize_code(const CodebookView& b, float xn) {
   const uint32_t u = float_bits(xn);
   return quant_pick(u, b.packed[quant_bucket(b, u)]);
 }
+
+// The scale stored for a poisoned block (see the top of this file): the canonical quiet NaN.
+FASTOPT_HOST_DEVICE float quant_poison() { return bits_float(0x7FC00000u); }
+// Whether |x| is finite (false for NaN and +-inf); branch-free, so that reductions vectorize.
+FASTOPT_HOST_DEVICE bool quant_finite(float x) { return (float_bits(x) & 0x7F800000u) != 0x7F800000u; }
 
 // x * (1 / absmax), clamped to [-1, 1]; an all-zero block (absmax 0) quantizes every value as 0.
 FASTOPT_HOST_DEVICE float quant_inv_scale(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
