@@ -689,3 +689,19 @@ def test_step_nonfinite_poisons_the_block_on_every_backend(device, backend, cls,
                 bad_bytes = expect.view(-1, per).all(1) if not fmt.rank1 else None
                 if bad_bytes is not None:  # a poisoned block: the code of 0, on every backend
                     assert torch.equal(codes_a[bad_bytes], codes_b[bad_bytes])
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("fmt", ["dyn8s", "dyn4s", "lin4u", "fp8"])
+def test_codec_subnormal_absmax(device, backend, fmt):
+    """A block whose absmax is subnormal (1 / absmax overflows to inf): its zeros normalize to 0 (not
+    0 * inf = NaN, which picked a code at +-1 that differed between backends), the rest clamp to +-1."""
+    f = FORMATS[fmt]
+    x = torch.zeros(2 * f.block)
+    x[0], x[1], x[2] = 1e-39, -5e-40, 1e-45
+    x[f.block:] = torch.randn(f.block, generator=torch.Generator().manual_seed(3))
+    codes, absmax = quantize_blockwise(x.to(device), fmt, backend=backend)
+    ref_codes, ref_absmax = quantize_reference(x, fmt)
+    assert torch.equal(codes.cpu(), ref_codes) and torch.equal(absmax.cpu(), ref_absmax)
+    idx = unpack4(ref_codes) if f.bits == 4 else ref_codes.long()
+    assert bool((idx[3:f.block] == _zero_code(fmt)).all())

@@ -103,7 +103,7 @@ def _quantize(book, x, mask):
     inv = tl.where(pos, tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), tl.where(pos, amax, 1.0)), 0.0)
     xn = x * inv[:, None, None]
     xn = tl.where(xn < -1.0, -1.0, tl.where(xn > 1.0, 1.0, xn))
-    xn = tl.where(bad[:, None, None], 0.0, xn)
+    xn = tl.where(bad[:, None, None] | (xn != xn), 0.0, xn)  # poisoned block; 0 * inf (subnormal absmax)
     amax = tl.where(bad, tl.full(amax.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True), amax)  # quiet NaN
     nc = tl.load(book)
     nr = tl.load(book + 1)

@@ -257,7 +257,9 @@ def quantize_reference(x, fmt):
     absmax = _poison(xb.abs().amax(dim=1))
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     xn = (xb * inv[:, None]).clamp(-1.0, 1.0)
-    xn = torch.where(torch.isnan(absmax)[:, None], 0.0, xn)  # a poisoned block: every code is the code of 0
+    # A poisoned block: every code is the code of 0.  A subnormal absmax makes inv inf: its zeros
+    # (0 * inf = NaN) normalize to 0 too (quant.h quant_normalize).
+    xn = torch.where(torch.isnan(absmax)[:, None] | torch.isnan(xn), 0.0, xn)
     codes = reference_codes(xn.reshape(-1), fmt)
     codes = pack4(codes) if fmt.bits == 4 else codes.to(torch.uint8)
     return codes, absmax
@@ -279,7 +281,7 @@ def rank1_quantize_reference(x, rows, fmt="lin4u-r1"):
     rmax, cmax = _poison(x2.abs().amax(dim=1)), _poison(x2.abs().amax(dim=0))
     scale = torch.minimum(rmax[:, None], cmax[None, :])  # NaN where the row or the column is poisoned
     xn = (x2 * torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))).clamp(-1.0, 1.0)
-    xn = torch.where(torch.isnan(scale), 0.0, xn)
+    xn = torch.where(torch.isnan(scale) | torch.isnan(xn), 0.0, xn)
     return pack4(reference_codes(xn.reshape(-1), fmt)), rmax, cmax
 
 

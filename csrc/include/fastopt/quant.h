@@ -90,10 +90,13 @@ FASTOPT_HOST_DEVICE float quant_poison() { return bits_float(0x7FC00000u); }
 FASTOPT_HOST_DEVICE bool quant_finite(float x) { return (float_bits(x) & 0x7F800000u) != 0x7F800000u; }
 
 // x * (1 / absmax), clamped to [-1, 1]; an all-zero block (absmax 0) quantizes every value as 0.
+// A subnormal absmax (< 2^-126) makes 1 / absmax overflow to inf: its zeros (0 * inf = NaN) normalize
+// to 0 and its other values clamp to +-1, on every backend (the fp32 values are finite here: a block
+// with a non-finite value is poisoned before it is normalized).
 FASTOPT_HOST_DEVICE float quant_inv_scale(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
 FASTOPT_HOST_DEVICE float quant_normalize(float x, float inv) {
   const float xn = x * inv;
-  return xn < -1.0f ? -1.0f : (xn > 1.0f ? 1.0f : xn);
+  return xn < -1.0f ? -1.0f : (xn > 1.0f ? 1.0f : (xn == xn ? xn : 0.0f));
 }
 
 // Code of element i of a block whose codes start at `codes` (4-bit: two per byte, low nibble first).
