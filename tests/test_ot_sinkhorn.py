@@ -297,3 +297,188 @@ def test_ot_pass_opcheck(backend):
     expect = torch.logsumexp(h[:, None, :] - cost_matrix(x, y, "sqeuclidean") / 0.5, dim=-1)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
     assert math.isfinite(float(out.sum()))
+
+
+# -- non-finite inputs, d = 0, and eps huge against the costs (issue 14, item 11) ---------------------
+
+def test_softmin_reference_is_the_textbook_soft_minimum():
+    """The spec of the soft-minimum pass equals ``-eps LSE(log w + (g - C) / eps) + eps log |w|`` where
+    that is well conditioned (fp64, moderate eps), with no-mass columns skipped."""
+    from fastopt.reference.ot import softmin_reference
+    gen = torch.Generator().manual_seed(3)
+    C = torch.rand(2, 7, 11, generator=gen, dtype=torch.float64) * 4
+    w = torch.rand(2, 11, generator=gen, dtype=torch.float64)
+    w[0, 3] = 0.0
+    g = torch.randn(2, 11, generator=gen, dtype=torch.float64)
+    for eps in (0.05, 0.7, 30.0):
+        lw = torch.where(w > 0, w.log(), float("-inf"))
+        textbook = (-eps * torch.logsumexp(lw[:, None, :] + (g[:, None, :] - C) / eps, dim=-1)
+                    + eps * w.sum(1).log()[:, None])
+        torch.testing.assert_close(softmin_reference(C, w, g, eps), textbook, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_ot_softmin_pass_matches_reference_and_opcheck(backend):
+    from fastopt.ot.sinkhorn import ot_softmin, ot_softmin_
+    from fastopt.reference.ot import softmin_reference
+    gen = torch.Generator().manual_seed(4)
+    for d, cost in ((2, 0), (3, 1), (6, 0)):
+        x, y = torch.randn(2, 9, d, generator=gen), torch.randn(2, 300, d, generator=gen)
+        w = torch.rand(2, 300, generator=gen) + 0.05
+        w[0, :260] = 0.0  # a block of columns with no mass, and single ones
+        w[1, 7] = 0.0
+        g = torch.randn(2, 300, generator=gen)
+        for dense in (False, True):
+            C64 = cost_matrix(x.double(), y.double(), ("sqeuclidean", "euclidean")[cost])
+            C32 = C64.float()
+            for eps in (1e-3, 0.3, 10.0, 1e4, 1e8):
+                ref = softmin_reference(C64, w.double(), g.double(), eps)
+                out = torch.empty(2, 9)
+                if dense:
+                    ot_softmin(None, None, C32, w, g, out, eps, 0, backend)
+                else:
+                    ot_softmin(x, y, None, w, g, out, eps, cost, backend)
+                err = float((out.double() - ref).abs().max())
+                assert err <= 2e-6 * (1 + float(ref.abs().max())), (d, cost, dense, eps, err)
+    torch.library.opcheck(ot_softmin_, (x, y, None, w, g, torch.empty(2, 9), 0.5, 0, backend))
+    with pytest.raises(ValueError, match="contiguous"):
+        ot_softmin(x, y, None, w[:, :299], g, torch.empty(2, 9), 0.5, 0, backend)
+
+
+EPS_SWEEP = [1e3, 1e5, 1e8, 1e10]
+
+
+def _large_eps_inputs():
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 25, 3, generator=gen)
+    y = torch.randn(2, 31, 3, generator=gen) * 0.8 + 0.5
+    return x, y
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eps", EPS_SWEEP)
+def test_fp32_is_accurate_when_eps_is_huge_against_the_costs(backend, eps):
+    """eps = 1e8 against costs of about 5: on these points the fp32 solve used to return
+    [-15.04, 0.0] (torch), [-16.00, -16.00] (cpu), [2.31, 0.77] (triton), all with converged=True,
+    where fp64 gives [6.91, 5.98] (the issue saw -17.88); 1e-3 off already at eps = 1e5:
+    log b + (g - C) / eps rounds (g - C) / eps away.  Now every backend is within a few fp32 ulps of
+    fp64 on the same inputs, points and dense costs, balanced (default weights) and unbalanced, and so
+    are the potentials and the gradients."""
+    x, y = _large_eps_inputs()
+    kw = dict(eps=eps, n_iter=200, tol=1e-6)
+    ref = sinkhorn(x.double(), y.double(), backend="torch", **kw)
+    got = sinkhorn(x, y, backend=backend, **kw)
+    assert ref.converged and got.converged and float(got.error.max()) < 1e-6
+    rel = ((got.value.double() - ref.value).abs() / ref.value.abs()).max()
+    assert float(rel) < 1e-6, (float(rel), got.value.tolist(), ref.value.tolist())
+    scale = float(cost_matrix(x.double(), y.double(), "sqeuclidean").max())
+    for name in ("f", "g"):
+        err = float((getattr(got, name).double() - getattr(ref, name)).abs().max())
+        assert err < 2e-6 * scale, (name, err)
+    # the value tends to the mean cost of the independent coupling a (x) b
+    mean_cost = cost_matrix(x.double(), y.double(), "sqeuclidean").mean((1, 2))
+    assert float(((ref.value - mean_cost).abs() / mean_cost).max()) < 50 * scale / eps
+    # dense costs and unbalanced (rho = 1), with weights as given in fp32 (their fp32 mass is honoured:
+    # the fp64 run gets the same numbers)
+    C = cost_matrix(x, y, "euclidean")
+    a = torch.rand(2, 25, generator=torch.Generator().manual_seed(1)) + 0.2
+    a = a / a.sum(1, keepdim=True)
+    b = torch.full((2, 31), 1.0 / 31)
+    for rho in (None, 1.0):
+        ref = sinkhorn(cost_matrix=C.double(), a=a.double(), b=b.double(), rho=rho, backend="torch", **kw)
+        got = sinkhorn(cost_matrix=C, a=a, b=b, rho=rho, backend=backend, **kw)
+        rel = ((got.value.double() - ref.value).abs() / ref.value.abs()).max()
+        assert got.converged and float(rel) < 1e-6, (rho, float(rel), got.value.tolist(), ref.value.tolist())
+    # gradients: points (envelope theorem) and weights (the potentials)
+    xx, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    g32 = torch.autograd.grad(sinkhorn(xx, y, backend=backend, **kw).value.sum(), xx)[0]
+    g64 = torch.autograd.grad(sinkhorn(x64, y.double(), backend="torch", **kw).value.sum(), x64)[0]
+    torch.testing.assert_close(g32.double(), g64, rtol=1e-5, atol=1e-5 * float(g64.abs().max()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_or_malformed_init_is_an_error(backend):
+    """A NaN in ``init`` used to give a silent NaN value; now every bad warm start is refused before any
+    work, on every backend."""
+    x, y = torch.randn(5, 2), torch.randn(6, 2)
+    good = sinkhorn(x, y, eps=0.5, backend=backend)
+    f, g = good.f, good.g
+    nan_f = f.clone()
+    nan_f[2] = float("nan")
+    inf_g = g.clone()
+    inf_g[0] = float("inf")
+    for init, err, match in (
+        ((nan_f, g), ValueError, "init f has non-finite"),
+        ((f, inf_g), ValueError, "init g has non-finite"),
+        ((f.double() * 1e300, g), ValueError, "init f has non-finite"),  # overflows fp32
+        ((f[:4], g), ValueError, "init f has shape"),
+        ((f,), TypeError, "pair"),
+        ((f, g.int()), TypeError, "init g must be a real floating-point"),
+    ):
+        with pytest.raises(err, match=match):
+            sinkhorn(x, y, eps=0.5, init=init, backend=backend)
+    # a finite warm start from a solution converges at once to the same value
+    warm = sinkhorn(x, y, eps=0.5, init=(f + 1e3, g - 1e3), backend=backend)
+    assert warm.n_iter == 10 and warm.converged
+    torch.testing.assert_close(warm.value, good.value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rho", [None, 2.0])
+def test_zero_dimensional_points_have_zero_cost(backend, rho):
+    """d = 0: every cost is 0 (an empty sum), on every backend (the cpu backend used to refuse it while
+    torch returned 0): the same result as a zero cost matrix; balanced, the value is 0, the plan
+    a (x) b and the potentials 0; the gradient has the points' (empty) shape."""
+    gen = torch.Generator().manual_seed(2)
+    a = torch.rand(2, 5, generator=gen) + 0.1
+    b = torch.rand(2, 7, generator=gen) + 0.1
+    a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+    x = torch.zeros(2, 5, 0, requires_grad=True)
+    y = torch.zeros(2, 7, 0)
+    res = sinkhorn(x, y, a, b, eps=0.3, rho=rho, backend=backend)
+    ref = sinkhorn(cost_matrix=torch.zeros(2, 5, 7, dtype=torch.float64), a=a.double(), b=b.double(), eps=0.3,
+                   rho=rho, backend="torch")
+    assert res.converged
+    torch.testing.assert_close(res.value.double(), ref.value, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(res.plan().double(), ref.plan(), rtol=1e-6, atol=1e-7)
+    if rho is None:
+        torch.testing.assert_close(res.plan(), a[:, :, None] * b[:, None, :], rtol=1e-6, atol=0)
+    (gx,) = torch.autograd.grad(res.value.sum(), x)
+    assert gx.shape == (2, 5, 0)
+    # default (uniform, mass exactly 1) weights, unbatched and ragged: exactly 0
+    one = sinkhorn(torch.zeros(4, 0), torch.zeros(3, 0), eps=1.0, rho=rho, backend=backend)
+    assert one.plan().shape == (4, 3)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    ragged = sinkhorn(x.detach(), y, eps=0.3, x_mask=mask, rho=rho, backend=backend)
+    if rho is None:
+        for r in (one, ragged):
+            assert r.value.abs().max() == 0 and r.f.abs().max() == 0 and r.g.abs().max() == 0
+        torch.testing.assert_close(ragged.plan()[1], torch.outer(mask[1] / 2.0, torch.full((7,), 1 / 7)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_out_of_range_are_errors(backend):
+    """What used to give NaN/inf silently (or loop on a NaN tolerance) is a ValueError before any work."""
+    x, y = torch.randn(5, 2), torch.randn(6, 2)
+    with pytest.raises(ValueError, match="tol"):
+        sinkhorn(x, y, eps=1.0, tol=float("nan"), backend=backend)
+    with pytest.raises(ValueError, match="outside the range"):
+        sinkhorn(x, y, eps=1e-40, backend=backend)       # 1/eps overflows fp32
+    with pytest.raises(ValueError, match="too close to the torch.float32 range"):
+        sinkhorn(x * 1e20, y, eps=1.0, backend=backend)  # |x - y|^2 overflows fp32
+    with pytest.raises(ValueError, match="too close to the torch.float32 range"):
+        sinkhorn(x * 1e20, y, eps=1e20, cost="euclidean", backend=backend)  # |x - y| fits, its square not
+    with pytest.raises(ValueError, match="out of"):
+        sinkhorn(x, y, eps=1e-32, backend=backend)       # cost / eps beyond 1e30
+    with pytest.raises(ValueError, match="out of"):
+        sinkhorn(x, y, eps=1e33, backend=backend)        # cost / eps below 1e-30
+    with pytest.raises(ValueError, match="non-finite"):
+        sinkhorn(cost_matrix=torch.tensor([[0.0, float("inf")]]), eps=1.0, backend=backend)
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        sinkhorn(x, y, torch.tensor([0.2, 0.2, float("nan"), 0.2, 0.2]), eps=1.0, backend=backend)
+    with pytest.raises(ValueError, match="eps"):
+        sinkhorn(x, y, eps=float("nan"), backend=backend)
+    # the limits themselves still solve, finitely
+    for eps in (1e-6, 1e12):
+        res = sinkhorn(x, y, eps=eps, n_iter=50, backend=backend)
+        assert bool(torch.isfinite(res.value)) and bool(torch.isfinite(res.f).all())

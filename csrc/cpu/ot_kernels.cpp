@@ -6,12 +6,24 @@
 // exp(value - running max) with the running sum rescaled when the maximum grows (the online
 // log-sum-exp of flash attention).  exp is exp_nonpositive (fastopt/elementwise.h), which
 // vectorizes; arguments below -87 count as 0, so -inf entries (no mass) add nothing.
+//
+// Mode 0 with a potential (c != 0) is the weighted soft-minimum that fastopt.ot.sinkhorn iterates,
+//   out_i = -eps log(sum_j w_j exp((g_j - C_ij) / eps) / sum_j w_j),   h = w >= 0 (B, m), c = g (B, m),
+// in cost units.  The plain form LSE_j(log w_j + (g_j - C_ij) / eps) cannot be evaluated in fp32 when
+// eps is large against the costs: (g - C) / eps falls below the rounding of log w (1e-7 |log w|) and
+// the sum of exponentials rounds it away again.  Here every quantity is relative to the row's smallest
+// d_ij = C_ij - g_j: x_ij = (d_i - d_ij) / eps <= 0, S = sum w exp(x), T = sum w expm1(x) = S - W, and
+//   out_i = d_i - eps * (log1p(T / W) if T / W > -1/2 else log(S / W))
+// (the kernels hold d / eps: the same up to one rounding),
+// accurate to fp32 rounding of the costs for any eps (fastopt/reference/ot.py softmin_reference;
+// SoftMin below says how each block gets by with one exp or one expm1 per element).
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "fastopt/api.h"
 #include "fastopt/dispatch.h"
@@ -119,6 +131,225 @@ float row_block(const float* xi, const float* yT, const float* h, int64_t m, int
   } else {
     point_block(xi, yT, h, m, d, j0, len, COST, inv_eps, s);
     return block_max(s, len);
+  }
+}
+
+// expm1(x) for -ln2 / 2 <= x <= 0 (vectorizable): exp_nonpositive's polynomial with n = 0,
+// e^x = 1 + x + q(x) x^2, without the 1 (so without the cancellation of e^x - 1).
+inline float expm1_small(float x) {
+  float q = 1.9875691500e-4f;
+  q = q * x + 1.3981999507e-3f;
+  q = q * x + 8.3334519073e-3f;
+  q = q * x + 4.1665795894e-2f;
+  q = q * x + 1.6666665459e-1f;
+  q = q * x + 5.0000001201e-1f;
+  return q * (x * x) + x;
+}
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// x >= -kSmallX: exp_nonpositive's reduction has n = 0 (|x| < ln2 / 2), so expm1_small is exact there.
+constexpr float kSmallX = 0.34f;
+
+// Online weighted soft-minimum state (see the file comment), in units of eps: the running minimum
+// dmin of d_j = (C_ij - g_j) / eps, S = sum w exp(x), T = sum w expm1(x) (x = dmin - d <= 0),
+// W = sum w.  A block whose x all lie in [-kSmallX, 0] (always, when eps is large against the costs)
+// adds sum w expm1(x) to T and W + that to S, with no exp at all; any other block adds sum w exp(x)
+// to S and (sum w exp(x)) - (sum w) to T.  That difference rounds to eps_32 * W, but such a block has
+// a d - dmin > kSmallX, so eps < 3 (C - g spread) and the error of the output, eps * eps_32, stays
+// below 3 eps_32 times the spread of the row's costs.
+struct SoftMin {
+  float dmin = kInf, S = 0.0f, T = 0.0f, W = 0.0f;
+  // Adds the block dd[0..len) (+inf where w = 0) with weights w (summing to ws), minimum bm
+  // (finite) and largest finite value bx.
+  inline void add(const float* __restrict__ dd, const float* __restrict__ w, int64_t len, float ws, float bm,
+                  float bx) {
+    if (bm < dmin) {
+      if (W > 0.0f) {  // the sums so far, relative to the new minimum: e^(x + dl) - 1 = e^x e^dl - 1
+        const float dl = bm - dmin;
+        const float r = exp_or_zero(dl);
+        const float rm1 = dl >= -kSmallX ? expm1_small(dl) : r - 1.0f;
+        T = T * r + W * rm1;  // sum w (e^x e^dl - 1) = (W + T) e^dl - W
+        S = S * r;
+      }
+      dmin = bm;
+    }
+    const float m0 = dmin;
+    float acc = 0.0f;
+    if (m0 - bx >= -kSmallX) {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < len; ++j) acc += w[j] > 0.0f ? w[j] * expm1_small(m0 - dd[j]) : 0.0f;
+      S += ws + acc;
+      T += acc;
+    } else {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < len; ++j) acc += w[j] * exp_or_zero(m0 - dd[j]);  // 0 where w = 0
+      S += acc;
+      T += acc - ws;
+    }
+    W += ws;
+  }
+  inline float value(double eps) const {
+    if (!(W > 0.0f)) return kInf;  // no mass: the minimum over nothing
+    const float r = T / W;
+    const float L = r > -0.5f ? std::log1p(r) : std::log(S / W);
+    return static_cast<float>(eps * (static_cast<double>(dmin) - static_cast<double>(L)));
+  }
+};
+
+// What the soft-minimum passes read per batch entry besides the points: gs = g / eps (-inf where
+// w = 0, so that d = C / eps - gs is +inf there) and the weight of every block of kBlock columns.
+struct SoftMinInputs {
+  std::vector<float> gs, wblk;
+  int64_t nb;
+  explicit SoftMinInputs(const OtArgs& a) : nb((a.m + kBlock - 1) / kBlock) {
+    const float* w = as_ptr<const float>(a.h);
+    const float* g = as_ptr<const float>(a.c);
+    gs.resize(static_cast<size_t>(a.batch * a.m));
+    wblk.assign(static_cast<size_t>(a.batch * nb), 0.0f);
+    for (int64_t b = 0; b < a.batch; ++b)
+      for (int64_t j = 0; j < a.m; ++j) {
+        const int64_t k = b * a.m + j;
+        gs[k] = w[k] > 0.0f ? static_cast<float>(static_cast<double>(g[k]) / a.eps) : -kInf;
+        wblk[b * nb + j / kBlock] += w[k];
+      }
+  }
+};
+
+// dd[j] = cost(x_i, y_j) / eps - gs_j (+inf where w_j = 0), for d known at compile time; returns the
+// minimum, and the largest finite value in *mx_out.
+template <int D, int COST>
+inline float soft_block_small(const float* __restrict__ xi, const float* __restrict__ yT,
+                              const float* __restrict__ gs, int64_t m, int64_t j0, int64_t len, float inv_eps,
+                              float* __restrict__ dd, float* mx_out) {
+  float xk[D];
+  for (int k = 0; k < D; ++k) xk[k] = xi[k];
+  float mn = kInf, mx = -kInf;
+#pragma omp simd reduction(min : mn) reduction(max : mx)
+  for (int64_t j = 0; j < len; ++j) {
+    float c = 0.0f;
+    for (int k = 0; k < D; ++k) {
+      const float t = xk[k] - yT[k * m + j0 + j];
+      c += t * t;
+    }
+    if (COST == 1) c = std::sqrt(c);
+    const float v = c * inv_eps - gs[j0 + j];
+    dd[j] = v;
+    mn = std::min(mn, v);
+    mx = std::max(mx, v < kInf ? v : -kInf);
+  }
+  *mx_out = mx;
+  return mn;
+}
+
+template <int D, int COST>
+float soft_block(const float* xi, const float* yT, const float* gs, int64_t m, int64_t d, int64_t j0, int64_t len,
+                 float inv_eps, float* dd, float* mx_out) {
+  if constexpr (D > 0) {
+    return soft_block_small<D, COST>(xi, yT, gs, m, j0, len, inv_eps, dd, mx_out);
+  } else {
+    for (int64_t j = 0; j < len; ++j) dd[j] = 0.0f;
+    for (int64_t k = 0; k < d; ++k) {
+      const float xk = xi[k];
+      const float* __restrict__ yk = yT + k * m + j0;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const float t = xk - yk[j];
+        dd[j] += t * t;
+      }
+    }
+    float mn = kInf, mx = -kInf;
+#pragma omp simd reduction(min : mn) reduction(max : mx)
+    for (int64_t j = 0; j < len; ++j) {
+      const float c = COST == 1 ? std::sqrt(dd[j]) : dd[j];
+      const float v = c * inv_eps - gs[j0 + j];
+      dd[j] = v;
+      mn = std::min(mn, v);
+      mx = std::max(mx, v < kInf ? v : -kInf);
+    }
+    *mx_out = mx;
+    return mn;
+  }
+}
+
+template <typename T, int D, int COST>
+void softmin_points_d(const OtArgs& a, const float* yT_all) {
+  const T* x = as_ptr<const T>(a.x);
+  const float* w_all = as_ptr<const float>(a.h);
+  float* out = as_ptr<float>(a.out);
+  const int64_t n = a.n, m = a.m, d = a.d;
+  const float inv_eps = static_cast<float>(1.0 / a.eps);
+  const SoftMinInputs in(a);
+#pragma omp parallel if (a.batch * a.n * a.m >= kParallelWork)
+  {
+    alignas(64) float dd[kBlock];
+    float xi[kMaxD];
+    float* xbuf = d <= kMaxD ? xi : new float[d];
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < a.batch * n; ++r) {
+      const int64_t b = r / n;
+      for (int64_t k = 0; k < d; ++k) xbuf[k] = to_float(x[r * d + k]);
+      const float* yT = yT_all + b * d * m;
+      const float* gs = in.gs.data() + b * m;
+      const float* w = w_all + b * m;
+      SoftMin sm;
+      for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
+        const int64_t len = std::min(kBlock, m - j0);
+        float bx;
+        const float bm = soft_block<D, COST>(xbuf, yT, gs, m, d, j0, len, inv_eps, dd, &bx);
+        if (bm == kInf) continue;
+        sm.add(dd, w + j0, len, in.wblk[b * in.nb + j0 / kBlock], bm, bx);
+      }
+      out[r] = sm.value(a.eps);
+    }
+    if (xbuf != xi) delete[] xbuf;
+  }
+}
+
+template <typename T>
+void softmin_points(const OtArgs& a, const float* yT_all) {
+  const bool eu = a.cost == 1;
+  switch (a.d) {
+    case 1: return eu ? softmin_points_d<T, 1, 1>(a, yT_all) : softmin_points_d<T, 1, 0>(a, yT_all);
+    case 2: return eu ? softmin_points_d<T, 2, 1>(a, yT_all) : softmin_points_d<T, 2, 0>(a, yT_all);
+    case 3: return eu ? softmin_points_d<T, 3, 1>(a, yT_all) : softmin_points_d<T, 3, 0>(a, yT_all);
+    case 4: return eu ? softmin_points_d<T, 4, 1>(a, yT_all) : softmin_points_d<T, 4, 0>(a, yT_all);
+    default: return eu ? softmin_points_d<T, 0, 1>(a, yT_all) : softmin_points_d<T, 0, 0>(a, yT_all);
+  }
+}
+
+template <typename T>
+void softmin_dense(const OtArgs& a) {
+  const T* C = as_ptr<const T>(a.cost_matrix);
+  const float* w_all = as_ptr<const float>(a.h);
+  float* out = as_ptr<float>(a.out);
+  const int64_t n = a.n, m = a.m;
+  const float inv_eps = static_cast<float>(1.0 / a.eps);
+  const SoftMinInputs in(a);
+#pragma omp parallel if (a.batch * a.n * a.m >= kParallelWork)
+  {
+    alignas(64) float dd[kBlock];
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < a.batch * n; ++r) {
+      const int64_t b = r / n;
+      const float* gs = in.gs.data() + b * m;
+      const float* w = w_all + b * m;
+      const T* row = C + r * m;
+      SoftMin sm;
+      for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
+        const int64_t len = std::min(kBlock, m - j0);
+        float mn = kInf, mx = -kInf;
+#pragma omp simd reduction(min : mn) reduction(max : mx)
+        for (int64_t j = 0; j < len; ++j) {
+          const float v = to_float(row[j0 + j]) * inv_eps - gs[j0 + j];
+          dd[j] = v;
+          mn = std::min(mn, v);
+          mx = std::max(mx, v < kInf ? v : -kInf);
+        }
+        if (mn == kInf) continue;
+        sm.add(dd, w + j0, len, in.wblk[b * in.nb + j0 / kBlock], mn, mx);
+      }
+      out[r] = sm.value(a.eps);
+    }
   }
 }
 
@@ -275,7 +506,13 @@ void grad_points(const OtArgs& a, const float* yT_all) {
 
 void ot_run(const OtArgs& a, const float* yT) {
   FASTOPT_DTYPE_SWITCH(a.dtype, [&] {
-    if (a.cost_matrix != 0) {
+    if (a.mode == 0 && a.c != 0) {
+      if (a.cost_matrix != 0) {
+        softmin_dense<scalar_t>(a);
+      } else {
+        softmin_points<scalar_t>(a, yT);
+      }
+    } else if (a.cost_matrix != 0) {
       lse_dense<scalar_t>(a);
     } else if (a.mode == 0) {
       lse_points<scalar_t>(a, yT);

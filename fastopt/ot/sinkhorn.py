@@ -12,22 +12,96 @@ or with ``rho * KL`` marginal penalties (``rho=``, POT's ``ot.unbalanced.sinkhor
 ``reg_type="kl"``).  The returned potentials satisfy ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``.
 
 On the ``cpu`` and ``triton`` backends the cost is never stored: each half-iteration is one pass that
-computes the costs tile by tile and reduces them with an online log-sum-exp (O((n + m) d) memory).
-The ``torch`` backend is the dense reference (and the one for float64).
+computes the costs tile by tile and reduces them online (O((n + m) d) memory).  The ``torch`` backend
+is the dense reference (and the one for float64).
+
+Numerics.  A half-iteration is a weighted soft-minimum in cost units,
+``Phi_i(g) = -eps log(sum_j b_j exp((g_j - C_ij) / eps) / sum_j b_j)``
+(:func:`fastopt.reference.ot.softmin_reference`), evaluated relative to the row's smallest
+``C_ij - g_j`` with ``expm1``/``log1p``; the potentials are kept as a part of the size of the costs
+(fp32) plus one fp64 constant per batch entry (the ``-eps log(mass)`` terms and the gauge), and the
+value and the marginal error are formed in fp64 from those parts.  The textbook form
+``-eps LSE(log b + (g - C) / eps)`` in fp32 loses ``(g - C) / eps`` below the rounding of ``log b``:
+with eps = 1e8 against costs of about 5 it returned -16.0 (cpu), -15.0 (torch) or 2.31 (triton) where
+fp64 gives 6.91, with ``converged=True`` (-17.88 in issue 14).
 """
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from .. import _backend, _ops
 from ..reference.ot import cost_matrix as dense_cost
-from ..reference.ot import lse_reference
+from ..reference.ot import softmin_reference
 
 __all__ = ["sinkhorn", "sinkhorn_divergence", "SinkhornResult", "COSTS"]
 
 COSTS = {"sqeuclidean": 0, "euclidean": 1}
 NEG_INF = float("-inf")
+# The ratio of the largest cost to eps that the kernels take, per working precision: beyond it
+# (C - g) / eps leaves the normal range (the fp32 kernels would round the soft-minimum to the plain
+# minimum, or overflow the gradient's exponents).
+_RATIO_RANGE = {torch.float32: 1e30, torch.float64: 1e300}
+
+
+def _softmin_kernel(x: Optional[Tensor], y: Optional[Tensor], cost_matrix: Optional[Tensor], w: Tensor, g: Tensor,
+                    out: Tensor, eps: float, cost: int, backend: str) -> None:
+    """The weighted soft-minimum pass into ``out`` (B, n) fp32: ``out_i = -eps log(sum_j w_j
+    exp((g_j - C_ij) / eps) / sum_j w_j)`` over contiguous points ``x`` (B, n, d), ``y`` (B, m, d) or a
+    dense ``cost_matrix`` (B, n, m), with fp32 weights ``w`` >= 0 and potential ``g`` (B, m)
+    (:func:`fastopt.reference.ot.softmin_reference`; ``csrc/cpu/ot_kernels.cpp``, ``triton_kernels/ot.py``).
+    Every tensor is checked (device, dtype, shape, dense, storage holding its extent) before a kernel
+    runs."""
+    ref = cost_matrix if cost_matrix is not None else x
+    if ref is None or ref.dim() != 3 or w.dim() != 2:
+        raise ValueError("fastopt::ot_softmin_: needs points x (B, n, d) and y (B, m, d) or a cost matrix (B, n, m), "
+                         "and w (B, m)")
+    batch, n, m = ref.shape[0], ref.shape[1], w.shape[1]
+    if cost_matrix is not None:
+        if x is not None or y is not None:
+            raise ValueError("fastopt::ot_softmin_: a cost matrix takes no points")
+        want = [("cost_matrix", cost_matrix, ref.dtype, (batch, n, m))]
+        d = 0
+    else:
+        d = x.shape[2]
+        if d < 1:
+            raise ValueError("fastopt::ot_softmin_: points need d >= 1")
+        want = [("x", x, ref.dtype, (batch, n, d)), ("y", y, ref.dtype, (batch, m, d))]
+    want += [("w", w, torch.float32, (batch, m)), ("g", g, torch.float32, (batch, m)),
+             ("out", out, torch.float32, (batch, n))]
+    for name, t, dtype, shape in want:
+        if t is None or t.dtype != dtype or tuple(t.shape) != shape or t.device != ref.device or not t.is_contiguous():
+            raise ValueError(f"fastopt::ot_softmin_: {name} must be a contiguous {dtype} tensor of shape {shape} on "
+                             f"{ref.device}, got {None if t is None else (t.dtype, tuple(t.shape), t.device)}")
+        if t.untyped_storage().nbytes() < (t.storage_offset() + t.numel()) * t.element_size():
+            raise ValueError(f"fastopt::ot_softmin_: the storage of {name} is smaller than its extent")
+    if not (eps > 0.0 and math.isfinite(eps)) or cost not in (0, 1):
+        raise ValueError(f"fastopt::ot_softmin_: eps must be positive and finite and cost 0 or 1, got {eps}, {cost}")
+    if out.numel() == 0:
+        return
+    if backend == "triton":
+        _backend.triton_kernels().ot.ot_softmin(x, y, cost_matrix, w, g, out, eps, cost)
+        return
+    ptr = (lambda t: 0 if t is None else t.data_ptr())
+    # ot_pass_cpu's mode 0 with a potential c is the soft-minimum (csrc/cpu/ot_kernels.cpp)
+    args = (ptr(x), ptr(y), ptr(cost_matrix), w.data_ptr(), g.data_ptr(), out.data_ptr(), batch, n, m, d, int(cost), 0,
+            float(eps), _backend.dtype_code(ref.dtype))
+    _ops._run_native(backend, "ot_pass", ref.device, args, "ot_softmin_")
+
+
+ot_softmin_ = torch.library.custom_op("fastopt::ot_softmin_", mutates_args=("out",))(_softmin_kernel)
+
+
+@ot_softmin_.register_fake
+def _softmin_fake(x, y, cost_matrix, w, g, out, eps, cost, backend):
+    return None
+
+
+def ot_softmin(*args):
+    """``fastopt::ot_softmin_`` without the dispatcher in eager mode."""
+    _ops._eager_or_op(ot_softmin_, _softmin_kernel, ([args[5]],), args)
 
 
 @dataclass
@@ -41,7 +115,8 @@ class SinkhornResult:
     ``f`` (B, n), ``g`` (B, m): the potentials (fp32, or fp64 for fp64 inputs; 0 at padding).
     ``n_iter``: iterations run (eps-scaling steps included); ``error``: the last error per batch entry
     (balanced: ``|P^T 1 - b|_2``, POT's criterion; unbalanced: the largest change of ``f / eps`` and
-    ``g / eps`` in the last iteration), ``converged``: whether every entry reached ``tol``.
+    ``g / eps`` in the last iteration), ``converged``: whether every entry reached ``tol`` (never with
+    a non-finite potential or value).
     """
 
     value: torch.Tensor
@@ -52,14 +127,16 @@ class SinkhornResult:
     converged: bool
     eps: float
     _problem: object = None
+    _sol: object = None
 
     def plan(self):
         """The transport plan ``P`` (B, n, m) (or (n, m)), materialized: for small problems."""
-        pr = self._problem
+        pr, sol = self._problem, self._sol
         with torch.no_grad():
             C = pr.dense_cost()
-            logp = (pr.log_a[..., :, None] + pr.log_b[..., None, :]
-                    + (self.f.reshape(pr.log_a.shape)[..., :, None] + self.g.reshape(pr.log_b.shape)[..., None, :] - C)
+            wd = C.dtype
+            logp = (pr.log_a.to(wd)[..., :, None] + pr.log_b.to(wd)[..., None, :]
+                    + (sol.fh[..., :, None] + sol.gh[..., None, :] + (sol.kf + sol.kg).to(wd)[:, None, None] - C)
                     / self.eps)
             P = torch.exp(logp)
         return P[0] if pr.unbatched else P
@@ -67,13 +144,23 @@ class SinkhornResult:
 
 class _Problem:
     """Validated inputs in kernel layout: x (B, n, d), y (B, m, d) contiguous, or C (B, n, m) with its
-    transpose; fp32 log weights (-inf: no mass)."""
+    transpose; the weights in fp64 (``a64``, ``b64``: uniform when defaulted), their log in fp64
+    (-inf: no mass), their total masses (exactly 1 when defaulted) and the weights scaled to a
+    maximum of 1 in the working dtype (``wa``, ``wb``: what the soft-minimum pass reads)."""
 
-    def __init__(self, x, y, C, log_a, log_b, cost, backend, unbatched, work_dtype):
+    def __init__(self, x, y, C, a, b, cost, backend, unbatched, work_dtype, d):
         self.x, self.y, self.C = x, y, C
         self.CT = C.transpose(1, 2).contiguous() if C is not None and backend != "torch" else None
-        self.log_a, self.log_b = log_a, log_b
+        (a64, self.mass_a), (b64, self.mass_b) = a, b
+        self.a64, self.b64 = a64, b64
+        self.log_a, self.log_b = _log(a64), _log(b64)
+        self.log_mass_a, self.log_mass_b = self.mass_a.log(), self.mass_b.log()
+        self.valid_a, self.valid_b = a64 > 0, b64 > 0
+        self.padded_a, self.padded_b = not bool(self.valid_a.all()), not bool(self.valid_b.all())
+        self.wa = (a64 / a64.amax(1, keepdim=True)).to(work_dtype)
+        self.wb = (b64 / b64.amax(1, keepdim=True)).to(work_dtype)
         self.cost, self.backend, self.unbatched, self.work_dtype = cost, backend, unbatched, work_dtype
+        self.d = d  # the points' dimension (0: the kernels see zero points of dimension 1)
         self._dense = None
 
     def dense_cost(self):
@@ -83,20 +170,22 @@ class _Problem:
             self._dense = dense_cost(self.x.to(self.work_dtype), self.y.to(self.work_dtype), self.cost)
         return self._dense
 
-    def lse(self, h, eps, rows):
-        """``LSE_j(h_j - C_ij / eps)`` for every row i (``rows``) or ``LSE_i(h_i - C_ij / eps)`` for
-        every column j."""
+    def softmin(self, h, eps, rows):
+        """The weighted soft-minimum ``-eps log(sum_j wb_j exp((h_j - C_ij) / eps) / sum_j wb_j)`` for every
+        row i (``rows``, h (B, m)) or ``-eps log(sum_i wa_i exp((h_i - C_ij) / eps) / sum_i wa_i)`` for
+        every column j (h (B, n)), in cost units."""
+        w = self.wb if rows else self.wa
         if self.backend == "torch":
             C = self.dense_cost()
-            return lse_reference(C if rows else C.transpose(1, 2), h, eps)
+            return softmin_reference(C if rows else C.transpose(1, 2), w, h, eps)
         out = torch.empty(h.shape[0], self.log_a.shape[1] if rows else self.log_b.shape[1],
                           dtype=torch.float32, device=h.device)
         if self.C is not None:
-            _ops.ot_pass(None, None, self.C if rows else self.CT, h.contiguous(), None, out, float(eps),
-                         COSTS[self.cost], 0, self.backend)
+            ot_softmin(None, None, self.C if rows else self.CT, w, h.contiguous(), out, float(eps), COSTS[self.cost],
+                       self.backend)
         else:
-            _ops.ot_pass(self.x if rows else self.y, self.y if rows else self.x, None, h.contiguous(), None, out,
-                         float(eps), COSTS[self.cost], 0, self.backend)
+            ot_softmin(self.x if rows else self.y, self.y if rows else self.x, None, w, h.contiguous(), out,
+                       float(eps), COSTS[self.cost], self.backend)
         return out
 
     def grad_points(self, h, c, eps, rows):
@@ -107,12 +196,15 @@ class _Problem:
             C = dense_cost(xs, ys, self.cost)
             P = torch.exp(c[..., :, None] + h[..., None, :] - C / eps)
             if self.cost == "sqeuclidean":
-                return 2.0 * (xs * P.sum(-1, keepdim=True) - P @ ys)
-            W = torch.where(C > 0, P / torch.where(C > 0, C, 1.0), 0.0)
-            return xs * W.sum(-1, keepdim=True) - W @ ys
-        out = torch.empty(src.shape, dtype=torch.float32, device=src.device)
-        _ops.ot_pass(src, dst, None, h.contiguous(), c.contiguous(), out, float(eps), COSTS[self.cost], 1, self.backend)
-        return out
+                out = 2.0 * (xs * P.sum(-1, keepdim=True) - P @ ys)
+            else:
+                W = torch.where(C > 0, P / torch.where(C > 0, C, 1.0), 0.0)
+                out = xs * W.sum(-1, keepdim=True) - W @ ys
+        else:
+            out = torch.empty(src.shape, dtype=torch.float32, device=src.device)
+            _ops.ot_pass(src, dst, None, h.contiguous(), c.contiguous(), out, float(eps), COSTS[self.cost], 1,
+                         self.backend)
+        return out[..., :self.d]
 
 
 def _check_weights(w, name, shape, device):
@@ -159,6 +251,7 @@ def _prepare(x, y, a, b, cost_matrix, x_mask, y_mask, cost, backend, rho):
         C = cost_matrix[None] if unbatched else cost_matrix
         B, n, m = C.shape
         device, dtype = C.device, C.dtype
+        d = 0
     else:
         if x is None or y is None:
             raise ValueError("sinkhorn: give the points x and y (or cost_matrix=)")
@@ -173,7 +266,7 @@ def _prepare(x, y, a, b, cost_matrix, x_mask, y_mask, cost, backend, rho):
         if x.device != y.device or x.dtype != y.dtype:
             raise ValueError(f"sinkhorn: x and y must share device and dtype ({x.device}/{x.dtype} vs "
                              f"{y.device}/{y.dtype})")
-        B, n, _ = xb.shape
+        B, n, d = xb.shape
         m = yb.shape[1]
         device, dtype = x.device, x.dtype
         C = None
@@ -190,23 +283,26 @@ def _prepare(x, y, a, b, cost_matrix, x_mask, y_mask, cost, backend, rho):
         masks.append(mask)
 
     def weights(w, mask, size):
+        """(the weights autograd sees, the same in fp64: exactly uniform when defaulted)"""
         if w is None:
             valid = mask if mask is not None else torch.ones(B, size, dtype=torch.bool, device=device)
             count = valid.sum(1, keepdim=True)
             if bool((count == 0).any()):
                 raise ValueError("sinkhorn: a batch entry has no valid point")
-            w = valid.to(torch.float64 if dtype == torch.float64 else torch.float32) / count
-        elif mask is not None:
+            w64 = valid.double() / count
+            ones = torch.ones(B, dtype=torch.float64, device=device)  # the mass, exactly
+            return w64.to(torch.float64 if dtype == torch.float64 else torch.float32), w64, ones
+        if mask is not None:
             w = w * mask
-        return w
+        w64 = w.detach().double()
+        return w, w64, w64.sum(1)
 
-    a = weights(a, masks[0], n)
-    b = weights(b, masks[1], m)
-    for w, name in ((a, "a"), (b, "b")):
-        if bool((w.detach().sum(1) <= 0).any()):
+    a, a64, sa = weights(a, masks[0], n)
+    b, b64, sb = weights(b, masks[1], m)
+    for w, name in ((sa, "a"), (sb, "b")):
+        if bool((w <= 0).any()):
             raise ValueError(f"sinkhorn: the weights {name} of a batch entry sum to 0")
     if rho is None or math.isinf(rho):
-        sa, sb = a.detach().double().sum(1), b.detach().double().sum(1)
         if bool(((sa - sb).abs() > 1e-5 * torch.maximum(sa, sb)).any()):
             raise ValueError(f"sinkhorn: balanced OT needs equal total masses, got {sa.tolist()} and {sb.tolist()} "
                              "(normalize the weights, or pass rho= for unbalanced OT)")
@@ -224,91 +320,163 @@ def _prepare(x, y, a, b, cost_matrix, x_mask, y_mask, cost, backend, rho):
             chosen = _backend.resolve("triton", device, dtype, True)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     if C is not None:
-        prob = _Problem(None, None, C.contiguous(), _log(a, work), _log(b, work), cost, chosen, unbatched, work)
+        prob = _Problem(None, None, C.contiguous(), (a64, sa), (b64, sb), cost, chosen, unbatched, work, 0)
     else:
-        prob = _Problem(xb.detach().contiguous(), yb.detach().contiguous(), None, _log(a, work), _log(b, work), cost,
-                        chosen, unbatched, work)
+        xk, yk = xb.detach().contiguous(), yb.detach().contiguous()
+        if d == 0:  # 0-dimensional points: every cost is 0 (an empty sum); the kernels see zeros in 1-d
+            xk, yk = xk.new_zeros(B, n, 1), yk.new_zeros(B, m, 1)
+        prob = _Problem(xk, yk, None, (a64, sa), (b64, sb), cost, chosen, unbatched, work, d)
     return prob, a, b, C
 
 
-def _log(w, work):
-    w = w.detach().to(work)
-    return torch.where(w > 0, torch.log(torch.where(w > 0, w, 1.0)), NEG_INF)
+def _log(w64):
+    return torch.where(w64 > 0, torch.log(torch.where(w64 > 0, w64, 1.0)), NEG_INF)
 
 
-def _diameter(prob):
+def _cost_scale(prob, squared=False):
+    """An upper bound of |C_ij| (fp64): the largest |C| of a dense cost, or the squared (or plain) diagonal
+    of the points' bounding box (``squared``: the squared one whatever the cost, what the kernels form)."""
     if prob.C is not None:
-        return float(prob.C.detach().max())
-    pts = torch.cat([prob.x, prob.y], dim=1).float()
+        return float(prob.C.detach().abs().max()) if prob.C.numel() else 0.0
+    pts = torch.cat([prob.x, prob.y], dim=1).double()
     span = float((pts.amax(1) - pts.amin(1)).norm(dim=-1).max())
-    return span * span if prob.cost == "sqeuclidean" else span
+    return span * span if squared or prob.cost == "sqeuclidean" else span
 
 
-def _solve(prob, eps, rho, n_iter, tol, check_every, eps_scaling, f=None, g=None):
-    tau = 1.0 if rho is None or math.isinf(rho) else rho / (rho + eps)
-    B = prob.log_a.shape[0]
-    f = torch.zeros_like(prob.log_a) if f is None else f.to(prob.log_a.dtype).clone()
-    g = torch.zeros_like(prob.log_b) if g is None else g.to(prob.log_b.dtype).clone()
-    la, lb = prob.log_a, prob.log_b
+def _check_scales(prob, eps):
+    """Errors for costs or an eps that the working precision cannot hold (they would give inf or NaN, or
+    round the soft-minimum to the plain minimum)."""
+    work = prob.work_dtype
+    fi = torch.finfo(work)
+    if not (fi.tiny < 1.0 / eps < fi.max):
+        raise ValueError(f"sinkhorn: eps={eps!r} is outside the range of {work} (1/eps must be a normal {work} number)")
+    scale, formed = _cost_scale(prob), _cost_scale(prob, squared=True)
+    if not formed <= fi.max / 16:
+        raise ValueError(f"sinkhorn: the costs (squared distances for points) reach {formed:.3g}, too close to "
+                         f"the {work} range (at most {fi.max / 16:.3g}); rescale the inputs")
+    lim = _RATIO_RANGE[work]
+    if scale > 0 and not (1.0 / lim <= scale / eps <= lim):
+        raise ValueError(f"sinkhorn: eps={eps!r} against costs up to {scale:.3g} is out of {work}'s reach (the ratio "
+                         f"cost / eps must be within [{1 / lim:.0e}, {lim:.0e}])")
+    return scale
+
+
+class _Solution:
+    """Potentials as parts: ``f = fh + kf`` and ``g = gh + kg`` with ``fh`` (B, n) and ``gh`` (B, m) in the
+    working dtype, of the size of the costs (0 at padding), and ``kf``, ``kg`` (B,) fp64 constants (the
+    ``-eps log(mass)`` terms and the gauge, which can be of the size of eps)."""
+
+    def __init__(self, fh, gh, kf, kg):
+        self.fh, self.gh, self.kf, self.kg = fh, gh, kf, kg
+
+    def full(self, prob):
+        f = torch.where(prob.valid_a, self.fh.double() + self.kf[:, None], 0.0).to(prob.work_dtype)
+        g = torch.where(prob.valid_b, self.gh.double() + self.kg[:, None], 0.0).to(prob.work_dtype)
+        return f, g
+
+    def finite(self):
+        return all(bool(torch.isfinite(t).all()) for t in (self.fh, self.gh, self.kf, self.kg))
+
+
+def _solve(prob, eps, rho, n_iter, tol, check_every, eps_scaling, f0=None, g0=None):
+    """Log-domain Sinkhorn (g then f) on the split potentials of :class:`_Solution`.  With
+    ``Psi_j(f) = softmin_i(C_ij - f_i)`` and ``Phi_i(g) = softmin_j(C_ij - g_j)`` (weights a, b
+    normalized), the update ``g = -tau eps LSE_i(log a_i + (f_i - C_ij) / eps)`` is
+    ``gh = tau Psi(fh)``, ``kg = -tau (kf + eps log|a|)``, and f likewise."""
+    balanced = rho is None or math.isinf(rho)
+    va, vb = prob.valid_a, prob.valid_b
+    work = prob.work_dtype
+    B = va.shape[0]
+
+    def centred(t, w64, mass):
+        if t is None:
+            return torch.zeros(w64.shape, dtype=work, device=w64.device), torch.zeros(B, dtype=torch.float64,
+                                                                                     device=w64.device)
+        t64 = torch.where(w64 > 0, t.to(torch.float64), 0.0)
+        k = (w64 * t64).sum(1) / mass
+        return torch.where(w64 > 0, t64 - k[:, None], 0.0).to(work), k
+
+    fh, kf = centred(f0, prob.a64, prob.mass_a)
+    gh, kg = centred(g0, prob.b64, prob.mass_b)
+
+    def tau(e):
+        return 1.0 if balanced else rho / (rho + e)
+
+    def scaled(t, h, valid, padded):
+        h = h if t == 1.0 else t * h
+        return torch.where(valid, h, 0.0) if padded else h
+
+    def g_from(psi, kf, e):
+        t = tau(e)
+        return scaled(t, psi, vb, prob.padded_b), -t * (kf + e * prob.log_mass_a)
+
+    def f_from(phi, kg, e):
+        t = tau(e)
+        return scaled(t, phi, va, prob.padded_a), -t * (kg + e * prob.log_mass_b)
+
     it = 0
     if eps_scaling is not None:
         e = max(_diameter(prob), eps)
         while e > eps and it < n_iter:
-            t = 1.0 if rho is None or math.isinf(rho) else rho / (rho + e)
-            g = -t * e * prob.lse(la + f / e, e, rows=False)
-            f = -t * e * prob.lse(lb + g / e, e, rows=True)
+            gh, kg = g_from(prob.softmin(fh, e, rows=False), kf, e)
+            fh, kf = f_from(prob.softmin(gh, e, rows=True), kg, e)
             it += 1
             e *= eps_scaling
-    err = torch.full((B,), math.inf, dtype=la.dtype, device=la.device)
-    lse_cols = prob.lse(la + f / eps, eps, rows=False)
+    err = torch.full((B,), math.inf, dtype=torch.float64, device=va.device)
+    psi = prob.softmin(fh, eps, rows=False)
     converged = False
     while it < n_iter:
-        f_prev, g_prev = f, g
-        g = -tau * eps * lse_cols
-        f = -tau * eps * prob.lse(lb + g / eps, eps, rows=True)
+        fh_prev, kf_prev, gh_prev, kg_prev = fh, kf, gh, kg
+        gh, kg = g_from(psi, kf, eps)
+        fh, kf = f_from(prob.softmin(gh, eps, rows=True), kg, eps)
         it += 1
-        lse_cols = prob.lse(la + f / eps, eps, rows=False)
+        psi = prob.softmin(fh, eps, rows=False)
         if it % check_every == 0 or it == n_iter:
-            if tau == 1.0:  # P^T 1 = b * exp(g / eps + LSE_i(log a + (f - C) / eps))
-                col = torch.exp(lb + g / eps + lse_cols)
-                err = torch.linalg.vector_norm(torch.where(torch.isfinite(lb), col - lb.exp(), 0.0), dim=1)
+            if balanced:  # P^T 1 = b exp((g - Psi(fh) + kf) / eps + log|a|): |b expm1(.)| without cancellation
+                expo = (gh.double() - psi.double()) / eps + ((kf + kg) / eps + prob.log_mass_a)[:, None]
+                col = torch.where(vb, prob.b64 * torch.expm1(torch.where(vb, expo, 0.0)), 0.0)
+                err = torch.linalg.vector_norm(col, dim=1)
             else:
-                err = torch.maximum(_change(f, f_prev, la), _change(g, g_prev, lb)) / eps
+                df = torch.where(va, (fh.double() - fh_prev.double()) + (kf - kf_prev)[:, None], 0.0)
+                dg = torch.where(vb, (gh.double() - gh_prev.double()) + (kg - kg_prev)[:, None], 0.0)
+                err = torch.maximum(df.abs().amax(1), dg.abs().amax(1)) / eps
             if bool((err < tol).all()):
                 converged = True
                 break
-    f = torch.where(torch.isfinite(la), f, 0.0)
-    g = torch.where(torch.isfinite(lb), g, 0.0)
-    return f, g, it, err, converged
+    return _Solution(fh, gh, kf, kg), it, err.to(work), converged
 
 
-def _change(new, old, log_w):
-    return torch.where(torch.isfinite(log_w), (new - old).abs(), 0.0).amax(dim=1)
+def _diameter(prob):
+    return _cost_scale(prob)
 
 
 class _Value(torch.autograd.Function):
     """The OT value from converged potentials; backward by the envelope theorem."""
 
     @staticmethod
-    def forward(ctx, x, y, C, a, b, f, g, prob, eps, rho):
-        ctx.prob, ctx.eps, ctx.rho = prob, eps, rho
+    def forward(ctx, x, y, C, a, b, sol, prob, eps, rho):
+        ctx.prob, ctx.sol, ctx.eps, ctx.rho = prob, sol, eps, rho
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, y, C, a, b)]
-        ctx.save_for_backward(f, g)
-        af, bf = a.detach().to(f.dtype), b.detach().to(g.dtype)
+        fh, gh = sol.fh.double(), sol.gh.double()
+        a64, b64 = prob.a64, prob.b64
         if rho is None or math.isinf(rho):
-            return (af * f).sum(1) + (bf * g).sum(1)
-        tau = rho / (rho + eps)
-        mass = (af * torch.exp(f * (1.0 - 1.0 / tau) / eps)).sum(1)
-        return ((af * rho * (1 - torch.exp(-f / rho))).sum(1) + (bf * rho * (1 - torch.exp(-g / rho))).sum(1)
-                - eps * (mass - af.sum(1) * bf.sum(1)))
+            v = (a64 * fh).sum(1) + (b64 * gh).sum(1) + prob.mass_a * sol.kf + prob.mass_b * sol.kg
+        else:
+            f, g = fh + sol.kf[:, None], gh + sol.kg[:, None]
+            # eps (<P, 1> - |a||b|) = eps sum_i a_i |b| expm1(-f_i / rho - log|b|), without cancellation
+            v = (-rho * (a64 * torch.expm1(-f / rho)).sum(1) - rho * (b64 * torch.expm1(-g / rho)).sum(1)
+                 - eps * prob.mass_b * (a64 * torch.expm1(-f / rho - prob.log_mass_b[:, None])).sum(1))
+        return v.to(prob.work_dtype)
 
     @staticmethod
     def backward(ctx, gv):
-        f, g = ctx.saved_tensors
-        prob, eps, rho = ctx.prob, ctx.eps, ctx.rho
+        prob, sol, eps, rho = ctx.prob, ctx.sol, ctx.eps, ctx.rho
+        work = prob.work_dtype
         gx = gy = gC = ga = gb = None
-        ha, hb = prob.log_a + f / eps, prob.log_b + g / eps
-        scale = gv.to(f.dtype)
+        # P_ij = exp(ha_i + hb_j - C_ij / eps): the fp64 constants go to one side
+        ha = (prob.log_a + (sol.fh.double() + (sol.kf + sol.kg)[:, None]) / eps).to(work)
+        hb = (prob.log_b + sol.gh.double() / eps).to(work)
+        scale = gv.to(work)
         if ctx.needs_input_grad[0]:
             gx = prob.grad_points(hb, ha, eps, rows=True) * scale[:, None, None]
         if ctx.needs_input_grad[1]:
@@ -317,19 +485,42 @@ class _Value(torch.autograd.Function):
             C = prob.dense_cost()
             gC = torch.exp(ha[..., :, None] + hb[..., None, :] - C / eps) * scale[:, None, None]
         balanced = rho is None or math.isinf(rho)
-        if ctx.needs_input_grad[3]:
-            ga = f if balanced else _unbalanced_weight_grad(f, eps, rho, prob.log_b.exp().sum(1))
-            ga = ga * scale[:, None]
-        if ctx.needs_input_grad[4]:
-            gb = g if balanced else _unbalanced_weight_grad(g, eps, rho, prob.log_a.exp().sum(1))
-            gb = gb * scale[:, None]
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            f, g = sol.full(prob)
+            if ctx.needs_input_grad[3]:
+                ga = f if balanced else _unbalanced_weight_grad(sol.fh, sol.kf, eps, rho, prob.log_mass_b, work)
+                ga = ga * scale[:, None]
+            if ctx.needs_input_grad[4]:
+                gb = g if balanced else _unbalanced_weight_grad(sol.gh, sol.kg, eps, rho, prob.log_mass_a, work)
+                gb = gb * scale[:, None]
         grads = [t.to(dt) if t is not None else None for t, dt in zip((gx, gy, gC, ga, gb), ctx.dtypes)]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None)
 
 
-def _unbalanced_weight_grad(f, eps, rho, other_mass):
-    tau = rho / (rho + eps)
-    return rho * (1 - torch.exp(-f / rho)) - eps * (torch.exp(f * (1.0 - 1.0 / tau) / eps) - other_mass[:, None])
+def _unbalanced_weight_grad(fh, kf, eps, rho, log_other_mass, work):
+    """``rho (1 - e^{-f/rho}) - eps (e^{-f/rho} - |other|)``, in fp64 with expm1 (no cancellation)."""
+    f = fh.double() + kf[:, None]
+    om = log_other_mass[:, None]
+    return (-rho * torch.expm1(-f / rho) - eps * om.exp() * torch.expm1(-f / rho - om)).to(work)
+
+
+def _check_init(init, prob):
+    if not isinstance(init, (tuple, list)) or len(init) != 2:
+        raise TypeError("sinkhorn: init must be a pair (f, g) of tensors")
+    out = []
+    for t, name, ref in ((init[0], "f", prob.log_a), (init[1], "g", prob.log_b)):
+        if not torch.is_tensor(t) or t.is_complex() or not t.is_floating_point():
+            raise TypeError(f"sinkhorn: init {name} must be a real floating-point tensor")
+        if t.numel() != ref.numel():
+            raise ValueError(f"sinkhorn: init {name} has shape {tuple(t.shape)}, expected "
+                             f"{tuple(ref.shape[1:]) if prob.unbatched else tuple(ref.shape)}")
+        if t.device != ref.device:
+            raise ValueError(f"sinkhorn: init {name} is on {t.device}, the problem on {ref.device}")
+        t = t.detach().reshape(ref.shape)
+        if not bool(torch.isfinite(t.to(prob.work_dtype)).all()):
+            raise ValueError(f"sinkhorn: init {name} has non-finite values (NaN or inf, in {prob.work_dtype})")
+        out.append(t)
+    return out
 
 
 def sinkhorn(x=None, y=None, a=None, b=None, *, eps, cost="sqeuclidean", cost_matrix=None, x_mask=None, y_mask=None,
@@ -344,39 +535,44 @@ def sinkhorn(x=None, y=None, a=None, b=None, *, eps, cost="sqeuclidean", cost_ma
     padded points carry no mass.  ``rho``: unbalanced OT with ``rho * KL`` marginal penalties.
     ``eps_scaling`` (a ratio in (0, 1)): first one iteration at each of ``eps0, eps0 * r, ...`` from the
     squared diameter down to ``eps`` (geomloss' annealing), then iterations at ``eps``.  ``init``:
-    ``(f, g)`` warm start.  fp16/bf16 points are read as such and accumulated in fp32; float64 runs
-    the dense torch reference.
+    ``(f, g)`` warm start (finite).  fp16/bf16 points are read as such and accumulated in fp32; float64
+    runs the dense torch reference.  Points of dimension 0 have cost 0 (the plan is ``a (x) b``).
+
+    Every input is checked before any work: non-finite points, costs, weights or ``init``, an ``eps``
+    or costs outside the working precision's reach (see the README) are ``ValueError``s.
     """
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (0 < eps < math.inf):
         raise ValueError(f"sinkhorn: eps must be a positive finite float, got {eps!r}")
-    if rho is not None and (not isinstance(rho, (int, float)) or not rho > 0):
+    if rho is not None and (not isinstance(rho, (int, float)) or isinstance(rho, bool) or not rho > 0):
         raise ValueError(f"sinkhorn: rho must be a positive float (or None: balanced), got {rho!r}")
     if not isinstance(n_iter, int) or n_iter < 1:
         raise ValueError(f"sinkhorn: n_iter must be an int >= 1, got {n_iter!r}")
     if not isinstance(check_every, int) or check_every < 1:
         raise ValueError(f"sinkhorn: check_every must be an int >= 1, got {check_every!r}")
-    if not isinstance(tol, (int, float)) or tol < 0:
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
         raise ValueError(f"sinkhorn: tol must be >= 0, got {tol!r}")
     if eps_scaling is not None and not (isinstance(eps_scaling, float) and 0.0 < eps_scaling < 1.0):
         raise ValueError(f"sinkhorn: eps_scaling must be a float in (0, 1), got {eps_scaling!r}")
     _backend.check_backend_name(backend)
+    eps = float(eps)
     prob, a_eff, b_eff, C = _prepare(x, y, a, b, cost_matrix, x_mask, y_mask, cost, backend, rho)
+    _check_scales(prob, eps)
     f0 = g0 = None
     if init is not None:
-        f0, g0 = (t.detach().reshape(prob.log_a.shape if i == 0 else prob.log_b.shape) for i, t in enumerate(init))
+        f0, g0 = _check_init(init, prob)
     with torch.no_grad():
-        f, g, it, err, converged = _solve(prob, float(eps), rho, n_iter, float(tol), check_every, eps_scaling, f0, g0)
+        sol, it, err, converged = _solve(prob, eps, rho, n_iter, float(tol), check_every, eps_scaling, f0, g0)
     if cost_matrix is not None:
-        value = _Value.apply(None, None, C, a_eff, b_eff, f, g, prob, float(eps), rho)
+        value = _Value.apply(None, None, C, a_eff, b_eff, sol, prob, eps, rho)
     else:
         xb, yb = (x[None], y[None]) if prob.unbatched else (x, y)
-        value = _Value.apply(xb, yb, None, a_eff, b_eff, f, g, prob, float(eps), rho)
+        value = _Value.apply(xb, yb, None, a_eff, b_eff, sol, prob, eps, rho)
+    converged = converged and sol.finite() and bool(torch.isfinite(value.detach()).all())
+    f, g = sol.full(prob)
     if prob.unbatched:
-        value, f_out, g_out = value[0], f[0], g[0]
-    else:
-        f_out, g_out = f, g
-    return SinkhornResult(value=value, f=f_out, g=g_out, n_iter=it, error=err, converged=converged, eps=float(eps),
-                          _problem=prob)
+        value, f, g = value[0], f[0], g[0]
+    return SinkhornResult(value=value, f=f, g=g, n_iter=it, error=err, converged=converged, eps=eps, _problem=prob,
+                          _sol=sol)
 
 
 def sinkhorn_divergence(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_mask=None, y_mask=None, rho=None,
@@ -389,8 +585,8 @@ def sinkhorn_divergence(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_mask
     yy = sinkhorn(y, y, b, b, eps=eps, cost=cost, x_mask=y_mask, y_mask=y_mask, rho=rho, **kwargs)
     s = xy.value - 0.5 * (xx.value + yy.value)
     if rho is not None and not math.isinf(rho):
-        pa, pb = xy._problem.log_a.exp().sum(1), xy._problem.log_b.exp().sum(1)
-        extra = 0.5 * eps * (pa - pb) ** 2
+        pa, pb = xy._problem.mass_a, xy._problem.mass_b
+        extra = (0.5 * eps * (pa - pb) ** 2).to(s.dtype)
         s = s + (extra[0] if xy._problem.unbatched else extra)
     return s
 

@@ -28,8 +28,8 @@ import math
 
 import torch
 
-__all__ = ["sqeuclidean_cost", "euclidean_cost", "cost_matrix", "lse_reference", "sinkhorn_reference",
-           "marginal_error"]
+__all__ = ["sqeuclidean_cost", "euclidean_cost", "cost_matrix", "lse_reference", "softmin_reference",
+           "sinkhorn_reference", "marginal_error"]
 
 
 def sqeuclidean_cost(x, y):
@@ -60,6 +60,33 @@ def lse_reference(C, h, eps):
     """``out_i = LSE_j(h_j - C_ij / eps)`` over the last axis of ``C`` (..., n, m), ``h`` (..., m);
     ``-inf`` where every term is ``-inf``."""
     return torch.logsumexp(h[..., None, :] - C / eps, dim=-1)
+
+
+def softmin_reference(C, w, g, eps):
+    """The weighted soft-minimum ``out_i = -eps log(sum_j w_j exp((g_j - C_ij) / eps) / sum_j w_j)`` over
+    the last axis of ``C`` (..., n, m), for weights ``w`` (..., m) (>= 0, at least one > 0; 0: no mass)
+    and a potential ``g`` (..., m), in cost units.
+
+    This is ``-eps LSE_j(log w_j + (g_j - C_ij) / eps) + eps log sum_j w_j``, evaluated without the
+    cancellation that ruins it when ``eps`` is large against the costs: with ``d_ij = C_ij - g_j`` and
+    ``d_i = min_j d_ij`` (over ``w_j > 0``), ``x_ij = (d_i - d_ij) / eps <= 0``,
+    ``S_i = sum_j w_j exp(x_ij)`` and ``T_i = sum_j w_j expm1(x_ij) = S_i - W`` (``W = sum_j w_j``),
+
+        out_i = d_i - eps * (log1p(T_i / W) if T_i / W > -1/2 else log(S_i / W)).
+
+    Every term is then relative to quantities of the size of the costs, so fp32 is accurate for any
+    ``eps`` (``log w + (g - C) / eps`` in fp32 drops ``(g - C) / eps`` once it is below 1e-7 |log w|)."""
+    valid = (w > 0)[..., None, :]
+    d = torch.where(valid, C - g[..., None, :], math.inf)
+    dmin = d.amin(dim=-1, keepdim=True)
+    x = torch.where(valid, (dmin - d) / eps, -math.inf)
+    wj = w[..., None, :]
+    W = w.sum(dim=-1)[..., None, None]
+    S = (wj * torch.exp(x)).sum(dim=-1, keepdim=True)
+    T = (torch.where(valid, wj * torch.expm1(x), 0.0)).sum(dim=-1, keepdim=True)
+    r = T / W
+    L = torch.where(r > -0.5, torch.log1p(torch.clamp(r, min=-0.5)), torch.log(S / W))
+    return (dmin - eps * L).squeeze(-1)
 
 
 def marginal_error(C, log_a, log_b, f, g, eps):
