@@ -482,3 +482,18 @@ def test_inputs_out_of_range_are_errors(backend):
     for eps in (1e-6, 1e12):
         res = sinkhorn(x, y, eps=eps, n_iter=50, backend=backend)
         assert bool(torch.isfinite(res.value)) and bool(torch.isfinite(res.f).all())
+
+
+def test_softmin_triton_kernel_compiles_for_sm90():
+    """The soft-minimum variant of the Triton OT kernel (MODE 2, points and dense) lowers to an sm_90
+    cubin, like the variants tests/test_triton_aot.py compiles (same helper, no GPU needed)."""
+    pytest.importorskip("triton")
+    from triton.backends import backends
+    if "nvidia" not in backends:
+        pytest.skip("triton has no NVIDIA backend")
+    from test_triton_aot import _compile
+    sig = {"x_ptr": "*fp32", "y_ptr": "*fp32", "cm_ptr": "*fp32", "h_ptr": "*fp32", "c_ptr": "*fp32",
+           "out_ptr": "*fp32", "n": "i32", "m": "i32", "inv_eps": "fp32"}
+    for dense in (False, True):
+        _compile("ot", "_ot_kernel", sig, {"D": 3, "D_PAD": 4, "COST": 0, "MODE": 2, "DENSE": dense,
+                                           "BLOCK_N": 64, "BLOCK_M": 64}, 4)

@@ -52,7 +52,7 @@ def _log1p(r):
 
 
 @triton.jit
-def _ot_kernel(x_ptr, y_ptr, cm_ptr, h_ptr, c_ptr, out_ptr, n, m, inv_eps, eps,
+def _ot_kernel(x_ptr, y_ptr, cm_ptr, h_ptr, c_ptr, out_ptr, n, m, inv_eps,
                D: tl.constexpr, D_PAD: tl.constexpr, COST: tl.constexpr, MODE: tl.constexpr, DENSE: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -124,7 +124,7 @@ def _ot_kernel(x_ptr, y_ptr, cm_ptr, h_ptr, c_ptr, out_ptr, n, m, inv_eps, eps,
         wd = tl.where(seen, w_sum, 1.0)
         ratio = big_t / wd
         lg = tl.where(ratio > -0.5, _log1p(tl.maximum(ratio, -0.5)), tl.log(big_s / wd))
-        out = tl.where(seen, d_min - eps * lg, POS_INF)
+        out = tl.where(seen, d_min - lg / inv_eps, POS_INF)
         tl.store(out_ptr + b * n + rows, out, mask=rmask)
     elif MODE == 0:
         out = tl.where(big_m == NEG_INF, NEG_INF, big_m + tl.log(big_s))
@@ -160,7 +160,7 @@ def ot_pass(x, y, cost_matrix, h, c, out, eps, cost, mode):
     grid = (triton.cdiv(n, block_n), batch)
     _ot_kernel[grid](
         dummy if dense else x, dummy if dense else y, cost_matrix if dense else dummy, h,
-        c if c is not None else dummy, out, n, m, float(1.0 / eps), float(eps),
+        c if c is not None else dummy, out, n, m, float(1.0 / eps),
         D=d, D_PAD=d_pad, COST=int(cost), MODE=int(mode), DENSE=dense, BLOCK_N=block_n, BLOCK_M=block_m,
     )
 
