@@ -9,7 +9,9 @@ cost about half a millisecond per call, and call the kernel directly, bumping th
 counters of what it mutated themselves; under ``torch.compile`` they call the custom op.
 """
 import functools
+import operator
 import weakref
+from itertools import chain
 from collections import OrderedDict
 from typing import List, Optional
 
@@ -47,15 +49,12 @@ class _Call:
         None: any) and whose strides must be those of the parallel list ``like`` (or None); returns
         their numels."""
         tensors = list(tensors)
-        found = [t.numel() for t in tensors]
+        found = list(map(Tensor.numel, tensors))
         if numels is not None and found != list(numels):
             if len(found) != len(numels):
                 raise ValueError(f"fastopt::{self.op}: {name} has {len(found)} tensors, expected {len(numels)}")
             i = next(i for i, (f, want) in enumerate(zip(found, numels)) if f != want)
             raise ValueError(f"fastopt::{self.op}: {name}[{i}] has {found[i]} elements, expected {numels[i]}")
-        for i, t in enumerate(tensors):
-            if t.dtype != dtype:
-                raise ValueError(f"fastopt::{self.op}: {name}[{i}] is {t.dtype}, expected {dtype}")
         self.lists[name] = (tensors, dtype, found, like)
         return found
 
@@ -70,15 +69,15 @@ class _Call:
     def check(self):
         """Check every registered tensor, or find the same tensors checked before; then
         :meth:`ptrs` / :meth:`numels` give the call's arguments."""
-        tensors = [t for ts, _, _, _ in self.lists.values() for t in ts]
-        self._ptrs = {}
-        for name, (ts, _, _, _) in self.lists.items():
-            self._ptrs[name] = [t.data_ptr() for t in ts]
-        key = (self.device, tuple(p for ps in self._ptrs.values() for p in ps),
-               tuple(n for _, _, ns, _ in self.lists.values() for n in ns),
+        tensors = list(chain.from_iterable(ts for ts, _, _, _ in self.lists.values()))
+        self._ptrs = {name: list(map(Tensor.data_ptr, ts)) for name, (ts, _, _, _) in self.lists.items()}
+        # (A checked tensor object whose address and numel are unchanged cannot have changed its dtype
+        # to one that reaches past its storage; the dtypes are checked on every miss.)
+        key = (self.device, tuple(chain.from_iterable(self._ptrs.values())),
+               tuple(chain.from_iterable(ns for _, _, ns, _ in self.lists.values())),
                tuple((name, dtype, len(ts)) for name, (ts, dtype, _, _) in self.lists.items()))
         refs = self._checked.get(key)
-        if refs is None or not all(r() is t for r, t in zip(refs, tensors)):
+        if refs is None or not all(map(operator.is_, map(operator.call, refs), tensors)):
             self._check_all()
             self._checked[key] = [weakref.ref(t) for t in tensors]
             if len(self._checked) > self._MAX_CHECKED:
@@ -99,9 +98,11 @@ class _Call:
         return [n for name in names for n in self.lists[name][2]]
 
     def _check_all(self):
-        for name, (tensors, _, _, like) in self.lists.items():
+        for name, (tensors, dtype, _, like) in self.lists.items():
             for i, t in enumerate(tensors):
                 where = f"fastopt::{self.op}: {name}[{i}]"
+                if t.dtype != dtype:
+                    raise ValueError(f"{where} is {t.dtype}, expected {dtype}")
                 if t.layout != torch.strided:
                     raise ValueError(f"{where} is a {t.layout} tensor; the kernels take strided tensors")
                 if t.device != self.device:

@@ -8,6 +8,7 @@ AMP: like torch's fused optimizers, ``_step_supports_amp_scaling = True``; ``tor
 sets ``grad_scale`` / ``found_inf`` on the optimizer and the kernels unscale the gradients and skip
 the step on inf/nan without a host sync.
 """
+import weakref
 from collections import defaultdict
 
 import torch
@@ -181,8 +182,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 grads.extend(g for _, g in pairs)
             buckets.update(int8)
             plan.append((_group_view(group), buckets))
-        check_disjoint(type(self).__name__,
-                       [p for _, buckets in plan for params, _ in buckets.values() for p in params])
+        stepped = [p for _, buckets in plan for params, _ in buckets.values() for p in params]
+        check_disjoint(type(self).__name__, stepped, self.__dict__.setdefault("_disjoint_checked", []))
         return plan
 
     def _check_int8_param(self, p):
@@ -275,26 +276,44 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _check_states(self, group, params):
         """Raise before any state changes when the state of one of ``params`` does not belong to it
-        (replaced by hand, or loaded for another parameter); cheap: a few attribute reads per state."""
+        (replaced by hand, or loaded for another parameter).  A parameter whose state tensors are the
+        very objects checked at an earlier step, at the same parameter address, is not checked again
+        (``_states_checked``: id -> weak references, so a recycled id never matches)."""
+        checked = self.__dict__.setdefault("_states_checked", {})
+        state_of = self.state
         for p in params:
-            state = self.state.get(p)
+            state = state_of.get(p)
             if not state:
                 continue
-            shape, device, contiguous = p.shape, p.device, p.is_contiguous()
-            for name, dtype in self._elementwise_states(group, p, state).items():
-                v = state.get(name)
-                if v is None:
+            entry = checked.get(id(p))
+            if entry is not None and entry[0]() is p and entry[1] == p.data_ptr():
+                for name, ref in entry[2]:
+                    if state.get(name) is not (ref and ref()):
+                        break
+                else:
                     continue
-                if not (isinstance(v, torch.Tensor) and v.dtype == dtype and v.shape == shape and v.device == device
-                        and (v.is_contiguous() if contiguous else v.numel() <= 1 or v.stride() == p.stride())):
-                    raise ValueError(f"{type(self).__name__}: state {name!r} of a parameter {p.dtype}{tuple(shape)} "
-                                     f"on {device} is {_describe(v)}; it must be {dtype} with the parameter's "
-                                     "shape, device and strides")
-            step = state.get("step")
-            if step is not None and not (isinstance(step, torch.Tensor) and step.numel() == 1
-                                         and step.device == device):
-                raise ValueError(f"{type(self).__name__}: the state 'step' of a parameter on {device} must be a "
-                                 f"one-element tensor on its device, got {_describe(step)}")
+            names = self._check_state_of(group, p, state)
+            checked[id(p)] = (weakref.ref(p), p.data_ptr(),
+                              [(name, weakref.ref(state[name]) if name in state else None) for name in names])
+
+    def _check_state_of(self, group, p, state):
+        """Check the state of ``p`` fully; returns the names of the state tensors checked."""
+        shape, device, contiguous = p.shape, p.device, p.is_contiguous()
+        names = self._elementwise_states(group, p, state)
+        for name, dtype in names.items():
+            v = state.get(name)
+            if v is None:
+                continue
+            if not (isinstance(v, torch.Tensor) and v.dtype == dtype and v.shape == shape and v.device == device
+                    and (v.is_contiguous() if contiguous else v.numel() <= 1 or v.stride() == p.stride())):
+                raise ValueError(f"{type(self).__name__}: state {name!r} of a parameter {p.dtype}{tuple(shape)} "
+                                 f"on {device} is {_describe(v)}; it must be {dtype} with the parameter's "
+                                 "shape, device and strides")
+        step = state.get("step")
+        if step is not None and not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.device == device):
+            raise ValueError(f"{type(self).__name__}: the state 'step' of a parameter on {device} must be a "
+                             f"one-element tensor on its device, got {_describe(step)}")
+        return list(names) + ["step"]
 
     def _check_loaded(self, state_dict, saved_ids):
         """Raise before anything is loaded when ``state_dict`` cannot be loaded: a saved state must

@@ -31,15 +31,21 @@ def overlaps_itself(t):
     return offsets.unique().numel() != offsets.numel()
 
 
-def check_disjoint(owner, params):
+def check_disjoint(owner, params, last=None):
     """Raise ValueError when two of ``params`` share memory (overlapping views of one buffer): the
     kernels step the tensors of a call concurrently, so each must own its elements.  Adjacent views
-    (a flat buffer cut into pieces) are fine."""
-    spans = sorted((p.data_ptr(), p.nbytes) for p in params)
-    for (start, size), (next_start, _) in zip(spans, spans[1:]):
+    (a flat buffer cut into pieces) are fine.  ``last``: a list holding the spans of the previous call
+    that passed; the same spans are not sorted and compared again."""
+    spans = [(p.data_ptr(), p.nbytes) for p in params]
+    if last is not None and spans == last:
+        return
+    ordered = sorted(spans)
+    for (start, size), (next_start, _) in zip(ordered, ordered[1:]):
         if next_start < start + size:
             raise ValueError(f"{owner}: two parameters share memory (views of one tensor that overlap); fastopt "
                              "steps parameters concurrently, so each must own its elements")
+    if last is not None:
+        last[:] = spans
 
 
 def check_hyper(name, value, low=0.0, high=math.inf, high_open=False):
