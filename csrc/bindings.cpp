@@ -139,7 +139,8 @@ constexpr const char* kNMMaskDoc =
 constexpr const char* kOtDoc =
     "Entropic-OT pass (x, y, cost_matrix, h, c, out, batch, n, m, d, cost, mode, eps, dtype) over B point clouds "
     "x (B, n, d), y (B, m, d) (or a dense cost (B, n, m), then x = y = 0): mode 0 writes out[b,i] = "
-    "LSE_j(h[b,j] - C_ij / eps) (fp32), mode 1 writes out[b,i,:] = sum_j exp(c[b,i] + h[b,j] - C_ij / eps) dC_ij/dx_i; "
+    "LSE_j(h[b,j] - C_ij / eps) (fp32), mode 1 writes out[b,i,:] = sum_j exp(c[b,i] + h[b,j] - C_ij / eps) dC_ij/dx_i, "
+    "mode 2 writes the soft-minimum out[b,i] = -eps log(sum_j h[b,j] exp((c[b,j] - C_ij) / eps) / sum_j h[b,j]); "
     "cost 0 = |x - y|^2, 1 = |x - y|.";
 constexpr const char* kTile24Doc =
     "Transposable 2:4 mask (in, out, rows, cols, dtype, exact[, stream]) of a [rows, cols] matrix: 2 kept per "

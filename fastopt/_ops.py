@@ -9,6 +9,7 @@ cost about half a millisecond per call, and call the kernel directly, bumping th
 counters of what it mutated themselves; under ``torch.compile`` they call the custom op.
 """
 import functools
+import math
 import operator
 import weakref
 from itertools import chain
@@ -598,3 +599,55 @@ def _sliced_wpp_fake(x, y, dirs, wpp, cx, cy, p, grad, backend):
 def sliced_wpp(*args):
     """``fastopt::sliced_wpp_`` without the dispatcher in eager mode."""
     _eager_or_op(sliced_wpp_, _sliced_wpp_kernel, ([args[3]], [args[4]], [args[5]]), args)
+
+
+def _ot_softmin_kernel(x: Optional[Tensor], y: Optional[Tensor], cost_matrix: Optional[Tensor], w: Tensor, g: Tensor,
+                       out: Tensor, eps: float, cost: int, backend: str) -> None:
+    """The weighted soft-minimum pass (OtArgs mode 2) into ``out`` (B, n) fp32: ``out_i = -eps log(sum_j
+    w_j exp((g_j - C_ij) / eps) / sum_j w_j)`` over contiguous points ``x`` (B, n, d), ``y`` (B, m, d) or a
+    dense ``cost_matrix`` (B, n, m), with fp32 weights ``w`` >= 0 and potential ``g`` (B, m)
+    (:func:`fastopt.reference.ot.softmin_reference`; ``csrc/cpu/ot_kernels.cpp``, ``triton_kernels/ot.py``)."""
+    ref = cost_matrix if cost_matrix is not None else x
+    if ref is None or ref.dim() != 3 or w.dim() != 2:
+        raise ValueError("fastopt::ot_softmin_: needs points x (B, n, d) and y (B, m, d) or a cost matrix (B, n, m), "
+                         "and w (B, m)")
+    if not (eps > 0.0 and math.isfinite(eps)) or cost not in (0, 1):
+        raise ValueError(f"fastopt::ot_softmin_: eps must be positive and finite and cost 0 or 1, got {eps}, {cost}")
+    batch, n, m = ref.shape[0], ref.shape[1], w.shape[1]
+    call = _Call("ot_softmin_", ref.device)
+    if cost_matrix is not None:
+        if x is not None or y is not None:
+            raise ValueError("fastopt::ot_softmin_: a cost matrix takes no points")
+        _add_contiguous(call, "cost_matrix", cost_matrix, ref.dtype, batch * n * m, (batch, n, m))
+        d = 0
+    else:
+        d = x.shape[2]
+        if d < 1:
+            raise ValueError("fastopt::ot_softmin_: points need d >= 1")
+        _add_contiguous(call, "x", x, ref.dtype, batch * n * d, (batch, n, d))
+        _add_contiguous(call, "y", y, ref.dtype, batch * m * d, (batch, m, d))
+    _add_contiguous(call, "w", w, torch.float32, batch * m, (batch, m))
+    _add_contiguous(call, "g", g, torch.float32, batch * m, (batch, m))
+    _add_contiguous(call, "out", out, torch.float32, batch * n, (batch, n))
+    if out.numel() == 0:
+        return
+    call.check()
+    if backend == "triton":
+        _backend.triton_kernels().ot.ot_softmin(x, y, cost_matrix, w, g, out, eps, cost)
+        return
+    args = (call.ptr("x"), call.ptr("y"), call.ptr("cost_matrix"), call.ptr("w"), call.ptr("g"), call.ptr("out"),
+            batch, n, m, d, int(cost), 2, float(eps), _backend.dtype_code(ref.dtype))
+    _run_native(backend, "ot_pass", ref.device, args, "ot_softmin_")
+
+
+ot_softmin_ = torch.library.custom_op("fastopt::ot_softmin_", mutates_args=("out",))(_ot_softmin_kernel)
+
+
+@ot_softmin_.register_fake
+def _ot_softmin_fake(x, y, cost_matrix, w, g, out, eps, cost, backend):
+    return None
+
+
+def ot_softmin(*args):
+    """``fastopt::ot_softmin_`` without the dispatcher in eager mode."""
+    _eager_or_op(ot_softmin_, _ot_softmin_kernel, ([args[5]],), args)

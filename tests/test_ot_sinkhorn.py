@@ -319,7 +319,7 @@ def test_softmin_reference_is_the_textbook_soft_minimum():
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_ot_softmin_pass_matches_reference_and_opcheck(backend):
-    from fastopt.ot.sinkhorn import ot_softmin, ot_softmin_
+    from fastopt._ops import ot_softmin, ot_softmin_
     from fastopt.reference.ot import softmin_reference
     gen = torch.Generator().manual_seed(4)
     for d, cost in ((2, 0), (3, 1), (6, 0)):

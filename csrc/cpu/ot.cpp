@@ -1,7 +1,7 @@
 // CPU entry point of the entropic-OT passes (fastopt/api.h OtArgs): validates, lays y out transposed
 // in fp32 ([B, d, m], so the kernels' loops over j vectorize), runs the ISA-specific kernel.
-// Mode 0 with c != 0 is the weighted soft-minimum (h: weights (B, m), c: a potential (B, m) in cost
-// units; see ot_kernels.cpp), the pass fastopt.ot.sinkhorn runs; with c == 0 it is OtArgs' log-sum-exp.
+// Mode 2 is the weighted soft-minimum (h: weights (B, m), c: a potential (B, m) in cost units; see
+// ot_kernels.cpp), the pass fastopt.ot.sinkhorn runs.
 #include <cstdint>
 #include <vector>
 

@@ -7,7 +7,7 @@
 // log-sum-exp of flash attention).  exp is exp_nonpositive (fastopt/elementwise.h), which
 // vectorizes; arguments below -87 count as 0, so -inf entries (no mass) add nothing.
 //
-// Mode 0 with a potential (c != 0) is the weighted soft-minimum that fastopt.ot.sinkhorn iterates,
+// Mode 2 is the weighted soft-minimum that fastopt.ot.sinkhorn iterates,
 //   out_i = -eps log(sum_j w_j exp((g_j - C_ij) / eps) / sum_j w_j),   h = w >= 0 (B, m), c = g (B, m),
 // in cost units.  The plain form LSE_j(log w_j + (g_j - C_ij) / eps) cannot be evaluated in fp32 when
 // eps is large against the costs: (g - C) / eps falls below the rounding of log w (1e-7 |log w|) and
@@ -506,7 +506,7 @@ void grad_points(const OtArgs& a, const float* yT_all) {
 
 void ot_run(const OtArgs& a, const float* yT) {
   FASTOPT_DTYPE_SWITCH(a.dtype, [&] {
-    if (a.mode == 0 && a.c != 0) {
+    if (a.mode == 2) {
       if (a.cost_matrix != 0) {
         softmin_dense<scalar_t>(a);
       } else {

@@ -46,64 +46,6 @@ NEG_INF = float("-inf")
 _RATIO_RANGE = {torch.float32: 1e30, torch.float64: 1e300}
 
 
-def _softmin_kernel(x: Optional[Tensor], y: Optional[Tensor], cost_matrix: Optional[Tensor], w: Tensor, g: Tensor,
-                    out: Tensor, eps: float, cost: int, backend: str) -> None:
-    """The weighted soft-minimum pass into ``out`` (B, n) fp32: ``out_i = -eps log(sum_j w_j
-    exp((g_j - C_ij) / eps) / sum_j w_j)`` over contiguous points ``x`` (B, n, d), ``y`` (B, m, d) or a
-    dense ``cost_matrix`` (B, n, m), with fp32 weights ``w`` >= 0 and potential ``g`` (B, m)
-    (:func:`fastopt.reference.ot.softmin_reference`; ``csrc/cpu/ot_kernels.cpp``, ``triton_kernels/ot.py``).
-    Every tensor is checked (device, dtype, shape, dense, storage holding its extent) before a kernel
-    runs."""
-    ref = cost_matrix if cost_matrix is not None else x
-    if ref is None or ref.dim() != 3 or w.dim() != 2:
-        raise ValueError("fastopt::ot_softmin_: needs points x (B, n, d) and y (B, m, d) or a cost matrix (B, n, m), "
-                         "and w (B, m)")
-    batch, n, m = ref.shape[0], ref.shape[1], w.shape[1]
-    if cost_matrix is not None:
-        if x is not None or y is not None:
-            raise ValueError("fastopt::ot_softmin_: a cost matrix takes no points")
-        want = [("cost_matrix", cost_matrix, ref.dtype, (batch, n, m))]
-        d = 0
-    else:
-        d = x.shape[2]
-        if d < 1:
-            raise ValueError("fastopt::ot_softmin_: points need d >= 1")
-        want = [("x", x, ref.dtype, (batch, n, d)), ("y", y, ref.dtype, (batch, m, d))]
-    want += [("w", w, torch.float32, (batch, m)), ("g", g, torch.float32, (batch, m)),
-             ("out", out, torch.float32, (batch, n))]
-    for name, t, dtype, shape in want:
-        if t is None or t.dtype != dtype or tuple(t.shape) != shape or t.device != ref.device or not t.is_contiguous():
-            raise ValueError(f"fastopt::ot_softmin_: {name} must be a contiguous {dtype} tensor of shape {shape} on "
-                             f"{ref.device}, got {None if t is None else (t.dtype, tuple(t.shape), t.device)}")
-        if t.untyped_storage().nbytes() < (t.storage_offset() + t.numel()) * t.element_size():
-            raise ValueError(f"fastopt::ot_softmin_: the storage of {name} is smaller than its extent")
-    if not (eps > 0.0 and math.isfinite(eps)) or cost not in (0, 1):
-        raise ValueError(f"fastopt::ot_softmin_: eps must be positive and finite and cost 0 or 1, got {eps}, {cost}")
-    if out.numel() == 0:
-        return
-    if backend == "triton":
-        _backend.triton_kernels().ot.ot_softmin(x, y, cost_matrix, w, g, out, eps, cost)
-        return
-    ptr = (lambda t: 0 if t is None else t.data_ptr())
-    # ot_pass_cpu's mode 0 with a potential c is the soft-minimum (csrc/cpu/ot_kernels.cpp)
-    args = (ptr(x), ptr(y), ptr(cost_matrix), w.data_ptr(), g.data_ptr(), out.data_ptr(), batch, n, m, d, int(cost), 0,
-            float(eps), _backend.dtype_code(ref.dtype))
-    _ops._run_native(backend, "ot_pass", ref.device, args, "ot_softmin_")
-
-
-ot_softmin_ = torch.library.custom_op("fastopt::ot_softmin_", mutates_args=("out",))(_softmin_kernel)
-
-
-@ot_softmin_.register_fake
-def _softmin_fake(x, y, cost_matrix, w, g, out, eps, cost, backend):
-    return None
-
-
-def ot_softmin(*args):
-    """``fastopt::ot_softmin_`` without the dispatcher in eager mode."""
-    _ops._eager_or_op(ot_softmin_, _softmin_kernel, ([args[5]],), args)
-
-
 @dataclass
 class SinkhornResult:
     """What :func:`sinkhorn` returns.
@@ -181,10 +123,10 @@ class _Problem:
         out = torch.empty(h.shape[0], self.log_a.shape[1] if rows else self.log_b.shape[1],
                           dtype=torch.float32, device=h.device)
         if self.C is not None:
-            ot_softmin(None, None, self.C if rows else self.CT, w, h.contiguous(), out, float(eps), COSTS[self.cost],
+            _ops.ot_softmin(None, None, self.C if rows else self.CT, w, h.contiguous(), out, float(eps), COSTS[self.cost],
                        self.backend)
         else:
-            ot_softmin(self.x if rows else self.y, self.y if rows else self.x, None, w, h.contiguous(), out,
+            _ops.ot_softmin(self.x if rows else self.y, self.y if rows else self.x, None, w, h.contiguous(), out,
                        float(eps), COSTS[self.cost], self.backend)
         return out
 

@@ -180,7 +180,10 @@ inline void check_tile24(const Tile24Args& a) {
 // on the fly (cost 0: |x - y|^2, 1: |x - y|) or read from a dense cost matrix (B, n, m):
 //   mode 0:  out[b,i]   = LSE_j (h[b,j] - C_ij / eps)                           (fp32 (B, n))
 //   mode 1:  out[b,i,:] = sum_j exp(c[b,i] + h[b,j] - C_ij / eps) * dC_ij/dx_i  (fp32 (B, n, d); points only)
-// h (B, m) and c (B, n) are fp32 and may hold -inf (no mass); x (B, n, d), y (B, m, d) and the cost
+//   mode 2:  out[b,i]   = -eps log(sum_j h[b,j] exp((c[b,j] - C_ij) / eps) / sum_j h[b,j])
+//            the weighted soft-minimum in cost units (h: weights >= 0, c: a potential, both (B, m);
+//            fp32 (B, n)), evaluated relative to the row's smallest C - c so that no eps cancels
+// h (B, m) and c (B, n) (mode 2: (B, m)) are fp32 and may hold -inf (no mass); x (B, n, d), y (B, m, d) and the cost
 // matrix have the storage dtype; accumulation is fp32 with an online (rescaled) maximum.
 struct OtArgs {
   int64_t x = 0, y = 0, cost_matrix = 0;  // x, y: points; or cost_matrix (then x = y = 0)
@@ -194,12 +197,12 @@ struct OtArgs {
 
 inline void check_ot(const OtArgs& a) {
   check_arg(a.batch >= 0 && a.n >= 0 && a.m >= 0 && a.d >= 0, "negative size");
-  check_arg(a.mode == 0 || a.mode == 1, "mode must be 0 (log-sum-exp) or 1 (gradient)");
+  check_arg(a.mode >= 0 && a.mode <= 2, "mode must be 0 (log-sum-exp), 1 (gradient) or 2 (soft-minimum)");
   check_arg(a.cost == 0 || a.cost == 1, "cost must be 0 (squared Euclidean) or 1 (Euclidean)");
   check_arg(a.eps > 0.0, "eps must be > 0");
   check_arg(a.dtype == kFloat32 || a.dtype == kFloat16 || a.dtype == kBFloat16, "unsupported dtype code");
   const bool dense = a.cost_matrix != 0;
-  check_arg(!dense || a.mode == 0, "the gradient pass needs points, not a cost matrix");
+  check_arg(!dense || a.mode != 1, "the gradient pass needs points, not a cost matrix");
   check_arg(dense || a.d >= 1, "points need d >= 1");
   if (a.batch * a.n == 0) return;
   check_arg(a.h != 0 && a.out != 0 && (a.mode == 0 || a.c != 0), "null tensor address");
