@@ -12,8 +12,8 @@ import functools
 import math
 import operator
 import weakref
-from itertools import chain
 from collections import OrderedDict
+from itertools import chain
 from typing import List, Optional
 
 import torch
@@ -83,6 +83,8 @@ class _Call:
             self._checked[key] = [weakref.ref(t) for t in tensors]
             if len(self._checked) > self._MAX_CHECKED:
                 self._checked.popitem(last=False)
+        else:
+            self._checked.move_to_end(key)
         return self
 
     def ptrs(self, *names):

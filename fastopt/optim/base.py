@@ -277,8 +277,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_states(self, group, params):
         """Raise before any state changes when the state of one of ``params`` does not belong to it
         (replaced by hand, or loaded for another parameter).  A parameter whose state tensors are the
-        very objects checked at an earlier step, at the same parameter address, is not checked again
-        (``_states_checked``: id -> weak references, so a recycled id never matches)."""
+        very objects checked at an earlier step, at the same parameter address and with the same number
+        of state entries, is not checked again (``_states_checked``: id -> weak references, so a recycled
+        id never matches)."""
         checked = self.__dict__.setdefault("_states_checked", {})
         state_of = self.state
         for p in params:
@@ -286,7 +287,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not state:
                 continue
             entry = checked.get(id(p))
-            if entry is not None and entry[0]() is p and entry[1] == p.data_ptr():
+            if entry is not None and entry[0]() is p and entry[1] == p.data_ptr() and entry[3] == len(state):
                 for name, ref in entry[2]:
                     if state.get(name) is not (ref and ref()):
                         break
@@ -294,7 +295,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     continue
             names = self._check_state_of(group, p, state)
             checked[id(p)] = (weakref.ref(p), p.data_ptr(),
-                              [(name, weakref.ref(state[name]) if name in state else None) for name in names])
+                              [(name, weakref.ref(state[name]) if name in state else None) for name in names],
+                              len(state))
 
     def _check_state_of(self, group, p, state):
         """Check the state of ``p`` fully; returns the names of the state tensors checked."""
@@ -331,7 +333,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{name}: {where} holds low-bit states ({state['state_format']}); load it into "
                                      "an optimizer with the same state_bits (fastopt.lowbit.AdamW8bit, "
                                      "ElementwiseAdamW(state_bits=...), ...)")
-                continue  # _check_loaded_lowbit checks its layout
+                continue  # its layout: lowbit_state.check_loaded_state (ElementwiseOptimizer._check_loaded)
             for key, value in state.items():
                 if not torch.is_tensor(value) or value.numel() == 1 and value.shape != p.shape:
                     continue
