@@ -21,7 +21,7 @@ from ..lowbit.codebook import (codebook, dequantize_reference, get_format, quant
 from ..sparse import MAX_KERNEL_M, nm_mask, transposable_mask
 from ..sparse.training import NMSparsity
 from .functional import (check_disjoint, elementwise_unchecked, is_dense, lowbit_unchecked, overlaps_itself,
-                         scalar_on)
+                         scalar_lr, scalar_on)
 
 
 def lowbit_dequantize(state, name, fmt):
@@ -44,12 +44,10 @@ def lowbit_quantize_into(state, name, fmt, p, values):
 
 
 def _group_view(group):
-    """``group`` as the step reads it: a one-element tensor ``lr`` of any shape (torch.optim accepts
-    ``torch.tensor([[1e-2]])``) as a 0-d view, so that every backend broadcasts it as a scalar."""
-    lr = group.get("lr")
-    if isinstance(lr, torch.Tensor) and lr.dim() > 0:
-        return {**group, "lr": lr.reshape(())}
-    return group
+    """``group`` as the step reads it: its ``lr`` as a scalar (:func:`.functional.scalar_lr`), so that
+    every backend broadcasts it."""
+    lr = scalar_lr(group.get("lr"))
+    return group if lr is group.get("lr") else {**group, "lr": lr}
 
 
 def _describe(v):

@@ -48,6 +48,12 @@ def check_disjoint(owner, params, last=None):
         last[:] = spans
 
 
+def scalar_lr(lr):
+    """``lr`` as a scalar: a one-element tensor of any shape (torch.optim accepts ``torch.tensor([[1e-2]])``)
+    as a 0-d view (in-place changes to ``lr`` still show), anything else as it is."""
+    return lr.reshape(()) if isinstance(lr, torch.Tensor) and lr.dim() != 0 else lr
+
+
 def check_hyper(name, value, low=0.0, high=math.inf, high_open=False):
     """torch.optim-style validation of one hyperparameter (raises ValueError)."""
     if isinstance(value, torch.Tensor):

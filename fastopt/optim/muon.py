@@ -80,12 +80,6 @@ def newton_schulz_triton(G, steps, coeffs, eps=1e-7):
     return _ns_triton(G, int(steps), float(eps), flat)
 
 
-def _scalar_lr(lr):
-    """A tensor ``lr`` with one element as a 0-dim tensor (a view: in-place changes to ``lr`` still show),
-    as torch.optim uses it: a scalar, whatever its number of dimensions."""
-    return lr.reshape(()) if isinstance(lr, Tensor) and lr.dim() != 0 else lr
-
-
 def _check_int(name, value, low):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"Invalid {name}: {value!r} (expected an int >= {low})")
@@ -447,7 +441,7 @@ class Muon(torch.optim.Optimizer):
             maximize, weight_decay = False, 0.0
         R.muon_reference(
             targets, grads, [s["momentum_buffer"] for s in states],
-            lr=_scalar_lr(group["lr"]), momentum=group["momentum"], nesterov=group["nesterov"],
+            lr=F.scalar_lr(group["lr"]), momentum=group["momentum"], nesterov=group["nesterov"],
             weight_decay=weight_decay, weight_decouple=group["weight_decouple"], ns_steps=group["ns_steps"],
             ns_coeffs=group["ns_coeffs"], ns_method=group["ns_method"], ns_reset_steps=group["ns_reset_steps"],
             use_adjusted_lr=group["use_adjusted_lr"], maximize=maximize, cautious=bool(group["cautious"]),
@@ -459,7 +453,7 @@ class Muon(torch.optim.Optimizer):
         steps = list(torch.full((len(targets),), float(group["step"] - 1), dtype=torch.float32,
                                 device=device).unbind(0))
         beta1, beta2 = (float(b) for b in group["betas"])
-        kwargs = dict(lr=_scalar_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+        kwargs = dict(lr=F.scalar_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"], decoupled=bool(group["weight_decouple"]), amsgrad=False,
                       maximize=bool(group["maximize"]))
         exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
