@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -59,15 +59,18 @@ def _have_ninja():
         return False
 
 
+def _packages():
+    """Every package under fastopt/ (found, so a new subpackage cannot be forgotten), plus triton_kernels/
+    and its subpackages, which install as fastopt.triton_kernels (DESIGN.md's layout)."""
+    found = find_packages(include=["fastopt", "fastopt.*"])
+    found += ["fastopt.triton_kernels"] + [f"fastopt.triton_kernels.{p}" for p in find_packages("triton_kernels")]
+    return found
+
+
 setup(
-    packages=[
-        "fastopt",
-        "fastopt.optim",
-        "fastopt.reference",
-        "fastopt.bench",
-        "fastopt.triton_kernels",
-    ],
+    packages=_packages(),
     package_dir={"fastopt.triton_kernels": "triton_kernels"},
+    package_data={"fastopt": ["py.typed"]},
     ext_modules=[CMakeExtension("fastopt._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

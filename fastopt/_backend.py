@@ -8,6 +8,7 @@ compile step; on a CPU only under ``TRITON_INTERPRET=1``, which is how CI tests 
 import functools
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -29,15 +30,45 @@ def _load_native():
         return None, str(e)
 
 
+BUILD_HINT = ("build it with `pip install --no-build-isolation .` in the source tree (needs a C++ compiler, "
+              "cmake and pybind11; nvcc for the CUDA kernels)")
+
+
+# NOTE: [backends under torch.compile]  Which backends this install has is decided once, outside any
+# graph: the functions below import modules (importlib, lru_cache) that dynamo cannot trace, so they
+# are marked assume_constant_result -- dynamo calls them at trace time and bakes in the answer.
+_constant = torch.compiler.assume_constant_result
+
+
+@_constant
+def native_error():
+    """Why fastopt._C cannot be imported (the ImportError's text), or None when it can."""
+    return _load_native()[1]
+
+
 def native():
-    """The native module fastopt._C, or a clear error when it was not built."""
+    """The native module fastopt._C, or a clear error (with the import error) when it cannot be imported."""
     mod, err = _load_native()
     if mod is None:
         raise BackendUnavailableError(
-            "fastopt._C is not built (" + err + "); install fastopt with "
-            "`pip install --no-build-isolation .` (needs a C++ compiler, cmake and pybind11), "
-            "or use backend='torch'")
+            f"fastopt._C cannot be imported ({err}); {BUILD_HINT}, or use backend='torch'")
     return mod
+
+
+_warned_fallback = False
+
+
+def _warn_fallback(device):
+    """Warn once per process that backend='auto' runs the slow torch reference because fastopt._C is missing."""
+    global _warned_fallback
+    if _warned_fallback:
+        return
+    _warned_fallback = True
+    warnings.warn(
+        f"fastopt: backend='auto' runs the pure-PyTorch reference for {device.type} tensors (much slower than "
+        f"the fused kernels) because fastopt._C cannot be imported ({native_error()}); {BUILD_HINT}. "
+        "Pass backend='torch' to choose the reference explicitly (no warning). This warning is shown once.",
+        RuntimeWarning, stacklevel=3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,19 +86,23 @@ def triton_kernels():
     return mod
 
 
+@_constant
 def triton_interpret():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@_constant
 def has_cpu():
     return _load_native()[0] is not None
 
 
+@_constant
 def has_cuda():
     mod = _load_native()[0]
     return mod is not None and bool(getattr(mod, "with_cuda", False))
 
 
+@_constant
 def has_triton():
     return _load_triton()[0] is not None
 
@@ -113,6 +148,19 @@ def available_backends(device):
     return out
 
 
+def _unavailable_reason(backend, device):
+    """What this install lacks for ``backend`` (the import error itself), appended to the error message."""
+    if backend in ("cpu", "cuda"):
+        err = native_error()
+        if err is not None:
+            return f"; fastopt._C cannot be imported ({err}); {BUILD_HINT}"
+        if backend == "cuda" and not has_cuda():
+            return "; this fastopt._C was built without its CUDA part (nvcc was not found, or FASTOPT_SKIP_CUDA=1)"
+    if backend == "triton" and not has_triton():
+        return f"; fastopt.triton_kernels cannot be imported ({_load_triton()[1]})"
+    return ""
+
+
 def dtype_code(dtype):
     return _DTYPE_CODES[dtype]
 
@@ -135,8 +183,12 @@ def resolve(backend, device, dtype, dense=True):
         if not kernel_ok:
             return "torch"
         if device.type == "cuda":
-            return "cuda" if has_cuda() else ("triton" if has_triton() else "torch")
-        return "cpu" if device.type == "cpu" and has_cpu() else "torch"
+            chosen = "cuda" if has_cuda() else ("triton" if has_triton() else "torch")
+        else:
+            chosen = "cpu" if device.type == "cpu" and has_cpu() else "torch"
+        if chosen == "torch" and device.type in ("cpu", "cuda") and native_error() is not None:
+            _warn_fallback(device)
+        return chosen
     if backend == "torch":
         return backend
     if not kernel_ok:
@@ -149,5 +201,6 @@ def resolve(backend, device, dtype, dense=True):
             "cpu": "needs CPU tensors and fastopt._C",
             "triton": "needs triton and CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)",
         }[backend]
-        raise BackendUnavailableError(f"backend {backend!r} cannot run on device {device}: it {why}")
+        raise BackendUnavailableError(f"backend {backend!r} cannot run on device {device}: it {why}"
+                                      + _unavailable_reason(backend, device))
     return backend

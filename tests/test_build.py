@@ -54,3 +54,39 @@ def test_triton_kernels_installed_as_subpackage():
 
     assert callable(tk.adam_step) and callable(tk.multi_tensor_apply)
     assert fastopt.__version__
+
+
+_WITHOUT_NATIVE = r"""
+import sys, warnings
+sys.modules["fastopt._C"] = None          # the import of fastopt._C fails as it does on an install without it
+import torch, fastopt
+from fastopt import _backend
+p = torch.nn.Parameter(torch.ones(4)); p.grad = torch.ones(4)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(2):                    # two optimizers, two steps: one warning in all
+        opt = fastopt.AdamW([p], lr=0.1)
+        opt.step()
+fallback = [w for w in caught if "fastopt._C" in str(w.message)]
+assert len(fallback) == 1, [str(w.message) for w in caught]
+msg = str(fallback[0].message)
+assert "backend='auto' runs the pure-PyTorch reference" in msg and "halted; None in sys.modules" in msg, msg
+assert "pip install --no-build-isolation ." in msg, msg
+assert opt.param_groups[0]["backend"] == "auto" and float(p[0]) < 1.0
+for make in (lambda: fastopt.AdamW([p], backend="cpu").step(), _backend.native,
+             lambda: fastopt.sparse.nm_mask(torch.randn(4, 8), 2, 4, backend="cpu")):
+    try:
+        make()
+    except _backend.BackendUnavailableError as e:
+        assert "halted; None in sys.modules" in str(e) and "pip install --no-build-isolation ." in str(e), str(e)
+    else:
+        raise AssertionError("no BackendUnavailableError")
+print("ok")
+"""
+
+
+def test_missing_native_module_warns_once_and_names_the_import_error():
+    """Without fastopt._C (issue 15): backend='auto' warns once, naming the import error and how to build;
+    every BackendUnavailableError for the cpu backend carries the import error."""
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_NATIVE], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr

@@ -54,6 +54,17 @@ def _describe(v):
     return f"{v.dtype}{tuple(v.shape)} on {v.device}" if torch.is_tensor(v) else type(v).__name__
 
 
+def fill_group_defaults(optimizer, defaults):
+    """After unpickling or load_state_dict: every group gets the keys of ``defaults`` it lacks -- except
+    "differentiable", which torch's ``__setstate__`` adds to the defaults of every optimizer, unless the
+    optimizer had it at construction (so a resumed optimizer's groups have the keys of a fresh one)."""
+    own = getattr(optimizer, "_constructed_defaults", None)
+    for group in optimizer.param_groups:
+        for key, value in defaults.items():
+            if key != "differentiable" or own is None or key in own:
+                group.setdefault(key, value)
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class: subclasses define ``_check_group``, ``_init_state`` and ``_step_bucket``."""
 
@@ -67,9 +78,21 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults):
         _backend.check_backend_name(defaults.get("backend", "auto"))
+        self._constructed_defaults = frozenset(defaults)
         super().__init__(params, defaults)
         self.register_load_state_dict_pre_hook(FusedOptimizer._before_load)
         self.register_load_state_dict_post_hook(FusedOptimizer._after_load)
+        self.register_state_dict_post_hook(FusedOptimizer._plain_groups)
+
+    @staticmethod
+    def _plain_groups(optimizer, state_dict):
+        # Every value of a saved group is a plain Python value or a tensor, so the state_dict loads with
+        # torch.load(weights_only=True) (transformers' Trainer, Lightning): N:M schedules are saved as dicts
+        # (NMSparsity.to_state) and rebuilt by _before_load.
+        for group in state_dict["param_groups"]:
+            if isinstance(group.get("sparsity"), NMSparsity):
+                group["sparsity"] = group["sparsity"].to_state()
+        return state_dict
 
     def add_param_group(self, param_group):
         """torch's add_param_group, then the group is checked: each parameter once (the kernels would
@@ -101,9 +124,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+        fill_group_defaults(self, self.defaults)
 
     # -- hooks for subclasses ------------------------------------------------------------------
     def _check_group(self, group):
@@ -180,8 +201,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 grads.extend(g for _, g in pairs)
             buckets.update(int8)
             plan.append((_group_view(group), buckets))
-        stepped = [p for _, buckets in plan for params, _ in buckets.values() for p in params]
-        check_disjoint(type(self).__name__, stepped, self.__dict__.setdefault("_disjoint_checked", []))
+        if not torch.compiler.is_compiling():  # compiled: the tensor boundary checks each call's params
+            stepped = [p for _, buckets in plan for params, _ in buckets.values() for p in params]
+            check_disjoint(type(self).__name__, stepped, self.__dict__.setdefault("_disjoint_checked", []))
         return plan
 
     def _check_int8_param(self, p):
@@ -247,6 +269,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         # scalars (LAMB's norms, SGD-SaI's g-SNR) -- so set those aside here; _after_load puts them back.
         # Low-bit states (uint8 codes, fp32 absmax) are set aside whatever the param's dtype: torch
         # would cast them to it.
+        groups = []
+        for g in state_dict["param_groups"]:
+            if g.get("sparsity") is not None and not isinstance(g["sparsity"], NMSparsity):
+                g = {**g, "sparsity": NMSparsity.from_state(g["sparsity"])}   # (the caller's dict is not changed)
+            groups.append(g)
+        state_dict = {**state_dict, "param_groups": groups}
         saved = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         current = [p for g in optimizer.param_groups for p in g["params"]]
         master = {pid for g in state_dict["param_groups"] if g.get("master_weights") for pid in g["params"]}
@@ -266,6 +294,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         or (low_precision and value.dtype == torch.float32 and (pid in master or value.dim() == 0))):
                     stash.setdefault(p, {})[key] = value
         optimizer._fp32_stash = stash
+        return state_dict
 
     def _elementwise_states(self, group, p, state):
         """{name: dtype} of the states of ``p`` that a step walks element by element beside it: each
@@ -278,6 +307,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         very objects checked at an earlier step, at the same parameter address and with the same number
         of state entries, is not checked again (``_states_checked``: id -> weak references, so a recycled
         id never matches)."""
+        if torch.compiler.is_compiling():  # every state, from its metadata: see NOTE: [checks under torch.compile]
+            for p in params:
+                state = self.state.get(p)
+                if state:
+                    self._check_state_of(group, p, state)
+            return
         checked = self.__dict__.setdefault("_states_checked", {})
         state_of = self.state
         for p in params:

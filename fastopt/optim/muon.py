@@ -19,6 +19,7 @@ from ..reference import muon as R
 from ..reference.adam import adam_reference
 from ..reference.rounding import bf16_stochastic
 from . import functional as F
+from .base import fill_group_defaults
 
 MUON_BACKENDS = ("auto", "triton", "torch")
 _ADAMW_STATE = ("exp_avg", "exp_avg_sq")
@@ -48,7 +49,7 @@ def resolve_ns_backend(backend, device):
     if not usable:
         raise _backend.BackendUnavailableError(
             f"Muon backend 'triton' cannot run on device {device}: it needs triton and CUDA tensors (or CPU "
-            "tensors under TRITON_INTERPRET=1); use backend='torch' or 'auto'")
+            "tensors under TRITON_INTERPRET=1); use backend='torch' or 'auto'" + _backend._unavailable_reason("triton", device))
     return "triton"
 
 
@@ -174,6 +175,7 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(weight_decouple=weight_decouple, maximize=maximize, foreach=foreach, cautious=cautious,
                         stochastic_rounding=stochastic_rounding, master_weights=master_weights, seed=seed,
                         backend=backend)
+        self._constructed_defaults = frozenset(defaults)
         super().__init__(self._as_groups(params), defaults)
 
     # -- param groups -----------------------------------------------------------------------------
@@ -221,8 +223,7 @@ class Muon(torch.optim.Optimizer):
             if kinds is not None and "use_muon" in group:
                 for key, value in kinds[bool(group["use_muon"])].items():
                     group.setdefault(key, value)
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+        fill_group_defaults(self, self.defaults)
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict):

@@ -34,7 +34,7 @@ the sparse phase is cut into ``log2(m / n)`` equal frames with patterns ``(m - 1
 ``finetune_steps >= 1``).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
@@ -165,6 +165,29 @@ class NMSparsity:
         if self.finetuning(t) and self.finetune_mask == "fixed":
             return False
         return (t - self.dense_steps) % self.refresh_every == 0
+
+    # -- checkpoints: a state_dict holds the schedule as a plain dict, so it loads with
+    # torch.load(weights_only=True) (transformers' Trainer, Lightning) and without fastopt imported.
+    STATE_KEY = "fastopt.NMSparsity"
+
+    def to_state(self):
+        """The schedule as a plain dict (what a fastopt optimizer's ``state_dict()`` stores)."""
+        return {self.STATE_KEY: asdict(self)}
+
+    @classmethod
+    def from_state(cls, value):
+        """The inverse of :meth:`to_state`; an NMSparsity (an older checkpoint) or None is returned as is.
+        Raises ValueError for anything else (and the constructor's checks run on the saved fields)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict) and set(value) == {cls.STATE_KEY} and isinstance(value[cls.STATE_KEY], dict):
+            saved = value[cls.STATE_KEY]
+            known = {f.name for f in fields(cls)}
+            unknown = set(saved) - known
+            if unknown:
+                raise ValueError(f"NMSparsity: the checkpoint's schedule has unknown fields {sorted(unknown)}")
+            return cls(**saved)
+        raise ValueError(f"a checkpoint's group 'sparsity' must be a saved NMSparsity, got {value!r}")
 
     def check_param(self, p, who):
         """Raise (ValueError/TypeError) when parameter ``p`` cannot be trained with this schedule."""

@@ -1,0 +1,94 @@
+"""What a user gets from `pip install fastopt-*.whl` (issue 15): run by .ci/wheel with a fresh virtual
+environment's python, from a folder outside the source tree.  Exits non-zero on the first failure.
+
+  * fastopt is the installed copy (site-packages), with its native module and every subpackage;
+  * every public module imports (fastopt.triton_kernels when triton is installed);
+  * each optimizer family steps once on the cpu backend (elementwise, reduce-pass, low-bit states,
+    int8 weights, N:M sparse training, Muon on its torch backend) and changes the parameters;
+  * one Sinkhorn solve agrees with the torch reference, one N:M mask is N:M.
+"""
+import importlib
+import os
+import pkgutil
+import sys
+import sysconfig
+
+import torch
+from torch import nn
+
+import fastopt
+from fastopt import _backend
+
+here = os.path.realpath(os.path.dirname(fastopt.__file__))
+site = os.path.realpath(sysconfig.get_paths()["purelib"])
+platsite = os.path.realpath(sysconfig.get_paths()["platlib"])
+assert here.startswith((site, platsite)), f"fastopt was imported from {here}, not the installed package ({site})"
+info = _backend.build_info()
+assert info["native_module"], f"fastopt._C does not import: {info['native_error']}"
+print(f"fastopt {fastopt.__version__} from {here}; cpu kernels: {info['cpu_isa']}; "
+      f"CUDA kernels built: {info['cuda_kernels_built']}")
+if os.environ.get("FASTOPT_EXPECT_CUDA") == "1":
+    assert info["cuda_kernels_built"], "nvcc was present at build time, but the wheel has no CUDA kernels"
+
+# every module of the package
+have_triton = importlib.util.find_spec("triton") is not None
+modules = []
+for mod in pkgutil.walk_packages(fastopt.__path__, "fastopt."):
+    if mod.name.startswith("fastopt.triton_kernels") and not have_triton:
+        continue
+    importlib.import_module(mod.name)
+    modules.append(mod.name)
+for sub in ("optim", "lowbit", "sparse", "ot", "reference", "bench", "triton_kernels"):
+    assert f"fastopt.{sub}" in modules or (sub == "triton_kernels" and not have_triton), f"fastopt.{sub} missing"
+wheel_files = {os.path.relpath(os.path.join(d, f), here) for d, _, fs in os.walk(here) for f in fs}
+assert "py.typed" in wheel_files, "fastopt/py.typed is not installed"
+kernels = sorted(f for f in wheel_files if f.startswith("triton_kernels" + os.sep) and f.endswith(".py"))
+assert len(kernels) >= 10, f"the Triton kernels are not in the installed package: {kernels}"
+print(f"imported {len(modules)} modules (triton installed: {have_triton}); {len(kernels)} Triton kernel files")
+
+
+def model(dtype=torch.float32, int8=False):
+    torch.manual_seed(0)
+    first = fastopt.lowbit.Int8Linear(64, 128) if int8 else nn.Linear(64, 128)
+    return nn.Sequential(first, nn.ReLU(), nn.Linear(128, 64)).to(dtype)
+
+
+nm = fastopt.sparse.NMSparsity(2, 4)
+families = {
+    "AdamW (multi-tensor Adam)": (model(), lambda m: fastopt.AdamW(m.parameters(), lr=1e-2, backend="cpu")),
+    "Lion (elementwise)": (model(), lambda m: fastopt.Lion(m.parameters(), lr=1e-3, backend="cpu")),
+    "Adan/AdaBelief/DiffGrad/EXAdam (zoo)": (model(), lambda m: fastopt.Adan(m.parameters(), backend="cpu")),
+    "Lamb (reduce pass)": (model(), lambda m: fastopt.Lamb(m.parameters(), lr=1e-2, backend="cpu")),
+    "AdamP (reduce pass)": (model(), lambda m: fastopt.AdamP(m.parameters(), lr=1e-2, backend="cpu")),
+    "SGDSaI (reduce pass)": (model(), lambda m: fastopt.SGDSaI(m.parameters(), lr=1e-2, backend="cpu")),
+    "AdamW8bit (low-bit states)": (model(), lambda m: fastopt.lowbit.AdamW8bit(m.parameters(), backend="cpu")),
+    "Lion bf16 master weights": (model(torch.bfloat16), lambda m: fastopt.Lion(
+        m.parameters(), lr=1e-3, master_weights=True, backend="cpu")),
+    "Lion int8 weights": (model(int8=True), lambda m: fastopt.Lion(m.parameters(), lr=1e-3, backend="cpu")),
+    "Lion N:M sparse": (model(), lambda m: fastopt.Lion(fastopt.sparse.nm_param_groups(m, nm), lr=1e-3,
+                                                        backend="cpu")),
+    "Muon": (model(), lambda m: fastopt.Muon(m.parameters(), lr=1e-2)),
+}
+for name, (m, make) in families.items():
+    opt = make(m)
+    before = [p.detach().clone() for p in m.parameters()]
+    x = torch.randn(8, 64, dtype=next(m.parameters()).dtype)
+    m(x).float().square().mean().backward()
+    opt.step()
+    moved = sum(not torch.equal(a, p) for a, p in zip(before, m.parameters()))
+    assert moved > 0, f"{name}: one step changed no parameter"
+    print(f"step ok: {name} ({moved} tensors changed)")
+
+x, y = torch.randn(40, 3), torch.randn(50, 3)
+plan_cost = fastopt.ot.sinkhorn(x, y, eps=0.5, backend="cpu")
+ref = fastopt.ot.sinkhorn(x, y, eps=0.5, backend="torch")
+cost = plan_cost if torch.is_tensor(plan_cost) else plan_cost[0]
+ref = ref if torch.is_tensor(ref) else ref[0]
+assert torch.allclose(cost, ref, rtol=1e-4, atol=1e-6), (cost, ref)
+print(f"sinkhorn ok: {float(cost):.6f} (torch reference {float(ref):.6f})")
+w = torch.randn(16, 32)
+mask = fastopt.sparse.nm_mask(w, 2, 4, backend="cpu")
+assert fastopt.sparse.is_nm_sparse(w * mask, 2, 4) and int(mask.sum()) == 16 * 32 // 2
+print("nm_mask ok")
+print("install check passed")
+sys.exit(0)
