@@ -106,4 +106,4 @@ def _bars(ctx):
 
 
 SUITE = register(Suite(name="lowbit-adamw", cases=_cases, unit="params", baseline="torch-fused-fp32", bars=_bars,
-                       other_baselines=("torchao-8bit", "bnb-8bit")))
+                       other_baselines=("torchao-8bit", "bnb-8bit"), what="one opt.step()"))

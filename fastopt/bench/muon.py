@@ -118,7 +118,8 @@ def ns_bars(ctx):
     return [Bar(c.name, "fastopt-triton", NS_SUITE.speedup_key, 1.5) for c in (NS_QUICK if ctx.quick else NS_FULL)]
 
 
-NS_SUITE = register(Suite(name="newton_schulz", cases=ns_cases, unit="flop", baseline=NS_BASELINE, bars=ns_bars))
+NS_SUITE = register(Suite(name="newton_schulz", cases=ns_cases, unit="flop", baseline=NS_BASELINE, bars=ns_bars,
+                          memory_bound=False, what="5 Newton-Schulz iterations"))
 
 
 # -- full Muon optimizer steps ------------------------------------------------------------------------------
@@ -199,4 +200,5 @@ def step_cases(ctx):
             for m in STEP_METHODS]
 
 
-STEP_SUITE = register(Suite(name="muon", cases=step_cases, unit="params", baseline=STEP_BASELINE))
+STEP_SUITE = register(Suite(name="muon", cases=step_cases, unit="params", baseline=STEP_BASELINE,
+                            memory_bound=False, what="one opt.step()"))

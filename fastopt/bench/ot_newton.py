@@ -143,4 +143,5 @@ def sns_cases(ctx):
 
 
 SNS_SUITE = register(Suite(name="sinkhorn-newton", cases=sns_cases, unit="solves", baseline=BASELINE,
-                           other_baselines=("pot-sinkhorn-log",)))
+                           other_baselines=("pot-sinkhorn-log",), memory_bound=False,
+                           what="one solve to the tolerance"))

@@ -138,4 +138,5 @@ def sw_bars(ctx):
 
 
 SW_SUITE = register(Suite(name="sliced-wasserstein", cases=sw_cases, unit="point_projections", baseline=BASELINE,
-                          bars=sw_bars, other_baselines=("pot-numpy",)))
+                          bars=sw_bars, other_baselines=("pot-numpy",), memory_bound=False,
+                          what="one sliced Wasserstein distance"))

@@ -105,11 +105,12 @@ def nm_bars(ctx):
     if ctx.quick:
         return []
     if ctx.device.type == "cuda":
-        return [Bar(C_CUDA.name, "fastopt-cuda", "frac_copy_bw", 0.8)]
+        return [Bar(C_CUDA.name, "fastopt-cuda", "frac_bw", 0.8)]
     return [Bar(C_CPU.name, "fastopt-cpu", NM_SUITE.speedup_key, 10.0)]
 
 
-NM_SUITE = register(Suite(name="nm-mask", cases=nm_cases, unit="elements", baseline=BASELINE, bars=nm_bars))
+NM_SUITE = register(Suite(name="nm-mask", cases=nm_cases, unit="elements", baseline=BASELINE, bars=nm_bars,
+                           what="one N:M mask"))
 
 
 def tile_setup(config, method, device):
@@ -132,7 +133,8 @@ def tile_cases(ctx):
 
 
 TILE_SUITE = register(Suite(name="transposable-24", cases=tile_cases, unit="elements",
-                            baseline="fastopt-torch-exact", other_baselines=("fastopt-torch-greedy",)))
+                            baseline="fastopt-torch-exact", other_baselines=("fastopt-torch-greedy",), memory_bound=False,
+                            what="one transposable mask"))
 
 
 # -- sparse training: one SR-STE 2:4 optimizer step ------------------------------------------------
@@ -231,4 +233,5 @@ def step_cases(ctx):
             for c in configs for m in _step_methods(ctx.device)]
 
 
-STEP_SUITE = register(Suite(name="sparse-step", cases=step_cases, unit="params", baseline=STEP_BASELINE))
+STEP_SUITE = register(Suite(name="sparse-step", cases=step_cases, unit="params", baseline=STEP_BASELINE,
+                             what="one sparse training step"))

@@ -118,10 +118,11 @@ def _suite(spec):
 
     def bars(ctx):
         if ctx.device.type == "cuda":
-            return [] if spec.reduce else [Bar(C_256M.name, "fastopt-cuda", "frac_copy_bw", 0.9)]
+            return [] if spec.reduce else [Bar(C_256M.name, "fastopt-cuda", "frac_bw", 0.9)]
         return [Bar(C_20X1M.name, "fastopt-cpu", suite.speedup_key, 4.0)]
 
-    suite = Suite(name=f"zoo-{spec.name}", cases=cases, unit="params", baseline=BASELINE, bars=bars)
+    suite = Suite(name=f"zoo-{spec.name}", cases=cases, unit="params", baseline=BASELINE, bars=bars,
+                  what="one opt.step()")
     return register(suite)
 
 
@@ -156,4 +157,5 @@ def _clip_cases(ctx):
             for c in configs(ctx.device, ctx.quick) for m in methods]
 
 
-CLIP_SUITE = register(Suite(name="clip_grad_norm", cases=_clip_cases, unit="params", baseline="torch-foreach"))
+CLIP_SUITE = register(Suite(name="clip_grad_norm", cases=_clip_cases, unit="params", baseline="torch-foreach",
+                            what="one clip_grad_norm_"))
