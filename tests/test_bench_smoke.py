@@ -144,6 +144,15 @@ def test_bars_on_noisy_rows_are_not_judged():
     harness.add_speedups(suite, slow)
     assert harness.evaluate_bars(suite, slow, ctx)[0]["result"] == "noisy, not judged"
     assert harness.evaluate_bars(suite, slow, _ctx(noisy_pct=30.0))[0]["result"] == "FAIL"
+    # in the summary: one line per bar, each within the width
+    header = {"bandwidth": {"kernel": "add_inplace", "array_bytes": 128 << 20, "kernels": {"copy": {"GBps": 20.0}}},
+              "host": {"cpu_stall_pct": 30.0}}
+    bars = harness.evaluate_bars(suite, quiet, ctx) + harness.evaluate_bars(suite, noisy, ctx)
+    summary = harness.format_summary(bars, quiet + noisy, ctx, header).splitlines()
+    assert summary[0] == "== summary ==" and summary[1] == "bars: 2 (1 PASS, 1 noisy)"
+    assert summary[2].startswith("PASS   adamw 20x1M fastopt-cpu: speedup vs torch-fused = 1.2 (bar >= 1)")
+    assert summary[3].startswith("NOISY  adamw 20x1M fastopt-cpu") and summary[3].endswith("not judged")
+    assert max(len(line) for line in summary) <= 120
 
 
 def test_wide_suites_fit_120_columns():

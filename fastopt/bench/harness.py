@@ -52,7 +52,7 @@ from typing import Callable, Optional
 import torch
 
 SUITES = {}
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the bandwidth probe ("bandwidth", "frac_bw", "in_cache"), per-row CPU pressure, "figures"
 
 
 class Unsupported(Exception):
@@ -308,7 +308,7 @@ def measure_bandwidth(ctx):
     optimizer kernels never pay, so a copy-based figure is too low for them."""
     ctx.llc_bytes = last_level_cache_bytes(ctx.device)
     floor = {("cuda", False): 1024, ("cuda", True): 256, ("cpu", False): 256, ("cpu", True): 128}
-    nbytes = max(floor[(ctx.device.type, ctx.quick)] << 20, 4 * (ctx.llc_bytes or 0))
+    nbytes = min(max(floor[(ctx.device.type, ctx.quick)] << 20, 4 * (ctx.llc_bytes or 0)), 2 << 30)
     repeats = 10 if ctx.quick else 30
     progress(f"[bandwidth] STREAM-style probe on {ctx.device}: 3 x {nbytes >> 20} MiB float32, "
              f"best of {repeats} per kernel")
@@ -732,7 +732,7 @@ def format_summary(bars, rows, ctx, header):
         counts[word] = counts.get(word, 0) + 1
     out.append(f"bars: {len(bars)}" + (" (" + ", ".join(f"{v} {k}" for k, v in counts.items()) + ")" if bars else ""))
     if bars:
-        out.append(format_bars(bars))
+        out += format_bars(bars).splitlines()
     bw = header.get("bandwidth", {})
     if ctx.bw_GBps:
         out.append(f"attainable bandwidth: {ctx.bw_GBps:.1f} GB/s ({bw.get('kernel')}, STREAM-style probe, "
