@@ -744,6 +744,9 @@ def format_summary(bars, rows, ctx, header):
                    + (" (noisy row)" if r.get("noisy") else "") + ": the probe or the bytes model is off")
     if not any(r.get("frac_bw") is not None for r in rows):
         out.append("bandwidth check: no memory-bound rows in this run")
+    elif all(r.get("in_cache") for r in rows if r.get("frac_bw") is not None):
+        out.append("bandwidth check: every memory-bound row fits in the last-level cache (a --quick run?): "
+                   "none is a memory-bandwidth figure to check against the probe")
     elif not above and ctx.bw_GBps:
         out.append("bandwidth check: no row beyond the last-level cache exceeds the attainable bandwidth"
                    + (f" ({len(cached)} cache-resident rows do, as expected)" if cached else ""))
