@@ -627,17 +627,17 @@ def format_table(suite, rows, ctx=None, width=TABLE_WIDTH):
 
     def render(cols):
         ok_rows = [r for r in rows if r["status"] == "ok"]
+        if not any(_notes(r) for r in ok_rows):
+            cols = [c for c in cols if c[0] != "note"]
         cells = {id(r): [c[1](r) if (r["status"] == "ok" or i == 0 or c[0] in varying) else ""
                          for i, c in enumerate(cols)] for r in rows}
-        widths = [max([len(c[0])] + [len(cells[id(r)][i]) for r in (ok_rows if i else rows)])
+        widths = [max([len(c[0])] + [len(cells[id(r)][i]) for r in (rows if i == 0 or c[0] in varying else ok_rows)])
                   for i, c in enumerate(cols)]
-        if not any(cells[id(r)][-1] for r in rows):
-            widths[-1] = 0
         lead = 1 + sum(c[0] in varying for c in cols)  # method and the varying info columns
 
         def line(cs):
-            out = "  ".join(c.ljust(w) if i < lead or i == len(cols) - 1 else c.rjust(w)
-                            for i, (c, w) in enumerate(zip(cs, widths)) if w or c)
+            out = "  ".join(c.ljust(w) if i < lead or cols[i][0] == "note" else c.rjust(w)
+                            for i, (c, w) in enumerate(zip(cs, widths)))
             return "  " + out.rstrip()
 
         out = [line([c[0] for c in cols])]
