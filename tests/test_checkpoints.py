@@ -23,7 +23,7 @@ def _model(dtype=torch.float32):
 
 def _int8_model():
     torch.manual_seed(0)
-    return nn.Sequential(lowbit.Int8Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    return nn.Sequential(lowbit.Int8Linear.from_linear(nn.Linear(64, 128)), nn.ReLU(), nn.Linear(128, 64))
 
 
 # name -> (model factory, optimizer factory(model, backend)); the low-bit ones quantize the 64x128 weights
