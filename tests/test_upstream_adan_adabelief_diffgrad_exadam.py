@@ -495,7 +495,6 @@ def test_ams_bound_state_only_when_enabled(name, optional):
 
 @pytest.mark.parametrize("name,kwargs,match", [
     ("adan", dict(max_grad_norm=1.0), "max_grad_norm"),
-    ("adan", dict(use_gc=True), "use_gc"),
     ("adan", dict(adanorm=True), "adanorm"),
     ("adan", dict(betas=(0.9, 0.99)), "three betas"),
     ("adabelief", dict(adanorm=True), "adanorm"),
@@ -548,3 +547,34 @@ def test_rectify_threshold_below_4(name, cls):
     with pytest.raises(ValueError, match="n_sma_threshold"):
         ref(ours, _grads(SHAPES, 3), states, **cfg)
     _assert_same(ours, states, before_p, before_s)
+
+
+# -- issue 15: Adan's use_gc, fused, fastopt.Adan on every backend vs pytorch_optimizer -----------------
+def _backends():
+    from conftest import DEVICE_BACKENDS
+    return [b for d, b in DEVICE_BACKENDS if d == "cpu"]
+
+
+ADAN_GC_CFGS = [
+    dict(lr=1e-2, weight_decay=0.02, use_gc=True),
+    dict(lr=1e-2, weight_decay=0.02, weight_decouple=True, use_gc=True, betas=(0.9, 0.9, 0.95)),
+]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("cfg", ADAN_GC_CFGS, ids=_ids(ADAN_GC_CFGS))
+def test_adan_use_gc_matches_pytorch_optimizer(cfg, backend):
+    """Including upstream's first step, whose difference is g_c - g (previous_grad starts at minus the
+    raw gradient)."""
+    import fastopt
+    po = pytest.importorskip("pytorch_optimizer")
+    from helpers import clone_params, make_params, run_side_by_side
+    base = make_params(SHAPES + [(4, 2, 3)])
+    up_p, fo_p = clone_params(base), clone_params(base)
+    up = po.Adan(up_p, **cfg)
+    fo = fastopt.Adan(fo_p, backend=backend, **cfg)
+    run_side_by_side([up, fo], [up_p, fo_p], steps=6)
+    for a, b in zip(up_p, fo_p):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq", "exp_avg_diff", "previous_grad"):
+            torch.testing.assert_close(fo.state[b][key], up.state[a][key], rtol=1e-5, atol=1e-6)

@@ -42,3 +42,40 @@ def test_matches_lion_pytorch(backend):
     for a, b in zip(up_p, fo_p):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(up.state[a]["exp_avg"], fo.state[b]["exp_avg"], rtol=1e-5, atol=1e-6)
+
+
+# -- issue 15: use_gc and cautious, fused, on every backend ------------------------------------------
+def _backends():
+    from conftest import DEVICE_BACKENDS
+    return [b for d, b in DEVICE_BACKENDS if d == "cpu"]
+
+
+GC_CONFIGS = [
+    dict(lr=1e-2, weight_decay=0.1, use_gc=True),
+    dict(lr=1e-2, weight_decay=0.1, cautious=True),
+    dict(lr=3e-3, weight_decay=0.1, weight_decouple=False, use_gc=True, cautious=True),
+    dict(lr=3e-3, weight_decay=0.05, fixed_decay=True, use_gc=True, cautious=True, maximize=True),
+]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("cfg", GC_CONFIGS)
+def test_gc_and_cautious_match_pytorch_optimizer(backend, cfg):
+    base = make_params(SHAPES + [(1, 5), (3, 1)])
+    up_p, fo_p = clone_params(base), clone_params(base)
+    up = po.Lion(up_p, **cfg)
+    fo = fastopt.Lion(fo_p, backend=backend, **cfg)
+    run_side_by_side([up, fo], [up_p, fo_p], steps=8)
+    for a, b in zip(up_p, fo_p):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fo.state[b]["exp_avg"], up.state[a]["exp_avg"], rtol=1e-5, atol=1e-6)
+
+
+def test_cautious_mask_changes_the_step():
+    """The cautious runs differ from the plain ones (the option is not silently ignored)."""
+    base = make_params(SHAPES)
+    a_p, b_p = clone_params(base), clone_params(base)
+    a = fastopt.Lion(a_p, lr=1e-2)
+    b = fastopt.Lion(b_p, lr=1e-2, cautious=True, use_gc=True)
+    run_side_by_side([a, b], [a_p, b_p], steps=3)
+    assert any(not torch.equal(x, y) for x, y in zip(a_p, b_p))

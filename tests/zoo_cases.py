@@ -8,11 +8,16 @@ ZOO = {
         dict(lr=1e-2, weight_decay=0.1),
         dict(lr=3e-3, betas=(0.95, 0.98), weight_decay=0.1, weight_decouple=False),
         dict(lr=3e-3, weight_decay=0.05, fixed_decay=True, maximize=True),
+        # the options with reduce passes (issue 15): gradient centralization, the cautious mask, both
+        dict(lr=1e-2, weight_decay=0.1, use_gc=True),
+        dict(lr=1e-2, weight_decay=0.1, cautious=True),
+        dict(lr=3e-3, weight_decay=0.1, weight_decouple=False, use_gc=True, cautious=True, maximize=True),
     ]),
     "adan": (fastopt.Adan, [
         dict(lr=1e-2, weight_decay=0.02),
         dict(lr=1e-2, weight_decay=0.02, weight_decouple=True, betas=(0.9, 0.9, 0.95)),
         dict(lr=1e-3, maximize=True),
+        dict(lr=1e-2, weight_decay=0.02, use_gc=True),
     ]),
     "adabelief": (fastopt.AdaBelief, [
         dict(lr=1e-2, weight_decay=0.01),
@@ -46,6 +51,7 @@ ZOO = {
         dict(lr=1e-2, weight_decay=0.01),
         dict(lr=1e-2, weight_decay=0.01, nesterov=True, fixed_decay=True, delta=0.5),
         dict(lr=1e-2, adam_debias=True, maximize=True, wd_ratio=0.5, weight_decay=0.1),
+        dict(lr=1e-2, weight_decay=0.01, use_gc=True, nesterov=True),
     ]),
     "sgdp": (fastopt.SGDP, [
         dict(lr=1e-2, momentum=0.9, weight_decay=0.01),

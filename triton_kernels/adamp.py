@@ -1,12 +1,13 @@
 """AdamP and SGDP's two phases as Triton functions (``csrc/include/fastopt/functors/adamp.h``).
 
 Slots: AdamP (1-b1 lerp triple, b2, 1-b2, eps, log(b1) pair, log(b2) pair); SGDP (momentum,
-1-dampening).  Flags: bit 0 nesterov, bit 4 adam_debias (AdamP).
+1-dampening).  Flags: bit 0 nesterov, bit 4 adam_debias (AdamP), bit 6 use_gc (AdamP: ``g - r3``, r3 the
+row mean of g; both phases).
 """
 import triton
 import triton.language as tl
 
-from .zoo_common import ADAM_DEBIAS, bias_correction, lerp, lerp_pack, log_pair
+from .zoo_common import ADAM_DEBIAS, USE_GC, bias_correction, lerp, lerp_pack, log_pair
 
 
 @triton.jit
@@ -19,8 +20,10 @@ def _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, FLAGS: tl.c
 
 
 @triton.jit
-def adamp_reduce(p, g, m, v, s3, s4, step, lr, w, omw, high, b2, omb2, eps, l1_hi, l1_lo, l2_hi, l2_lo,
-                 H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
+def adamp_reduce(p, g, m, v, s3, s4, step, lr, r0, r1, r2, r3, w, omw, high, b2, omb2, eps, l1_hi, l1_lo, l2_hi,
+                 l2_lo, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
+    if USE_GC & FLAGS:  # gradient centralization: r3 = the row mean of g
+        g = g - r3
     m = lerp(m, g, w, omw, high)
     v = b2 * v + omb2 * g * g
     d = _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, FLAGS)
@@ -30,6 +33,8 @@ def adamp_reduce(p, g, m, v, s3, s4, step, lr, w, omw, high, b2, omb2, eps, l1_h
 @triton.jit
 def adamp_update(p, g, m, v, s3, s4, step, lr, den, radial, decay, r3, w, omw, high, b2, omb2, eps,
                  l1_hi, l1_lo, l2_hi, l2_lo, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
+    if USE_GC & FLAGS:
+        g = g - r3
     lr64 = tl.cast(lr, tl.float64)
     step_size = lr64
     if not (ADAM_DEBIAS & FLAGS):
@@ -47,7 +52,7 @@ def _sgdp_direction(g, buf, momentum, FLAGS: tl.constexpr):
 
 
 @triton.jit
-def sgdp_reduce(p, g, buf, s2, s3, s4, step, lr, momentum, one_minus_dampening,
+def sgdp_reduce(p, g, buf, s2, s3, s4, step, lr, r0, r1, r2, r3, momentum, one_minus_dampening,
                 H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     buf = buf * momentum + one_minus_dampening * g
     d = _sgdp_direction(g, buf, momentum, FLAGS)
@@ -74,6 +79,7 @@ def sgdp_pack(hyper, flags):
 @triton.jit
 def adamp_flat_update(p, g, m, v, s3, s4, step, lr, den, radial, decay, r3, w, omw, high, b2, omb2, eps,
                       l1_hi, l1_lo, l2_hi, l2_lo, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
+    # (flat tensors are never centralized: their r3 is 0)
     m = lerp(m, g, w, omw, high)
     v = b2 * v + omb2 * g * g
     return adamp_update(p, g, m, v, s3, s4, step, lr, den, radial, decay, r3, w, omw, high, b2, omb2, eps,

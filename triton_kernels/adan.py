@@ -3,7 +3,7 @@ coefficients in fp64 from ``log(beta)`` pairs)."""
 import triton
 import triton.language as tl
 
-from .zoo_common import bias_correction, log_pair
+from .zoo_common import USE_GC, bias_correction, log_pair
 
 
 @triton.jit
@@ -14,8 +14,13 @@ def adan_update(p, g, m, n, d, prev, step, lr, r0, r1, r2, r3,
     step_size = (lr64 / bias_correction(step, l1_hi, l1_lo)).to(tl.float32)
     diff_step_size = (lr64 * tl.cast(b2, tl.float64) / bias_correction(step, l2_hi, l2_lo)).to(tl.float32)
     bc3_sqrt = tl.sqrt(bias_correction(step, l3_hi, l3_lo)).to(tl.float32)
-    prev = tl.where(step == 1.0, -g, prev)
-    diff = g + prev
+    if USE_GC & FLAGS:  # gradient centralization: r0 = the row mean of g; the first difference is -r0
+        g = g - r0
+        not_first = (step != 1.0).to(tl.float32)
+        diff = (g + prev) * not_first - r0 * (1.0 - not_first)
+    else:
+        prev = tl.where(step == 1.0, -g, prev)
+        diff = g + prev
     m = m + omb1 * (g - m)
     d = d + omb2 * (diff - d)
     u = g + b2 * diff

@@ -6,12 +6,13 @@ addresses of param, grad, the op's states and the fp32 step counter; each progra
 ``CHUNK`` elements of one tensor.  An op is two ``@triton.jit`` functions passed as constexprs:
 
     UPDATE(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3, H0, ..., H15, FLAGS) -> (p, s1, s2, s3, s4)
-    REDUCE(p, g, s1, s2, s3, s4, step, lr, H0, ..., H15, FLAGS) -> (s1, s2, s3, s4, a0, a1, a2, a3)
+    REDUCE(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3, H0, ..., H15, FLAGS) -> (s1, s2, s3, s4, a0, a1, a2, a3)
 
 taking fp32 blocks (p, g with maximize and grad scaling applied, the states), fp32 scalars (the step
 count after this step, the learning rate, sixteen op-defined slots) and the row coefficients
-``r0..r3`` of each element's row (blocks; zeros when the call has none).  Phase 1 calls REDUCE, which
-may update states, and adds ``a0..a3`` into per-row sums.  bf16 params may be stored with stochastic
+``r0..r3`` of each element's row (blocks; zeros when the call has none; both phases get them, so a
+reduce pass can use the sums of an earlier one).  Phase 1 calls REDUCE, which may update states, and
+adds ``a0..a3`` into per-row sums.  bf16 params may be stored with stochastic
 rounding: the same counter-based bits as the C++ kernels (``fmix32``), so CPU and GPU agree exactly.
 """
 import torch
@@ -97,20 +98,20 @@ def _elementwise_kernel(
             if NSTATE >= 4:
                 s4 = _load_block(addr_table, row, 5, NCOL, offs, mask, DTYPE)
             rows = r_first + offs // r_len
+            r0 = p * 0.0
+            r1 = r0
+            r2 = r0
+            r3 = r0
+            if HAS_ROW_COEF:
+                r0 = tl.load(row_coef + rows * 4 + 0, mask=mask, other=1.0)  # 1: no 0/0 in masked lanes
+                r1 = tl.load(row_coef + rows * 4 + 1, mask=mask, other=0.0)
+                r2 = tl.load(row_coef + rows * 4 + 2, mask=mask, other=0.0)
+                r3 = tl.load(row_coef + rows * 4 + 3, mask=mask, other=0.0)
             if PHASE == 0:
                 if SPARSE:  # the sparse-training epilogue (elementwise.h's op_update_element)
                     mptr = tl.load(sparse_table + row * 2).to(tl.pointer_type(tl.uint8))
                     keep = tl.load(mptr + offs, mask=mask, other=1) != 0
                     g = tl.where(keep | (sparse_lambda == 0.0), g, g + sparse_lambda * p)
-                r0 = p * 0.0
-                r1 = r0
-                r2 = r0
-                r3 = r0
-                if HAS_ROW_COEF:
-                    r0 = tl.load(row_coef + rows * 4 + 0, mask=mask, other=1.0)  # 1: no 0/0 in masked lanes
-                    r1 = tl.load(row_coef + rows * 4 + 1, mask=mask, other=0.0)
-                    r2 = tl.load(row_coef + rows * 4 + 2, mask=mask, other=0.0)
-                    r3 = tl.load(row_coef + rows * 4 + 3, mask=mask, other=0.0)
                 p, s1, s2, s3, s4 = UPDATE(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3,
                                            H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
                 pptr = _ptr(addr_table, row, 0, NCOL, DTYPE)
@@ -131,7 +132,7 @@ def _elementwise_kernel(
                         pruned = pruned.to(DTYPE)
                     tl.store(optr + offs, tl.where(keep, stored, pruned), mask=mask)
             else:
-                s1, s2, s3, s4, a0, a1, a2, a3 = REDUCE(p, g, s1, s2, s3, s4, step, lr,
+                s1, s2, s3, s4, a0, a1, a2, a3 = REDUCE(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3,
                                                         H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
                 if ONE_ROW:
                     tl.atomic_add(reduce_out + r_first * 4 + 0, tl.sum(tl.where(mask, a0, 0.0), axis=0))
@@ -160,7 +161,7 @@ def _elementwise_kernel(
 
 
 @triton.jit
-def no_reduce(p, g, s1, s2, s3, s4, step, lr, H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS):
+def no_reduce(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3, H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS):
     z = p * 0.0
     return s1, s2, s3, s4, z, z, z, z
 
@@ -172,7 +173,7 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
     """Run an op over ``lists`` = [params, grads, state1, ...] in one launch (see the module doc).
 
     ``rows``: rows per tensor (or None: one row each); ``row_coef``: fp32 ``[total rows, 4]`` read by
-    phase 0; ``reduce_out``: fp32 ``[total rows, 4]`` added to by phase 1.  Phase 0 increments the
+    both phases; ``reduce_out``: fp32 ``[total rows, 4]`` added to by phase 1.  Phase 0 increments the
     ``steps`` unless ``found_inf`` is nonzero.  ``sparse_mask`` (bool/uint8 per param) switches on the
     sparse-training epilogue of phase 0: ``g += sparse_lambda * p`` where the mask is 0, and, with
     ``sparse_out``, the forward weights ``mask ? p : sparse_beta * p`` (see ``fastopt/elementwise.h``).

@@ -22,7 +22,7 @@ def _decayed(p, lr, wd, FLAGS: tl.constexpr):
 
 
 @triton.jit
-def lamb_reduce(p, g, m, v, s3, s4, step, lr, b1, b2, b3, omb2, wd, eps,
+def lamb_reduce(p, g, m, v, s3, s4, step, lr, r0, r1, r2, r3, b1, b2, b3, omb2, wd, eps,
                 H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     m = b1 * m + b3 * g
     v = b2 * v + omb2 * g * g

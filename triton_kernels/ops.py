@@ -14,7 +14,8 @@ from .clip import clip_pack, clip_reduce, clip_update
 from .lamb import lamb_pack, lamb_reduce, lamb_update
 from .sgdsai import sgdsai_pack, sgdsai_plain_pack, sgdsai_update
 from .elementwise import elementwise_apply, no_reduce
-from .lion import lion_pack, lion_update
+from .lion import lion_cautious_pack, lion_cautious_reduce, lion_pack, lion_update
+from .zoo_common import grad_rowsum_pack, grad_rowsum_reduce, grad_rowsum_update
 
 TritonOp = namedtuple("TritonOp", "update reduce nreduce pack")
 
@@ -24,6 +25,8 @@ OPS = {
     "adam": TritonOp(adam_op_update, no_reduce, 0, adam_l2_pack),
     "adam_ams": TritonOp(adam_op_update, no_reduce, 0, adam_l2_ams_pack),
     "lion": TritonOp(lion_update, no_reduce, 0, lion_pack),
+    "lion_cautious": TritonOp(lion_update, lion_cautious_reduce, 1, lion_cautious_pack),
+    "grad_rowsum": TritonOp(grad_rowsum_update, grad_rowsum_reduce, 1, grad_rowsum_pack),
     "clip": TritonOp(clip_update, clip_reduce, 1, clip_pack),
     "adan": TritonOp(adan_update, no_reduce, 0, adan_pack),
     "adabelief": TritonOp(adabelief_update, no_reduce, 0, adaptive_pack),

@@ -21,6 +21,29 @@ def log_pair(beta):
 # refuses a plain int global); tested as ``BIT & FLAGS``, since the interpreter passes FLAGS as a plain int
 # and int & constexpr is undefined
 DECOUPLE, FIXED_DECAY, RECTIFY, DEGENERATED_TO_SGD, ADAM_DEBIAS = (tl.constexpr(v) for v in (1, 2, 4, 8, 16))
+# use_gc (gradient centralization: the op subtracts a row coefficient, the row mean of g, from g) and
+# cautious (the cautious-optimizer mask); the C++ functors subtract unconditionally (their rows are
+# zeros without use_gc), the Triton ones only with the bit, since their "no row coefficient" blocks
+# are p * 0 (NaN where p is not finite)
+USE_GC, CAUTIOUS = tl.constexpr(64), tl.constexpr(128)
+
+
+@triton.jit
+def grad_rowsum_reduce(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3,
+                       H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
+    """Per-row sums of g (``GradRowSumOp`` in ``functors/clip.h``): gradient centralization's first pass."""
+    z = g * 0.0
+    return s1, s2, s3, s4, g, z, z, z
+
+
+@triton.jit
+def grad_rowsum_update(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3,
+                       H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
+    return p, s1, s2, s3, s4
+
+
+def grad_rowsum_pack(hyper, flags):
+    return (), flags
 
 
 @triton.jit

@@ -61,12 +61,14 @@ constexpr int64_t kReduceBlock = 4096;
 template <typename Op, typename T>
 void reduce_range(const T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0, T* __restrict__ s1,
                   T* __restrict__ s2, T* __restrict__ s3, int64_t begin, int64_t end, float grad_mul,
-                  const typename Op::Coeffs c, double* out) {
+                  const typename Op::Coeffs c, const float* rc, double* out) {
+  float row[kMaxRowCoefs] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (rc != nullptr) std::memcpy(row, rc, sizeof(row));
   float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
   for (int64_t i = begin; i < end; ++i) {
     float acc[kMaxReduce] = {0.0f, 0.0f, 0.0f, 0.0f};
-    op_reduce_element<Op, T>(p, g, s0, s1, s2, s3, i, grad_mul, c, acc);
+    op_reduce_element<Op, T>(p, g, s0, s1, s2, s3, i, grad_mul, c, row, acc);
     a0 += acc[0];
     a1 += acc[1];
     a2 += acc[2];
@@ -102,7 +104,8 @@ void run_op(const Plan& pl, double* sums) {
         double* out = b == s ? edge.data() + (2 * u) * kMaxReduce
                     : e == s + len ? edge.data() + (2 * u + 1) * kMaxReduce
                                    : sums + (pl.row_offset[t] + r) * kMaxReduce;  // wholly inside unit u
-        reduce_range<Op, T>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], out);
+        const float* rc = pl.row_coef != nullptr ? pl.row_coef + (pl.row_offset[t] + r) * kMaxRowCoefs : nullptr;
+        reduce_range<Op, T>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, out);
         b = e;
       }
     });

@@ -5,7 +5,8 @@
 // pointer slots: the tensor's first global row, its row length and its index (for the stochastic
 // rounding stream); with the sparse epilogue, two more: the tensor's uint8 mask and its forward
 // weight (or null).  Phase 1 reduces a chunk that lies in one row with a block reduction and one
-// atomicAdd per sum; a chunk spanning rows (rows shorter than a chunk) adds per element.
+// atomicAdd per sum; a chunk spanning rows (rows shorter than a chunk) adds per element.  Both phases
+// read the row coefficients (phase 1: those of an earlier pass, e.g. gradient centralization's means).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -83,14 +84,16 @@ struct ElementwiseOp {
       }
     } else {
       const bool one_row = start / row_len == (start + n - 1) / row_len;
+      const float zero[kMaxRowCoefs] = {0.0f, 0.0f, 0.0f, 0.0f};
       float acc[kMaxReduce] = {0.0f, 0.0f, 0.0f, 0.0f};
       for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const int64_t gi = start + i;
+        const float* rc = s.row_coef != nullptr ? s.row_coef + (row_offset + gi / row_len) * kMaxRowCoefs : zero;
         if (one_row) {
-          op_reduce_element<Op, T>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, acc);
+          op_reduce_element<Op, T>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, rc, acc);
         } else {
           float one[kMaxReduce] = {0.0f, 0.0f, 0.0f, 0.0f};
-          op_reduce_element<Op, T>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, one);
+          op_reduce_element<Op, T>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, rc, one);
           float* out = s.reduce_out + (row_offset + gi / row_len) * kMaxReduce;
           for (int k = 0; k < Op::kReduce; ++k) atomicAdd(out + k, one[k]);
         }

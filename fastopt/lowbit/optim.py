@@ -6,9 +6,14 @@ run the generic elementwise op with the Adam functor (``csrc/include/fastopt/fun
 they take the same options as :class:`fastopt.AdamW` plus those of
 :class:`~fastopt.optim.base.ElementwiseOptimizer` (stochastic rounding, master weights, state_bits).
 """
+import inspect
+from typing import Optional, Tuple, Union
+
+import torch
+
 from ..optim import functional as F
 from ..optim.base import ElementwiseOptimizer
-from ..optim.lion import Lion
+from ..optim.lion import Lion, Params
 from ..optim.zoo import AdaBelief, Adan, DiffGrad, EXAdam
 from ..reference import adam_reference
 
@@ -23,16 +28,44 @@ def _adam_reference(params, grads, states, *, lr, maximize, grad_scale, found_in
 
 
 class ElementwiseAdam(ElementwiseOptimizer):
-    r"""Adam / AdamW on the generic elementwise op (same math and state names as :class:`fastopt.Adam`),
-    which adds bf16 stochastic rounding, master weights and low-bit states to it."""
+    r"""Adam / AdamW on the generic elementwise op (same math, arguments and state names as
+    :class:`fastopt.Adam`), which adds bf16 stochastic rounding, master weights and low-bit states.
+
+    Update (t the step after this one)::
+
+        p <- p (1 - lr wd)   [decoupled_weight_decay]   or   g <- g + wd p
+        m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2 ;  vmax <- max(vmax, v)  [amsgrad]
+        p <- p - lr / (1 - b1^t) * m / (sqrt(v or vmax) / sqrt(1 - b2^t) + eps)
+
+    Paper: Kingma & Ba, "Adam: A Method for Stochastic Optimization" (ICLR 2015); Loshchilov & Hutter,
+    "Decoupled Weight Decay Regularization" (ICLR 2019).
+
+    Args:
+        params: parameters or param groups.
+        lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, maximize: as ``torch.optim.Adam``.
+        foreach: accepted and ignored (every backend is fused).
+        stochastic_rounding, master_weights, seed: bf16 parameters (see
+            :class:`~fastopt.optim.base.ElementwiseOptimizer`).
+        state_bits: ``None`` (full-precision states), ``8``, ``4``, ``"fp8"`` or ``"4-rank1"``:
+            blockwise-quantized ``exp_avg`` / ``exp_avg_sq`` (see :mod:`fastopt.lowbit`).
+        min_quant_size: parameters with fewer elements keep full-precision states.
+        backend: "auto", "cuda", "triton", "cpu" or "torch" (the reference).
+
+    Differs from ``torch.optim.Adam``: math in fp32 whatever the storage dtype; no ``capturable`` /
+    ``differentiable`` / ``fused`` arguments (use :class:`fastopt.Adam` for those); quantized states
+    are an approximation (bitsandbytes' 8-bit optimizers are the model).
+    """
 
     STATE_NAMES = ("exp_avg", "exp_avg_sq")
     HYPER_NAMES = ("betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay")
     REFERENCE = staticmethod(_adam_reference)
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 decoupled_weight_decay=False, maximize=False, foreach=None, stochastic_rounding=False,
-                 master_weights=False, seed=0, state_bits=None, min_quant_size=4096, backend="auto"):
+    def __init__(self, params: Params, lr: Union[float, torch.Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
+                 decoupled_weight_decay: bool = False, maximize: bool = False, foreach: Optional[bool] = None,
+                 stochastic_rounding: bool = False, master_weights: bool = False, seed: int = 0,
+                 state_bits: Optional[Union[int, str]] = None, min_quant_size: int = 4096,
+                 backend: str = "auto") -> None:
         F.check_adam_hyper(lr, betas, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
@@ -55,28 +88,71 @@ class ElementwiseAdam(ElementwiseOptimizer):
 
 
 class ElementwiseAdamW(ElementwiseAdam):
-    """:class:`ElementwiseAdam` with decoupled weight decay (default ``weight_decay=1e-2``)."""
+    """:class:`ElementwiseAdam` with decoupled weight decay (default ``weight_decay=1e-2``, as
+    ``torch.optim.AdamW``)::
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, **kwargs):
-        kwargs["decoupled_weight_decay"] = True
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+        p <- p (1 - lr wd) ;  then the Adam step of :class:`ElementwiseAdam`
+
+    Paper: Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (ICLR 2019).
+
+    Args: those of :class:`ElementwiseAdam` without ``decoupled_weight_decay`` (always True).  Differs
+    from ``torch.optim.AdamW`` as :class:`ElementwiseAdam` does."""
+
+    def __init__(self, params: Params, lr: Union[float, torch.Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, stochastic_rounding: bool = False, master_weights: bool = False,
+                 seed: int = 0, state_bits: Optional[Union[int, str]] = None, min_quant_size: int = 4096,
+                 backend: str = "auto") -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=True,
+                         maximize=maximize, foreach=foreach, stochastic_rounding=stochastic_rounding,
+                         master_weights=master_weights, seed=seed, state_bits=state_bits,
+                         min_quant_size=min_quant_size, backend=backend)
 
 
 _BASES = {"AdamW": ElementwiseAdamW, "Adam": ElementwiseAdam, "Lion": Lion, "Adan": Adan,
           "AdaBelief": AdaBelief, "DiffGrad": DiffGrad, "EXAdam": EXAdam}
 _SUFFIX = {8: "8bit", 4: "4bit", "fp8": "Fp8"}
+_FORMAT = {8: "blockwise 8-bit (dynamic-tree codes, as bitsandbytes)", 4: "blockwise 4-bit",
+           "fp8": "blockwise fp8 (e4m3)"}
+
+
+def _preset_init(base, bits, name):
+    """An ``__init__`` with ``base.__init__``'s real signature (every argument by name, its defaults),
+    except that ``state_bits`` defaults to ``bits``: generated, so that ``inspect.signature`` and
+    ``help()`` show the arguments and a wrong keyword raises TypeError as for the base class."""
+    sig = inspect.signature(base.__init__)
+    params = [p.replace(default=bits) if p.name == "state_bits" else p for p in sig.parameters.values()]
+    sig = sig.replace(parameters=params)
+    env = {"_base": base}
+    header, call = [], []
+    star = False
+    for p in params:
+        if p.kind is p.KEYWORD_ONLY and not star:
+            header.append("*")
+            star = True
+        if p.default is p.empty:
+            header.append(p.name)
+        else:
+            env[f"_d_{p.name}"] = p.default
+            header.append(f"{p.name}=_d_{p.name}")
+        if p.name != "self":
+            call.append(f"{p.name}={p.name}" if p.kind is p.KEYWORD_ONLY else p.name)
+    src = f"def __init__({', '.join(header)}):\n    _base.__init__(self, {', '.join(call)})\n"
+    exec(src, env)  # noqa: S102  (generated from the base class's own signature only)
+    init = env["__init__"]
+    init.__signature__ = sig
+    init.__annotations__ = dict(getattr(base.__init__, "__annotations__", {}))
+    init.__qualname__ = f"{name}.__init__"
+    return init
 
 
 def _preset(base, bits):
     name = base.__name__.replace("Elementwise", "") + _SUFFIX[bits]
-
-    def __init__(self, params, *args, **kwargs):
-        kwargs.setdefault("state_bits", bits)
-        base.__init__(self, params, *args, **kwargs)
-
-    doc = (f"``{base.__name__}`` with ``state_bits={bits!r}`` preset (see :mod:`fastopt.lowbit`): "
-           f"same arguments.\n\n" + (base.__doc__ or ""))
-    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    doc = (f"{name}: :class:`{base.__module__}.{base.__name__}` with ``state_bits={bits!r}`` preset -- "
+           f"{_FORMAT[bits]} optimizer states for every parameter with at least ``min_quant_size`` elements "
+           f"(see :mod:`fastopt.lowbit`).  Same arguments and defaults as the base class otherwise.\n\n"
+           + (base.__doc__ or ""))
+    return type(name, (base,), {"__init__": _preset_init(base, bits, name), "__doc__": doc, "__module__": __name__})
 
 
 __all__ = ["ElementwiseAdam", "ElementwiseAdamW"]

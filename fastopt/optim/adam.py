@@ -5,10 +5,13 @@ Drop-in replacements for ``torch.optim.Adam`` / ``torch.optim.AdamW``: same argu
 names (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), and state dicts that load into
 each other both ways.
 """
+from typing import Optional, Tuple, Union
+
 import torch
 
 from . import functional as F
 from .base import FusedOptimizer
+from .lion import Params
 
 
 class Adam(FusedOptimizer):
@@ -29,9 +32,12 @@ class Adam(FusedOptimizer):
     "auto".
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, backend="auto"):
+    def __init__(self, params: Params, lr: Union[float, torch.Tensor] = 1e-3,
+                 betas: Tuple[Union[float, torch.Tensor], Union[float, torch.Tensor]] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
+                 foreach: Optional[bool] = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None, decoupled_weight_decay: bool = False,
+                 backend: str = "auto") -> None:
         F.check_adam_hyper(lr, betas, eps, weight_decay)
         if differentiable:
             raise NotImplementedError(f"{type(self).__name__} does not support differentiable=True")
@@ -69,11 +75,19 @@ class Adam(FusedOptimizer):
 
 
 class AdamW(Adam):
-    r"""AdamW: Adam with decoupled weight decay (default ``weight_decay=1e-2``, as torch.optim.AdamW)."""
+    r"""AdamW: Adam with decoupled weight decay (default ``weight_decay=1e-2``, as torch.optim.AdamW).
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 backend="auto"):
+    Update: ``p <- p (1 - lr wd)``, then the Adam step of :class:`Adam`.  Paper: Loshchilov & Hutter,
+    "Decoupled Weight Decay Regularization" (ICLR 2019).  Arguments: those of ``torch.optim.AdamW``
+    (``decoupled_weight_decay`` is always True) plus ``backend``; see :class:`Adam` for what differs
+    from torch (``differentiable=True`` raises NotImplementedError; math in fp32).
+    """
+
+    def __init__(self, params: Params, lr: Union[float, torch.Tensor] = 1e-3,
+                 betas: Tuple[Union[float, torch.Tensor], Union[float, torch.Tensor]] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, backend: str = "auto") -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused, decoupled_weight_decay=True,

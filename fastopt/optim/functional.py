@@ -54,11 +54,15 @@ def scalar_lr(lr):
     return lr.reshape(()) if isinstance(lr, torch.Tensor) and lr.dim() != 0 else lr
 
 
+# torch.optim's names of the hyperparameters that may be tensors, for its "Tensor lr must be 1-element"
+_TENSOR_NAMES = {"learning rate": "lr", "beta parameter at index 0": "betas[0]", "beta parameter at index 1": "betas[1]"}
+
+
 def check_hyper(name, value, low=0.0, high=math.inf, high_open=False):
-    """torch.optim-style validation of one hyperparameter (raises ValueError)."""
+    """torch.optim-style validation of one hyperparameter (raises ValueError, with torch's messages)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"Invalid {name}: a tensor {name} must have one element")
+            raise ValueError(f"Tensor {_TENSOR_NAMES.get(name, name)} must be 1-element")
         value = float(value)
     ok = low <= value < high if high_open else low <= value <= high
     if not ok:
@@ -73,6 +77,8 @@ def check_adam_hyper(lr, betas, eps, weight_decay):
     check_hyper("beta parameter at index 0", betas[0], high=1.0, high_open=True)
     check_hyper("beta parameter at index 1", betas[1], high=1.0, high_open=True)
     check_hyper("weight_decay value", weight_decay)
+    if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):  # torch.optim.Adam's rule
+        raise ValueError("betas must be either both floats or both Tensors")
 
 
 def check_lists(names, lists, state_steps=None):

@@ -172,13 +172,20 @@ class Muon(torch.optim.Optimizer):
         adamw = dict(lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=adamw_wd)
         self._check_adamw_hyper(adamw, names=("adamw_lr", "adamw_betas", "adamw_eps", "adamw_wd"))
         self._group_defaults = {True: muon, False: adamw}
-        defaults = dict(weight_decouple=weight_decouple, maximize=maximize, foreach=foreach, cautious=cautious,
+        # lr and momentum are in the defaults too (schedulers read them: OneCycleLR(cycle_momentum=True)
+        # needs "momentum" there); a group takes them from its kind's defaults (_shared_defaults)
+        defaults = dict(lr=lr, momentum=momentum, weight_decouple=weight_decouple, maximize=maximize, foreach=foreach,
+                        cautious=cautious,
                         stochastic_rounding=stochastic_rounding, master_weights=master_weights, seed=seed,
                         backend=backend)
         self._constructed_defaults = frozenset(defaults)
         super().__init__(self._as_groups(params), defaults)
 
     # -- param groups -----------------------------------------------------------------------------
+    def _shared_defaults(self):
+        """The defaults every group gets (``lr`` and ``momentum`` come from the group's kind)."""
+        return {k: v for k, v in self.defaults.items() if k not in ("lr", "momentum")}
+
     @staticmethod
     def _as_groups(params):
         if isinstance(params, torch.Tensor):
@@ -202,7 +209,7 @@ class Muon(torch.optim.Optimizer):
                              "(orthogonalized momentum), False for embeddings, heads, biases and gains (AdamW), "
                              "e.g. dict(params=[...], use_muon=True)")
         kind = bool(param_group["use_muon"])
-        for key, value in {**self._group_defaults[kind], **self.defaults}.items():
+        for key, value in {**self._group_defaults[kind], **self._shared_defaults()}.items():
             param_group.setdefault(key, value)
         self._check_group(param_group)
         if kind:
@@ -223,7 +230,7 @@ class Muon(torch.optim.Optimizer):
             if kinds is not None and "use_muon" in group:
                 for key, value in kinds[bool(group["use_muon"])].items():
                     group.setdefault(key, value)
-        fill_group_defaults(self, self.defaults)
+        fill_group_defaults(self, self._shared_defaults())
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict):

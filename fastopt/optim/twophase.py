@@ -7,6 +7,8 @@ Papers: You et al., "Large Batch Optimization for Deep Learning: Training BERT i
 2020); Xu et al., "No More Adam: Learning Rate Scaling at Initialization is All You Need" (2024); Heo
 et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights" (ICLR 2021).
 """
+from typing import Optional, Tuple, Union
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -17,7 +19,7 @@ from ..reference.lion import skipped
 from ..reference.sgdsai import gsnr_of, sgdsai_reference
 from . import functional as F
 from .functional import elementwise_unchecked
-from .lion import check_betas
+from .lion import USE_GC, Params, check_adanorm, check_betas, check_unsupported, gradient_row_means
 from .zoo import _COMMON_DOC, _flags, _ZooOptimizer
 
 
@@ -36,13 +38,39 @@ def _keep_if_skipped(found_inf, new, old):
 
 
 class Lamb(_ZooOptimizer):
-    r"""LAMB: Adam directions rescaled per tensor by the trust ratio ``min(|p|, clamp) / |u|``.
+    __doc__ = r"""LAMB: Adam directions rescaled per tensor by the trust ratio ``min(|p|, clamp) / |u|``.
 
-    Drop-in for ``pytorch_optimizer.Lamb`` (arguments, state names, the ``clamp`` trust-ratio bound
-    that upstream keeps as a class attribute, ``adam_debias``).  ``pre_norm`` with ``max_grad_norm``
-    scales the gradients by their global norm first (over the params of one (device, dtype) bucket;
-    upstream: over every group).  Equations: :func:`fastopt.reference.lamb.lamb_reference`.
-    """ + _COMMON_DOC
+    Update (per tensor; ``b3 = 1 - b1`` with ``grad_averaging``, else 1)::
+
+        g <- g min(1, max_grad_norm / (|g|_global + eps))          [pre_norm]
+        m <- b1 m + b3 g      v <- b2 v + (1-b2) g^2
+        p <- p (1 - wd (fixed_decay ? 1 : lr))                      [weight_decouple]
+        u = m / (sqrt(v) + eps) (+ wd p without weight_decouple)
+        p <- p - lr/(1-b1^t) trust u,  trust = min(|p|, clamp) / (|u| + eps)  (1 if a norm is 0 or adam)
+
+    Paper: You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes"
+    (ICLR 2020).  Fused as two kernel passes (the norms, then the step).  State: ``exp_avg``,
+    ``exp_avg_sq`` and the per-tensor scalars ``weight_norm``, ``adam_norm``, ``trust_ratio``.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (float or one-element tensor).
+        betas: ``(b1, b2)``.
+        weight_decay, weight_decouple, fixed_decay: decoupled or L2 weight decay.
+        rectify: accepted; ``True`` raises ValueError (upstream's rectified LAMB is not implemented);
+            ``degenerated_to_sgd`` and ``n_sma_threshold`` only matter with it and are accepted.
+        grad_averaging: ``b3 = 1 - b1`` (else 1).
+        max_grad_norm, pre_norm: global gradient-norm scaling before the step (with ``pre_norm``).
+        adam: skip the trust ratio (plain Adam directions).
+        eps: as upstream.
+        foreach: accepted and ignored.
+        maximize: maximize the objective.
+        adam_debias: do not divide the step size by ``1 - b1^t``.
+        adanorm, adanorm_r: accepted; ``adanorm=True`` raises ValueError (not implemented).
+        clamp: the bound of the weight norm in the trust ratio (upstream: a class attribute, 10).""" + \
+        _COMMON_DOC + """  ``pre_norm``'s global norm is over the params of one (device, dtype)
+    bucket (upstream: over every group).
+    """
 
     OP = "lamb"
     STATE_NAMES = ("exp_avg", "exp_avg_sq")
@@ -50,21 +78,30 @@ class Lamb(_ZooOptimizer):
                    "adam", "pre_norm", "eps", "adam_debias", "clamp")
     REFERENCE = staticmethod(lamb_reference)
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, weight_decouple=True,
-                 fixed_decay=False, grad_averaging=True, max_grad_norm=1.0, adam=False, pre_norm=False, eps=1e-6,
-                 adam_debias=False, clamp=10.0, *, maximize=False, foreach=None, stochastic_rounding=False,
-                 master_weights=False, seed=0, backend="auto"):
+    def __init__(self, params: Params, lr: Union[float, torch.Tensor] = 1e-3,
+                 betas: Tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, weight_decouple: bool = True,
+                 fixed_decay: bool = False, rectify: bool = False, degenerated_to_sgd: bool = False,
+                 n_sma_threshold: int = 5, grad_averaging: bool = True, max_grad_norm: float = 1.0,
+                 adam: bool = False, pre_norm: bool = False, eps: float = 1e-6, foreach: Optional[bool] = None,
+                 maximize: bool = False, *, adam_debias: bool = False, adanorm: bool = False,
+                 adanorm_r: float = 0.95, clamp: float = 10.0, stochastic_rounding: bool = False,
+                 master_weights: bool = False, seed: int = 0, backend: str = "auto") -> None:
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                                      weight_decouple=weight_decouple, fixed_decay=fixed_decay,
+                                      weight_decouple=weight_decouple, fixed_decay=fixed_decay, rectify=rectify,
+                                      degenerated_to_sgd=degenerated_to_sgd, n_sma_threshold=n_sma_threshold,
                                       grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, adam=adam,
-                                      pre_norm=pre_norm, eps=eps, adam_debias=adam_debias, clamp=clamp,
-                                      maximize=maximize, foreach=foreach, stochastic_rounding=stochastic_rounding,
-                                      master_weights=master_weights, seed=seed, backend=backend))
+                                      pre_norm=pre_norm, eps=eps, foreach=foreach, maximize=maximize,
+                                      adam_debias=adam_debias, adanorm=adanorm, adanorm_r=adanorm_r, clamp=clamp,
+                                      stochastic_rounding=stochastic_rounding, master_weights=master_weights,
+                                      seed=seed, backend=backend))
 
     def _check_group(self, group):
         self._check_common(group)
         F.check_hyper("max_grad_norm", group["max_grad_norm"])
         F.check_hyper("clamp", group["clamp"])
+        check_unsupported(type(self).__name__, group, rectify=(
+            False, "upstream's rectified LAMB takes the trust ratio of a rectified update; not implemented"))
+        check_adanorm(type(self).__name__, group)
 
     def _init_state(self, group, p, state):
         super()._init_state(group, p, state)
@@ -114,22 +151,37 @@ class Lamb(_ZooOptimizer):
 
 
 class SGDSaI(_ZooOptimizer):
-    r"""SGD-SaI: SGD with momentum, each tensor's learning rate scaled by the gradient signal-to-noise
-    ratio ``|g| / std(g)`` of its first step (state ``gsnr``, kept for the run).
+    __doc__ = r"""SGD-SaI: SGD with momentum, each tensor's learning rate scaled by the gradient signal-to-noise
+    ratio of its first step (state ``gsnr``, kept for the run).
 
-    Drop-in for ``pytorch_optimizer.SGDSaI``.  The first step computes the g-SNRs with torch ops (once
-    per run); every step is one fused kernel.  Equations:
-    :func:`fastopt.reference.sgdsai.sgdsai_reference`.
-    """ + _COMMON_DOC
+    Update (per tensor, ``gsnr`` from the first step's gradient)::
+
+        buf <- lerp(buf, g, 1 - momentum)   (buf = g without momentum; + wd p there without weight_decouple)
+        p   <- p (1 - lr wd) [weight_decouple]  -  lr gsnr buf
+
+    Paper: Xu et al., "No More Adam: Learning Rate Scaling at Initialization is All You Need" (2024).
+    The first step computes the g-SNRs with torch ops (once per run); every step is one fused kernel.
+    Equations: :func:`fastopt.reference.sgdsai.sgdsai_reference`.  State: ``momentum_buffer``, ``gsnr``.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (float or one-element tensor).
+        momentum: momentum factor (0: no buffer).
+        weight_decay, weight_decouple: decoupled or L2 weight decay (L2 with momentum > 0 raises
+            ValueError: upstream's L2 term has no effect there).
+        eps: added to the g-SNR's standard deviation.
+        maximize: maximize the objective.
+        foreach: accepted and ignored.""" + _COMMON_DOC + "\n    "
 
     OP = "sgdsai"
     STATE_NAMES = ("momentum_buffer",)
     HYPER_NAMES = ("momentum", "weight_decay", "weight_decouple", "eps")
     REFERENCE = staticmethod(sgdsai_reference)
 
-    def __init__(self, params, lr=1e-2, momentum=0.9, weight_decay=1e-2, weight_decouple=True, eps=1e-8, *,
-                 maximize=False, foreach=None, stochastic_rounding=False, master_weights=False, seed=0,
-                 backend="auto"):
+    def __init__(self, params: Params, lr: Union[float, torch.Tensor] = 1e-2, momentum: float = 0.9,
+                 weight_decay: float = 1e-2, weight_decouple: bool = True, eps: float = 1e-8, maximize: bool = False,
+                 foreach: Optional[bool] = None, *, stochastic_rounding: bool = False, master_weights: bool = False,
+                 seed: int = 0, backend: str = "auto") -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       weight_decouple=weight_decouple, eps=eps, maximize=maximize, foreach=foreach,
                                       stochastic_rounding=stochastic_rounding, master_weights=master_weights,
@@ -166,16 +218,27 @@ class SGDSaI(_ZooOptimizer):
         # each step tensor checked to the gsnr tensor it was checked with, weakly (by identity, never
         # by a recyclable id): a state made anew (opt.state.clear(), load_state_dict, a replaced step
         # or gsnr) is checked again.
-        known = self.__dict__.get("_gsnr_known")
-        if not isinstance(known, WeakIdKeyDictionary):
-            known = self._gsnr_known = WeakIdKeyDictionary()
-        unknown = [(g, s) for g, s in zip(grads, states) if known.get(s["step"]) is not s["gsnr"]]
-        if unknown and not skipped(found_inf):
-            for g, s in unknown:
-                if float(s["step"]) == 0.0:
-                    g32 = g.float() if grad_scale is None else g.float() / grad_scale
-                    s["gsnr"].copy_(gsnr_of(g32, eps))
-                known[s["step"]] = s["gsnr"]
+        #
+        # Under torch.compile neither the host read nor the weak dictionary can be traced: the g-SNR
+        # of every tensor is computed at every step and kept only where the step count is 0 and AMP
+        # did not skip the step (torch.where on the device; the same numbers, one more pass over
+        # the gradients per compiled step).
+        if torch.compiler.is_compiling():
+            first = [s["step"] == 0 if found_inf is None else (s["step"] == 0) & (found_inf == 0) for s in states]
+            new = [gsnr_of(g.float() if grad_scale is None else g.float() / grad_scale, eps) for g in grads]
+            olds = [s["gsnr"] for s in states]
+            torch._foreach_copy_(olds, [torch.where(f, n, o) for f, n, o in zip(first, new, olds)])
+        else:
+            known = self.__dict__.get("_gsnr_known")
+            if not isinstance(known, WeakIdKeyDictionary):
+                known = self._gsnr_known = WeakIdKeyDictionary()
+            unknown = [(g, s) for g, s in zip(grads, states) if known.get(s["step"]) is not s["gsnr"]]
+            if unknown and not skipped(found_inf):
+                for g, s in unknown:
+                    if float(s["step"]) == 0.0:
+                        g32 = g.float() if grad_scale is None else g.float() / grad_scale
+                        s["gsnr"].copy_(gsnr_of(g32, eps))
+                    known[s["step"]] = s["gsnr"]
         lr64 = _lr64(group["lr"], device)
         row = torch.zeros((len(params), 4), dtype=torch.float32, device=device)
         row[:, 0] = (lr64 * torch.stack([s["gsnr"] for s in states]).double()).float()
@@ -250,9 +313,16 @@ class _Projected(_ZooOptimizer):
                 continue
             rows, multi, tid, chan_scale, layer_scale = self._layout(ps, device)
             sums = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)
+            gc = None  # use_gc (AdamP): both passes subtract the row means, row coefficient 3
+            if group.get("use_gc"):
+                gc = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)
+                gc[:, 3] = gradient_row_means(self, ps, gs, rows, maximize=group["maximize"], grad_scale=grad_scale,
+                                              found_inf=found_inf, backend=backend, device=device)
             elementwise_unchecked(op, ps, gs, lists, steps, hyper, flags, phase=1, reduce_out=sums, rows=rows,
-                                  **call)
+                                  row_coef=gc, **call)
             row = self._coefficients(group, sums, len(ps), multi, tid, chan_scale, layer_scale, eps, device)
+            if gc is not None:
+                row[:, 3] = gc[:, 3]
             elementwise_unchecked(op, ps, gs, lists, steps, hyper, flags, phase=0, row_coef=row, rows=rows, **sr,
                                   **call)
 
@@ -301,45 +371,111 @@ class _Projected(_ZooOptimizer):
         return row
 
 
+_PROJECTED_DOC = """
+    Projection (2+-dim tensors): when the gradient is nearly orthogonal to the weight (cosine below
+    ``delta / sqrt(row length)`` per channel, or ``delta / sqrt(numel)`` per layer), the direction
+    ``d`` loses its radial component ``d <- d - p_n <p_n, d>`` (``p_n = p / (|p| + eps)`` per channel or
+    layer) and the weight decay is scaled by ``wd_ratio``.  Paper: Heo et al., "AdamP: Slowing Down the
+    Slowdown for Momentum Optimizers on Scale-invariant Weights" (ICLR 2021).  Fused as two kernel
+    passes (moments and per-row sums, then the step) with the cosine tests on the device in between."""
+
+
 class AdamP(_Projected):
-    r"""AdamP: Adam whose update loses its radial component on scale-invariant weights (those whose
-    gradient is nearly orthogonal to the weight, per channel or per layer), with the weight decay
-    scaled by ``wd_ratio`` there.  Drop-in for ``pytorch_optimizer.AdamP`` (and the official ``adamp``
-    package up to its eps placement).  Equations: :func:`fastopt.reference.adamp.adamp_reference`.
-    """ + _COMMON_DOC
+    __doc__ = r"""AdamP: Adam whose update loses its radial component on scale-invariant weights, with the weight
+    decay scaled by ``wd_ratio`` there.
+
+    Update (per element, then the projection below)::
+
+        g <- g - mean_row(g)                    [use_gc: 2+-dim tensors, mean over dims 1..]
+        m <- lerp(m, g, 1-b1)      v <- b2 v + (1-b2) g^2
+        n = m * [m g > 0] numel / (count + 1)   [cautious; else n = m]
+        d = (nesterov ? lerp(n, g, 1-b1) : n) sqrt(1-b2^t) / (sqrt(v) + eps)
+        p <- p (1 - wd (fixed_decay ? 1 : lr) ratio) - lr/(1-b1^t) d     (lr with adam_debias)
+    """ + _PROJECTED_DOC + """
+
+    Drop-in for ``pytorch_optimizer.AdamP`` (and the official ``adamp`` package up to its eps
+    placement).  Equations: :func:`fastopt.reference.adamp.adamp_reference`.  State: ``exp_avg``,
+    ``exp_avg_sq``.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (float or one-element tensor).
+        betas: ``(b1, b2)``.
+        weight_decay, weight_decouple, fixed_decay: decoupled weight decay (``weight_decouple=False``
+            with ``weight_decay != 0`` raises ValueError: upstream's L2 term never reaches the step).
+        delta, wd_ratio: the projection's threshold and the decay ratio on projected tensors.
+        nesterov: Nesterov momentum.
+        eps: as upstream.
+        maximize: maximize the objective.
+        foreach: accepted and ignored.
+        adam_debias: do not divide the step size by ``1 - b1^t``.
+        use_gc: gradient centralization (fused: one extra reduce pass over the gradients).
+        cautious: the cautious mask on the momentum; runs on ``backend="torch"`` only (the kernel
+            backends raise ValueError).
+        adanorm, adanorm_r: accepted; ``adanorm=True`` raises ValueError (not implemented).""" + _COMMON_DOC + "\n    "
 
     OP = "adamp"
     STATE_NAMES = ("exp_avg", "exp_avg_sq")
     HYPER_NAMES = ("betas", "weight_decay", "weight_decouple", "fixed_decay", "delta", "wd_ratio", "nesterov", "eps",
-                   "adam_debias")
+                   "adam_debias", "use_gc", "cautious")
 
     REFERENCE = staticmethod(adamp_reference)
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, weight_decouple=True,
-                 fixed_decay=False, delta=0.1, wd_ratio=0.1, nesterov=False, eps=1e-8, adam_debias=False, *,
-                 maximize=False, foreach=None, stochastic_rounding=False, master_weights=False, seed=0,
-                 backend="auto"):
+    def __init__(self, params: Params, lr: Union[float, torch.Tensor] = 1e-3,
+                 betas: Tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, weight_decouple: bool = True,
+                 fixed_decay: bool = False, delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False,
+                 eps: float = 1e-8, maximize: bool = False, foreach: Optional[bool] = False, *,
+                 adam_debias: bool = False, use_gc: bool = False, cautious: bool = False, adanorm: bool = False,
+                 adanorm_r: float = 0.95, stochastic_rounding: bool = False, master_weights: bool = False,
+                 seed: int = 0, backend: str = "auto") -> None:
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                                       weight_decouple=weight_decouple, fixed_decay=fixed_decay, delta=delta,
-                                      wd_ratio=wd_ratio, nesterov=nesterov, eps=eps, adam_debias=adam_debias,
-                                      maximize=maximize, foreach=foreach, stochastic_rounding=stochastic_rounding,
+                                      wd_ratio=wd_ratio, nesterov=nesterov, eps=eps, maximize=maximize,
+                                      foreach=foreach, adam_debias=adam_debias, use_gc=use_gc, cautious=cautious,
+                                      adanorm=adanorm, adanorm_r=adanorm_r, stochastic_rounding=stochastic_rounding,
                                       master_weights=master_weights, seed=seed, backend=backend))
 
     def _check_group(self, group):
         super()._check_group(group)
         check_betas(group["betas"])
+        check_adanorm(type(self).__name__, group)
+
+    def _check_bucket(self, group, params, backend):
+        super()._check_bucket(group, params, backend)
+        if group.get("cautious") and backend != "torch":
+            raise ValueError(f"AdamP: cautious=True runs on backend='torch' only, not {backend!r} (the fused "
+                             "kernels do not implement AdamP's cautious mask); pass backend='torch'")
 
     def _native_hyper(self, group):
         b1, b2 = (float(b) for b in group["betas"])
-        flags = (1 if group["nesterov"] else 0) | (16 if group["adam_debias"] else 0)
+        flags = ((1 if group["nesterov"] else 0) | (16 if group["adam_debias"] else 0)
+                 | (USE_GC if group.get("use_gc") else 0))
         return (b1, b2, float(group["eps"])), flags
 
 
 class SGDP(_Projected):
-    r"""SGDP: SGD with momentum and AdamP's projection.  Drop-in for ``pytorch_optimizer.SGDP`` (the
-    official ``adamp.SGDP`` also projects its momentum buffer in place without nesterov; this one, like
-    pytorch_optimizer and the paper, does not).  Equations: :func:`fastopt.reference.adamp.sgdp_reference`.
-    """ + _COMMON_DOC
+    __doc__ = r"""SGDP: SGD with momentum and AdamP's projection.
+
+    Update (per element, then the projection below)::
+
+        buf <- momentum buf + (1 - dampening) g
+        d = nesterov ? momentum buf + g : buf
+        p <- p (1 - wd (fixed_decay ? 1 : lr) ratio / (1 - momentum)) - lr d
+    """ + _PROJECTED_DOC + """
+
+    Drop-in for ``pytorch_optimizer.SGDP`` (the official ``adamp.SGDP`` also projects its momentum
+    buffer in place without nesterov; this one, like pytorch_optimizer and the paper, does not).
+    Equations: :func:`fastopt.reference.adamp.sgdp_reference`.  State: ``momentum``.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (float or one-element tensor).
+        momentum, dampening, nesterov: as torch.optim.SGD.
+        weight_decay, weight_decouple, fixed_decay: decoupled weight decay (see :class:`AdamP`).
+        delta, wd_ratio: the projection's threshold and the decay ratio on projected tensors.
+        eps: as upstream.
+        maximize: maximize the objective.
+        foreach: accepted and ignored.""" + _COMMON_DOC + "\n    "
 
     OP = "sgdp"
     STATE_NAMES = ("momentum",)
@@ -348,9 +484,12 @@ class SGDP(_Projected):
 
     REFERENCE = staticmethod(sgdp_reference)
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, weight_decouple=True,
-                 fixed_decay=False, delta=0.1, wd_ratio=0.1, nesterov=False, eps=1e-8, *, maximize=False,
-                 foreach=None, stochastic_rounding=False, master_weights=False, seed=0, backend="auto"):
+    def __init__(self, params: Params, lr: Union[float, torch.Tensor] = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, weight_decouple: bool = True,
+                 fixed_decay: bool = False, delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False,
+                 eps: float = 1e-8, maximize: bool = False, foreach: Optional[bool] = False, *,
+                 stochastic_rounding: bool = False, master_weights: bool = False, seed: int = 0,
+                 backend: str = "auto") -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       weight_decouple=weight_decouple, fixed_decay=fixed_decay, delta=delta,
                                       wd_ratio=wd_ratio, nesterov=nesterov, eps=eps, maximize=maximize,

@@ -23,8 +23,10 @@ Python threshold is cast to the tensor's dtype.
 AdamP, with t = step + 1, per-step fp64 scalars ``step_size = lr / (1 - b1^t)`` (``lr`` if
 ``adam_debias``) and ``bc2_sqrt = sqrt(1 - b2^t)``::
 
+    g = centralize(g)                                                   (use_gc, 2+-dim tensors)
     m = m + (1 - b1)(g - m)        v = b2 v + (1 - b2) g^2             (torch.lerp's formula, see _lerp)
-    perturb = (nesterov ? lerp(m, g, 1 - b1) : m) * (bc2_sqrt / (sqrt(v) + eps))
+    num = m * cautious_mask(m, g)  if cautious, else m                  (fastopt.reference.lion)
+    perturb = (nesterov ? lerp(num, g, 1 - b1) : num) * (bc2_sqrt / (sqrt(v) + eps))
     perturb <- projection(perturb)
     p = p (1 - wd (fixed_decay ? 1 : lr) ratio)  -  step_size perturb
 
@@ -57,7 +59,7 @@ Unsupported (``ValueError``):
 * ``weight_decouple=False`` with ``weight_decay != 0``: upstream adds ``wd p`` to the gradient *after*
   the gradient has been used (moments and projection are done), so L2 decay has no effect on the step
   at all -- it only mutates ``p.grad``.  Use decoupled decay (the paper's and the official package's);
-* AdamP's hidden group options ``use_gc``, ``cautious``, ``adanorm``;
+* AdamP's ``adanorm`` (a per-tensor norm EMA);
 * SGDP with ``momentum == 1`` and weight decay (upstream divides by ``1 - momentum``);
 * complex parameters, sparse gradients.
 
@@ -78,7 +80,7 @@ import math
 
 import torch
 
-from .lion import prepare_grad, skipped
+from .lion import cautious_mask, centralize, prepare_grad, skipped
 
 ADAMP_STATE_NAMES = ("exp_avg", "exp_avg_sq")
 SGDP_STATE_NAMES = ("momentum",)
@@ -190,7 +192,7 @@ def adamp_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight_dec
     state dict of ``params[i]``; ``lr`` may be a float or a 0-dim tensor; if ``found_inf`` is nonzero
     nothing changes."""
     _check("AdamP", params, grads, states, ADAMP_STATE_NAMES, weight_decay=weight_decay,
-           weight_decouple=weight_decouple, extra=dict(use_gc=use_gc, cautious=cautious, adanorm=adanorm))
+           weight_decouple=weight_decouple, extra=dict(adanorm=adanorm))
     if len(betas) != 2:
         raise ValueError(f"AdamP takes two betas, got {betas!r}")
     if skipped(found_inf):
@@ -209,19 +211,23 @@ def adamp_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight_dec
 
         def direction(m, v, g):
             inv = (1.0 / (v.sqrt() + eps)) * bc2_sqrt
-            return (_lerp(m, g, 1.0 - beta1) if nesterov else m) * inv
+            num = m * cautious_mask(m, g) if cautious else m
+            return (_lerp(num, g, 1.0 - beta1) if nesterov else num) * inv
+
+        def grad_of(grad):
+            g = prepare_grad(grad, maximize, grad_scale)
+            return centralize(g) if use_gc else g
 
         # phase A: moments, direction (sums taken in _projected_step)
-        g = prepare_grad(grad, maximize, grad_scale)
+        g = grad_of(grad)
         m = _lerp(st["exp_avg"].float(), g, 1.0 - beta1)
         v = beta2 * st["exp_avg_sq"].float() + (1.0 - beta2) * g * g
         d = direction(m, v, g)
         st["exp_avg"].copy_(m)
         st["exp_avg_sq"].copy_(v)
 
-        def d_of(grad=grad, st=st, direction=direction):
-            return direction(st["exp_avg"].float(), st["exp_avg_sq"].float(),
-                             prepare_grad(grad, maximize, grad_scale))
+        def d_of(grad=grad, st=st, direction=direction, grad_of=grad_of):
+            return direction(st["exp_avg"].float(), st["exp_avg_sq"].float(), grad_of(grad))
 
         _projected_step(p, d_of, g, st, delta=delta, eps=eps, wd_eff=wd_eff, wd_ratio=float(wd_ratio),
                         step_size=step_size, phase_a_d=d)

@@ -17,9 +17,15 @@ State: ``previous_grad`` holds the *negated* previous gradient ``-g_{t-1}``, as 
 first step; here :func:`adan_init_state` allocates zeros and the step treats ``previous_grad`` as
 ``-g`` when ``t == 1``, so the first gradient difference is exactly 0.
 
+``use_gc=True`` centralizes the gradient first (:func:`fastopt.reference.lion.centralize`: for 2+-dim
+tensors minus the mean over every dim but the first), as upstream, before everything else, so
+``previous_grad`` holds the negated *centralized* gradient; as upstream, the first step's difference
+is then ``g_c - g`` (minus the row mean), since upstream initializes ``previous_grad`` from the raw
+gradient.
+
 Unsupported (``ValueError``): ``max_grad_norm > 0`` (global gradient-norm clipping needs a norm over
-all parameters, not elementwise), ``use_gc`` (gradient centralisation: per-row means),
-``adanorm`` (per-tensor norm EMA), complex parameters and sparse gradients.  ``foreach`` is an
+all parameters, not elementwise), ``adanorm`` (per-tensor norm EMA), complex parameters and sparse
+gradients.  ``foreach`` is an
 upstream implementation switch only and has no counterpart here.
 
 Deliberate differences from upstream:
@@ -37,7 +43,7 @@ import math
 
 import torch
 
-from .lion import prepare_grad, skipped
+from .lion import centralize, prepare_grad, skipped
 
 STATE_NAMES = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "previous_grad")
 
@@ -49,14 +55,12 @@ def adan_init_state(p, state, group=None):
         state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _check(params, grads, states, *, betas, max_grad_norm, use_gc, adanorm):
+def _check(params, grads, states, *, betas, max_grad_norm, adanorm):
     if len(betas) != 3:
         raise ValueError(f"Adan takes three betas (beta1, beta2, beta3), got {betas!r}")
     if max_grad_norm != 0.0:
         raise ValueError("Adan reference: max_grad_norm (global gradient-norm clipping) is not supported; "
                          "clip the gradients beforehand")
-    if use_gc:
-        raise ValueError("Adan reference: use_gc (gradient centralization) is not supported")
     if adanorm:
         raise ValueError("Adan reference: adanorm is not supported")
     if not (len(params) == len(grads) == len(states)):
@@ -102,7 +106,7 @@ def adan_reference(params, grads, states, *, lr, betas=(0.98, 0.92, 0.99), weigh
 
     If ``found_inf`` is nonzero nothing changes (AMP skipped step).  ``lr`` may be a 0-dim tensor.
     """
-    _check(params, grads, states, betas=betas, max_grad_norm=max_grad_norm, use_gc=use_gc, adanorm=adanorm)
+    _check(params, grads, states, betas=betas, max_grad_norm=max_grad_norm, adanorm=adanorm)
     if skipped(found_inf):
         return
     beta1, beta2, beta3 = (float(b) for b in betas)
@@ -115,8 +119,13 @@ def adan_reference(params, grads, states, *, lr, betas=(0.98, 0.92, 0.99), weigh
 
         p32 = p.float()
         g = prepare_grad(grad, maximize, grad_scale)
+        g_raw = g
+        if use_gc:
+            g = centralize(g)
 
-        prev = -g if t == 1.0 else st["previous_grad"].float()
+        # upstream starts previous_grad at minus the first gradient *before* centralization, so with
+        # use_gc the first difference is g_c - g = -mean (0 without it)
+        prev = -g_raw if t == 1.0 else st["previous_grad"].float()
         diff = g + prev
         m = st["exp_avg"].float()
         m = m + (1.0 - beta1) * (g - m)

@@ -41,12 +41,32 @@ def weight_decay_step(p32, g, weight_decay, weight_decouple, fixed_decay, lr):
     return p32, g
 
 
+def centralize(g):
+    """Gradient centralization as pytorch_optimizer's ``centralize_gradient(g, gc_conv_only=False)``:
+    for a tensor of 2+ dims, ``g - g.mean(dims 1.., keepdim)`` (each slice ``g[i]`` loses its mean);
+    other tensors unchanged."""
+    if g.dim() > 1:
+        return g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True)
+    return g
+
+
+def cautious_mask(update, g):
+    """The cautious optimizer's mask as pytorch_optimizer's ``apply_cautious``: ``[update * g > 0]``
+    scaled by ``numel / (count + 1)`` (count = the number of ones; fp32), so the masked update keeps
+    about its overall magnitude.  Multiply the update by it."""
+    mask = (update * g > 0).to(torch.float32)
+    return mask * (mask.numel() / (mask.sum() + 1))
+
+
 def lion_reference(params, grads, states, *, lr, betas=(0.9, 0.99), weight_decay=0.0, weight_decouple=True,
-                   fixed_decay=False, maximize=False, grad_scale=None, found_inf=None):
+                   fixed_decay=False, use_gc=False, cautious=False, maximize=False, grad_scale=None,
+                   found_inf=None):
     """One Lion step, in place.  With g the gradient::
 
+        g <- centralize(g)                        if use_gc (2+-dim tensors: minus the mean over dims 1..)
         p <- p (1 - wd (fixed_decay ? 1 : lr))    if weight_decouple, else g <- g + wd p
         u <- sign(m + (1 - b1)(g - m))
+        u <- u * cautious_mask(u, g)              if cautious
         m <- m + (1 - b2)(g - m)
         p <- p - lr u
     """
@@ -56,6 +76,8 @@ def lion_reference(params, grads, states, *, lr, betas=(0.9, 0.99), weight_decay
     for p, grad, state in zip(params, grads, states):
         lr32 = float(lr)
         g = prepare_grad(grad, maximize, grad_scale)
+        if use_gc:
+            g = centralize(g)
         p32 = p.float()
         if weight_decouple:
             p32 = p32 * torch.tensor(1.0 - weight_decay * (1.0 if fixed_decay else lr32), dtype=torch.float32)
@@ -63,6 +85,8 @@ def lion_reference(params, grads, states, *, lr, betas=(0.9, 0.99), weight_decay
             g = g + weight_decay * p32
         m = state["exp_avg"].float()
         u = torch.sign(m + (1.0 - beta1) * (g - m))
+        if cautious:
+            u = u * cautious_mask(u, g)
         m = m + (1.0 - beta2) * (g - m)
         p32 = p32 - lr32 * u
         p.copy_(p32)

@@ -102,7 +102,7 @@ struct ElementwiseArgs {
   bool maximize = false;
   int phase = 0;                  // 0: update (+ step increment), 1: reduce into reduce_out
   std::vector<int64_t> rows;      // rows per tensor (each divides its numel), or empty: one row each
-  int64_t row_coef_ptr = 0;       // fp32 [total rows, kMaxRowCoefs] read by phase 0, or 0
+  int64_t row_coef_ptr = 0;       // fp32 [total rows, kMaxRowCoefs] read by both phases, or 0
   int64_t reduce_out_ptr = 0;     // phase 1: fp32 [total rows, kMaxReduce], added to (caller zeroes)
   uint64_t seed = 0;              // stochastic rounding of bf16 params (phase 0) when `stochastic`
   bool stochastic = false;

@@ -7,14 +7,18 @@
 //   struct Coeffs;                    // per-tensor (per-row) coefficients, computed once per chunk
 //   static Coeffs coeffs(const OpScalars&);
 //   static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs&, const float* rc);
-//   static void reduce(float p, float g, float (&s)[kMaxStates], const Coeffs&, float (&acc)[kMaxReduce]);
+//   static void reduce(float p, float g, float (&s)[kMaxStates], const Coeffs&, const float* rc,
+//                      float (&acc)[kMaxReduce]);
 //
 // `update` is phase 0: the step itself.  Ops whose step needs per-tensor or per-row statistics
 // (LAMB's trust ratio, AdamP's projection, SGD-SaI's g-SNR, a global-norm clip) first run phase 1:
 // `reduce` may update the states and adds up to kMaxReduce values per element into per-row sums;
 // the Python wrapper turns those sums into row coefficients, which phase 0's `update` gets as `rc`
-// (kMaxRowCoefs floats of the element's row; a zero row when the call has no coefficients).  A "row" is tensor-local: a tensor of `rows` rows has numel/rows elements per row
-// (one row per tensor unless the caller says otherwise).
+// (kMaxRowCoefs floats of the element's row; a zero row when the call has no coefficients).  Phase 1's
+// `reduce` gets the row coefficients of its call the same way (so a second reduce pass can use the
+// sums of a first: gradient centralization's row means, then the cautious mask's count).  A "row" is
+// tensor-local: a tensor of `rows` rows has numel/rows elements per row (one row per tensor unless the
+// caller says otherwise).
 //
 // Everything is fp32 in registers; storage may be fp32, fp16 or bf16.  bf16 params may be stored with
 // stochastic rounding (seeded, counter-based: the same bits on every backend, see sr_bits).
@@ -121,13 +125,13 @@ template <typename Op, typename T>
 FASTOPT_HOST_DEVICE void op_reduce_element(const T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0,
                                            T* __restrict__ s1, T* __restrict__ s2, T* __restrict__ s3,
                                            int64_t i, float grad_mul, const typename Op::Coeffs& c,
-                                           float (&acc)[kMaxReduce]) {
+                                           const float* rc, float (&acc)[kMaxReduce]) {
   float st[kMaxStates] = {0.0f, 0.0f, 0.0f, 0.0f};
   if (Op::kStates > 0) st[0] = to_float(s0[i]);
   if (Op::kStates > 1) st[1] = to_float(s1[i]);
   if (Op::kStates > 2) st[2] = to_float(s2[i]);
   if (Op::kStates > 3) st[3] = to_float(s3[i]);
-  Op::reduce(to_float(p[i]), to_float(g[i]) * grad_mul, st, c, acc);
+  Op::reduce(to_float(p[i]), to_float(g[i]) * grad_mul, st, c, rc, acc);
   if (Op::kStates > 0) s0[i] = from_float<T>(st[0]);
   if (Op::kStates > 1) s1[i] = from_float<T>(st[1]);
   if (Op::kStates > 2) s2[i] = from_float<T>(st[2]);
@@ -158,7 +162,8 @@ FASTOPT_HOST_DEVICE float exp_nonpositive(float x) {
 // For ops without a reduce phase.
 struct NoReduce {
   template <typename C>
-  FASTOPT_HOST_DEVICE static void reduce(float, float, float (&)[kMaxStates], const C&, float (&)[kMaxReduce]) {}
+  FASTOPT_HOST_DEVICE static void reduce(float, float, float (&)[kMaxStates], const C&, const float*,
+                                         float (&)[kMaxReduce]) {}
 };
 
 }  // namespace fastopt

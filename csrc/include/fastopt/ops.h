@@ -20,6 +20,8 @@
   X("adam", ::fastopt::functors::AdamL2Op)      \
   X("adam_ams", ::fastopt::functors::AdamL2AmsOp)   \
   X("lion", ::fastopt::functors::LionOp)                      \
+  X("lion_cautious", ::fastopt::functors::LionCautiousOp)     \
+  X("grad_rowsum", ::fastopt::functors::GradRowSumOp)         \
   X("clip", ::fastopt::functors::ClipOp)                      \
   X("adan", ::fastopt::functors::AdanOp)                      \
   X("adabelief", ::fastopt::functors::AdaBeliefOp<false>)     \

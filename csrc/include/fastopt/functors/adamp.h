@@ -8,6 +8,8 @@
 //                   rc[0] = den, rc[1] = radial (0 where not projected), rc[2] = decay factor
 // phase 0 (update): recompute d from the stored moments;  d -= (p / den) radial;
 //                   p = p * decay - step d
+// Both phases first take g <- g - rc[3]: AdamP's use_gc (rc[3] = the row mean of g from the
+// grad_rowsum op's pass; 0 without it, and always 0 for SGDP and the flat variants).
 // ("adamp_flat" / "sgdp_flat": 0-/1-D tensors in one pass, see ProjectedOp's FLAT)
 //
 // AdamP: m = lerp(m, g, 1-b1); v = b2 v + (1-b2) g^2;
@@ -51,7 +53,8 @@ struct ProjectedOp {
   FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars& s) { return Dir::coeffs(s); }
 
   FASTOPT_HOST_DEVICE static void reduce(float p, float g, float (&s)[kMaxStates], const Coeffs& c,
-                                         float (&acc)[kMaxReduce]) {
+                                         const float* rc, float (&acc)[kMaxReduce]) {
+    g = g - rc[3];  // gradient centralization (AdamP's use_gc): the row mean, else 0
     Dir::moments(g, s, c);
     const float d = Dir::direction(g, s, c);
     acc[0] += g * p;
@@ -61,6 +64,7 @@ struct ProjectedOp {
   }
 
   FASTOPT_HOST_DEVICE static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c, const float* rc) {
+    g = g - rc[3];
     if (FLAT) Dir::moments(g, s, c);
     const float d = Dir::direction(g, s, c) - (p / rc[0]) * rc[1];
     p = p * rc[2] - c.step * d;

@@ -17,7 +17,7 @@ struct ClipOp {
 
   FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars&) { return Coeffs{}; }
 
-  FASTOPT_HOST_DEVICE static void reduce(float, float g, float (&)[kMaxStates], const Coeffs&,
+  FASTOPT_HOST_DEVICE static void reduce(float, float g, float (&)[kMaxStates], const Coeffs&, const float*,
                                          float (&acc)[kMaxReduce]) {
     acc[0] += g * g;
   }
@@ -25,6 +25,24 @@ struct ClipOp {
   FASTOPT_HOST_DEVICE static void update(float& p, float g, float (&)[kMaxStates], const Coeffs&, const float* rc) {
     p = g * rc[0];
   }
+};
+
+// The per-row sums of the (unscaled, signed) gradients: the first pass of gradient centralization
+// (pytorch_optimizer's use_gc: g <- g - mean of g over every dim but the first, for 2+-dim tensors).
+// Called with rows = p.shape[0] and no step counters; phase 1 only (the update leaves p alone).
+struct GradRowSumOp {
+  static constexpr int kStates = 0;
+  static constexpr int kReduce = 1;
+  struct Coeffs {};
+
+  FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars&) { return Coeffs{}; }
+
+  FASTOPT_HOST_DEVICE static void reduce(float, float g, float (&)[kMaxStates], const Coeffs&, const float*,
+                                         float (&acc)[kMaxReduce]) {
+    acc[0] += g;
+  }
+
+  FASTOPT_HOST_DEVICE static void update(float&, float, float (&)[kMaxStates], const Coeffs&, const float*) {}
 };
 
 }  // namespace functors

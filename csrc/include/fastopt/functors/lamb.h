@@ -40,7 +40,7 @@ struct LambOp {
     return m / (sqrtf(v) + c.eps) + c.decay.l2 * pd;
   }
 
-  FASTOPT_HOST_DEVICE static void reduce(float p, float g, float (&s)[kMaxStates], const Coeffs& c,
+  FASTOPT_HOST_DEVICE static void reduce(float p, float g, float (&s)[kMaxStates], const Coeffs& c, const float*,
                                          float (&acc)[kMaxReduce]) {
     s[0] = c.b1 * s[0] + c.b3 * g;
     s[1] = c.b2 * s[1] + c.omb2 * g * g;

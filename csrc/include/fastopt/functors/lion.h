@@ -6,6 +6,7 @@
 //   m <- m + (1 - b2)(g - m)
 //   p <- p - lr u
 // Hyper: h[0] b1, h[1] b2, h[2] wd.  Flags: bit 0 weight_decouple, bit 1 fixed_decay.
+// Row coefficients (optional): rc[0] the gradient's row mean (use_gc), rc[1] the cautious scale.
 #pragma once
 
 #include "fastopt/elementwise.h"
@@ -14,9 +15,17 @@
 namespace fastopt {
 namespace functors {
 
-struct LionOp : NoReduce {
+// CAUTIOUS ("lion_cautious", Liang et al., "Cautious Optimizers: Improving Training with One Line of
+// Code", 2024, as pytorch_optimizer's apply_cautious): the sign update u is kept only where u g > 0
+// and rescaled by numel / (count + 1) per tensor, count = the number of kept elements.  Phase 1 counts
+// (acc[0] += u g > 0, nothing written); the wrapper sums the rows of each tensor and sets rc[1] to
+// fp32(numel) / (count + 1); phase 0 steps with u * (u g > 0 ? rc[1] : 0).
+// Both variants first take g <- g - rc[0]: gradient centralization (use_gc; rc[0] = the row mean of
+// g, from the grad_rowsum op's pass; 0 without it), before the weight decay as upstream.
+template <bool CAUTIOUS>
+struct LionOpT {
   static constexpr int kStates = 1;  // exp_avg
-  static constexpr int kReduce = 0;
+  static constexpr int kReduce = CAUTIOUS ? 1 : 0;
   struct Coeffs {
     float one_minus_beta1, one_minus_beta2, lr;
     Decay decay;
@@ -31,15 +40,31 @@ struct LionOp : NoReduce {
     return c;
   }
 
-  FASTOPT_HOST_DEVICE static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c, const float*) {
+  FASTOPT_HOST_DEVICE static float sign_update(float m, float g, const Coeffs& c) {
+    const float blend = m + c.one_minus_beta1 * (g - m);
+    return static_cast<float>(blend > 0.0f) - static_cast<float>(blend < 0.0f);
+  }
+
+  FASTOPT_HOST_DEVICE static void reduce(float p, float g, float (&s)[kMaxStates], const Coeffs& c, const float* rc,
+                                         float (&acc)[kMaxReduce]) {
+    g = g - rc[0];
+    g = g + c.decay.l2 * p;
+    acc[0] += sign_update(s[0], g, c) * g > 0.0f ? 1.0f : 0.0f;
+  }
+
+  FASTOPT_HOST_DEVICE static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c, const float* rc) {
+    g = g - rc[0];
     g = g + c.decay.l2 * p;
     p = p * c.decay.factor;
-    const float blend = s[0] + c.one_minus_beta1 * (g - s[0]);
-    const float u = static_cast<float>(blend > 0.0f) - static_cast<float>(blend < 0.0f);
+    float u = sign_update(s[0], g, c);
+    if (CAUTIOUS) u = u * (u * g > 0.0f ? rc[1] : 0.0f);
     s[0] = s[0] + c.one_minus_beta2 * (g - s[0]);
     p = p - c.lr * u;
   }
 };
+
+using LionOp = LionOpT<false>;
+using LionCautiousOp = LionOpT<true>;
 
 }  // namespace functors
 }  // namespace fastopt
