@@ -46,7 +46,9 @@ def midpoint_block(fmt, seed=0):
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 def test_reference_codes_are_nearest(fmt):
-    """The reference picks the nearest map value (brute force over all codes), ties to the lower."""
+    """The reference picks the nearest map value (brute force over all codes), ties to the lower --
+    except that in unsigned formats a positive value never takes the value 0 (nearest among the
+    positive map values instead: the smallest one, where 0 would be nearest; codebook.py)."""
     f = FORMATS[fmt]
     x = torch.cat([wide_values(1 << 14, signed=f.signed), midpoint_block(fmt)])
     codes, absmax = quantize_reference(x, fmt)
@@ -55,6 +57,9 @@ def test_reference_codes_are_nearest(fmt):
     finite = torch.isfinite(f.values)
     dist = (xn.double()[:, None] - f.values.double()[None, :]).abs()
     dist[:, ~finite] = float("inf")
+    if not f.signed:
+        dist[(xn > 0)[:, None] & (f.values == 0)[None, :]] = float("inf")
+        assert (f.values.double()[idx][xn > 0] > 0).all()
     best = dist.min(dim=1).values
     chosen = dist.gather(1, idx[:, None]).squeeze(1)
     # Nearest up to the fp32 rounding of the midpoints the quantizer compares with (< 1 ulp of 1.0).
@@ -63,6 +68,8 @@ def test_reference_codes_are_nearest(fmt):
     vals = torch.sort(f.values[finite]).values
     mids = ((vals[:-1] + vals[1:]) / 2).float()
     on_mid = torch.isin(xn, mids)
+    if not f.signed:  # the midpoint between 0 and the smallest positive value: the rule, not the tie
+        on_mid &= xn != mids[vals[1:] > 0][0]
     if on_mid.any():
         chosen_vals = f.values[idx[on_mid]]
         assert (chosen_vals <= xn[on_mid]).all()

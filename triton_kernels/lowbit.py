@@ -10,6 +10,7 @@ A quantized state stores, per block of ``block`` elements, one fp32 ``absmax`` a
     absmax = max |x| over the block;  inv = absmax > 0 ? 1 / absmax : 0;  xn = clamp(x * inv, -1, 1)
     rank = bucket[sign][row][top 8 mantissa bits of xn] + (bounds[rank] < xn)
     code = identity ? rank : rank_code[rank]
+    code = (code == zero_code && xn > 0) ? floor_code : code     (unsigned formats: header [5], [6])
 
 and a block holding a NaN or an infinity is poisoned: absmax NaN, every code the code of 0 (so the
 whole block dequantizes to NaN), as on every backend.
@@ -119,6 +120,10 @@ def _quantize(book, x, mask):
     bound = tl.load(book + HEADER + nc + r).to(tl.float32, bitcast=True)
     r = r + (bound < xn).to(tl.int32)
     code = tl.where(identity != 0, r, tl.load(book + HEADER + 2 * nc + r))
+    # Unsigned formats: a positive value never takes the code of 0 (zero_code -1 elsewhere: never fires).
+    zero_code = tl.load(book + 5)
+    floor_code = tl.load(book + 6)
+    code = tl.where((code == zero_code) & (xn > 0.0), floor_code, code)
     return amax, code
 
 

@@ -73,8 +73,10 @@ __attribute__((noinline)) float quantize_block(const CodebookView& b, const floa
   }
   const uint32_t* __restrict__ packed = b.packed;
   for (int64_t j = 0; j < len; ++j) entry[j] = packed[rank[j]];
+  // Nearest code, then the unsigned formats' rule (a positive value never takes the code of 0).
+  const int zero_code = b.zero_code, floor_code = b.floor_code;
 #pragma GCC ivdep
-  for (int64_t j = 0; j < len; ++j) rank[j] = quant_pick(bits[j], entry[j]);
+  for (int64_t j = 0; j < len; ++j) rank[j] = quant_floor(zero_code, floor_code, bits[j], quant_pick(bits[j], entry[j]));
   if (b.nc == 16) {
     for (int64_t j = 0; j < len / 2; ++j) codes[j] = static_cast<uint8_t>(rank[2 * j] | (rank[2 * j + 1] << 4));
   } else {

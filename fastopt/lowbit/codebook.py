@@ -6,6 +6,20 @@ is the block's largest ``|x|``.  Quantizing picks the **nearest** map value to `
 toward the lower value (``torch.bucketize`` on the midpoints between sorted map values); an all-zero
 block has ``absmax = 0`` and every code at the map value 0 (or the smallest one when the map has no 0).
 
+One exception, in the *unsigned* formats (``signed=False``: ``dyn8u``, ``fp8u``, ``lin4u``,
+``lin4u-r1``, the formats of the non-negative states -- second moments, AdaBelief's variance): a
+value with ``x / absmax > 0`` never takes the code of 0; where 0 would be nearest it takes the
+smallest positive map value instead (``floor_code``).  So a positive second moment never decodes to 0
+(``values[floor_code] * absmax > 0`` for any normal fp32 absmax above ``2**-149 / values[floor_code]``;
+only a ratio ``x / absmax`` below fp32's smallest subnormal, ``2**-149``, normalizes to 0).  With
+nearest rounding a second moment far below its block's maximum (``v / absmax < 1.6e-7`` in ``dyn8u``,
+``< 2.2e-6`` in fp8) decoded to exactly 0 while its first moment did not, and Adam's step became
+``m / eps`` (issue 15: a small ReLU MLP moved weights by 0.8--8 instead of 0.05).  Rounding those
+values up to the smallest code only ever overestimates ``v`` there, so the step is smaller, never
+larger, than with the exact ``v``.  Signed formats (first moments) stay nearest: a first moment that
+rounds to 0 only makes the step 0.  Exactly 0 (and -0.0) keeps the code of 0, and so does every
+element of a poisoned block (below).
+
 Formats (``FORMATS``):
 
 ==========  =====  =====  ==========================================================================
@@ -20,6 +34,8 @@ name        bits   block  map
                           the second moment of the 4-bit optimizers
 ``fp8``     8      256    float8 e4m3fn: the code is the e4m3 bit pattern, the value ``e4m3 / 448``
                           (so ``x_hat = e4m3(code) * absmax / 448``, as torchao's fp8 states)
+``fp8u``    8      256    ``fp8`` for non-negative states: the same codes and values (stored, tagged
+                          and dequantized as ``fp8``), quantized with the unsigned formats' rule below
 ``lin4u-r1`` 4     --     ``lin4u`` codes with rank-1 normalization (Li et al. 2023): the tensor viewed
                           as ``[rows, cols]``, ``x_hat = map[code] * min(row_max[i], col_max[j])``
 ==========  =====  =====  ==========================================================================
@@ -41,7 +57,9 @@ Triton quantizers read; it makes nearest-code search two table reads.  Layout, w
 of codes and ``nr`` the number of exponent rows::
 
     [0] nc    [1] nr    [2] e_lo    [3] 1 if code == rank (sorted map) else 0
-    [4] offset of the packed table    [5..7] 0
+    [4] offset of the packed table
+    [5] zero_code: the code of 0 that a positive value must not take (unsigned formats), else -1
+    [6] floor_code: the code it takes instead (the smallest positive map value), else 0    [7] 0
     [8 + 0*nc ...]  values by code (fp32 bits)             -- the dequantization table
     [8 + 1*nc ...]  sorted midpoints, rank order, +inf last (fp32 bits)
     [8 + 2*nc ...]  the code of each rank
@@ -56,6 +74,8 @@ ignored).  :func:`codebook` checks that each bucket holds at most one midpoint, 
 The packed table folds the midpoint test into the entry (the midpoint shares the bucket's sign,
 exponent and top mantissa bits, so comparing the low 15 bits decides it): the C++/CUDA quantizer
 reads one int32 per value; the Triton one uses the rank/midpoint tables (same codes; tested).
+Every quantizer then applies the unsigned formats' rule: ``code = floor_code if code == zero_code and
+xn > 0`` (``xn`` the normalized value; one compare and select per value).
 """
 import functools
 import math
@@ -104,13 +124,32 @@ def fp8_e4m3_map():
     return codes.float() / 448.0
 
 
+def _sorted_finite(values):
+    """(sorted finite values, the code of each) -- NaN codes are never chosen."""
+    finite = torch.isfinite(values)
+    codes = torch.arange(values.numel())[finite]
+    vals = values[finite].double()
+    order = torch.argsort(vals, stable=True)
+    vals, codes = vals[order], codes[order]
+    # Equal values (fp8's +0/-0): keep the first code of each value.
+    keep = torch.ones_like(vals, dtype=torch.bool)
+    keep[1:] = vals[1:] != vals[:-1]
+    return vals[keep], codes[keep]
+
+
 class Format:
     """A blockwise quantization format (see the module doc).  ``rank1``: scaled per element by
-    min(row max, column max) of the tensor viewed as ``[shape[0], -1]`` instead of per block."""
+    min(row max, column max) of the tensor viewed as ``[shape[0], -1]`` instead of per block.
+    ``signed=False``: a format of non-negative states, whose positive values never take the code of 0
+    (``zero_code`` -> ``floor_code``; ``zero_code`` is -1 when the rule does not apply: a signed format,
+    or a map without 0).  ``storage``: the name its codes are stored and tagged under (``fp8u`` is
+    stored as ``fp8``), by default ``name``."""
 
-    def __init__(self, name, bits, block, values, signed, rank1=False):
+    def __init__(self, name, bits, block, values, signed, rank1=False, storage=None):
         self.name, self.bits, self.block, self.signed, self.rank1 = name, bits, block, signed, rank1
         self.values = values  # fp32 [2**bits], by code
+        self.storage = storage or name
+        self.zero_code, self.floor_code = _positive_floor(values, signed)
 
     def __repr__(self):
         return f"Format({self.name!r}, bits={self.bits}, block={self.block})"
@@ -120,12 +159,28 @@ class Format:
         return numel * self.bits // 8
 
 
+def _positive_floor(values, signed):
+    """(zero_code, floor_code) of the unsigned formats' rule: the code of 0 that nearest rounding picks
+    (the first code of value 0) and the code of the smallest positive value; (-1, 0) for a signed
+    format or a map without 0.  Python ints, computed once per format (no data-dependent code at
+    quantization time)."""
+    if signed:
+        return -1, 0
+    svals, scodes = _sorted_finite(values)
+    zero = (svals == 0).nonzero().flatten()
+    if zero.numel() == 0:
+        return -1, 0
+    return int(scodes[zero[0]]), int(scodes[(svals > 0).nonzero().flatten()[0]])
+
+
 FORMATS = {
     "dyn8s": Format("dyn8s", 8, 256, dynamic_map(True), True),
     "dyn8u": Format("dyn8u", 8, 256, dynamic_map(False), False),
     "dyn4s": Format("dyn4s", 4, 128, dynamic_map(True, 3, 4), True),
     "lin4u": Format("lin4u", 4, 128, linear_map_no_zero(4), False),
     "fp8": Format("fp8", 8, 256, fp8_e4m3_map(), True),
+    # fp8 for non-negative states: same codes and values, positive values never take the code of 0.
+    "fp8u": Format("fp8u", 8, 256, fp8_e4m3_map(), False, storage="fp8"),
     # lin4u with rank-1 normalization (Li et al. 2023): codes as lin4u, scales min(row max, col max).
     "lin4u-r1": Format("lin4u-r1", 4, 128, linear_map_no_zero(4), False, rank1=True),
 }
@@ -138,19 +193,6 @@ def get_format(fmt):
         return FORMATS[fmt]
     except KeyError:
         raise ValueError(f"unknown low-bit format {fmt!r}; expected one of {sorted(FORMATS)}") from None
-
-
-def _sorted_finite(values):
-    """(sorted finite values, the code of each) -- NaN codes are never chosen."""
-    finite = torch.isfinite(values)
-    codes = torch.arange(values.numel())[finite]
-    vals = values[finite].double()
-    order = torch.argsort(vals, stable=True)
-    vals, codes = vals[order], codes[order]
-    # Equal values (fp8's +0/-0): keep the first code of each value.
-    keep = torch.ones_like(vals, dtype=torch.bool)
-    keep[1:] = vals[1:] != vals[:-1]
-    return vals[keep], codes[keep]
 
 
 def _f32_bits(x):
@@ -205,7 +247,7 @@ def _codebook_cpu(name):
     code_next = scodes[(base + 1).clamp(max=nsorted - 1)]
     packed = (code_base | (code_next << 8) | (thr << 16)).to(torch.int64)
     packed = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32).flatten()
-    head = torch.tensor([nc, nr, e_lo, identity, 0, 0, 0, 0], dtype=torch.int32)
+    head = torch.tensor([nc, nr, e_lo, identity, 0, fmt.zero_code, fmt.floor_code, 0], dtype=torch.int32)
     head[4] = HEADER + 3 * nc + buckets.numel()  # where the packed table starts
     return torch.cat([head, values.view(torch.int32), bounds.view(torch.int32), rank_code, buckets, packed])
 
@@ -224,12 +266,16 @@ def _codebook_on(name, device):
 
 def reference_codes(xn, fmt):
     """Nearest-code search of normalized values ``xn`` (fp32, in [-1, 1]): ``torch.bucketize`` on the
-    fp32 midpoints between sorted map values, ties toward the lower value.  Returns int64 codes."""
+    fp32 midpoints between sorted map values, ties toward the lower value; then, in unsigned formats,
+    ``xn > 0`` never keeps the code of 0 (``floor_code`` instead).  Returns int64 codes."""
     fmt = get_format(fmt)
     svals, scodes = _sorted_finite(fmt.values)
     mids = ((svals[:-1] + svals[1:]) / 2).float().to(xn.device)
     rank = torch.bucketize(xn.float(), mids, right=False)
-    return scodes.to(xn.device)[rank]
+    codes = scodes.to(xn.device)[rank]
+    if fmt.zero_code >= 0:
+        codes = torch.where((codes == fmt.zero_code) & (xn > 0), fmt.floor_code, codes)
+    return codes
 
 
 def pack4(codes):

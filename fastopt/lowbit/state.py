@@ -5,21 +5,23 @@
 ones, block 256), ``4`` (``dyn4s`` / ``lin4u``, block 128), ``"4-rank1"`` (as 4, but the non-negative
 states of parameters with 2+ rows and columns are ``lin4u-r1``: scaled by min(row max, column max),
 kept in ``state[name + "_row"]`` / ``state[name + "_col"]``; cpu and torch backends only) or
-``"fp8"`` (e4m3, block 256).  A
+``"fp8"`` (e4m3, block 256: ``fp8`` / ``fp8u``).  The non-negative states take the unsigned format
+of their family, whose positive values never decode to 0 (:mod:`fastopt.lowbit.codebook`).  A
 contiguous parameter whose numel is at least ``min_quant_size`` (default 4096, as bitsandbytes'
 ``min_8bit_size``) and a multiple of the block gets quantized states; any other keeps its states in
 full precision (the parameter's dtype, fp32 with ``master_weights``) and takes the ordinary path.
 
 A quantized state ``name`` is stored as ``state[name]`` (uint8 codes) and ``state[name + "_absmax"]``
 (fp32, one per block); ``state["state_format"]`` tags the layout, e.g.
-``"fastopt.lowbit/1:dyn8s,dyn8u"`` (the format of each state, in the optimizer's state order).
+``"fastopt.lowbit/1:dyn8s,dyn8u"`` (the storage format of each state, in the optimizer's state order;
+``fp8u`` states are tagged ``fp8``: same codes and values, so checkpoints of either load).
 """
 import torch
 
 from .codebook import get_format
 
 TAG = "fastopt.lowbit/1"
-STATE_BITS = {8: ("dyn8s", "dyn8u"), 4: ("dyn4s", "lin4u"), "fp8": ("fp8", "fp8"), "4-rank1": ("dyn4s", "lin4u-r1")}
+STATE_BITS = {8: ("dyn8s", "dyn8u"), 4: ("dyn4s", "lin4u"), "fp8": ("fp8", "fp8u"), "4-rank1": ("dyn4s", "lin4u-r1")}
 # States that never go negative take the unsigned map.
 UNSIGNED_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "exp_avg_var", "max_exp_avg_var"})
 
@@ -56,7 +58,8 @@ def state_formats(bits, names, shape=None):
 
 
 def format_tag(formats):
-    return f"{TAG}:{','.join(formats)}"
+    """The ``state_format`` tag of states in ``formats`` (names): their storage formats."""
+    return f"{TAG}:{','.join(get_format(f).storage for f in formats)}"
 
 
 def block_of(bits):

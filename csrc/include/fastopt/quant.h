@@ -5,11 +5,17 @@
 //   x_hat = values[code] * absmax,      code = nearest(values, x * (1 / absmax)), ties to the lower value.
 // The formats and their maps are defined in Python (fastopt/lowbit/codebook.py), which also builds
 // the int32 codebook read here; its bucket table turns nearest-code search into two table reads:
-//   [0] nc  [1] nr  [2] e_lo  [3] identity  [4] offset of the packed table  [5..7] 0
+//   [0] nc  [1] nr  [2] e_lo  [3] identity  [4] offset of the packed table
+//   [5] zero_code (-1: none)  [6] floor_code  [7] 0
 //   [8 ...] values by code (fp32 bits) | sorted midpoints, +inf last (fp32 bits) | code of each rank |
 //   buckets [2 signs][nr][256]: the rank at each bucket's lower end |
 //   packed [2][nr][256]: code at the lower end | next code << 8 | low 15 mantissa bits of the
 //   bucket's midpoint << 16 -- quantize_code reads one entry per value.
+//
+// Unsigned formats (the formats of non-negative states: dyn8u, fp8u, lin4u): a value with xn > 0 never
+// takes the code of 0 (zero_code); where 0 is nearest it takes floor_code, the smallest positive map
+// value, so a positive second moment never decodes to 0 (quant_floor; codebook.py explains why).
+// zero_code is -1 for the other formats (and for maps without 0): the rule never fires.
 //
 // Non-finite values (one rule for every backend: cpu, cuda, triton and the torch reference): a block
 // holding a NaN or an infinity is *poisoned* -- its absmax is stored as NaN, each of its codes is the
@@ -33,6 +39,8 @@ struct CodebookView {
   int nr;              // exponent rows of the bucket table
   int e_lo;            // biased fp32 exponent of row 1
   bool identity;       // code == rank (a sorted map)
+  int zero_code;       // the code a positive value must not take (unsigned formats), or -1
+  int floor_code;      // the code it takes instead: the smallest positive map value
   const float* values;
   const float* bounds;
   const int32_t* rank_code;
@@ -46,6 +54,8 @@ FASTOPT_HOST_DEVICE CodebookView codebook_view(const int32_t* cb) {
   v.nr = cb[1];
   v.e_lo = cb[2];
   v.identity = cb[3] != 0;
+  v.zero_code = cb[5];
+  v.floor_code = cb[6];
   v.values = reinterpret_cast<const float*>(cb + kCodebookHeader);
   v.bounds = reinterpret_cast<const float*>(cb + kCodebookHeader + v.nc);
   v.rank_code = cb + kCodebookHeader + 2 * v.nc;
@@ -64,7 +74,8 @@ FASTOPT_HOST_DEVICE int quant_bucket(const CodebookView& b, uint32_t u) {
   return (sign * b.nr + row) * 256 + m;
 }
 
-// The rank (position among the sorted map values) nearest to xn, which lies in [-1, 1].
+// The rank (position among the sorted map values) nearest to xn, which lies in [-1, 1] (before the
+// unsigned formats' rule, which quantize_code applies).
 FASTOPT_HOST_DEVICE int quantize_rank(const CodebookView& b, float xn) {
   const int r = b.buckets[quant_bucket(b, float_bits(xn))];
   return r + (b.bounds[r] < xn ? 1 : 0);
@@ -78,10 +89,18 @@ FASTOPT_HOST_DEVICE int quant_pick(uint32_t u, uint32_t e) {
   return static_cast<int>(up ? ((e >> 8) & 0xFFu) : (e & 0xFFu));
 }
 
-// The code nearest to xn: one packed-table read; the same code as rank_code[quantize_rank(xn)].
+// The unsigned formats' rule: `code` (nearest to the value with bits u) unless it is the code of 0 and
+// the value is positive (u a positive int32: sign bit clear, not +0; NaN never reaches here), then
+// floor_code.  Branch-free (a compare and a select), so that the quantizer loops vectorize.
+FASTOPT_HOST_DEVICE int quant_floor(int zero_code, int floor_code, uint32_t u, int code) {
+  return (code == zero_code && static_cast<int32_t>(u) > 0) ? floor_code : code;
+}
+
+// The code of xn: one packed-table read (the same code as rank_code[quantize_rank(xn)]), then the
+// unsigned formats' rule.
 FASTOPT_HOST_DEVICE int quantize_code(const CodebookView& b, float xn) {
   const uint32_t u = float_bits(xn);
-  return quant_pick(u, b.packed[quant_bucket(b, u)]);
+  return quant_floor(b.zero_code, b.floor_code, u, quant_pick(u, b.packed[quant_bucket(b, u)]));
 }
 
 // The scale stored for a poisoned block (see the top of this file): the canonical quiet NaN.
