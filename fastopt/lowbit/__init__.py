@@ -25,7 +25,8 @@ def quantize_blockwise(x, fmt="dyn8s", *, backend="auto"):
 
     ``codes``: uint8, ``numel`` bytes (``numel / 2`` for 4-bit formats, two codes per byte, low nibble
     first); ``absmax``: fp32 ``[numel / block]``.  ``x.numel()`` must be a multiple of the format's
-    block.  Nearest code, ties toward the lower value (see :mod:`fastopt.lowbit.codebook`).
+    block.  Nearest code, ties toward the lower value, except that in the unsigned formats (``dyn8u``,
+    ``fp8u``, ``lin4u``) a positive value never takes the code of 0 (see :mod:`fastopt.lowbit.codebook`).
     """
     fmt = get_format(fmt)
     if x.numel() % fmt.block:
