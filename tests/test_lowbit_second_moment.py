@@ -56,22 +56,22 @@ def _batches(case):
     return [(torch.zeros_like(x) if case == "dead" and s >= 3 else x, y) for s in range(CASES[case])]
 
 
-def _train(make, case):
-    """(the 64x64 weight after the steps, the largest |change| of one element in one step, the
-    optimizer, the elements whose gradient was ever nonzero)."""
-    model = _model()
+def _train(make, case, device="cpu"):
+    """(the 64x64 weight after the steps, on the CPU; the largest |change| of one element in one step;
+    the optimizer; the elements whose gradient was ever nonzero)."""
+    model = _model().to(device)
     opt = make(model.parameters())
     w = model[2].weight
     largest = 0.0
-    seen = torch.zeros(w.shape, dtype=torch.bool)
+    seen = torch.zeros(w.shape, dtype=torch.bool, device=device)
     for x, y in _batches(case):
         before = w.detach().clone()
         opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
+        torch.nn.functional.mse_loss(model(x.to(device)), y.to(device)).backward()
         seen |= w.grad != 0
         opt.step()
         largest = max(largest, (w.detach() - before).abs().max().item())
-    return w.detach().clone(), largest, opt, seen
+    return w.detach().cpu(), largest, opt, seen.cpu()
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,8 +98,8 @@ def _decoded_unsigned_states(opt, w):
     return out
 
 
-def _check_against_twin(name, base, kwargs, case, backend):
-    w, largest, opt, seen = _train(lambda p: base(p, lr=LR, backend=backend, **kwargs), case)
+def _check_against_twin(name, base, kwargs, case, backend, device="cpu"):
+    w, largest, opt, seen = _train(lambda p: base(p, lr=LR, backend=backend, **kwargs), case, device)
     assert "state_format" in opt.state[opt.param_groups[0]["params"][2]]  # the 64x64 weight is quantized
     w_twin, largest_twin = _twin(name, case)
     steps = CASES[case]
@@ -119,7 +119,7 @@ def _check_against_twin(name, base, kwargs, case, backend):
     # Every non-negative state of an element that has seen a nonzero gradient is positive (so it
     # decodes positive): its step is bounded by m / sqrt(v_hat), never m / eps.
     for state_name, v in _decoded_unsigned_states(opt, opt.param_groups[0]["params"][2]).items():
-        v = v.reshape(w.shape)
+        v = v.reshape(w.shape).cpu()
         assert (v[seen] > 0).all(), (state_name, int((v[seen] <= 0).sum()))
     return diff
 
@@ -137,6 +137,19 @@ def test_lowbit_optimizers_track_full_precision(name, base, kwargs, case, backen
 def test_lowbit_optimizers_track_full_precision_triton(name, case):
     _, base, kwargs = next(entry for entry in LOWBIT if entry[0] == name)
     _check_against_twin(name, base, kwargs, case, "triton")
+
+
+GPU_KERNELS = [b for d, b in DEVICE_BACKENDS if d == "cuda" and b != "torch"]
+
+
+@pytest.mark.skipif(not GPU_KERNELS, reason="needs a GPU")
+@pytest.mark.parametrize("backend", GPU_KERNELS or ["cuda"])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("name", ["AdamW8bit", "AdamW4bit", "AdamWFp8", "Adan8bit", "AdaBeliefFp8", "EXAdam8bit"])
+def test_lowbit_optimizers_track_full_precision_gpu(name, case, backend):
+    """The same checks on CUDA tensors (cuda and triton kernels); the twin runs on the CPU."""
+    _, base, kwargs = next(entry for entry in LOWBIT if entry[0] == name)
+    _check_against_twin(name, base, kwargs, case, backend, "cuda")
 
 
 @pytest.mark.parametrize("backend", ["torch"] + BACKENDS[:1])
