@@ -30,7 +30,12 @@ from . import _backend
 # agreement again.  The full check of a call is remembered (keyed on every tensor's address, numel
 # and dtype, and held by weak references to the very tensor objects) so that a steady-state step
 # re-checks only those keys: a tensor whose storage is resized or replaced changes its address, and
-# while a checked tensor object is alive nothing else can own its memory.
+# while a checked tensor object is alive nothing else can own its memory.  The tensors a call steps
+# concurrently (its params) must also not share memory with one another.
+#
+# Under torch.compile these checks are not traced (addresses do not exist at trace time): the custom
+# ops' implementations below run them at run time, on the very tensors the compiled graph hands to
+# the kernel, exactly as in eager mode (see NOTE: [checks under torch.compile] in fastopt/optim/base.py).
 
 
 class _Call:
@@ -44,11 +49,12 @@ class _Call:
         self.op = op
         self.device = device
         self.lists = {}   # name -> (tensors, dtype, numels, strides like); in registration order
+        self.disjoint = []  # names of the lists whose tensors must not share memory
 
-    def add(self, name, tensors, dtype, numels=None, like=None):
+    def add(self, name, tensors, dtype, numels=None, like=None, disjoint=False):
         """Register the tensors ``name`` of ``dtype`` whose numels must equal ``numels`` (a list, or
-        None: any) and whose strides must be those of the parallel list ``like`` (or None); returns
-        their numels."""
+        None: any) and whose strides must be those of the parallel list ``like`` (or None); with
+        ``disjoint``, no two of them may share memory; returns their numels."""
         tensors = list(tensors)
         found = list(map(Tensor.numel, tensors))
         if numels is not None and found != list(numels):
@@ -57,6 +63,8 @@ class _Call:
             i = next(i for i, (f, want) in enumerate(zip(found, numels)) if f != want)
             raise ValueError(f"fastopt::{self.op}: {name}[{i}] has {found[i]} elements, expected {numels[i]}")
         self.lists[name] = (tensors, dtype, found, like)
+        if disjoint:
+            self.disjoint.append(name)
         return found
 
     def add_scalar(self, name, t, dtype=torch.float32, numel=1):
@@ -123,17 +131,38 @@ class _Call:
                 if extent > t.untyped_storage().nbytes():
                     raise ValueError(f"{where}: its storage ({t.untyped_storage().nbytes()} bytes) is smaller "
                                      f"than its extent ({extent} bytes)")
+        for name in self.disjoint:
+            spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes, i) for i, t in enumerate(self.lists[name][0])
+                           if t.numel())
+            for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
+                if start < end:
+                    raise ValueError(f"fastopt::{self.op}: {name}[{i}] and {name}[{j}] share memory (views of one "
+                                     "tensor that overlap); the kernels step them concurrently, so each must own "
+                                     "its elements")
 
 
 def _step_call(op, params, grads, lr_tensor, grad_scale, found_inf):
     """A :class:`_Call` of an optimizer step with its params, grads (the params' numels, dtype and
     strides) and optional device scalars registered; returns it and the params' numels."""
     call = _Call(op, params[0].device)
-    numels = call.add("params", params, params[0].dtype)
+    numels = call.add("params", params, params[0].dtype, disjoint=True)
     call.add("grads", grads, params[0].dtype, numels, like=params)
     for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
         call.add_scalar(name, t)
     return call, numels
+
+
+def _host_lr(lr, lr_tensor):
+    """(lr, lr_tensor) as the kernels take them: a CPU ``lr_tensor`` is read here, on the host, as a
+    double (reading a CPU tensor never syncs with a GPU; an fp64 one -- the mirror of a float ``lr``
+    that a compiled step reads, see NOTE: [lr under torch.compile] in fastopt/optim/functional.py -- keeps
+    every bit of the float, so a compiled step gives the eager step's numbers); a device
+    ``lr_tensor`` is read by the kernel as fp32."""
+    if lr_tensor is not None and lr_tensor.device.type == "cpu":
+        if lr_tensor.numel() != 1:
+            raise ValueError(f"fastopt: a tensor lr must have one element, got {lr_tensor.numel()}")
+        return float(lr_tensor), None
+    return lr, lr_tensor
 
 
 def is_dense(t):
@@ -167,6 +196,7 @@ def _adam_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tenso
     """Fused Adam/AdamW over lists of tensors (see fastopt.optim.functional.adam for the semantics)."""
     if not params:
         return
+    lr, lr_tensor = _host_lr(lr, lr_tensor)
     names = ("params", "grads", "exp_avgs", "exp_avg_sqs") + (("max_exp_avg_sqs",) if amsgrad else ())
     call, numels = _step_call("adam_step_", params, grads, lr_tensor, grad_scale, found_inf)
     for name, lst in zip(names[2:], (exp_avgs, exp_avg_sqs, max_exp_avg_sqs)):
@@ -230,6 +260,7 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
     ``csrc/include/fastopt/elementwise.h``)."""
     if not params:
         return
+    lr, lr_tensor = _host_lr(lr, lr_tensor)
     n = len(params)
     nstates = len(states) // n
     if _backend.has_cpu():  # the op registry (without fastopt._C, Triton loads the lists it is given)
@@ -309,6 +340,7 @@ def _lowbit_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: L
     rank-1 states' lists, state after state); ``rank1_rows`` gives each tensor's rows."""
     if not params:
         return
+    lr, lr_tensor = _host_lr(lr, lr_tensor)
     n = len(params)
     nstates = len(books)
     if len(states) != n * nstates:

@@ -82,8 +82,12 @@ def dequantize_int8(codes, scales, zeros, group_size=256, dtype=torch.float32):
 
 
 def is_int8_weight(p):
-    """Whether ``p`` is the weight of a live :class:`Int8Linear`."""
-    ref = _OWNERS.get(p) if torch.is_tensor(p) else None
+    """Whether ``p`` is the weight of a live :class:`Int8Linear`.  A floating-point tensor never is
+    (decided from its dtype alone, so that ``torch.compile`` traces the optimizers' step without
+    looking into the weak dictionary of int8 weights)."""
+    if not torch.is_tensor(p) or p.dtype != torch.uint8:
+        return False
+    ref = _OWNERS.get(p)
     owner = ref() if ref is not None else None
     return owner is not None and owner.weight is p
 

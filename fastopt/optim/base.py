@@ -7,6 +7,22 @@ of each param group.  Nothing is written before every check has passed.
 AMP: like torch's fused optimizers, ``_step_supports_amp_scaling = True``; ``torch.amp.GradScaler``
 sets ``grad_scale`` / ``found_inf`` on the optimizer and the kernels unscale the gradients and skip
 the step on inf/nan without a host sync.
+
+NOTE: [checks under torch.compile]
+``opt.step()`` compiles with ``torch.compile(fullgraph=True)``.  Every check above still runs for a
+compiled step, except those that read addresses or tensor values on the host, which dynamo cannot
+trace:
+- at trace time (dynamo guards on everything they read, so any change retraces and checks again):
+  the hyperparameters (``_check_group``; a number-valued lr is checked when it is set and its error
+  raised by the step, NOTE: [lr under torch.compile] in functional.py; a tensor lr's shape only), the
+  gradients (``_check_param``), every parameter's states (``_check_state_of``: dtype, shape, device,
+  strides -- eager mode checks a state once and remembers it by weak reference, a compiled step checks
+  them all in every trace), the low-bit formats (``_check_bucket``) and the backends;
+- when the graph runs, inside the custom ops: the tensor boundary (NOTE: [the tensor boundary] in
+  fastopt/_ops.py) on the tensors handed to each kernel, which includes that no two parameters of one
+  kernel call share memory (what ``check_disjoint`` checks in eager mode over the whole step);
+- not when compiled: the value of a tensor lr, and overlaps between parameters of different kernel
+  calls (those are stepped one call after the other).
 """
 import weakref
 from collections import defaultdict
@@ -16,12 +32,28 @@ import torch
 from .. import _backend
 from ..lowbit import int8 as lowbit_int8
 from ..lowbit import state as lowbit_state
-from ..lowbit.codebook import (codebook, dequantize_reference, get_format, quantize_reference,
+from ..lowbit.codebook import (FORMATS, codebook, dequantize_reference, get_format, quantize_reference,
                                rank1_dequantize_reference, rank1_quantize_reference)
 from ..sparse import MAX_KERNEL_M, nm_mask, transposable_mask
 from ..sparse.training import NMSparsity
-from .functional import (check_disjoint, elementwise_unchecked, is_dense, lowbit_unchecked, overlaps_itself,
-                         scalar_lr, scalar_on)
+from .functional import (ParamGroup, SchedulerAwareStep, as_param_groups, check_disjoint, check_view,
+                         elementwise_unchecked, is_dense, lowbit_unchecked, overlaps_itself, scalar_lr, scalar_on,
+                         scheduler_aware, step_lr)
+
+
+@torch.compiler.assume_constant_result
+def _codebooks(device):
+    """Every codebook of ``FORMATS`` on ``device``, in order: under torch.compile constants of the graph
+    (their construction, with data-dependent sizes, runs outside any trace).  One call returns them all:
+    dynamo names the constants after the function, not its arguments."""
+    return tuple(codebook(name, device) for name in FORMATS)
+
+
+def _codebook(fmt, device):
+    return _codebooks(device)[_FORMAT_INDEX[fmt.name]]
+
+
+_FORMAT_INDEX = {name: i for i, name in enumerate(FORMATS)}
 
 
 def lowbit_dequantize(state, name, fmt):
@@ -46,6 +78,9 @@ def lowbit_quantize_into(state, name, fmt, p, values):
 def _group_view(group):
     """``group`` as the step reads it: its ``lr`` as a scalar (:func:`.functional.scalar_lr`), so that
     every backend broadcasts it."""
+    if torch.compiler.is_compiling() and isinstance(group, ParamGroup):
+        # the float lr stays in the view for the torch backend's references (_reference_step)
+        return {**group, "lr": step_lr(group), "_lr_value": group["lr"]}
     lr = scalar_lr(group.get("lr"))
     return group if lr is group.get("lr") else {**group, "lr": lr}
 
@@ -65,7 +100,7 @@ def fill_group_defaults(optimizer, defaults):
                 group.setdefault(key, value)
 
 
-class FusedOptimizer(torch.optim.Optimizer):
+class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
     """Base class: subclasses define ``_check_group``, ``_init_state`` and ``_step_bucket``."""
 
     _step_supports_amp_scaling = True
@@ -99,6 +134,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         step a repeated one concurrently), and its ``sparsity`` (N:M sparse training) against its
         parameters; a group that fails is not added."""
         super().add_param_group(param_group)
+        as_param_groups(self.param_groups)  # (NOTE: [lr under torch.compile])
         group = self.param_groups[-1]
         name = type(self).__name__
         if len({id(p) for p in group["params"]}) != len(group["params"]):
@@ -124,6 +160,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        as_param_groups(self.param_groups)  # (load_state_dict brings plain dicts)
+        self.__dict__.setdefault("_step_called", {"called": False})
         fill_group_defaults(self, self.defaults)
 
     # -- hooks for subclasses ------------------------------------------------------------------
@@ -166,8 +204,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         produces matching layouts; the kernels walk parameter, gradient and state as flat buffers).
         """
         plan = []
-        for group in self.param_groups:
-            self._check_group(group)
+        # (self.__dict__: dynamo's special handling of `optimizer.param_groups` would guard on every
+        # value of every group, a float lr included; see NOTE: [lr under torch.compile])
+        for group in self.__dict__["param_groups"]:
+            self._check_group(check_view(group))
             by_layout = defaultdict(list)
             int8 = defaultdict(lambda: ([], []))
             for p in group["params"]:
@@ -241,6 +281,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._record_step_call()  # (SchedulerAwareStep)
         plan = self._plan()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -261,6 +302,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             for (device, _dtype, backend), (params, grads) in buckets.items():
                 self._step_bucket(group, params, grads, backend, *scalars[device])
         return loss
+
+    step = scheduler_aware(step)  # (SchedulerAwareStep: a compiled step under an LR scheduler)
 
     @staticmethod
     def _before_load(optimizer, state_dict):
@@ -729,7 +772,7 @@ class ElementwiseOptimizer(FusedOptimizer):
         colmax = [s[n + "_col"] for n, f in zip(names, formats) if f.rank1 for s in states]
         lowbit_unchecked(
             self._op_name(group), params, grads, [s[n] for n in names for s in states], scales,
-            [codebook(f, device) for f in formats], formats[0].block, [s["step"] for s in states], hyper, flags,
+            [_codebook(f, device) for f in formats], formats[0].block, [s["step"] for s in states], hyper, flags,
             lr=group["lr"], maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf, backend=backend,
             device=device, seed=group.get("seed", 0), stochastic=self._stochastic(group, params[0]), colmax=colmax,
             rank1=rank1, rank1_rows=[lowbit_state.rank1_rows(p.shape) or 1 for p in params] if any(rank1) else [])
@@ -741,7 +784,9 @@ class ElementwiseOptimizer(FusedOptimizer):
         kwargs = {k: group[k] for k in self.HYPER_NAMES}
         sr = self._stochastic(group, params[0])
         targets = [p.float() for p in params] if sr else params
-        type(self).REFERENCE(targets, grads, states, lr=group["lr"], maximize=group["maximize"],
+        # (compiled: the group's float lr, not its mirror -- the references compute with it in Python)
+        lr = group["_lr_value"] if "_lr_value" in group else group["lr"]
+        type(self).REFERENCE(targets, grads, states, lr=scalar_lr(lr), maximize=group["maximize"],
                              grad_scale=grad_scale, found_inf=found_inf, **kwargs)
         if sr and not (found_inf is not None and float(found_inf) != 0.0):
             from ..reference.rounding import bf16_stochastic

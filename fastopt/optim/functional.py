@@ -54,15 +54,193 @@ def scalar_lr(lr):
     return lr.reshape(()) if isinstance(lr, torch.Tensor) and lr.dim() != 0 else lr
 
 
+# NOTE: [lr under torch.compile]
+# dynamo specializes a compiled function on every Python float it reads (a guard ``group['lr'] ==
+# 0.01``), so a float lr that a scheduler changes every step would recompile the step every step.  A
+# compiled fastopt step therefore never reads a float ``group['lr']``: each param group is a
+# ParamGroup, a dict (torch.optim's format: state_dict, schedulers and ``group['lr'] = x`` work as
+# before, and ``group['lr']`` stays the float you set) that mirrors a number-valued ``lr``, whenever it
+# is set, into a float64 CPU scalar (every bit of the float).  The compiled step hands that scalar to
+# the kernels, which read it on the host when the graph runs (``fastopt._ops._host_lr``: the eager
+# step's numbers, no GPU sync); the torch backend's references read the float itself (they do
+# Python arithmetic with it: a scheduler recompiles them).  The mirror also remembers whether the
+# value passes the learning-rate check; a compiled step guards on that flag and raises the check's
+# error.  A tensor lr is used as it is (in place changes show, as in eager mode).
+
+
+class ParamGroup(dict):
+    """A param group of a fastopt optimizer: the dict torch.optim keeps, which also mirrors a
+    number-valued ``lr`` for compiled steps (see NOTE: [lr under torch.compile]).  Plain dicts become
+    ParamGroups in ``add_param_group`` and ``load_state_dict``."""
+
+    __slots__ = ("lr_host", "lr_is_number", "lr_error", "step_host")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lr_host = torch.zeros((), dtype=torch.float64)
+        self.step_host = torch.zeros((), dtype=torch.int64)
+        self._mirror_lr()
+        self._mirror_step()
+
+    def _mirror_step(self):
+        """A group-level int ``step`` (Muon's, as pytorch_optimizer) is mirrored too: a compiled step
+        counts in ``step_host`` (see :func:`advance_group_step`)."""
+        try:
+            host = self.step_host
+        except AttributeError:
+            return
+        step = dict.get(self, "step")
+        if isinstance(step, int) and not isinstance(step, bool):
+            host.fill_(step)
+
+    def _mirror_lr(self):
+        try:
+            host = self.lr_host
+        except AttributeError:  # unpickling sets the items before the slots (which hold the mirror)
+            return
+        lr = dict.get(self, "lr")
+        self.lr_is_number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
+        self.lr_error = None
+        if self.lr_is_number:
+            try:
+                check_hyper("learning rate", lr)
+            except ValueError as e:
+                self.lr_error = str(e)
+            host.fill_(float(lr))
+
+    def _mirror(self, key=None):
+        if key is None or key == "lr":
+            self._mirror_lr()
+        if key is None or key == "step":
+            self._mirror_step()
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._mirror(key)
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._mirror(key)
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._mirror()
+
+    def setdefault(self, key, default=None):
+        value = super().setdefault(key, default)
+        self._mirror(key)
+        return value
+
+    def pop(self, *args):
+        value = super().pop(*args)
+        self._mirror()
+        return value
+
+    def __ior__(self, other):
+        super().__ior__(other)
+        self._mirror()
+        return self
+
+
+def advance_group_step(group):
+    """``group['step'] += 1`` for an optimizer that counts steps per group (Muon, as pytorch_optimizer);
+    returns the group as the step reads it.  Under torch.compile reading the int would specialize the
+    graph on it (a recompile every step): a ParamGroup counts in its int64 CPU mirror instead, and the
+    returned view carries that tensor as ``step`` (and the lr of :func:`step_lr`); ``group['step']``
+    itself catches up at the next eager step or ``state_dict()`` (:func:`sync_group_steps`)."""
+    if not isinstance(group, ParamGroup):
+        group["step"] = group.get("step", 0) + 1
+        return group
+    if torch.compiler.is_compiling():
+        group.step_host.add_(1)
+        return {**group, "step": group.step_host, "lr": step_lr(group)}
+    group["step"] = int(group.step_host) + 1  # (the mirror follows; it is ahead after compiled steps)
+    return group
+
+
+def sync_group_steps(groups):
+    """Bring each ParamGroup's ``step`` up to its mirror (after compiled steps; eager, no GPU sync)."""
+    for group in groups:
+        if isinstance(group, ParamGroup) and ("step" in group or int(group.step_host) != 0):
+            step = int(group.step_host)
+            if group.get("step") != step:
+                group["step"] = step
+
+
+class SchedulerAwareStep:
+    """torch's LR schedulers wrap ``optimizer.step`` in a function of their own, only to record that it
+    was called (``optimizer._opt_called``); dynamo does not trace into that file, so a compiled
+    ``opt.step()`` would fail with fullgraph=True.  A subclass's step records its calls itself
+    (:meth:`_record_step_call`) and carries ``_wrapped_by_lr_sched`` (set with :func:`scheduler_aware`),
+    which tells the schedulers not to wrap it.  The record is a dict item: dynamo does not replay an
+    attribute set on an optimizer."""
+
+    def __init__(self, *args, **kwargs):
+        self._step_called = {"called": False}
+        super().__init__(*args, **kwargs)
+
+    @property
+    def _opt_called(self):
+        return self.__dict__.get("_step_called", {}).get("called", False)
+
+    @_opt_called.setter
+    def _opt_called(self, value):
+        self.__dict__["_step_called"] = {"called": bool(value)}
+
+    def _record_step_call(self):
+        self._step_called["called"] = True
+
+
+def scheduler_aware(step):
+    """Mark ``step`` (the function) as recording its own calls (:class:`SchedulerAwareStep`)."""
+    step._wrapped_by_lr_sched = True
+    return step
+
+
+def as_param_groups(groups):
+    """Make every dict of the list ``groups`` (an optimizer's ``param_groups``) a ParamGroup, in place."""
+    for i, group in enumerate(groups):
+        if not isinstance(group, ParamGroup):
+            groups[i] = ParamGroup(group)
+
+
+def step_lr(group):
+    """The ``lr`` a step of ``group`` passes on: :func:`scalar_lr` of ``group['lr']``, or, under
+    torch.compile, the float64 mirror of a number-valued lr (NOTE: [lr under torch.compile]; raises the
+    learning-rate check's error for an invalid one)."""
+    if torch.compiler.is_compiling() and isinstance(group, ParamGroup) and group.lr_is_number:
+        if group.lr_error is not None:
+            raise ValueError(group.lr_error)
+        return group.lr_host
+    return scalar_lr(group.get("lr"))
+
+
+def check_view(group):
+    """``group`` as the hyperparameter checks read it.  Under torch.compile a ParamGroup's lr is not
+    read (that would specialize the graph on it): a number-valued one was checked when it was set
+    (:func:`step_lr` raises that check's error), a tensor one must have one element (its value is not
+    read: that would be a host sync)."""
+    if torch.compiler.is_compiling() and isinstance(group, ParamGroup):
+        if not group.lr_is_number:
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                check_hyper("learning rate", lr)  # (its shape only, when compiling)
+        return {**group, "lr": 0.0}
+    return group
+
+
 # torch.optim's names of the hyperparameters that may be tensors, for its "Tensor lr must be 1-element"
 _TENSOR_NAMES = {"learning rate": "lr", "beta parameter at index 0": "betas[0]", "beta parameter at index 1": "betas[1]"}
 
 
 def check_hyper(name, value, low=0.0, high=math.inf, high_open=False):
-    """torch.optim-style validation of one hyperparameter (raises ValueError, with torch's messages)."""
+    """torch.optim-style validation of one hyperparameter (raises ValueError, with torch's messages).
+    Under torch.compile the value of a tensor is not checked (that would be a host sync; its shape is)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {_TENSOR_NAMES.get(name, name)} must be 1-element")
+        if torch.compiler.is_compiling():
+            return
         value = float(value)
     ok = low <= value < high if high_open else low <= value <= high
     if not ok:
@@ -107,7 +285,7 @@ def check_lists(names, lists, state_steps=None):
             t = lst[i]
             if (t.layout, t.device, t.dtype, t.shape) != want:
                 _explain_mismatch(name, i, t, names[0], ref, device, dtype)
-            if t is not ref and t.stride() != ref.stride() and t.numel() > 1:
+            if t.numel() > 1 and t.stride() != ref.stride():  # (no `t is ref`: dynamo would guard on ids)
                 dense = False
         dense = dense and is_dense(ref)
     if state_steps is not None:
@@ -176,13 +354,7 @@ def adam_unchecked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
                        beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
                        maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
         return
-    lr_tensor = None
-    if isinstance(lr, torch.Tensor):
-        if lr.device.type == "cpu" and device.type != "cpu":
-            lr = float(lr)  # a CPU scalar: reading it does not sync with the GPU
-        else:
-            lr_tensor = lr.to(device=device, dtype=torch.float32)
-            lr = 0.0
+    lr, lr_tensor = _lr_args(lr, device)
     _ops.adam_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
                     list(max_exp_avg_sqs) if amsgrad else [], list(state_steps), float(lr), lr_tensor,
                     float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad),
@@ -190,10 +362,14 @@ def adam_unchecked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
 
 
 def _lr_args(lr, device):
-    """(float lr, fp32 device tensor or None): a CPU tensor lr for GPU tensors is read on the host
-    (that does not sync with the GPU); any other tensor lr is read by the kernel."""
+    """(float lr, tensor or None) for a kernel call on ``device``: a CPU tensor lr is read on the host as
+    a double (that never syncs with a GPU), in eager mode here and under torch.compile by the custom
+    op when the graph runs (``fastopt._ops._host_lr``); a tensor lr on another device is read by the
+    kernel as fp32 (no host sync, CUDA-graph safe)."""
     if isinstance(lr, torch.Tensor):
-        if lr.device.type == "cpu" and device.type != "cpu":
+        if lr.device.type == "cpu":
+            if torch.compiler.is_compiling():
+                return 0.0, lr
             return float(lr), None
         return 0.0, lr.to(device=device, dtype=torch.float32)
     return float(lr), None

@@ -86,7 +86,7 @@ def _check_int(name, value, low):
         raise ValueError(f"Invalid {name}: {value!r} (expected an int >= {low})")
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(F.SchedulerAwareStep, torch.optim.Optimizer):
     r"""Muon for hidden matrices, AdamW for everything else (Jordan et al. 2024).
 
     For a parameter P of a ``use_muon=True`` group, viewed as the matrix (rows, cols) = (out,
@@ -222,9 +222,12 @@ class Muon(torch.optim.Optimizer):
                 if isinstance(p, torch.Tensor):
                     self._check_matrix(p)
         super().add_param_group(param_group)
+        F.as_param_groups(self.param_groups)  # (NOTE: [lr under torch.compile] in functional.py)
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        F.as_param_groups(self.param_groups)
+        self.__dict__.setdefault("_step_called", {"called": False})
         kinds = getattr(self, "_group_defaults", None)
         for group in self.param_groups:
             if kinds is not None and "use_muon" in group:
@@ -348,19 +351,22 @@ class Muon(torch.optim.Optimizer):
         group before any runs; touches nothing.
         Returns [(group, {(device, dtype): [params]}, {device: ns_backend})]."""
         plan = []
-        for group in self.param_groups:
-            self._check_group(group)
+        groups = self.__dict__["param_groups"]  # (not dynamo's optimizer.param_groups: see base.py _plan)
+        # Every gradient is read before any state: under torch.compile a parameter first reached
+        # through the state's keys would have its gradient guarded by identity (a recompile per step).
+        with_grad = [[p for p in group["params"] if p.grad is not None] for group in groups]
+        for group, params in zip(groups, with_grad):
+            self._check_group(F.check_view(group))
             buckets = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in params:
                 self._check_param(p, p.grad, group["use_muon"])
                 buckets[(p.device, p.dtype)].append(p)
             ns = {}
             if group["use_muon"]:
                 ns = {dev: resolve_ns_backend(group["backend"], dev) for dev, _ in buckets}
             plan.append((group, buckets, ns))
-        F.check_disjoint("Muon", [p for _, buckets, _ in plan for params in buckets.values() for p in params])
+        if not torch.compiler.is_compiling():  # (addresses: not traceable; see the README's torch.compile section)
+            F.check_disjoint("Muon", [p for _, buckets, _ in plan for params in buckets.values() for p in params])
         return plan
 
     # -- bf16 / fp16 options --------------------------------------------------------------------------------
@@ -399,16 +405,23 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._record_step_call()
         plan = self._plan()
         for group, buckets, _ in plan:
             for params in buckets.values():
                 for p in params:
                     self._init_state(group, p)
         for group, buckets, ns in plan:
-            group["step"] = group.get("step", 0) + 1
+            view = F.advance_group_step(group)  # (compiled: the step count and lr as tensors)
             for (device, _dtype), params in buckets.items():
-                self._step_bucket(group, params, device, ns.get(device))
+                self._step_bucket(view, params, device, ns.get(device))
         return loss
+
+    step = F.scheduler_aware(step)
+
+    def state_dict(self):
+        F.sync_group_steps(self.param_groups)  # (group['step'] after compiled steps)
+        return super().state_dict()
 
     def _step_bucket(self, group, params, device, ns_backend):
         states = [self.state[p] for p in params]
@@ -458,8 +471,11 @@ class Muon(torch.optim.Optimizer):
     def _adamw_bucket(self, group, targets, grads, states, device, sr=False):
         # The step count is per group (as upstream); the fused kernel reads and increments per-tensor fp32
         # counters, so hand it throwaway ones holding step - 1.
-        steps = list(torch.full((len(targets),), float(group["step"] - 1), dtype=torch.float32,
-                                device=device).unbind(0))
+        step = group["step"]
+        if torch.is_tensor(step):  # compiled (F.advance_group_step)
+            steps = list((step.to(device=device, dtype=torch.float32) - 1).expand(len(targets)).clone().unbind(0))
+        else:
+            steps = list(torch.full((len(targets),), float(step - 1), dtype=torch.float32, device=device).unbind(0))
         beta1, beta2 = (float(b) for b in group["betas"])
         kwargs = dict(lr=F.scalar_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"], decoupled=bool(group["weight_decouple"]), amsgrad=False,

@@ -45,6 +45,19 @@ NEG_INF = float("-inf")
 # minimum, or overflow the gradient's exponents).
 _RATIO_RANGE = {torch.float32: 1e30, torch.float64: 1e300}
 
+# NOTE: [sinkhorn under torch.compile]
+# Every check of the inputs' values (finite points, costs, weights and init; non-negative weights
+# with positive and, balanced, equal masses; costs and eps within the working precision's reach) reads
+# a tensor on the host, which dynamo cannot trace: they run in eager mode only.  Compiled, the checks
+# of types, shapes, dtypes and devices still run (at trace time; dynamo guards on all of them), the
+# iteration count is fixed (``n_iter`` iterations, no early exit: the error is computed after the
+# last one), ``converged`` is a 0-d bool tensor (error below ``tol`` and everything finite) instead of
+# a bool, and ``eps_scaling`` (its schedule starts from the cost's diameter, a host read) is refused.
+
+
+def _eager():
+    return not torch.compiler.is_compiling()
+
 
 @dataclass
 class SinkhornResult:
@@ -98,7 +111,10 @@ class _Problem:
         self.log_a, self.log_b = _log(a64), _log(b64)
         self.log_mass_a, self.log_mass_b = self.mass_a.log(), self.mass_b.log()
         self.valid_a, self.valid_b = a64 > 0, b64 > 0
-        self.padded_a, self.padded_b = not bool(self.valid_a.all()), not bool(self.valid_b.all())
+        if _eager():
+            self.padded_a, self.padded_b = not bool(self.valid_a.all()), not bool(self.valid_b.all())
+        else:  # (masking where nothing is padded changes nothing)
+            self.padded_a = self.padded_b = True
         self.wa = (a64 / a64.amax(1, keepdim=True)).to(work_dtype)
         self.wb = (b64 / b64.amax(1, keepdim=True)).to(work_dtype)
         self.cost, self.backend, self.unbatched, self.work_dtype = cost, backend, unbatched, work_dtype
@@ -161,7 +177,7 @@ def _check_weights(w, name, shape, device):
     if w.device != device:
         raise ValueError(f"sinkhorn: {name} is on {w.device}, the points on {device}")
     wd = w.detach()
-    if not bool(torch.isfinite(wd).all()) or bool((wd < 0).any()):
+    if _eager() and (not bool(torch.isfinite(wd).all()) or bool((wd < 0).any())):
         raise ValueError(f"sinkhorn: {name} must be finite and non-negative")
     return w.expand(shape) if w.dim() == len(shape) - 1 else w
 
@@ -173,7 +189,7 @@ def _check_points(t, name):
         raise TypeError(f"sinkhorn: {name} must be a real floating-point tensor, got {t.dtype}")
     if t.dim() not in (2, 3):
         raise ValueError(f"sinkhorn: {name} must be (n, d) or (B, n, d), got shape {tuple(t.shape)}")
-    if not bool(torch.isfinite(t.detach()).all()):
+    if _eager() and not bool(torch.isfinite(t.detach()).all()):
         raise ValueError(f"sinkhorn: {name} has non-finite values")
 
 
@@ -187,7 +203,7 @@ def _prepare(x, y, a, b, cost_matrix, x_mask, y_mask, cost, backend, rho):
             raise TypeError("sinkhorn: cost_matrix must be a real floating-point tensor")
         if cost_matrix.dim() not in (2, 3):
             raise ValueError(f"sinkhorn: cost_matrix must be (n, m) or (B, n, m), got {tuple(cost_matrix.shape)}")
-        if not bool(torch.isfinite(cost_matrix.detach()).all()):
+        if _eager() and not bool(torch.isfinite(cost_matrix.detach()).all()):
             raise ValueError("sinkhorn: cost_matrix has non-finite values")
         unbatched = cost_matrix.dim() == 2
         C = cost_matrix[None] if unbatched else cost_matrix
@@ -229,7 +245,7 @@ def _prepare(x, y, a, b, cost_matrix, x_mask, y_mask, cost, backend, rho):
         if w is None:
             valid = mask if mask is not None else torch.ones(B, size, dtype=torch.bool, device=device)
             count = valid.sum(1, keepdim=True)
-            if bool((count == 0).any()):
+            if _eager() and bool((count == 0).any()):
                 raise ValueError("sinkhorn: a batch entry has no valid point")
             w64 = valid.double() / count
             ones = torch.ones(B, dtype=torch.float64, device=device)  # the mass, exactly
@@ -242,9 +258,9 @@ def _prepare(x, y, a, b, cost_matrix, x_mask, y_mask, cost, backend, rho):
     a, a64, sa = weights(a, masks[0], n)
     b, b64, sb = weights(b, masks[1], m)
     for w, name in ((sa, "a"), (sb, "b")):
-        if bool((w <= 0).any()):
+        if _eager() and bool((w <= 0).any()):
             raise ValueError(f"sinkhorn: the weights {name} of a batch entry sum to 0")
-    if rho is None or math.isinf(rho):
+    if _eager() and (rho is None or math.isinf(rho)):
         if bool(((sa - sb).abs() > 1e-5 * torch.maximum(sa, sb)).any()):
             raise ValueError(f"sinkhorn: balanced OT needs equal total masses, got {sa.tolist()} and {sb.tolist()} "
                              "(normalize the weights, or pass rho= for unbalanced OT)")
@@ -292,6 +308,8 @@ def _check_scales(prob, eps):
     fi = torch.finfo(work)
     if not (fi.tiny < 1.0 / eps < fi.max):
         raise ValueError(f"sinkhorn: eps={eps!r} is outside the range of {work} (1/eps must be a normal {work} number)")
+    if not _eager():
+        return None
     scale, formed = _cost_scale(prob), _cost_scale(prob, squared=True)
     if not formed <= fi.max / 16:
         raise ValueError(f"sinkhorn: the costs (squared distances for points) reach {formed:.3g}, too close to "
@@ -318,6 +336,10 @@ class _Solution:
 
     def finite(self):
         return all(bool(torch.isfinite(t).all()) for t in (self.fh, self.gh, self.kf, self.kg))
+
+    def finite_tensor(self):
+        """:meth:`finite` as a 0-d bool tensor (no host read)."""
+        return torch.stack([torch.isfinite(t).all() for t in (self.fh, self.gh, self.kf, self.kg)]).all()
 
 
 def _solve(prob, eps, rho, n_iter, tol, check_every, eps_scaling, f0=None, g0=None):
@@ -373,7 +395,7 @@ def _solve(prob, eps, rho, n_iter, tol, check_every, eps_scaling, f0=None, g0=No
         fh, kf = f_from(prob.softmin(gh, eps, rows=True), kg, eps)
         it += 1
         psi = prob.softmin(fh, eps, rows=False)
-        if it % check_every == 0 or it == n_iter:
+        if (it % check_every == 0 and _eager()) or it == n_iter:
             if balanced:  # P^T 1 = b exp((g - Psi(fh) + kf) / eps + log|a|): |b expm1(.)| without cancellation
                 expo = (gh.double() - psi.double()) / eps + ((kf + kg) / eps + prob.log_mass_a)[:, None]
                 col = torch.where(vb, prob.b64 * torch.expm1(torch.where(vb, expo, 0.0)), 0.0)
@@ -382,7 +404,9 @@ def _solve(prob, eps, rho, n_iter, tol, check_every, eps_scaling, f0=None, g0=No
                 df = torch.where(va, (fh.double() - fh_prev.double()) + (kf - kf_prev)[:, None], 0.0)
                 dg = torch.where(vb, (gh.double() - gh_prev.double()) + (kg - kg_prev)[:, None], 0.0)
                 err = torch.maximum(df.abs().amax(1), dg.abs().amax(1)) / eps
-            if bool((err < tol).all()):
+            if not _eager():  # a fixed iteration count (NOTE: [sinkhorn under torch.compile])
+                converged = (err < tol).all() if it == n_iter else converged
+            elif bool((err < tol).all()):
                 converged = True
                 break
     return _Solution(fh, gh, kf, kg), it, err.to(work), converged
@@ -459,7 +483,7 @@ def _check_init(init, prob):
         if t.device != ref.device:
             raise ValueError(f"sinkhorn: init {name} is on {t.device}, the problem on {ref.device}")
         t = t.detach().reshape(ref.shape)
-        if not bool(torch.isfinite(t.to(prob.work_dtype)).all()):
+        if _eager() and not bool(torch.isfinite(t.to(prob.work_dtype)).all()):
             raise ValueError(f"sinkhorn: init {name} has non-finite values (NaN or inf, in {prob.work_dtype})")
         out.append(t)
     return out
@@ -496,6 +520,9 @@ def sinkhorn(x=None, y=None, a=None, b=None, *, eps, cost="sqeuclidean", cost_ma
     if eps_scaling is not None and not (isinstance(eps_scaling, float) and 0.0 < eps_scaling < 1.0):
         raise ValueError(f"sinkhorn: eps_scaling must be a float in (0, 1), got {eps_scaling!r}")
     _backend.check_backend_name(backend)
+    if eps_scaling is not None and not _eager():
+        raise NotImplementedError("sinkhorn: eps_scaling does not compile (its schedule starts from the costs' "
+                                  "diameter, read on the host); pass eps_scaling=None under torch.compile")
     eps = float(eps)
     prob, a_eff, b_eff, C = _prepare(x, y, a, b, cost_matrix, x_mask, y_mask, cost, backend, rho)
     _check_scales(prob, eps)
@@ -509,7 +536,10 @@ def sinkhorn(x=None, y=None, a=None, b=None, *, eps, cost="sqeuclidean", cost_ma
     else:
         xb, yb = (x[None], y[None]) if prob.unbatched else (x, y)
         value = _Value.apply(xb, yb, None, a_eff, b_eff, sol, prob, eps, rho)
-    converged = converged and sol.finite() and bool(torch.isfinite(value.detach()).all())
+    if _eager():
+        converged = converged and sol.finite() and bool(torch.isfinite(value.detach()).all())
+    else:
+        converged = torch.as_tensor(converged) & sol.finite_tensor() & torch.isfinite(value.detach()).all()
     f, g = sol.full(prob)
     if prob.unbatched:
         value, f, g = value[0], f[0], g[0]
