@@ -190,24 +190,30 @@ def test_rows_above_the_probe_are_named_in_the_summary():
 
 
 def test_probe_reaches_an_optimizer_step_beyond_the_cache():
-    """The attainable bandwidth is at least what an in-place optimizer kernel gets on a working set
-    well beyond the last-level cache (the copy-based measure it replaces was about 0.6x of it)."""
+    """The attainable bandwidth is at least about what an in-place optimizer kernel gets on a working
+    set well beyond the last-level cache (the copy-based measure it replaces was about half of it).
+    Within 15 %: on a machine whose cores limit the misses in flight, AdamW's 7 streams can move a few
+    percent more than the probe's best kernel, and the report flags such a row (see the test above).
+    Up to three tries, so that a burst of load from other processes on a shared machine does not fail it."""
     import time
 
     import fastopt
 
     ctx = harness.Context(device=torch.device("cpu"), quick=True)
-    probe = harness.measure_bandwidth(ctx)
-    n = max(4 * (ctx.llc_bytes or 32 << 20) // 4, 1 << 22)  # each of p, g, m, v 4x the LLC
+    n = harness.last_level_cache_bytes(ctx.device) or 32 << 20  # numel: p, g, m and v are 4x the LLC each
     p = torch.nn.Parameter(torch.randn(n))
     p.grad = torch.randn(n)
     opt = fastopt.AdamW([p], lr=1e-3)
     opt.step()
-    times = []
-    for _ in range(8):
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    step_GBps = 7 * 4 * n / min(times) / 1e9
-    assert probe["kernels"]["copy"]["GBps"] <= ctx.bw_GBps
+    for attempt in range(3):
+        probe = harness.measure_bandwidth(ctx)
+        times = []
+        for _ in range(8):
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        step_GBps = 7 * 4 * n / min(times) / 1e9
+        assert probe["kernels"]["copy"]["GBps"] <= ctx.bw_GBps
+        if step_GBps <= 1.15 * ctx.bw_GBps:
+            break
     assert step_GBps <= 1.15 * ctx.bw_GBps, (step_GBps, probe)

@@ -287,13 +287,17 @@ def _probe_times(fn, ctx, repeats):
     return times[0], times[len(times) // 2]
 
 
-# STREAM's kernels on torch ops; bytes per element as STREAM counts them (what the program reads and
-# writes, not the write-allocate reads a CPU adds for a destination it has not read).  The in-place
-# ones have the access pattern of the optimizer kernels (read a line, write it back).
+# STREAM's kernels on torch ops, plus in-place ones; bytes per element as STREAM counts them (what the
+# program reads and writes, not the write-allocate reads a CPU adds for a destination it has not
+# read).  The in-place ones have the access pattern of the optimizer kernels (read a line, write it
+# back).
 BANDWIDTH_KERNELS = {
     "copy": (2, lambda a, b, c: c.copy_(a)),
     "scale_inplace": (2, lambda a, b, c: a.mul_(1.0)),
     "add_inplace": (3, lambda a, b, c: a.add_(b, alpha=1e-30)),
+    # three read streams, one written back: closer to an optimizer step, which reads 3-6 streams (on a
+    # machine whose cores, not its DRAM, limit the misses in flight, more streams move more bytes)
+    "addcmul_inplace": (4, lambda a, b, c: a.addcmul_(b, c, value=1e-30)),
     "triad": (3, lambda a, b, c: torch.add(a, b, alpha=0.5, out=c)),
 }
 
