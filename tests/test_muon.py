@@ -363,7 +363,7 @@ def test_backend_resolution():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(lr=-1.0), "Invalid learning rate"),
-    (dict(lr=torch.tensor([0.1, 0.2])), "one element"),
+    (dict(lr=torch.tensor([0.1, 0.2])), "Tensor lr must be 1-element"),
     (dict(momentum=1.0), "Invalid momentum"),
     (dict(momentum=-0.1), "Invalid momentum"),
     (dict(weight_decay=-1e-2), "Invalid weight_decay"),

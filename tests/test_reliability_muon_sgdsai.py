@@ -344,7 +344,7 @@ def test_muon_lr_of_any_shape(backend):
     b.param_groups[1]["lr"] = torch.tensor([1e-3, 1e-3])
     _muon_grads(qs, 7)
     snap = snapshot(qs, b)
-    with pytest.raises(ValueError, match="one element"):
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
         b.step()
     assert_unchanged(qs, b, snap)
 

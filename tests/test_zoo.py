@@ -248,3 +248,46 @@ def test_native_elementwise_abi_checks():
         with pytest.raises(ValueError, match=match):
             native.elementwise_cpu(*{**base, **change}.values())
     assert float(step) == 0.0 and torch.equal(p, torch.zeros(8))
+
+
+def test_triton_reduce_pass_variants_compile_for_sm90():
+    """The Triton variants the issue-15 options start (use_gc's grad_rowsum pass, lion_cautious' count
+    and update, Adan/AdamP with USE_GC, and the existing reduce passes whose REDUCE now takes row
+    coefficients) compile for an H100 on this GPU-less machine (the interpreter does not lower them)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    triton = pytest.importorskip("triton")
+    from triton.backends import backends
+    if "nvidia" not in backends:
+        pytest.skip("triton has no NVIDIA backend")
+    code = textwrap.dedent('''
+        import triton
+        import triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from fastopt.triton_kernels import elementwise as E, ops
+        sig = {"addr_table": "*i64", "numels": "*i64", "row_offset": "*i64", "row_len": "*i64",
+               "block_tensor": "*i32", "block_start": "*i64", "lr_value": "fp32", "lr_ptr": "*fp32",
+               "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "sign": "fp32", "row_coef": "*fp32",
+               "reduce_out": "*fp32", "seed": "i32", "sparse_table": "*i64", "sparse_lambda": "fp32",
+               "sparse_beta": "fp32", **{f"H{i}": "fp32" for i in range(16)}}
+        for name, phase, flags, nstate in [("lion_cautious", 1, 192, 1), ("lion_cautious", 0, 192, 1),
+                                           ("grad_rowsum", 1, 0, 0), ("adan", 0, 64, 4), ("adamp", 1, 64, 2),
+                                           ("adamp", 0, 65, 2), ("lamb", 1, 0, 2), ("clip", 1, 0, 0)]:
+            op = ops.OPS[name]
+            c = dict(UPDATE=op.update, REDUCE=op.reduce, NSTATE=nstate, NREDUCE=max(op.nreduce, 1), PHASE=phase,
+                     FLAGS=flags, DTYPE=tl.bfloat16, HAS_LR_PTR=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True,
+                     HAS_ROW_COEF=True, ONE_ROW=False, STOCHASTIC=phase == 0, HAS_STEPS=True, SPARSE=False,
+                     SPARSE_OUT=False, CHUNK_SIZE=65536, BLOCK_SIZE=1024)
+            k = triton.compile(ASTSource(fn=E._elementwise_kernel, signature=dict(sig, **{k: "constexpr" for k in c}),
+                                         constexprs=c), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            assert len(k.asm["cubin"]) > 0 and "sm_90" in k.asm["ptx"], name
+            print("ok", name, phase)
+    ''')
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("ok ") == 8, out.stdout

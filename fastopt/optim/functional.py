@@ -233,12 +233,22 @@ def check_view(group):
 _TENSOR_NAMES = {"learning rate": "lr", "beta parameter at index 0": "betas[0]", "beta parameter at index 1": "betas[1]"}
 
 
+def _one_element_message(name):
+    """torch.optim's message for a multi-element tensor hyperparameter ("Tensor lr must be 1-element"),
+    with what follows the known name (e.g. Muon's "(use_muon=False group)") after it."""
+    for key, short in _TENSOR_NAMES.items():
+        if name.startswith(key):
+            rest = name[len(key):].strip()
+            return f"Tensor {short} must be 1-element" + (f" {rest}" if rest else "")
+    return f"Tensor {name} must be 1-element"
+
+
 def check_hyper(name, value, low=0.0, high=math.inf, high_open=False):
     """torch.optim-style validation of one hyperparameter (raises ValueError, with torch's messages).
     Under torch.compile the value of a tensor is not checked (that would be a host sync; its shape is)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"Tensor {_TENSOR_NAMES.get(name, name)} must be 1-element")
+            raise ValueError(_one_element_message(name))
         if torch.compiler.is_compiling():
             return
         value = float(value)

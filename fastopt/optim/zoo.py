@@ -65,7 +65,7 @@ class Adan(GradOptionsMixin, _ZooOptimizer):
     Update (per element, t the step, ``prev`` = -g_{t-1} the state ``previous_grad``)::
 
         g     <- g - mean_row(g)                      [use_gc: 2+-dim tensors, mean over dims 1..]
-        diff  = g + prev (0 at t = 1)
+        diff  = g + prev (0 at t = 1; with use_gc minus the row mean, as upstream)
         m     <- m + (1-b1)(g - m)       d <- d + (1-b2)(diff - d)
         n     <- b3 n + (1-b3)(g + b2 diff)^2
         denom = sqrt(n) / sqrt(1 - b3^t) + eps
