@@ -833,7 +833,8 @@ def plot_suite(path, suite, rows, header):
         bits.append(f"speedup vs {suite.baseline}")
     bw = header.get("bandwidth", {}).get("GBps")
     if suite.memory_bound and bw:
-        bits.append(f"bw = {bw:.1f} GB/s ({'* = in cache' if any(r.get('in_cache') for _, g in groups for r in g) else 'probe'})")
+        cached = any(r.get("in_cache") for _, g in groups for r in g)
+        bits.append(f"bw = {bw:.1f} GB/s ({'* = in cache' if cached else 'probe'})")
     fig.suptitle(" | ".join(bits) + f"\n{header['device']['name']} | torch {header['versions']['torch']} | "
                  f"{header['git']['sha'][:10]} | {header['timestamp'][:10]}"
                  + (f" | CPU pressure {header['host']['cpu_stall_pct']:.0f}%"

@@ -133,7 +133,8 @@ def tile_cases(ctx):
 
 
 TILE_SUITE = register(Suite(name="transposable-24", cases=tile_cases, unit="elements",
-                            baseline="fastopt-torch-exact", other_baselines=("fastopt-torch-greedy",), memory_bound=False,
+                            baseline="fastopt-torch-exact", other_baselines=("fastopt-torch-greedy",),
+                            memory_bound=False,
                             what="one transposable mask"))
 
 
