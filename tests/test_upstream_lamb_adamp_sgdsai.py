@@ -544,6 +544,7 @@ ADAMP_GC_CONFIGS = [
     dict(lr=1e-2, weight_decay=1e-2, use_gc=True),
     dict(lr=1e-2, weight_decay=1e-2, use_gc=True, nesterov=True, delta=0.5),
     dict(lr=1e-2, cautious=True),
+    dict(lr=1e-2, weight_decay=1e-2, cautious=True, nesterov=True, delta=0.5, adam_debias=True),
     dict(lr=1e-2, weight_decay=1e-2, cautious=True, nesterov=True, use_gc=True, adam_debias=True),
 ]
 
@@ -553,8 +554,8 @@ ADAMP_GC_CONFIGS = [
 def test_adamp_gc_cautious_match_pytorch_optimizer(cfg, backend):
     import fastopt
     from helpers import clone_params, make_params, run_side_by_side
-    if cfg.get("cautious") and backend != "torch":
-        pytest.skip("AdamP's cautious mask runs on backend='torch' only (test_adamp_cautious_kernel_backends_raise)")
+    if cfg.get("cautious") and cfg.get("use_gc") and backend != "torch":
+        pytest.skip("AdamP's cautious with use_gc runs on backend='torch' only (test_adamp_cautious_gc_kernel_raise)")
     base = make_params([(7,), (13, 31), (8, 3, 3, 3), (5, 3, 11), (1, 4)])
     up_p, fo_p = clone_params(base), clone_params(base)
     up = pytorch_optimizer.AdamP(up_p, **cfg)
@@ -567,12 +568,12 @@ def test_adamp_gc_cautious_match_pytorch_optimizer(cfg, backend):
 
 
 @pytest.mark.parametrize("backend", [b for b in _backends() if b != "torch"])
-def test_adamp_cautious_kernel_backends_raise(backend):
+def test_adamp_cautious_gc_kernel_raise(backend):
     import fastopt
     p = torch.nn.Parameter(torch.randn(4, 3))
     p.grad = torch.randn(4, 3)
     before = p.detach().clone()
-    opt = fastopt.AdamP([p], cautious=True, backend=backend)
+    opt = fastopt.AdamP([p], cautious=True, use_gc=True, backend=backend)
     with pytest.raises(ValueError, match="backend='torch'"):
         opt.step()
     assert torch.equal(p.detach(), before) and not opt.state[p]

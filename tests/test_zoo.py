@@ -252,8 +252,9 @@ def test_native_elementwise_abi_checks():
 
 def test_triton_reduce_pass_variants_compile_for_sm90():
     """The Triton variants the issue-15 options start (use_gc's grad_rowsum pass, lion_cautious' count
-    and update, Adan/AdamP with USE_GC, and the existing reduce passes whose REDUCE now takes row
-    coefficients) compile for an H100 on this GPU-less machine (the interpreter does not lower them)."""
+    and update, Adan/AdamP with USE_GC, AdamP's cautious passes, and the existing reduce passes whose
+    REDUCE now takes row coefficients) compile for an H100 on this GPU-less machine (the interpreter
+    does not lower them)."""
     import os
     import subprocess
     import sys
@@ -276,7 +277,8 @@ def test_triton_reduce_pass_variants_compile_for_sm90():
                "sparse_beta": "fp32", **{f"H{i}": "fp32" for i in range(16)}}
         for name, phase, flags, nstate in [("lion_cautious", 1, 192, 1), ("lion_cautious", 0, 192, 1),
                                            ("grad_rowsum", 1, 0, 0), ("adan", 0, 64, 4), ("adamp", 1, 64, 2),
-                                           ("adamp", 0, 65, 2), ("lamb", 1, 0, 2), ("clip", 1, 0, 0)]:
+                                           ("adamp", 0, 65, 2), ("adamp", 1, 128, 2), ("adamp", 1, 384, 2),
+                                           ("adamp", 0, 129, 2), ("lamb", 1, 0, 2), ("clip", 1, 0, 0)]:
             op = ops.OPS[name]
             c = dict(UPDATE=op.update, REDUCE=op.reduce, NSTATE=nstate, NREDUCE=max(op.nreduce, 1), PHASE=phase,
                      FLAGS=flags, DTYPE=tl.bfloat16, HAS_LR_PTR=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True,
@@ -290,4 +292,4 @@ def test_triton_reduce_pass_variants_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("ok ") == 8, out.stdout
+    assert out.stdout.count("ok ") == 11, out.stdout

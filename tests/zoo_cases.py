@@ -52,6 +52,8 @@ ZOO = {
         dict(lr=1e-2, weight_decay=0.01, nesterov=True, fixed_decay=True, delta=0.5),
         dict(lr=1e-2, adam_debias=True, maximize=True, wd_ratio=0.5, weight_decay=0.1),
         dict(lr=1e-2, weight_decay=0.01, use_gc=True, nesterov=True),
+        dict(lr=1e-2, weight_decay=0.01, cautious=True, nesterov=True, delta=0.5),
+        dict(lr=1e-2, weight_decay=0.01, cautious=True, maximize=True),
     ]),
     "sgdp": (fastopt.SGDP, [
         dict(lr=1e-2, momentum=0.9, weight_decay=0.01),

@@ -7,12 +7,16 @@ row mean of g; both phases).
 import triton
 import triton.language as tl
 
-from .zoo_common import ADAM_DEBIAS, USE_GC, bias_correction, lerp, lerp_pack, log_pair
+from .zoo_common import ADAM_DEBIAS, CAUTIOUS, USE_GC, bias_correction, lerp, lerp_pack, log_pair
+
+CAUTIOUS_PD = tl.constexpr(256)  # the cautious mask's second reduce pass (p.d only)
 
 
 @triton.jit
-def _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, FLAGS: tl.constexpr):
+def _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, scale, FLAGS: tl.constexpr):
     bc2_sqrt = tl.sqrt(bias_correction(step, l2_hi, l2_lo)).to(tl.float32)
+    if CAUTIOUS & FLAGS:  # the cautious mask: scale = numel / (count + 1) of the tensor
+        m = m * tl.where(m * g > 0.0, scale, 0.0)
     num = m
     if FLAGS & 1:
         num = lerp(m, g, w, omw, high)
@@ -24,9 +28,15 @@ def adamp_reduce(p, g, m, v, s3, s4, step, lr, r0, r1, r2, r3, w, omw, high, b2,
                  l2_lo, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     if USE_GC & FLAGS:  # gradient centralization: r3 = the row mean of g
         g = g - r3
+    if CAUTIOUS_PD & FLAGS:  # the cautious mask's second pass: p.d only, the moments as stored, r3 the scale
+        d = _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, r3, FLAGS)
+        z = p * 0.0
+        return m, v, s3, s4, z, z, z, p * d
     m = lerp(m, g, w, omw, high)
     v = b2 * v + omb2 * g * g
-    d = _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, FLAGS)
+    if CAUTIOUS & FLAGS:  # the count of the mask in place of p.d
+        return m, v, s3, s4, g * p, g * g, p * p, (m * g > 0.0).to(tl.float32)
+    d = _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, r3, FLAGS)
     return m, v, s3, s4, g * p, g * g, p * p, p * d
 
 
@@ -39,7 +49,7 @@ def adamp_update(p, g, m, v, s3, s4, step, lr, den, radial, decay, r3, w, omw, h
     step_size = lr64
     if not (ADAM_DEBIAS & FLAGS):
         step_size = lr64 / bias_correction(step, l1_hi, l1_lo)
-    d = _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, FLAGS) - (p / den) * radial
+    d = _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, r3, FLAGS) - (p / den) * radial
     return p * decay - step_size.to(tl.float32) * d, m, v, s3, s4
 
 

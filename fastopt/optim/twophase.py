@@ -19,7 +19,7 @@ from ..reference.lion import skipped
 from ..reference.sgdsai import gsnr_of, sgdsai_reference
 from . import functional as F
 from .functional import elementwise_unchecked
-from .lion import USE_GC, Params, check_adanorm, check_betas, check_unsupported, gradient_row_means
+from .lion import CAUTIOUS, USE_GC, Params, check_adanorm, check_betas, check_unsupported, gradient_row_means
 from .zoo import _COMMON_DOC, _flags, _ZooOptimizer
 
 
@@ -305,6 +305,9 @@ class _Projected(_ZooOptimizer):
             ps, gs, sts = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
             lists = [s[name] for name in self.STATE_NAMES for s in sts]
             steps = [s["step"] for s in sts]
+            if group.get("cautious") and self.OP == "adamp":  # (pytorch_optimizer's SGDP has no cautious)
+                self._run_cautious(group, ps, gs, lists, steps, op == self.OP, hyper, flags, eps, device, sr, call)
+                continue
             if op != self.OP:
                 row = torch.zeros((len(ps), 4), dtype=torch.float32, device=device)
                 row[:, 0] = 1.0
@@ -325,6 +328,35 @@ class _Projected(_ZooOptimizer):
                 row[:, 3] = gc[:, 3]
             elementwise_unchecked(op, ps, gs, lists, steps, hyper, flags, phase=0, row_coef=row, rows=rows, **sr,
                                   **call)
+
+    def _run_cautious(self, group, ps, gs, lists, steps, projected, hyper, flags, eps, device, sr, call):
+        """AdamP's cautious mask (no use_gc; see functors/adamp.h): phase 1 updates the moments and sums
+        (g.p, g.g, p.p, count of m g > 0) per row; scale = fp32(numel) / (count + 1) per tensor, as
+        pytorch_optimizer's apply_cautious; for projected tensors a second reduce pass sums p.d with
+        the masked direction; phase 0 steps with the scale in row coefficient 3.  Tensors of fewer than
+        two dimensions run the same op, never projected (the flat op cannot count the mask)."""
+        rows, multi, tid, chan_scale, layer_scale = self._layout(ps, device)
+        sums = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)
+        elementwise_unchecked(self.OP, ps, gs, lists, steps, hyper, flags, phase=1, reduce_out=sums, rows=rows,
+                              **call)
+        count = torch.zeros(len(ps), dtype=torch.float32, device=device).index_add_(0, tid, sums[:, 3])
+        numels = torch.tensor([float(p.numel()) for p in ps], dtype=torch.float32, device=device)
+        scale = (numels / (count + 1.0))[tid]
+        if projected:
+            coef = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)
+            coef[:, 3] = scale
+            pd = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)
+            elementwise_unchecked(self.OP, ps, gs, lists, steps, hyper, flags | 256, phase=1, reduce_out=pd,
+                                  rows=rows, row_coef=coef, **call)
+            sums[:, 3] = pd[:, 3]
+            row = self._coefficients(group, sums, len(ps), multi, tid, chan_scale, layer_scale, eps, device)
+        else:
+            row = torch.zeros((len(ps), 4), dtype=torch.float32, device=device)
+            row[:, 0] = 1.0
+            row[:, 2] = (1.0 - self._wd_eff(group, device)).float()
+        row[:, 3] = scale
+        elementwise_unchecked(self.OP, ps, gs, lists, steps, hyper, flags, phase=0, row_coef=row, rows=rows, **sr,
+                              **call)
 
     @staticmethod
     def _is_flat(p):
@@ -410,8 +442,8 @@ class AdamP(_Projected):
         foreach: accepted and ignored.
         adam_debias: do not divide the step size by ``1 - b1^t``.
         use_gc: gradient centralization (fused: one extra reduce pass over the gradients).
-        cautious: the cautious mask on the momentum; runs on ``backend="torch"`` only (the kernel
-            backends raise ValueError).
+        cautious: the cautious mask on the momentum (fused: one or two extra reduce passes); together
+            with ``use_gc`` on ``backend="torch"`` only (the kernel backends raise ValueError).
         adanorm, adanorm_r: accepted; ``adanorm=True`` raises ValueError (not implemented).""" + _COMMON_DOC + "\n    "
 
     OP = "adamp"
@@ -442,14 +474,14 @@ class AdamP(_Projected):
 
     def _check_bucket(self, group, params, backend):
         super()._check_bucket(group, params, backend)
-        if group.get("cautious") and backend != "torch":
-            raise ValueError(f"AdamP: cautious=True runs on backend='torch' only, not {backend!r} (the fused "
-                             "kernels do not implement AdamP's cautious mask); pass backend='torch'")
+        if group.get("cautious") and group.get("use_gc") and backend != "torch":
+            raise ValueError(f"AdamP: cautious=True with use_gc=True runs on backend='torch' only, not {backend!r} "
+                             "(the fused kernels run each of them alone); pass backend='torch'")
 
     def _native_hyper(self, group):
         b1, b2 = (float(b) for b in group["betas"])
         flags = ((1 if group["nesterov"] else 0) | (16 if group["adam_debias"] else 0)
-                 | (USE_GC if group.get("use_gc") else 0))
+                 | (USE_GC if group.get("use_gc") else 0) | (CAUTIOUS if group.get("cautious") else 0))
         return (b1, b2, float(group["eps"])), flags
 
 
