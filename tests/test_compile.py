@@ -379,3 +379,31 @@ def test_sinkhorn_checks_in_eager_only():
     with pytest.raises(Exception, match="eps_scaling does not compile"):
         torch.compile(lambda x, y: fastopt.ot.sinkhorn(x, y, eps=0.5, n_iter=5, eps_scaling=0.5).value,
                       fullgraph=True, backend="aot_eager")(torch.randn(20, 2), torch.randn(20, 2))
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Lion", "AdamW8bit"])
+def test_grad_scaler_with_compiled_step(name):
+    """torch.amp.GradScaler calling a compiled step (opt.step = torch.compile(opt.step)): the scale and
+    found_inf it sets on the optimizer are consumed by the kernels; a step with an inf gradient is
+    skipped as in eager mode."""
+    def run(compiled):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 64)
+        opt = OPTIMIZERS[name](model.parameters(), "cpu")
+        if compiled:
+            opt.step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        x = torch.randn(16, 64)
+        for i in range(5):
+            loss = model(x).pow(2).mean() * (math.inf if i == 2 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()], scaler.get_scale()
+
+    eager, scale_e = run(False)
+    compiled, scale_c = run(True)
+    _assert_same(eager, compiled)
+    assert scale_e == scale_c == 2.0 ** 9
+    assert _graphs() == 2 and _breaks() == 0
