@@ -407,3 +407,27 @@ def test_grad_scaler_with_compiled_step(name):
     _assert_same(eager, compiled)
     assert scale_e == scale_c == 2.0 ** 9
     assert _graphs() == 2 and _breaks() == 0
+
+
+def test_limitations_int8_weights_and_nm_sparsity():
+    """What the README lists as limitations: Int8Linear weights are refused with a clear error when
+    compiled; N:M sparse training compiles but its per-state Python step counts recompile every step
+    (the numbers are still eager's)."""
+    layer = fastopt.lowbit.Int8Linear(64, 32, group_size=64)
+    opt = fastopt.Lion(layer.parameters(), lr=1e-3, backend="cpu")
+    layer(torch.randn(8, 64)).sum().backward()
+    with pytest.raises(Exception, match="cannot step uint8 parameters"):
+        torch.compile(lambda: opt.step(), fullgraph=True, backend="aot_eager")()
+
+    torch._dynamo.reset()
+    counters.clear()
+    from fastopt.sparse.training import NMSparsity
+
+    def make(ps):
+        return fastopt.Lion([dict(params=ps[:1], sparsity=NMSparsity(2, 4))], lr=1e-3, backend="cpu")
+
+    shapes = ((16, 32),)
+    eager, _ = _run(make, steps=4, shapes=shapes)
+    compiled, _ = _run(make, steps=4, shapes=shapes, compiled="aot_eager")
+    _assert_same(eager, compiled)
+    assert _graphs() == 4 and _breaks() == 0

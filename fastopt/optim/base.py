@@ -211,6 +211,11 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
             by_layout = defaultdict(list)
             int8 = defaultdict(lambda: ([], []))
             for p in group["params"]:
+                if p.dtype == torch.uint8 and torch.compiler.is_compiling():
+                    raise NotImplementedError(
+                        f"{type(self).__name__}: a compiled step cannot step uint8 parameters (the int8 weights "
+                        "of fastopt.lowbit.Int8Linear are found through a weak dictionary, which dynamo does not "
+                        "trace); step this optimizer eagerly")
                 if lowbit_int8.is_int8_weight(p):
                     g = self._check_int8_param(p)
                     if g is not None:
