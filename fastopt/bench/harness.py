@@ -295,8 +295,7 @@ BANDWIDTH_KERNELS = {
     "copy": (2, lambda a, b, c: c.copy_(a)),
     "scale_inplace": (2, lambda a, b, c: a.mul_(1.0)),
     "add_inplace": (3, lambda a, b, c: a.add_(b, alpha=1e-30)),
-    # three read streams, one written back: closer to an optimizer step, which reads 3-6 streams (on a
-    # machine whose cores, not its DRAM, limit the misses in flight, more streams move more bytes)
+    # three read streams, one written back: closer to the mix of an optimizer step (3-6 read streams)
     "addcmul_inplace": (4, lambda a, b, c: a.addcmul_(b, c, value=1e-30)),
     "triad": (3, lambda a, b, c: torch.add(a, b, alpha=0.5, out=c)),
 }
