@@ -9,6 +9,7 @@ import functools
 import importlib
 import os
 import warnings
+from typing import Any, Dict, List, Union
 
 import torch
 
@@ -107,7 +108,7 @@ def has_triton():
     return _load_triton()[0] is not None
 
 
-def build_info():
+def build_info() -> Dict[str, Any]:
     """What this install has: a dict used by ``python -m fastopt.info`` and the benchmark report."""
     mod, err = _load_native()
     triton_mod, triton_err = _load_triton()
@@ -130,7 +131,7 @@ def build_info():
     return info
 
 
-def available_backends(device):
+def available_backends(device: Union[torch.device, str, int]) -> List[str]:
     """The fastopt backends usable for tensors on ``device``, best first ('torch' always last)."""
     device = torch.device(device)
     out = []

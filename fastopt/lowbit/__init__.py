@@ -8,6 +8,8 @@ Every elementwise optimizer of fastopt (AdamW, Adam, Lion, Adan, AdaBelief, Diff
 (maps, blocks, code layout): :mod:`fastopt.lowbit.codebook`; the state machinery:
 :mod:`fastopt.lowbit.state`.
 """
+from typing import Tuple, Union
+
 import torch
 
 from .. import _backend, _ops
@@ -20,7 +22,8 @@ def _codec_backend(backend, t):
     return _backend.resolve(backend, t.device, torch.float32, True)
 
 
-def quantize_blockwise(x, fmt="dyn8s", *, backend="auto"):
+def quantize_blockwise(x: torch.Tensor, fmt: Union[str, Format] = "dyn8s", *,
+                       backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` blockwise in format ``fmt``: returns ``(codes, absmax)``.
 
     ``codes``: uint8, ``numel`` bytes (``numel / 2`` for 4-bit formats, two codes per byte, low nibble
@@ -41,7 +44,8 @@ def quantize_blockwise(x, fmt="dyn8s", *, backend="auto"):
     return codes, absmax
 
 
-def dequantize_blockwise(codes, absmax, fmt="dyn8s", *, backend="auto"):
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, fmt: Union[str, Format] = "dyn8s", *,
+                         backend: str = "auto") -> torch.Tensor:
     """fp32 values (flat) of ``codes`` / ``absmax`` made by :func:`quantize_blockwise` in ``fmt``."""
     fmt = get_format(fmt)
     numel = codes.numel() * 8 // fmt.bits

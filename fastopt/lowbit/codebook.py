@@ -80,6 +80,7 @@ xn > 0`` (``xn`` the normalized value; one compare and select per value).
 """
 import functools
 import math
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -146,7 +147,8 @@ class Format:
     or a map without 0).  ``storage``: the name its codes are stored and tagged under (``fp8u`` is
     stored as ``fp8``), by default ``name``."""
 
-    def __init__(self, name, bits, block, values, signed, rank1=False, storage=None):
+    def __init__(self, name: str, bits: int, block: int, values: torch.Tensor, signed: bool, rank1: bool = False,
+                 storage: Optional[str] = None) -> None:
         self.name, self.bits, self.block, self.signed, self.rank1 = name, bits, block, signed, rank1
         self.values = values  # fp32 [2**bits], by code
         self.storage = storage or name
@@ -155,7 +157,7 @@ class Format:
     def __repr__(self):
         return f"Format({self.name!r}, bits={self.bits}, block={self.block})"
 
-    def codes_numel(self, numel):
+    def codes_numel(self, numel: int) -> int:
         """Bytes of codes for ``numel`` values."""
         return numel * self.bits // 8
 
@@ -187,7 +189,7 @@ FORMATS = {
 }
 
 
-def get_format(fmt):
+def get_format(fmt: Union[str, Format]) -> Format:
     if isinstance(fmt, Format):
         return fmt
     try:
@@ -253,7 +255,7 @@ def _codebook_cpu(name):
     return torch.cat([head, values.view(torch.int32), bounds.view(torch.int32), rank_code, buckets, packed])
 
 
-def codebook(fmt, device="cpu"):
+def codebook(fmt: Union[str, Format], device: Union[torch.device, str, int] = "cpu") -> torch.Tensor:
     """The int32 codebook of ``fmt`` on ``device`` (cached per device)."""
     return _codebook_on(get_format(fmt).name, torch.device(device))
 
@@ -296,7 +298,7 @@ def _poison(amax):
     return torch.where(torch.isfinite(amax), amax, torch.full_like(amax, math.nan))
 
 
-def quantize_reference(x, fmt):
+def quantize_reference(x: torch.Tensor, fmt: Union[str, Format]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Blockwise quantization of ``x`` (numel a multiple of the block): returns ``(codes, absmax)``,
     codes uint8 (packed for 4-bit), absmax fp32 ``[numel / block]``."""
     fmt = get_format(fmt)
@@ -312,7 +314,7 @@ def quantize_reference(x, fmt):
     return codes, absmax
 
 
-def dequantize_reference(codes, absmax, fmt):
+def dequantize_reference(codes: torch.Tensor, absmax: torch.Tensor, fmt: Union[str, Format]) -> torch.Tensor:
     """fp32 values of ``codes`` with per-block ``absmax`` (flat)."""
     fmt = get_format(fmt)
     idx = unpack4(codes) if fmt.bits == 4 else codes.reshape(-1).to(torch.int64)

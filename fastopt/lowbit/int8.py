@@ -21,6 +21,7 @@ weight's index in its group and the step, so runs are reproducible.
 Convert a model with :func:`int8_linear_`; read the weight back with :meth:`Int8Linear.dequantized_weight`.
 """
 import weakref
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,8 @@ def _uniform(numel, device, seed, index, step):
     return (sr_bits(numel, device, seed, index, step) >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
-def quantize_int8(w, group_size=256, *, stochastic=False, seed=0, index=0, step=0):
+def quantize_int8(w: torch.Tensor, group_size: int = 256, *, stochastic: bool = False, seed: int = 0, index: int = 0,
+                  step: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``w`` per group of ``group_size`` consecutive elements (memory order of a contiguous
     ``w``): returns ``(codes, scales, zeros)`` -- uint8 codes shaped like ``w``, fp32 scales and zero
     points ``[numel / group_size]``.  Nearest rounding, or stochastic rounding with the counter-based
@@ -69,7 +71,8 @@ def quantize_int8(w, group_size=256, *, stochastic=False, seed=0, index=0, step=
     return codes.view(w.shape), scales.view(-1), zeros.view(-1)
 
 
-def dequantize_int8(codes, scales, zeros, group_size=256, dtype=torch.float32):
+def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int = 256,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(codes - zero) * scale`` per group, as ``dtype``, shaped like ``codes``."""
     _check_groups(codes.numel(), group_size, "dequantize_int8")
     groups = codes.numel() // group_size
@@ -81,7 +84,7 @@ def dequantize_int8(codes, scales, zeros, group_size=256, dtype=torch.float32):
     return x.to(dtype).view(codes.shape)
 
 
-def is_int8_weight(p):
+def is_int8_weight(p: object) -> bool:
     """Whether ``p`` is the weight of a live :class:`Int8Linear`.  A floating-point tensor never is
     (decided from its dtype alone, so that ``torch.compile`` traces the optimizers' step without
     looking into the weak dictionary of int8 weights)."""
@@ -129,8 +132,9 @@ class Int8Linear(nn.Module):
     float parameter.  Train it with a fastopt elementwise optimizer and ``optimizer.zero_grad()``
     (``module.zero_grad()`` does not clear ``weight.float_grad``)."""
 
-    def __init__(self, in_features, out_features, bias=True, *, group_size=256, stochastic_rounding=True,
-                 device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 256,
+                 stochastic_rounding: bool = True, device: Optional[Union[torch.device, str, int]] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         _check_groups(in_features * out_features, group_size, "Int8Linear")
         self.in_features, self.out_features = in_features, out_features
@@ -154,7 +158,7 @@ class Int8Linear(nn.Module):
         self._attach()
 
     @classmethod
-    def from_linear(cls, linear, *, group_size=256, stochastic_rounding=True):
+    def from_linear(cls, linear: nn.Linear, *, group_size: int = 256, stochastic_rounding: bool = True) -> "Int8Linear":
         """An Int8Linear holding ``linear``'s weight rounded to nearest (and its bias, same dtype)."""
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size=group_size,
                   stochastic_rounding=stochastic_rounding, device=linear.weight.device)
@@ -164,7 +168,7 @@ class Int8Linear(nn.Module):
         return mod
 
     @torch.no_grad()
-    def load_float_weight(self, w):
+    def load_float_weight(self, w: torch.Tensor) -> None:
         """Quantize the float tensor ``w`` (nearest) into this module's weight."""
         if tuple(w.shape) != tuple(self.weight.shape):
             raise ValueError(f"Int8Linear: weight of shape {tuple(w.shape)} for a {tuple(self.weight.shape)} layer")
@@ -173,22 +177,23 @@ class Int8Linear(nn.Module):
         self.weight_scale.copy_(scales)
         self.weight_zero.copy_(zeros)
 
-    def dequantized_weight(self, dtype=torch.float32):
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int8(self.weight, self.weight_scale, self.weight_zero, self.group_size, dtype)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not is_int8_weight(self.weight) or int8_owner(self.weight) is not self:
             self._attach()
         if not torch.is_grad_enabled():
             return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
         return _Int8LinearFunction.apply(x, self.bias, self._anchor, self)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"group_size={self.group_size}, stochastic_rounding={self.stochastic_rounding}")
 
 
-def int8_linear_(module, *, group_size=256, stochastic_rounding=True, filter=None):
+def int8_linear_(module: nn.Module, *, group_size: int = 256, stochastic_rounding: bool = True,
+                 filter: Optional[Callable[[str, nn.Linear], bool]] = None) -> nn.Module:
     """Replace (in place) every ``nn.Linear`` in ``module`` whose weight numel is a multiple of
     ``group_size`` -- and for which ``filter(name, linear)`` is true, when given -- by an
     :class:`Int8Linear`; returns ``module`` (or the new layer when ``module`` itself is a Linear)."""

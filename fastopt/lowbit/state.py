@@ -16,6 +16,8 @@ A quantized state ``name`` is stored as ``state[name]`` (uint8 codes) and ``stat
 ``"fastopt.lowbit/1:dyn8s,dyn8u"`` (the storage format of each state, in the optimizer's state order;
 ``fp8u`` states are tagged ``fp8``: same codes and values, so checkpoints of either load).
 """
+from typing import Iterable, Optional, Sequence, Tuple, Union
+
 import torch
 
 from .codebook import get_format
@@ -48,7 +50,8 @@ def rank1_rows(shape):
     return shape[0] if numel // shape[0] >= 2 else None
 
 
-def state_formats(bits, names, shape=None):
+def state_formats(bits: Union[int, str], names: Iterable[str],
+                  shape: Optional[Sequence[int]] = None) -> Tuple[str, ...]:
     """The format name of each state in ``names`` for the family ``bits`` (``shape``: the parameter's,
     which decides whether "4-rank1" can normalize by rows and columns)."""
     signed, unsigned = STATE_BITS[check_state_bits(bits)]

@@ -26,6 +26,7 @@ trace:
 """
 import weakref
 from collections import defaultdict
+from typing import Any, Dict, Iterable, Union
 
 import torch
 
@@ -111,7 +112,8 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
     # Whether param groups may carry "sparsity": fastopt.sparse.NMSparsity (ElementwiseOptimizer).
     _supports_sparsity = False
 
-    def __init__(self, params, defaults):
+    def __init__(self, params: Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]]],
+                 defaults: Dict[str, Any]) -> None:
         _backend.check_backend_name(defaults.get("backend", "auto"))
         self._constructed_defaults = frozenset(defaults)
         super().__init__(params, defaults)
@@ -481,7 +483,8 @@ class ElementwiseOptimizer(FusedOptimizer):
     HYPER_NAMES = ()
     REFERENCE = None
 
-    def __init__(self, params, defaults):
+    def __init__(self, params: Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]]],
+                 defaults: Dict[str, Any]) -> None:
         if defaults.get("stochastic_rounding") and defaults.get("master_weights"):
             raise ValueError(f"{type(self).__name__}: choose stochastic_rounding or master_weights, not both")
         super().__init__(params, defaults)
@@ -588,7 +591,7 @@ class ElementwiseOptimizer(FusedOptimizer):
 
     # -- N:M sparse training (fastopt.sparse.training) ------------------------------------------------
     @torch.no_grad()
-    def sparsify(self):
+    def sparsify(self) -> None:
         """Start N:M sparse training now: every parameter of a group with ``sparsity`` whose schedule
         is sparse at its current step gets its optimizer state (the dense weights, the mask) and its
         forward weights.  Without this call the first step does it, after a forward on the dense

@@ -7,6 +7,7 @@ bucket: a multi-tensor reduction of the per-tensor sums of squares, then an in-p
 device (no host sync unless ``error_if_nonfinite``).  Other norm types run torch's implementation.
 """
 from collections import defaultdict
+from typing import Iterable, Optional, Union
 
 import torch
 
@@ -14,7 +15,9 @@ from .. import _backend
 from .functional import elementwise_unchecked, is_dense
 
 
-def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, backend="auto"):
+def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float,
+                    norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach: Optional[bool] = None,
+                    backend: str = "auto") -> torch.Tensor:
     """Scale the gradients of ``parameters`` in place so that their global norm is at most
     ``max_norm``; returns the total norm (before clipping) as a tensor, like torch's function."""
     _backend.check_backend_name(backend)

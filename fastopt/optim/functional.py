@@ -4,6 +4,7 @@ These are the middle layer between the kernels (``fastopt._ops``, ``fastopt.refe
 ``torch.optim.Optimizer`` classes; they are usable on their own with tensors you manage yourself.
 """
 import math
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -175,7 +176,7 @@ class SchedulerAwareStep:
     which tells the schedulers not to wrap it.  The record is a dict item: dynamo does not replay an
     attribute set on an optimizer."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._step_called = {"called": False}
         super().__init__(*args, **kwargs)
 
@@ -330,9 +331,12 @@ def scalar_on(t, device, name):
     return t.to(device=device, dtype=torch.float32)
 
 
-def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
-         weight_decay, decoupled=True, amsgrad=False, maximize=False, grad_scale=None, found_inf=None,
-         backend="auto"):
+def adam(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+         exp_avg_sqs: Sequence[torch.Tensor], max_exp_avg_sqs: Sequence[torch.Tensor],
+         state_steps: Sequence[torch.Tensor], *, lr: Union[float, torch.Tensor], beta1: float, beta2: float,
+         eps: float, weight_decay: float, decoupled: bool = True, amsgrad: bool = False, maximize: bool = False,
+         grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
+         backend: str = "auto") -> None:
     """One fused Adam (``decoupled=False``) or AdamW (``decoupled=True``) step, in place.
 
     Equations: see :func:`fastopt.reference.adam_reference`.  All tensors of one call share one device

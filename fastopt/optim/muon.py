@@ -9,7 +9,7 @@ so state dicts load into each other both ways.  Equations: :func:`fastopt.refere
 """
 import importlib
 from collections import defaultdict
-from typing import List
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from ..reference.adam import adam_reference
 from ..reference.rounding import bf16_stochastic
 from . import functional as F
 from .base import fill_group_defaults
+from .lion import Params
 
 MUON_BACKENDS = ("auto", "triton", "torch")
 _ADAMW_STATE = ("exp_avg", "exp_avg_sq")
@@ -154,11 +155,14 @@ class Muon(F.SchedulerAwareStep, torch.optim.Optimizer):
     an uninterrupted one, and refuses a checkpoint whose states do not fit the parameters' shapes.
     """
 
-    def __init__(self, params, lr=2e-2, momentum=0.95, weight_decay=0.0, weight_decouple=True, nesterov=True,
-                 ns_steps=5, ns_coeffs="original", use_adjusted_lr=False, adamw_lr=3e-4, adamw_betas=(0.9, 0.95),
-                 adamw_wd=0.0, adamw_eps=1e-10, maximize=False, foreach=None, ns_method="newton_schulz",
-                 ns_reset_steps=(2,), *, cautious=False, stochastic_rounding=False, master_weights=False, seed=0,
-                 backend="auto"):
+    def __init__(self, params: Params, lr: Union[float, Tensor] = 2e-2, momentum: float = 0.95,
+                 weight_decay: float = 0.0, weight_decouple: bool = True, nesterov: bool = True, ns_steps: int = 5,
+                 ns_coeffs: Union[str, Tuple[float, float, float], Sequence[Tuple[float, float, float]]] = "original",
+                 use_adjusted_lr: bool = False, adamw_lr: Union[float, Tensor] = 3e-4,
+                 adamw_betas: Tuple[float, float] = (0.9, 0.95), adamw_wd: float = 0.0, adamw_eps: float = 1e-10,
+                 maximize: bool = False, foreach: Optional[bool] = None, ns_method: str = "newton_schulz",
+                 ns_reset_steps: Sequence[int] = (2,), *, cautious: bool = False, stochastic_rounding: bool = False,
+                 master_weights: bool = False, seed: int = 0, backend: str = "auto") -> None:
         if stochastic_rounding and master_weights:
             raise ValueError("Muon: choose stochastic_rounding or master_weights, not both")
         if backend not in MUON_BACKENDS:

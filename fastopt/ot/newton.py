@@ -70,7 +70,7 @@ the CG products beside it.  Batched problems share the loops (each batch entry h
 and stops improving once it has converged); ``K`` is common to the batch.
 """
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -185,7 +185,8 @@ def _log_plan(C, log_a, log_b, f, g, eps):
     return log_a[..., :, None] + log_b[..., None, :] + (f[..., :, None] + g[..., None, :] - C) / eps
 
 
-def lyapunov(C, a, b, f, g, eps):
+def lyapunov(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, g: torch.Tensor,
+             eps: float) -> torch.Tensor:
     """The Lyapunov potential ``L(f, g) = <a, f> + <b, g> - eps * sum_ij (P_ij - a_i b_j)`` (concave; its
     maximum is ``OT_eps`` for unit mass), per batch entry.  Zero weights carry no mass."""
     log_a = torch.where(a > 0, a.log(), -math.inf)
@@ -196,7 +197,8 @@ def lyapunov(C, a, b, f, g, eps):
     return fa + gb - eps * (P.sum((-1, -2)) - a.sum(-1) * b.sum(-1))
 
 
-def sparsify_plan(P, sparsity):
+def sparsify_plan(P: torch.Tensor,
+                  sparsity: Union[float, int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The entries of ``P`` (..., n, m) kept in the sparsified Hessian, as ``(rows, cols, values)``, each of
     shape (..., K):
 
@@ -337,10 +339,13 @@ def _newton_direction(prob, P, d, grad, active, mode, count, cg_tol, cg_max_iter
 
 # -- the solver ---------------------------------------------------------------------------------
 @torch.no_grad()
-def sinkhorn_newton_sparse(C, a=None, b=None, eps=1e-2, *, sinkhorn_iters=1000, sinkhorn_tol=None,
-                           newton_iters=100, sparsity=None, sparsity_growth=2.0, tol=None, cg_tol=1e-3,
-                           cg_max_iter=500, ls_c1=1e-4, ls_beta=0.5, ls_max_backtracks=30, check_every=10,
-                           f=None, g=None, return_plan=False):
+def sinkhorn_newton_sparse(C: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None,
+                           eps: float = 1e-2, *, sinkhorn_iters: int = 1000, sinkhorn_tol: Optional[float] = None,
+                           newton_iters: int = 100, sparsity: Optional[Union[float, int]] = None,
+                           sparsity_growth: float = 2.0, tol: Optional[float] = None, cg_tol: float = 1e-3,
+                           cg_max_iter: int = 500, ls_c1: float = 1e-4, ls_beta: float = 0.5,
+                           ls_max_backtracks: int = 30, check_every: int = 10, f: Optional[torch.Tensor] = None,
+                           g: Optional[torch.Tensor] = None, return_plan: bool = False) -> SNSResult:
     """Entropic OT by Sinkhorn–Newton–Sparse (Tang et al., ICLR 2024, Algorithm 1; see the module docstring
     for the equations and the exact rules).
 

@@ -27,7 +27,7 @@ fp64 gives 6.91, with ``converged=True`` (-17.88 in issue 14).
 """
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -84,7 +84,7 @@ class SinkhornResult:
     _problem: object = None
     _sol: object = None
 
-    def plan(self):
+    def plan(self) -> torch.Tensor:
         """The transport plan ``P`` (B, n, m) (or (n, m)), materialized: for small problems."""
         pr, sol = self._problem, self._sol
         with torch.no_grad():
@@ -489,8 +489,11 @@ def _check_init(init, prob):
     return out
 
 
-def sinkhorn(x=None, y=None, a=None, b=None, *, eps, cost="sqeuclidean", cost_matrix=None, x_mask=None, y_mask=None,
-             rho=None, n_iter=1000, tol=1e-6, check_every=10, eps_scaling=None, init=None, backend="auto"):
+def sinkhorn(x: Optional[Tensor] = None, y: Optional[Tensor] = None, a: Optional[Tensor] = None,
+             b: Optional[Tensor] = None, *, eps: float, cost: str = "sqeuclidean", cost_matrix: Optional[Tensor] = None,
+             x_mask: Optional[Tensor] = None, y_mask: Optional[Tensor] = None, rho: Optional[float] = None,
+             n_iter: int = 1000, tol: float = 1e-6, check_every: int = 10, eps_scaling: Optional[float] = None,
+             init: Optional[Tuple[Tensor, Tensor]] = None, backend: str = "auto") -> SinkhornResult:
     """Entropic optimal transport between the point clouds ``x`` (n, d) / (B, n, d) and ``y`` (m, d) /
     (B, m, d) with weights ``a``, ``b`` (default: uniform over the valid points), or on a dense
     ``cost_matrix`` (n, m) / (B, n, m).  Returns a :class:`SinkhornResult`.
@@ -547,8 +550,9 @@ def sinkhorn(x=None, y=None, a=None, b=None, *, eps, cost="sqeuclidean", cost_ma
                           _sol=sol)
 
 
-def sinkhorn_divergence(x, y, a=None, b=None, *, eps, cost="sqeuclidean", x_mask=None, y_mask=None, rho=None,
-                        **kwargs):
+def sinkhorn_divergence(x: Tensor, y: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: float,
+                        cost: str = "sqeuclidean", x_mask: Optional[Tensor] = None, y_mask: Optional[Tensor] = None,
+                        rho: Optional[float] = None, **kwargs: Any) -> Tensor:
     """The debiased Sinkhorn divergence ``S = OT(x, y) - OT(x, x) / 2 - OT(y, y) / 2`` (Feydy et al.,
     AISTATS 2019), plus ``eps (|a| - |b|)^2 / 2`` when unbalanced (geomloss' convention); differentiable
     like :func:`sinkhorn` (whose keyword arguments it takes)."""

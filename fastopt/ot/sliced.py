@@ -59,6 +59,7 @@ import functools
 import math
 import numbers
 import os
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -401,7 +402,9 @@ def _wpp_sorted_last(u, v, a, b, p):
     return (delta * _pow_abs(diff, p)).sum(-1)
 
 
-def wasserstein_1d(u_values, v_values, u_weights=None, v_weights=None, p=1, *, dim=0, backend="auto"):
+def wasserstein_1d(u_values: torch.Tensor, v_values: torch.Tensor, u_weights: Optional[torch.Tensor] = None,
+                   v_weights: Optional[torch.Tensor] = None, p: float = 1, *, dim: int = 0,
+                   backend: str = "auto") -> torch.Tensor:
     r"""``W_p^p`` between batched 1-D empirical measures (the convention of POT's ``ot.wasserstein_1d``).
 
     .. math:: W_p^p(\mu, \nu) = \int_0^1 |F_\mu^{-1}(q) - F_\nu^{-1}(q)|^p \, dq
@@ -457,8 +460,9 @@ def wasserstein_1d(u_values, v_values, u_weights=None, v_weights=None, p=1, *, d
 
 
 # -- directions -----------------------------------------------------------------------------------
-def random_projections(d, n_projections, *, batch_shape=(), dtype=torch.float32, device=None, seed=None,
-                       generator=None):
+def random_projections(d: int, n_projections: int, *, batch_shape: Sequence[int] = (),
+                       dtype: torch.dtype = torch.float32, device: Optional[Union[torch.device, str, int]] = None,
+                       seed: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``(*batch_shape, d, n_projections)`` directions uniform on the sphere S^{d-1} (POT's layout).
 
     Normalized standard normal columns, from ``generator`` or ``torch.Generator(device).manual_seed(seed)``
@@ -586,8 +590,12 @@ def _control_variate(wpp, px, py, x, y, a, b, kind):
     return wpp.mean(-1) - gamma * centered.mean(-1)
 
 
-def sliced_wasserstein(x, y, a=None, b=None, *, n_projections=50, p=2, projections=None, seed=None,
-                       generator=None, return_projections=False, control_variate=None, backend="auto"):
+def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor] = None,
+                       b: Optional[torch.Tensor] = None, *, n_projections: int = 50, p: float = 2,
+                       projections: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+                       generator: Optional[torch.Generator] = None, return_projections: bool = False,
+                       control_variate: Optional[str] = None,
+                       backend: str = "auto") -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     r"""Monte-Carlo sliced Wasserstein distance ``SW_p`` (Bonneel et al., 2015), POT's convention.
 
     .. math::
@@ -686,8 +694,11 @@ def _init_directions(init, name, d, batch, k, dtype, device, gen):
     return _normalize(init).expand(*batch, d).unsqueeze(-2)
 
 
-def max_sliced_wasserstein(x, y, a=None, b=None, *, p=2, n_iter=100, lr=0.5, n_init=16, init=None, seed=None,
-                           generator=None, backend="auto"):
+def max_sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor] = None,
+                           b: Optional[torch.Tensor] = None, *, p: float = 2, n_iter: int = 100, lr: float = 0.5,
+                           n_init: int = 16, init: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+                           generator: Optional[torch.Generator] = None,
+                           backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     r"""Max-sliced Wasserstein distance by Riemannian gradient ascent on the sphere.
 
     .. math:: \text{Max-SW}_p(\mu, \nu) = \max_{\theta \in \mathbb S^{d-1}} W_p(\theta\#\mu, \theta\#\nu)
@@ -772,7 +783,8 @@ def _wood_cosines(d, kappa, shape, gen, device):
     raise RuntimeError("vMF rejection sampler did not finish in 1000 rounds")  # acceptance is > 50%
 
 
-def sample_vmf(mu, kappa, n_samples, *, generator=None, seed=None):
+def sample_vmf(mu: torch.Tensor, kappa: float, n_samples: int, *, generator: Optional[torch.Generator] = None,
+               seed: Optional[int] = None) -> torch.Tensor:
     r"""``n_samples`` directions from the von Mises–Fisher distribution vMF(mu, kappa) on S^{d-1}.
 
     Density :math:`\propto \exp(\kappa \mu^\top \theta)`.  Wood, "Simulation of the von Mises Fisher
@@ -818,9 +830,12 @@ def _sample_vmf(mu, kappa, n_samples, gen):
     return s - coef * (s * u).sum(-1, keepdim=True) * u
 
 
-def vmf_distributional_sliced_wasserstein(x, y, a=None, b=None, *, kappa=10.0, n_projections=50, p=2, n_iter=10,
-                                          lr=0.5, init=None, seed=None, generator=None, return_projections=False,
-                                          backend="auto"):
+def vmf_distributional_sliced_wasserstein(
+        x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None, *,
+        kappa: float = 10.0, n_projections: int = 50, p: float = 2, n_iter: int = 10, lr: float = 0.5,
+        init: Optional[torch.Tensor] = None, seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+        return_projections: bool = False, backend: str = "auto",
+) -> Union[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     r"""v-DSW: sliced Wasserstein with von Mises–Fisher directions around an optimized mean direction.
 
     .. math::

@@ -56,7 +56,7 @@ are solved together, each batch entry with its own line search and memory.  Ever
 ops (topk, cumsum, gather/scatter, batched matmul), so it runs on any device.
 """
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -75,7 +75,7 @@ class SparseOTResult(NamedTuple):
     log: dict
 
 
-def sparse_simplex_projection(V, k, dim=-1):
+def sparse_simplex_projection(V: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
     """Euclidean projection of every slice of ``V`` along ``dim`` onto the ``k``-sparse simplex
     ``{y >= 0, sum y = 1, |y|_0 <= k}``: the ``k`` largest entries projected onto the simplex, the others 0
     (Kyrillidis et al., ICML 2013; the closed form used by Liu et al. 2023).  ``k >= size`` is the plain
@@ -259,8 +259,10 @@ def _minimize_bfgs(fg, x, *, max_iter, tol, history_size, scale=0.0, c1=1e-4, c2
 
 
 @torch.no_grad()
-def sparsity_constrained_ot(C, a=None, b=None, *, k, reg=1.0, max_iter=1000, tol=None, method="semi-dual",
-                            return_plan=True, history_size="auto"):
+def sparsity_constrained_ot(C: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None, *,
+                            k: int, reg: float = 1.0, max_iter: int = 1000, tol: Optional[float] = None,
+                            method: str = "semi-dual", return_plan: bool = True,
+                            history_size: Union[str, int] = "auto") -> SparseOTResult:
     """Optimal transport with at most ``k`` nonzeros per column of the plan and squared-L2 regularization
     (Liu, Puigcerver, Blondel, ICLR 2023; equations in the module docstring), by quasi-Newton ascent on the
     semi-dual or the dual.  No autograd graph is recorded.

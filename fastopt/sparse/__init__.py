@@ -29,7 +29,8 @@ def _resolve(backend, w, kernel_ok=True, why=""):
     return _backend.resolve(backend, w.device, w.dtype, True)
 
 
-def nm_mask(w, n, m, dim=-1, *, pad=False, backend="auto"):
+def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1, *, pad: bool = False,
+            backend: str = "auto") -> torch.Tensor:
     """Bool mask of ``w``'s shape keeping the ``n`` largest ``|w|`` of every ``m`` consecutive elements
     along ``dim`` (``0 <= n <= m``).
 
@@ -66,7 +67,7 @@ def nm_mask(w, n, m, dim=-1, *, pad=False, backend="auto"):
     return out.view(torch.bool)
 
 
-def transposable_mask(w, mode="exact", *, backend="auto"):
+def transposable_mask(w: torch.Tensor, mode: str = "exact", *, backend: str = "auto") -> torch.Tensor:
     """Transposable 2:4 mask: ``w`` viewed as ``[shape[0], -1]`` (both multiples of 4) is cut into 4x4
     tiles, and each tile keeps 2 elements in every row and column, so ``w * mask`` is 2:4 along rows
     and ``(w * mask).T`` too.
@@ -91,7 +92,7 @@ def transposable_mask(w, mode="exact", *, backend="auto"):
     return out.view(torch.bool)
 
 
-def is_nm_sparse(w, n, m, dim=-1):
+def is_nm_sparse(w: torch.Tensor, n: int, m: int, dim: int = -1) -> bool:
     """Whether every group of ``m`` consecutive elements of ``w`` along ``dim`` has at most ``n``
     nonzeros (a host sync; for checks, not for the training loop)."""
     dim = check_nm(tuple(w.shape), n, m, dim)
@@ -99,7 +100,7 @@ def is_nm_sparse(w, n, m, dim=-1):
     return bool((nz <= n).all())
 
 
-def compress_2to4(w):
+def compress_2to4(w: torch.Tensor) -> torch.Tensor:
     """``torch.sparse.to_sparse_semi_structured(w)`` after checking that ``w`` is 2:4 along its rows:
     the compressed form the GPU's sparse tensor cores multiply (CUDA, compute capability >= 8.0; the
     shape and dtype limits are torch's).  Raises BackendUnavailableError without such a GPU and

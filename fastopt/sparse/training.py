@@ -35,7 +35,7 @@ the sparse phase is cut into ``log2(m / n)`` equal frames with patterns ``(m - 1
 """
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -114,20 +114,20 @@ class NMSparsity:
 
     # -- the schedule: t = the number of optimizer steps taken before the forward ------------------
     @property
-    def finetune_start(self):
+    def finetune_start(self) -> Optional[int]:
         """The first fine-tuning step (None: no fine-tuning phase)."""
         if self.total_steps is None or self.finetune_steps == 0:
             return None
         return self.total_steps - self.finetune_steps
 
-    def is_dense(self, t):
+    def is_dense(self, t: int) -> bool:
         return t < self.dense_steps
 
-    def finetuning(self, t):
+    def finetuning(self, t: int) -> bool:
         start = self.finetune_start
         return start is not None and t >= start
 
-    def pattern(self, t):
+    def pattern(self, t: int) -> int:
         """``n`` of the forward at step ``t`` (``m`` while dense)."""
         if self.is_dense(t):
             return self.m
@@ -141,7 +141,7 @@ class NMSparsity:
                 n = self.m >> i
         return n
 
-    def beta(self, t):
+    def beta(self, t: int) -> float:
         """The weight of the pruned entries in the forward at step ``t`` (1 while dense)."""
         if self.is_dense(t):
             return 1.0
@@ -152,11 +152,11 @@ class NMSparsity:
             return max(1.0 - self.decay_coef * s, 0.0)
         return math.exp(-self.decay_coef * s)
 
-    def srste(self, t):
+    def srste(self, t: int) -> float:
         """The SR-STE coefficient of the gradient of the forward at step ``t``."""
         return float(self.srste_lambda) if self.recipe == "sr-ste" and not self.is_dense(t) else 0.0
 
-    def refresh(self, t):
+    def refresh(self, t: int) -> bool:
         """Whether the mask of the forward at step ``t`` is recomputed from the dense weights."""
         if self.is_dense(t):
             return False
@@ -170,12 +170,12 @@ class NMSparsity:
     # torch.load(weights_only=True) (transformers' Trainer, Lightning) and without fastopt imported.
     STATE_KEY = "fastopt.NMSparsity"
 
-    def to_state(self):
+    def to_state(self) -> Dict[str, Dict[str, Any]]:
         """The schedule as a plain dict (what a fastopt optimizer's ``state_dict()`` stores)."""
         return {self.STATE_KEY: asdict(self)}
 
     @classmethod
-    def from_state(cls, value):
+    def from_state(cls, value: Any) -> Optional["NMSparsity"]:
         """The inverse of :meth:`to_state`; an NMSparsity (an older checkpoint) or None is returned as is.
         Raises ValueError for anything else (and the constructor's checks run on the saved fields)."""
         if value is None or isinstance(value, cls):
@@ -189,7 +189,7 @@ class NMSparsity:
             return cls(**saved)
         raise ValueError(f"a checkpoint's group 'sparsity' must be a saved NMSparsity, got {value!r}")
 
-    def check_param(self, p, who):
+    def check_param(self, p: torch.Tensor, who: str) -> None:
         """Raise (ValueError/TypeError) when parameter ``p`` cannot be trained with this schedule."""
         from ..lowbit import int8 as lowbit_int8
         from ..reference.sparse import check_nm, check_tiles
@@ -207,7 +207,9 @@ class NMSparsity:
                              f"{e}") from None
 
 
-def nm_param_groups(model, sparsity, *, filter=None, **options):
+def nm_param_groups(model: torch.nn.Module, sparsity: NMSparsity, *,
+                    filter: Optional[Callable[[str, torch.nn.Module], bool]] = None,
+                    **options: Any) -> List[Dict[str, Any]]:
     """Param groups for a fastopt optimizer that train the weights of ``model``'s ``nn.Linear``
     layers (those whose ``in_features`` are a multiple of ``sparsity.m``; ``filter(name, module)``
     narrows the choice) N:M sparse, and every other parameter dense::
