@@ -1,6 +1,6 @@
 """Which backends exist on this install, and which one runs a given tensor.
 
-Backends (see DESIGN.md): ``cuda`` (fastopt._C built with nvcc), ``triton`` (fused GPU kernels with no
+Backends (see docs/architecture.md): ``cuda`` (fastopt._C built with nvcc), ``triton`` (fused GPU kernels with no
 compile step; on a CPU only under ``TRITON_INTERPRET=1``, which is how CI tests them), ``cpu``
 (fastopt._C's OpenMP kernels) and ``torch`` (the pure-PyTorch reference, available everywhere).
 ``auto`` picks cuda > triton for CUDA tensors and cpu > torch for CPU tensors.
@@ -9,7 +9,7 @@ import functools
 import importlib
 import os
 import warnings
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, NamedTuple, Tuple, Union
 
 import torch
 
@@ -171,37 +171,69 @@ def check_backend_name(backend):
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
-def resolve(backend, device, dtype, dense=True):
-    """The backend that runs tensors of ``dtype`` and layout ``dense`` on ``device``.
+class OpCaps(NamedTuple):
+    """What the kernels of one family of ops can run: the kernel backends that implement it, the
+    storage dtypes they take, and whether ``auto`` uses a kernel for CPU tensors (the Triton-only ops
+    run on a CPU only under the interpreter, a test vehicle, so ``auto`` keeps them on torch there)."""
 
-    ``auto`` falls back to ``torch`` for what no kernel handles (other dtypes, non-dense layouts);
-    an explicitly named backend raises BackendUnavailableError instead.
+    kernels: Tuple[str, ...]
+    dtypes: Tuple[torch.dtype, ...] = KERNEL_DTYPES
+    auto_on_cpu: bool = True
+
+
+# The capability table: every entry point resolves its backend through :func:`resolve` with its row.
+CAPABILITIES: Dict[str, OpCaps] = {
+    # optimizer steps (Adam, the elementwise ops, low-bit states), the blockwise codec, N:M masks
+    "optimizer": OpCaps(("cuda", "triton", "cpu")),
+    # the entropic-OT passes (Sinkhorn, its divergence, the soft-minimum): C++ on CPUs, Triton on GPUs
+    "ot": OpCaps(("triton", "cpu")),
+    # sliced Wasserstein's projection + sort and Muon's Newton-Schulz: Triton only
+    "sliced": OpCaps(("triton",), auto_on_cpu=False),
+    "newton_schulz": OpCaps(("triton",), auto_on_cpu=False),
+}
+
+
+def resolve(backend, device, dtype, dense=True, *, op="optimizer", reason=None, name=None):
+    """The backend that runs tensors of ``dtype`` and layout ``dense`` on ``device`` for the op family
+    ``op`` (a row of :data:`CAPABILITIES`).
+
+    ``auto`` picks the first kernel backend of the row usable here (cuda > triton for CUDA tensors,
+    cpu for CPU tensors) and falls back to ``torch`` for what no kernel handles (other dtypes, non-dense
+    layouts, or ``reason``: why the caller's kernels cannot take this problem); an explicitly named
+    backend raises BackendUnavailableError instead.  ``name`` prefixes the messages (the public function).
     """
     check_backend_name(backend)
     device = torch.device(device)
-    kernel_ok = dtype in KERNEL_DTYPES and dense
+    caps = CAPABILITIES[op]
+    where = f"{name}: " if name else ""
+    if reason is None and dtype not in caps.dtypes:
+        reason = f"dtype {dtype}"
+    if reason is None and not dense:
+        reason = "non-dense (overlapping or strided) tensors"
     if backend == "auto":
-        if not kernel_ok:
+        if reason is not None or (device.type == "cpu" and not caps.auto_on_cpu):
             return "torch"
-        if device.type == "cuda":
-            chosen = "cuda" if has_cuda() else ("triton" if has_triton() else "torch")
-        else:
-            chosen = "cpu" if device.type == "cpu" and has_cpu() else "torch"
-        if chosen == "torch" and device.type in ("cpu", "cuda") and native_error() is not None:
+        usable = available_backends(device)
+        # (triton on a CPU is the interpreter: never chosen by auto)
+        chosen = next((b for b in caps.kernels if b in usable and (b != "triton" or device.type == "cuda")), "torch")
+        if chosen == "torch" and device.type in ("cpu", "cuda") and native_error() is not None \
+                and any(b in ("cpu", "cuda") for b in caps.kernels):
             _warn_fallback(device)
         return chosen
     if backend == "torch":
         return backend
-    if not kernel_ok:
-        what = f"dtype {dtype}" if dtype not in KERNEL_DTYPES else "non-dense (overlapping or strided) tensors"
-        raise BackendUnavailableError(
-            f"backend {backend!r} does not support {what}; use backend='torch' or 'auto'")
+    if backend not in caps.kernels:
+        others = " or ".join(repr(b) for b in caps.kernels + ("torch",) if b != backend)
+        raise BackendUnavailableError(f"{where}no {backend!r} kernel; use backend={others} or 'auto'")
+    if reason is not None:
+        raise BackendUnavailableError(f"{where}backend {backend!r} does not support {reason}; use backend='torch' "
+                                      "or 'auto'")
     if backend not in available_backends(device):
         why = {
             "cuda": "needs CUDA tensors and fastopt._C built with nvcc",
             "cpu": "needs CPU tensors and fastopt._C",
             "triton": "needs triton and CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)",
         }[backend]
-        raise BackendUnavailableError(f"backend {backend!r} cannot run on device {device}: it {why}"
+        raise BackendUnavailableError(f"{where}backend {backend!r} cannot run on device {device}: it {why}"
                                       + _unavailable_reason(backend, device))
     return backend

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from .. import _backend, _ops
-from .._ops import is_dense  # noqa: F401  (the optimizers' layout test is the boundary's)
+from .._ops import elementwise_unchecked, is_dense, lowbit_unchecked  # noqa: F401  (re-exported)
 from ..reference import adam_reference
 
 
@@ -368,52 +368,8 @@ def adam_unchecked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
                        beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
                        maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
         return
-    lr, lr_tensor = _lr_args(lr, device)
+    lr, lr_tensor = _ops.split_lr(lr, device)
     _ops.adam_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
                     list(max_exp_avg_sqs) if amsgrad else [], list(state_steps), float(lr), lr_tensor,
                     float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad),
                     bool(maximize), grad_scale, found_inf, backend)
-
-
-def _lr_args(lr, device):
-    """(float lr, tensor or None) for a kernel call on ``device``: a CPU tensor lr is read on the host as
-    a double (that never syncs with a GPU), in eager mode here and under torch.compile by the custom
-    op when the graph runs (``fastopt._ops._host_lr``); a tensor lr on another device is read by the
-    kernel as fp32 (no host sync, CUDA-graph safe)."""
-    if isinstance(lr, torch.Tensor):
-        if lr.device.type == "cpu":
-            if torch.compiler.is_compiling():
-                return 0.0, lr
-            return float(lr), None
-        return 0.0, lr.to(device=device, dtype=torch.float32)
-    return float(lr), None
-
-
-def elementwise_unchecked(op, params, grads, states, state_steps, hyper, flags, *, lr, maximize, grad_scale,
-                          found_inf, backend, device, phase=0, rows=None, row_coef=None, reduce_out=None,
-                          seed=0, stochastic=False, sparse_mask=None, sparse_out=None, sparse_lambda=0.0,
-                          sparse_beta=0.0):
-    """One kernel call of the registered elementwise op ``op`` over validated lists (one device, one
-    dtype, dense, matching layouts); ``states`` holds the op's state lists one after the other and
-    ``backend`` is a resolved kernel backend.  ``sparse_mask``/``sparse_out``/``sparse_lambda``/
-    ``sparse_beta``: the sparse-training epilogue.  See ``csrc/include/fastopt/elementwise.h``."""
-    lr, lr_tensor = _lr_args(lr, device)
-    args = (op, list(params), list(grads), list(states), list(state_steps), [float(h) for h in hyper], int(flags),
-            lr, lr_tensor, bool(maximize), grad_scale, found_inf, int(phase), list(rows) if rows is not None else [],
-            row_coef, reduce_out, int(seed), bool(stochastic), backend, list(sparse_mask or ()),
-            list(sparse_out or ()), float(sparse_lambda), float(sparse_beta))
-    _ops.elementwise_step(*args)
-
-
-def lowbit_unchecked(op, params, grads, states, absmax, books, block, state_steps, hyper, flags, *, lr, maximize,
-                     grad_scale, found_inf, backend, device, seed=0, stochastic=False, colmax=(), rank1=(),
-                     rank1_rows=()):
-    """One fused low-bit-state step of the registered op ``op`` over validated lists: ``states`` holds
-    the op's state lists one after the other (uint8 codes when quantized), ``absmax`` the block maxima
-    of every state in the same order, ``books`` each state's int32 codebook.  See
-    ``csrc/include/fastopt/quant.h``."""
-    lr, lr_tensor = _lr_args(lr, device)
-    _ops.lowbit_step(op, list(params), list(grads), list(states), list(absmax), list(books), int(block),
-                     list(state_steps), [float(h) for h in hyper], int(flags), lr, lr_tensor, bool(maximize),
-                     grad_scale, found_inf, int(seed), bool(stochastic), list(colmax), [bool(r) for r in rank1],
-                     [int(r) for r in rank1_rows], backend)
