@@ -12,5 +12,18 @@ from . import ot  # noqa: F401
 from ._backend import BackendUnavailableError, available_backends, build_info  # noqa: F401
 from .optim import (SGDP, AdaBelief, Adam, Adan, AdamP, AdamW, DiffGrad, EXAdam, Lamb, Lion, Muon,  # noqa: F401
                     SGDSaI, clip_grad_norm_, functional)
+from .optim import lowbit_presets as _lowbit_presets
+
+
+def _attach_lowbit_presets():
+    """``fastopt.lowbit.AdamW8bit`` and the other presets: optimizers, so defined in fastopt.optim, which
+    builds on fastopt.lowbit; attached here, after both, so that fastopt.lowbit never imports the optimizers."""
+    for name in _lowbit_presets.__all__:
+        setattr(lowbit, name, getattr(_lowbit_presets, name))
+        if name not in lowbit.__all__:
+            lowbit.__all__.append(name)
+
+
+_attach_lowbit_presets()
 
 __version__ = "0.1.0"

@@ -27,7 +27,7 @@ import torch
 from fastopt import _backend, lowbit
 from fastopt.lowbit import FORMATS, dequantize_blockwise, quantize_blockwise
 from fastopt.lowbit.codebook import dequantize_reference, rank1_dequantize_reference
-from fastopt.lowbit.optim import _BASES, _SUFFIX
+from fastopt.optim.lowbit_presets import _BASES, _SUFFIX
 from fastopt.lowbit.state import UNSIGNED_STATES, state_formats
 
 from conftest import DEVICE_BACKENDS

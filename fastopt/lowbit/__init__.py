@@ -4,9 +4,10 @@
     opt = fastopt.lowbit.AdamW8bit(model.parameters(), lr=1e-3)   # instead of bnb.optim.AdamW8bit
 
 Every elementwise optimizer of fastopt (AdamW, Adam, Lion, Adan, AdaBelief, DiffGrad, EXAdam) takes
-``state_bits=8``, ``4`` or ``"fp8"``; the classes here are those optimizers with it preset.  Formats
-(maps, blocks, code layout): :mod:`fastopt.lowbit.codebook`; the state machinery:
-:mod:`fastopt.lowbit.state`.
+``state_bits=8``, ``4`` or ``"fp8"``; ``AdamW8bit``, ``Lion4bit``, ... are those optimizers with it
+preset (defined in :mod:`fastopt.optim.lowbit_presets`, which builds on this package, and attached
+here by ``import fastopt``).  Formats (maps, blocks, code layout): :mod:`fastopt.lowbit.codebook`; the
+state machinery: :mod:`fastopt.lowbit.state`.
 """
 from typing import Tuple, Union
 
@@ -16,6 +17,10 @@ from .. import _backend, _ops
 from .codebook import FORMATS, Format, codebook, dequantize_reference, get_format, quantize_reference  # noqa: F401
 from .int8 import Int8Linear, dequantize_int8, int8_linear_, is_int8_weight, quantize_int8  # noqa: F401
 from .state import STATE_BITS, state_formats  # noqa: F401
+
+# (the optimizer presets join this list when fastopt attaches them: fastopt/__init__.py)
+__all__ = ["FORMATS", "codebook", "quantize_blockwise", "dequantize_blockwise", "state_formats", "Int8Linear",
+           "int8_linear_", "quantize_int8", "dequantize_int8", "is_int8_weight"]
 
 
 def _codec_backend(backend, t):
@@ -62,10 +67,3 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, fmt: Union[s
     _ops.blockwise_codec(x, codes.contiguous(), absmax.contiguous(), codebook(fmt, codes.device), fmt.block, True,
                          backend)
     return x
-
-
-from .optim import *  # noqa: E402,F401,F403
-from .optim import __all__ as _optim_all  # noqa: E402
-
-__all__ = (["FORMATS", "codebook", "quantize_blockwise", "dequantize_blockwise", "state_formats", "Int8Linear",
-            "int8_linear_", "quantize_int8", "dequantize_int8", "is_int8_weight"] + _optim_all)

@@ -13,6 +13,7 @@ import torch
 from .. import _backend, _ops
 from ..reference.sparse import (check_nm, check_tiles, nm_mask_reference, tile_pattern_masks,  # noqa: F401
                                 tile_patterns, transposable24_reference)
+from .training import NMSparsity, nm_param_groups  # noqa: F401
 
 __all__ = ["nm_mask", "transposable_mask", "is_nm_sparse", "compress_2to4", "MAX_KERNEL_M", "NMSparsity",
            "nm_param_groups"]
@@ -116,5 +117,3 @@ def compress_2to4(w: torch.Tensor) -> torch.Tensor:
                          "apply an nm_mask(w, 2, 4) first")
     return torch.sparse.to_sparse_semi_structured(w)
 
-
-from .training import NMSparsity, nm_param_groups  # noqa: E402,F401  (after nm_mask: optim imports both)

@@ -1,4 +1,9 @@
-"""Optimizers with low-bit states preset: ``<Optimizer><8bit|4bit|Fp8>``.
+"""Optimizers with low-bit states preset: ``<Optimizer><8bit|4bit|Fp8>``, and the Adam/AdamW classes on
+the generic elementwise op (``ElementwiseAdam`` / ``ElementwiseAdamW``).
+
+Users import them from :mod:`fastopt.lowbit` (``fastopt.lowbit.AdamW8bit``): the top-level package
+attaches every name of ``__all__`` there, so that :mod:`fastopt.lowbit` itself, which the optimizers
+build on, does not import the optimizers.
 
 ``AdamW8bit(params, lr=...)`` is ``AdamW``'s arguments with ``state_bits=8`` (and ``min_quant_size``);
 likewise Adam, Lion, Adan, AdaBelief, DiffGrad and EXAdam, each in 8bit, 4bit and Fp8.  AdamW/Adam here
@@ -11,11 +16,11 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..optim import functional as F
-from ..optim.base import ElementwiseOptimizer
-from ..optim.lion import Lion, Params
-from ..optim.zoo import AdaBelief, Adan, DiffGrad, EXAdam
 from ..reference import adam_reference
+from . import functional as F
+from .base import ElementwiseOptimizer
+from .lion import Lion, Params
+from .zoo import AdaBelief, Adan, DiffGrad, EXAdam
 
 
 def _adam_reference(params, grads, states, *, lr, maximize, grad_scale, found_inf, betas, eps, weight_decay,
@@ -109,6 +114,7 @@ class ElementwiseAdamW(ElementwiseAdam):
                          min_quant_size=min_quant_size, backend=backend)
 
 
+PUBLIC_MODULE = "fastopt.lowbit"
 _BASES = {"AdamW": ElementwiseAdamW, "Adam": ElementwiseAdam, "Lion": Lion, "Adan": Adan,
           "AdaBelief": AdaBelief, "DiffGrad": DiffGrad, "EXAdam": EXAdam}
 _SUFFIX = {8: "8bit", 4: "4bit", "fp8": "Fp8"}
@@ -152,7 +158,9 @@ def _preset(base, bits):
            f"{_FORMAT[bits]} optimizer states for every parameter with at least ``min_quant_size`` elements "
            f"(see :mod:`fastopt.lowbit`).  Same arguments and defaults as the base class otherwise.\n\n"
            + (base.__doc__ or ""))
-    return type(name, (base,), {"__init__": _preset_init(base, bits, name), "__doc__": doc, "__module__": __name__})
+    # (module: the public home, where pickle and help() find it)
+    return type(name, (base,), {"__init__": _preset_init(base, bits, name), "__doc__": doc,
+                                "__module__": PUBLIC_MODULE})
 
 
 __all__ = ["ElementwiseAdam", "ElementwiseAdamW"]
