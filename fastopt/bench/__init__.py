@@ -1,7 +1,13 @@
-"""Benchmarks: ``python -m fastopt.bench`` runs the report (see ``fastopt.bench.harness``).
+"""The benchmark report, ``python -m fastopt.bench``: the harness and one module per suite.
 
-Each op's suite lives in its own module here and registers itself on import; add a suite by writing
-``fastopt/bench/<op>.py`` (see ``adamw.py``) and importing it below.
+``harness`` holds what every suite shares (the Suite / Case / Workload / Bar records, the timers, the
+bandwidth probe, the noise rule, the tables, the summary of bars, the JSON and PNG output, the command
+line); each other module here builds one op's suites and registers them on import.  Add a suite by
+writing ``fastopt/bench/<op>.py`` (see ``adamw.py``) and importing it below.
+
+The repository's top-level ``bench/`` folder is separate: its ``test_bench_*.py`` files run the same
+cases under pytest-benchmark (``pytest bench/ --benchmark-only``), built with these modules, and its
+``results/`` holds the committed output of real report runs (see ``bench/README.md``).
 """
 from . import adamw  # noqa: F401  (registers the "adamw" suite)
 from . import zoo  # noqa: F401  (registers the "zoo-<optimizer>" suites)
