@@ -7,6 +7,8 @@
 #include <vector>
 
 #include "fastopt/api.h"
+#include "fastopt/flags.h"
+#include "fastopt/ops.h"
 #include "cpu/isa.h"
 
 namespace py = pybind11;
@@ -230,6 +232,21 @@ PYBIND11_MODULE(_C, m) {
     if (!fastopt::op_shape(op, &states, &reduce)) throw std::invalid_argument("fastopt: unknown op '" + op + "'");
     return py::make_tuple(states, reduce);
   }, "(state lists, reduce sums) of a registered elementwise op.");
+  m.def("op_registry", []() {
+    py::dict out;
+#define FASTOPT_OP_ENTRY(name, Type) out[name] = py::make_tuple(Type::kStates, Type::kReduce);
+    FASTOPT_FOR_EACH_OP(FASTOPT_OP_ENTRY)
+#undef FASTOPT_OP_ENTRY
+    return out;
+  }, "{op name: (state lists, reduce sums)} of every registered elementwise op (FASTOPT_FOR_EACH_OP); "
+     "tests/test_opspec.py checks it against fastopt/_opspec.py.");
+  m.def("flag_bits", []() {
+    py::dict out;
+#define FASTOPT_FLAG_ENTRY(name, value) out[name] = static_cast<int64_t>(fastopt::value);
+    FASTOPT_FOR_EACH_FLAG(FASTOPT_FLAG_ENTRY)
+#undef FASTOPT_FLAG_ENTRY
+    return out;
+  }, "{flag name: bit} of csrc/include/fastopt/flags.h.");
 #ifdef FASTOPT_WITH_CUDA
   m.def(
       "adam_cuda",

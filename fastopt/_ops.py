@@ -9,12 +9,13 @@ cost about half a millisecond per call, and call the kernel directly, bumping th
 counters of what it mutated themselves; under ``torch.compile`` they call the custom op.
 """
 import functools
+import inspect
 import math
 import operator
 import weakref
 from collections import OrderedDict
 from itertools import chain
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -189,6 +190,43 @@ def _run_native(backend, name, device, args, op):
         raise ValueError(f"fastopt::{op} has no kernel backend {backend!r}")
 
 
+def _tensors_of(value):
+    if value is None:
+        return []
+    return [value] if isinstance(value, Tensor) else [t for t in value if t is not None]
+
+
+def _kernel_op(name, mutates):
+    """Register ``kernel`` as the custom op ``fastopt::<name>`` (mutating the arguments ``mutates``,
+    returning nothing, with a fake implementation that does nothing) and return ``(op, call)``.
+
+    ``call`` takes the kernel's arguments (positional or by name).  Under ``torch.compile`` it calls
+    the custom op, which the graph records; in eager mode it skips the dispatcher, whose Python layers
+    cost about as much as a small kernel, calls the kernel directly and bumps the autograd version
+    counters of what it mutated, as the dispatcher would."""
+    def register(kernel):
+        op = torch.library.custom_op(f"fastopt::{name}", mutates_args=mutates)(kernel)
+        op.register_fake(_no_output)
+        names = tuple(inspect.signature(kernel).parameters)
+
+        def call(*args, **kwargs):
+            kwargs.update(zip(names, args))
+            if torch.compiler.is_compiling():
+                op(**kwargs)
+                return
+            kernel(**kwargs)
+            torch.autograd.graph.increment_version([t for m in mutates for t in _tensors_of(kwargs[m])])
+
+        call.__name__ = call.__qualname__ = name.rstrip("_")
+        call.__doc__ = f"``fastopt::{name}`` (same arguments); eager calls skip the dispatcher."
+        return op, call
+    return register
+
+
+def _no_output(*args, **kwargs):
+    return None
+
+
 def _adam_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], lr: float, lr_tensor: Optional[Tensor],
                beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool, amsgrad: bool,
@@ -218,30 +256,8 @@ def _adam_kernel(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tenso
     _run_native(backend, "adam", params[0].device, args, "adam_step_")
 
 
-adam_step_ = torch.library.custom_op(
-    "fastopt::adam_step_",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
-)(_adam_kernel)
-
-
-@adam_step_.register_fake
-def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, lr_tensor, beta1,
-                    beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf, backend):
-    return None
-
-
-def _eager_or_op(op, kernel, mutated, args):
-    if torch.compiler.is_compiling():
-        op(*args)
-        return
-    kernel(*args)
-    torch.autograd.graph.increment_version([t for lst in mutated for t in lst])
-
-
-def adam_step(*args):
-    """``fastopt::adam_step_`` (same arguments), without the dispatcher's overhead in eager mode."""
-    params, _grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = args[:6]
-    _eager_or_op(adam_step_, _adam_kernel, (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps), args)
+adam_step_, adam_step = _kernel_op(
+    "adam_step_", mutates=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"))(_adam_kernel)
 
 
 def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: List[Tensor],
@@ -307,24 +323,8 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
     _run_native(backend, "elementwise", params[0].device, args, "elementwise_step_")
 
 
-elementwise_step_ = torch.library.custom_op(
-    "fastopt::elementwise_step_",
-    mutates_args=("params", "states", "state_steps", "reduce_out", "sparse_out"),
-)(_elementwise_kernel)
-
-
-@elementwise_step_.register_fake
-def _elementwise_step_fake(op, params, grads, states, state_steps, hyper, flags, lr, lr_tensor, maximize,
-                           grad_scale, found_inf, phase, rows, row_coef, reduce_out, seed, stochastic, backend,
-                           sparse_mask, sparse_out, sparse_lambda, sparse_beta):
-    return None
-
-
-def elementwise_step(*args):
-    """``fastopt::elementwise_step_`` (same arguments), without the dispatcher's overhead in eager mode."""
-    params, states, state_steps, reduce_out = args[1], args[3], args[4], args[15]
-    mutated = (params, states, state_steps, args[20]) + (([reduce_out],) if reduce_out is not None else ())
-    _eager_or_op(elementwise_step_, _elementwise_kernel, mutated, args)
+elementwise_step_, elementwise_step = _kernel_op(
+    "elementwise_step_", mutates=("params", "states", "state_steps", "reduce_out", "sparse_out"))(_elementwise_kernel)
 
 
 def _lowbit_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: List[Tensor], absmax: List[Tensor],
@@ -448,22 +448,8 @@ def _known_codebooks(device):
     return {book.data_ptr(): (book, FORMATS[name].bits) for name, book in books.items()}
 
 
-lowbit_step_ = torch.library.custom_op(
-    "fastopt::lowbit_step_",
-    mutates_args=("params", "states", "absmax", "state_steps", "colmax"),
-)(_lowbit_kernel)
-
-
-@lowbit_step_.register_fake
-def _lowbit_step_fake(op, params, grads, states, absmax, books, block, state_steps, hyper, flags, lr, lr_tensor,
-                      maximize, grad_scale, found_inf, seed, stochastic, colmax, rank1, rank1_rows, backend):
-    return None
-
-
-def lowbit_step(*args):
-    """``fastopt::lowbit_step_`` (same arguments), without the dispatcher's overhead in eager mode."""
-    params, states, absmax, state_steps, colmax = args[1], args[3], args[4], args[7], args[17]
-    _eager_or_op(lowbit_step_, _lowbit_kernel, (params, states, absmax, state_steps, colmax), args)
+lowbit_step_, lowbit_step = _kernel_op(
+    "lowbit_step_", mutates=("params", "states", "absmax", "state_steps", "colmax"))(_lowbit_kernel)
 
 
 def _codec_kernel(x: Tensor, codes: Tensor, absmax: Tensor, book: Tensor, block: int, dequantize: bool,
@@ -488,19 +474,7 @@ def _codec_kernel(x: Tensor, codes: Tensor, absmax: Tensor, book: Tensor, block:
     _run_native(backend, "quantize", x.device, args, "blockwise_codec_")
 
 
-blockwise_codec_ = torch.library.custom_op(
-    "fastopt::blockwise_codec_", mutates_args=("x", "codes", "absmax"),
-)(_codec_kernel)
-
-
-@blockwise_codec_.register_fake
-def _codec_fake(x, codes, absmax, book, block, dequantize, backend):
-    return None
-
-
-def blockwise_codec(*args):
-    """``fastopt::blockwise_codec_`` without the dispatcher in eager mode."""
-    _eager_or_op(blockwise_codec_, _codec_kernel, ([args[0]], [args[1]], [args[2]]), args)
+blockwise_codec_, blockwise_codec = _kernel_op("blockwise_codec_", mutates=("x", "codes", "absmax"))(_codec_kernel)
 
 
 def _nm_mask_kernel(x: Tensor, out: Tensor, outer: int, length: int, inner: int, n: int, m: int,
@@ -521,17 +495,7 @@ def _nm_mask_kernel(x: Tensor, out: Tensor, outer: int, length: int, inner: int,
     _run_native(backend, "nm_mask", x.device, args, "nm_mask_")
 
 
-nm_mask_ = torch.library.custom_op("fastopt::nm_mask_", mutates_args=("out",))(_nm_mask_kernel)
-
-
-@nm_mask_.register_fake
-def _nm_mask_fake(x, out, outer, length, inner, n, m, backend):
-    return None
-
-
-def nm_mask(*args):
-    """``fastopt::nm_mask_`` without the dispatcher in eager mode."""
-    _eager_or_op(nm_mask_, _nm_mask_kernel, ([args[1]],), args)
+nm_mask_, nm_mask = _kernel_op("nm_mask_", mutates=("out",))(_nm_mask_kernel)
 
 
 def _tile24_kernel(x: Tensor, out: Tensor, rows: int, cols: int, exact: bool, backend: str) -> None:
@@ -551,17 +515,7 @@ def _tile24_kernel(x: Tensor, out: Tensor, rows: int, cols: int, exact: bool, ba
     _run_native(backend, "tile24_mask", x.device, args, "tile24_mask_")
 
 
-tile24_mask_ = torch.library.custom_op("fastopt::tile24_mask_", mutates_args=("out",))(_tile24_kernel)
-
-
-@tile24_mask_.register_fake
-def _tile24_fake(x, out, rows, cols, exact, backend):
-    return None
-
-
-def tile24_mask(*args):
-    """``fastopt::tile24_mask_`` without the dispatcher in eager mode."""
-    _eager_or_op(tile24_mask_, _tile24_kernel, ([args[1]],), args)
+tile24_mask_, tile24_mask = _kernel_op("tile24_mask_", mutates=("out",))(_tile24_kernel)
 
 
 def _ot_pass_kernel(x: Optional[Tensor], y: Optional[Tensor], cost_matrix: Optional[Tensor], h: Tensor,
@@ -598,17 +552,7 @@ def _ot_pass_kernel(x: Optional[Tensor], y: Optional[Tensor], cost_matrix: Optio
     _run_native(backend, "ot_pass", ref.device, args, "ot_pass_")
 
 
-ot_pass_ = torch.library.custom_op("fastopt::ot_pass_", mutates_args=("out",))(_ot_pass_kernel)
-
-
-@ot_pass_.register_fake
-def _ot_pass_fake(x, y, cost_matrix, h, c, out, eps, cost, kind, backend):
-    return None
-
-
-def ot_pass(*args):
-    """``fastopt::ot_pass_`` without the dispatcher in eager mode."""
-    _eager_or_op(ot_pass_, _ot_pass_kernel, ([args[5]],), args)
+ot_pass_, ot_pass = _kernel_op("ot_pass_", mutates=("out",))(_ot_pass_kernel)
 
 
 def _sliced_wpp_kernel(x: Tensor, y: Tensor, dirs: Optional[Tensor], wpp: Tensor, cx: Tensor, cy: Tensor,
@@ -622,17 +566,7 @@ def _sliced_wpp_kernel(x: Tensor, y: Tensor, dirs: Optional[Tensor], wpp: Tensor
     _backend.triton_kernels().sliced_wpp(x, y, dirs, wpp, cx, cy, p, grad)
 
 
-sliced_wpp_ = torch.library.custom_op("fastopt::sliced_wpp_", mutates_args=("wpp", "cx", "cy"))(_sliced_wpp_kernel)
-
-
-@sliced_wpp_.register_fake
-def _sliced_wpp_fake(x, y, dirs, wpp, cx, cy, p, grad, backend):
-    return None
-
-
-def sliced_wpp(*args):
-    """``fastopt::sliced_wpp_`` without the dispatcher in eager mode."""
-    _eager_or_op(sliced_wpp_, _sliced_wpp_kernel, ([args[3]], [args[4]], [args[5]]), args)
+sliced_wpp_, sliced_wpp = _kernel_op("sliced_wpp_", mutates=("wpp", "cx", "cy"))(_sliced_wpp_kernel)
 
 
 def _ot_softmin_kernel(x: Optional[Tensor], y: Optional[Tensor], cost_matrix: Optional[Tensor], w: Tensor, g: Tensor,
@@ -674,17 +608,7 @@ def _ot_softmin_kernel(x: Optional[Tensor], y: Optional[Tensor], cost_matrix: Op
     _run_native(backend, "ot_pass", ref.device, args, "ot_softmin_")
 
 
-ot_softmin_ = torch.library.custom_op("fastopt::ot_softmin_", mutates_args=("out",))(_ot_softmin_kernel)
-
-
-@ot_softmin_.register_fake
-def _ot_softmin_fake(x, y, cost_matrix, w, g, out, eps, cost, backend):
-    return None
-
-
-def ot_softmin(*args):
-    """``fastopt::ot_softmin_`` without the dispatcher in eager mode."""
-    _eager_or_op(ot_softmin_, _ot_softmin_kernel, ([args[5]],), args)
+ot_softmin_, ot_softmin = _kernel_op("ot_softmin_", mutates=("out",))(_ot_softmin_kernel)
 
 
 # -- the Python side of the seam: validated lists -> one kernel call ------------------------------
@@ -702,31 +626,130 @@ def split_lr(lr, device):
     return float(lr), None
 
 
-def elementwise_unchecked(op, params, grads, states, state_steps, hyper, flags, *, lr, maximize, grad_scale,
-                          found_inf, backend, device, phase=0, rows=None, row_coef=None, reduce_out=None,
-                          seed=0, stochastic=False, sparse_mask=None, sparse_out=None, sparse_lambda=0.0,
-                          sparse_beta=0.0):
-    """One kernel call of the registered elementwise op ``op`` over validated lists (one device, one
-    dtype, dense, matching layouts); ``states`` holds the op's state lists one after the other and
-    ``backend`` is a resolved kernel backend.  ``sparse_mask``/``sparse_out``/``sparse_lambda``/
-    ``sparse_beta``: the sparse-training epilogue.  See ``csrc/include/fastopt/elementwise.h``."""
-    lr, lr_tensor = split_lr(lr, device)
-    args = (op, list(params), list(grads), list(states), list(state_steps), [float(h) for h in hyper], int(flags),
-            lr, lr_tensor, bool(maximize), grad_scale, found_inf, int(phase), list(rows) if rows is not None else [],
-            row_coef, reduce_out, int(seed), bool(stochastic), backend, list(sparse_mask or ()),
-            list(sparse_out or ()), float(sparse_lambda), float(sparse_beta))
-    elementwise_step(*args)
+class ElementwiseCall(NamedTuple):
+    """One call of the registered elementwise op ``op`` (``csrc/include/fastopt/elementwise.h``) over
+    validated lists (one device, one dtype, dense, matching layouts): the record the optimizers build
+    and :func:`run_elementwise` hands to the kernel.  ``states`` holds the op's state lists one after
+    the other (``fastopt/_opspec.py`` names them), ``hyper``/``flags`` come from
+    :meth:`fastopt._opspec.OpSpec.pack` / ``flag_bits``, ``lr`` is a float or a one-element tensor
+    (split only at the custom op, :func:`split_lr`), ``backend`` a resolved kernel backend.  Phase 1
+    adds per-row sums into ``reduce_out`` (fp32 ``[rows, 4]``); ``row_coef`` carries the row
+    coefficients; ``sparse_*`` the N:M sparse-training epilogue."""
+
+    op: str
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    states: Sequence[Tensor]
+    state_steps: Sequence[Tensor]
+    hyper: Sequence[float]
+    flags: int
+    lr: Union[float, Tensor]
+    maximize: bool
+    grad_scale: Optional[Tensor]
+    found_inf: Optional[Tensor]
+    backend: str
+    device: torch.device
+    phase: int = 0
+    rows: Optional[Sequence[int]] = None
+    row_coef: Optional[Tensor] = None
+    reduce_out: Optional[Tensor] = None
+    seed: int = 0
+    stochastic: bool = False
+    sparse_mask: Sequence[Tensor] = ()
+    sparse_out: Sequence[Tensor] = ()
+    sparse_lambda: float = 0.0
+    sparse_beta: float = 0.0
 
 
-def lowbit_unchecked(op, params, grads, states, absmax, books, block, state_steps, hyper, flags, *, lr, maximize,
-                     grad_scale, found_inf, backend, device, seed=0, stochastic=False, colmax=(), rank1=(),
-                     rank1_rows=()):
-    """One fused low-bit-state step of the registered op ``op`` over validated lists: ``states`` holds
-    the op's state lists one after the other (uint8 codes when quantized), ``absmax`` the block maxima
-    of every state in the same order, ``books`` each state's int32 codebook.  See
-    ``csrc/include/fastopt/quant.h``."""
-    lr, lr_tensor = split_lr(lr, device)
-    lowbit_step(op, list(params), list(grads), list(states), list(absmax), list(books), int(block),
-                     list(state_steps), [float(h) for h in hyper], int(flags), lr, lr_tensor, bool(maximize),
-                     grad_scale, found_inf, int(seed), bool(stochastic), list(colmax), [bool(r) for r in rank1],
-                     [int(r) for r in rank1_rows], backend)
+def run_elementwise(c: ElementwiseCall) -> None:
+    lr, lr_tensor = split_lr(c.lr, c.device)
+    elementwise_step(
+        op=c.op, params=list(c.params), grads=list(c.grads), states=list(c.states), state_steps=list(c.state_steps),
+        hyper=[float(h) for h in c.hyper], flags=int(c.flags), lr=lr, lr_tensor=lr_tensor, maximize=bool(c.maximize),
+        grad_scale=c.grad_scale, found_inf=c.found_inf, phase=int(c.phase),
+        rows=list(c.rows) if c.rows is not None else [], row_coef=c.row_coef, reduce_out=c.reduce_out,
+        seed=int(c.seed), stochastic=bool(c.stochastic), backend=c.backend, sparse_mask=list(c.sparse_mask or ()),
+        sparse_out=list(c.sparse_out or ()), sparse_lambda=float(c.sparse_lambda), sparse_beta=float(c.sparse_beta))
+
+
+class LowbitCall(NamedTuple):
+    """One fused low-bit-state step of the registered op ``op`` (``csrc/include/fastopt/quant.h``) over
+    validated lists: ``states`` holds the op's state lists one after the other (uint8 codes when
+    quantized), ``absmax`` the block maxima (rank-1 states: row maxima) of every quantized state in
+    the same order, ``books`` each state's int32 codebook (an empty tensor: a plain state),
+    ``colmax`` the column maxima of the rank-1 states, ``rank1_rows`` each tensor's rows."""
+
+    op: str
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    states: Sequence[Tensor]
+    absmax: Sequence[Tensor]
+    books: Sequence[Tensor]
+    block: int
+    state_steps: Sequence[Tensor]
+    hyper: Sequence[float]
+    flags: int
+    lr: Union[float, Tensor]
+    maximize: bool
+    grad_scale: Optional[Tensor]
+    found_inf: Optional[Tensor]
+    backend: str
+    device: torch.device
+    seed: int = 0
+    stochastic: bool = False
+    colmax: Sequence[Tensor] = ()
+    rank1: Sequence[bool] = ()
+    rank1_rows: Sequence[int] = ()
+
+
+def run_lowbit(c: LowbitCall) -> None:
+    lr, lr_tensor = split_lr(c.lr, c.device)
+    lowbit_step(
+        op=c.op, params=list(c.params), grads=list(c.grads), states=list(c.states), absmax=list(c.absmax),
+        books=list(c.books), block=int(c.block), state_steps=list(c.state_steps), hyper=[float(h) for h in c.hyper],
+        flags=int(c.flags), lr=lr, lr_tensor=lr_tensor, maximize=bool(c.maximize), grad_scale=c.grad_scale,
+        found_inf=c.found_inf, seed=int(c.seed), stochastic=bool(c.stochastic), colmax=list(c.colmax),
+        rank1=[bool(r) for r in c.rank1], rank1_rows=[int(r) for r in c.rank1_rows], backend=c.backend)
+
+
+class AdamCall(NamedTuple):
+    """One fused Adam/AdamW step (``csrc/include/fastopt/functors/adam.h``) over validated lists."""
+
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    exp_avgs: Sequence[Tensor]
+    exp_avg_sqs: Sequence[Tensor]
+    max_exp_avg_sqs: Sequence[Tensor]
+    state_steps: Sequence[Tensor]
+    lr: Union[float, Tensor]
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled: bool
+    amsgrad: bool
+    maximize: bool
+    grad_scale: Optional[Tensor]
+    found_inf: Optional[Tensor]
+    backend: str
+    device: torch.device
+
+
+def run_adam(c: AdamCall) -> None:
+    lr, lr_tensor = split_lr(c.lr, c.device)
+    adam_step(
+        params=list(c.params), grads=list(c.grads), exp_avgs=list(c.exp_avgs), exp_avg_sqs=list(c.exp_avg_sqs),
+        max_exp_avg_sqs=list(c.max_exp_avg_sqs) if c.amsgrad else [], state_steps=list(c.state_steps), lr=lr,
+        lr_tensor=lr_tensor, beta1=float(c.beta1), beta2=float(c.beta2), eps=float(c.eps),
+        weight_decay=float(c.weight_decay), decoupled=bool(c.decoupled), amsgrad=bool(c.amsgrad),
+        maximize=bool(c.maximize), grad_scale=c.grad_scale, found_inf=c.found_inf, backend=c.backend)
+
+
+def elementwise_unchecked(op, params, grads, states, state_steps, hyper, flags, **fields) -> None:
+    """:func:`run_elementwise` of an :class:`ElementwiseCall` with these fields."""
+    run_elementwise(ElementwiseCall(op, params, grads, states, state_steps, hyper, flags, **fields))
+
+
+def lowbit_unchecked(op, params, grads, states, absmax, books, block, state_steps, hyper, flags, **fields) -> None:
+    """:func:`run_lowbit` of a :class:`LowbitCall` with these fields."""
+    run_lowbit(LowbitCall(op, params, grads, states, absmax, books, block, state_steps, hyper, flags, **fields))

@@ -14,10 +14,8 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import multi_tensor_apply, split_f64
+from .zoo_common import AMSGRAD, DECOUPLE
 
-# flag bits; constexpr so the @triton.jit code may read them (a plain int global does not compile)
-DECOUPLED = tl.constexpr(1)
-AMSGRAD = tl.constexpr(2)
 
 
 @triton.jit
@@ -29,7 +27,7 @@ def adam_update(p, g, m, v, vmax, step, lr, one_minus_beta1, beta2, one_minus_be
     bc2 = 1.0 - tl.exp(step64 * (tl.cast(log_beta2_hi, tl.float64) + tl.cast(log_beta2_lo, tl.float64)))
     step_size = (tl.cast(lr, tl.float64) / bc1).to(tl.float32)
     bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
-    if DECOUPLED & FLAGS:
+    if DECOUPLE & FLAGS:
         p = p * (1.0 - tl.cast(lr, tl.float64) * tl.cast(weight_decay, tl.float64)).to(tl.float32)
     else:
         g = g + weight_decay * p
@@ -56,27 +54,27 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
         adam_update, lists, steps,
         hyper=(1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay,
                *split_f64(_log(beta1)), *split_f64(_log(beta2))),
-        flags=(DECOUPLED.value if decoupled else 0) | (AMSGRAD.value if amsgrad else 0),
+        flags=(DECOUPLE.value if decoupled else 0) | (AMSGRAD.value if amsgrad else 0),
         lr=lr, grad_scale=grad_scale, found_inf=found_inf, sign=-1.0 if maximize else 1.0,
     )
 
 
 # -- Adam / AdamW as registered elementwise ops ("adamw", "adamw_ams", "adam", "adam_ams"; the C++
-# AdamOp<DECOUPLED, AMSGRAD> of functors/adam.h), for the generic launchers (elementwise.py, lowbit.py).
+# AdamOp<DECOUPLE, AMSGRAD> of functors/adam.h), for the generic launchers (elementwise.py, lowbit.py).
 
 @triton.jit
-def adam_op_update(p, g, m, v, vmax, s4, step, lr, r0, r1, r2, r3,
+def adam_op_update(p, g, m, v, vmax, s3, step, lr, r0, r1, r2, r3,
                    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                    log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo, H9, H10, H11, H12, H13, H14, H15,
                    FLAGS: tl.constexpr):
     """:func:`adam_update` with the generic UPDATE signature (states exp_avg, exp_avg_sq[, max_exp_avg_sq])."""
     p, m, v, vmax = adam_update(p, g, m, v, vmax, step, lr, one_minus_beta1, beta2, one_minus_beta2, eps,
                                 weight_decay, log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo, H9, FLAGS)
-    return p, m, v, vmax, s4
+    return p, m, v, vmax, s3
 
 
 def _adam_pack(decoupled, amsgrad):
-    bits = (DECOUPLED.value if decoupled else 0) | (AMSGRAD.value if amsgrad else 0)
+    bits = (DECOUPLE.value if decoupled else 0) | (AMSGRAD.value if amsgrad else 0)
 
     def pack(hyper, flags):
         """Native hyper (beta1, beta2, eps, weight_decay), flags 0 (the op name picks the variant) -> slots."""

@@ -7,9 +7,8 @@ row mean of g; both phases).
 import triton
 import triton.language as tl
 
-from .zoo_common import ADAM_DEBIAS, CAUTIOUS, USE_GC, bias_correction, lerp, lerp_pack, log_pair
+from .zoo_common import ADAM_DEBIAS, CAUTIOUS, CAUTIOUS_PD, NESTEROV, USE_GC, bias_correction, lerp, lerp_pack, log_pair
 
-CAUTIOUS_PD = tl.constexpr(256)  # the cautious mask's second reduce pass (p.d only)
 
 
 @triton.jit
@@ -18,30 +17,30 @@ def _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, scale, FLAG
     if CAUTIOUS & FLAGS:  # the cautious mask: scale = numel / (count + 1) of the tensor
         m = m * tl.where(m * g > 0.0, scale, 0.0)
     num = m
-    if FLAGS & 1:
+    if NESTEROV & FLAGS:
         num = lerp(m, g, w, omw, high)
     return num * ((1.0 / (tl.sqrt(v) + eps)) * bc2_sqrt)
 
 
 @triton.jit
-def adamp_reduce(p, g, m, v, s3, s4, step, lr, r0, r1, r2, r3, w, omw, high, b2, omb2, eps, l1_hi, l1_lo, l2_hi,
+def adamp_reduce(p, g, m, v, s2, s3, step, lr, r0, r1, r2, r3, w, omw, high, b2, omb2, eps, l1_hi, l1_lo, l2_hi,
                  l2_lo, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     if USE_GC & FLAGS:  # gradient centralization: r3 = the row mean of g
         g = g - r3
     if CAUTIOUS_PD & FLAGS:  # the cautious mask's second pass: p.d only, the moments as stored, r3 the scale
         d = _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, r3, FLAGS)
         z = p * 0.0
-        return m, v, s3, s4, z, z, z, p * d
+        return m, v, s2, s3, z, z, z, p * d
     m = lerp(m, g, w, omw, high)
     v = b2 * v + omb2 * g * g
     if CAUTIOUS & FLAGS:  # the count of the mask in place of p.d
-        return m, v, s3, s4, g * p, g * g, p * p, (m * g > 0.0).to(tl.float32)
+        return m, v, s2, s3, g * p, g * g, p * p, (m * g > 0.0).to(tl.float32)
     d = _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, r3, FLAGS)
-    return m, v, s3, s4, g * p, g * g, p * p, p * d
+    return m, v, s2, s3, g * p, g * g, p * p, p * d
 
 
 @triton.jit
-def adamp_update(p, g, m, v, s3, s4, step, lr, den, radial, decay, r3, w, omw, high, b2, omb2, eps,
+def adamp_update(p, g, m, v, s2, s3, step, lr, den, radial, decay, r3, w, omw, high, b2, omb2, eps,
                  l1_hi, l1_lo, l2_hi, l2_lo, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     if USE_GC & FLAGS:
         g = g - r3
@@ -50,30 +49,30 @@ def adamp_update(p, g, m, v, s3, s4, step, lr, den, radial, decay, r3, w, omw, h
     if not (ADAM_DEBIAS & FLAGS):
         step_size = lr64 / bias_correction(step, l1_hi, l1_lo)
     d = _adamp_direction(g, m, v, step, w, omw, high, eps, l2_hi, l2_lo, r3, FLAGS) - (p / den) * radial
-    return p * decay - step_size.to(tl.float32) * d, m, v, s3, s4
+    return p * decay - step_size.to(tl.float32) * d, m, v, s2, s3
 
 
 @triton.jit
 def _sgdp_direction(g, buf, momentum, FLAGS: tl.constexpr):
     d = buf
-    if FLAGS & 1:
+    if NESTEROV & FLAGS:
         d = buf * momentum + g
     return d
 
 
 @triton.jit
-def sgdp_reduce(p, g, buf, s2, s3, s4, step, lr, r0, r1, r2, r3, momentum, one_minus_dampening,
+def sgdp_reduce(p, g, buf, s1, s2, s3, step, lr, r0, r1, r2, r3, momentum, one_minus_dampening,
                 H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     buf = buf * momentum + one_minus_dampening * g
     d = _sgdp_direction(g, buf, momentum, FLAGS)
-    return buf, s2, s3, s4, g * p, g * g, p * p, p * d
+    return buf, s1, s2, s3, g * p, g * g, p * p, p * d
 
 
 @triton.jit
-def sgdp_update(p, g, buf, s2, s3, s4, step, lr, den, radial, decay, r3, momentum, one_minus_dampening,
+def sgdp_update(p, g, buf, s1, s2, s3, step, lr, den, radial, decay, r3, momentum, one_minus_dampening,
                 H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     d = _sgdp_direction(g, buf, momentum, FLAGS) - (p / den) * radial
-    return p * decay - lr * d, buf, s2, s3, s4
+    return p * decay - lr * d, buf, s1, s2, s3
 
 
 def adamp_pack(hyper, flags):
@@ -87,18 +86,18 @@ def sgdp_pack(hyper, flags):
 
 
 @triton.jit
-def adamp_flat_update(p, g, m, v, s3, s4, step, lr, den, radial, decay, r3, w, omw, high, b2, omb2, eps,
+def adamp_flat_update(p, g, m, v, s2, s3, step, lr, den, radial, decay, r3, w, omw, high, b2, omb2, eps,
                       l1_hi, l1_lo, l2_hi, l2_lo, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     # (flat tensors are never centralized: their r3 is 0)
     m = lerp(m, g, w, omw, high)
     v = b2 * v + omb2 * g * g
-    return adamp_update(p, g, m, v, s3, s4, step, lr, den, radial, decay, r3, w, omw, high, b2, omb2, eps,
+    return adamp_update(p, g, m, v, s2, s3, step, lr, den, radial, decay, r3, w, omw, high, b2, omb2, eps,
                         l1_hi, l1_lo, l2_hi, l2_lo, H10, H11, H12, H13, H14, H15, FLAGS)
 
 
 @triton.jit
-def sgdp_flat_update(p, g, buf, s2, s3, s4, step, lr, den, radial, decay, r3, momentum, one_minus_dampening,
+def sgdp_flat_update(p, g, buf, s1, s2, s3, step, lr, den, radial, decay, r3, momentum, one_minus_dampening,
                      H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     buf = buf * momentum + one_minus_dampening * g
-    return sgdp_update(p, g, buf, s2, s3, s4, step, lr, den, radial, decay, r3, momentum, one_minus_dampening,
+    return sgdp_update(p, g, buf, s1, s2, s3, step, lr, den, radial, decay, r3, momentum, one_minus_dampening,
                        H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)

@@ -3,7 +3,7 @@ coefficients in fp64 from ``log(beta)`` pairs)."""
 import triton
 import triton.language as tl
 
-from .zoo_common import USE_GC, bias_correction, log_pair
+from .zoo_common import DECOUPLE, USE_GC, bias_correction, log_pair
 
 
 @triton.jit
@@ -26,11 +26,11 @@ def adan_update(p, g, m, n, d, prev, step, lr, r0, r1, r2, r3,
     u = g + b2 * diff
     n = b3 * n + omb3 * u * u
     denom = tl.sqrt(n) / bc3_sqrt + eps
-    if FLAGS & 1:
+    if DECOUPLE & FLAGS:
         p = p * (1.0 - lr64 * tl.cast(wd, tl.float64)).to(tl.float32)
     p = p - step_size * (m / denom)
     p = p - diff_step_size * (d / denom)
-    if not (FLAGS & 1):
+    if not (DECOUPLE & FLAGS):
         p = p / (1.0 + lr64 * tl.cast(wd, tl.float64)).to(tl.float32)
     return p, m, n, d, -g
 

@@ -3,10 +3,8 @@ and the reduce pass of ``lion_cautious`` (the count of the cautious mask)."""
 import triton
 import triton.language as tl
 
-from .zoo_common import CAUTIOUS, USE_GC
+from .zoo_common import CAUTIOUS, DECOUPLE, FIXED_DECAY, USE_GC
 
-DECOUPLE = tl.constexpr(1)  # constexpr: read by @triton.jit code
-FIXED_DECAY = tl.constexpr(2)
 
 
 @triton.jit
@@ -26,7 +24,7 @@ def _sign_update(m, g, one_minus_beta1):
 
 
 @triton.jit
-def lion_update(p, g, m, s2, s3, s4, step, lr, r0, r1, r2, r3,
+def lion_update(p, g, m, s1, s2, s3, step, lr, r0, r1, r2, r3,
                 one_minus_beta1, one_minus_beta2, wd, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     g = _lion_grad(p, g, wd, r0, FLAGS)
     if DECOUPLE & FLAGS:
@@ -39,17 +37,17 @@ def lion_update(p, g, m, s2, s3, s4, step, lr, r0, r1, r2, r3,
         u = u * tl.where(u * g > 0.0, r1, 0.0)
     m = m + one_minus_beta2 * (g - m)
     p = p - lr * u
-    return p, m, s2, s3, s4
+    return p, m, s1, s2, s3
 
 
 @triton.jit
-def lion_cautious_reduce(p, g, m, s2, s3, s4, step, lr, r0, r1, r2, r3,
+def lion_cautious_reduce(p, g, m, s1, s2, s3, step, lr, r0, r1, r2, r3,
                          one_minus_beta1, one_minus_beta2, wd, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
                          FLAGS: tl.constexpr):
     g = _lion_grad(p, g, wd, r0, FLAGS)
     agree = (_sign_update(m, g, one_minus_beta1) * g > 0.0).to(tl.float32)
     z = g * 0.0
-    return m, s2, s3, s4, agree, z, z, z
+    return m, s1, s2, s3, agree, z, z, z
 
 
 def lion_pack(hyper, flags):

@@ -1,7 +1,8 @@
 """The registry of Triton elementwise ops: name -> (update, reduce, number of sums, pack).
 
-``pack(hyper, flags)`` maps the native op's hyperparameters (``csrc/include/fastopt/ops.h``, the
-same tuple the C++ kernels take) to the Triton slots.  Mirrors ``FASTOPT_FOR_EACH_OP``.
+``pack(hyper, flags)`` maps the op's hyperparameters as declared in ``fastopt/_opspec.py`` (the tuple
+the C++ kernels take) to the Triton slots.  ``tests/test_opspec.py`` checks this table, and the C++
+registry ``FASTOPT_FOR_EACH_OP``, against the declaration.
 """
 from collections import namedtuple
 
@@ -9,7 +10,7 @@ from .adam import adam_l2_ams_pack, adam_l2_pack, adam_op_update, adamw_ams_pack
 from .adamp import (adamp_flat_update, adamp_pack, adamp_reduce, adamp_update, sgdp_flat_update, sgdp_pack,
                     sgdp_reduce, sgdp_update)
 from .adan import adan_pack, adan_update
-from .adaptive import adabelief_update, adaptive_pack, adaptive_pack_ams, diffgrad_update, exadam_update
+from .adaptive import adabelief_update, adaptive_pack, adaptive_pack_ams, diffgrad_update, exadam_pack, exadam_update
 from .clip import clip_pack, clip_reduce, clip_update
 from .lamb import lamb_pack, lamb_reduce, lamb_update
 from .sgdsai import sgdsai_pack, sgdsai_plain_pack, sgdsai_update
@@ -33,7 +34,7 @@ OPS = {
     "adabelief_ams": TritonOp(adabelief_update, no_reduce, 0, adaptive_pack_ams),
     "diffgrad": TritonOp(diffgrad_update, no_reduce, 0, adaptive_pack),
     "diffgrad_ams": TritonOp(diffgrad_update, no_reduce, 0, adaptive_pack_ams),
-    "exadam": TritonOp(exadam_update, no_reduce, 0, adaptive_pack),
+    "exadam": TritonOp(exadam_update, no_reduce, 0, exadam_pack),
     "lamb": TritonOp(lamb_update, lamb_reduce, 2, lamb_pack),
     "sgdsai": TritonOp(sgdsai_update, no_reduce, 0, sgdsai_pack),
     "sgdsai_plain": TritonOp(sgdsai_update, no_reduce, 0, sgdsai_plain_pack),

@@ -4,18 +4,19 @@ import triton.language as tl
 
 from .zoo_common import decay, lerp, lerp_pack
 
-MOMENTUM = tl.constexpr(64)  # constexpr: read by @triton.jit code
+# Triton-private bit above every op flag (fastopt/_opspec.py FLAGS): the op name picks the variant
+MOMENTUM = tl.constexpr(1 << 20)
 
 
 @triton.jit
-def sgdsai_update(p, g, buf, s2, s3, s4, step, lr, r0, r1, r2, r3, w, one_minus_w, high, wd,
+def sgdsai_update(p, g, buf, s1, s2, s3, step, lr, r0, r1, r2, r3, w, one_minus_w, high, wd,
                   H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     b = g
     if MOMENTUM & FLAGS:
         b = lerp(buf, g, w, one_minus_w, high)
         buf = b
     pd, b = decay(p, b, lr, wd, FLAGS)
-    return pd - r0 * b, buf, s2, s3, s4
+    return pd - r0 * b, buf, s1, s2, s3
 
 
 def _pack(hyper, flags, momentum_flag):

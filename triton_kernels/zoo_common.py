@@ -4,6 +4,7 @@ import math
 import triton
 import triton.language as tl
 
+from .._opspec import FLAGS
 from .multi_tensor import split_f64
 
 
@@ -17,32 +18,40 @@ def log_pair(beta):
     """``log(beta)`` as two fp32 numbers (``-inf`` for beta 0, so that ``beta^t`` is 0)."""
     return split_f64(math.log(beta)) if beta > 0 else (-math.inf, 0.0)
 
-# flag bits (fastopt/optim/zoo.py sets them): constexpr, so the @triton.jit code may read them (the compiler
-# refuses a plain int global); tested as ``BIT & FLAGS``, since the interpreter passes FLAGS as a plain int
-# and int & constexpr is undefined
-DECOUPLE, FIXED_DECAY, RECTIFY, DEGENERATED_TO_SGD, ADAM_DEBIAS = (tl.constexpr(v) for v in (1, 2, 4, 8, 16))
-# use_gc (gradient centralization: the op subtracts a row coefficient, the row mean of g, from g) and
-# cautious (the cautious-optimizer mask); the C++ functors subtract unconditionally (their rows are
-# zeros without use_gc), the Triton ones only with the bit, since their "no row coefficient" blocks
-# are p * 0 (NaN where p is not finite)
-USE_GC, CAUTIOUS = tl.constexpr(64), tl.constexpr(128)
+# The flag bits, from the op declaration (fastopt/_opspec.py FLAGS; the optimizer classes set them):
+# constexpr, so the @triton.jit code may read them (the compiler refuses a plain int global); tested as
+# ``BIT & FLAGS``, since the interpreter passes FLAGS as a plain int and int & constexpr is undefined.
+# The C++ functors subtract the use_gc row mean unconditionally (their rows are zeros without it); the
+# Triton ones only with the bit, since their "no row coefficient" blocks are p * 0 (NaN where p is not
+# finite).
+DECOUPLE = tl.constexpr(FLAGS["weight_decouple"])
+FIXED_DECAY = tl.constexpr(FLAGS["fixed_decay"])
+RECTIFY = tl.constexpr(FLAGS["rectify"])
+DEGENERATED_TO_SGD = tl.constexpr(FLAGS["degenerated_to_sgd"])
+ADAM_DEBIAS = tl.constexpr(FLAGS["adam_debias"])
+NESTEROV = tl.constexpr(FLAGS["nesterov"])
+USE_GC = tl.constexpr(FLAGS["use_gc"])
+CAUTIOUS = tl.constexpr(FLAGS["cautious"])
+CAUTIOUS_PD = tl.constexpr(FLAGS["cautious_pd"])
+AMSGRAD = tl.constexpr(FLAGS["amsgrad"])
 
 
 @triton.jit
-def grad_rowsum_reduce(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3,
+def grad_rowsum_reduce(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3,
                        H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
     """Per-row sums of g (``GradRowSumOp`` in ``functors/clip.h``): gradient centralization's first pass."""
     z = g * 0.0
-    return s1, s2, s3, s4, g, z, z, z
+    return s0, s1, s2, s3, g, z, z, z
 
 
 @triton.jit
-def grad_rowsum_update(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3,
+def grad_rowsum_update(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3,
                        H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS: tl.constexpr):
-    return p, s1, s2, s3, s4
+    return p, s0, s1, s2, s3
 
 
 def grad_rowsum_pack(hyper, flags):
+    () = hyper  # no hyperparameters
     return (), flags
 
 

@@ -8,7 +8,7 @@ every method does the full work: torch's foreach path also multiplies by the cla
 
 Bytes moved per parameter (the ideal kernel's traffic): read p, g and every state, write p and every
 state, i.e. ``(3 + 2 * states) * itemsize``, plus one extra read of p, g and the states for LAMB's
-reduce pass (AdamP and SGDP reduce only over tensors of 2+ dimensions; the configs are 1-D).  Bars (issue 3): on CPU every ``fastopt-cpu`` >= 4x
+reduce pass (AdamP and SGDP reduce only over tensors of 2+ dimensions; the configs are 1-D).  Bars: on CPU every ``fastopt-cpu`` >= 4x
 ``pytorch_optimizer`` on 20x1M fp32; on CUDA every elementwise ``fastopt-cuda`` >= 90% of the copy
 bandwidth on 256M.
 """
@@ -45,21 +45,29 @@ def _po(cls_name, **kwargs):
     return make
 
 
-def _spec(name, cls_name, kwargs, states, reduce=False, upstream_kwargs=None, torch_factory=None):
-    return Spec(name, cls_name, kwargs, _po(cls_name, **(upstream_kwargs or kwargs)), states, reduce, torch_factory)
+def _spec(name, cls_name, kwargs, upstream_kwargs=None, torch_factory=None, flat=False):
+    """The suite of fastopt.<cls_name>: its states and reduce pass come from the op declaration
+    (fastopt/_opspec.py) of the op the class runs (``flat``: the one-pass variant that AdamP and SGDP
+    run on tensors of fewer than two dimensions)."""
+    import fastopt
+    from fastopt._opspec import OPS
+
+    op = OPS[getattr(fastopt, cls_name).OP + ("_flat" if flat else "")]
+    return Spec(name, cls_name, kwargs, _po(cls_name, **(upstream_kwargs or kwargs)), len(op.states), op.reduce > 0,
+                torch_factory)
 
 
 SPECS = [
-    _spec("lion", "Lion", dict(lr=1e-4, weight_decay=1e-2), states=1),
-    _spec("adan", "Adan", dict(lr=1e-3, weight_decay=1e-2), states=4),
-    _spec("adabelief", "AdaBelief", dict(lr=1e-3, weight_decay=1e-2), states=2),
-    _spec("diffgrad", "DiffGrad", dict(lr=1e-3, weight_decay=1e-2), states=3),
-    _spec("exadam", "EXAdam", dict(lr=1e-3, weight_decay=1e-2), states=2),
-    _spec("lamb", "Lamb", dict(lr=1e-3, weight_decay=1e-2), states=2, reduce=True),
-    _spec("sgdsai", "SGDSaI", dict(lr=1e-2, weight_decay=1e-2), states=1),
+    _spec("lion", "Lion", dict(lr=1e-4, weight_decay=1e-2)),
+    _spec("adan", "Adan", dict(lr=1e-3, weight_decay=1e-2)),
+    _spec("adabelief", "AdaBelief", dict(lr=1e-3, weight_decay=1e-2)),
+    _spec("diffgrad", "DiffGrad", dict(lr=1e-3, weight_decay=1e-2)),
+    _spec("exadam", "EXAdam", dict(lr=1e-3, weight_decay=1e-2)),
+    _spec("lamb", "Lamb", dict(lr=1e-3, weight_decay=1e-2)),
+    _spec("sgdsai", "SGDSaI", dict(lr=1e-2, weight_decay=1e-2)),
     # AdamP / SGDP: the configs hold 1-D tensors, which are never projected and step in one pass.
-    _spec("adamp", "AdamP", dict(lr=1e-3, weight_decay=1e-2), states=2),
-    _spec("sgdp", "SGDP", dict(lr=1e-3, momentum=0.9, weight_decay=1e-2), states=1),
+    _spec("adamp", "AdamP", dict(lr=1e-3, weight_decay=1e-2), flat=True),
+    _spec("sgdp", "SGDP", dict(lr=1e-3, momentum=0.9, weight_decay=1e-2), flat=True),
 ]
 
 

@@ -368,8 +368,6 @@ def adam_unchecked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
                        beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
                        maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
         return
-    lr, lr_tensor = _ops.split_lr(lr, device)
-    _ops.adam_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-                    list(max_exp_avg_sqs) if amsgrad else [], list(state_steps), float(lr), lr_tensor,
-                    float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad),
-                    bool(maximize), grad_scale, found_inf, backend)
+    _ops.run_adam(_ops.AdamCall(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
+                                eps, weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf, backend,
+                                device))

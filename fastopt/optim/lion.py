@@ -12,15 +12,12 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .._opspec import OPS, native_args
 from ..lowbit import state as lowbit_state
 from ..reference.lion import lion_reference
 from . import functional as F
 from .base import ElementwiseOptimizer
 from .functional import elementwise_unchecked
-
-# Flag bits shared by the zoo's ops (the C++ functors ignore them: their row coefficients are zero
-# without the option; the Triton functions test them, see triton_kernels/zoo_common.py).
-USE_GC, CAUTIOUS = 64, 128
 
 Params = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]]]
 
@@ -194,7 +191,7 @@ class Lion(GradOptionsMixin, ElementwiseOptimizer):
     """
 
     OP = "lion"
-    STATE_NAMES = ("exp_avg",)
+    STATE_NAMES = OPS["lion"].states
     HYPER_NAMES = ("betas", "weight_decay", "weight_decouple", "fixed_decay", "use_gc", "cautious")
     REFERENCE = staticmethod(lion_reference)
 
@@ -224,6 +221,4 @@ class Lion(GradOptionsMixin, ElementwiseOptimizer):
 
     def _native_hyper(self, group):
         b1, b2 = group["betas"]
-        flags = ((1 if group["weight_decouple"] else 0) | (2 if group["fixed_decay"] else 0)
-                 | (USE_GC if group.get("use_gc") else 0) | (CAUTIOUS if group.get("cautious") else 0))
-        return (float(b1), float(b2), float(group["weight_decay"])), flags
+        return native_args(self._op_name(group), group, beta1=b1, beta2=b2, weight_decay=group["weight_decay"])

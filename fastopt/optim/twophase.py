@@ -17,10 +17,11 @@ from ..reference.lamb import SCALAR_STATE_NAMES as LAMB_SCALARS
 from ..reference.lamb import lamb_reference
 from ..reference.lion import skipped
 from ..reference.sgdsai import gsnr_of, sgdsai_reference
+from .._opspec import FLAGS, OPS, native_args
 from . import functional as F
 from .functional import elementwise_unchecked
-from .lion import CAUTIOUS, USE_GC, Params, check_adanorm, check_betas, check_unsupported, gradient_row_means
-from .zoo import _COMMON_DOC, _flags, _ZooOptimizer
+from .lion import Params, check_adanorm, check_betas, check_unsupported, gradient_row_means
+from .zoo import _COMMON_DOC, _ZooOptimizer
 
 
 def _lr64(lr, device):
@@ -73,7 +74,7 @@ class Lamb(_ZooOptimizer):
     """
 
     OP = "lamb"
-    STATE_NAMES = ("exp_avg", "exp_avg_sq")
+    STATE_NAMES = OPS["lamb"].states
     HYPER_NAMES = ("betas", "weight_decay", "weight_decouple", "fixed_decay", "grad_averaging", "max_grad_norm",
                    "adam", "pre_norm", "eps", "adam_debias", "clamp")
     REFERENCE = staticmethod(lamb_reference)
@@ -111,7 +112,8 @@ class Lamb(_ZooOptimizer):
     def _native_hyper(self, group):
         b1, b2 = (float(b) for b in group["betas"])
         b3 = 1.0 - b1 if group["grad_averaging"] else 1.0
-        return (b1, b2, b3, float(group["weight_decay"]), float(group["eps"])), _flags(group)
+        return native_args(self.OP, group, beta1=b1, beta2=b2, beta3=b3, weight_decay=group["weight_decay"],
+                           eps=group["eps"])
 
     def _run(self, group, params, grads, states, backend, grad_scale, found_inf):
         if backend == "torch":
@@ -174,7 +176,7 @@ class SGDSaI(_ZooOptimizer):
         foreach: accepted and ignored.""" + _COMMON_DOC + "\n    "
 
     OP = "sgdsai"
-    STATE_NAMES = ("momentum_buffer",)
+    STATE_NAMES = OPS["sgdsai"].states
     HYPER_NAMES = ("momentum", "weight_decay", "weight_decouple", "eps")
     REFERENCE = staticmethod(sgdsai_reference)
 
@@ -207,7 +209,8 @@ class SGDSaI(_ZooOptimizer):
         state["gsnr"] = torch.zeros((), dtype=torch.float32, device=p.device)
 
     def _native_hyper(self, group):
-        return (float(group["momentum"]), float(group["weight_decay"])), _flags(group)
+        return native_args(self._op_name(group), group, momentum=group["momentum"],
+                           weight_decay=group["weight_decay"])
 
     def _run(self, group, params, grads, states, backend, grad_scale, found_inf):
         if backend == "torch":
@@ -346,7 +349,7 @@ class _Projected(_ZooOptimizer):
             coef = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)
             coef[:, 3] = scale
             pd = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)
-            elementwise_unchecked(self.OP, ps, gs, lists, steps, hyper, flags | 256, phase=1, reduce_out=pd,
+            elementwise_unchecked(self.OP, ps, gs, lists, steps, hyper, flags | FLAGS["cautious_pd"], phase=1, reduce_out=pd,
                                   rows=rows, row_coef=coef, **call)
             sums[:, 3] = pd[:, 3]
             row = self._coefficients(group, sums, len(ps), multi, tid, chan_scale, layer_scale, eps, device)
@@ -447,7 +450,7 @@ class AdamP(_Projected):
         adanorm, adanorm_r: accepted; ``adanorm=True`` raises ValueError (not implemented).""" + _COMMON_DOC + "\n    "
 
     OP = "adamp"
-    STATE_NAMES = ("exp_avg", "exp_avg_sq")
+    STATE_NAMES = OPS["adamp"].states
     HYPER_NAMES = ("betas", "weight_decay", "weight_decouple", "fixed_decay", "delta", "wd_ratio", "nesterov", "eps",
                    "adam_debias", "use_gc", "cautious")
 
@@ -479,10 +482,8 @@ class AdamP(_Projected):
                              "(the fused kernels run each of them alone); pass backend='torch'")
 
     def _native_hyper(self, group):
-        b1, b2 = (float(b) for b in group["betas"])
-        flags = ((1 if group["nesterov"] else 0) | (16 if group["adam_debias"] else 0)
-                 | (USE_GC if group.get("use_gc") else 0) | (CAUTIOUS if group.get("cautious") else 0))
-        return (b1, b2, float(group["eps"])), flags
+        b1, b2 = group["betas"]
+        return native_args(self.OP, group, beta1=b1, beta2=b2, eps=group["eps"])
 
 
 class SGDP(_Projected):
@@ -510,7 +511,7 @@ class SGDP(_Projected):
         foreach: accepted and ignored.""" + _COMMON_DOC + "\n    "
 
     OP = "sgdp"
-    STATE_NAMES = ("momentum",)
+    STATE_NAMES = OPS["sgdp"].states
     HYPER_NAMES = ("momentum", "dampening", "weight_decay", "weight_decouple", "fixed_decay", "delta", "wd_ratio",
                    "nesterov", "eps")
 
@@ -541,4 +542,4 @@ class SGDP(_Projected):
         return wd / (1.0 - float(group["momentum"])) if wd != 0.0 else 0.0
 
     def _native_hyper(self, group):
-        return (float(group["momentum"]), float(group["dampening"])), (1 if group["nesterov"] else 0)
+        return native_args(self.OP, group, momentum=group["momentum"], dampening=group["dampening"])

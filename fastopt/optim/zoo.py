@@ -15,11 +15,10 @@ from ..reference.adabelief import adabelief_reference
 from ..reference.adan import adan_reference
 from ..reference.diffgrad import diffgrad_reference
 from ..reference.exadam import exadam_reference
+from .._opspec import OPS, native_args
 from . import functional as F
 from .base import ElementwiseOptimizer
-from .lion import USE_GC, GradOptionsMixin, Params, check_adanorm, check_betas, check_unsupported
-
-DECOUPLE, FIXED_DECAY, RECTIFY, DEGENERATED_TO_SGD, ADAM_DEBIAS = 1, 2, 4, 8, 16
+from .lion import GradOptionsMixin, Params, check_adanorm, check_betas, check_unsupported
 
 _COMMON_DOC = """
         stochastic_rounding, master_weights, seed: bf16 parameters (see
@@ -32,12 +31,6 @@ _COMMON_DOC = """
 
 _LOWBIT_DOC = """
         state_bits, min_quant_size: low-bit states (see :mod:`fastopt.lowbit`)."""
-
-
-def _flags(group):
-    return ((DECOUPLE if group.get("weight_decouple") else 0) | (FIXED_DECAY if group.get("fixed_decay") else 0)
-            | (RECTIFY if group.get("rectify") else 0) | (DEGENERATED_TO_SGD if group.get("degenerated_to_sgd") else 0)
-            | (ADAM_DEBIAS if group.get("adam_debias") else 0))
 
 
 class _ZooOptimizer(ElementwiseOptimizer):
@@ -95,7 +88,7 @@ class Adan(GradOptionsMixin, _ZooOptimizer):
     """
 
     OP = "adan"
-    STATE_NAMES = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "previous_grad")
+    STATE_NAMES = OPS["adan"].states
     HYPER_NAMES = ("betas", "weight_decay", "weight_decouple", "eps", "use_gc")
     REFERENCE = staticmethod(adan_reference)
 
@@ -121,15 +114,14 @@ class Adan(GradOptionsMixin, _ZooOptimizer):
         check_adanorm(type(self).__name__, group)
 
     def _native_hyper(self, group):
-        b1, b2, b3 = (float(b) for b in group["betas"])
-        flags = _flags(group) | (USE_GC if group.get("use_gc") else 0)
-        return (b1, b2, b3, float(group["weight_decay"]), float(group["eps"])), flags
+        b1, b2, b3 = group["betas"]
+        return native_args(self.OP, group, beta1=b1, beta2=b2, beta3=b3, weight_decay=group["weight_decay"],
+                           eps=group["eps"])
 
 
 class _RectifiedAdam(_ZooOptimizer):
     """AdaBelief / diffGrad: RAdam rectification, ams_bound, adam_debias as pytorch_optimizer."""
 
-    AMS_STATE = None
 
     def _check_group(self, group):
         self._check_common(group)
@@ -139,15 +131,15 @@ class _RectifiedAdam(_ZooOptimizer):
         check_adanorm(type(self).__name__, group)
 
     def _state_names(self, group):
-        return self.STATE_NAMES + ((self.AMS_STATE,) if group["ams_bound"] else ())
+        return OPS[self._op_name(group)].states
 
     def _op_name(self, group):
         return self.OP + ("_ams" if group["ams_bound"] else "")
 
     def _native_hyper(self, group):
-        b1, b2 = (float(b) for b in group["betas"])
-        return (b1, b2, float(group["weight_decay"]), float(group["eps"]), float(group["n_sma_threshold"])), \
-            _flags(group)
+        b1, b2 = group["betas"]
+        return native_args(self._op_name(group), group, beta1=b1, beta2=b2, weight_decay=group["weight_decay"],
+                           eps=group["eps"], n_sma_threshold=group["n_sma_threshold"])
 
 
 _RECTIFIED_ARGS = """
@@ -179,8 +171,7 @@ class AdaBelief(_RectifiedAdam):
     """ + _RECTIFIED_ARGS + _LOWBIT_DOC + _COMMON_DOC + "\n    "
 
     OP = "adabelief"
-    STATE_NAMES = ("exp_avg", "exp_avg_var")
-    AMS_STATE = "max_exp_avg_var"
+    STATE_NAMES = OPS["adabelief"].states
     HYPER_NAMES = ("betas", "weight_decay", "weight_decouple", "fixed_decay", "rectify", "n_sma_threshold",
                    "degenerated_to_sgd", "ams_bound", "eps", "adam_debias")
     REFERENCE = staticmethod(adabelief_reference)
@@ -215,8 +206,7 @@ class DiffGrad(_RectifiedAdam):
     """ + _RECTIFIED_ARGS + _LOWBIT_DOC + _COMMON_DOC + "\n    "
 
     OP = "diffgrad"
-    STATE_NAMES = ("exp_avg", "exp_avg_sq", "previous_grad")
-    AMS_STATE = "max_exp_avg_sq"
+    STATE_NAMES = OPS["diffgrad"].states
     HYPER_NAMES = AdaBelief.HYPER_NAMES
     REFERENCE = staticmethod(diffgrad_reference)
 
@@ -259,7 +249,7 @@ class EXAdam(_ZooOptimizer):
         foreach: accepted and ignored.""" + _LOWBIT_DOC + _COMMON_DOC + "\n    "
 
     OP = "exadam"
-    STATE_NAMES = ("exp_avg", "exp_avg_sq")
+    STATE_NAMES = OPS["exadam"].states
     HYPER_NAMES = ("betas", "weight_decay", "weight_decouple", "fixed_decay", "eps")
     REFERENCE = staticmethod(exadam_reference)
 
@@ -279,5 +269,5 @@ class EXAdam(_ZooOptimizer):
         self._check_common(group)
 
     def _native_hyper(self, group):
-        b1, b2 = (float(b) for b in group["betas"])
-        return (b1, b2, float(group["weight_decay"]), float(group["eps"]), 0.0), _flags(group)
+        b1, b2 = group["betas"]
+        return native_args(self.OP, group, beta1=b1, beta2=b2, weight_decay=group["weight_decay"], eps=group["eps"])

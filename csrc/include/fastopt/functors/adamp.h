@@ -8,21 +8,21 @@
 //                   rc[0] = den, rc[1] = radial (0 where not projected), rc[2] = decay factor
 // phase 0 (update): recompute d from the stored moments;  d -= (p / den) radial;
 //                   p = p * decay - step d
-// With flag 64 (AdamP's use_gc) both phases first take g <- g - rc[3] (rc[3] = the row mean of g,
+// With use_gc (kUseGc) both phases first take g <- g - rc[3] (rc[3] = the row mean of g,
 // from the grad_rowsum op's pass).
-// With flag 128 (AdamP's cautious; not with use_gc, whose rc[3] it would need): the numerator m is
+// With cautious (kCautious; not with use_gc, whose rc[3] it would need): the numerator m is
 // masked as pytorch_optimizer's apply_cautious, m [m g > 0] scale, scale = numel / (count + 1) per
 // tensor.  Phase 1 then sums (g.p, g.g, p.p, count) -- the moments updated, the count of m g > 0 in
-// place of p.d; flag 256 marks a second reduce pass that sums only p.d (moments as stored, the scale
+// place of p.d; kCautiousPd marks a second reduce pass that sums only p.d (moments as stored, the scale
 // in rc[3]); phase 0 reads the scale from rc[3] too.
 // ("adamp_flat" / "sgdp_flat": 0-/1-D tensors in one pass, see ProjectedOp's FLAT)
 //
 // AdamP: m = lerp(m, g, 1-b1); v = b2 v + (1-b2) g^2;
 //        d = (nesterov ? lerp(m, g, 1-b1) : m) * ((1 / (sqrt(v) + eps)) * sqrt(1-b2^t));
-//        step = lr / (1-b1^t) (lr with adam_debias).  Hyper: b1, b2, eps.  Flags: bit 0 nesterov,
+//        step = lr / (1-b1^t) (lr with adam_debias).  Hyper: b1, b2, eps.  Flags: nesterov,
 //        bit 4 adam_debias.
 // SGDP:  buf = momentum buf + (1-dampening) g;  d = nesterov ? momentum buf + g : buf;  step = lr.
-//        Hyper: momentum, dampening.  Flags: bit 0 nesterov.
+//        Hyper: momentum, dampening.  Flags: nesterov.
 #pragma once
 
 #include <cmath>
@@ -49,12 +49,11 @@ FASTOPT_HOST_DEVICE float lerp(float a, float b, const Lerp& l) {
 
 // FLAT: the one-pass variant for tensors that are never projected (fewer than two dimensions):
 // phase 0 updates the moments itself, then steps with rc = (1, 0, decay); no reduce pass.
-constexpr int64_t kProjUseGc = 64, kProjCautious = 128, kProjCautiousPd = 256;
 
 template <typename Dir, bool FLAT>
 struct ProjectedOp {
   static constexpr int kStates = Dir::kStates;
-  static constexpr int kReduce = 4;
+  static constexpr int kReduce = FLAT ? 0 : 4;  // FLAT: never called with phase 1
   using Coeffs = typename Dir::Coeffs;
 
   FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars& s) { return Dir::coeffs(s); }
@@ -97,10 +96,10 @@ struct AdamPDir {
     c.eps = static_cast<float>(s.h[2]);
     c.bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(b2, s.step)));
     c.step = static_cast<float>((s.flags & kAdamDebias) ? s.lr : s.lr / (1.0 - pow(b1, s.step)));
-    c.nesterov = s.flags & 1;
-    c.gc = (s.flags & kProjUseGc) ? 1.0f : 0.0f;
-    c.cautious = (s.flags & kProjCautious) != 0;
-    c.cautious_pd = (s.flags & kProjCautiousPd) != 0;
+    c.nesterov = (s.flags & kNesterov) != 0;
+    c.gc = (s.flags & kUseGc) ? 1.0f : 0.0f;
+    c.cautious = (s.flags & kCautious) != 0;
+    c.cautious_pd = (s.flags & kCautiousPd) != 0;
     return c;
   }
   FASTOPT_HOST_DEVICE static void moments(float g, float (&s)[kMaxStates], const Coeffs& c) {
@@ -127,7 +126,7 @@ struct SgdPDir {
     c.momentum = static_cast<float>(s.h[0]);
     c.one_minus_dampening = static_cast<float>(1.0 - s.h[1]);
     c.step = static_cast<float>(s.lr);
-    c.nesterov = s.flags & 1;
+    c.nesterov = (s.flags & kNesterov) != 0;
     c.gc = 0.0f;  // SGDP has neither use_gc nor cautious (pytorch_optimizer's SGDP drops them)
     c.cautious = c.cautious_pd = false;
     return c;

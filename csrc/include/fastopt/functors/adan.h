@@ -13,6 +13,7 @@
 #include <cmath>
 
 #include "fastopt/elementwise.h"
+#include "fastopt/flags.h"
 
 namespace fastopt {
 namespace functors {
@@ -29,7 +30,7 @@ struct AdanOp : NoReduce {
 
   FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars& s) {
     const double b1 = s.h[0], b2 = s.h[1], b3 = s.h[2], wd = s.h[3], t = s.step, lr = s.lr;
-    const bool decouple = s.flags & 1;
+    const bool decouple = s.flags & kDecouple;
     Coeffs c;
     c.omb1 = static_cast<float>(1.0 - b1);
     c.omb2 = static_cast<float>(1.0 - b2);

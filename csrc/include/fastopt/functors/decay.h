@@ -1,12 +1,11 @@
-// fastopt/functors/decay.h -- the flag bits and weight decay shared by the pytorch_optimizer-style ops.
+// fastopt/functors/decay.h -- the weight decay shared by the pytorch_optimizer-style ops (flag bits: fastopt/flags.h).
 #pragma once
 
 #include "fastopt/elementwise.h"
+#include "fastopt/flags.h"
 
 namespace fastopt {
 namespace functors {
-
-enum : int64_t { kDecouple = 1, kFixedDecay = 2, kRectify = 4, kDegeneratedToSgd = 8, kAdamDebias = 16 };
 
 // Weight decay as pytorch_optimizer applies it: decoupled p *= 1 - wd (fixed_decay ? 1 : lr), or
 // L2 g += wd p; a zero wd leaves both untouched.
