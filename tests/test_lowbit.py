@@ -634,7 +634,7 @@ NONFINITE_CASES = [
 
 def _dequantized_states(opt, p, names):
     from fastopt.lowbit.state import state_formats
-    from fastopt.optim.base import lowbit_dequantize
+    from fastopt.lowbit.layouts import lowbit_dequantize
 
     st = opt.state[p]
     fmts = [FORMATS[f] for f in state_formats(opt.param_groups[0]["state_bits"], names, p.shape)]

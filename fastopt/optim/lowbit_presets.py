@@ -17,6 +17,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..reference import adam_reference
+from .._opspec import OPS, native_args
 from . import functional as F
 from .base import ElementwiseOptimizer
 from .lion import Lion, Params
@@ -61,7 +62,7 @@ class ElementwiseAdam(ElementwiseOptimizer):
     are an approximation (bitsandbytes' 8-bit optimizers are the model).
     """
 
-    STATE_NAMES = ("exp_avg", "exp_avg_sq")
+    STATE_NAMES = OPS["adam"].states
     HYPER_NAMES = ("betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay")
     REFERENCE = staticmethod(_adam_reference)
 
@@ -82,14 +83,15 @@ class ElementwiseAdam(ElementwiseOptimizer):
         F.check_adam_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
 
     def _state_names(self, group):
-        return self.STATE_NAMES + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        return OPS[self._op_name(group)].states
 
     def _op_name(self, group):
         return ("adamw" if group["decoupled_weight_decay"] else "adam") + ("_ams" if group["amsgrad"] else "")
 
     def _native_hyper(self, group):
-        b1, b2 = (float(b) for b in group["betas"])
-        return (b1, b2, float(group["eps"]), float(group["weight_decay"])), 0
+        b1, b2 = group["betas"]
+        return native_args(self._op_name(group), group, beta1=b1, beta2=b2, eps=group["eps"],
+                           weight_decay=group["weight_decay"])
 
 
 class ElementwiseAdamW(ElementwiseAdam):
@@ -160,7 +162,7 @@ def _preset(base, bits):
            + (base.__doc__ or ""))
     # (module: the public home, where pickle and help() find it)
     return type(name, (base,), {"__init__": _preset_init(base, bits, name), "__doc__": doc,
-                                "__module__": PUBLIC_MODULE})
+                                "__module__": PUBLIC_MODULE, "_preset_of": base})
 
 
 __all__ = ["ElementwiseAdam", "ElementwiseAdamW"]

@@ -1,5 +1,6 @@
-"""N:M sparse training inside the optimizer step: the schedule (:class:`NMSparsity`) and the helpers
-that keep the state (the dense weights, the mask) in the optimizer.
+"""N:M sparse training inside the optimizer step: the schedule (:class:`NMSparsity`) and the step
+(:class:`NMSparseTraining`, which fastopt's elementwise optimizers compose) that keeps the state
+(the dense weights, the mask) in the optimizer.
 
 A parameter group with ``"sparsity": NMSparsity(...)`` of any fastopt elementwise optimizer (Lion,
 Adan, AdaBelief, DiffGrad, EXAdam, Lamb, AdamP, SGDP, SGD-SaI, ``fastopt.lowbit.AdamW8bit`` /
@@ -34,10 +35,16 @@ the sparse phase is cut into ``log2(m / n)`` equal frames with patterns ``(m - 1
 ``finetune_steps >= 1``).
 """
 import math
+from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+
+from .. import _backend, _ops
+from ..lowbit.layouts import Int8Weights, LowbitStates, MasterWeights
+from ..reference.sparse import check_nm, check_tiles
+from .masks import MAX_KERNEL_M, nm_mask, transposable_mask
 
 __all__ = ["NMSparsity", "nm_param_groups"]
 
@@ -191,9 +198,7 @@ class NMSparsity:
 
     def check_param(self, p: torch.Tensor, who: str) -> None:
         """Raise (ValueError/TypeError) when parameter ``p`` cannot be trained with this schedule."""
-        from ..lowbit import int8 as lowbit_int8
-        from ..reference.sparse import check_nm, check_tiles
-        if lowbit_int8.is_int8_weight(p):
+        if Int8Weights.is_weight(p):
             raise TypeError(f"{who}: the int8 weights of Int8Linear cannot be trained N:M sparse")
         if p.is_complex() or not p.is_floating_point():
             raise TypeError(f"{who}: N:M sparse training needs real floating-point parameters, got {p.dtype}")
@@ -235,3 +240,170 @@ def nm_param_groups(model: torch.nn.Module, sparsity: NMSparsity, *,
     if rest:
         groups.append({"params": rest})
     return groups
+
+
+# -- inside the optimizer ----------------------------------------------------------------------------
+def check_group_sparsity(owner: str, group: Dict[str, Any]) -> None:
+    """Raise (TypeError/ValueError) when a param group's ``sparsity`` is not an :class:`NMSparsity` that
+    every parameter of the group can be trained with."""
+    sparsity = group.get("sparsity")
+    if sparsity is None:
+        return
+    if not isinstance(sparsity, NMSparsity):
+        raise TypeError(f"{owner}: a group's 'sparsity' must be a fastopt.sparse.NMSparsity, got "
+                        f"{type(sparsity).__name__}")
+    for p in group["params"]:
+        sparsity.check_param(p, owner)
+
+
+def save_schedules(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """A ``state_dict`` post-hook: the groups' schedules as plain dicts (:meth:`NMSparsity.to_state`), so
+    that every value of a saved group is a plain Python value or a tensor."""
+    for group in state_dict["param_groups"]:
+        if isinstance(group.get("sparsity"), NMSparsity):
+            group["sparsity"] = group["sparsity"].to_state()
+    return state_dict
+
+
+def load_schedules(groups: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The saved param groups of a checkpoint with their schedules rebuilt (new dicts where one is
+    rebuilt: the caller's are not changed)."""
+    return [{**g, "sparsity": NMSparsity.from_state(g["sparsity"])}
+            if g.get("sparsity") is not None and not isinstance(g["sparsity"], NMSparsity) else g
+            for g in groups]
+
+
+class NMSparseTraining:
+    """The N:M sparse-training step, for an optimizer whose param groups may carry ``"sparsity"``.
+
+    The state of a sparse-trained parameter adds ``dense_param`` (the dense weights, unless its fp32
+    master copy ``master_param`` holds them), ``nm_mask`` (bool, the current mask) and ``nm_step`` (the
+    optimizer steps it has taken).  The host optimizer provides ``state`` and ``param_groups`` (torch's),
+    and the hooks
+
+    * ``_init_state(group, p, state)``: fill an empty state;
+    * ``_step_float(group, params, grads, states, backend, grad_scale, found_inf)``: one step of
+      ``params`` (dense weights) through their state layouts;
+    * ``_add_missing_states(group, params, states)``: the op's states that are not there yet;
+    * ``_run(group, params, grads, states, backend, grad_scale, found_inf, sparse=...)``: one kernel call
+      of the op with the fused sparse epilogue (``sparse = (masks, forward weights or [], lambda, beta)``);
+    * ``_step_is_one_call(group)``: whether the op's step is one kernel call (no reduce pass), so the
+      epilogue can ride on it.
+    """
+
+    DENSE_KEY, MASK_KEY, STEP_KEY = "dense_param", "nm_mask", "nm_step"
+
+    @torch.no_grad()
+    def sparsify(self) -> None:
+        """Start N:M sparse training now: every parameter of a group with ``sparsity`` whose schedule
+        is sparse at its current step gets its optimizer state (the dense weights, the mask) and its
+        forward weights.  Without this call the first step does it, after a forward on the dense
+        weights.  Parameters already sparse are left alone."""
+        for group in self.param_groups:
+            sp = group.get("sparsity")
+            if sp is None:
+                continue
+            for p in group["params"]:
+                state = self.state[p]
+                t = state.get(self.STEP_KEY, 0)
+                if self.MASK_KEY in state or sp.is_dense(t):
+                    continue
+                if not state:
+                    self._init_state(group, p, state)
+                backend = _backend.resolve(group["backend"], p.device, p.dtype, _ops.is_dense(p))
+                self._enter_sparse(group, sp, p, state, t, backend)
+
+    def _sparse_state_dtypes(self, p, state):
+        """{name: dtype} of the sparse-training states of ``p`` (they have its shape and strides)."""
+        return {name: dtype for name, dtype in ((self.DENSE_KEY, p.dtype), (self.MASK_KEY, torch.bool))
+                if name in state}
+
+    def _dense_weight(self, group, p, state):
+        """The dense weights of a sparse-trained parameter: the fp32 master copy or ``dense_param``."""
+        return state[MasterWeights.KEY] if MasterWeights.KEY in state else state[self.DENSE_KEY]
+
+    def _enter_sparse(self, group, sp, p, state, t, backend):
+        """``p`` (dense so far) becomes sparse for the forward at step ``t``."""
+        if MasterWeights.KEY not in state:
+            state[self.DENSE_KEY] = p.detach().clone(memory_format=torch.preserve_format)
+        self._refresh_mask(sp, p, self._dense_weight(group, p, state), state, t, backend, None)
+
+    def _refresh_mask(self, sp, p, w, state, t, backend, found_inf):
+        """New mask of ``w`` for the forward at step ``t``, then that forward's weights into ``p``."""
+        kernel = backend if backend != "torch" and sp.m <= MAX_KERNEL_M else "torch"
+        if sp.transposable:
+            mask = transposable_mask(w, "exact", backend=kernel)
+        else:
+            mask = nm_mask(w, sp.pattern(t), sp.m, sp.dim, backend=kernel)
+        if mask.stride() != w.stride():  # the kernels walk w, p and the mask as one flat buffer
+            mask = torch.empty_like(w, dtype=torch.bool).copy_(mask)
+        if found_inf is not None and self.MASK_KEY in state:  # AMP skipped the step: the mask stays (no sync)
+            mask = torch.where(found_inf.to(device=mask.device) != 0, state[self.MASK_KEY], mask)
+        state[self.MASK_KEY] = mask
+        self._write_forward(p, p if MasterWeights.KEY in state else w, mask, sp.beta(t), found_inf)
+
+    @staticmethod
+    def _write_forward(p, src, mask, beta, found_inf):
+        """``p = mask ? src : beta * src`` (exactly 0 where pruned when beta is 0); with AMP's
+        ``found_inf`` set, ``p`` keeps its values (as the fused epilogue does)."""
+        pruned = src * beta if beta != 0.0 else torch.zeros((), dtype=src.dtype, device=src.device)
+        if found_inf is None:
+            torch.where(mask, src, pruned, out=p)   # one pass, no temporary (src may be p itself)
+            return
+        p.copy_(torch.where(found_inf.to(device=p.device) != 0, p, torch.where(mask, src, pruned)))
+
+    @staticmethod
+    def _srste_grad(g, w, mask, lam, maximize, grad_scale):
+        """``g`` plus the SR-STE term ``lam * (1 - mask) * w``, scaled (AMP) and signed (maximize) as
+        the gradient is, so that the kernels' unscaling yields ``g / scale + lam * (1 - mask) * w``."""
+        extra = torch.where(mask, 0.0, w.float()) * (-lam if maximize else lam)
+        if grad_scale is not None:
+            extra = extra * grad_scale.to(device=extra.device)
+        return (g.float() + extra).to(g.dtype)
+
+    def _fused_sparse_ok(self, group, params, states, backend):
+        """Whether one kernel call can run the step and the sparse epilogue: a kernel backend, an op
+        without a reduce phase, full-precision states and no master copy."""
+        return (backend != "torch" and self._step_is_one_call(group)
+                and not any(LowbitStates.holds(s) or MasterWeights.KEY in s for s in states))
+
+    def _step_sparse(self, group, params, grads, backend, grad_scale, found_inf):
+        """A step of N:M sparse-trained parameters, in calls of parameters at the same point of the
+        schedule."""
+        sp = group["sparsity"]
+        calls = defaultdict(list)
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            calls[(state.get(self.STEP_KEY, 0), self.MASK_KEY in state)].append((p, g, state))
+        for (t, sparse), items in calls.items():
+            ps, gs, states = [list(x) for x in zip(*items)]
+            if not sparse:  # dense so far: p holds the dense weights
+                self._step_float(group, ps, gs, states, backend, grad_scale, found_inf)
+                if not sp.is_dense(t + 1):
+                    for p, state in zip(ps, states):
+                        self._enter_sparse(group, sp, p, state, t + 1, backend)
+            else:
+                self._step_sparse_call(group, sp, t, ps, gs, states, backend, grad_scale, found_inf)
+            for state in states:
+                state[self.STEP_KEY] = t + 1
+
+    def _step_sparse_call(self, group, sp, t, params, grads, states, backend, grad_scale, found_inf):
+        lam, beta, refresh = sp.srste(t), sp.beta(t + 1), sp.refresh(t + 1)
+        dense = [self._dense_weight(group, p, s) for p, s in zip(params, states)]
+        masks = [s[self.MASK_KEY] for s in states]
+        if self._fused_sparse_ok(group, params, states, backend):
+            self._add_missing_states(group, dense, states)
+            self._run(group, dense, grads, states, backend, grad_scale, found_inf,
+                      sparse=(masks, [] if refresh else params, lam, beta))
+        else:
+            if lam:
+                grads = [self._srste_grad(g, w, m, lam, group["maximize"], grad_scale)
+                         for g, w, m in zip(grads, dense, masks)]
+            master = MasterWeights.KEY in states[0]
+            self._step_float(group, params if master else dense, grads, states, backend, grad_scale, found_inf)
+            if not refresh:
+                for p, w, m in zip(params, dense, masks):
+                    self._write_forward(p, p if master else w, m, beta, found_inf)
+        if refresh:
+            for p, w, s in zip(params, dense, states):
+                self._refresh_mask(sp, p, w, s, t + 1, backend, found_inf)
