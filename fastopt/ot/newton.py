@@ -24,10 +24,10 @@ updates are exact block-coordinate ascent on ``L``.
 
 **Algorithm** (Algorithm 1 of the paper; choices the paper leaves open, and additions, are marked):
 
-1. *Sinkhorn stage*: log-domain Sinkhorn (:func:`fastopt.reference.ot.sinkhorn_reference`, g then f) for at
-   most ``sinkhorn_iters`` iterations, stopped early once the marginal error is at most ``sinkhorn_tol``
-   (checked every ``check_every`` iterations; default ``0.1 * min(|a|_2, |b|_2)``, 10% of the marginals:
-   the paper runs a fixed number N1).
+1. *Sinkhorn stage*: log-domain Sinkhorn (the iterations of :func:`fastopt.ot.sinkhorn`, g then f: its
+   kernels for float32 costs, see ``backend=``) for at most ``sinkhorn_iters`` iterations, stopped early
+   once the marginal error is at most ``sinkhorn_tol`` (checked every ``check_every`` iterations; default
+   ``0.1 * min(|a|_2, |b|_2)``, 10% of the marginals: the paper runs a fixed number N1).
 2. *Newton stage*: repeat at most ``newton_iters`` times, until the marginal error is at most ``tol``:
 
    a. *Sparsify*: ``M_rho`` = ``M`` with its off-diagonal block ``P`` replaced by its largest entries ``S``
@@ -70,113 +70,44 @@ the CG products beside it.  Batched problems share the loops (each batch entry h
 and stops improving once it has converged); ``K`` is common to the batch.
 """
 import math
+import numbers
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ..reference.ot import sinkhorn_reference
+from .. import _backend
+from . import _checks
+from ._result import _LoggedResult
+from .sinkhorn import _balanced_problem, _iterate
 
 __all__ = ["sinkhorn_newton_sparse", "sparsify_plan", "lyapunov", "SNSResult"]
 
 
-class SNSResult(NamedTuple):
-    """``f`` (..., n) and ``g`` (..., m): the potentials (0 where a weight is 0); ``plan`` (..., n, m) when
-    ``return_plan`` (else None); ``log``: see :func:`sinkhorn_newton_sparse`."""
-
+class _SNSFields(NamedTuple):
     f: torch.Tensor
     g: torch.Tensor
     plan: Optional[torch.Tensor]
     log: dict
 
 
+class SNSResult(_SNSFields, _LoggedResult):
+    """``f`` (..., n) and ``g`` (..., m): the potentials (0 where a weight is 0); ``plan`` (..., n, m) when
+    ``return_plan`` (else None); ``log``: see :func:`sinkhorn_newton_sparse`.  A NamedTuple ``(f, g, plan,
+    log)`` and an :class:`~fastopt.ot.OTResult`: ``value``, ``n_iter``, ``error``, ``converged`` read
+    ``log["value"]``, ``log["n_iter"]`` (Sinkhorn and Newton iterations), ``log["err"]`` and
+    ``log["converged"]`` (every batch entry)."""
+
+    __slots__ = ()
+
+
 # -- validation ---------------------------------------------------------------------------------
-class _InputError(ValueError):
-    """Bad input (re-raised as a ValueError naming the public function)."""
-
-
-def _check_positive(name, value, *, integer=False, allow_zero=False, upper=None, upper_inclusive=True):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        kind = "an int" if integer else "a number"
-        raise _InputError(f"{name} must be {kind}, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise _InputError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    if upper is not None and (value > upper or (value == upper and not upper_inclusive)):
-        raise _InputError(f"{name} must be {'<=' if upper_inclusive else '<'} {upper}, got {value!r}")
-
-
-def _check_eps(eps):
-    if isinstance(eps, torch.Tensor):
-        if eps.numel() != 1:
-            raise _InputError(f"eps must be a scalar, got a tensor of shape {tuple(eps.shape)}")
-        eps = float(eps)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise _InputError(f"eps must be a finite number > 0, got {eps!r}")
-    return float(eps)
-
-
-def _check_cost(C):
-    if not isinstance(C, torch.Tensor):
-        raise _InputError(f"C must be a torch.Tensor, got {type(C).__name__}")
-    if C.dtype not in (torch.float32, torch.float64):
-        raise _InputError(f"C must be float32 or float64, got {C.dtype}")
-    if C.dim() < 2 or C.shape[-1] == 0 or C.shape[-2] == 0:
-        raise _InputError(f"C must have shape (..., n, m) with n, m >= 1, got {tuple(C.shape)}")
-    if C.layout != torch.strided:
-        raise _InputError("C must be a dense (strided) tensor")
-    if not bool(torch.isfinite(C).all()):
-        raise _InputError("C must be finite (found inf or nan)")
-
-
-def _check_weights(name, w, C, size, batch, positive=False):
-    """``w`` as a (..., size) tensor of C's dtype (uniform when None), after the checks: non-negative with
-    a positive total, or with ``positive`` every weight > 0 (sparse_ot's rule)."""
-    if w is None:
-        return torch.full((*batch, size), 1.0 / size, dtype=C.dtype, device=C.device)
-    if not isinstance(w, torch.Tensor):
-        raise _InputError(f"{name} must be a torch.Tensor or None, got {type(w).__name__}")
-    if not (w.is_floating_point()):
-        raise _InputError(f"{name} must be a floating-point tensor, got {w.dtype}")
-    if w.device != C.device:
-        raise _InputError(f"{name} is on {w.device} but C is on {C.device}")
-    if w.dim() == 0 or w.shape[-1] != size:
-        raise _InputError(f"{name} must have shape (..., {size}) to match C {tuple(C.shape)}, got {tuple(w.shape)}")
-    try:
-        w = w.to(C.dtype).expand(*batch, size)
-    except RuntimeError:
-        raise _InputError(f"{name} of shape {tuple(w.shape)} does not broadcast to the batch shape "
-                         f"{tuple(batch)} of C {tuple(C.shape)}") from None
-    if positive:
-        if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
-            raise _InputError(f"{name} must be finite and > 0 (drop zero-weight points before calling)")
-        return w
-    if not bool(torch.isfinite(w).all()):
-        raise _InputError(f"{name} must be finite (found inf or nan)")
-    if bool((w < 0).any()):
-        raise _InputError(f"{name} must be non-negative")
-    if bool((w.sum(-1) <= 0).any()):
-        raise _InputError(f"{name} must have a positive total mass")
-    return w
-
-
-def _check_balanced(a, b):
-    """Equal total masses (relative difference <= 1e-5); returns b rescaled to a's mass (a no-op up to
-    rounding for consistent inputs: it removes the mass mismatch that would floor the marginal error)."""
-    ma, mb = a.sum(-1), b.sum(-1)
-    if bool(((ma - mb).abs() > 1e-5 * torch.maximum(ma, mb)).any()):
-        raise _InputError("a and b must have the same total mass (balanced OT); got sums "
-                         f"{ma.flatten()[:4].tolist()} and {mb.flatten()[:4].tolist()}")
-    return b * (ma / mb)[..., None]
-
-
-def _check_sparsity(sparsity, n, m):
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise _InputError(f"sparsity must be a float in (0, 1] or an int >= 1, got {sparsity!r}")
-    if isinstance(sparsity, int):
-        if sparsity < 1:
-            raise _InputError(f"sparsity (entries kept per row of P) must be >= 1, got {sparsity}")
-        return ("row", min(sparsity, m))
-    if not math.isfinite(sparsity) or not 0 < sparsity <= 1:
-        raise _InputError(f"sparsity (fraction of the entries of P kept) must be in (0, 1], got {sparsity!r}")
+def _check_sparsity(sparsity, n, m, fn):
+    """``("row", k)`` (the ``k`` largest entries of every row) or ``("top", K)`` (the ``K`` largest)."""
+    if isinstance(sparsity, numbers.Integral) and not isinstance(sparsity, bool):
+        return ("row", min(_checks.integer(sparsity, "sparsity (entries kept per row of P)", fn), m))
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise ValueError(f"{fn}: sparsity must be a float in (0, 1] or an int >= 1, got {sparsity!r}")
+    sparsity = _checks.real(sparsity, "sparsity (fraction of the entries of P kept)", fn, high=1.0, high_ok=True)
     return ("top", min(n * m, max(1, math.ceil(round(sparsity * n * m, 6)))))
 
 
@@ -208,7 +139,7 @@ def sparsify_plan(P: torch.Tensor,
       listed row by row.
     """
     n, m = P.shape[-2:]
-    return _sparsify(P, *_check_sparsity(sparsity, n, m))
+    return _sparsify(P, *_check_sparsity(sparsity, n, m, "sparsify_plan"))
 
 
 def _sparsify(P, mode, count):
@@ -345,7 +276,8 @@ def sinkhorn_newton_sparse(C: torch.Tensor, a: Optional[torch.Tensor] = None, b:
                            sparsity_growth: float = 2.0, tol: Optional[float] = None, cg_tol: float = 1e-3,
                            cg_max_iter: int = 500, ls_c1: float = 1e-4, ls_beta: float = 0.5,
                            ls_max_backtracks: int = 30, check_every: int = 10, f: Optional[torch.Tensor] = None,
-                           g: Optional[torch.Tensor] = None, return_plan: bool = False) -> SNSResult:
+                           g: Optional[torch.Tensor] = None, return_plan: bool = False,
+                           backend: str = "auto") -> SNSResult:
     """Entropic OT by Sinkhorn–Newton–Sparse (Tang et al., ICLR 2024, Algorithm 1; see the module docstring
     for the equations and the exact rules).
 
@@ -373,56 +305,50 @@ def sinkhorn_newton_sparse(C: torch.Tensor, a: Optional[torch.Tensor] = None, b:
         check_every: Sinkhorn iterations between marginal-error checks in stage 1.
         f, g: warm start potentials (stage 1, or stage 2 with ``sinkhorn_iters=0``, starts from them).
         return_plan: also return the plan ``P`` (..., n, m).
+        backend: what runs the Sinkhorn iterations (:func:`fastopt.ot.sinkhorn`'s backends: ``"auto"``,
+            ``"cpu"`` and ``"triton"`` are the kernels, for float32 costs; ``"torch"`` the dense PyTorch
+            path, which float64 costs always take).  The Newton stage is dense PyTorch on every backend.
 
     Returns:
         :class:`SNSResult` ``(f, g, plan, log)``; ``log`` holds ``sinkhorn_iters`` and ``newton_iters``
-        (iterations run), ``iterations`` (their sum: the paper's iteration count), ``cg_iters`` (per
-        Newton step, the most over the batch) and ``cg_iters_total``, ``err`` (final marginal error per
-        batch entry), ``err_history`` (the largest over the batch after every stage-1 check and every
-        Newton step) with ``iter_history`` (the iteration count at each entry), ``steps`` (line-search step
-        of each Newton step, the smallest over the batch), ``hessian_nnz`` (entries of ``P`` kept at each
-        Newton step, ``K``; the sparsified Hessian has ``n + m + 2K`` nonzeros), ``fallbacks`` (Newton
-        steps with no acceptable step size, replaced by Sinkhorn iterations), ``converged`` (bool per batch
-        entry), ``stop`` ("tol" or "newton_iters": why stage 2 ended) and ``value`` (``<a, f> + <b, g>``,
-        the entropic OT value at convergence).
+        (iterations run), ``iterations`` and ``n_iter`` (both their sum: the paper's iteration count),
+        ``cg_iters`` (per Newton step, the most over the batch) and ``cg_iters_total``, ``err`` (final
+        marginal error per batch entry), ``err_history`` (the largest over the batch after every stage-1
+        check and every Newton step) with ``iter_history`` (the iteration count at each entry), ``steps``
+        (line-search step of each Newton step, the smallest over the batch), ``hessian_nnz`` (entries of
+        ``P`` kept at each Newton step, ``K``; the sparsified Hessian has ``n + m + 2K`` nonzeros),
+        ``fallbacks`` (Newton steps with no acceptable step size, replaced by Sinkhorn iterations),
+        ``converged`` (bool per batch entry), ``stop`` ("tol" or "newton_iters": why stage 2 ended) and
+        ``value`` (``<a, f> + <b, g>``, the entropic OT value at convergence).  The result's ``value``,
+        ``n_iter``, ``error`` and ``converged`` (every entry) read them (:class:`~fastopt.ot.OTResult`).
 
     Raises:
         ValueError: bad ``eps`` or hyperparameters, a non-tensor / non-float / non-finite cost, negative
         or non-finite weights, mismatched shapes or devices, unequal masses; all before any work.
+        BackendUnavailableError: a ``backend`` that cannot run here (or float64 on a kernel backend).
     """
-    try:
-        return _solve(C, a, b, eps, sinkhorn_iters, sinkhorn_tol, newton_iters, sparsity, sparsity_growth, tol,
-                      cg_tol, cg_max_iter, ls_c1, ls_beta, ls_max_backtracks, check_every, f, g, return_plan)
-    except _InputError as e:
-        raise ValueError(f"sinkhorn_newton_sparse: {e}") from None
-
-
-def _solve(C, a, b, eps, sinkhorn_iters, sinkhorn_tol, newton_iters, sparsity, sparsity_growth, tol, cg_tol,
-           cg_max_iter, ls_c1, ls_beta, ls_max_backtracks, check_every, f, g, return_plan):
-    eps = _check_eps(eps)
-    _check_cost(C)
+    fn = "sinkhorn_newton_sparse"
+    eps = _checks.real(eps, "eps", fn, tensor=True)
+    _checks.cost_matrix(C, "C", fn, dtypes=(torch.float32, torch.float64))
     n, m = C.shape[-2:]
     batch = C.shape[:-2]
-    a = _check_weights("a", a, C, n, batch)
-    b = _check_weights("b", b, C, m, batch)
-    b = _check_balanced(a, b)
-    _check_positive("sinkhorn_iters", sinkhorn_iters, integer=True, allow_zero=True)
-    _check_positive("newton_iters", newton_iters, integer=True, allow_zero=True)
-    _check_positive("cg_max_iter", cg_max_iter, integer=True)
-    _check_positive("check_every", check_every, integer=True)
-    _check_positive("ls_max_backtracks", ls_max_backtracks, integer=True)
-    _check_positive("cg_tol", cg_tol, upper=1, upper_inclusive=False)
-    _check_positive("ls_c1", ls_c1, upper=1, upper_inclusive=False)
-    _check_positive("ls_beta", ls_beta, upper=1, upper_inclusive=False)
-    _check_positive("sparsity_growth", sparsity_growth)
-    if sparsity_growth < 1:
-        raise _InputError(f"sparsity_growth must be >= 1, got {sparsity_growth!r}")
+    a, b = _checks.dense_marginals(C, a, b, fn)
+    sinkhorn_iters = _checks.integer(sinkhorn_iters, "sinkhorn_iters", fn, low=0)
+    newton_iters = _checks.integer(newton_iters, "newton_iters", fn, low=0)
+    cg_max_iter = _checks.integer(cg_max_iter, "cg_max_iter", fn)
+    check_every = _checks.integer(check_every, "check_every", fn)
+    ls_max_backtracks = _checks.integer(ls_max_backtracks, "ls_max_backtracks", fn)
+    cg_tol = _checks.real(cg_tol, "cg_tol", fn, high=1.0)
+    ls_c1 = _checks.real(ls_c1, "ls_c1", fn, high=1.0)
+    ls_beta = _checks.real(ls_beta, "ls_beta", fn, high=1.0)
+    sparsity_growth = _checks.real(sparsity_growth, "sparsity_growth", fn, low=1.0, low_ok=True)
     if tol is None:
         tol = 1e-10 if C.dtype == torch.float64 else 1e-5
-    _check_positive("tol", tol)
+    tol = _checks.real(tol, "tol", fn)
     if sparsity is None:
         sparsity = min(1.0, max(0.05, 16.0 / min(n, m)))
-    mode, count = _check_sparsity(sparsity, n, m)
+    mode, count = _check_sparsity(sparsity, n, m, fn)
+    _backend.check_backend_name(backend)
     B = math.prod(batch)
     warm = []
     for name, w, size in (("f", f, n), ("g", g, m)):
@@ -434,16 +360,17 @@ def _solve(C, a, b, eps, sinkhorn_iters, sinkhorn_tol, newton_iters, sparsity, s
                 raise RuntimeError
             warm.append(w.to(C.dtype).expand(*batch, size).reshape(B, size))
         except RuntimeError:
-            raise _InputError(f"{name} (warm start) must be a finite tensor on {C.device} that broadcasts to "
+            raise ValueError(f"{fn}: {name} (warm start) must be a finite tensor on {C.device} that broadcasts to "
                              f"{(*batch, size)}") from None
     f2, g2 = warm
     if sinkhorn_tol is None:
         size = float(torch.minimum(a.norm(dim=-1), b.norm(dim=-1)).min()) if B > 0 else 1.0
         sinkhorn_tol = max(tol, 0.1 * size)
-    _check_positive("sinkhorn_tol", sinkhorn_tol)
+    sinkhorn_tol = _checks.real(sinkhorn_tol, "sinkhorn_tol", fn)
     if B == 0:
         empty = torch.zeros(batch, dtype=C.dtype, device=C.device)
-        log = {"sinkhorn_iters": 0, "newton_iters": 0, "iterations": 0, "cg_iters": [], "cg_iters_total": 0,
+        log = {"sinkhorn_iters": 0, "newton_iters": 0, "iterations": 0, "n_iter": 0, "cg_iters": [],
+               "cg_iters_total": 0,
                "err": empty, "err_history": [], "iter_history": [], "steps": [], "hessian_nnz": [],
                "converged": empty.bool(), "stop": "tol", "fallbacks": 0, "tol": tol, "sinkhorn_tol": sinkhorn_tol,
                "value": empty}
@@ -453,15 +380,16 @@ def _solve(C, a, b, eps, sinkhorn_iters, sinkhorn_tol, newton_iters, sparsity, s
 
     a2, b2 = a.reshape(B, n), b.reshape(B, m)
     prob = _Problem(C.reshape(B, n, m), a2, b2, eps)
+    # the Sinkhorn iterations of both stages: fastopt.ot.sinkhorn's (kernels for float32 costs)
+    stage1 = _balanced_problem(C.reshape(B, n, m), a2, b2, eps, backend, fn)
     log = {"err_history": [], "iter_history": [], "cg_iters": [], "steps": [], "hessian_nnz": []}
 
     # stage 1: Sinkhorn (log domain), stopped early at sinkhorn_tol
     it1 = 0
     while it1 < sinkhorn_iters:
         chunk = min(check_every, sinkhorn_iters - it1)
-        f2, g2, done, err = sinkhorn_reference(C.reshape(B, n, m), prob.log_a, prob.log_b, eps, n_iter=chunk,
-                                               tol=0.0, check_every=chunk, f=f2, g=g2)
-        it1 += done
+        f2, g2, err = _iterate(stage1, eps, chunk, f2, g2)
+        it1 += chunk
         log["err_history"].append(float(err.max()))
         log["iter_history"].append(it1)
         if bool((err <= sinkhorn_tol).all()):
@@ -491,11 +419,10 @@ def _solve(C, a, b, eps, sinkhorn_iters, sinkhorn_tol, newton_iters, sparsity, s
         failed = ~ok
         if bool(failed.any()):  # no acceptable step: Sinkhorn iterations for those entries, then Newton again
             chunk = check_every * 2 ** min(streak, 20)
-            f_sk, g_sk, done, _ = sinkhorn_reference(C.reshape(B, n, m), prob.log_a, prob.log_b, eps,
-                                                     n_iter=chunk, tol=0.0, check_every=chunk, f=f2, g=g2)
+            f_sk, g_sk, _ = _iterate(stage1, eps, chunk, f2, g2)
             f2 = torch.where(failed[:, None], f_sk, f2)
             g2 = torch.where(failed[:, None], g_sk, g2)
-            it1 += done
+            it1 += chunk
             fallbacks += 1
             streak += 1
         else:
@@ -512,7 +439,7 @@ def _solve(C, a, b, eps, sinkhorn_iters, sinkhorn_tol, newton_iters, sparsity, s
     f2 = torch.where(a2 > 0, f2, 0.0)
     g2 = torch.where(b2 > 0, g2, 0.0)
     log.update({
-        "sinkhorn_iters": it1, "newton_iters": it2, "iterations": it1 + it2,
+        "sinkhorn_iters": it1, "newton_iters": it2, "iterations": it1 + it2, "n_iter": it1 + it2,
         "cg_iters_total": sum(log["cg_iters"]), "err": err.reshape(batch), "converged": (err <= tol).reshape(batch),
         "stop": stop, "fallbacks": fallbacks, "tol": tol, "sinkhorn_tol": sinkhorn_tol,
         "value": ((a2 * f2).sum(-1) + (b2 * g2).sum(-1)).reshape(batch),

@@ -27,7 +27,7 @@ fp64 gives 6.91, with ``converged=True`` (-17.88 in issue 14).
 """
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -35,10 +35,12 @@ from torch import Tensor
 from .. import _backend, _ops
 from ..reference.ot import cost_matrix as dense_cost
 from ..reference.ot import softmin_reference
+from . import _checks
+from ._checks import COSTS
+from ._result import OTResult
 
 __all__ = ["sinkhorn", "sinkhorn_divergence", "SinkhornResult", "COSTS"]
 
-COSTS = {"sqeuclidean": 0, "euclidean": 1}
 NEG_INF = float("-inf")
 # The ratio of the largest cost to eps that the kernels take, per working precision: beyond it
 # (C - g) / eps leaves the normal range (the fp32 kernels would round the soft-minimum to the plain
@@ -55,13 +57,12 @@ _RATIO_RANGE = {torch.float32: 1e30, torch.float64: 1e300}
 # a bool, and ``eps_scaling`` (its schedule starts from the cost's diameter, a host read) is refused.
 
 
-def _eager():
-    return not torch.compiler.is_compiling()
+_eager = _checks.eager
 
 
 @dataclass
-class SinkhornResult:
-    """What :func:`sinkhorn` returns.
+class SinkhornResult(OTResult):
+    """What :func:`sinkhorn` returns (an :class:`~fastopt.ot.OTResult`).
 
     ``value``: the entropic OT value per batch entry (a scalar for unbatched inputs), differentiable
     with respect to the points, the weights and the cost matrix (envelope theorem: the potentials are
@@ -71,7 +72,7 @@ class SinkhornResult:
     ``n_iter``: iterations run (eps-scaling steps included); ``error``: the last error per batch entry
     (balanced: ``|P^T 1 - b|_2``, POT's criterion; unbalanced: the largest change of ``f / eps`` and
     ``g / eps`` in the last iteration), ``converged``: whether every entry reached ``tol`` (never with
-    a non-finite potential or value).
+    a non-finite potential or value).  ``log``: ``{"value", "n_iter", "err", "eps"}`` (the fields above).
     """
 
     value: torch.Tensor
@@ -83,6 +84,11 @@ class SinkhornResult:
     eps: float
     _problem: object = None
     _sol: object = None
+
+    @property
+    def log(self) -> Dict[str, Any]:
+        """The common diagnostics of :class:`~fastopt.ot.OTResult`: ``value``, ``n_iter``, ``err``, ``eps``."""
+        return {"value": self.value, "n_iter": self.n_iter, "err": self.error, "eps": self.eps}
 
     def plan(self) -> torch.Tensor:
         """The transport plan ``P`` (B, n, m) (or (n, m)), materialized: for small problems."""
@@ -139,11 +145,11 @@ class _Problem:
         out = torch.empty(h.shape[0], self.log_a.shape[1] if rows else self.log_b.shape[1],
                           dtype=torch.float32, device=h.device)
         if self.C is not None:
-            _ops.ot_softmin(None, None, self.C if rows else self.CT, w, h.contiguous(), out, float(eps), COSTS[self.cost],
-                       self.backend)
+            _ops.ot_softmin(None, None, self.C if rows else self.CT, w, h.contiguous(), out, float(eps),
+                            COSTS[self.cost], self.backend)
         else:
             _ops.ot_softmin(self.x if rows else self.y, self.y if rows else self.x, None, w, h.contiguous(), out,
-                       float(eps), COSTS[self.cost], self.backend)
+                            float(eps), COSTS[self.cost], self.backend)
         return out
 
     def grad_points(self, h, c, eps, rows):
@@ -165,78 +171,47 @@ class _Problem:
         return out[..., :self.d]
 
 
-def _check_weights(w, name, shape, device):
-    if w is None:
-        return None
-    if not torch.is_tensor(w):
-        raise TypeError(f"sinkhorn: {name} must be a tensor, got {type(w).__name__}")
-    if w.is_complex() or not w.is_floating_point():
-        raise TypeError(f"sinkhorn: {name} must be a real floating-point tensor, got {w.dtype}")
-    if tuple(w.shape) != shape and tuple(w.shape) != shape[1:]:
-        raise ValueError(f"sinkhorn: {name} has shape {tuple(w.shape)}, expected {shape[1:]} or {shape}")
-    if w.device != device:
-        raise ValueError(f"sinkhorn: {name} is on {w.device}, the points on {device}")
-    wd = w.detach()
-    if _eager() and (not bool(torch.isfinite(wd).all()) or bool((wd < 0).any())):
-        raise ValueError(f"sinkhorn: {name} must be finite and non-negative")
-    return w.expand(shape) if w.dim() == len(shape) - 1 else w
-
-
-def _check_points(t, name):
-    if not torch.is_tensor(t):
-        raise TypeError(f"sinkhorn: {name} must be a tensor, got {type(t).__name__}")
-    if t.is_complex() or not t.is_floating_point():
-        raise TypeError(f"sinkhorn: {name} must be a real floating-point tensor, got {t.dtype}")
-    if t.dim() not in (2, 3):
-        raise ValueError(f"sinkhorn: {name} must be (n, d) or (B, n, d), got shape {tuple(t.shape)}")
-    if _eager() and not bool(torch.isfinite(t.detach()).all()):
-        raise ValueError(f"sinkhorn: {name} has non-finite values")
-
-
-def _prepare(x, y, a, b, cost_matrix, x_mask, y_mask, cost, backend, rho):
-    if cost not in COSTS:
-        raise ValueError(f"sinkhorn: cost must be one of {tuple(COSTS)}, got {cost!r}")
+def _prepare(x, y, a, b, cost_matrix, x_mask, y_mask, cost, backend, rho, fn="sinkhorn"):
+    values = _eager()  # (NOTE: [sinkhorn under torch.compile])
+    _checks.cost_name(cost, fn)
     if cost_matrix is not None:
         if x is not None or y is not None:
-            raise ValueError("sinkhorn: pass either the points x, y or cost_matrix, not both")
-        if not torch.is_tensor(cost_matrix) or cost_matrix.is_complex() or not cost_matrix.is_floating_point():
-            raise TypeError("sinkhorn: cost_matrix must be a real floating-point tensor")
-        if cost_matrix.dim() not in (2, 3):
-            raise ValueError(f"sinkhorn: cost_matrix must be (n, m) or (B, n, m), got {tuple(cost_matrix.shape)}")
-        if _eager() and not bool(torch.isfinite(cost_matrix.detach()).all()):
-            raise ValueError("sinkhorn: cost_matrix has non-finite values")
+            raise ValueError(f"{fn}: pass either the points x, y or cost_matrix, not both")
+        _checks.cost_matrix(cost_matrix, "cost_matrix", fn, any_batch=False, nonempty=False, values=values)
         unbatched = cost_matrix.dim() == 2
         C = cost_matrix[None] if unbatched else cost_matrix
         B, n, m = C.shape
         device, dtype = C.device, C.dtype
         d = 0
+        ref, ref_shape = "cost_matrix", cost_matrix.shape
     else:
         if x is None or y is None:
-            raise ValueError("sinkhorn: give the points x and y (or cost_matrix=)")
-        _check_points(x, "x")
-        _check_points(y, "y")
-        if x.dim() != y.dim():
-            raise ValueError(f"sinkhorn: x is {x.dim()}-d and y is {y.dim()}-d")
+            raise ValueError(f"{fn}: give the points x and y (or cost_matrix=)")
+        _checks.points(x, "x", fn, any_batch=False, nonempty=False, values=values)
+        _checks.points(y, "y", fn, any_batch=False, nonempty=False, values=values)
+        _checks.point_pair(x, y, fn, same_dtype=True)
         unbatched = x.dim() == 2
         xb, yb = (x[None], y[None]) if unbatched else (x, y)
-        if xb.shape[0] != yb.shape[0] or xb.shape[2] != yb.shape[2]:
-            raise ValueError(f"sinkhorn: x {tuple(x.shape)} and y {tuple(y.shape)} need the same batch and dimension")
-        if x.device != y.device or x.dtype != y.dtype:
-            raise ValueError(f"sinkhorn: x and y must share device and dtype ({x.device}/{x.dtype} vs "
-                             f"{y.device}/{y.dtype})")
         B, n, d = xb.shape
         m = yb.shape[1]
         device, dtype = x.device, x.dtype
         C = None
-    a = _check_weights(a, "a", (B, n), device)
-    b = _check_weights(b, "b", (B, m), device)
+        ref, ref_shape = "x", x.shape
+    given = []
+    for w, name, size in ((a, "a", n), (b, "b", m)):
+        if w is not None:  # (the totals are checked below, after the masks)
+            _checks.weights(w, name, fn, n=size, batch=(B,), ref=ref, ref_shape=ref_shape, device=device, total=False,
+                            values=values)
+            w = w.expand(B, size) if w.dim() == 1 else w
+        given.append(w)
+    a, b = given
     masks = []
     for mask, name, size in ((x_mask, "x_mask", n), (y_mask, "y_mask", m)):
         if mask is not None:
             if not torch.is_tensor(mask) or mask.dtype != torch.bool:
-                raise TypeError(f"sinkhorn: {name} must be a bool tensor")
+                raise _checks.ArgumentTypeError(f"{fn}: {name} must be a bool tensor")
             if tuple(mask.shape) not in ((B, size), (size,)):
-                raise ValueError(f"sinkhorn: {name} has shape {tuple(mask.shape)}, expected {(B, size)}")
+                raise ValueError(f"{fn}: {name} has shape {tuple(mask.shape)}, expected {(B, size)}")
             mask = mask.to(device).expand(B, size)
         masks.append(mask)
 
@@ -245,8 +220,8 @@ def _prepare(x, y, a, b, cost_matrix, x_mask, y_mask, cost, backend, rho):
         if w is None:
             valid = mask if mask is not None else torch.ones(B, size, dtype=torch.bool, device=device)
             count = valid.sum(1, keepdim=True)
-            if _eager() and bool((count == 0).any()):
-                raise ValueError("sinkhorn: a batch entry has no valid point")
+            if values and bool((count == 0).any()):
+                raise ValueError(f"{fn}: a batch entry has no valid point")
             w64 = valid.double() / count
             ones = torch.ones(B, dtype=torch.float64, device=device)  # the mass, exactly
             return w64.to(torch.float64 if dtype == torch.float64 else torch.float32), w64, ones
@@ -257,25 +232,15 @@ def _prepare(x, y, a, b, cost_matrix, x_mask, y_mask, cost, backend, rho):
 
     a, a64, sa = weights(a, masks[0], n)
     b, b64, sb = weights(b, masks[1], m)
-    for w, name in ((sa, "a"), (sb, "b")):
-        if _eager() and bool((w <= 0).any()):
-            raise ValueError(f"sinkhorn: the weights {name} of a batch entry sum to 0")
-    if _eager() and (rho is None or math.isinf(rho)):
-        if bool(((sa - sb).abs() > 1e-5 * torch.maximum(sa, sb)).any()):
-            raise ValueError(f"sinkhorn: balanced OT needs equal total masses, got {sa.tolist()} and {sb.tolist()} "
-                             "(normalize the weights, or pass rho= for unbalanced OT)")
-    if dtype == torch.float64:
-        if backend not in ("auto", "torch"):
-            _backend.check_backend_name(backend)
-            raise _backend.BackendUnavailableError(f"sinkhorn: the {backend!r} kernels take fp32/fp16/bf16 inputs; "
-                                                   "float64 runs on backend='torch'")
-        chosen = "torch"
-    else:
-        chosen = _backend.resolve(backend, device, dtype, True)
-        if chosen == "cuda":  # the OT kernels are Triton's on GPUs
-            if backend == "cuda":
-                raise _backend.BackendUnavailableError("sinkhorn: no CUDA C++ kernel; use backend='triton' or 'auto'")
-            chosen = _backend.resolve("triton", device, dtype, True)
+    if values:
+        _checks.positive_total(sa, "a", fn)
+        _checks.positive_total(sb, "b", fn)
+        if rho is None or math.isinf(rho):
+            _checks.balanced(sa, sb, fn, hint=" (normalize the weights, or pass rho= for unbalanced OT)")
+    # the kernels take fp32/fp16/bf16: float64 runs on the dense torch reference
+    why = "float64 inputs (the kernels take fp32/fp16/bf16; float64 runs on backend='torch')" \
+        if dtype == torch.float64 else None
+    chosen = _backend.resolve(backend, device, dtype, op="ot", reason=why, name=fn)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     if C is not None:
         prob = _Problem(None, None, C.contiguous(), (a64, sa), (b64, sb), cost, chosen, unbatched, work, 0)
@@ -301,22 +266,22 @@ def _cost_scale(prob, squared=False):
     return span * span if squared or prob.cost == "sqeuclidean" else span
 
 
-def _check_scales(prob, eps):
+def _check_scales(prob, eps, fn="sinkhorn"):
     """Errors for costs or an eps that the working precision cannot hold (they would give inf or NaN, or
     round the soft-minimum to the plain minimum)."""
     work = prob.work_dtype
     fi = torch.finfo(work)
     if not (fi.tiny < 1.0 / eps < fi.max):
-        raise ValueError(f"sinkhorn: eps={eps!r} is outside the range of {work} (1/eps must be a normal {work} number)")
+        raise ValueError(f"{fn}: eps={eps!r} is outside the range of {work} (1/eps must be a normal {work} number)")
     if not _eager():
         return None
     scale, formed = _cost_scale(prob), _cost_scale(prob, squared=True)
     if not formed <= fi.max / 16:
-        raise ValueError(f"sinkhorn: the costs (squared distances for points) reach {formed:.3g}, too close to "
+        raise ValueError(f"{fn}: the costs (squared distances for points) reach {formed:.3g}, too close to "
                          f"the {work} range (at most {fi.max / 16:.3g}); rescale the inputs")
     lim = _RATIO_RANGE[work]
     if scale > 0 and not (1.0 / lim <= scale / eps <= lim):
-        raise ValueError(f"sinkhorn: eps={eps!r} against costs up to {scale:.3g} is out of {work}'s reach (the ratio "
+        raise ValueError(f"{fn}: eps={eps!r} against costs up to {scale:.3g} is out of {work}'s reach (the ratio "
                          f"cost / eps must be within [{1 / lim:.0e}, {lim:.0e}])")
     return scale
 
@@ -416,6 +381,25 @@ def _diameter(prob):
     return _cost_scale(prob)
 
 
+def _balanced_problem(C, a, b, eps, backend, fn):
+    """The balanced problem on a dense cost ``C`` (B, n, m) with weights ``a`` (B, n), ``b`` (B, m), for the
+    other solvers' Sinkhorn iterations (:func:`_iterate`): the backend resolved (fp32 runs on the kernels),
+    the inputs checked again, their scales against ``eps`` checked."""
+    prob = _prepare(None, None, a, b, C, None, None, "sqeuclidean", backend, None, fn=fn)[0]
+    _check_scales(prob, eps, fn)
+    return prob
+
+
+def _iterate(prob, eps, n_iter, f, g):
+    """``n_iter`` balanced Sinkhorn iterations (g then f) from the potentials ``f``, ``g`` on a problem of
+    :func:`_balanced_problem`: ``(f, g, marginal error |P^T 1 - b|_2 per batch entry)`` after the last
+    one, the potentials in the working dtype and 0 where a weight is 0."""
+    with torch.no_grad():
+        sol, _, err, _ = _solve(prob, eps, None, n_iter, 0.0, n_iter, None, f, g)
+    f, g = sol.full(prob)
+    return f, g, err
+
+
 class _Value(torch.autograd.Function):
     """The OT value from converged potentials; backward by the envelope theorem."""
 
@@ -510,30 +494,26 @@ def sinkhorn(x: Optional[Tensor] = None, y: Optional[Tensor] = None, a: Optional
     Every input is checked before any work: non-finite points, costs, weights or ``init``, an ``eps``
     or costs outside the working precision's reach (see the README) are ``ValueError``s.
     """
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (0 < eps < math.inf):
-        raise ValueError(f"sinkhorn: eps must be a positive finite float, got {eps!r}")
-    if rho is not None and (not isinstance(rho, (int, float)) or isinstance(rho, bool) or not rho > 0):
-        raise ValueError(f"sinkhorn: rho must be a positive float (or None: balanced), got {rho!r}")
-    if not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"sinkhorn: n_iter must be an int >= 1, got {n_iter!r}")
-    if not isinstance(check_every, int) or check_every < 1:
-        raise ValueError(f"sinkhorn: check_every must be an int >= 1, got {check_every!r}")
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
-        raise ValueError(f"sinkhorn: tol must be >= 0, got {tol!r}")
-    if eps_scaling is not None and not (isinstance(eps_scaling, float) and 0.0 < eps_scaling < 1.0):
-        raise ValueError(f"sinkhorn: eps_scaling must be a float in (0, 1), got {eps_scaling!r}")
+    fn = "sinkhorn"
+    eps = _checks.real(eps, "eps", fn)
+    if rho is not None:  # (inf: balanced)
+        rho = _checks.real(rho, "rho", fn, finite=False)
+    n_iter = _checks.integer(n_iter, "n_iter", fn)
+    check_every = _checks.integer(check_every, "check_every", fn)
+    tol = _checks.real(tol, "tol", fn, low_ok=True, finite=False)
+    if eps_scaling is not None:
+        eps_scaling = _checks.real(eps_scaling, "eps_scaling", fn, high=1.0)
     _backend.check_backend_name(backend)
     if eps_scaling is not None and not _eager():
         raise NotImplementedError("sinkhorn: eps_scaling does not compile (its schedule starts from the costs' "
                                   "diameter, read on the host); pass eps_scaling=None under torch.compile")
-    eps = float(eps)
     prob, a_eff, b_eff, C = _prepare(x, y, a, b, cost_matrix, x_mask, y_mask, cost, backend, rho)
     _check_scales(prob, eps)
     f0 = g0 = None
     if init is not None:
         f0, g0 = _check_init(init, prob)
     with torch.no_grad():
-        sol, it, err, converged = _solve(prob, eps, rho, n_iter, float(tol), check_every, eps_scaling, f0, g0)
+        sol, it, err, converged = _solve(prob, eps, rho, n_iter, tol, check_every, eps_scaling, f0, g0)
     if cost_matrix is not None:
         value = _Value.apply(None, None, C, a_eff, b_eff, sol, prob, eps, rho)
     else:

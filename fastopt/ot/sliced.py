@@ -64,7 +64,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .. import _backend, _ops
-from .._backend import BACKENDS, BackendUnavailableError
+from .._backend import BACKENDS
+from . import _checks
 
 __all__ = ["sliced_wasserstein", "max_sliced_wasserstein", "vmf_distributional_sliced_wasserstein",
            "wasserstein_1d", "random_projections", "sample_vmf", "CONTROL_VARIATES"]
@@ -73,64 +74,29 @@ CONTROL_VARIATES = (None, "lower", "upper")
 
 
 # -- argument checks ------------------------------------------------------------------------------
-def _check_backend(backend, fn):
-    """The backend name, checked; 'cpu' and 'cuda' have no kernel here (the sorts are NumPy's or torch's)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend in ("cpu", "cuda"):
-        raise BackendUnavailableError(
-            f"{fn} has no {backend!r} kernel: it runs on backend='triton' (the fused projection + sort kernel, "
-            "uniform weights and n == m) or 'torch' (every case, every device); 'auto' picks")
-
-
 def _fused_reason(x, y, a, b, dtype):
     """Why the fused Triton kernel cannot take this problem, or None when it can."""
     n, m = x.shape[-2], y.shape[-2]
     if dtype != torch.float32:
-        return f"it computes in float32 (inputs of {dtype} run on backend='torch')"
+        return f"{dtype} inputs (it computes in float32; they run on backend='torch')"
     if a is not None or b is not None:
-        return "it takes uniform weights only (a = b = None)"
+        return "weights (it takes uniform weights only: a = b = None)"
     if n != m:
-        return f"it needs as many points in x as in y (got n={n}, m={m})"
+        return f"n != m (it needs as many points in x as in y; got n={n}, m={m})"
     if n > _FUSED_MAX_N:
-        return f"a program sorts at most {_FUSED_MAX_N} points in registers (got n={n})"
+        return f"n > {_FUSED_MAX_N} (a program sorts at most {_FUSED_MAX_N} points in registers; got n={n})"
     return None
 
 
 def _resolve(backend, fn, x, y, a, b, dtype, extra=None):
-    """'triton' or 'torch' for a checked problem (``extra``: a reason the caller rules the kernel out)."""
-    _check_backend(backend, fn)
-    if backend == "torch":
-        return "torch"
+    """'triton' or 'torch' for a checked problem, by the "sliced" row of :data:`fastopt._backend.CAPABILITIES`
+    (the Triton kernel only; ``auto`` keeps CPU tensors on torch, where Triton is the interpreter);
+    ``extra``: why the caller rules the kernel out."""
     reason = extra or _fused_reason(x, y, a, b, dtype)
-    if backend == "auto":
-        usable = x.device.type == "cuda" and "triton" in _backend.available_backends(x.device)
-        return "triton" if usable and reason is None else "torch"
-    _backend.resolve("triton", x.device, torch.float32)  # raises when triton cannot run on this device
-    if reason is not None:
-        raise BackendUnavailableError(f"{fn}: the triton kernel cannot take this problem: {reason}; "
-                                      "use backend='torch' or 'auto'")
-    return "triton"
-
-
-def _check_float_tensor(name, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.is_complex():
-        raise TypeError(f"{name} must be real: complex dtype {t.dtype} is not supported")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
-                        f"float64), got {t.dtype}")
-
-
-def _check_points(name, t):
-    _check_float_tensor(name, t)
-    if t.dim() < 2:
-        raise ValueError(f"{name} must have shape (n, d) or (*batch, n, d), got {tuple(t.shape)}")
-    if t.shape[-2] == 0:
-        raise ValueError(f"{name} has no points: shape {tuple(t.shape)}")
-    if t.shape[-1] == 0:
-        raise ValueError(f"{name} has dimension d = 0: shape {tuple(t.shape)}")
+    try:
+        return _backend.resolve(backend, x.device, dtype, op="sliced", reason=reason, name=fn)
+    except ValueError:  # an unknown name
+        raise ValueError(f"{fn}: backend must be one of {BACKENDS}, got {backend!r}") from None
 
 
 def _compute_dtype(*dtypes):
@@ -138,95 +104,60 @@ def _compute_dtype(*dtypes):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_weights(name, w, points, pname, dtype):
-    """``w`` as ``(*batch, n)`` normalized weights in ``dtype`` (None stays None)."""
+def _normalized_weights(w, name, points, pname, dtype, fn):
+    """``w`` as ``(n,)`` or ``(*batch, n)`` normalized weights in ``dtype`` (None stays None)."""
     if w is None:
         return None
-    _check_float_tensor(name, w)
-    n, batch = points.shape[-2], points.shape[:-2]
-    if w.shape != (n,) and w.shape != (*batch, n):
-        raise ValueError(f"{name} must have shape ({n},) or {(*batch, n)} to match {pname} "
-                         f"{tuple(points.shape)}, got {tuple(w.shape)}")
-    if w.device != points.device:
-        raise ValueError(f"{name} is on {w.device} but {pname} is on {points.device}")
-    w = w.to(dtype)
-    wd = w.detach()
-    total = wd.sum(-1)
-    bad = (~torch.isfinite(wd)).any() | (wd < 0).any() | ~(total > 0).all()
-    if bool(bad):  # the only host sync of a call, and only when weights are given
-        if not bool(torch.isfinite(wd).all()):
-            raise ValueError(f"{name} has non-finite weights (inf or nan)")
-        if bool((wd < 0).any()):
-            raise ValueError(f"{name} has negative weights (min {wd.min().item():.3g})")
-        raise ValueError(f"{name} must sum to a positive value (got sum {total.min().item():.3g})")
+    # with weights, their value check is the only host read of a call
+    w = _checks.weights(w, name, fn, n=points.shape[-2], batch=points.shape[:-2], ref=pname, ref_shape=points.shape,
+                        device=points.device, dtype=dtype)
     return w / w.sum(-1, keepdim=True)
 
 
-def _check_p(p):
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p) or p < 1:
-        raise ValueError(f"p must be a finite number >= 1, got {p!r}")
-    return float(p)
+def _check_p(p, fn):
+    return _checks.real(p, "p", fn, low=1.0, low_ok=True)
 
 
-def _check_int(name, v, low):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-    return int(v)
-
-
-def _check_positive(name, v, allow_zero=False):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 \
-            or (v == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {v!r}")
-    return float(v)
-
-
-def _prepare(x, y, a, b):
+def _prepare(x, y, a, b, fn):
     """Checked points (in the compute dtype) and normalized weights."""
-    _check_points("x", x)
-    _check_points("y", y)
-    if x.shape[-1] != y.shape[-1]:
-        raise ValueError(f"x and y must have the same dimension d: x has d={x.shape[-1]} "
-                         f"{tuple(x.shape)}, y has d={y.shape[-1]} {tuple(y.shape)}")
-    if x.shape[:-2] != y.shape[:-2]:
-        raise ValueError(f"x and y must have the same batch shape: {tuple(x.shape[:-2])} vs "
-                         f"{tuple(y.shape[:-2])}")
-    if x.device != y.device:
-        raise ValueError(f"x is on {x.device} but y is on {y.device}")
+    _checks.points(x, "x", fn, any_batch=True, nonempty=True, values=False)
+    _checks.points(y, "y", fn, any_batch=True, nonempty=True, values=False)
+    _checks.point_pair(x, y, fn, same_dtype=False)
     dtype = _compute_dtype(x.dtype, y.dtype)
-    a = _check_weights("a", a, x, "x", dtype)
-    b = _check_weights("b", b, y, "y", dtype)
+    a = _normalized_weights(a, "a", x, "x", dtype, fn)
+    b = _normalized_weights(b, "b", y, "y", dtype, fn)
     return x.to(dtype), y.to(dtype), a, b, dtype
 
 
-def _make_generator(seed, generator, device):
+def _make_generator(seed, generator, device, fn):
     if seed is not None and generator is not None:
-        raise ValueError("pass seed or generator, not both")
+        raise ValueError(f"{fn}: pass seed or generator, not both")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            raise _checks.ArgumentTypeError(f"{fn}: generator must be a torch.Generator, got "
+                                            f"{type(generator).__name__}")
         if generator.device.type != torch.device(device).type:
-            raise ValueError(f"generator is on {generator.device} but the inputs are on {device}")
+            raise ValueError(f"{fn}: generator is on {generator.device} but the inputs are on {device}")
         return generator
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+            raise ValueError(f"{fn}: seed must be an integer, got {seed!r}")
         return torch.Generator(device=device).manual_seed(int(seed))
     return None
 
 
-def _check_directions(name, t, d, batch, dtype, device, vector):
+def _check_directions(name, t, d, batch, dtype, device, vector, fn):
     """``t``: ``(d,)`` / ``(*batch, d)`` (vector) or ``(d, L)`` / ``(*batch, d, L)`` (matrix)."""
-    _check_float_tensor(name, t)
+    _checks.float_tensor(t, name, fn)
     shapes = f"({d},) or {(*batch, d)}" if vector else f"({d}, L) or {(*batch, d, 'L')}"
     core = t.shape[-1:] if vector else t.shape[-2:-1]
     lead = t.shape[:-1] if vector else t.shape[:-2]
     if t.dim() < (1 if vector else 2) or tuple(core) != (d,) or lead not in ((), tuple(batch)):
-        raise ValueError(f"{name} must have shape {shapes}, got {tuple(t.shape)}")
+        raise ValueError(f"{fn}: {name} must have shape {shapes}, got {tuple(t.shape)}")
     if not vector and t.shape[-1] == 0:
-        raise ValueError(f"{name} has no directions: shape {tuple(t.shape)}")
+        raise ValueError(f"{fn}: {name} has no directions: shape {tuple(t.shape)}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the points are on {device}")
+        raise ValueError(f"{fn}: {name} is on {t.device} but the points are on {device}")
     return t.to(dtype)
 
 
@@ -416,43 +347,43 @@ def wasserstein_1d(u_values: torch.Tensor, v_values: torch.Tensor, u_weights: Op
     the weights as given, so compare with normalized weights).  Returns ``W_p^p`` (not ``W_p``) with the
     batch shape, in float64 for float64 inputs and float32 otherwise.
     """
-    _check_backend(backend, "wasserstein_1d")
+    fn = "wasserstein_1d"
     for name, t in (("u_values", u_values), ("v_values", v_values)):
-        _check_float_tensor(name, t)
+        _checks.float_tensor(t, name, fn)
         if t.dim() == 0:
-            raise ValueError(f"{name} must have at least one dimension")
+            raise ValueError(f"{fn}: {name} must have at least one dimension")
     if u_values.dim() != v_values.dim():
-        raise ValueError(f"u_values and v_values must have the same number of dims: "
+        raise ValueError(f"{fn}: u_values and v_values must have the same number of dims: "
                          f"{tuple(u_values.shape)} vs {tuple(v_values.shape)}")
     if u_values.device != v_values.device:
-        raise ValueError(f"u_values is on {u_values.device} but v_values is on {v_values.device}")
-    p = _check_p(p)
+        raise ValueError(f"{fn}: u_values is on {u_values.device} but v_values is on {v_values.device}")
+    p = _check_p(p, fn)
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not -u_values.dim() <= dim < u_values.dim():
-        raise ValueError(f"dim must be an integer in [{-u_values.dim()}, {u_values.dim()}), got {dim!r}")
+        raise ValueError(f"{fn}: dim must be an integer in [{-u_values.dim()}, {u_values.dim()}), got {dim!r}")
     u = torch.movedim(u_values, dim, -1)
     v = torch.movedim(v_values, dim, -1)
     if u.shape[:-1] != v.shape[:-1]:
-        raise ValueError(f"u_values and v_values must have the same batch shape (all dims but dim={dim}): "
+        raise ValueError(f"{fn}: u_values and v_values must have the same batch shape (all dims but dim={dim}): "
                          f"{tuple(u_values.shape)} vs {tuple(v_values.shape)}")
     for name, t in (("u_values", u), ("v_values", v)):
         if t.shape[-1] == 0:
-            raise ValueError(f"{name} has no atoms along dim={dim}")
+            raise ValueError(f"{fn}: {name} has no atoms along dim={dim}")
     dtype = _compute_dtype(u.dtype, v.dtype)
     weights = []
     for name, w, vals, vname in (("u_weights", u_weights, u, "u_values"), ("v_weights", v_weights, v, "v_values")):
         if w is not None:
-            _check_float_tensor(name, w)
+            _checks.float_tensor(w, name, fn)
             full = torch.movedim(vals, -1, dim).shape  # the values' own shape
             if w.shape != (vals.shape[-1],) and w.shape != full:
-                raise ValueError(f"{name} must have shape ({vals.shape[-1]},) or the shape of {vname} "
+                raise ValueError(f"{fn}: {name} must have shape ({vals.shape[-1]},) or the shape of {vname} "
                                  f"{tuple(full)}, got {tuple(w.shape)}")
             if w.dim() > 1:
                 w = torch.movedim(w, dim, -1)
             # checked as the weights of (*batch, k, 1) points
-            w = _check_weights(name, w, vals.unsqueeze(-1), vname, dtype)
+            w = _normalized_weights(w, name, vals.unsqueeze(-1), vname, dtype, fn)
         weights.append(w)
     u, v = u.to(dtype), v.to(dtype)
-    if _resolve(backend, "wasserstein_1d", u.unsqueeze(-1), v.unsqueeze(-1), *weights, dtype) == "triton":
+    if _resolve(backend, fn, u.unsqueeze(-1), v.unsqueeze(-1), *weights, dtype) == "triton":
         n = u.shape[-1]  # the fused kernel on given "projections": sort and reduce
         wpp = _FusedWpp.apply(u.reshape(-1, 1, n).contiguous(), v.reshape(-1, 1, n).contiguous(), None, p)
         return wpp.reshape(u.shape[:-1])
@@ -468,10 +399,11 @@ def random_projections(d: int, n_projections: int, *, batch_shape: Sequence[int]
     Normalized standard normal columns, from ``generator`` or ``torch.Generator(device).manual_seed(seed)``
     (or torch's global generator when both are None).
     """
-    d = _check_int("d", d, 1)
-    n_projections = _check_int("n_projections", n_projections, 1)
+    fn = "random_projections"
+    d = _checks.integer(d, "d", fn)
+    n_projections = _checks.integer(n_projections, "n_projections", fn)
     device = torch.device("cpu") if device is None else torch.device(device)
-    gen = _make_generator(seed, generator, device)
+    gen = _make_generator(seed, generator, device, fn)
     theta = torch.randn((*batch_shape, d, n_projections), generator=gen, device=device, dtype=dtype)
     return theta / torch.linalg.vector_norm(theta, dim=-2, keepdim=True)
 
@@ -640,23 +572,24 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tenso
         ``return_projections``.  ``SW_p`` is not differentiable where it is 0 (``x`` equal to ``y``),
         like POT's.
     """
-    _check_backend(backend, "sliced_wasserstein")
-    x, y, a, b, dtype = _prepare(x, y, a, b)
-    p = _check_p(p)
+    fn = "sliced_wasserstein"
+    x, y, a, b, dtype = _prepare(x, y, a, b, fn)
+    p = _check_p(p, fn)
     if control_variate not in CONTROL_VARIATES:
-        raise ValueError(f"control_variate must be one of {CONTROL_VARIATES}, got {control_variate!r}")
+        raise ValueError(f"{fn}: control_variate must be one of {CONTROL_VARIATES}, got {control_variate!r}")
     if control_variate is not None and p != 2.0:
-        raise ValueError(f"control_variate={control_variate!r} needs p=2 (the Gaussian W_2 closed form), got p={p}")
-    backend = _resolve(backend, "sliced_wasserstein", x, y, a, b, dtype,
+        raise ValueError(f"{fn}: control_variate={control_variate!r} needs p=2 (the Gaussian W_2 closed form), "
+                         f"got p={p}")
+    backend = _resolve(backend, fn, x, y, a, b, dtype,
                        extra=None if control_variate is None else
-                       "control variates need the projections' moments (torch only)")
+                       "control variates (they need the projections' moments: torch only)")
     d, batch = x.shape[-1], x.shape[:-2]
     if projections is None:
-        n_projections = _check_int("n_projections", n_projections, 1)
+        n_projections = _checks.integer(n_projections, "n_projections", fn)
         projections = random_projections(d, n_projections, dtype=dtype, device=x.device,
-                                          generator=_make_generator(seed, generator, x.device))
+                                          generator=_make_generator(seed, generator, x.device, fn))
     else:
-        projections = _check_directions("projections", projections, d, batch, dtype, x.device, vector=False)
+        projections = _check_directions("projections", projections, d, batch, dtype, x.device, False, fn)
     wpp, px, py = _wpp_directions(x, y, a, b, projections.mT, p, backend)
     if control_variate is None:
         sw = wpp.mean(-1)
@@ -684,13 +617,13 @@ def _step_size(lr, t, n_iter):
     return lr * 0.5 * (1.0 + math.cos(math.pi * t / n_iter))  # cosine decay from lr towards 0
 
 
-def _init_directions(init, name, d, batch, k, dtype, device, gen):
+def _init_directions(init, name, d, batch, k, dtype, device, gen, fn):
     if init is None:
         return _normalize(torch.randn((*batch, k, d), generator=gen, device=device, dtype=dtype))
-    init = _check_directions(name, init, d, batch, dtype, device, vector=True).detach()
+    init = _check_directions(name, init, d, batch, dtype, device, True, fn).detach()
     norm = torch.linalg.vector_norm(init, dim=-1)
     if not bool((norm > 0).all() & torch.isfinite(norm).all()):
-        raise ValueError(f"{name} must be a finite non-zero vector")
+        raise ValueError(f"{fn}: {name} must be a finite non-zero vector")
     return _normalize(init).expand(*batch, d).unsqueeze(-2)
 
 
@@ -718,16 +651,16 @@ def max_sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.T
     unit direction ``theta`` of shape ``(*batch, d)`` (detached).  Random starts come from ``generator``
     or ``seed``.  dtypes as in :func:`sliced_wasserstein`.
     """
-    _check_backend(backend, "max_sliced_wasserstein")
-    x, y, a, b, dtype = _prepare(x, y, a, b)
-    p = _check_p(p)
-    backend = _resolve(backend, "max_sliced_wasserstein", x, y, a, b, dtype)
-    n_iter = _check_int("n_iter", n_iter, 0)
-    lr = _check_positive("lr", lr)
-    n_init = _check_int("n_init", n_init, 1)
+    fn = "max_sliced_wasserstein"
+    x, y, a, b, dtype = _prepare(x, y, a, b, fn)
+    p = _check_p(p, fn)
+    backend = _resolve(backend, fn, x, y, a, b, dtype)
+    n_iter = _checks.integer(n_iter, "n_iter", fn, low=0)
+    lr = _checks.real(lr, "lr", fn)
+    n_init = _checks.integer(n_init, "n_init", fn)
     d, batch = x.shape[-1], x.shape[:-2]
-    gen = _make_generator(seed, generator, x.device)
-    theta = _init_directions(init, "init", d, batch, n_init, dtype, x.device, gen)  # (*batch, K, d)
+    gen = _make_generator(seed, generator, x.device, fn)
+    theta = _init_directions(init, "init", d, batch, n_init, dtype, x.device, gen, fn)  # (*batch, K, d)
     xd, yd = x.detach(), y.detach()
     ad = None if a is None else a.detach()
     bd = None if b is None else b.detach()
@@ -806,12 +739,13 @@ def sample_vmf(mu: torch.Tensor, kappa: float, n_samples: int, *, generator: Opt
     Returns ``(n_samples, d)`` or ``(*batch, n_samples, d)`` unit vectors in ``mu``'s dtype (float32 for
     half inputs); the cosines are drawn in float64.
     """
-    _check_float_tensor("mu", mu)
+    fn = "sample_vmf"
+    _checks.float_tensor(mu, "mu", fn)
     if mu.dim() < 1 or mu.shape[-1] < 2:
-        raise ValueError(f"mu must have shape (d,) or (*batch, d) with d >= 2, got {tuple(mu.shape)}")
-    kappa = _check_positive("kappa", kappa, allow_zero=True)
-    n_samples = _check_int("n_samples", n_samples, 1)
-    gen = _make_generator(seed, generator, mu.device)
+        raise ValueError(f"{fn}: mu must have shape (d,) or (*batch, d) with d >= 2, got {tuple(mu.shape)}")
+    kappa = _checks.real(kappa, "kappa", fn, low_ok=True)
+    n_samples = _checks.integer(n_samples, "n_samples", fn)
+    gen = _make_generator(seed, generator, mu.device, fn)
     return _sample_vmf(mu.to(_compute_dtype(mu.dtype)), kappa, n_samples, gen)
 
 
@@ -860,19 +794,19 @@ def vmf_distributional_sliced_wasserstein(
     (``sliced_wasserstein(x, y, projections=...)`` on them gives the same distance).  Needs ``d >= 2``.
     dtypes as in :func:`sliced_wasserstein`.
     """
-    _check_backend(backend, "vmf_distributional_sliced_wasserstein")
-    x, y, a, b, dtype = _prepare(x, y, a, b)
-    p = _check_p(p)
-    backend = _resolve(backend, "vmf_distributional_sliced_wasserstein", x, y, a, b, dtype)
-    kappa = _check_positive("kappa", kappa, allow_zero=True)
-    n_projections = _check_int("n_projections", n_projections, 1)
-    n_iter = _check_int("n_iter", n_iter, 0)
-    lr = _check_positive("lr", lr)
+    fn = "vmf_distributional_sliced_wasserstein"
+    x, y, a, b, dtype = _prepare(x, y, a, b, fn)
+    p = _check_p(p, fn)
+    backend = _resolve(backend, fn, x, y, a, b, dtype)
+    kappa = _checks.real(kappa, "kappa", fn, low_ok=True)
+    n_projections = _checks.integer(n_projections, "n_projections", fn)
+    n_iter = _checks.integer(n_iter, "n_iter", fn, low=0)
+    lr = _checks.real(lr, "lr", fn)
     d, batch = x.shape[-1], x.shape[:-2]
     if d < 2:
-        raise ValueError(f"the vMF distribution needs d >= 2, got x with d={d}")
-    gen = _make_generator(seed, generator, x.device)
-    eps = _init_directions(init, "init", d, batch, 1, dtype, x.device, gen).squeeze(-2)  # (*batch, d)
+        raise ValueError(f"{fn}: the vMF distribution needs d >= 2, got x with d={d}")
+    gen = _make_generator(seed, generator, x.device, fn)
+    eps = _init_directions(init, "init", d, batch, 1, dtype, x.device, gen, fn).squeeze(-2)  # (*batch, d)
     xd, yd = x.detach(), y.detach()
     ad = None if a is None else a.detach()
     bd = None if b is None else b.detach()

@@ -60,19 +60,26 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from .newton import _check_balanced, _check_weights
+from . import _checks
+from ._result import _LoggedResult
 
 __all__ = ["sparsity_constrained_ot", "sparse_simplex_projection", "SparseOTResult"]
 
 
-class SparseOTResult(NamedTuple):
-    """``plan`` (..., n, m) (None unless ``return_plan``); ``alpha`` (..., n); ``beta`` (..., m) for the dual
-    (None for the semi-dual); ``log``: see :func:`sparsity_constrained_ot`."""
-
+class _SparseOTFields(NamedTuple):
     plan: Optional[torch.Tensor]
     alpha: torch.Tensor
     beta: Optional[torch.Tensor]
     log: dict
+
+
+class SparseOTResult(_SparseOTFields, _LoggedResult):
+    """``plan`` (..., n, m) (None unless ``return_plan``); ``alpha`` (..., n); ``beta`` (..., m) for the dual
+    (None for the semi-dual); ``log``: see :func:`sparsity_constrained_ot`.  A NamedTuple ``(plan, alpha,
+    beta, log)`` and an :class:`~fastopt.ot.OTResult`: ``value``, ``n_iter``, ``error``, ``converged`` read
+    ``log["value"]``, ``log["n_iter"]``, ``log["err"]`` and ``log["converged"]`` (every batch entry)."""
+
+    __slots__ = ()
 
 
 def sparse_simplex_projection(V: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
@@ -80,8 +87,7 @@ def sparse_simplex_projection(V: torch.Tensor, k: int, dim: int = -1) -> torch.T
     ``{y >= 0, sum y = 1, |y|_0 <= k}``: the ``k`` largest entries projected onto the simplex, the others 0
     (Kyrillidis et al., ICML 2013; the closed form used by Liu et al. 2023).  ``k >= size`` is the plain
     simplex projection."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    k = _checks.integer(k, "k", "sparse_simplex_projection")
     V = V.movedim(dim, -1)
     y = _project_last(V, min(k, V.shape[-1]))
     return y.movedim(-1, dim)
@@ -97,36 +103,24 @@ def _project_last(V, k):
 
 
 # -- validation ---------------------------------------------------------------------------------
-def _check_inputs(C, a, b, k, reg, max_iter, tol, method, history_size):
-    if not isinstance(C, torch.Tensor):
-        raise ValueError(f"C must be a torch.Tensor, got {type(C).__name__}")
-    if C.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"C must be float32 or float64, got {C.dtype}")
-    if C.dim() < 2 or C.shape[-1] == 0 or C.shape[-2] == 0:
-        raise ValueError(f"C must have shape (..., n, m) with n, m >= 1, got {tuple(C.shape)}")
-    if not bool(torch.isfinite(C).all()):
-        raise ValueError("C must be finite (found inf or nan)")
+def _check_inputs(C, a, b, k, reg, max_iter, tol, method, history_size, fn):
+    _checks.cost_matrix(C, "C", fn, dtypes=(torch.float32, torch.float64))
     if method not in ("semi-dual", "dual"):
-        raise ValueError(f"method must be 'semi-dual' or 'dual', got {method!r}")
+        raise ValueError(f"{fn}: method must be 'semi-dual' or 'dual', got {method!r}")
     n, m = C.shape[-2:]
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k (nonzeros per column) must be an int >= 1, got {k!r}")
+    k = _checks.integer(k, "k (nonzeros per column)", fn)
     if k * m < n:
-        raise ValueError(f"no plan has at most k={k} nonzeros in each of the m={m} columns and covers all "
+        raise ValueError(f"{fn}: no plan has at most k={k} nonzeros in each of the m={m} columns and covers all "
                          f"n={n} rows (needs k * m >= n)")
-    for name, value in (("reg", reg), ("tol", tol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    for name, value in (("max_iter", max_iter), ("history_size", history_size)):
-        if name == "history_size" and value in ("auto", "full"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1{' (or auto / full)' if name == 'history_size' else ''}, "
-                             f"got {value!r}")
-    batch = C.shape[:-2]
-    a = _check_weights("a", a, C, n, batch, positive=True)
-    b = _check_weights("b", b, C, m, batch, positive=True)
-    return a, _check_balanced(a, b)
+    reg = _checks.real(reg, "reg", fn)
+    tol = _checks.real(tol, "tol", fn)
+    max_iter = _checks.integer(max_iter, "max_iter", fn)
+    if history_size not in ("auto", "full"):
+        if isinstance(history_size, str):
+            raise ValueError(f"{fn}: history_size must be an integer >= 1 (or auto / full), got {history_size!r}")
+        history_size = _checks.integer(history_size, "history_size (or auto / full)", fn)
+    a, b = _checks.dense_marginals(C, a, b, fn, positive=True)
+    return a, b, k, reg, tol, max_iter, history_size
 
 
 # -- objectives (value to maximize, gradient, plan) ----------------------------------------------
@@ -290,7 +284,10 @@ def sparsity_constrained_ot(C: torch.Tensor, a: Optional[torch.Tensor] = None, b
         (semi-)dual objective per batch entry, a lower bound on the constrained primal optimum),
         ``primal`` (``<T, C> + (reg / 2) |T|^2`` of the returned plan), ``err_a`` / ``err_b``
         (``|T 1 - a|_1``, ``|T^T 1 - b|_1``), ``max_nnz_per_column``, ``max_grad`` (the final largest
-        marginal residual entry), ``n_iter`` and ``n_evals`` (iterations and objective evaluations).
+        marginal residual entry), ``err`` (the same per batch entry) with ``converged`` (per batch entry:
+        ``err <= tol``) and ``tol``, ``n_iter`` and ``n_evals`` (iterations and objective evaluations).
+        The result's ``value``, ``n_iter``, ``error`` and ``converged`` (every entry) read them
+        (:class:`~fastopt.ot.OTResult`).
 
     Raises:
         ValueError: bad ``k``/``reg``/``tol``/``max_iter``/``method``, infeasible ``k * m < n``, non-finite
@@ -298,16 +295,13 @@ def sparsity_constrained_ot(C: torch.Tensor, a: Optional[torch.Tensor] = None, b
     """
     if tol is None and isinstance(C, torch.Tensor):
         tol = 1e-9 if C.dtype == torch.float64 else 1e-6
-    try:
-        a, b = _check_inputs(C, a, b, k, reg, max_iter, tol, method, history_size)
-    except ValueError as e:
-        raise ValueError(f"sparsity_constrained_ot: {e}") from None
+    a, b, k, reg, tol, max_iter, history_size = _check_inputs(C, a, b, k, reg, max_iter, tol, method, history_size,
+                                                               "sparsity_constrained_ot")
     n, m = C.shape[-2:]
     batch = C.shape[:-2]
     k = min(k, n)
     B = math.prod(batch)
     C2, a2, b2 = C.reshape(B, n, m), a.reshape(B, n), b.reshape(B, m)
-    reg = float(reg)
     size = n if method == "semi-dual" else n + m
     z = torch.zeros(B, size, dtype=C.dtype, device=C.device)
 
@@ -330,8 +324,10 @@ def sparsity_constrained_ot(C: torch.Tensor, a: Optional[torch.Tensor] = None, b
     zz = z
     value, grad, T = evaluate(zz)
     primal = (T * C2).sum((-1, -2)) + 0.5 * reg * T.square().sum((-1, -2))
+    err = grad.abs().amax(-1)  # what the stopping test bounds by tol
     log = {
         "value": value.reshape(batch), "primal": primal.reshape(batch),
+        "err": err.reshape(batch), "converged": (err <= tol).reshape(batch), "tol": tol,
         "err_a": (T.sum(-1) - a2).abs().sum(-1).reshape(batch),
         "err_b": (T.sum(-2) - b2).abs().sum(-1).reshape(batch),
         "max_nnz_per_column": int((T > 0).sum(-2).amax()) if T.numel() else 0,
