@@ -8,14 +8,8 @@
 #include "isa.h"
 
 namespace fastopt {
-namespace cpu {
-namespace baseline {
-void adam_run(const AdamArgs& a, const std::vector<functors::AdamCoeffs>& coeffs, float grad_mul);
-}
-namespace avx2 {
-void adam_run(const AdamArgs& a, const std::vector<functors::AdamCoeffs>& coeffs, float grad_mul);
-}
-}  // namespace cpu
+FASTOPT_CPU_KERNEL_DECL(void adam_run(const AdamArgs& a, const std::vector<functors::AdamCoeffs>& coeffs,
+                                      float grad_mul))
 
 void adam_cpu(const AdamArgs& a) {
   check_adam(a);
@@ -31,15 +25,7 @@ void adam_cpu(const AdamArgs& a) {
     steps[t] = as_ptr<float>(a.steps[t]);
     coeffs[t] = functors::adam_coeffs(a.hyper, lr, static_cast<double>(*steps[t]) + 1.0);
   }
-#if defined(FASTOPT_HAVE_AVX2_KERNELS)
-  if (cpu::use_avx2()) {
-    cpu::avx2::adam_run(a, coeffs, grad_mul);
-  } else {
-    cpu::baseline::adam_run(a, coeffs, grad_mul);
-  }
-#else
-  cpu::baseline::adam_run(a, coeffs, grad_mul);
-#endif
+  FASTOPT_CPU_KERNEL_CALL(adam_run, a, coeffs, grad_mul);
   for (float* s : steps) *s += 1.0f;
 }
 

@@ -2,18 +2,10 @@
 #include <cstdint>
 #include <vector>
 
-#include "fastopt/api.h"
-#include "fastopt/dispatch.h"
 #include "fastopt/functors/adam.h"
-#include "fastopt/multi_tensor_cpu.h"
+#include "kernel.h"
 
-#ifndef FASTOPT_CPU_NS
-#error "compile with -DFASTOPT_CPU_NS=<isa namespace>"
-#endif
-
-namespace fastopt {
-namespace cpu {
-namespace FASTOPT_CPU_NS {
+namespace fastopt::cpu::FASTOPT_CPU_NS {
 namespace {
 
 template <typename T, bool DECOUPLED, bool AMSGRAD>
@@ -42,6 +34,4 @@ void adam_run(const AdamArgs& a, const std::vector<functors::AdamCoeffs>& coeffs
   });
 }
 
-}  // namespace FASTOPT_CPU_NS
-}  // namespace cpu
-}  // namespace fastopt
+}  // namespace fastopt::cpu::FASTOPT_CPU_NS

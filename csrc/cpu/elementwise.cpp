@@ -10,16 +10,8 @@
 #include "step.h"
 
 namespace fastopt {
-namespace cpu {
-namespace baseline {
-bool elementwise_run(const ElementwiseArgs& a, double lr, float grad_mul, const double* steps,
-                     const int64_t* row_offset, double* sums);
-}
-namespace avx2 {
-bool elementwise_run(const ElementwiseArgs& a, double lr, float grad_mul, const double* steps,
-                     const int64_t* row_offset, double* sums);
-}
-}  // namespace cpu
+FASTOPT_CPU_KERNEL_DECL(bool elementwise_run(const ElementwiseArgs& a, double lr, float grad_mul, const double* steps,
+                                             const int64_t* row_offset, double* sums))
 
 bool op_shape(const std::string& op, int* states, int* reduce) {
 #define FASTOPT_OP_SHAPE(NAME, TYPE) \
@@ -100,15 +92,7 @@ void elementwise_cpu(const ElementwiseArgs& a) {
   if (st.skip) return;
   const std::vector<int64_t>& off = st.row_offset;
   std::vector<double> sums(a.phase == 1 ? off[a.lists.n] * kMaxReduce : 0, 0.0);
-#if defined(FASTOPT_HAVE_AVX2_KERNELS)
-  if (cpu::use_avx2()) {
-    cpu::avx2::elementwise_run(st.padded, st.lr, st.grad_mul, st.next.data(), off.data(), sums.data());
-  } else {
-    cpu::baseline::elementwise_run(st.padded, st.lr, st.grad_mul, st.next.data(), off.data(), sums.data());
-  }
-#else
-  cpu::baseline::elementwise_run(st.padded, st.lr, st.grad_mul, st.next.data(), off.data(), sums.data());
-#endif
+  FASTOPT_CPU_KERNEL_CALL(elementwise_run, st.padded, st.lr, st.grad_mul, st.next.data(), off.data(), sums.data());
   if (a.phase == 1) {
     float* out = as_ptr<float>(a.reduce_out_ptr);
     for (size_t i = 0; i < sums.size(); ++i) out[i] += static_cast<float>(sums[i]);

@@ -5,19 +5,11 @@
 #include <cstring>
 #include <vector>
 
-#include "fastopt/api.h"
-#include "fastopt/dispatch.h"
 #include "fastopt/elementwise.h"
-#include "fastopt/multi_tensor_cpu.h"
 #include "fastopt/ops.h"
+#include "kernel.h"
 
-#ifndef FASTOPT_CPU_NS
-#error "compile with -DFASTOPT_CPU_NS=<isa namespace>"
-#endif
-
-namespace fastopt {
-namespace cpu {
-namespace FASTOPT_CPU_NS {
+namespace fastopt::cpu::FASTOPT_CPU_NS {
 namespace {
 
 struct Plan {
@@ -173,6 +165,4 @@ bool elementwise_run(const ElementwiseArgs& a, double lr, float grad_mul, const 
   return found;
 }
 
-}  // namespace FASTOPT_CPU_NS
-}  // namespace cpu
-}  // namespace fastopt
+}  // namespace fastopt::cpu::FASTOPT_CPU_NS

@@ -12,15 +12,10 @@
 #include "step.h"
 
 namespace fastopt {
-namespace cpu {
-#define FASTOPT_LOWBIT_DECLS                                                                                  \
-  bool lowbit_run(const LowbitArgs& la, const ElementwiseArgs& a, double lr, float grad_mul, const double* steps); \
-  void codec_run(float* x, uint8_t* codes, float* absmax, int64_t numel, int64_t block, const int32_t* book,  \
-                 bool dequantize);
-namespace baseline { FASTOPT_LOWBIT_DECLS }
-namespace avx2 { FASTOPT_LOWBIT_DECLS }
-#undef FASTOPT_LOWBIT_DECLS
-}  // namespace cpu
+FASTOPT_CPU_KERNEL_DECL(bool lowbit_run(const LowbitArgs& la, const ElementwiseArgs& a, double lr, float grad_mul,
+                                        const double* steps))
+FASTOPT_CPU_KERNEL_DECL(void codec_run(float* x, uint8_t* codes, float* absmax, int64_t numel, int64_t block,
+                                       const int32_t* book, bool dequantize))
 
 // Values per byte of each state list's codes (1 for plain states): 2 where the codes of the call's
 // first non-empty tensor are numel / 2 bytes.  check_lists then holds every tensor of the list to it;
@@ -104,15 +99,7 @@ void lowbit_cpu(const LowbitArgs& la) {
   }
   CpuStep st = prepare_cpu_step(la.base);
   if (st.skip) return;
-#if defined(FASTOPT_HAVE_AVX2_KERNELS)
-  if (cpu::use_avx2()) {
-    cpu::avx2::lowbit_run(la, st.padded, st.lr, st.grad_mul, st.next.data());
-  } else {
-    cpu::baseline::lowbit_run(la, st.padded, st.lr, st.grad_mul, st.next.data());
-  }
-#else
-  cpu::baseline::lowbit_run(la, st.padded, st.lr, st.grad_mul, st.next.data());
-#endif
+  FASTOPT_CPU_KERNEL_CALL(lowbit_run, la, st.padded, st.lr, st.grad_mul, st.next.data());
   for (float* s : st.steps) *s += 1.0f;
 }
 
@@ -135,13 +122,7 @@ void quantize_cpu(const CodecArgs& a) {
   auto* xp = as_ptr<float>(a.x);
   auto* cp = as_ptr<uint8_t>(a.codes);
   auto* ap = as_ptr<float>(a.absmax);
-#if defined(FASTOPT_HAVE_AVX2_KERNELS)
-  if (cpu::use_avx2()) {
-    cpu::avx2::codec_run(xp, cp, ap, a.numel, a.block, bp, a.dequantize);
-    return;
-  }
-#endif
-  cpu::baseline::codec_run(xp, cp, ap, a.numel, a.block, bp, a.dequantize);
+  FASTOPT_CPU_KERNEL_CALL(codec_run, xp, cp, ap, a.numel, a.block, bp, a.dequantize);
 }
 
 }  // namespace fastopt

@@ -8,20 +8,12 @@
 
 #include <omp.h>
 
-#include "fastopt/api.h"
-#include "fastopt/dispatch.h"
 #include "fastopt/elementwise.h"
-#include "fastopt/multi_tensor_cpu.h"
 #include "fastopt/ops.h"
 #include "fastopt/quant.h"
+#include "kernel.h"
 
-#ifndef FASTOPT_CPU_NS
-#error "compile with -DFASTOPT_CPU_NS=<isa namespace>"
-#endif
-
-namespace fastopt {
-namespace cpu {
-namespace FASTOPT_CPU_NS {
+namespace fastopt::cpu::FASTOPT_CPU_NS {
 namespace {
 
 // Dequantize `len` values of one block (codes start at the block's first element).
@@ -316,6 +308,4 @@ void codec_run(float* x, uint8_t* codes, float* absmax, int64_t numel, int64_t b
   }, block);
 }
 
-}  // namespace FASTOPT_CPU_NS
-}  // namespace cpu
-}  // namespace fastopt
+}  // namespace fastopt::cpu::FASTOPT_CPU_NS

@@ -10,14 +10,7 @@
 #include "isa.h"
 
 namespace fastopt {
-namespace cpu {
-namespace baseline {
-void ot_run(const OtArgs& a, const float* yT);
-}
-namespace avx2 {
-void ot_run(const OtArgs& a, const float* yT);
-}
-}  // namespace cpu
+FASTOPT_CPU_KERNEL_DECL(void ot_run(const OtArgs& a, const float* yT))
 
 void ot_pass_cpu(const OtArgs& a) {
   check_ot(a);
@@ -33,13 +26,7 @@ void ot_pass_cpu(const OtArgs& a) {
             yT[(b * a.d + k) * a.m + j] = to_float(y[(b * a.m + j) * a.d + k]);
     });
   }
-#if defined(FASTOPT_HAVE_AVX2_KERNELS)
-  if (cpu::use_avx2()) {
-    cpu::avx2::ot_run(a, yT.data());
-    return;
-  }
-#endif
-  cpu::baseline::ot_run(a, yT.data());
+  FASTOPT_CPU_KERNEL_CALL(ot_run, a, yT.data());
 }
 
 }  // namespace fastopt

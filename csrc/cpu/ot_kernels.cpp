@@ -23,47 +23,60 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
-#include "fastopt/api.h"
-#include "fastopt/dispatch.h"
 #include "fastopt/elementwise.h"
+#include "kernel.h"
 
-#ifndef FASTOPT_CPU_NS
-#error "compile with -DFASTOPT_CPU_NS=<isa namespace>"
-#endif
-
-namespace fastopt {
-namespace cpu {
-namespace FASTOPT_CPU_NS {
+namespace fastopt::cpu::FASTOPT_CPU_NS {
 namespace {
 
 constexpr int64_t kBlock = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int kMaxD = 16;
+constexpr float kInf = std::numeric_limits<float>::infinity();
 // Below this many (i, j) pairs one thread runs the pass: waking a team costs more than the work
 // (and a spinning team on a busy machine costs far more).
-constexpr int64_t kParallelWork = 1 << 16;  // gradient accumulators on the stack; larger d uses the generic path
+constexpr int64_t kParallelWork = 1 << 16;
 
 inline float exp_or_zero(float v) {  // v <= 0
   const float e = exp_nonpositive(v);
   return v < -87.0f ? 0.0f : e;
 }
 
-// The block's values s[j] = h[j] - C_ij / eps for the points x_i (fp32, d) and y^T (fp32 [d, m]).
-inline void point_block(const float* __restrict__ xi, const float* __restrict__ yT, const float* __restrict__ h,
-                        int64_t m, int64_t d, int64_t j0, int64_t len, int cost, float inv_eps,
-                        float* __restrict__ s) {
-  for (int64_t j = 0; j < len; ++j) s[j] = 0.0f;
+// out[j] = |x_i - y_(j0 + j)|^2 for the points x_i (fp32, d) and y^T (fp32 [d, m]).
+inline void sq_dist_block(const float* __restrict__ xi, const float* __restrict__ yT, int64_t m, int64_t d,
+                          int64_t j0, int64_t len, float* __restrict__ out) {
+  for (int64_t j = 0; j < len; ++j) out[j] = 0.0f;
   for (int64_t k = 0; k < d; ++k) {
     const float xk = xi[k];
     const float* __restrict__ yk = yT + k * m + j0;
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
       const float t = xk - yk[j];
-      s[j] += t * t;
+      out[j] += t * t;
     }
   }
+}
+
+// C(x_i, y_j) for d = D known at compile time (the common d = 1..4): the point stays in registers and
+// the cost is computed inside the caller's vectorized loop over j.
+template <int D, int COST>
+inline __attribute__((always_inline)) float small_cost(const float (&xk)[D], const float* __restrict__ yT,
+                                                       int64_t m, int64_t j) {
+  float c = 0.0f;
+  for (int k = 0; k < D; ++k) {
+    const float t = xk[k] - yT[k * m + j];
+    c += t * t;
+  }
+  return COST == 1 ? std::sqrt(c) : c;
+}
+
+// The block's values s[j] = h[j] - C_ij / eps for the points x_i (fp32, d) and y^T (fp32 [d, m]).
+inline void point_block(const float* __restrict__ xi, const float* __restrict__ yT, const float* __restrict__ h,
+                        int64_t m, int64_t d, int64_t j0, int64_t len, int cost, float inv_eps,
+                        float* __restrict__ s) {
+  sq_dist_block(xi, yT, m, d, j0, len, s);
   if (cost == 1) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) s[j] = std::sqrt(s[j]);
@@ -72,8 +85,7 @@ inline void point_block(const float* __restrict__ xi, const float* __restrict__ 
   for (int64_t j = 0; j < len; ++j) s[j] = h[j0 + j] - s[j] * inv_eps;
 }
 
-// point_block + block_max in one pass for small d known at compile time (the common d = 1..4): the
-// costs stay in registers.
+// point_block + block_max in one pass for small d known at compile time: the costs stay in registers.
 template <int D, int COST>
 inline float point_block_small(const float* __restrict__ xi, const float* __restrict__ yT,
                                const float* __restrict__ h, int64_t m, int64_t j0, int64_t len, float inv_eps,
@@ -83,13 +95,7 @@ inline float point_block_small(const float* __restrict__ xi, const float* __rest
   float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
   for (int64_t j = 0; j < len; ++j) {
-    float c = 0.0f;
-    for (int k = 0; k < D; ++k) {
-      const float t = xk[k] - yT[k * m + j0 + j];
-      c += t * t;
-    }
-    if (COST == 1) c = std::sqrt(c);
-    const float v = h[j0 + j] - c * inv_eps;
+    const float v = h[j0 + j] - small_cost<D, COST>(xk, yT, m, j0 + j) * inv_eps;
     s[j] = v;
     mx = std::max(mx, v);
   }
@@ -146,7 +152,6 @@ inline float expm1_small(float x) {
   return q * (x * x) + x;
 }
 
-constexpr float kInf = std::numeric_limits<float>::infinity();
 // x >= -kSmallX: exp_nonpositive's reduction has n = 0 (|x| < ln2 / 2), so expm1_small is exact there.
 constexpr float kSmallX = 0.34f;
 
@@ -215,24 +220,15 @@ struct SoftMinInputs {
   }
 };
 
-// dd[j] = cost(x_i, y_j) / eps - gs_j (+inf where w_j = 0), for d known at compile time; returns the
-// minimum, and the largest finite value in *mx_out.
-template <int D, int COST>
-inline float soft_block_small(const float* __restrict__ xi, const float* __restrict__ yT,
-                              const float* __restrict__ gs, int64_t m, int64_t j0, int64_t len, float inv_eps,
-                              float* __restrict__ dd, float* mx_out) {
-  float xk[D];
-  for (int k = 0; k < D; ++k) xk[k] = xi[k];
+// The soft-minimum values of one block from its costs c (c[j] = C_i,(j0 + j); dd may be c):
+// dd[j] = c[j] / eps - gs_j (+inf where w_j = 0); returns the minimum, and the largest finite value in
+// *mx_out.
+inline float soft_block_from_costs(const float* c, const float* __restrict__ gs, int64_t len, float inv_eps,
+                                   float* dd, float* mx_out) {
   float mn = kInf, mx = -kInf;
 #pragma omp simd reduction(min : mn) reduction(max : mx)
   for (int64_t j = 0; j < len; ++j) {
-    float c = 0.0f;
-    for (int k = 0; k < D; ++k) {
-      const float t = xk[k] - yT[k * m + j0 + j];
-      c += t * t;
-    }
-    if (COST == 1) c = std::sqrt(c);
-    const float v = c * inv_eps - gs[j0 + j];
+    const float v = c[j] * inv_eps - gs[j];
     dd[j] = v;
     mn = std::min(mn, v);
     mx = std::max(mx, v < kInf ? v : -kInf);
@@ -241,191 +237,149 @@ inline float soft_block_small(const float* __restrict__ xi, const float* __restr
   return mn;
 }
 
+// soft_block_from_costs for the points x_i and y^T: for d known at compile time in one pass (the
+// costs stay in registers), else the squared distances first.
 template <int D, int COST>
 float soft_block(const float* xi, const float* yT, const float* gs, int64_t m, int64_t d, int64_t j0, int64_t len,
                  float inv_eps, float* dd, float* mx_out) {
   if constexpr (D > 0) {
-    return soft_block_small<D, COST>(xi, yT, gs, m, j0, len, inv_eps, dd, mx_out);
-  } else {
-    for (int64_t j = 0; j < len; ++j) dd[j] = 0.0f;
-    for (int64_t k = 0; k < d; ++k) {
-      const float xk = xi[k];
-      const float* __restrict__ yk = yT + k * m + j0;
-#pragma omp simd
-      for (int64_t j = 0; j < len; ++j) {
-        const float t = xk - yk[j];
-        dd[j] += t * t;
-      }
-    }
+    float xk[D];
+    for (int k = 0; k < D; ++k) xk[k] = xi[k];
     float mn = kInf, mx = -kInf;
 #pragma omp simd reduction(min : mn) reduction(max : mx)
     for (int64_t j = 0; j < len; ++j) {
-      const float c = COST == 1 ? std::sqrt(dd[j]) : dd[j];
-      const float v = c * inv_eps - gs[j0 + j];
+      const float v = small_cost<D, COST>(xk, yT, m, j0 + j) * inv_eps - gs[j0 + j];
       dd[j] = v;
       mn = std::min(mn, v);
       mx = std::max(mx, v < kInf ? v : -kInf);
     }
     *mx_out = mx;
     return mn;
-  }
-}
-
-template <typename T, int D, int COST>
-void softmin_points_d(const OtArgs& a, const float* yT_all) {
-  const T* x = as_ptr<const T>(a.x);
-  const float* w_all = as_ptr<const float>(a.h);
-  float* out = as_ptr<float>(a.out);
-  const int64_t n = a.n, m = a.m, d = a.d;
-  const float inv_eps = static_cast<float>(1.0 / a.eps);
-  const SoftMinInputs in(a);
-#pragma omp parallel if (a.batch * a.n * a.m >= kParallelWork)
-  {
-    alignas(64) float dd[kBlock];
-    float xi[kMaxD];
-    float* xbuf = d <= kMaxD ? xi : new float[d];
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < a.batch * n; ++r) {
-      const int64_t b = r / n;
-      for (int64_t k = 0; k < d; ++k) xbuf[k] = to_float(x[r * d + k]);
-      const float* yT = yT_all + b * d * m;
-      const float* gs = in.gs.data() + b * m;
-      const float* w = w_all + b * m;
-      SoftMin sm;
-      for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
-        const int64_t len = std::min(kBlock, m - j0);
-        float bx;
-        const float bm = soft_block<D, COST>(xbuf, yT, gs, m, d, j0, len, inv_eps, dd, &bx);
-        if (bm == kInf) continue;
-        sm.add(dd, w + j0, len, in.wblk[b * in.nb + j0 / kBlock], bm, bx);
-      }
-      out[r] = sm.value(a.eps);
-    }
-    if (xbuf != xi) delete[] xbuf;
-  }
-}
-
-template <typename T>
-void softmin_points(const OtArgs& a, const float* yT_all) {
-  const bool eu = a.cost == 1;
-  switch (a.d) {
-    case 1: return eu ? softmin_points_d<T, 1, 1>(a, yT_all) : softmin_points_d<T, 1, 0>(a, yT_all);
-    case 2: return eu ? softmin_points_d<T, 2, 1>(a, yT_all) : softmin_points_d<T, 2, 0>(a, yT_all);
-    case 3: return eu ? softmin_points_d<T, 3, 1>(a, yT_all) : softmin_points_d<T, 3, 0>(a, yT_all);
-    case 4: return eu ? softmin_points_d<T, 4, 1>(a, yT_all) : softmin_points_d<T, 4, 0>(a, yT_all);
-    default: return eu ? softmin_points_d<T, 0, 1>(a, yT_all) : softmin_points_d<T, 0, 0>(a, yT_all);
-  }
-}
-
-template <typename T>
-void softmin_dense(const OtArgs& a) {
-  const T* C = as_ptr<const T>(a.cost_matrix);
-  const float* w_all = as_ptr<const float>(a.h);
-  float* out = as_ptr<float>(a.out);
-  const int64_t n = a.n, m = a.m;
-  const float inv_eps = static_cast<float>(1.0 / a.eps);
-  const SoftMinInputs in(a);
-#pragma omp parallel if (a.batch * a.n * a.m >= kParallelWork)
-  {
-    alignas(64) float dd[kBlock];
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < a.batch * n; ++r) {
-      const int64_t b = r / n;
-      const float* gs = in.gs.data() + b * m;
-      const float* w = w_all + b * m;
-      const T* row = C + r * m;
-      SoftMin sm;
-      for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
-        const int64_t len = std::min(kBlock, m - j0);
-        float mn = kInf, mx = -kInf;
-#pragma omp simd reduction(min : mn) reduction(max : mx)
-        for (int64_t j = 0; j < len; ++j) {
-          const float v = to_float(row[j0 + j]) * inv_eps - gs[j0 + j];
-          dd[j] = v;
-          mn = std::min(mn, v);
-          mx = std::max(mx, v < kInf ? v : -kInf);
-        }
-        if (mn == kInf) continue;
-        sm.add(dd, w + j0, len, in.wblk[b * in.nb + j0 / kBlock], mn, mx);
-      }
-      out[r] = sm.value(a.eps);
-    }
-  }
-}
-
-template <typename T, int D, int COST>
-void lse_points_d(const OtArgs& a, const float* yT_all);
-
-template <typename T>
-void lse_points(const OtArgs& a, const float* yT_all) {
-  const bool eu = a.cost == 1;
-  switch (a.d) {
-    case 1: return eu ? lse_points_d<T, 1, 1>(a, yT_all) : lse_points_d<T, 1, 0>(a, yT_all);
-    case 2: return eu ? lse_points_d<T, 2, 1>(a, yT_all) : lse_points_d<T, 2, 0>(a, yT_all);
-    case 3: return eu ? lse_points_d<T, 3, 1>(a, yT_all) : lse_points_d<T, 3, 0>(a, yT_all);
-    case 4: return eu ? lse_points_d<T, 4, 1>(a, yT_all) : lse_points_d<T, 4, 0>(a, yT_all);
-    default: return eu ? lse_points_d<T, 0, 1>(a, yT_all) : lse_points_d<T, 0, 0>(a, yT_all);
-  }
-}
-
-template <typename T, int D, int COST>
-void lse_points_d(const OtArgs& a, const float* yT_all) {
-  const T* x = as_ptr<const T>(a.x);
-  const float* h_all = as_ptr<const float>(a.h);
-  float* out = as_ptr<float>(a.out);
-  const int64_t n = a.n, m = a.m, d = a.d;
-  const float inv_eps = static_cast<float>(1.0 / a.eps);
-#pragma omp parallel if (a.batch * a.n * a.m >= kParallelWork)
-  {
-    alignas(64) float s[kBlock];
-    float xi[kMaxD];
-    float* xbuf = d <= kMaxD ? xi : new float[d];
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < a.batch * n; ++r) {
-      const int64_t b = r / n;
-      for (int64_t k = 0; k < d; ++k) xbuf[k] = to_float(x[r * d + k]);
-      const float* yT = yT_all + b * d * m;
-      const float* h = h_all + b * m;
-      Lse l;
-      for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
-        const int64_t len = std::min(kBlock, m - j0);
-        const float bm = row_block<D, COST>(xbuf, yT, h, m, d, j0, len, inv_eps, s);
-        if (bm == kNegInf) continue;
-        float unused;
-        l.add(s, len, bm, &unused);
-      }
-      out[r] = l.value();
-    }
-    if (xbuf != xi) delete[] xbuf;
-  }
-}
-
-template <typename T>
-void lse_dense(const OtArgs& a) {
-  const T* C = as_ptr<const T>(a.cost_matrix);
-  const float* h_all = as_ptr<const float>(a.h);
-  float* out = as_ptr<float>(a.out);
-  const int64_t n = a.n, m = a.m;
-  const float inv_eps = static_cast<float>(1.0 / a.eps);
-#pragma omp parallel if (a.batch * a.n * a.m >= kParallelWork)
-  {
-    alignas(64) float s[kBlock];
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < a.batch * n; ++r) {
-      const float* h = h_all + (r / n) * m;
-      const T* row = C + r * m;
-      Lse l;
-      for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
-        const int64_t len = std::min(kBlock, m - j0);
+  } else {
+    sq_dist_block(xi, yT, m, d, j0, len, dd);
+    if (COST == 1) {
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) s[j] = h[j0 + j] - to_float(row[j0 + j]) * inv_eps;
-        const float bm = block_max(s, len);
-        if (bm == kNegInf) continue;
-        float unused;
-        l.add(s, len, bm, &unused);
-      }
-      out[r] = l.value();
+      for (int64_t j = 0; j < len; ++j) dd[j] = std::sqrt(dd[j]);
     }
+    return soft_block_from_costs(dd, gs + j0, len, inv_eps, dd, mx_out);
+  }
+}
+
+// Runs row(r, b, xi, scratch) for every row r (batch entry b = r / n), the rows spread over the
+// OpenMP team: xi holds x_r in fp32 (points; nothing for a cost matrix) followed by `extra` floats,
+// scratch is 2 * kBlock floats; both belong to the calling thread.
+template <typename T, typename Row>
+void for_each_row(const OtArgs& a, int64_t extra, Row&& row) {
+  const T* x = as_ptr<const T>(a.x);
+  const int64_t n = a.n, d = a.cost_matrix == 0 ? a.d : 0;
+#pragma omp parallel if (a.batch * a.n * a.m >= kParallelWork)
+  {
+    alignas(64) float scratch[2 * kBlock];
+    std::vector<float> xi(static_cast<size_t>(d + extra));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < a.batch * n; ++r) {
+      for (int64_t k = 0; k < d; ++k) xi[k] = to_float(x[r * d + k]);
+      row(r, r / n, xi.data(), scratch);
+    }
+  }
+}
+
+// Calls f(D, COST) with the point dimension D (1..4; 0 for any other d) and the cost as compile-time
+// constants (std::integral_constant).
+template <typename F>
+void with_point_kernel(const OtArgs& a, F&& f) {
+  auto cost = [&](auto D) {
+    if (a.cost == 1) {
+      f(D, std::integral_constant<int, 1>{});
+    } else {
+      f(D, std::integral_constant<int, 0>{});
+    }
+  };
+  switch (a.d) {
+    case 1: return cost(std::integral_constant<int, 1>{});
+    case 2: return cost(std::integral_constant<int, 2>{});
+    case 3: return cost(std::integral_constant<int, 3>{});
+    case 4: return cost(std::integral_constant<int, 4>{});
+    default: return cost(std::integral_constant<int, 0>{});
+  }
+}
+
+// The soft-minimum pass (mode 2): block(r, b, xi, j0, len, gs, dd, &bx) fills dd with the values of
+// columns j0 .. j0 + len of row r (soft_block_from_costs) and returns their minimum.
+template <typename T, typename Block>
+void softmin_rows(const OtArgs& a, Block&& block) {
+  const float* w_all = as_ptr<const float>(a.h);
+  float* out = as_ptr<float>(a.out);
+  const int64_t m = a.m;
+  const SoftMinInputs in(a);
+  for_each_row<T>(a, 0, [&](int64_t r, int64_t b, const float* xi, float* dd) {
+    const float* gs = in.gs.data() + b * m;
+    const float* w = w_all + b * m;
+    SoftMin sm;
+    for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
+      const int64_t len = std::min(kBlock, m - j0);
+      float bx;
+      const float bm = block(r, b, xi, j0, len, gs, dd, &bx);
+      if (bm == kInf) continue;
+      sm.add(dd, w + j0, len, in.wblk[b * in.nb + j0 / kBlock], bm, bx);
+    }
+    out[r] = sm.value(a.eps);
+  });
+}
+
+// The log-sum-exp pass (mode 0): block(r, b, xi, j0, len, s) fills s with the values h_j - C_ij / eps
+// of columns j0 .. j0 + len of row r and returns their maximum.
+template <typename T, typename Block>
+void lse_rows(const OtArgs& a, Block&& block) {
+  float* out = as_ptr<float>(a.out);
+  const int64_t m = a.m;
+  for_each_row<T>(a, 0, [&](int64_t r, int64_t b, const float* xi, float* s) {
+    Lse l;
+    for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
+      const int64_t len = std::min(kBlock, m - j0);
+      const float bm = block(r, b, xi, j0, len, s);
+      if (bm == kNegInf) continue;
+      float unused;
+      l.add(s, len, bm, &unused);
+    }
+    out[r] = l.value();
+  });
+}
+
+template <typename T>
+void ot_rows(const OtArgs& a, const float* yT_all) {
+  const int64_t m = a.m, d = a.d;
+  const float inv_eps = static_cast<float>(1.0 / a.eps);
+  const T* C = as_ptr<const T>(a.cost_matrix);
+  const float* h_all = as_ptr<const float>(a.h);
+  if (a.mode == 2 && a.cost_matrix != 0) {
+    softmin_rows<T>(a, [&](int64_t r, int64_t, const float*, int64_t j0, int64_t len, const float* gs, float* dd,
+                           float* bx) {
+      const T* row = C + r * m;
+      for (int64_t j = 0; j < len; ++j) dd[j] = to_float(row[j0 + j]);
+      return soft_block_from_costs(dd, gs + j0, len, inv_eps, dd, bx);
+    });
+  } else if (a.mode == 2) {
+    with_point_kernel(a, [&](auto D, auto COST) {
+      softmin_rows<T>(a, [&](int64_t, int64_t b, const float* xi, int64_t j0, int64_t len, const float* gs,
+                             float* dd, float* bx) {
+        return soft_block<D, COST>(xi, yT_all + b * d * m, gs, m, d, j0, len, inv_eps, dd, bx);
+      });
+    });
+  } else if (a.cost_matrix != 0) {
+    lse_rows<T>(a, [&](int64_t r, int64_t b, const float*, int64_t j0, int64_t len, float* s) {
+      const float* h = h_all + b * m;
+      const T* row = C + r * m;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) s[j] = h[j0 + j] - to_float(row[j0 + j]) * inv_eps;
+      return block_max(s, len);
+    });
+  } else {
+    with_point_kernel(a, [&](auto D, auto COST) {
+      lse_rows<T>(a, [&](int64_t, int64_t b, const float* xi, int64_t j0, int64_t len, float* s) {
+        return row_block<D, COST>(xi, yT_all + b * d * m, h_all + b * m, m, d, j0, len, inv_eps, s);
+      });
+    });
   }
 }
 
@@ -434,94 +388,62 @@ void lse_dense(const OtArgs& a) {
 //   |x-y|:   dC/dx_i = (x_i - y_j) / |x_i - y_j|  (0 where x_i == y_j)
 template <typename T>
 void grad_points(const OtArgs& a, const float* yT_all) {
-  const T* x = as_ptr<const T>(a.x);
   const float* h_all = as_ptr<const float>(a.h);
   const float* c = as_ptr<const float>(a.c);
   float* out = as_ptr<float>(a.out);
-  const int64_t n = a.n, m = a.m, d = a.d;
+  const int64_t m = a.m, d = a.d;
   const float inv_eps = static_cast<float>(1.0 / a.eps);
-#pragma omp parallel if (a.batch * a.n * a.m >= kParallelWork)
-  {
-    alignas(64) float s[kBlock];
-    alignas(64) float dist[kBlock];
-    float* xi = new float[d];
-    float* acc = new float[d];
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < a.batch * n; ++r) {
-      const int64_t b = r / n;
-      for (int64_t k = 0; k < d; ++k) {
-        xi[k] = to_float(x[r * d + k]);
-        acc[k] = 0.0f;
+  for_each_row<T>(a, d, [&](int64_t r, int64_t b, float* xi, float* scratch) {
+    float* s = scratch;
+    float* dist = scratch + kBlock;
+    float* acc = xi + d;
+    for (int64_t k = 0; k < d; ++k) acc[k] = 0.0f;
+    const float* yT = yT_all + b * d * m;
+    const float* h = h_all + b * m;
+    Lse l;
+    float W = 0.0f;
+    for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
+      const int64_t len = std::min(kBlock, m - j0);
+      point_block(xi, yT, h, m, d, j0, len, a.cost, inv_eps, s);
+      if (a.cost == 1) sq_dist_block(xi, yT, m, d, j0, len, dist);  // the distances again, for the unit vectors
+      const float bm = block_max(s, len);
+      if (bm == kNegInf) continue;
+      float scale;
+      l.add(s, len, bm, &scale);  // s[j] = w_j = exp(s_j - M)
+      W *= scale;
+      for (int64_t k = 0; k < d; ++k) acc[k] *= scale;
+      if (a.cost == 1) {  // |x-y|: the weights of the unit vectors, w_j / |x_i - y_j|
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) s[j] = dist[j] > 0.0f ? s[j] / std::sqrt(dist[j]) : 0.0f;
       }
-      const float* yT = yT_all + b * d * m;
-      const float* h = h_all + b * m;
-      Lse l;
-      float W = 0.0f;
-      for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
-        const int64_t len = std::min(kBlock, m - j0);
-        point_block(xi, yT, h, m, d, j0, len, a.cost, inv_eps, s);
-        if (a.cost == 1) {  // the distances again, for the unit vectors
-          for (int64_t j = 0; j < len; ++j) dist[j] = 0.0f;
-          for (int64_t k = 0; k < d; ++k) {
-            const float* yk = yT + k * m + j0;
-#pragma omp simd
-            for (int64_t j = 0; j < len; ++j) {
-              const float t = xi[k] - yk[j];
-              dist[j] += t * t;
-            }
-          }
-        }
-        const float bm = block_max(s, len);
-        if (bm == kNegInf) continue;
-        float scale;
-        l.add(s, len, bm, &scale);  // s[j] = w_j = exp(s_j - M)
-        W *= scale;
-        for (int64_t k = 0; k < d; ++k) acc[k] *= scale;
-        if (a.cost == 1) {  // |x-y|: the weights of the unit vectors, w_j / |x_i - y_j|
-#pragma omp simd
-          for (int64_t j = 0; j < len; ++j) s[j] = dist[j] > 0.0f ? s[j] / std::sqrt(dist[j]) : 0.0f;
-        }
-        float wsum = 0.0f;
+      float wsum = 0.0f;
 #pragma omp simd reduction(+ : wsum)
-        for (int64_t j = 0; j < len; ++j) wsum += s[j];
-        W += wsum;
-        for (int64_t k = 0; k < d; ++k) {
-          const float* yk = yT + k * m + j0;
-          float wy = 0.0f;
+      for (int64_t j = 0; j < len; ++j) wsum += s[j];
+      W += wsum;
+      for (int64_t k = 0; k < d; ++k) {
+        const float* yk = yT + k * m + j0;
+        float wy = 0.0f;
 #pragma omp simd reduction(+ : wy)
-          for (int64_t j = 0; j < len; ++j) wy += s[j] * yk[j];
-          acc[k] += wy;
-        }
+        for (int64_t j = 0; j < len; ++j) wy += s[j] * yk[j];
+        acc[k] += wy;
       }
-      const float ci = c[r];
-      const float mult = (l.M == kNegInf || ci == kNegInf) ? 0.0f : std::exp(ci + l.M) * (a.cost == 0 ? 2.0f : 1.0f);
-      for (int64_t k = 0; k < d; ++k) out[r * d + k] = mult * (xi[k] * W - acc[k]);
     }
-    delete[] xi;
-    delete[] acc;
-  }
+    const float ci = c[r];
+    const float mult = (l.M == kNegInf || ci == kNegInf) ? 0.0f : std::exp(ci + l.M) * (a.cost == 0 ? 2.0f : 1.0f);
+    for (int64_t k = 0; k < d; ++k) out[r * d + k] = mult * (xi[k] * W - acc[k]);
+  });
 }
 
 }  // namespace
 
 void ot_run(const OtArgs& a, const float* yT) {
   FASTOPT_DTYPE_SWITCH(a.dtype, [&] {
-    if (a.mode == 2) {
-      if (a.cost_matrix != 0) {
-        softmin_dense<scalar_t>(a);
-      } else {
-        softmin_points<scalar_t>(a, yT);
-      }
-    } else if (a.cost_matrix != 0) {
-      lse_dense<scalar_t>(a);
-    } else if (a.mode == 0) {
-      lse_points<scalar_t>(a, yT);
-    } else {
+    if (a.mode == 1) {
       grad_points<scalar_t>(a, yT);
+    } else {
+      ot_rows<scalar_t>(a, yT);
     }
   });
 }
 
-}  // namespace FASTOPT_CPU_NS
-}  // namespace cpu
-}  // namespace fastopt
+}  // namespace fastopt::cpu::FASTOPT_CPU_NS

@@ -17,25 +17,15 @@
 #include "fastopt/elementwise.h"
 #include "fastopt/multi_tensor.cuh"
 #include "fastopt/ops.h"
+#include "step.cuh"
 
 namespace fastopt {
 namespace cuda {
-
-void increment_steps(const std::vector<int64_t>& steps, const float* found_inf, cudaStream_t stream);
-
 namespace {
 
-struct DevScalars {
-  double h[kMaxHyper];
-  int64_t flags;
-  double lr;
-  const float* lr_ptr;
-  const float* grad_scale;
-  const float* found_inf;
-  float sign;
+struct DevScalars : StepScalars {
   const float* row_coef;
   float* reduce_out;
-  uint32_t seed;
   float sparse_lambda;
   float sparse_beta;
 };
@@ -47,9 +37,9 @@ struct ElementwiseOp {
   template <int DEPTH>
   __device__ __forceinline__ void operator()(const TensorListMeta<DEPTH>& meta, int t, int64_t start, int n,
                                              const DevScalars& s) const {
-    if (s.found_inf != nullptr && *s.found_inf != 0.0f) return;
-    const double lr = s.lr_ptr != nullptr ? static_cast<double>(*s.lr_ptr) : s.lr;
-    const float grad_mul = s.grad_scale != nullptr ? s.sign / *s.grad_scale : s.sign;
+    if (s.skipped()) return;
+    const double lr = s.lr_now();
+    const float grad_mul = s.grad_mul();
     const float* step_ptr = static_cast<const float*>(meta.addresses[kLists][t]);
     const float step_now = step_ptr != nullptr ? *step_ptr : 0.0f;
     const int64_t row_offset = reinterpret_cast<int64_t>(meta.addresses[kLists + 1][t]);
@@ -177,16 +167,9 @@ void elementwise_cuda(const ElementwiseArgs& a, int64_t stream_handle) {
   check_elementwise(a, states);
   cudaStream_t stream = cuda::as_stream(stream_handle);
   cuda::DevScalars s{};
-  for (size_t k = 0; k < a.hyper.size(); ++k) s.h[k] = a.hyper[k];
-  s.flags = a.flags;
-  s.lr = a.lr;
-  s.lr_ptr = as_ptr<const float>(a.lr_ptr);
-  s.grad_scale = as_ptr<const float>(a.grad_scale_ptr);
-  s.found_inf = as_ptr<const float>(a.found_inf_ptr);
-  s.sign = a.maximize ? -1.0f : 1.0f;
+  s.set(a);
   s.row_coef = as_ptr<const float>(a.row_coef_ptr);
   s.reduce_out = as_ptr<float>(a.reduce_out_ptr);
-  s.seed = static_cast<uint32_t>(a.seed);
   s.sparse_lambda = static_cast<float>(a.sparse_lambda);
   s.sparse_beta = static_cast<float>(a.sparse_beta);
   cuda::op_dispatch(a, s, row_offsets(a), stream);

@@ -24,12 +24,10 @@
 #include "fastopt/multi_tensor.cuh"
 #include "fastopt/ops.h"
 #include "fastopt/quant.h"
+#include "step.cuh"
 
 namespace fastopt {
 namespace cuda {
-
-void increment_steps(const std::vector<int64_t>& steps, const float* found_inf, cudaStream_t stream);
-
 namespace {
 
 constexpr int kThreads = 256;
@@ -56,16 +54,8 @@ struct LowbitMeta {
   int block_to_chunk[kLaunchBlocks];
 };
 
-struct LowbitScalars {
-  double h[kMaxHyper];
-  int64_t flags;
-  double lr;
-  const float* lr_ptr;
-  const float* grad_scale;
-  const float* found_inf;
+struct LowbitScalars : StepScalars {
   const int32_t* books[kMaxStates];  // per state: its codebook, or null for a plain state
-  float sign;
-  uint32_t seed;
   int block;                         // elements per quantization block
   int qchunk;                        // quantization blocks per CUDA block
   bool stochastic;
@@ -191,10 +181,10 @@ __device__ __forceinline__ void lowbit_block(const LowbitTensor& tt, const Lowbi
 
 template <typename Op, typename T>
 __global__ void __launch_bounds__(kThreads) lowbit_kernel(const LowbitMeta meta, const LowbitScalars s) {
-  if (s.found_inf != nullptr && *s.found_inf != 0.0f) return;
+  if (s.skipped()) return;
   const LowbitTensor& tt = meta.tensors[meta.block_to_tensor[blockIdx.x]];
-  const double lr = s.lr_ptr != nullptr ? static_cast<double>(*s.lr_ptr) : s.lr;
-  const float grad_mul = s.grad_scale != nullptr ? s.sign / *s.grad_scale : s.sign;
+  const double lr = s.lr_now();
+  const float grad_mul = s.grad_mul();
   const double step = (tt.step != nullptr ? static_cast<double>(*tt.step) : 0.0) + 1.0;
   const typename Op::Coeffs c = Op::coeffs(OpScalars{s.h, s.flags, lr, step});
   const uint32_t key = sr_key(s.seed, static_cast<uint32_t>(tt.index), static_cast<uint32_t>(step));
@@ -341,15 +331,8 @@ void lowbit_cuda(const LowbitArgs& la, int64_t stream_handle) {
   const ElementwiseArgs& a = la.base;
   cudaStream_t stream = cuda::as_stream(stream_handle);
   cuda::LowbitScalars s{};
-  for (size_t k = 0; k < a.hyper.size(); ++k) s.h[k] = a.hyper[k];
-  s.flags = a.flags;
-  s.lr = a.lr;
-  s.lr_ptr = as_ptr<const float>(a.lr_ptr);
-  s.grad_scale = as_ptr<const float>(a.grad_scale_ptr);
-  s.found_inf = as_ptr<const float>(a.found_inf_ptr);
+  s.set(a);
   for (int k = 0; k < states; ++k) s.books[k] = as_ptr<const int32_t>(la.books[k]);
-  s.sign = a.maximize ? -1.0f : 1.0f;
-  s.seed = static_cast<uint32_t>(a.seed);
   s.block = static_cast<int>(la.block);
   s.qchunk = static_cast<int>(cuda::kChunkElems / la.block);
   s.stochastic = a.stochastic;

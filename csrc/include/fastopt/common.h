@@ -25,20 +25,17 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 struct alignas(2) f16_t { uint16_t x; };
 struct alignas(2) bf16_t { uint16_t x; };
 
-FASTOPT_HOST_DEVICE uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u; std::memcpy(&u, &f, 4); return u;
-#endif
+// The bits of a value as another type of the same size (C++20's std::bit_cast).  memcpy is the
+// defined way on the host and in device code; both compilers turn it into a register move.
+template <typename To, typename From>
+FASTOPT_HOST_DEVICE To bit_cast(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
+  To r;
+  std::memcpy(&r, &v, sizeof(To));
+  return r;
 }
-FASTOPT_HOST_DEVICE float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f; std::memcpy(&f, &u, 4); return f;
-#endif
-}
+FASTOPT_HOST_DEVICE uint32_t float_bits(float f) { return bit_cast<uint32_t>(f); }
+FASTOPT_HOST_DEVICE float bits_float(uint32_t u) { return bit_cast<float>(u); }
 
 // ---- bfloat16: the upper 16 bits of an fp32; round to nearest even, NaN kept quiet. ----
 FASTOPT_HOST_DEVICE float to_float(bf16_t v) { return bits_float(static_cast<uint32_t>(v.x) << 16); }

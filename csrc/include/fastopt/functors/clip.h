@@ -10,13 +10,16 @@
 namespace fastopt {
 namespace functors {
 
-struct ClipOp {
+// What both ops below are: no state, one per-row sum, nothing read from the hyperparameters.
+struct OneSumOp {
   static constexpr int kStates = 0;
   static constexpr int kReduce = 1;
   struct Coeffs {};
 
   FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars&) { return Coeffs{}; }
+};
 
+struct ClipOp : OneSumOp {
   FASTOPT_HOST_DEVICE static void reduce(float, float g, float (&)[kMaxStates], const Coeffs&, const float*,
                                          float (&acc)[kMaxReduce]) {
     acc[0] += g * g;
@@ -30,13 +33,7 @@ struct ClipOp {
 // The per-row sums of the (unscaled, signed) gradients: the first pass of gradient centralization
 // (pytorch_optimizer's use_gc: g <- g - mean of g over every dim but the first, for 2+-dim tensors).
 // Called with rows = p.shape[0] and no step counters; phase 1 only (the update leaves p alone).
-struct GradRowSumOp {
-  static constexpr int kStates = 0;
-  static constexpr int kReduce = 1;
-  struct Coeffs {};
-
-  FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars&) { return Coeffs{}; }
-
+struct GradRowSumOp : OneSumOp {
   FASTOPT_HOST_DEVICE static void reduce(float, float g, float (&)[kMaxStates], const Coeffs&, const float*,
                                          float (&acc)[kMaxReduce]) {
     acc[0] += g;
