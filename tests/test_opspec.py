@@ -98,7 +98,9 @@ def test_test_cases_and_benchmark_cover_the_declared_optimizer_ops():
 
     tested = {cls.OP for cls, _ in ZOO.values()}
     benched = {getattr(fastopt, s.fastopt_cls).OP for s in bench_zoo.SPECS}
-    helpers = {"grad_rowsum", "clip"}  # reduce passes of other ops, not optimizers
+    # gradient passes, not optimizers: use_gc's row sums, clip_grad_norm_, OrthoGrad's projection
+    # (tests/test_clip.py, tests/test_orthograd.py)
+    helpers = {"grad_rowsum", "clip", "orthograd"}
     base = {name.removesuffix("_ams").removesuffix("_flat").removesuffix("_plain").removesuffix("_cautious")
             for name in OPS} - helpers - {"adam", "adamw"}  # Adam/AdamW: tests/test_adam.py, bench adamw suite
     assert tested == base

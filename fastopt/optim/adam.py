@@ -11,7 +11,7 @@ import torch
 
 from . import functional as F
 from .base import FusedOptimizer
-from .lion import Params
+from .functional import Params
 
 
 class Adam(FusedOptimizer):

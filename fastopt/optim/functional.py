@@ -4,13 +4,16 @@ These are the middle layer between the kernels (``fastopt._ops``, ``fastopt.refe
 ``torch.optim.Optimizer`` classes; they are usable on their own with tensors you manage yourself.
 """
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 import torch
 
 from .. import _backend, _ops
 from .._ops import elementwise_unchecked, is_dense, lowbit_unchecked  # noqa: F401  (re-exported)
 from ..reference import adam_reference
+
+# What an optimizer takes as ``params``: tensors, or param-group dicts.
+Params = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]]]
 
 
 def overlaps_itself(t):

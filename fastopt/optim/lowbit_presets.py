@@ -20,8 +20,12 @@ from ..reference import adam_reference
 from .._opspec import OPS, native_args
 from . import functional as F
 from .base import ElementwiseOptimizer
-from .lion import Lion, Params
-from .zoo import AdaBelief, Adan, DiffGrad, EXAdam
+from .adabelief import AdaBelief
+from .adan import Adan
+from .diffgrad import DiffGrad
+from .exadam import EXAdam
+from .functional import Params
+from .lion import Lion
 
 
 def _adam_reference(params, grads, states, *, lr, maximize, grad_scale, found_inf, betas, eps, weight_decay,
