@@ -58,7 +58,7 @@ def test_cpp_registry_matches_the_declaration():
 @pytest.mark.skipif(not _backend.has_triton(), reason="needs triton")
 def test_triton_registry_matches_the_declaration():
     tk = _backend.triton_kernels()
-    from fastopt.triton_kernels import elementwise, zoo_common
+    from fastopt.triton_kernels import elementwise, common
 
     assert set(tk.OPS) == set(OPS)
     for name, spec in OPS.items():
@@ -73,7 +73,7 @@ def test_triton_registry_matches_the_declaration():
                  "use_gc": "USE_GC", "cautious": "CAUTIOUS", "cautious_pd": "CAUTIOUS_PD", "amsgrad": "AMSGRAD"}
     assert set(constants) == set(FLAGS)
     for flag, const in constants.items():
-        assert getattr(zoo_common, const).value == FLAGS[flag]
+        assert getattr(common, const).value == FLAGS[flag]
 
 
 def test_classes_take_their_state_names_and_hyperparameters_from_the_declaration():

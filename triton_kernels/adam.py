@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import multi_tensor_apply, split_f64
-from .zoo_common import AMSGRAD, DECOUPLE
+from .common import AMSGRAD, DECOUPLE
 
 
 

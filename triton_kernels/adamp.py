@@ -7,7 +7,7 @@ row mean of g; both phases).
 import triton
 import triton.language as tl
 
-from .zoo_common import ADAM_DEBIAS, CAUTIOUS, CAUTIOUS_PD, NESTEROV, USE_GC, bias_correction, lerp, lerp_pack, log_pair
+from .common import ADAM_DEBIAS, CAUTIOUS, CAUTIOUS_PD, NESTEROV, USE_GC, bias_correction, lerp, lerp_pack, log_pair
 
 
 

@@ -3,7 +3,7 @@ coefficients in fp64 from ``log(beta)`` pairs)."""
 import triton
 import triton.language as tl
 
-from .zoo_common import DECOUPLE, USE_GC, bias_correction, log_pair
+from .common import DECOUPLE, USE_GC, bias_correction, log_pair
 
 
 @triton.jit

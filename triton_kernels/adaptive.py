@@ -5,7 +5,7 @@ Hyper slots after packing: 1-b1, b2, 1-b2, wd, eps, log(b1) pair, log(b2) pair, 
 import triton
 import triton.language as tl
 
-from .zoo_common import ADAM_DEBIAS, AMSGRAD, RECTIFY, bias_correction, decay, log_pair, rectified_step
+from .common import ADAM_DEBIAS, AMSGRAD, RECTIFY, bias_correction, decay, log_pair, rectified_step
 
 
 @triton.jit

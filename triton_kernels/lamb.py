@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .zoo_common import DECOUPLE, decay
+from .common import DECOUPLE, decay
 
 
 @triton.jit

@@ -3,7 +3,7 @@ and the reduce pass of ``lion_cautious`` (the count of the cautious mask)."""
 import triton
 import triton.language as tl
 
-from .zoo_common import CAUTIOUS, DECOUPLE, FIXED_DECAY, USE_GC
+from .common import CAUTIOUS, DECOUPLE, FIXED_DECAY, USE_GC
 
 
 

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .zoo_common import decay, lerp, lerp_pack
+from .common import decay, lerp, lerp_pack
 
 # Triton-private bit above every op flag (fastopt/_opspec.py FLAGS): the op name picks the variant
 MOMENTUM = tl.constexpr(1 << 20)
