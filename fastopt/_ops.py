@@ -5,7 +5,7 @@ Each op takes already-validated lists (same device, same dtype, dense, matching 
 implementations let ``torch.compile`` see the ops; they mutate in place and return nothing.
 
 In eager mode the public callers (``adam_step`` ...) skip the custom-op dispatcher, whose Python layers
-cost about half a millisecond per call, and call the kernel directly, bumping the autograd version
+cost more than a small kernel, and call the kernel directly, bumping the autograd version
 counters of what it mutated themselves; under ``torch.compile`` they call the custom op.
 """
 import functools

@@ -8,7 +8,7 @@ ZOO = {
         dict(lr=1e-2, weight_decay=0.1),
         dict(lr=3e-3, betas=(0.95, 0.98), weight_decay=0.1, weight_decouple=False),
         dict(lr=3e-3, weight_decay=0.05, fixed_decay=True, maximize=True),
-        # the options with reduce passes (issue 15): gradient centralization, the cautious mask, both
+        # the options with reduce passes: gradient centralization, the cautious mask, both
         dict(lr=1e-2, weight_decay=0.1, use_gc=True),
         dict(lr=1e-2, weight_decay=0.1, cautious=True),
         dict(lr=3e-3, weight_decay=0.1, weight_decouple=False, use_gc=True, cautious=True, maximize=True),
