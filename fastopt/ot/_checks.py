@@ -82,6 +82,12 @@ def float_tensor(t, name, fn, *, dtypes=None):
                                 f"float64), got {t.dtype}")
 
 
+def same_device(t, name, device, other, fn):
+    """``t`` is on ``device``, where ``other`` (what it goes with) is."""
+    if t.device != device:
+        raise ValueError(f"{_where(fn)}{name} is on {t.device} but {other} is on {device}")
+
+
 def finite(t, name, fn):
     """No inf or NaN in ``t`` (a host read)."""
     if not bool(torch.isfinite(t.detach()).all()):
@@ -111,8 +117,7 @@ def point_pair(x, y, fn, *, same_dtype):
         raise ValueError(f"{need} do not have the same dimension d ({x.shape[-1]} and {y.shape[-1]})")
     if x.shape[:-2] != y.shape[:-2]:
         raise ValueError(f"{need} do not have the same batch shape ({tuple(x.shape[:-2])} and {tuple(y.shape[:-2])})")
-    if x.device != y.device:
-        raise ValueError(f"{_where(fn)}x is on {x.device} but y is on {y.device}")
+    same_device(y, "y", x.device, "x", fn)
     if same_dtype and x.dtype != y.dtype:
         raise ValueError(f"{_where(fn)}x and y must have the same dtype, got {x.dtype} and {y.dtype}")
 
@@ -157,8 +162,7 @@ def weights(w, name, fn, *, n, batch, ref, ref_shape, device, dtype=None, broadc
     elif tuple(w.shape) not in ((n,), full):
         raise ValueError(f"{_where(fn)}{name} must have shape ({n},) or {full} to match {ref_full}, "
                          f"got {tuple(w.shape)}")
-    if w.device != device:
-        raise ValueError(f"{_where(fn)}{name} is on {w.device} but {ref} is on {device}")
+    same_device(w, name, device, ref, fn)
     if dtype is not None:
         w = w.to(dtype)
     if not values:

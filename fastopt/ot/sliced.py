@@ -36,9 +36,8 @@ with uniform weights and ``n != m`` the quantile breakpoints ``{i/n} U {j/m}`` d
 and are merged once, exactly, in integer arithmetic; with weights, the quantile functions are merged
 along the sorted cumulative weights (the method of POT's ``ot.wasserstein_1d``), the breakpoint
 indices read from the merge order instead of searched.  On CPU, rows of 16K+ values are sorted by
-NumPy's SIMD sort in one block per torch thread (on a 2-core EPYC, ``np.sort`` is 15x and
-``np.argsort`` 3x faster than ``torch.sort``; sorting is exact, so the values are the same;
-``FASTOPT_NUMPY_SORT=0`` turns it off).  Gradients with respect to the points (and the weights) flow
+NumPy's SIMD sort in one block per torch thread (faster than ``torch.sort`` on CPUs; sorting is
+exact, so the values are the same; ``FASTOPT_NUMPY_SORT=0`` turns it off).  Gradients with respect to the points (and the weights) flow
 through the sort permutation.
 
 Backends (``backend=``): ``"torch"`` runs every case on every device (a GEMM for the projections, then
@@ -156,8 +155,7 @@ def _check_directions(name, t, d, batch, dtype, device, vector, fn):
         raise ValueError(f"{fn}: {name} must have shape {shapes}, got {tuple(t.shape)}")
     if not vector and t.shape[-1] == 0:
         raise ValueError(f"{fn}: {name} has no directions: shape {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{fn}: {name} is on {t.device} but the points are on {device}")
+    _checks.same_device(t, name, device, "the points", fn)
     return t.to(dtype)
 
 
@@ -355,8 +353,7 @@ def wasserstein_1d(u_values: torch.Tensor, v_values: torch.Tensor, u_weights: Op
     if u_values.dim() != v_values.dim():
         raise ValueError(f"{fn}: u_values and v_values must have the same number of dims: "
                          f"{tuple(u_values.shape)} vs {tuple(v_values.shape)}")
-    if u_values.device != v_values.device:
-        raise ValueError(f"{fn}: u_values is on {u_values.device} but v_values is on {v_values.device}")
+    _checks.same_device(v_values, "v_values", u_values.device, "u_values", fn)
     p = _check_p(p, fn)
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not -u_values.dim() <= dim < u_values.dim():
         raise ValueError(f"{fn}: dim must be an integer in [{-u_values.dim()}, {u_values.dim()}), got {dim!r}")
@@ -415,9 +412,8 @@ def _project(dirs, x):
     """``<theta_l, x_i>``: ``dirs (*, L, d)``, ``x (*, n, d)`` -> ``(*, L, n)``, contiguous along n.
 
     Tiny products are computed elementwise: MKL enters a parallel region even for a 16x5 by 5x40
-    GEMM, and waking its threads on a busy machine costs milliseconds per call (measured: 24 ms on a
-    loaded 2-core host, against 4 us single-threaded), which dominates the ascent loops of
-    max-SW and v-DSW on small problems.
+    GEMM, and waking its threads on a busy machine costs far more than such a product, which would
+    dominate the ascent loops of max-SW and v-DSW on small problems.
     """
     L, (n, d) = dirs.shape[-2], x.shape[-2:]
     batch = torch.broadcast_shapes(dirs.shape[:-2], x.shape[:-2])
