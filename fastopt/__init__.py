@@ -12,6 +12,7 @@ from . import ot  # noqa: F401
 from ._backend import BackendUnavailableError, available_backends, build_info  # noqa: F401
 from .optim import (SGDP, AdaBelief, Adam, Adan, AdamP, AdamW, DiffGrad, EXAdam, Lamb, Lion, Muon,  # noqa: F401
                     SGDSaI, clip_grad_norm_, functional)
+from .optim import OrthoGrad  # noqa: F401
 from .optim import lowbit_presets as _lowbit_presets
 
 

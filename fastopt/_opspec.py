@@ -96,6 +96,7 @@ _SPECS = (
     OpSpec("sgdp", ("momentum", "dampening"), ("momentum",), ("nesterov",), 4),
     OpSpec("adamp_flat", ("beta1", "beta2", "eps"), ("exp_avg", "exp_avg_sq"), _PROJECTED_FLAGS),
     OpSpec("sgdp_flat", ("momentum", "dampening"), ("momentum",), ("nesterov",)),
+    OpSpec("orthograd", (), (), (), 4),         # ⊥Grad: w.g, w.w, g.g, ||g - rc[0] w||^2; g <- (g - rc[0] w) rc[1]
 )
 
 OPS: Dict[str, OpSpec] = {spec.name: spec for spec in _SPECS}

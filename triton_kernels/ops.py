@@ -13,6 +13,7 @@ from .adan import adan_pack, adan_update
 from .adaptive import adabelief_update, adaptive_pack, adaptive_pack_ams, diffgrad_update, exadam_pack, exadam_update
 from .clip import clip_pack, clip_reduce, clip_update
 from .lamb import lamb_pack, lamb_reduce, lamb_update
+from .orthograd import orthograd_pack, orthograd_reduce, orthograd_update
 from .sgdsai import sgdsai_pack, sgdsai_plain_pack, sgdsai_update
 from .elementwise import elementwise_apply, no_reduce
 from .lion import lion_cautious_pack, lion_cautious_reduce, lion_pack, lion_update
@@ -42,6 +43,7 @@ OPS = {
     "sgdp": TritonOp(sgdp_update, sgdp_reduce, 4, sgdp_pack),
     "adamp_flat": TritonOp(adamp_flat_update, no_reduce, 0, adamp_pack),
     "sgdp_flat": TritonOp(sgdp_flat_update, no_reduce, 0, sgdp_pack),
+    "orthograd": TritonOp(orthograd_update, orthograd_reduce, 4, orthograd_pack),
 }
 
 

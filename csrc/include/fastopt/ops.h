@@ -11,6 +11,7 @@
 #include "fastopt/functors/adaptive.h"
 #include "fastopt/functors/clip.h"
 #include "fastopt/functors/lamb.h"
+#include "fastopt/functors/orthograd.h"
 #include "fastopt/functors/sgdsai.h"
 #include "fastopt/functors/lion.h"
 
@@ -35,4 +36,5 @@
   X("adamp", ::fastopt::functors::AdamPOp)                    \
   X("sgdp", ::fastopt::functors::SgdPOp)                      \
   X("adamp_flat", ::fastopt::functors::AdamPFlatOp)           \
-  X("sgdp_flat", ::fastopt::functors::SgdPFlatOp)
+  X("sgdp_flat", ::fastopt::functors::SgdPFlatOp)           \
+  X("orthograd", ::fastopt::functors::OrthoGradOp)
