@@ -315,3 +315,16 @@ def test_bad_input_raises_clearly():
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
     assert torch.equal(emb.weight.grad.to_dense(), before.to_dense())
+
+
+def test_signature_matches_upstream():
+    """Upstream's named arguments, in order, with their defaults; ``backend`` keyword-only."""
+    import inspect
+
+    def named(fn):
+        return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()
+                if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+
+    assert named(fastopt.OrthoGrad.__init__) == named(po.OrthoGrad.__init__) == [
+        ("optimizer", inspect.Parameter.empty), ("foreach", None)]
+    assert inspect.signature(fastopt.OrthoGrad.__init__).parameters["backend"].kind is inspect.Parameter.KEYWORD_ONLY

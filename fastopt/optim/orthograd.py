@@ -49,7 +49,7 @@ def orthogonalize_gradients_(params: Iterable[torch.Tensor], backend: str = "aut
         orthograd_reference(reference, [p.grad for p in reference], eps)
     for (device, _dtype, chosen), ps in buckets.items():
         # The gradients go in the "params" slot (they are what the update writes), the weights in "grads".
-        run = functools.partial(elementwise_unchecked, "orthograd", [p.grad for p in ps], [p.detach() for p in ps],
+        run = functools.partial(elementwise_unchecked, "orthograd", [p.grad for p in ps], ps,
                                 [], [], (), 0, lr=0.0, maximize=False, grad_scale=None, found_inf=None,
                                 backend=chosen, device=device)
         sums = torch.zeros((2, len(ps), 4), dtype=torch.float32, device=device)
