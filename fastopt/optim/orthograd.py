@@ -65,6 +65,12 @@ class OrthoGrad(Optimizer):
     """Wrap ``optimizer`` so that it steps with gradients orthogonal to the current parameters
     (``pytorch_optimizer.OrthoGrad``'s semantics; see :mod:`fastopt.optim.orthograd`).
 
+    Update (per parameter ``w`` with gradient ``g``, before the wrapped optimizer's step)::
+
+        c  = (w . g) / (w . w + 1e-30)
+        go = g - c w                                   [go <- 0 when ||go|| <= 4 eps ||g||: rounding noise]
+        g  <- go ||g|| / (||go|| + 1e-30)
+
     Args:
         optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``: fastopt's, low-bit ones,
             torch's), or an optimizer class, then built as ``optimizer(params, **kwargs)``.
