@@ -17,7 +17,7 @@ from .orthograd import orthograd_pack, orthograd_reduce, orthograd_update
 from .sgdsai import sgdsai_pack, sgdsai_plain_pack, sgdsai_update
 from .elementwise import elementwise_apply, no_reduce
 from .lion import lion_cautious_pack, lion_cautious_reduce, lion_pack, lion_update
-from .zoo_common import grad_rowsum_pack, grad_rowsum_reduce, grad_rowsum_update
+from .common import grad_rowsum_pack, grad_rowsum_reduce, grad_rowsum_update
 
 TritonOp = namedtuple("TritonOp", "update reduce nreduce pack")
 
