@@ -120,6 +120,21 @@ def test_wrong_types_are_type_and_value_errors_everywhere():
             assert isinstance(info.value, ValueError)
 
 
+def test_numbers_of_the_wrong_type_are_type_and_value_errors():
+    C, a, b, x, y = _problem(B=1)
+    for call, fn, name in ((lambda: sinkhorn(x, y, eps="0.1"), "sinkhorn", "eps"),
+                           (lambda: sinkhorn_newton_sparse(C, eps=0.1, sinkhorn_iters=2.0), "sinkhorn_newton_sparse",
+                            "sinkhorn_iters"),
+                           (lambda: sparsity_constrained_ot(C, k=None), "sparsity_constrained_ot", "k"),
+                           (lambda: sliced_wasserstein(x, y, seed=1.5), "sliced_wasserstein", "seed")):
+        with pytest.raises(TypeError, match=rf"^{fn}: {name}") as info:
+            call()
+        assert isinstance(info.value, ValueError)
+    with pytest.raises(ValueError, match="^sinkhorn: eps must be") as info:  # a bad value is not a TypeError
+        sinkhorn(x, y, eps=0.0)
+    assert not isinstance(info.value, TypeError)
+
+
 def test_weights_on_another_device_name_the_function():
     for fn, call in _calls(a=torch.ones(7, dtype=torch.float64, device="meta") / 7).items():
         with pytest.raises(ValueError, match=rf"^{fn}: a is on meta but"):

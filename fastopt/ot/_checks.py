@@ -44,21 +44,23 @@ def real(value, name, fn, *, low=0.0, low_ok=False, high=None, high_ok=False, fi
         if value.numel() != 1:
             raise ValueError(f"{_where(fn)}{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
-    kind = "a finite number" if finite else "a number"
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = (not finite or abs(v) < float("inf")) and (low < v or (low_ok and v == low))
-        ok = ok and (high is None or v < high or (high_ok and v == high))
-    if not ok:
-        raise ValueError(f"{_where(fn)}{name} must be {kind} {_interval(low, low_ok, high, high_ok)}, got {value!r}")
+    rule = f"{_where(fn)}{name} must be {'a finite' if finite else 'a'} number {_interval(low, low_ok, high, high_ok)}"
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ArgumentTypeError(f"{rule}, got {value!r}")
+    v = float(value)
+    ok = (not finite or abs(v) < float("inf")) and (low < v or (low_ok and v == low))
+    if not ok or (high is not None and not (v < high or (high_ok and v == high))):
+        raise ValueError(f"{rule}, got {value!r}")
     return v
 
 
 def integer(value, name, fn, *, low=1):
     """``value`` as an int: an integer (not a bool) ``>= low``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{_where(fn)}{name} must be an integer >= {low}, got {value!r}")
+    rule = f"{_where(fn)}{name} must be an integer >= {low}, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(rule)
+    if value < low:
+        raise ValueError(rule)
     return int(value)
 
 

@@ -106,7 +106,7 @@ def _check_sparsity(sparsity, n, m, fn):
     if isinstance(sparsity, numbers.Integral) and not isinstance(sparsity, bool):
         return ("row", min(_checks.integer(sparsity, "sparsity (entries kept per row of P)", fn), m))
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
-        raise ValueError(f"{fn}: sparsity must be a float in (0, 1] or an int >= 1, got {sparsity!r}")
+        raise _checks.ArgumentTypeError(f"{fn}: sparsity must be a float in (0, 1] or an int >= 1, got {sparsity!r}")
     sparsity = _checks.real(sparsity, "sparsity (fraction of the entries of P kept)", fn, high=1.0, high_ok=True)
     return ("top", min(n * m, max(1, math.ceil(round(sparsity * n * m, 6)))))
 

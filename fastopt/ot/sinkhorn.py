@@ -457,11 +457,11 @@ def _unbalanced_weight_grad(fh, kf, eps, rho, log_other_mass, work):
 
 def _check_init(init, prob):
     if not isinstance(init, (tuple, list)) or len(init) != 2:
-        raise TypeError("sinkhorn: init must be a pair (f, g) of tensors")
+        raise _checks.ArgumentTypeError("sinkhorn: init must be a pair (f, g) of tensors")
     out = []
     for t, name, ref in ((init[0], "f", prob.log_a), (init[1], "g", prob.log_b)):
         if not torch.is_tensor(t) or t.is_complex() or not t.is_floating_point():
-            raise TypeError(f"sinkhorn: init {name} must be a real floating-point tensor")
+            raise _checks.ArgumentTypeError(f"sinkhorn: init {name} must be a real floating-point tensor")
         if t.numel() != ref.numel():
             raise ValueError(f"sinkhorn: init {name} has shape {tuple(t.shape)}, expected "
                              f"{tuple(ref.shape[1:]) if prob.unbatched else tuple(ref.shape)}")

@@ -37,8 +37,8 @@ and are merged once, exactly, in integer arithmetic; with weights, the quantile 
 along the sorted cumulative weights (the method of POT's ``ot.wasserstein_1d``), the breakpoint
 indices read from the merge order instead of searched.  On CPU, rows of 16K+ values are sorted by
 NumPy's SIMD sort in one block per torch thread (faster than ``torch.sort`` on CPUs; sorting is
-exact, so the values are the same; ``FASTOPT_NUMPY_SORT=0`` turns it off).  Gradients with respect to the points (and the weights) flow
-through the sort permutation.
+exact, so the values are the same; ``FASTOPT_NUMPY_SORT=0`` turns it off).  Gradients with respect
+to the points (and the weights) flow through the sort permutation.
 
 Backends (``backend=``): ``"torch"`` runs every case on every device (a GEMM for the projections, then
 the sorts above); ``"triton"`` is the fused kernel of ``triton_kernels/sliced.py``: one program per
@@ -140,7 +140,7 @@ def _make_generator(seed, generator, device, fn):
         return generator
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"{fn}: seed must be an integer, got {seed!r}")
+            raise _checks.ArgumentTypeError(f"{fn}: seed must be an integer, got {seed!r}")
         return torch.Generator(device=device).manual_seed(int(seed))
     return None
 
