@@ -51,7 +51,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
     """One fused Adam/AdamW step over lists of same-device, same-dtype contiguous tensors."""
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     multi_tensor_apply(
-        adam_update, lists, steps,
+        adam_op_update, lists, steps,
         hyper=(1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay,
                *split_f64(_log(beta1)), *split_f64(_log(beta2))),
         flags=(DECOUPLE.value if decoupled else 0) | (AMSGRAD.value if amsgrad else 0),

@@ -2,49 +2,29 @@
 ``csrc/include/fastopt/elementwise.h``).
 
 One launch covers every tensor of a call: an int64 table ``[n_tensors, 2 + NSTATE + 1]`` holds the
-addresses of param, grad, the op's states and the fp32 step counter; each program takes one chunk of
-``CHUNK`` elements of one tensor.  An op is two ``@triton.jit`` functions passed as constexprs:
+addresses of param, grad, the op's state slots and the fp32 step counter (:mod:`.multi_tensor`); each
+program takes one chunk of ``CHUNK`` elements of one tensor.  An op is two ``@triton.jit`` functions
+passed as constexprs:
 
-    UPDATE(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3, H0, ..., H15, FLAGS) -> (p, s1, s2, s3, s4)
-    REDUCE(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3, H0, ..., H15, FLAGS) -> (s1, s2, s3, s4, a0, a1, a2, a3)
+    UPDATE(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3, H0, ..., H15, FLAGS) -> (p, s0, s1, s2, s3)
+    REDUCE(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3, H0, ..., H15, FLAGS) -> (s0, s1, s2, s3, a0, a1, a2, a3)
 
 taking fp32 blocks (p, g with maximize and grad scaling applied, the states), fp32 scalars (the step
-count after this step, the learning rate, sixteen op-defined slots) and the row coefficients
+count after this step, the learning rate, the ``N_HYPER`` op-defined slots) and the row coefficients
 ``r0..r3`` of each element's row (blocks; zeros when the call has none; both phases get them, so a
 reduce pass can use the sums of an earlier one).  Phase 1 calls REDUCE, which may update states, and
-adds ``a0..a3`` into per-row sums.  bf16 params may be stored with stochastic
-rounding: the same counter-based bits as the C++ kernels (``fmix32``), so CPU and GPU agree exactly.
+adds ``a0..a3`` into per-row sums.  bf16 params may be stored with stochastic rounding: the same
+counter-based bits as the C++ kernels (``fmix32``), so CPU and GPU agree exactly.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import (CHUNK, _TL_DTYPES, _chunk_tables, _increment_steps_kernel, _load_block, _ptr, _store_block,
-                           to_bf16_rne)
-
-BLOCK = 1024
-N_HYPER = 16
-MAX_STATES = 4
+from .multi_tensor import (BLOCK, CHUNK, MAX_STATES, _TL_DTYPES, StepArgs, _chunk_tables, _load_block, _ptr,
+                           _rounded, _step_scalars, _step_skipped, _store_block, _store_param, device_table, pad_hyper)
 
 
-@triton.jit
-def fmix32(h):
-    h ^= h >> 16
-    h *= 0x85EBCA6B
-    h ^= h >> 13
-    h *= 0xC2B2AE35
-    h ^= h >> 16
-    return h
-
-
-@triton.jit
-def _bf16_stochastic(x, rnd):
-    u = x.to(tl.uint32, bitcast=True)
-    r = ((u + (rnd & 0xFFFF)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return tl.where((u & 0x7F800000) == 0x7F800000, to_bf16_rne(x), r)
-
-
-@triton.jit(do_not_specialize=["seed"])  # seed == 1 must not become a constexpr (seed.to below)
+@triton.jit(do_not_specialize=["seed"])  # seed == 1 must not become a constexpr (seed.to in _store_param)
 def _elementwise_kernel(
     addr_table, numels, row_offset, row_len, block_tensor, block_start,
     lr_value, lr_ptr, grad_scale_ptr, found_inf_ptr, sign, row_coef, reduce_out, seed,
@@ -59,44 +39,32 @@ def _elementwise_kernel(
 ):
     NCOL: tl.constexpr = NSTATE + 3  # param, grad, states..., step counter
     pid = tl.program_id(0)
-    skip = 0.0
-    if HAS_FOUND_INF:
-        skip = tl.load(found_inf_ptr)
-    if skip == 0.0:
+    if _step_skipped(found_inf_ptr, HAS_FOUND_INF) == 0.0:
         row = tl.load(block_tensor + pid).to(tl.int64)
         start = tl.load(block_start + pid)
         n = tl.load(numels + row)
         end = tl.minimum(start + CHUNK_SIZE, n)
-        lr = lr_value
-        if HAS_LR_PTR:
-            lr = tl.load(lr_ptr)
-        grad_mul = sign
-        if HAS_GRAD_SCALE:
-            grad_mul = sign / tl.load(grad_scale_ptr)
-        step = 1.0
-        if HAS_STEPS:
-            step_ptr = tl.load(addr_table + row * NCOL + (NCOL - 1)).to(tl.pointer_type(tl.float32))
-            step = tl.load(step_ptr) + 1.0
+        lr, grad_mul, step = _step_scalars(addr_table, row, NCOL, lr_value, lr_ptr, grad_scale_ptr, sign,
+                                           HAS_LR_PTR, HAS_GRAD_SCALE, HAS_STEPS)
         r_first = tl.load(row_offset + row)
         r_len = tl.load(row_len + row)
-        key = fmix32(seed.to(tl.uint32) ^ fmix32(row.to(tl.uint32) * 0x27D4EB2F + step.to(tl.uint32) * 0x165667B1))
         for off in range(start, end, BLOCK_SIZE):
             offs = off + tl.arange(0, BLOCK_SIZE)
             mask = offs < end
             p = _load_block(addr_table, row, 0, NCOL, offs, mask, DTYPE)
             g = _load_block(addr_table, row, 1, NCOL, offs, mask, DTYPE) * grad_mul
-            s1 = p * 0.0
-            s2 = s1
-            s3 = s1
-            s4 = s1
+            s0 = p * 0.0
+            s1 = s0
+            s2 = s0
+            s3 = s0
             if NSTATE >= 1:
-                s1 = _load_block(addr_table, row, 2, NCOL, offs, mask, DTYPE)
+                s0 = _load_block(addr_table, row, 2, NCOL, offs, mask, DTYPE)
             if NSTATE >= 2:
-                s2 = _load_block(addr_table, row, 3, NCOL, offs, mask, DTYPE)
+                s1 = _load_block(addr_table, row, 3, NCOL, offs, mask, DTYPE)
             if NSTATE >= 3:
-                s3 = _load_block(addr_table, row, 4, NCOL, offs, mask, DTYPE)
+                s2 = _load_block(addr_table, row, 4, NCOL, offs, mask, DTYPE)
             if NSTATE >= 4:
-                s4 = _load_block(addr_table, row, 5, NCOL, offs, mask, DTYPE)
+                s3 = _load_block(addr_table, row, 5, NCOL, offs, mask, DTYPE)
             rows = r_first + offs // r_len
             r0 = p * 0.0
             r1 = r0
@@ -112,27 +80,17 @@ def _elementwise_kernel(
                     mptr = tl.load(sparse_table + row * 2).to(tl.pointer_type(tl.uint8))
                     keep = tl.load(mptr + offs, mask=mask, other=1) != 0
                     g = tl.where(keep | (sparse_lambda == 0.0), g, g + sparse_lambda * p)
-                p, s1, s2, s3, s4 = UPDATE(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3,
+                p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3,
                                            H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
-                pptr = _ptr(addr_table, row, 0, NCOL, DTYPE)
-                if STOCHASTIC:
-                    stored = _bf16_stochastic(p, fmix32(offs.to(tl.uint32) * 0x9E3779B1 ^ key))
-                elif DTYPE == tl.bfloat16:
-                    stored = to_bf16_rne(p)
-                else:
-                    stored = p.to(DTYPE)
-                tl.store(pptr + offs, stored, mask=mask)
+                stored = _store_param(_ptr(addr_table, row, 0, NCOL, DTYPE), offs, mask, p, seed, row, step,
+                                      STOCHASTIC, DTYPE)
                 if SPARSE_OUT:
                     optr = tl.load(sparse_table + row * 2 + 1).to(tl.pointer_type(DTYPE))
                     ps = stored.to(tl.float32)
-                    pruned = tl.where(sparse_beta == 0.0, 0.0, sparse_beta * ps)
-                    if DTYPE == tl.bfloat16:
-                        pruned = to_bf16_rne(pruned)
-                    else:
-                        pruned = pruned.to(DTYPE)
+                    pruned = _rounded(tl.where(sparse_beta == 0.0, 0.0, sparse_beta * ps), DTYPE)
                     tl.store(optr + offs, tl.where(keep, stored, pruned), mask=mask)
             else:
-                s1, s2, s3, s4, a0, a1, a2, a3 = REDUCE(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3,
+                s0, s1, s2, s3, a0, a1, a2, a3 = REDUCE(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3,
                                                         H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
                 if ONE_ROW:
                     tl.atomic_add(reduce_out + r_first * 4 + 0, tl.sum(tl.where(mask, a0, 0.0), axis=0))
@@ -151,26 +109,26 @@ def _elementwise_kernel(
                     if NREDUCE >= 4:
                         tl.atomic_add(reduce_out + rows * 4 + 3, a3, mask=mask)
             if NSTATE >= 1:
-                _store_block(addr_table, row, 2, NCOL, offs, mask, s1, DTYPE)
+                _store_block(addr_table, row, 2, NCOL, offs, mask, s0, DTYPE)
             if NSTATE >= 2:
-                _store_block(addr_table, row, 3, NCOL, offs, mask, s2, DTYPE)
+                _store_block(addr_table, row, 3, NCOL, offs, mask, s1, DTYPE)
             if NSTATE >= 3:
-                _store_block(addr_table, row, 4, NCOL, offs, mask, s3, DTYPE)
+                _store_block(addr_table, row, 4, NCOL, offs, mask, s2, DTYPE)
             if NSTATE >= 4:
-                _store_block(addr_table, row, 5, NCOL, offs, mask, s4, DTYPE)
+                _store_block(addr_table, row, 5, NCOL, offs, mask, s3, DTYPE)
 
 
 @triton.jit
-def no_reduce(p, g, s1, s2, s3, s4, step, lr, r0, r1, r2, r3, H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS):
+def no_reduce(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3, H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS):
     z = p * 0.0
-    return s1, s2, s3, s4, z, z, z, z
+    return s0, s1, s2, s3, z, z, z, z
 
 
 def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr, grad_scale=None,
                       found_inf=None, sign=1.0, phase=0, rows=None, row_coef=None, reduce_out=None,
                       seed=0, stochastic=False, sparse_mask=None, sparse_out=None, sparse_lambda=0.0,
                       sparse_beta=0.0):
-    """Run an op over ``lists`` = [params, grads, state1, ...] in one launch (see the module doc).
+    """Run an op over ``lists`` = [params, grads, state 0, ...] in one launch (see the module doc).
 
     ``rows``: rows per tensor (or None: one row each); ``row_coef``: fp32 ``[total rows, 4]`` read by
     both phases; ``reduce_out``: fp32 ``[total rows, 4]`` added to by phase 1.  Phase 0 increments the
@@ -185,8 +143,7 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
     nstate = len(lists) - 2
     if not 0 <= nstate <= MAX_STATES:
         raise ValueError(f"the Triton elementwise launcher takes 0 to {MAX_STATES} state lists, got {nstate}")
-    if len(hyper) > N_HYPER:
-        raise ValueError(f"at most {N_HYPER} hyperparameters, got {len(hyper)}")
+    hyper = pad_hyper(hyper)
     if stochastic and params[0].dtype != torch.bfloat16:
         raise ValueError("stochastic rounding is for bf16 params")  # as the C++ launchers check
     numels = tuple(p.numel() for p in params)
@@ -198,39 +155,28 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
         acc += r
     has_steps = bool(steps)
     step_addrs = [s.data_ptr() for s in steps] if has_steps else [0] * len(params)
-    addrs = [[t.data_ptr() for t in row] + [s] for row, s in zip(zip(*lists), step_addrs)]
-    addr_table = torch.tensor(addrs, dtype=torch.int64).to(device, non_blocking=True)
-    meta = torch.tensor([numels, offsets, lens], dtype=torch.int64).to(device, non_blocking=True)
+    addr_table = device_table([[t.data_ptr() for t in row] + [s] for row, s in zip(zip(*lists), step_addrs)], device)
+    meta = device_table([numels, offsets, lens], device)
     block_tensor, block_start = _chunk_tables(numels, device)
-    hyper = tuple(float(h) for h in hyper) + (0.0,) * (N_HYPER - len(hyper))
-    lr_is_ptr = isinstance(lr, torch.Tensor)
-    dummy = torch.zeros(4, dtype=torch.float32, device=device)
+    scalars = StepArgs(device, lr, grad_scale, found_inf, sign)
     sparse = bool(sparse_mask)
     if sparse and (phase != 0 or nreduce):
         raise ValueError("the sparse epilogue is for the update of ops without a reduce phase")
-    sparse_table = dummy
+    sparse_table = scalars.dummy
     if sparse:
         outs = list(sparse_out) if sparse_out else [None] * len(params)
-        sparse_table = torch.tensor([[m.data_ptr(), o.data_ptr() if o is not None else 0]
-                                     for m, o in zip(sparse_mask, outs)], dtype=torch.int64).to(device, non_blocking=True)
+        sparse_table = device_table([[m.data_ptr(), o.data_ptr() if o is not None else 0]
+                                     for m, o in zip(sparse_mask, outs)], device)
     if block_tensor.numel() > 0:
         _elementwise_kernel[(block_tensor.numel(),)](
-            addr_table, meta[0], meta[1], meta[2], block_tensor, block_start,
-            0.0 if lr_is_ptr else float(lr), lr if lr_is_ptr else dummy,
-            grad_scale if grad_scale is not None else dummy,
-            found_inf if found_inf is not None else dummy, float(sign),
-            row_coef if row_coef is not None else dummy, reduce_out if reduce_out is not None else dummy,
+            addr_table, meta[0], meta[1], meta[2], block_tensor, block_start, *scalars.args,
+            scalars.or_dummy(row_coef), scalars.or_dummy(reduce_out),
             int(seed) & 0xFFFFFFFF, sparse_table, float(sparse_lambda), float(sparse_beta), *hyper,
             UPDATE=update, REDUCE=reduce, NSTATE=nstate, NREDUCE=max(int(nreduce), 1), PHASE=int(phase),
-            FLAGS=int(flags), DTYPE=_TL_DTYPES[params[0].dtype],
-            HAS_LR_PTR=lr_is_ptr, HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+            FLAGS=int(flags), DTYPE=_TL_DTYPES[params[0].dtype], **scalars.constexprs,
             HAS_ROW_COEF=row_coef is not None, ONE_ROW=all(r == 1 for r in rows), STOCHASTIC=bool(stochastic),
             HAS_STEPS=has_steps, SPARSE=sparse, SPARSE_OUT=sparse and bool(sparse_out),
             CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK,
         )
     if phase == 0 and has_steps:
-        n = len(params)
-        _increment_steps_kernel[(triton.cdiv(n, 256),)](
-            addr_table, n, found_inf if found_inf is not None else dummy,
-            NCOL=nstate + 3, HAS_FOUND_INF=found_inf is not None, BLOCK_SIZE=256,
-        )
+        scalars.increment_steps(addr_table, len(params), nstate + 3)

@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .elementwise import MAX_STATES, N_HYPER, _bf16_stochastic, fmix32
-from .multi_tensor import _TL_DTYPES, _increment_steps_kernel, _ptr, to_bf16_rne
+from .multi_tensor import (MAX_STATES, _TL_DTYPES, StepArgs, _load_block, _ptr, _step_scalars, _step_skipped,
+                           _store_block, _store_param, cached_on_device, device_table, pad_hyper)
 from .ops import OPS
 
 HEADER = tl.constexpr(8)  # int32 words before the codebook's tables (constexpr: read by @triton.jit code)
@@ -147,7 +147,7 @@ def _codec_kernel(x, codes, absmax, book, nblocks, DEQUANTIZE: tl.constexpr, FOU
 def _load_state(addr_table, row, COL: tl.constexpr, ACOL: tl.constexpr, NCOL: tl.constexpr, book, blk, gmask,
                 pair, pmask, offs, mask, h, Q: tl.constexpr, DTYPE: tl.constexpr):
     if Q == 0:
-        v = tl.load(_ptr(addr_table, row, COL, NCOL, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+        v = _load_block(addr_table, row, COL, NCOL, offs, mask, DTYPE)
     else:
         amax = tl.load(_ptr(addr_table, row, ACOL, NCOL, tl.float32) + blk, mask=gmask, other=0.0)
         code = _load_codes(_ptr(addr_table, row, COL, NCOL, tl.uint8), pair, pmask, offs, mask, h, Q == 2)
@@ -159,83 +159,60 @@ def _load_state(addr_table, row, COL: tl.constexpr, ACOL: tl.constexpr, NCOL: tl
 def _store_state(addr_table, row, COL: tl.constexpr, ACOL: tl.constexpr, NCOL: tl.constexpr, book, v, blk, gmask,
                  pair, pmask, offs, mask, h, Q: tl.constexpr, DTYPE: tl.constexpr):
     if Q == 0:
-        ptr = _ptr(addr_table, row, COL, NCOL, DTYPE)
-        if DTYPE == tl.bfloat16:
-            tl.store(ptr + offs, to_bf16_rne(v), mask=mask)
-        else:
-            tl.store(ptr + offs, v.to(DTYPE), mask=mask)
+        _store_block(addr_table, row, COL, NCOL, offs, mask, v, DTYPE)
     else:
         amax, code = _quantize(book, v, mask)
         tl.store(_ptr(addr_table, row, ACOL, NCOL, tl.float32) + blk, amax, mask=gmask)
         _store_codes(_ptr(addr_table, row, COL, NCOL, tl.uint8), code, pair, pmask, offs, mask, h, Q == 2)
 
 
-@triton.jit(do_not_specialize=["seed"])  # seed == 1 must not become a constexpr (seed.to below)
+@triton.jit(do_not_specialize=["seed"])  # seed == 1 must not become a constexpr (seed.to in _store_param)
 def _lowbit_kernel(
     addr_table, nblocks_ptr, prog_tensor, prog_block,
-    lr_value, lr_ptr, grad_scale_ptr, found_inf_ptr, sign, seed, B1, B2, B3, B4,
+    lr_value, lr_ptr, grad_scale_ptr, found_inf_ptr, sign, seed, B0, B1, B2, B3,
     H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
-    UPDATE: tl.constexpr, NSTATE: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr, Q3: tl.constexpr,
-    Q4: tl.constexpr, FLAGS: tl.constexpr, DTYPE: tl.constexpr,
+    UPDATE: tl.constexpr, NSTATE: tl.constexpr, Q0: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr,
+    Q3: tl.constexpr, FLAGS: tl.constexpr, DTYPE: tl.constexpr,
     HAS_LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     STOCHASTIC: tl.constexpr, HAS_STEPS: tl.constexpr,
     BLOCK: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr,
 ):
-    # Table columns: param, grad, the states (codes or values), each state's absmax (0: plain), step.
+    # Table columns: param, grad, the state slots (codes or values), each slot's absmax (0: plain), step.
     NCOL: tl.constexpr = 2 * NSTATE + 3
     pid = tl.program_id(0)
-    skip = 0.0
-    if HAS_FOUND_INF:
-        skip = tl.load(found_inf_ptr)
-    if skip == 0.0:
+    if _step_skipped(found_inf_ptr, HAS_FOUND_INF) == 0.0:
         row = tl.load(prog_tensor + pid).to(tl.int64)
         blk0 = tl.load(prog_block + pid)
         nblocks = tl.load(nblocks_ptr + row)
-        lr = lr_value
-        if HAS_LR_PTR:
-            lr = tl.load(lr_ptr)
-        grad_mul = sign
-        if HAS_GRAD_SCALE:
-            grad_mul = sign / tl.load(grad_scale_ptr)
-        step = tl.full([], 1.0, tl.float32)
-        if HAS_STEPS:
-            step_ptr = tl.load(addr_table + row * NCOL + (NCOL - 1)).to(tl.pointer_type(tl.float32))
-            step = tl.load(step_ptr) + 1.0
+        lr, grad_mul, step = _step_scalars(addr_table, row, NCOL, lr_value, lr_ptr, grad_scale_ptr, sign,
+                                           HAS_LR_PTR, HAS_GRAD_SCALE, HAS_STEPS)
         blk, gmask, pair, pmask, offs, mask, h = _tile(blk0, nblocks, BLOCK, G, HALF)
-        pptr = _ptr(addr_table, row, 0, NCOL, DTYPE)
-        p = tl.load(pptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(_ptr(addr_table, row, 1, NCOL, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32) * grad_mul
+        p = _load_block(addr_table, row, 0, NCOL, offs, mask, DTYPE)
+        g = _load_block(addr_table, row, 1, NCOL, offs, mask, DTYPE) * grad_mul
         zero = tl.zeros([G, HALF, 2], dtype=tl.float32)
+        s0 = zero
         s1 = zero
         s2 = zero
         s3 = zero
-        s4 = zero
         if NSTATE >= 1:
-            s1 = _load_state(addr_table, row, 2, 2 + NSTATE, NCOL, B1, blk, gmask, pair, pmask, offs, mask, h, Q1, DTYPE)
+            s0 = _load_state(addr_table, row, 2, 2 + NSTATE, NCOL, B0, blk, gmask, pair, pmask, offs, mask, h, Q0, DTYPE)
         if NSTATE >= 2:
-            s2 = _load_state(addr_table, row, 3, 3 + NSTATE, NCOL, B2, blk, gmask, pair, pmask, offs, mask, h, Q2, DTYPE)
+            s1 = _load_state(addr_table, row, 3, 3 + NSTATE, NCOL, B1, blk, gmask, pair, pmask, offs, mask, h, Q1, DTYPE)
         if NSTATE >= 3:
-            s3 = _load_state(addr_table, row, 4, 4 + NSTATE, NCOL, B3, blk, gmask, pair, pmask, offs, mask, h, Q3, DTYPE)
+            s2 = _load_state(addr_table, row, 4, 4 + NSTATE, NCOL, B2, blk, gmask, pair, pmask, offs, mask, h, Q2, DTYPE)
         if NSTATE >= 4:
-            s4 = _load_state(addr_table, row, 5, 5 + NSTATE, NCOL, B4, blk, gmask, pair, pmask, offs, mask, h, Q4, DTYPE)
-        p, s1, s2, s3, s4 = UPDATE(p, g, s1, s2, s3, s4, step, lr, zero, zero, zero, zero,
+            s3 = _load_state(addr_table, row, 5, 5 + NSTATE, NCOL, B3, blk, gmask, pair, pmask, offs, mask, h, Q3, DTYPE)
+        p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, step, lr, zero, zero, zero, zero,
                                    H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
-        if STOCHASTIC:
-            key = fmix32(seed.to(tl.uint32) ^ fmix32(row.to(tl.uint32) * 0x27D4EB2F + step.to(tl.uint32) * 0x165667B1))
-            rnd = fmix32(offs.to(tl.uint32) * 0x9E3779B1 ^ key)
-            tl.store(pptr + offs, _bf16_stochastic(p, rnd), mask=mask)
-        elif DTYPE == tl.bfloat16:
-            tl.store(pptr + offs, to_bf16_rne(p), mask=mask)
-        else:
-            tl.store(pptr + offs, p.to(DTYPE), mask=mask)
+        _store_param(_ptr(addr_table, row, 0, NCOL, DTYPE), offs, mask, p, seed, row, step, STOCHASTIC, DTYPE)
         if NSTATE >= 1:
-            _store_state(addr_table, row, 2, 2 + NSTATE, NCOL, B1, s1, blk, gmask, pair, pmask, offs, mask, h, Q1, DTYPE)
+            _store_state(addr_table, row, 2, 2 + NSTATE, NCOL, B0, s0, blk, gmask, pair, pmask, offs, mask, h, Q0, DTYPE)
         if NSTATE >= 2:
-            _store_state(addr_table, row, 3, 3 + NSTATE, NCOL, B2, s2, blk, gmask, pair, pmask, offs, mask, h, Q2, DTYPE)
+            _store_state(addr_table, row, 3, 3 + NSTATE, NCOL, B1, s1, blk, gmask, pair, pmask, offs, mask, h, Q1, DTYPE)
         if NSTATE >= 3:
-            _store_state(addr_table, row, 4, 4 + NSTATE, NCOL, B3, s3, blk, gmask, pair, pmask, offs, mask, h, Q3, DTYPE)
+            _store_state(addr_table, row, 4, 4 + NSTATE, NCOL, B2, s2, blk, gmask, pair, pmask, offs, mask, h, Q2, DTYPE)
         if NSTATE >= 4:
-            _store_state(addr_table, row, 5, 5 + NSTATE, NCOL, B4, s4, blk, gmask, pair, pmask, offs, mask, h, Q4, DTYPE)
+            _store_state(addr_table, row, 5, 5 + NSTATE, NCOL, B3, s3, blk, gmask, pair, pmask, offs, mask, h, Q3, DTYPE)
 
 
 # -- host side ---------------------------------------------------------------------------------------
@@ -288,14 +265,7 @@ _device_tables = {}
 
 def _program_tables(nblocks, g, device):
     """(tensor of each program int32, its first block int64, blocks per tensor int64), cached."""
-    key = (nblocks, g, str(device))
-    tables = _device_tables.get(key)
-    if tables is None:
-        tables = tuple(t.to(device) for t in _program_tables_host(nblocks, g))
-        if len(_device_tables) > 64:
-            _device_tables.clear()
-        _device_tables[key] = tables
-    return tables
+    return cached_on_device(_device_tables, (nblocks, g), device, lambda: _program_tables_host(nblocks, g))
 
 
 def quantize_blockwise(x, codes, absmax, book, block, dequantize=False):
@@ -369,11 +339,15 @@ def lowbit_step(op, lists, steps, *, books, absmax, block, hyper, flags, lr, gra
     for t, nel in enumerate(numels):
         if nel % block:
             raise ValueError(f"tensor {t}: numel {nel} is not a multiple of the block {block}")
+
+    def check_like_params(x, t, what):
+        if x.dtype != dtype or x.numel() != numels[t] or not x.is_contiguous() or x.device != device:
+            raise ValueError(f"{what}, tensor {t}: expected a contiguous {dtype} tensor of {numels[t]} values on "
+                             f"{device}")
+
     for i, lst in enumerate(lists[:2]):
         for t, x in enumerate(lst):
-            if x.dtype != dtype or x.numel() != numels[t] or not x.is_contiguous() or x.device != device:
-                raise ValueError(f"list {i}, tensor {t}: expected a contiguous {dtype} tensor of {numels[t]} "
-                                 f"values on {device}")
+            check_like_params(x, t, f"list {i}")
     kinds = []
     for k in range(nstate):
         states, book, amax = lists[2 + k], books[k], absmax[k]
@@ -381,9 +355,7 @@ def lowbit_step(op, lists, steps, *, books, absmax, block, hyper, flags, lr, gra
             if amax is not None:
                 raise ValueError(f"state {k} is plain (no codebook) but has absmax tensors")
             for t, x in enumerate(states):
-                if x.dtype != dtype or x.numel() != numels[t] or not x.is_contiguous() or x.device != device:
-                    raise ValueError(f"plain state {k}, tensor {t}: expected a contiguous {dtype} tensor of "
-                                     f"{numels[t]} values on {device}")
+                check_like_params(x, t, f"plain state {k}")
             kinds.append(PLAIN)
             continue
         nc = _book_codes(book)
@@ -402,9 +374,7 @@ def lowbit_step(op, lists, steps, *, books, absmax, block, hyper, flags, lr, gra
     kinds += [PLAIN] * (MAX_STATES - nstate)
 
     thyper, tflags = spec.pack(tuple(hyper), int(flags))
-    if len(thyper) > N_HYPER:
-        raise ValueError(f"at most {N_HYPER} hyperparameters, got {len(thyper)}")
-    thyper = tuple(float(v) for v in thyper) + (0.0,) * (N_HYPER - len(thyper))
+    thyper = pad_hyper(thyper)
     has_steps = bool(steps)
     rows = []
     for t in range(n):
@@ -413,28 +383,19 @@ def lowbit_step(op, lists, steps, *, books, absmax, block, hyper, flags, lr, gra
         row += [absmax[k][t].data_ptr() if kinds[k] != PLAIN else 0 for k in range(nstate)]
         row.append(steps[t].data_ptr() if has_steps else 0)
         rows.append(row)
-    addr_table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    addr_table = device_table(rows, device)
     g, half = _tile_shape(block)
     prog_tensor, prog_block, nblocks = _program_tables(tuple(nel // block for nel in numels), g, device)
-    lr_is_ptr = isinstance(lr, torch.Tensor)
-    dummy = torch.zeros(4, dtype=torch.float32, device=device)
+    scalars = StepArgs(device, lr, grad_scale, found_inf, sign)
     dummy_book = torch.zeros(4, dtype=torch.int32, device=device)
     bk = [books[k] if k < nstate and kinds[k] != PLAIN else dummy_book for k in range(MAX_STATES)]
     if prog_tensor.numel() > 0:
         _lowbit_kernel[(prog_tensor.numel(),)](
-            addr_table, nblocks, prog_tensor, prog_block,
-            0.0 if lr_is_ptr else float(lr), lr if lr_is_ptr else dummy,
-            grad_scale if grad_scale is not None else dummy,
-            found_inf if found_inf is not None else dummy, float(sign), int(seed) & 0xFFFFFFFF,
-            *bk, *thyper,
-            UPDATE=spec.update, NSTATE=nstate, Q1=kinds[0], Q2=kinds[1], Q3=kinds[2], Q4=kinds[3],
-            FLAGS=int(tflags), DTYPE=_TL_DTYPES[dtype],
-            HAS_LR_PTR=lr_is_ptr, HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+            addr_table, nblocks, prog_tensor, prog_block, *scalars.args, int(seed) & 0xFFFFFFFF, *bk, *thyper,
+            UPDATE=spec.update, NSTATE=nstate, Q0=kinds[0], Q1=kinds[1], Q2=kinds[2], Q3=kinds[3],
+            FLAGS=int(tflags), DTYPE=_TL_DTYPES[dtype], **scalars.constexprs,
             STOCHASTIC=bool(stochastic) and dtype == torch.bfloat16, HAS_STEPS=has_steps,
             BLOCK=block, G=g, HALF=half,
         )
     if has_steps:
-        _increment_steps_kernel[(triton.cdiv(n, 256),)](
-            addr_table, n, found_inf if found_inf is not None else dummy,
-            NCOL=2 * nstate + 3, HAS_FOUND_INF=found_inf is not None, BLOCK_SIZE=256,
-        )
+        scalars.increment_steps(addr_table, n, 2 * nstate + 3)

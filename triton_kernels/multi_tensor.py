@@ -1,18 +1,14 @@
-"""The generic Triton multi-tensor launcher.
+"""What fastopt's Triton multi-tensor launchers share (:mod:`.elementwise`, :mod:`.lowbit`).
 
-Every tensor of the lists is cut into chunks of ``CHUNK`` elements and one program handles one chunk
-of one tensor.  The tensors' addresses travel in an int64 table ``[n_tensors, n_lists]`` (the
-per-optimizer lists, then the step counters) that the kernel casts back to pointers, so one launch
-covers any number of tensors of any sizes.  The (tensor, chunk) of each program comes from two small
-int32/int64 tables that only depend on the tensor sizes and are cached.
-
-The update rule is a ``@triton.jit`` function passed as a ``constexpr``:
-
-    UPDATE(p, g, s1, s2, s3, step, lr, H0, ..., H9, FLAGS) -> (p, s1, s2, s3)
-
-taking and returning fp32 blocks (``s1..s3`` are the optimizer states, ``NSTATE`` of them real) plus
-fp32 scalars (the step count after this step, the learning rate, ten hyperparameter slots) and a
-``constexpr`` int of flag bits.  Adding an optimizer adds an update function, not a launcher.
+Every launch covers every tensor of a call: the tensors' addresses travel in an int64 table
+``[n_tensors, n_columns]`` (param, grad, the op's state slots 0, 1, ... in columns 2, 3, ..., then
+what the launcher adds, the fp32 step counter last) that the kernel casts back to pointers, and each
+program finds its (tensor, first element) in two small tables that only depend on the tensor sizes
+and are cached.  Every launcher passes an op the same scalars: ``N_HYPER`` fp32 hyperparameter slots
+``H0 .. H15`` (:func:`pad_hyper`), ``FLAGS`` (constexpr int), the learning rate (a float, or an fp32
+tensor read on the device: no host sync) and the step count after this step; gradients arrive with
+maximize and the AMP grad scale applied, and a nonzero ``found_inf`` makes the whole call, step
+counters included, a no-op.
 """
 import functools
 import math
@@ -23,8 +19,13 @@ import triton.language as tl
 
 CHUNK = 65536
 BLOCK = 1024
-N_HYPER = 10
+N_HYPER = 16    # the H0 .. H15 of every op's UPDATE / REDUCE
+MAX_STATES = 4  # state slots s0 .. s3
 
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+# -- device helpers ----------------------------------------------------------------------------------
 
 @triton.jit
 def _ptr(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, DTYPE: tl.constexpr):
@@ -48,72 +49,81 @@ def to_bf16_rne(x):
 
 
 @triton.jit
-def _store_block(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, mask, val, DTYPE: tl.constexpr):
-    ptr = _ptr(addr_table, row, col, NCOL, DTYPE)
+def _rounded(x, DTYPE: tl.constexpr):
+    """fp32 ``x`` in the storage dtype (bf16: round to nearest even)."""
     if DTYPE == tl.bfloat16:
-        tl.store(ptr + offs, to_bf16_rne(val), mask=mask)
+        r = to_bf16_rne(x)
     else:
-        tl.store(ptr + offs, val.to(DTYPE), mask=mask)
+        r = x.to(DTYPE)
+    return r
 
 
 @triton.jit
-def _multi_tensor_kernel(
-    addr_table, numels, block_tensor, block_start,
-    lr_value, lr_ptr, grad_scale_ptr, found_inf_ptr, sign,
-    H0, H1, H2, H3, H4, H5, H6, H7, H8, H9,
-    UPDATE: tl.constexpr, NSTATE: tl.constexpr, FLAGS: tl.constexpr, DTYPE: tl.constexpr,
-    HAS_LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-):
-    NCOL: tl.constexpr = NSTATE + 3  # param, grad, states..., step counter
-    pid = tl.program_id(0)
+def _store_block(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, mask, val, DTYPE: tl.constexpr):
+    tl.store(_ptr(addr_table, row, col, NCOL, DTYPE) + offs, _rounded(val, DTYPE), mask=mask)
+
+
+@triton.jit
+def fmix32(h):
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _bf16_stochastic(x, rnd):
+    u = x.to(tl.uint32, bitcast=True)
+    r = ((u + (rnd & 0xFFFF)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where((u & 0x7F800000) == 0x7F800000, to_bf16_rne(x), r)
+
+
+@triton.jit
+def _step_skipped(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
+    """Nonzero when the call is an AMP-skipped step (``found_inf`` set)."""
     skip = 0.0
     if HAS_FOUND_INF:
         skip = tl.load(found_inf_ptr)
-    if skip == 0.0:
-        row = tl.load(block_tensor + pid).to(tl.int64)
-        start = tl.load(block_start + pid)
-        n = tl.load(numels + row)
-        end = tl.minimum(start + CHUNK_SIZE, n)
-        lr = lr_value
-        if HAS_LR_PTR:
-            lr = tl.load(lr_ptr)
-        grad_mul = sign
-        if HAS_GRAD_SCALE:
-            grad_mul = sign / tl.load(grad_scale_ptr)
-        step_ptr = tl.load(addr_table + row * NCOL + (NCOL - 1)).to(tl.pointer_type(tl.float32))
-        step = tl.load(step_ptr) + 1.0
-        for off in range(start, end, BLOCK_SIZE):
-            offs = off + tl.arange(0, BLOCK_SIZE)
-            mask = offs < end
-            p = _load_block(addr_table, row, 0, NCOL, offs, mask, DTYPE)
-            g = _load_block(addr_table, row, 1, NCOL, offs, mask, DTYPE) * grad_mul
-            s1 = p
-            s2 = p
-            s3 = p
-            if NSTATE >= 1:
-                s1 = _load_block(addr_table, row, 2, NCOL, offs, mask, DTYPE)
-            if NSTATE >= 2:
-                s2 = _load_block(addr_table, row, 3, NCOL, offs, mask, DTYPE)
-            if NSTATE >= 3:
-                s3 = _load_block(addr_table, row, 4, NCOL, offs, mask, DTYPE)
-            p, s1, s2, s3 = UPDATE(p, g, s1, s2, s3, step, lr, H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, FLAGS)
-            _store_block(addr_table, row, 0, NCOL, offs, mask, p, DTYPE)
-            if NSTATE >= 1:
-                _store_block(addr_table, row, 2, NCOL, offs, mask, s1, DTYPE)
-            if NSTATE >= 2:
-                _store_block(addr_table, row, 3, NCOL, offs, mask, s2, DTYPE)
-            if NSTATE >= 3:
-                _store_block(addr_table, row, 4, NCOL, offs, mask, s3, DTYPE)
+    return skip
+
+
+@triton.jit
+def _step_scalars(addr_table, row, NCOL: tl.constexpr, lr_value, lr_ptr, grad_scale_ptr, sign,
+                  HAS_LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_STEPS: tl.constexpr):
+    """(lr, the gradient multiplier sign / grad_scale, the step count after this step: the tensor's
+    counter in the table's last column + 1, or 1 without counters)."""
+    lr = lr_value
+    if HAS_LR_PTR:
+        lr = tl.load(lr_ptr)
+    grad_mul = sign
+    if HAS_GRAD_SCALE:
+        grad_mul = sign / tl.load(grad_scale_ptr)
+    step = tl.full([], 1.0, tl.float32)
+    if HAS_STEPS:
+        step = tl.load(_ptr(addr_table, row, NCOL - 1, NCOL, tl.float32)) + 1.0
+    return lr, grad_mul, step
+
+
+@triton.jit
+def _store_param(ptr, offs, mask, p, seed, row, step, STOCHASTIC: tl.constexpr, DTYPE: tl.constexpr):
+    """Store the fp32 param ``p``; with ``STOCHASTIC`` (bf16) round with the counter-based bits of the
+    C++ kernels (``fmix32``; tensor ``row``, the step count), so CPU and GPU agree exactly.  Returns
+    the stored values."""
+    if STOCHASTIC:
+        key = fmix32(seed.to(tl.uint32) ^ fmix32(row.to(tl.uint32) * 0x27D4EB2F + step.to(tl.uint32) * 0x165667B1))
+        stored = _bf16_stochastic(p, fmix32(offs.to(tl.uint32) * 0x9E3779B1 ^ key))
+    else:
+        stored = _rounded(p, DTYPE)
+    tl.store(ptr + offs, stored, mask=mask)
+    return stored
 
 
 @triton.jit
 def _increment_steps_kernel(addr_table, n_tensors, found_inf_ptr, NCOL: tl.constexpr,
                             HAS_FOUND_INF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    skip = 0.0
-    if HAS_FOUND_INF:
-        skip = tl.load(found_inf_ptr)
-    if skip == 0.0:
+    if _step_skipped(found_inf_ptr, HAS_FOUND_INF) == 0.0:
         rows = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = rows < n_tensors
         addrs = tl.load(addr_table + rows.to(tl.int64) * NCOL + (NCOL - 1), mask=mask, other=0)
@@ -121,7 +131,55 @@ def _increment_steps_kernel(addr_table, n_tensors, found_inf_ptr, NCOL: tl.const
         tl.store(ptrs, tl.load(ptrs, mask=mask) + 1.0, mask=mask)
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+# -- host side -----------------------------------------------------------------------------------------
+
+def pad_hyper(hyper):
+    """An op's packed hyperparameters as the ``N_HYPER`` fp32 kernel slots (zeros after them)."""
+    if len(hyper) > N_HYPER:
+        raise ValueError(f"at most {N_HYPER} hyperparameters, got {len(hyper)}")
+    return tuple(float(h) for h in hyper) + (0.0,) * (N_HYPER - len(hyper))
+
+
+class StepArgs:
+    """The per-call scalars as every launcher's kernel takes them: ``args`` = (lr_value, lr_ptr,
+    grad_scale_ptr, found_inf_ptr, sign), ``constexprs`` = HAS_LR_PTR, HAS_GRAD_SCALE, HAS_FOUND_INF;
+    ``dummy`` stands in for an absent tensor argument."""
+
+    def __init__(self, device, lr, grad_scale, found_inf, sign):
+        self.dummy = torch.zeros(4, dtype=torch.float32, device=device)
+        self.found_inf = found_inf
+        lr_is_ptr = isinstance(lr, torch.Tensor)
+        self.args = (0.0 if lr_is_ptr else float(lr), lr if lr_is_ptr else self.dummy,
+                     self.or_dummy(grad_scale), self.or_dummy(found_inf), float(sign))
+        self.constexprs = dict(HAS_LR_PTR=lr_is_ptr, HAS_GRAD_SCALE=grad_scale is not None,
+                               HAS_FOUND_INF=found_inf is not None)
+
+    def or_dummy(self, t):
+        return t if t is not None else self.dummy
+
+    def increment_steps(self, addr_table, n, ncol):
+        """Add 1 to the step counters in the last column of the ``n``-row table (unless ``found_inf``)."""
+        _increment_steps_kernel[(triton.cdiv(n, 256),)](
+            addr_table, n, self.or_dummy(self.found_inf),
+            NCOL=ncol, HAS_FOUND_INF=self.found_inf is not None, BLOCK_SIZE=256,
+        )
+
+
+def device_table(rows, device):
+    """An int64 table (addresses, sizes) on ``device``."""
+    return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def cached_on_device(cache, key, device, make_host_tables):
+    """``make_host_tables()`` (CPU tensors) copied to ``device`` once per ``(key, device)``."""
+    key = (key, str(device))
+    tables = cache.get(key)
+    if tables is None:
+        tables = tuple(t.to(device) for t in make_host_tables())
+        if len(cache) > 64:
+            cache.clear()
+        cache[key] = tables
+    return tables
 
 
 @functools.lru_cache(maxsize=64)
@@ -138,15 +196,8 @@ _device_tables = {}
 
 
 def _chunk_tables(numels, device):
-    key = (numels, str(device))
-    tables = _device_tables.get(key)
-    if tables is None:
-        tables = tuple(t.to(device) for t in _chunk_tables_host(numels))
-        if len(_device_tables) > 64:
-            _device_tables.clear()
-        _device_tables[key] = tables
-    return tables
-
+    """(tensor of each program int32, its first element int64) for chunks of ``CHUNK`` elements."""
+    return cached_on_device(_device_tables, numels, device, lambda: _chunk_tables_host(numels))
 
 
 def split_f64(x):
@@ -158,42 +209,15 @@ def split_f64(x):
 
 
 def multi_tensor_apply(update, lists, steps, *, hyper, flags, lr, grad_scale=None, found_inf=None, sign=1.0):
-    """Run ``update`` over every element of ``lists`` = [params, grads, state1, ...] in one launch.
+    """Run ``update`` (an UPDATE of :mod:`.elementwise`) over every element of ``lists`` = [params, grads,
+    state 0, ...] in one launch: :func:`.elementwise.elementwise_apply` with no reduce phase.
 
     ``steps``: fp32 step counters (one per tensor, read as ``step + 1`` and then incremented unless
-    ``found_inf`` is nonzero).  ``hyper``: up to ten floats (fp32 in the kernel); ``flags``: int of flag bits (constexpr);
-    ``lr``: float or an fp32 scalar tensor on the tensors' device; ``sign``: -1 for maximize.
+    ``found_inf`` is nonzero).  ``hyper``: up to ``N_HYPER`` floats (fp32 in the kernel); ``flags``:
+    int of flag bits (constexpr); ``lr``: float or an fp32 scalar tensor on the tensors' device;
+    ``sign``: -1 for maximize.
     """
-    params = lists[0]
-    if not params:
-        return
-    device = params[0].device
-    nstate = len(lists) - 2
-    if not 0 <= nstate <= 3:
-        raise ValueError(f"the Triton multi-tensor launcher takes 0 to 3 state lists, got {nstate}")
-    numels = tuple(p.numel() for p in params)
-    addrs = [[t.data_ptr() for t in row] + [s.data_ptr()] for row, s in zip(zip(*lists), steps)]
-    addr_table = torch.tensor(addrs, dtype=torch.int64).to(device, non_blocking=True)
-    numel_t = torch.tensor(numels, dtype=torch.int64).to(device, non_blocking=True)
-    block_tensor, block_start = _chunk_tables(numels, device)
-    if len(hyper) > N_HYPER:
-        raise ValueError(f"at most {N_HYPER} hyperparameters, got {len(hyper)}")
-    hyper = tuple(float(h) for h in hyper) + (0.0,) * (N_HYPER - len(hyper))
-    lr_is_ptr = isinstance(lr, torch.Tensor)
-    dummy = torch.zeros((), dtype=torch.float32, device=device)
-    if block_tensor.numel() > 0:
-        _multi_tensor_kernel[(block_tensor.numel(),)](
-            addr_table, numel_t, block_tensor, block_start,
-            0.0 if lr_is_ptr else float(lr), lr if lr_is_ptr else dummy,
-            grad_scale if grad_scale is not None else dummy,
-            found_inf if found_inf is not None else dummy, float(sign),
-            *hyper,
-            UPDATE=update, NSTATE=nstate, FLAGS=int(flags), DTYPE=_TL_DTYPES[params[0].dtype],
-            HAS_LR_PTR=lr_is_ptr, HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-            CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK,
-        )
-    n = len(params)
-    _increment_steps_kernel[(triton.cdiv(n, 256),)](
-        addr_table, n, found_inf if found_inf is not None else dummy,
-        NCOL=nstate + 3, HAS_FOUND_INF=found_inf is not None, BLOCK_SIZE=256,
-    )
+    from .elementwise import elementwise_apply, no_reduce  # elementwise.py builds on this module
+
+    elementwise_apply(update, no_reduce, 0, lists, steps, hyper=hyper, flags=flags, lr=lr, grad_scale=grad_scale,
+                      found_inf=found_inf, sign=sign)
