@@ -315,9 +315,9 @@ class LowbitStates:
         rank1 = [f.rank1 for f in formats]
         scales = [s[n + ("_row" if f.rank1 else "_absmax")] for n, f in zip(names, formats) for s in states]
         colmax = [s[n + "_col"] for n, f in zip(names, formats) if f.rank1 for s in states]
-        _ops.lowbit_unchecked(
+        _ops.run_lowbit(_ops.LowbitCall(
             op._op_name(group), params, grads, [s[n] for n in names for s in states], scales,
             [_codebook(f, device) for f in formats], formats[0].block, [s["step"] for s in states], hyper, flags,
             lr=group["lr"], maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf, backend=backend,
             device=device, seed=group.get("seed", 0), stochastic=op._stochastic(group, params[0]), colmax=colmax,
-            rank1=rank1, rank1_rows=[lowbit_state.rank1_rows(p.shape) or 1 for p in params] if any(rank1) else [])
+            rank1=rank1, rank1_rows=[lowbit_state.rank1_rows(p.shape) or 1 for p in params] if any(rank1) else []))

@@ -138,16 +138,43 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
         super().__setstate__(state)
         as_param_groups(self.param_groups)  # (load_state_dict brings plain dicts)
         self.__dict__.setdefault("_step_called", {"called": False})
-        fill_group_defaults(self, self.defaults)
+        fill_group_defaults(self, self._shared_defaults())
 
     # -- hooks for subclasses ------------------------------------------------------------------
+    def _shared_defaults(self):
+        """The defaults every param group takes (after unpickling or loading, for the keys it lacks)."""
+        return self.defaults
+
     def _check_group(self, group):
         """Raise ValueError for invalid hyperparameters of ``group``."""
         raise NotImplementedError
 
+    def _check_group_param(self, group, p):
+        """Raise when parameter ``p`` (with a gradient) cannot be stepped in ``group`` (subclasses)."""
+
+    def _resolve_backend(self, group, device, dtype, dense):
+        """The backend that steps the ``dtype`` parameters of ``group`` on ``device``."""
+        return _backend.resolve(group["backend"], device, dtype, dense)
+
+    def _step_view(self, group):
+        """``group`` as the step passes it to the buckets, made while planning (so its errors come
+        before anything is written)."""
+        return _group_view(group)
+
+    def _begin_group(self, group):
+        """Called once per planned group, after every check, before its buckets step; returns the
+        group the buckets get (an optimizer that counts steps per group advances it here)."""
+        return group
+
     def _init_state(self, group, p, state):
         """Fill the empty ``state`` dict of parameter ``p``."""
         raise NotImplementedError
+
+    def _ensure_state(self, group, p):
+        """Make the state of ``p`` ready for a step of ``group`` (after every check has passed)."""
+        state = self.state[p]
+        if not state:
+            self._init_state(group, p, state)
 
     def _step_bucket(self, group, params, grads, backend, grad_scale, found_inf):
         """Run one fused step over ``params`` (one device, one dtype) with ``backend``; ``grads[i]`` has
@@ -199,6 +226,7 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
                 if g is None:
                     continue
                 self._check_param(p, g)
+                self._check_group_param(group, p)
                 if not (p.is_contiguous() and g.is_contiguous()):
                     dense = is_dense(p)
                     if not dense and overlaps_itself(p):
@@ -212,12 +240,12 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
                 by_layout[(p.device, p.dtype, dense)].append((p, g))
             buckets = defaultdict(lambda: ([], []))
             for (device, dtype, dense), pairs in by_layout.items():
-                backend = _backend.resolve(group["backend"], device, dtype, dense)
+                backend = self._resolve_backend(group, device, dtype, dense)
                 params, grads = buckets[(device, dtype, backend)]
                 params.extend(p for p, _ in pairs)
                 grads.extend(g for _, g in pairs)
             buckets.update(int8)
-            plan.append((_group_view(group), buckets))
+            plan.append((self._step_view(group), buckets))
         if not torch.compiler.is_compiling():  # compiled: the tensor boundary checks each call's params
             stepped = [p for _, buckets in plan for params, _ in buckets.values() for p in params]
             check_disjoint(type(self).__name__, stepped, self.__dict__.setdefault("_disjoint_checked", []))
@@ -260,9 +288,9 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
         for group, buckets in plan:
             for params, _grads in buckets.values():
                 for p in params:
-                    if not self.state[p]:
-                        self._init_state(group, p, self.state[p])
+                    self._ensure_state(group, p)
         for group, buckets in plan:
+            group = self._begin_group(group)
             for (device, _dtype, backend), (params, grads) in buckets.items():
                 self._step_bucket(group, params, grads, backend, *scalars[device])
         return loss

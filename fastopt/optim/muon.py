@@ -8,23 +8,22 @@ so state dicts load into each other both ways.  Equations: :func:`fastopt.refere
 ``master_weights=True`` adds ``master_param`` (fp32) to the state of bf16/fp16 parameters.
 """
 import importlib
-from collections import defaultdict
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import _backend
+from ..lowbit.layouts import MasterWeights, StochasticRounding, check_rounding_options
 from ..reference import muon as R
 from ..reference.adam import adam_reference
-from ..reference.rounding import bf16_stochastic
 from . import functional as F
-from .base import fill_group_defaults
+from .base import FusedOptimizer
 from .lion import Params
 
-MUON_BACKENDS = ("auto", "triton", "torch")
+# The backends a Muon group may name: those of the Newton-Schulz row of the capability table.
+MUON_BACKENDS = ("auto",) + _backend.CAPABILITIES["newton_schulz"].kernels + ("torch",)
 _ADAMW_STATE = ("exp_avg", "exp_avg_sq")
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _newton_schulz_module():
@@ -32,26 +31,22 @@ def _newton_schulz_module():
     return importlib.import_module("fastopt.triton_kernels.newton_schulz")
 
 
+def _check_backend_name(backend):
+    if backend not in MUON_BACKENDS:
+        raise ValueError(f"unknown Muon backend {backend!r}; expected one of {MUON_BACKENDS}")
+
+
 def resolve_ns_backend(backend, device):
-    """Which Newton–Schulz implementation runs matrices on ``device``: "triton" or "torch".
+    """Which Newton–Schulz implementation runs matrices on ``device``: "triton" or "torch"
+    (:func:`fastopt._backend.resolve` with the ``newton_schulz`` row of its capability table).
 
     ``auto``: Triton for CUDA tensors when triton is installed, torch otherwise (on a CPU the Triton
     interpreter is a test vehicle, not a fast path).  ``triton`` raises BackendUnavailableError where it
     cannot run: CPU tensors outside ``TRITON_INTERPRET=1``, or triton missing.
     """
-    if backend not in MUON_BACKENDS:
-        raise ValueError(f"unknown Muon backend {backend!r}; expected one of {MUON_BACKENDS}")
-    device = torch.device(device)
-    if backend == "torch":
-        return "torch"
-    usable = "triton" in _backend.available_backends(device)
-    if backend == "auto":
-        return "triton" if usable and device.type == "cuda" else "torch"
-    if not usable:
-        raise _backend.BackendUnavailableError(
-            f"Muon backend 'triton' cannot run on device {device}: it needs triton and CUDA tensors (or CPU "
-            "tensors under TRITON_INTERPRET=1); use backend='torch' or 'auto'" + _backend._unavailable_reason("triton", device))
-    return "triton"
+    _check_backend_name(backend)
+    # (the kernels take the bf16 copy Newton-Schulz iterates on, whatever the parameter's dtype)
+    return _backend.resolve(backend, device, torch.bfloat16, op="newton_schulz", name="Muon")
 
 
 # -- Newton–Schulz in Triton as a custom op (visible to torch.compile; eager calls skip the dispatcher) --
@@ -87,7 +82,7 @@ def _check_int(name, value, low):
         raise ValueError(f"Invalid {name}: {value!r} (expected an int >= {low})")
 
 
-class Muon(F.SchedulerAwareStep, torch.optim.Optimizer):
+class Muon(FusedOptimizer):
     r"""Muon for hidden matrices, AdamW for everything else (Jordan et al. 2024).
 
     For a parameter P of a ``use_muon=True`` group, viewed as the matrix (rows, cols) = (out,
@@ -155,6 +150,9 @@ class Muon(F.SchedulerAwareStep, torch.optim.Optimizer):
     an uninterrupted one, and refuses a checkpoint whose states do not fit the parameters' shapes.
     """
 
+    # GradScaler unscales the gradients itself (the steps here are torch ops and F.adam without AMP's scale)
+    _step_supports_amp_scaling = False
+
     def __init__(self, params: Params, lr: Union[float, Tensor] = 2e-2, momentum: float = 0.95,
                  weight_decay: float = 0.0, weight_decouple: bool = True, nesterov: bool = True, ns_steps: int = 5,
                  ns_coeffs: Union[str, Tuple[float, float, float], Sequence[Tuple[float, float, float]]] = "original",
@@ -163,10 +161,8 @@ class Muon(F.SchedulerAwareStep, torch.optim.Optimizer):
                  maximize: bool = False, foreach: Optional[bool] = None, ns_method: str = "newton_schulz",
                  ns_reset_steps: Sequence[int] = (2,), *, cautious: bool = False, stochastic_rounding: bool = False,
                  master_weights: bool = False, seed: int = 0, backend: str = "auto") -> None:
-        if stochastic_rounding and master_weights:
-            raise ValueError("Muon: choose stochastic_rounding or master_weights, not both")
-        if backend not in MUON_BACKENDS:
-            raise ValueError(f"unknown Muon backend {backend!r}; expected one of {MUON_BACKENDS}")
+        check_rounding_options("Muon", stochastic_rounding, master_weights)
+        _check_backend_name(backend)
         muon = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
                     ns_coeffs=ns_coeffs, ns_method=ns_method, ns_reset_steps=ns_reset_steps,
                     use_adjusted_lr=use_adjusted_lr)
@@ -182,7 +178,6 @@ class Muon(F.SchedulerAwareStep, torch.optim.Optimizer):
                         cautious=cautious,
                         stochastic_rounding=stochastic_rounding, master_weights=master_weights, seed=seed,
                         backend=backend)
-        self._constructed_defaults = frozenset(defaults)
         super().__init__(self._as_groups(params), defaults)
 
     # -- param groups -----------------------------------------------------------------------------
@@ -226,44 +221,26 @@ class Muon(F.SchedulerAwareStep, torch.optim.Optimizer):
                 if isinstance(p, torch.Tensor):
                     self._check_matrix(p)
         super().add_param_group(param_group)
-        F.as_param_groups(self.param_groups)  # (NOTE: [lr under torch.compile] in functional.py)
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        F.as_param_groups(self.param_groups)
-        self.__dict__.setdefault("_step_called", {"called": False})
         kinds = getattr(self, "_group_defaults", None)
         for group in self.param_groups:
             if kinds is not None and "use_muon" in group:
                 for key, value in kinds[bool(group["use_muon"])].items():
                     group.setdefault(key, value)
-        fill_group_defaults(self, self._shared_defaults())
 
-    # -- checkpoints ------------------------------------------------------------------------------------
-    def load_state_dict(self, state_dict):
-        """torch's ``load_state_dict``, except that the fp32 states of the low-precision parameters of
-        ``master_weights`` groups (``master_param``, ``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``)
-        stay fp32 (torch.optim casts floating-point states to the parameter's dtype), copied from the
-        checkpoint; and a checkpoint whose states do not have their parameters' shapes is refused
-        (ValueError) before anything is loaded."""
-        saved_groups = state_dict["param_groups"]
-        keep = {}
-        if [len(g["params"]) for g in saved_groups] == [len(g["params"]) for g in self.param_groups]:
-            master = {pid for g in saved_groups if g.get("master_weights") for pid in g["params"]}
-            saved = [pid for g in saved_groups for pid in g["params"]]
-            current = [p for g in self.param_groups for p in g["params"]]
-            for pid, p in zip(saved, current):
-                state = state_dict["state"].get(pid)
-                if not state:
-                    continue
+    # -- checkpoints (FusedOptimizer's load hooks keep the fp32 states of master_weights groups fp32) --------
+    def _check_loaded(self, state_dict, saved_ids):
+        """Refuse (ValueError, before anything is loaded) a checkpoint whose states do not have their
+        parameters' shapes; groups of other sizes are left to torch's own error."""
+        if [len(g["params"]) for g in state_dict["param_groups"]] != [len(g["params"]) for g in self.param_groups]:
+            return
+        current = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, current):
+            state = state_dict["state"].get(pid)
+            if state:
                 self._check_state(p, state, f" of parameter {pid} in the checkpoint")
-                if pid in master and p.dtype in _LOW_PRECISION:
-                    keep[p] = {k: v for k, v in state.items()
-                               if k != "step" and isinstance(v, Tensor) and v.dtype == torch.float32}
-        super().load_state_dict(state_dict)  # (raises for mismatched groups, before loading anything)
-        for p, values in keep.items():
-            for key, value in values.items():
-                self.state[p][key] = value.to(device=p.device, copy=True)
 
     # -- validation (raises before anything is written) ----------------------------------------------
     @staticmethod
@@ -295,13 +272,11 @@ class Muon(F.SchedulerAwareStep, torch.optim.Optimizer):
         F.check_hyper(names[3] + where, group["weight_decay"])
 
     def _check_group(self, group):
-        if group.get("stochastic_rounding") and group.get("master_weights"):
-            raise ValueError("Muon: choose stochastic_rounding or master_weights, not both")
+        check_rounding_options("Muon", group.get("stochastic_rounding"), group.get("master_weights"))
         seed = group.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Invalid seed: {seed!r} (expected an int)")
-        if group.get("backend", "auto") not in MUON_BACKENDS:
-            raise ValueError(f"unknown Muon backend {group['backend']!r}; expected one of {MUON_BACKENDS}")
+        _check_backend_name(group.get("backend", "auto"))
         if group["use_muon"]:
             self._check_muon_hyper(group, "")
         else:
@@ -314,31 +289,18 @@ class Muon(F.SchedulerAwareStep, torch.optim.Optimizer):
                              "Newton-Schulz orthogonalizes matrices: put biases, gains and other < 2-D parameters "
                              "in a use_muon=False (AdamW) group")
 
-    def _check_param(self, p, g, use_muon):
-        if g.layout != torch.strided:
-            raise RuntimeError("Muon does not support sparse gradients")
-        if p.is_complex() or g.is_complex():
-            raise TypeError(f"Muon does not support complex parameters ({p.dtype}); optimize "
-                            "torch.view_as_real(p) instead")
-        if not p.is_floating_point():
-            raise TypeError(f"Muon needs floating-point parameters, got {p.dtype}")
-        if g.device != p.device:
-            raise ValueError(f"Muon: a gradient is on {g.device} but its parameter on {p.device}")
-        if g.dtype != p.dtype or g.shape != p.shape:
-            raise ValueError(f"Muon: gradient {g.dtype}{tuple(g.shape)} does not match its parameter "
-                             f"{p.dtype}{tuple(p.shape)}")
-        if use_muon:
+    def _check_group_param(self, group, p):
+        if group["use_muon"]:
             self._check_matrix(p)
-        if F.overlaps_itself(p):
-            raise ValueError(f"Muon: a parameter of shape {tuple(p.shape)} (strides {p.stride()}) has elements "
-                             "that share memory (an expand()-ed view?), so it cannot be updated in place; "
-                             "optimize a tensor with memory of its own (e.g. p.clone())")
-        self._check_state(p, self.state.get(p))
+
+    def _check_state_of(self, group, p, state):
+        self._check_state(p, state)
+        return [key for key in (MasterWeights.KEY, "momentum_buffer") + _ADAMW_STATE if key in state]
 
     @staticmethod
     def _check_state(p, state, where=""):
         """Raise ValueError when a state tensor that the step writes does not fit parameter ``p``."""
-        for key in ("master_param", "momentum_buffer") + _ADAMW_STATE:
+        for key in (MasterWeights.KEY, "momentum_buffer") + _ADAMW_STATE:
             value = (state or {}).get(key)
             if value is None:
                 continue
@@ -350,106 +312,64 @@ class Muon(F.SchedulerAwareStep, torch.optim.Optimizer):
                 raise ValueError(f"Muon: state {key!r}{where} of shape {tuple(value.shape)} has elements that "
                                  "share memory, so it cannot be updated in place")
 
-    def _plan(self):
-        """Validate every group, parameter, gradient and existing state and resolve backends, for every
-        group before any runs; touches nothing.
-        Returns [(group, {(device, dtype): [params]}, {device: ns_backend})]."""
-        plan = []
-        groups = self.__dict__["param_groups"]  # (not dynamo's optimizer.param_groups: see base.py _plan)
-        # Every gradient is read before any state: under torch.compile a parameter first reached
-        # through the state's keys would have its gradient guarded by identity (a recompile per step).
-        with_grad = [[p for p in group["params"] if p.grad is not None] for group in groups]
-        for group, params in zip(groups, with_grad):
-            self._check_group(F.check_view(group))
-            buckets = defaultdict(list)
-            for p in params:
-                self._check_param(p, p.grad, group["use_muon"])
-                buckets[(p.device, p.dtype)].append(p)
-            ns = {}
-            if group["use_muon"]:
-                ns = {dev: resolve_ns_backend(group["backend"], dev) for dev, _ in buckets}
-            plan.append((group, buckets, ns))
-        if not torch.compiler.is_compiling():  # (addresses: not traceable; see the README's torch.compile section)
-            F.check_disjoint("Muon", [p for _, buckets, _ in plan for params in buckets.values() for p in params])
-        return plan
+    # -- the step: FusedOptimizer's plan, checks and order, with these hooks ---------------------------
+    def _resolve_backend(self, group, device, dtype, dense):
+        """Muon groups: the Newton–Schulz backend; AdamW groups: what :func:`F.adam` is asked for."""
+        if group["use_muon"]:
+            return resolve_ns_backend(group["backend"], device)
+        return "torch" if group["backend"] == "torch" else "auto"
 
-    # -- bf16 / fp16 options --------------------------------------------------------------------------------
-    @staticmethod
-    def _uses_master(group, p):
-        return bool(group.get("master_weights")) and p.dtype in (torch.bfloat16, torch.float16)
+    def _step_view(self, group):
+        return group  # (the group's step count advances in _begin_group; the lr is read per bucket)
 
-    @staticmethod
-    def _stochastic(group, p):
-        return bool(group.get("stochastic_rounding")) and p.dtype == torch.bfloat16
+    def _begin_group(self, group):
+        return F.advance_group_step(group)  # (compiled: the step count and lr as tensors)
 
-    def _init_state(self, group, p):
+    def _ensure_state(self, group, p):
+        self._init_state(group, p, self.state[p])
+
+    def _init_state(self, group, p, state):
         """Create missing state of ``p``.  The states take the dtype of what the step updates: fp32 next to
         an fp32 master copy, else the parameter's (states of another dtype -- an option switched after
         some steps, or a checkpoint saved without it -- are converted)."""
-        state = self.state[p]
         like = p
-        if self._uses_master(group, p):
-            master = state.get("master_param")
+        if MasterWeights.uses(group, p):
+            master = state.get(MasterWeights.KEY)
             if master is None:
-                master = p.detach().float().clone(memory_format=torch.preserve_format)
+                master = MasterWeights.create(p)
             elif master.dtype != torch.float32:
                 master = master.float()
-            state["master_param"] = like = master
+            state[MasterWeights.KEY] = like = master
         for key in (("momentum_buffer",) if group["use_muon"] else _ADAMW_STATE):
             if key not in state:
                 state[key] = torch.zeros_like(like, memory_format=torch.preserve_format)
             elif state[key].dtype != like.dtype:
                 state[key] = state[key].to(like.dtype)
 
-    # -- the step ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._record_step_call()
-        plan = self._plan()
-        for group, buckets, _ in plan:
-            for params in buckets.values():
-                for p in params:
-                    self._init_state(group, p)
-        for group, buckets, ns in plan:
-            view = F.advance_group_step(group)  # (compiled: the step count and lr as tensors)
-            for (device, _dtype), params in buckets.items():
-                self._step_bucket(view, params, device, ns.get(device))
-        return loss
-
-    step = F.scheduler_aware(step)
-
     def state_dict(self):
         F.sync_group_steps(self.param_groups)  # (group['step'] after compiled steps)
         return super().state_dict()
 
-    def _step_bucket(self, group, params, device, ns_backend):
+    def _step_bucket(self, group, params, grads, backend, grad_scale, found_inf):
+        """``backend``: the Newton–Schulz backend of a Muon group, what F.adam is asked for in an AdamW
+        group.  (``grad_scale`` / ``found_inf`` stay None: GradScaler unscales for Muon itself.)"""
         states = [self.state[p] for p in params]
-        grads = [p.grad for p in params]
-        master = self._uses_master(group, params[0])
-        sr = self._stochastic(group, params[0])
+        master = MasterWeights.uses(group, params[0])
+        sr = StochasticRounding.uses(group, params[0])
         if master:  # step the fp32 copies with fp32 gradients, as on fp32 params
-            targets = [s["master_param"] for s in states]
-            grads = [g.float() for g in grads]
+            targets, grads = MasterWeights.redirect(grads, states)
         elif sr:  # step fp32 copies (grads and states stay bf16), then round them stochastically
             targets = [p.float() for p in params]
         else:
             targets = params
         if group["use_muon"]:
-            self._muon_bucket(group, targets, grads, states, ns_backend, params if sr else None)
+            self._muon_bucket(group, targets, grads, states, backend, params if sr else None)
         else:
-            self._adamw_bucket(group, targets, grads, states, device, sr)
+            self._adamw_bucket(group, targets, grads, states, params[0].device, sr, backend)
         if master:
-            torch._foreach_copy_(params, targets)
+            MasterWeights.write_back(params, targets)
         elif sr:
-            step = group["step"]
-            for i, (p, t) in enumerate(zip(params, targets)):
-                if p.numel() > 0:  # an empty parameter does not step
-                    p.copy_(bf16_stochastic(t, group["seed"], i, step))
+            StochasticRounding.write(params, targets, group["seed"], range(len(params)), [group["step"]] * len(params))
 
     def _muon_bucket(self, group, targets, grads, states, ns_backend, sr_params=None):
         """``targets``: the tensors updated (the params, or fp32 copies); ``sr_params``: the bf16 params
@@ -472,7 +392,7 @@ class Muon(F.SchedulerAwareStep, torch.optim.Optimizer):
             use_adjusted_lr=group["use_adjusted_lr"], maximize=maximize, cautious=bool(group["cautious"]),
             batched=group["foreach"] is not False, newton_schulz_fn=ns_fn)
 
-    def _adamw_bucket(self, group, targets, grads, states, device, sr=False):
+    def _adamw_bucket(self, group, targets, grads, states, device, sr, backend):
         # The step count is per group (as upstream); the fused kernel reads and increments per-tensor fp32
         # counters, so hand it throwaway ones holding step - 1.
         step = group["step"]
@@ -488,5 +408,4 @@ class Muon(F.SchedulerAwareStep, torch.optim.Optimizer):
         if sr:  # fp32 copies of bf16 params with bf16 grads and states: F.adam takes one dtype per call
             adam_reference(targets, grads, exp_avgs, exp_avg_sqs, [], steps, **kwargs)
         else:
-            F.adam(targets, grads, exp_avgs, exp_avg_sqs, [], steps,
-                   backend="torch" if group["backend"] == "torch" else "auto", **kwargs)
+            F.adam(targets, grads, exp_avgs, exp_avg_sqs, [], steps, backend=backend, **kwargs)

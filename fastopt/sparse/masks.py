@@ -7,13 +7,8 @@ from ..reference.sparse import check_nm, check_tiles, nm_mask_reference, transpo
 MAX_KERNEL_M = 64   # larger groups run on the torch backend
 
 
-def _resolve(backend, w, kernel_ok=True, why=""):
-    if not kernel_ok:
-        if backend not in ("auto", "torch"):
-            _backend.check_backend_name(backend)
-            raise _backend.BackendUnavailableError(f"backend {backend!r}: {why}; use backend='torch' or 'auto'")
-        return "torch"
-    return _backend.resolve(backend, w.device, w.dtype, True)
+def _resolve(backend, w, name, reason=None):
+    return _backend.resolve(backend, w.device, w.dtype, True, reason=reason, name=name)
 
 
 def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1, *, pad: bool = False,
@@ -39,7 +34,8 @@ def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1, *, pad: bool = False
         padded = torch.cat([w.detach(), w.new_zeros(shape[:d] + (extra,) + shape[d + 1:])], dim=d)
         return nm_mask(padded, n, m, d, backend=backend).narrow(d, 0, shape[d])
     dim = check_nm(shape, n, m, dim)
-    backend = _resolve(backend, w, m <= MAX_KERNEL_M, f"the kernels take groups of at most {MAX_KERNEL_M}")
+    backend = _resolve(backend, w, "nm_mask",
+                       None if m <= MAX_KERNEL_M else f"groups of {m} (the kernels take at most {MAX_KERNEL_M})")
     if backend == "torch":
         return nm_mask_reference(w, n, m, dim)
     x = w.detach().contiguous()
@@ -70,7 +66,7 @@ def transposable_mask(w: torch.Tensor, mode: str = "exact", *, backend: str = "a
         raise TypeError(f"transposable_mask: expected a real floating-point tensor, got "
                         f"{w.dtype if torch.is_tensor(w) else type(w).__name__}")
     rows, cols = check_tiles(tuple(w.shape))
-    backend = _resolve(backend, w)
+    backend = _resolve(backend, w, "transposable_mask")
     if backend == "torch":
         return transposable24_reference(w, mode)
     x = w.detach().contiguous()
