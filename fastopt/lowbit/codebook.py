@@ -13,8 +13,8 @@ smallest positive map value instead (``floor_code``).  So a positive second mome
 it decodes to at least ``values[floor_code] * absmax``, positive for every normal fp32 absmax (the one
 exception: a ratio ``x / absmax`` below fp32's smallest subnormal, ``2**-149``, normalizes to 0).  With
 nearest rounding a second moment far below its block's maximum (``v / absmax < 1.6e-7`` in ``dyn8u``,
-``< 2.2e-6`` in fp8) decoded to exactly 0 while its first moment did not, and Adam's step became
-``m / eps`` (issue 15: on a small ReLU MLP, 5 steps of lr 1e-2 moved a weight by 0.8 with 8-bit and
+``< 2.2e-6`` in fp8) would decode to exactly 0 while its first moment does not, and Adam's step would
+become ``m / eps`` (on a small ReLU MLP, 5 steps of lr 1e-2 then move a weight by 0.8 with 8-bit and
 7.7 with fp8 states, where torch.optim.AdamW moves it by 0.05).  Rounding those
 values up to the smallest code only ever overestimates ``v`` there, so the step is smaller, never
 larger, than with the exact ``v``.  Signed formats (first moments) stay nearest: a first moment that
@@ -196,10 +196,6 @@ def get_format(fmt: Union[str, Format]) -> Format:
         return FORMATS[fmt]
     except KeyError:
         raise ValueError(f"unknown low-bit format {fmt!r}; expected one of {sorted(FORMATS)}") from None
-
-
-def _f32_bits(x):
-    return torch.tensor(x, dtype=torch.float32).view(torch.int32)
 
 
 @functools.lru_cache(maxsize=None)
