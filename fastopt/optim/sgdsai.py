@@ -4,7 +4,7 @@ from typing import Optional, Union
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..reference.lion import skipped
+from ..reference._common import skipped
 from .._opspec import OPS, native_args
 from ..reference.sgdsai import gsnr_of, sgdsai_reference
 from . import functional as F

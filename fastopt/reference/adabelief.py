@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from .lion import prepare_grad, skipped, weight_decay_step
+from ._common import check_inputs, decayed_inputs, init_state, skipped
 
 STATE_NAMES = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
 
@@ -37,12 +37,13 @@ STATE_NAMES = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
 def adabelief_init_state(p, state, group=None):
     """Fill the empty state dict of ``p``: an fp32 step counter, zeroed ``exp_avg`` / ``exp_avg_var``,
     and a zeroed ``max_exp_avg_var`` when ``group["ams_bound"]``."""
-    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-    ams_bound = bool(group.get("ams_bound", False)) if group is not None else False
-    for name in STATE_NAMES:
-        if name == "max_exp_avg_var" and not ams_bound:
-            continue
-        state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    init_state(p, state, ams_state_names(STATE_NAMES, group is not None and bool(group.get("ams_bound", False))))
+
+
+def ams_state_names(names, ams_bound):
+    """``names`` with its last entry (the AMSGrad maximum, as pytorch_optimizer keeps it) only when
+    ``ams_bound``."""
+    return names if ams_bound else names[:-1]
 
 
 def rectify_step_size(step, lr, beta2, n_sma_threshold, degenerated_to_sgd):
@@ -68,70 +69,37 @@ def rectify_step_size(step, lr, beta2, n_sma_threshold, degenerated_to_sgd):
     return lr * rt, n_sma
 
 
-def _check(params, grads, states, *, betas, ams_bound, adanorm):
+def check_adaptive(name, params, grads, states, state_names, *, betas, ams_bound, adanorm):
+    """The argument checks of AdaBelief and diffGrad (``name``; its init function is
+    ``<name lowercased>_init_state``)."""
     if len(betas) != 2:
-        raise ValueError(f"AdaBelief takes two betas, got {betas!r}")
+        raise ValueError(f"{name} takes two betas, got {betas!r}")
     if adanorm:
-        raise ValueError("AdaBelief reference: adanorm is not supported")
-    if not (len(params) == len(grads) == len(states)):
-        raise ValueError("params, grads and states must have the same length")
-    needed = ("step", "exp_avg", "exp_avg_var") + (("max_exp_avg_var",) if ams_bound else ())
-    for p, g, st in zip(params, grads, states):
-        if torch.is_complex(p):
-            raise ValueError("AdaBelief reference: complex parameters are not supported")
-        if g.is_sparse:
-            raise ValueError("AdaBelief reference: sparse gradients are not supported")
-        missing = [n for n in needed if n not in st]
-        if missing:
-            raise ValueError(f"AdaBelief reference: state is missing {missing}; call adabelief_init_state "
-                             "(with ams_bound in the group) first")
+        raise ValueError(f"{name} reference: adanorm is not supported")
+    check_inputs(name, params, grads, states, ("step",) + ams_state_names(state_names, ams_bound),
+                 f"call {name.lower()}_init_state (with ams_bound in the group) first")
 
 
-def adabelief_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight_decay=0.0,
-                        weight_decouple=True, fixed_decay=False, rectify=False, n_sma_threshold=5,
-                        degenerated_to_sgd=True, ams_bound=False, eps=1e-16, adam_debias=False,
-                        adanorm=False, maximize=False, grad_scale=None, found_inf=None):
-    """One AdaBelief step, in place.  ``states[i]`` is the state dict of ``params[i]``.
+def rectified_step_sizes(states, lr, beta1, beta2, *, rectify, n_sma_threshold, degenerated_to_sgd, adam_debias,
+                         fold_bc2):
+    """Per tensor (t = its step + 1), computed before anything is written so that an invalid
+    rectification raises first: ``(c2, step_size, adaptive, sgd)``::
 
-    Per tensor, with t = step + 1, b1, b2 = betas, g the gradient (negated if ``maximize``, divided
-    by ``grad_scale`` if given).  Per-step scalars, fp64, rounded to fp32 where they meet tensors::
-
-        if rectify:  step_size, n_sma = lr * rt(t), n_sma(t)   (see rectify_step_size)
-                     c2 = 1                                   (rt already holds sqrt(1 - b2^t))
+        if rectify:  step_size, n_sma = lr * rt(t), n_sma(t)   (rectify_step_size; rt holds sqrt(1 - b2^t))
+                     c2 = 1
+        elif fold_bc2:  step_size = lr sqrt(1 - b2^t);  c2 = 1
         else:        step_size = lr;  c2 = sqrt(1 - b2^t)
         step_size /= 1 - b1^t                                 unless adam_debias
-        mode = adaptive  if not rectify or n_sma >= n_sma_threshold
-               sgd       elif step_size > 0
-               none      otherwise (states still update, p does not move)
-        decay = 1 - wd * (1 if fixed_decay else lr)           (weight_decouple)
-
-    element math, in this order::
-
-        p  = p decay                       if weight_decouple and wd != 0
-        g  = g + wd p                      if not weight_decouple and wd != 0
-        m  = m + (1 - b1)(g - m)                           # exp_avg
-        r  = g - m
-        s  = b2 s + (1 - b2) r r + eps                     # exp_avg_var (eps stored, as upstream)
-        smax = max(smax, s); s' = smax     if ams_bound    # max_exp_avg_var, else s' = s
-        denom = sqrt(s') / c2 + eps
-        p  = p - step_size (m / denom)     mode adaptive
-        p  = p - step_size m               mode sgd
-        step = t
-
-    If ``found_inf`` is nonzero nothing changes (AMP skipped step).  ``lr`` may be a 0-dim tensor.
+        adaptive = not rectify or n_sma >= n_sma_threshold;  sgd = not adaptive and step_size > 0
     """
-    _check(params, grads, states, betas=betas, ams_bound=ams_bound, adanorm=adanorm)
-    if skipped(found_inf):
-        return
-    beta1, beta2 = (float(b) for b in betas)
-    lr = float(lr)
-    # Per-tensor scalars first, so that an invalid rectification raises before anything is written.
     coefs = []
     for st in states:
         t = st["step"].item() + 1.0
+        c2 = 1.0
         if rectify:
             step_size, n_sma = rectify_step_size(t, lr, beta2, n_sma_threshold, degenerated_to_sgd)
-            c2 = 1.0
+        elif fold_bc2:
+            step_size, n_sma = lr * math.sqrt(1.0 - beta2 ** t), 0.0
         else:
             step_size, n_sma = lr, 0.0
             c2 = math.sqrt(1.0 - beta2 ** t)
@@ -140,26 +108,85 @@ def adabelief_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight
         adaptive = not rectify or n_sma >= n_sma_threshold
         sgd = not adaptive and step_size > 0
         coefs.append((c2, step_size, adaptive, sgd))
-    for p, grad, st, (c2, step_size, adaptive, sgd) in zip(params, grads, states, coefs):
-        p32 = p.float()
-        g = prepare_grad(grad, maximize, grad_scale)
-        p32, g = weight_decay_step(p32, g, weight_decay, weight_decouple, fixed_decay, lr)
+    return coefs
 
-        m = st["exp_avg"].float()
-        m = m + (1.0 - beta1) * (g - m)
+
+def adabelief_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight_decay=0.0,
+                        weight_decouple=True, fixed_decay=False, rectify=False, n_sma_threshold=5,
+                        degenerated_to_sgd=True, ams_bound=False, eps=1e-16, adam_debias=False,
+                        adanorm=False, maximize=False, grad_scale=None, found_inf=None):
+    """One AdaBelief step, in place (conventions: :mod:`fastopt.reference._common`).
+
+    Per tensor, with b1, b2 = betas: ``(c2, step_size, adaptive, sgd)`` from
+    :func:`rectified_step_sizes` (``fold_bc2=False``; neither adaptive nor sgd: the states still update,
+    p does not move), then, in this order::
+
+        p, g = weight_decay_step(p, g, ...)                # decoupled p (1 - wd (fixed_decay ? 1 : lr)), or L2
+        m  = m + (1 - b1)(g - m)                           # exp_avg
+        r  = g - m
+        s  = b2 s + (1 - b2) r r + eps                     # exp_avg_var (eps stored, as upstream)
+        smax = max(smax, s); s' = smax     if ams_bound    # max_exp_avg_var, else s' = s
+        denom = sqrt(s') / c2 + eps
+        p  = p - step_size (m / denom)     if adaptive
+        p  = p - step_size m               if sgd
+        step = t
+
+    ``lr`` may be a 0-dim tensor.
+    """
+    def second_moment(g, m, st, beta2):
         r = g - m
-        s = beta2 * st["exp_avg_var"].float() + (1.0 - beta2) * r * r + eps
+        return beta2 * st["exp_avg_var"].float() + (1.0 - beta2) * r * r + eps
+
+    def direction(g, m, sd, st, c2):
+        return m / (sd.sqrt() / c2 + eps)
+
+    adaptive_reference("AdaBelief", params, grads, states, STATE_NAMES, second_moment, direction, lr=lr, betas=betas,
+                       weight_decay=weight_decay, weight_decouple=weight_decouple, fixed_decay=fixed_decay,
+                       rectify=rectify, n_sma_threshold=n_sma_threshold, degenerated_to_sgd=degenerated_to_sgd,
+                       ams_bound=ams_bound, adam_debias=adam_debias, adanorm=adanorm, maximize=maximize,
+                       grad_scale=grad_scale, found_inf=found_inf, fold_bc2=False)
+
+
+def adaptive_reference(name, params, grads, states, state_names, second_moment, direction, *, lr, betas,
+                       weight_decay, weight_decouple, fixed_decay, rectify, n_sma_threshold, degenerated_to_sgd,
+                       ams_bound, adam_debias, adanorm, maximize, grad_scale, found_inf, fold_bc2, after=None):
+    """The step AdaBelief and diffGrad share (pytorch_optimizer's structure of both), per tensor::
+
+        (c2, step_size, adaptive, sgd) = rectified_step_sizes(..., fold_bc2)
+        p, g = weight_decay_step(p, g, ...)
+        m  = m + (1 - b1)(g - m)                           # state_names[0]
+        s  = second_moment(g, m, state, b2)                # state_names[1]
+        smax = max(smax, s); s' = smax     if ams_bound    # state_names[-1], else s' = s
+        p  = p - step_size direction(g, m, s', state, c2)  if adaptive
+        p  = p - step_size m               if sgd
+        after(state, g)                                    (then the writes; step = t)
+    """
+    check_adaptive(name, params, grads, states, state_names, betas=betas, ams_bound=ams_bound, adanorm=adanorm)
+    if skipped(found_inf):
+        return
+    beta1, beta2 = (float(b) for b in betas)
+    lr = float(lr)
+    coefs = rectified_step_sizes(states, lr, beta1, beta2, rectify=rectify, n_sma_threshold=n_sma_threshold,
+                                 degenerated_to_sgd=degenerated_to_sgd, adam_debias=adam_debias, fold_bc2=fold_bc2)
+    first, second, ams = state_names[0], state_names[1], state_names[-1]
+    for p, grad, st, (c2, step_size, adaptive, sgd) in zip(params, grads, states, coefs):
+        p32, g = decayed_inputs(p, grad, maximize=maximize, grad_scale=grad_scale, weight_decay=weight_decay,
+                                weight_decouple=weight_decouple, fixed_decay=fixed_decay, lr=lr)
+        m = st[first].float()
+        m = m + (1.0 - beta1) * (g - m)
+        s = second_moment(g, m, st, beta2)
         sd = s
         if ams_bound:
-            sd = torch.maximum(st["max_exp_avg_var"].float(), s)
-            st["max_exp_avg_var"].copy_(sd)
+            sd = torch.maximum(st[ams].float(), s)
+            st[ams].copy_(sd)
         if adaptive:
-            denom = sd.sqrt() / c2 + eps
-            p32 = p32 - step_size * (m / denom)
+            p32 = p32 - step_size * direction(g, m, sd, st, c2)
         elif sgd:
             p32 = p32 - step_size * m
 
         p.copy_(p32)
-        st["exp_avg"].copy_(m)
-        st["exp_avg_var"].copy_(s)
+        st[first].copy_(m)
+        st[second].copy_(s)
+        if after is not None:
+            after(st, g)
         st["step"].add_(1)

@@ -25,7 +25,7 @@ AdamP, with t = step + 1, per-step fp64 scalars ``step_size = lr / (1 - b1^t)`` 
 
     g = centralize(g)                                                   (use_gc, 2+-dim tensors)
     m = m + (1 - b1)(g - m)        v = b2 v + (1 - b2) g^2             (torch.lerp's formula, see _lerp)
-    num = m * cautious_mask(m, g)  if cautious, else m                  (fastopt.reference.lion)
+    num = m * cautious_mask(m, g)  if cautious, else m                  (fastopt.reference._common)
     perturb = (nesterov ? lerp(num, g, 1 - b1) : num) * (bc2_sqrt / (sqrt(v) + eps))
     perturb <- projection(perturb)
     p = p (1 - wd (fixed_decay ? 1 : lr) ratio)  -  step_size perturb
@@ -80,7 +80,7 @@ import math
 
 import torch
 
-from .lion import cautious_mask, centralize, prepare_grad, skipped
+from ._common import cautious_mask, centralize, check_inputs, init_state, prepare_grad, skipped
 
 ADAMP_STATE_NAMES = ("exp_avg", "exp_avg_sq")
 SGDP_STATE_NAMES = ("momentum",)
@@ -90,16 +90,12 @@ STATE_NAMES = ADAMP_STATE_NAMES
 def adamp_init_state(p, state, group=None):
     """Fill the empty state dict of ``p`` for AdamP: fp32 step counter and zeroed ``exp_avg``,
     ``exp_avg_sq``."""
-    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-    for name in ADAMP_STATE_NAMES:
-        state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    init_state(p, state, ADAMP_STATE_NAMES)
 
 
 def sgdp_init_state(p, state, group=None):
     """Fill the empty state dict of ``p`` for SGDP: fp32 step counter and a zeroed ``momentum``."""
-    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-    for name in SGDP_STATE_NAMES:
-        state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    init_state(p, state, SGDP_STATE_NAMES)
 
 
 def _lerp(a, b, w):
@@ -150,16 +146,7 @@ def _check(name, params, grads, states, state_names, *, weight_decay, weight_dec
         raise ValueError(f"{name} reference: weight_decouple=False is not supported (upstream adds wd*p to the "
                          "gradient after it has been used, so its L2 decay does not change the step); use "
                          "decoupled weight decay")
-    if not (len(params) == len(grads) == len(states)):
-        raise ValueError("params, grads and states must have the same length")
-    for p, g, st in zip(params, grads, states):
-        if torch.is_complex(p):
-            raise ValueError(f"{name} reference: complex parameters are not supported")
-        if g.is_sparse:
-            raise ValueError(f"{name} reference: sparse gradients are not supported")
-        missing = [n for n in ("step",) + state_names if n not in st]
-        if missing:
-            raise ValueError(f"{name} reference: state is missing {missing}; call the init_state function first")
+    check_inputs(name, params, grads, states, ("step",) + state_names, "call the init_state function first")
 
 
 def _projected_step(p, d_of, g, st, *, delta, eps, wd_eff, wd_ratio, step_size, phase_a_d):

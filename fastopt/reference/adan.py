@@ -17,7 +17,7 @@ State: ``previous_grad`` holds the *negated* previous gradient ``-g_{t-1}``, as 
 first step; here :func:`adan_init_state` allocates zeros and the step treats ``previous_grad`` as
 ``-g`` when ``t == 1``, so the first gradient difference is exactly 0.
 
-``use_gc=True`` centralizes the gradient first (:func:`fastopt.reference.lion.centralize`: for 2+-dim
+``use_gc=True`` centralizes the gradient first (:func:`fastopt.reference._common.centralize`: for 2+-dim
 tensors minus the mean over every dim but the first), as upstream, before everything else, so
 ``previous_grad`` holds the negated *centralized* gradient; as upstream, the first step's difference
 is then ``g_c - g`` (minus the row mean), since upstream initializes ``previous_grad`` from the raw
@@ -41,18 +41,14 @@ Deliberate differences from upstream:
 """
 import math
 
-import torch
-
-from .lion import centralize, prepare_grad, skipped
+from ._common import centralize, check_inputs, init_state, prepare_grad, skipped
 
 STATE_NAMES = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "previous_grad")
 
 
 def adan_init_state(p, state, group=None):
     """Fill the empty state dict of ``p``: an fp32 step counter and zeroed ``STATE_NAMES`` tensors."""
-    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-    for name in STATE_NAMES:
-        state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    init_state(p, state, STATE_NAMES)
 
 
 def _check(params, grads, states, *, betas, max_grad_norm, adanorm):
@@ -63,16 +59,7 @@ def _check(params, grads, states, *, betas, max_grad_norm, adanorm):
                          "clip the gradients beforehand")
     if adanorm:
         raise ValueError("Adan reference: adanorm is not supported")
-    if not (len(params) == len(grads) == len(states)):
-        raise ValueError("params, grads and states must have the same length")
-    for p, g, st in zip(params, grads, states):
-        if torch.is_complex(p):
-            raise ValueError("Adan reference: complex parameters are not supported")
-        if g.is_sparse:
-            raise ValueError("Adan reference: sparse gradients are not supported")
-        missing = [n for n in ("step",) + STATE_NAMES if n not in st]
-        if missing:
-            raise ValueError(f"Adan reference: state is missing {missing}; call adan_init_state first")
+    check_inputs("Adan", params, grads, states, ("step",) + STATE_NAMES, "call adan_init_state first")
 
 
 def adan_reference(params, grads, states, *, lr, betas=(0.98, 0.92, 0.99), weight_decay=0.0,

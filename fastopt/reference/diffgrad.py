@@ -25,12 +25,10 @@ Deliberate differences from upstream: math is always fp32 whatever the storage d
 counter is a per-tensor fp32 0-dim tensor (upstream: a per-group int); gradients are never written to
 (upstream adds the L2 term to ``p.grad`` in place and negates it in place for ``maximize``).
 """
-import math
-
 import torch
 
-from .adabelief import rectify_step_size
-from .lion import prepare_grad, skipped, weight_decay_step
+from ._common import init_state
+from .adabelief import adaptive_reference, ams_state_names
 
 STATE_NAMES = ("exp_avg", "exp_avg_sq", "previous_grad", "max_exp_avg_sq")
 
@@ -40,105 +38,46 @@ EXP_AVG_SQ_EPS = 1e-15  # upstream's hard-coded term inside the square root
 def diffgrad_init_state(p, state, group=None):
     """Fill the empty state dict of ``p``: an fp32 step counter, zeroed ``exp_avg`` / ``exp_avg_sq`` /
     ``previous_grad``, and a zeroed ``max_exp_avg_sq`` when ``group["ams_bound"]``."""
-    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-    ams_bound = bool(group.get("ams_bound", False)) if group is not None else False
-    for name in STATE_NAMES:
-        if name == "max_exp_avg_sq" and not ams_bound:
-            continue
-        state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def _check(params, grads, states, *, betas, ams_bound, adanorm):
-    if len(betas) != 2:
-        raise ValueError(f"DiffGrad takes two betas, got {betas!r}")
-    if adanorm:
-        raise ValueError("DiffGrad reference: adanorm is not supported")
-    if not (len(params) == len(grads) == len(states)):
-        raise ValueError("params, grads and states must have the same length")
-    needed = ("step", "exp_avg", "exp_avg_sq", "previous_grad") + (("max_exp_avg_sq",) if ams_bound else ())
-    for p, g, st in zip(params, grads, states):
-        if torch.is_complex(p):
-            raise ValueError("DiffGrad reference: complex parameters are not supported")
-        if g.is_sparse:
-            raise ValueError("DiffGrad reference: sparse gradients are not supported")
-        missing = [n for n in needed if n not in st]
-        if missing:
-            raise ValueError(f"DiffGrad reference: state is missing {missing}; call diffgrad_init_state "
-                             "(with ams_bound in the group) first")
+    init_state(p, state, ams_state_names(STATE_NAMES, group is not None and bool(group.get("ams_bound", False))))
 
 
 def diffgrad_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight_decay=0.0,
                        weight_decouple=True, fixed_decay=False, rectify=False, n_sma_threshold=5,
                        degenerated_to_sgd=True, ams_bound=False, eps=1e-8, adam_debias=False, adanorm=False,
                        maximize=False, grad_scale=None, found_inf=None):
-    """One diffGrad step, in place.  ``states[i]`` is the state dict of ``params[i]``.
+    """One diffGrad step, in place (conventions: :mod:`fastopt.reference._common`).
 
-    Per tensor, with t = step + 1, b1, b2 = betas, g the gradient (negated if ``maximize``, divided
-    by ``grad_scale`` if given).  Per-step scalars, fp64, rounded to fp32 where they meet tensors::
+    Per tensor, with b1, b2 = betas: ``(_, step_size, adaptive, sgd)`` from
+    :func:`.adabelief.rectified_step_sizes` (``fold_bc2=True``: without rectify, ``step_size = lr
+    sqrt(1 - b2^t) / (1 - b1^t)``; neither adaptive nor sgd: the states still update, p does not move),
+    then, in this order::
 
-        if rectify:  step_size, n_sma = lr * rt(t), n_sma(t)   (see adabelief.rectify_step_size)
-        else:        step_size = lr * sqrt(1 - b2^t)
-        step_size /= 1 - b1^t                                 unless adam_debias
-        mode = adaptive  if not rectify or n_sma >= n_sma_threshold
-               sgd       elif step_size > 0
-               none      otherwise (states still update, p does not move)
-        decay = 1 - wd * (1 if fixed_decay else lr)           (weight_decouple)
-
-    element math, in this order::
-
-        p   = p decay                      if weight_decouple and wd != 0
-        g   = g + wd p                     if not weight_decouple and wd != 0
+        p, g = weight_decay_step(p, g, ...)  # decoupled p (1 - wd (fixed_decay ? 1 : lr)), or L2
         m   = m + (1 - b1)(g - m)                          # exp_avg
         v   = b2 v + (1 - b2) g g                          # exp_avg_sq
         vmax = max(vmax, v); v' = vmax     if ams_bound    # max_exp_avg_sq, else v' = v
         denom = sqrt(v' + 1e-15) + eps
         dfc = sigmoid(|previous_grad - g|)
-        p   = p - step_size ((dfc m) / denom)   mode adaptive
-        p   = p - step_size m                   mode sgd
+        p   = p - step_size ((dfc m) / denom)   if adaptive
+        p   = p - step_size m                   if sgd
         previous_grad = g
         step = t
 
-    If ``found_inf`` is nonzero nothing changes (AMP skipped step).  ``lr`` may be a 0-dim tensor.
+    ``lr`` may be a 0-dim tensor.
     """
-    _check(params, grads, states, betas=betas, ams_bound=ams_bound, adanorm=adanorm)
-    if skipped(found_inf):
-        return
-    beta1, beta2 = (float(b) for b in betas)
-    lr = float(lr)
-    # Per-tensor scalars first, so that an invalid rectification raises before anything is written.
-    coefs = []
-    for st in states:
-        t = st["step"].item() + 1.0
-        if rectify:
-            step_size, n_sma = rectify_step_size(t, lr, beta2, n_sma_threshold, degenerated_to_sgd)
-        else:
-            step_size, n_sma = lr * math.sqrt(1.0 - beta2 ** t), 0.0
-        if not adam_debias:
-            step_size = step_size / (1.0 - beta1 ** t)
-        adaptive = not rectify or n_sma >= n_sma_threshold
-        sgd = not adaptive and step_size > 0
-        coefs.append((step_size, adaptive, sgd))
-    for p, grad, st, (step_size, adaptive, sgd) in zip(params, grads, states, coefs):
-        p32 = p.float()
-        g = prepare_grad(grad, maximize, grad_scale)
-        p32, g = weight_decay_step(p32, g, weight_decay, weight_decouple, fixed_decay, lr)
+    def second_moment(g, m, st, beta2):
+        return beta2 * st["exp_avg_sq"].float() + (1.0 - beta2) * g * g
 
-        m = st["exp_avg"].float()
-        m = m + (1.0 - beta1) * (g - m)
-        v = beta2 * st["exp_avg_sq"].float() + (1.0 - beta2) * g * g
-        vd = v
-        if ams_bound:
-            vd = torch.maximum(st["max_exp_avg_sq"].float(), v)
-            st["max_exp_avg_sq"].copy_(vd)
-        if adaptive:
-            denom = (vd + EXP_AVG_SQ_EPS).sqrt() + eps
-            dfc = torch.sigmoid((st["previous_grad"].float() - g).abs())
-            p32 = p32 - step_size * ((dfc * m) / denom)
-        elif sgd:
-            p32 = p32 - step_size * m
+    def direction(g, m, vd, st, c2):
+        denom = (vd + EXP_AVG_SQ_EPS).sqrt() + eps
+        dfc = torch.sigmoid((st["previous_grad"].float() - g).abs())
+        return (dfc * m) / denom
 
-        p.copy_(p32)
-        st["exp_avg"].copy_(m)
-        st["exp_avg_sq"].copy_(v)
+    def after(st, g):
         st["previous_grad"].copy_(g)
-        st["step"].add_(1)
+
+    adaptive_reference("DiffGrad", params, grads, states, STATE_NAMES, second_moment, direction, lr=lr, betas=betas,
+                       weight_decay=weight_decay, weight_decouple=weight_decouple, fixed_decay=fixed_decay,
+                       rectify=rectify, n_sma_threshold=n_sma_threshold, degenerated_to_sgd=degenerated_to_sgd,
+                       ams_bound=ams_bound, adam_debias=adam_debias, adanorm=adanorm, maximize=maximize,
+                       grad_scale=grad_scale, found_inf=found_inf, fold_bc2=True, after=after)

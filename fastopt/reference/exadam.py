@@ -18,49 +18,30 @@ Deliberate differences from upstream: math is always fp32 whatever the storage d
 counter is a per-tensor fp32 0-dim tensor (upstream: a per-group int); gradients are never written to
 (upstream adds the L2 term to ``p.grad`` in place and negates it in place for ``maximize``).
 """
-import torch
-
-from .lion import prepare_grad, skipped, weight_decay_step
+from ._common import check_inputs, decayed_inputs, init_state, skipped
 
 STATE_NAMES = ("exp_avg", "exp_avg_sq")
 
 
 def exadam_init_state(p, state, group=None):
     """Fill the empty state dict of ``p``: an fp32 step counter and zeroed ``STATE_NAMES`` tensors."""
-    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-    for name in STATE_NAMES:
-        state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    init_state(p, state, STATE_NAMES)
 
 
 def _check(params, grads, states, *, betas):
     if len(betas) != 2:
         raise ValueError(f"EXAdam takes two betas, got {betas!r}")
-    if not (len(params) == len(grads) == len(states)):
-        raise ValueError("params, grads and states must have the same length")
-    for p, g, st in zip(params, grads, states):
-        if torch.is_complex(p):
-            raise ValueError("EXAdam reference: complex parameters are not supported")
-        if g.is_sparse:
-            raise ValueError("EXAdam reference: sparse gradients are not supported")
-        missing = [n for n in ("step",) + STATE_NAMES if n not in st]
-        if missing:
-            raise ValueError(f"EXAdam reference: state is missing {missing}; call exadam_init_state first")
+    check_inputs("EXAdam", params, grads, states, ("step",) + STATE_NAMES, "call exadam_init_state first")
 
 
 def exadam_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight_decay=0.0, weight_decouple=True,
                      fixed_decay=False, eps=1e-8, maximize=False, grad_scale=None, found_inf=None):
-    """One EXAdam step, in place.  ``states[i]`` is the state dict of ``params[i]``.
+    """One EXAdam step, in place (conventions: :mod:`fastopt.reference._common`).
 
-    Per tensor, with t = step + 1, b1, b2 = betas, g the gradient (negated if ``maximize``, divided
-    by ``grad_scale`` if given).  Per-step scalars, fp64, rounded to fp32 where they meet tensors::
+    Per tensor, with b1, b2 = betas, ``bc1 = 1 - b1^t``, ``bc2 = 1 - b2^t``, ``b1t = 1 - bc1``,
+    ``b2t = 1 - bc2``, in this order::
 
-        bc1 = 1 - b1^t,  bc2 = 1 - b2^t,  b1t = 1 - bc1,  b2t = 1 - bc2
-        decay = 1 - wd * (1 if fixed_decay else lr)           (weight_decouple)
-
-    element math, in this order::
-
-        p  = p decay                       if weight_decouple and wd != 0
-        g  = g + wd p                      if not weight_decouple and wd != 0
+        p, g = weight_decay_step(p, g, ...)                # decoupled p (1 - wd (fixed_decay ? 1 : lr)), or L2
         m  = m + (1 - b1)(g - m)                           # exp_avg
         v  = b2 v + (1 - b2) g g                           # exp_avg_sq
         d1 = 1 + b2t (v / (v + eps))
@@ -71,7 +52,7 @@ def exadam_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight_de
         p  = p - lr (u / denom)
         step = t
 
-    If ``found_inf`` is nonzero nothing changes (AMP skipped step).  ``lr`` may be a 0-dim tensor.
+    ``lr`` may be a 0-dim tensor.
     """
     _check(params, grads, states, betas=betas)
     if skipped(found_inf):
@@ -85,10 +66,8 @@ def exadam_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight_de
         b1t = 1.0 - bc1
         b2t = 1.0 - bc2
 
-        p32 = p.float()
-        g = prepare_grad(grad, maximize, grad_scale)
-        p32, g = weight_decay_step(p32, g, weight_decay, weight_decouple, fixed_decay, lr)
-
+        p32, g = decayed_inputs(p, grad, maximize=maximize, grad_scale=grad_scale, weight_decay=weight_decay,
+                                weight_decouple=weight_decouple, fixed_decay=fixed_decay, lr=lr)
         m = st["exp_avg"].float()
         m = m + (1.0 - beta1) * (g - m)
         v = beta2 * st["exp_avg_sq"].float() + (1.0 - beta2) * g * g

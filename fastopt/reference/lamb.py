@@ -55,7 +55,7 @@ are fp64 scalars rounded to fp32.
 """
 import torch
 
-from .lion import prepare_grad, skipped
+from ._common import check_inputs, init_state, prepare_grad, skipped
 
 STATE_NAMES = ("exp_avg", "exp_avg_sq")
 SCALAR_STATE_NAMES = ("weight_norm", "adam_norm", "trust_ratio")
@@ -64,9 +64,7 @@ SCALAR_STATE_NAMES = ("weight_norm", "adam_norm", "trust_ratio")
 def lamb_init_state(p, state, group=None):
     """Fill the empty state dict of ``p``: fp32 step counter, zeroed ``STATE_NAMES`` tensors and zeroed
     fp32 0-dim ``SCALAR_STATE_NAMES``."""
-    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-    for name in STATE_NAMES:
-        state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    init_state(p, state, STATE_NAMES)
     for name in SCALAR_STATE_NAMES:
         state[name] = torch.zeros((), dtype=torch.float32, device=p.device)
 
@@ -79,16 +77,7 @@ def _check(params, grads, states, *, betas, rectify, adanorm):
         raise ValueError("Lamb reference: adanorm is not supported")
     if len(betas) != 2:
         raise ValueError(f"Lamb takes two betas, got {betas!r}")
-    if not (len(params) == len(grads) == len(states)):
-        raise ValueError("params, grads and states must have the same length")
-    for p, g, st in zip(params, grads, states):
-        if torch.is_complex(p):
-            raise ValueError("Lamb reference: complex parameters are not supported")
-        if g.is_sparse:
-            raise ValueError("Lamb reference: sparse gradients are not supported")
-        missing = [n for n in ("step",) + STATE_NAMES if n not in st]
-        if missing:
-            raise ValueError(f"Lamb reference: state is missing {missing}; call lamb_init_state first")
+    check_inputs("Lamb", params, grads, states, ("step",) + STATE_NAMES, "call lamb_init_state first")
 
 
 def _direction(m, v, p_dec, *, eps, l2):

@@ -8,54 +8,9 @@ group; Lion does not use it).  ``lerp`` is written as ``m + w (g - m)``: torch's
 """
 import torch
 
+from ._common import cautious_mask, centralize, prepare_grad, skipped
+
 STATE_NAMES = ("exp_avg",)
-
-
-def lion_init_state(p, state, group=None):
-    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def prepare_grad(g, maximize, grad_scale):
-    """The gradient every reference steps with: fp32, negated for ``maximize``, unscaled for AMP."""
-    g = g.float()
-    if maximize:
-        g = -g
-    if grad_scale is not None:
-        g = g / grad_scale.to(device=g.device, dtype=torch.float32)
-    return g
-
-
-def skipped(found_inf):
-    return found_inf is not None and float(found_inf) != 0.0
-
-
-def weight_decay_step(p32, g, weight_decay, weight_decouple, fixed_decay, lr):
-    """pytorch_optimizer's weight decay: decoupled ``p (1 - wd (fixed_decay ? 1 : lr))`` or L2
-    ``g + wd p``; returns ``(p32, g)``."""
-    if weight_decay != 0.0:
-        if weight_decouple:
-            p32 = p32 * (1.0 - weight_decay * (1.0 if fixed_decay else lr))
-        else:
-            g = g + weight_decay * p32
-    return p32, g
-
-
-def centralize(g):
-    """Gradient centralization as pytorch_optimizer's ``centralize_gradient(g, gc_conv_only=False)``:
-    for a tensor of 2+ dims, ``g - g.mean(dims 1.., keepdim)`` (each slice ``g[i]`` loses its mean);
-    other tensors unchanged."""
-    if g.dim() > 1:
-        return g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True)
-    return g
-
-
-def cautious_mask(update, g):
-    """The cautious optimizer's mask as pytorch_optimizer's ``apply_cautious``: ``[update * g > 0]``
-    scaled by ``numel / (count + 1)`` (count = the number of ones; fp32), so the masked update keeps
-    about its overall magnitude.  Multiply the update by it."""
-    mask = (update * g > 0).to(torch.float32)
-    return mask * (mask.numel() / (mask.sum() + 1))
 
 
 def lion_reference(params, grads, states, *, lr, betas=(0.9, 0.99), weight_decay=0.0, weight_decouple=True,

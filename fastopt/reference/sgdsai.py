@@ -43,7 +43,7 @@ is edited); gradients are never written to.
 """
 import torch
 
-from .lion import prepare_grad, skipped
+from ._common import check_inputs, init_state, prepare_grad, skipped
 
 STATE_NAMES = ("momentum_buffer",)
 SCALAR_STATE_NAMES = ("gsnr",)
@@ -52,7 +52,7 @@ SCALAR_STATE_NAMES = ("gsnr",)
 def sgdsai_init_state(p, state, group=None):
     """Fill the empty state dict of ``p``: fp32 step counter, fp32 0-dim ``gsnr`` (0) and, when the
     group's momentum is > 0 (or ``group`` is None), a zeroed ``momentum_buffer``."""
-    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+    init_state(p, state, ())
     state["gsnr"] = torch.zeros((), dtype=torch.float32, device=p.device)
     if group is None or float(group.get("momentum", 0.9)) > 0.0:
         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -81,15 +81,9 @@ def sgdsai_reference(params, grads, states, *, lr, momentum=0.9, weight_decay=1e
         raise ValueError("SGDSaI reference: weight_decouple=False with momentum > 0 is not supported (upstream "
                          "adds wd*p to the gradient after the momentum buffer used it, so the decay has no "
                          "effect); use decoupled decay or momentum=0")
-    if not (len(params) == len(grads) == len(states)):
-        raise ValueError("params, grads and states must have the same length")
-    for p, g, st in zip(params, grads, states):
-        if torch.is_complex(p):
-            raise ValueError("SGDSaI reference: complex parameters are not supported")
-        if g.is_sparse:
-            raise ValueError("SGDSaI reference: sparse gradients are not supported")
-        if "step" not in st or "gsnr" not in st:
-            raise ValueError("SGDSaI reference: state is missing step/gsnr; call sgdsai_init_state first")
+    check_inputs("SGDSaI", params, grads, states)
+    if any("step" not in st or "gsnr" not in st for st in states):
+        raise ValueError("SGDSaI reference: state is missing step/gsnr; call sgdsai_init_state first")
     if skipped(found_inf):
         return
     for p, grad, st in zip(params, grads, states):
