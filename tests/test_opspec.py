@@ -58,14 +58,14 @@ def test_cpp_registry_matches_the_declaration():
 @pytest.mark.skipif(not _backend.has_triton(), reason="needs triton")
 def test_triton_registry_matches_the_declaration():
     tk = _backend.triton_kernels()
-    from fastopt.triton_kernels import elementwise, common
+    from fastopt.triton_kernels import common, multi_tensor
 
     assert set(tk.OPS) == set(OPS)
     for name, spec in OPS.items():
         top = tk.OPS[name]
         assert top.nreduce == spec.reduce, name
         slots, flags = top.pack(tuple(0.5 for _ in spec.hyper), 0)
-        assert len(slots) <= elementwise.N_HYPER, name
+        assert len(slots) <= multi_tensor.N_HYPER, name
         with pytest.raises((ValueError, TypeError)):  # one hyperparameter too many is not silently taken
             top.pack(tuple(0.5 for _ in spec.hyper) + (0.5,), 0)
     constants = {"weight_decouple": "DECOUPLE", "fixed_decay": "FIXED_DECAY", "rectify": "RECTIFY",

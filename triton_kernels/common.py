@@ -99,3 +99,21 @@ def lerp(a, b, w, one_minus_w, high):
 
 def lerp_pack(w):
     return (w, 1.0 - w, 1.0 if w >= 0.5 else 0.0)
+
+
+@triton.jit
+def debiased(step, size, l1_hi, l1_lo, FLAGS: tl.constexpr):
+    if not (ADAM_DEBIAS & FLAGS):
+        size = size / bias_correction(step, l1_hi, l1_lo)
+    return size.to(tl.float32)
+
+
+def rectified_pack(hyper, flags):
+    """Native (b1, b2, wd, eps, n_sma_threshold) -> Triton slots; the ams variants set AMSGRAD."""
+    b1, b2, wd, eps, n_sma_threshold = hyper
+    return (1.0 - b1, b2, 1.0 - b2, wd, eps, *log_pair(b1), *log_pair(b2), n_sma_threshold), flags
+
+
+def rectified_pack_ams(hyper, flags):
+    h, f = rectified_pack(hyper, flags)
+    return h, f | AMSGRAD.value

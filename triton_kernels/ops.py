@@ -10,14 +10,16 @@ from .adam import adam_l2_ams_pack, adam_l2_pack, adam_op_update, adamw_ams_pack
 from .adamp import (adamp_flat_update, adamp_pack, adamp_reduce, adamp_update, sgdp_flat_update, sgdp_pack,
                     sgdp_reduce, sgdp_update)
 from .adan import adan_pack, adan_update
-from .adaptive import adabelief_update, adaptive_pack, adaptive_pack_ams, diffgrad_update, exadam_pack, exadam_update
+from .adabelief import adabelief_update
+from .diffgrad import diffgrad_update
+from .exadam import exadam_pack, exadam_update
 from .clip import clip_pack, clip_reduce, clip_update
 from .lamb import lamb_pack, lamb_reduce, lamb_update
 from .orthograd import orthograd_pack, orthograd_reduce, orthograd_update
 from .sgdsai import sgdsai_pack, sgdsai_plain_pack, sgdsai_update
 from .elementwise import elementwise_apply, no_reduce
 from .lion import lion_cautious_pack, lion_cautious_reduce, lion_pack, lion_update
-from .common import grad_rowsum_pack, grad_rowsum_reduce, grad_rowsum_update
+from .common import grad_rowsum_pack, grad_rowsum_reduce, grad_rowsum_update, rectified_pack, rectified_pack_ams
 
 TritonOp = namedtuple("TritonOp", "update reduce nreduce pack")
 
@@ -31,10 +33,10 @@ OPS = {
     "grad_rowsum": TritonOp(grad_rowsum_update, grad_rowsum_reduce, 1, grad_rowsum_pack),
     "clip": TritonOp(clip_update, clip_reduce, 1, clip_pack),
     "adan": TritonOp(adan_update, no_reduce, 0, adan_pack),
-    "adabelief": TritonOp(adabelief_update, no_reduce, 0, adaptive_pack),
-    "adabelief_ams": TritonOp(adabelief_update, no_reduce, 0, adaptive_pack_ams),
-    "diffgrad": TritonOp(diffgrad_update, no_reduce, 0, adaptive_pack),
-    "diffgrad_ams": TritonOp(diffgrad_update, no_reduce, 0, adaptive_pack_ams),
+    "adabelief": TritonOp(adabelief_update, no_reduce, 0, rectified_pack),
+    "adabelief_ams": TritonOp(adabelief_update, no_reduce, 0, rectified_pack_ams),
+    "diffgrad": TritonOp(diffgrad_update, no_reduce, 0, rectified_pack),
+    "diffgrad_ams": TritonOp(diffgrad_update, no_reduce, 0, rectified_pack_ams),
     "exadam": TritonOp(exadam_update, no_reduce, 0, exadam_pack),
     "lamb": TritonOp(lamb_update, lamb_reduce, 2, lamb_pack),
     "sgdsai": TritonOp(sgdsai_update, no_reduce, 0, sgdsai_pack),

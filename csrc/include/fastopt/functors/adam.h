@@ -104,8 +104,8 @@ namespace fastopt {
 namespace functors {
 
 // Adam/AdamW as a registered elementwise op (fastopt/ops.h), for the paths that need the generic
-// launchers (low-bit states).  Hyper: h[0] b1, h[1] b2, h[2] eps, h[3] wd.  States: exp_avg,
-// exp_avg_sq[, max_exp_avg_sq].
+// launchers (low-bit states).  Hyperparameters and states: OPS["adamw"] ... OPS["adam_ams"] in
+// fastopt/_opspec.py.
 template <bool DECOUPLED, bool AMSGRAD>
 struct AdamOp : NoReduce {
   static constexpr int kStates = AMSGRAD ? 3 : 2;

@@ -19,10 +19,10 @@
 //
 // AdamP: m = lerp(m, g, 1-b1); v = b2 v + (1-b2) g^2;
 //        d = (nesterov ? lerp(m, g, 1-b1) : m) * ((1 / (sqrt(v) + eps)) * sqrt(1-b2^t));
-//        step = lr / (1-b1^t) (lr with adam_debias).  Hyper: b1, b2, eps.  Flags: nesterov,
-//        bit 4 adam_debias.
+//        step = lr / (1-b1^t) (lr with adam_debias).
 // SGDP:  buf = momentum buf + (1-dampening) g;  d = nesterov ? momentum buf + g : buf;  step = lr.
-//        Hyper: momentum, dampening.  Flags: nesterov.
+// Hyperparameters, states and flags: OPS["adamp"], OPS["sgdp"] (and the _flat variants) in
+// fastopt/_opspec.py.
 #pragma once
 
 #include <cmath>

@@ -5,8 +5,8 @@
 //   u = g + b2 diff    n = b3 n + (1-b3) u^2    denom = sqrt(n)/sqrt(1-b3^t) + eps
 //   p *= 1 - lr wd [weight_decouple]   p -= lr/(1-b1^t) m/denom   p -= lr b2/(1-b2^t) d/denom
 //   p /= 1 + lr wd [not weight_decouple]    prev = -g
-// States: exp_avg, exp_avg_sq, exp_avg_diff, previous_grad.  Hyper: b1, b2, b3, wd, eps.
-// Flags: bit 0 weight_decouple (no_prox=True).  rc[0] (optional row coefficient): the gradient's row
+// Hyperparameters, states and flags: OPS["adan"] in fastopt/_opspec.py (weight_decouple is the
+// official code's no_prox=True).  rc[0] (optional row coefficient): the gradient's row
 // mean for use_gc (gradient centralization, subtracted first), from the grad_rowsum op's pass.
 #pragma once
 

@@ -5,8 +5,8 @@
 //                    u = m / (sqrt(v) + eps) + l2 p'    acc[0] += p'^2, acc[1] += u^2
 // (wrapper)          rc[0] = step_size * trust, trust = min(|p'|, clamp) / (|u| + eps) (1 if a norm is 0)
 // phase 0 (update):  p = p' - rc[0] u      (m, v as stored by phase 1; g unused)
-// Hyper: h[0] b1, h[1] b2, h[2] b3 (1 - b1 with grad_averaging, else 1), h[3] wd, h[4] eps.
-// Flags: bit 0 weight_decouple, bit 1 fixed_decay (decay.h).
+// Hyperparameters, states and flags: OPS["lamb"] in fastopt/_opspec.py (beta3 = 1 - b1 with
+// grad_averaging, else 1).
 #pragma once
 
 #include <cmath>

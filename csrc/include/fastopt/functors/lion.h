@@ -5,7 +5,7 @@
 //   u <- sign(m + (1 - b1)(g - m))                 (sign(0) = 0)
 //   m <- m + (1 - b2)(g - m)
 //   p <- p - lr u
-// Hyper: h[0] b1, h[1] b2, h[2] wd.  Flags: bit 0 weight_decouple, bit 1 fixed_decay.
+// Hyperparameters, states and flags: OPS["lion"] / OPS["lion_cautious"] in fastopt/_opspec.py.
 // Row coefficients (optional): rc[0] the gradient's row mean (use_gc), rc[1] the cautious scale.
 #pragma once
 

@@ -5,7 +5,7 @@
 //   buf = lerp(buf, g, 1 - momentum)      [MOMENTUM; torch.lerp's two formulas]   else buf = g
 //   buf += wd p                            [L2: only without momentum, as upstream]
 //   p = p (1 - lr wd) [weight_decouple]  - rc[0] buf
-// Hyper: h[0] momentum, h[1] wd.  Flags: bit 0 weight_decouple.
+// Hyperparameters, states and flags: OPS["sgdsai"] / OPS["sgdsai_plain"] in fastopt/_opspec.py.
 #pragma once
 
 #include "fastopt/elementwise.h"
