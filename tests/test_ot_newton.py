@@ -83,7 +83,7 @@ def test_fewer_iterations_than_sinkhorn_same_potentials():
     log = res.log
     assert log["stop"] == "tol" and float(log["err"]) <= tol
     assert log["iterations"] == log["sinkhorn_iters"] + log["newton_iters"]
-    # measured: Sinkhorn 1430 iterations, SNS 120 Sinkhorn + 8 Newton (374 CG products on the sparse Hessian)
+    # measured: Sinkhorn 7030 iterations, SNS 90 Sinkhorn + 10 Newton (696 CG products on the sparse Hessian)
     assert log["iterations"] * 5 <= it_sk, (log["iterations"], it_sk)
     assert log["newton_iters"] <= 20
     # the error history ends at the final error and the Newton stage converges fast
