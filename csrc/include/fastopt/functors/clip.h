@@ -10,16 +10,17 @@
 namespace fastopt {
 namespace functors {
 
-// What both ops below are: no state, one per-row sum, nothing read from the hyperparameters.
-struct OneSumOp {
+// An op with no state, REDUCE per-row sums and nothing read from the hyperparameters (both below).
+template <int REDUCE>
+struct StatelessOp {
   static constexpr int kStates = 0;
-  static constexpr int kReduce = 1;
+  static constexpr int kReduce = REDUCE;
   struct Coeffs {};
 
   FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars&) { return Coeffs{}; }
 };
 
-struct ClipOp : OneSumOp {
+struct ClipOp : StatelessOp<1> {
   FASTOPT_HOST_DEVICE static void reduce(float, float g, float (&)[kMaxStates], const Coeffs&, const float*,
                                          float (&acc)[kMaxReduce]) {
     acc[0] += g * g;
@@ -33,7 +34,7 @@ struct ClipOp : OneSumOp {
 // The per-row sums of the (unscaled, signed) gradients: the first pass of gradient centralization
 // (pytorch_optimizer's use_gc: g <- g - mean of g over every dim but the first, for 2+-dim tensors).
 // Called with rows = p.shape[0] and no step counters; phase 1 only (the update leaves p alone).
-struct GradRowSumOp : OneSumOp {
+struct GradRowSumOp : StatelessOp<1> {
   FASTOPT_HOST_DEVICE static void reduce(float, float g, float (&)[kMaxStates], const Coeffs&, const float*,
                                          float (&acc)[kMaxReduce]) {
     acc[0] += g;
