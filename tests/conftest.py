@@ -28,6 +28,19 @@ DEVICE_BACKENDS = device_backends()
 KERNEL_DEVICE_BACKENDS = [(d, b) for d, b in DEVICE_BACKENDS if b != "torch"]
 
 
+def triton_device():
+    """Where the Triton kernels run here: "cuda", "cpu" (under TRITON_INTERPRET=1) or None."""
+    if torch.cuda.is_available() and _backend.has_triton():
+        return "cuda"
+    if _backend.has_triton() and _backend.triton_interpret():
+        return "cpu"
+    return None
+
+
+TRITON_DEVICE = triton_device()
+NEEDS_TRITON = pytest.mark.skipif(TRITON_DEVICE is None, reason="triton cannot run here (no CUDA, no TRITON_INTERPRET)")
+
+
 def pytest_report_header(config):
     return f"fastopt backends under test: {DEVICE_BACKENDS}"
 

@@ -39,3 +39,23 @@ def assert_states_close(opt_a, params_a, opt_b, params_b, rtol, atol, keys=("exp
             torch.testing.assert_close(sa[key].float().cpu(), sb[key].float().cpu(), rtol=rtol, atol=atol,
                                        msg=lambda m, key=key: f"state {key}: {m}")
         assert float(sa["step"]) == float(sb["step"])
+
+
+def run_pair(make_a, make_b, shapes, steps):
+    """Two optimizers (``make_a(params)``, ``make_b(params)``) over copies of one random parameter set,
+    stepped side by side on the same gradients; returns ``(opt_a, params_a, opt_b, params_b)``."""
+    base = make_params(shapes)
+    a_p, b_p = clone_params(base), clone_params(base)
+    a, b = make_a(a_p), make_b(b_p)
+    run_side_by_side([a, b], [a_p, b_p], steps=steps)
+    return a, a_p, b, b_p
+
+
+def assert_runs_close(actual, actual_params, expected, expected_params, keys, rtol, atol, state_atol=None):
+    """``assert_close`` of every parameter and of its state tensors ``keys`` (``state_atol``, default
+    ``atol``), the ``actual`` optimizer's side as the actual values."""
+    for a, b in zip(actual_params, expected_params):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+        for key in keys:
+            torch.testing.assert_close(actual.state[a][key], expected.state[b][key], rtol=rtol,
+                                       atol=atol if state_atol is None else state_atol)

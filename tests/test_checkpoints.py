@@ -1,4 +1,4 @@
-"""Checkpoints that real trainers can load (issue 15): every fastopt optimizer's state_dict, with every option
+"""Checkpoints that real trainers can load: every fastopt optimizer's state_dict, with every option
 that changes what it holds (low-bit states, N:M sparse groups, master weights, int8 weights, tensor lr, Muon),
 goes through ``torch.save`` / ``torch.load(weights_only=True)`` -- what transformers' Trainer and Lightning do --
 and resumes bit-exactly: a run interrupted by save / fresh model and optimizer / load ends exactly where the
@@ -26,27 +26,22 @@ def _int8_model():
     return nn.Sequential(lowbit.Int8Linear.from_linear(nn.Linear(64, 128)), nn.ReLU(), nn.Linear(128, 64))
 
 
+def _on_model(cls, **kw):
+    """(the fp32 model, ``cls`` over all its parameters with ``kw``)."""
+    return _model, lambda m, b: cls(m.parameters(), backend=b, **kw)
+
+
 # name -> (model factory, optimizer factory(model, backend)); the low-bit ones quantize the 64x128 weights
 # (8192 >= min_quant_size 4096).
 CASES = {
-    "AdamW": (_model, lambda m, b: fastopt.AdamW(m.parameters(), lr=1e-2, backend=b)),
-    "Adam-amsgrad": (_model, lambda m, b: fastopt.Adam(m.parameters(), lr=1e-2, amsgrad=True, backend=b)),
+    **{name: _on_model(getattr(fastopt, name), lr=1e-2)
+       for name in ("AdamW", "Adan", "AdaBelief", "DiffGrad", "EXAdam", "Lamb", "AdamP", "SGDP", "SGDSaI")},
+    "Adam-amsgrad": _on_model(fastopt.Adam, lr=1e-2, amsgrad=True),
     "AdamW-tensor-lr": (_model, lambda m, b: fastopt.AdamW(m.parameters(), lr=torch.tensor(1e-2), backend=b)),
-    "Lion": (_model, lambda m, b: fastopt.Lion(m.parameters(), lr=1e-3, weight_decay=0.1, backend=b)),
-    "Adan": (_model, lambda m, b: fastopt.Adan(m.parameters(), lr=1e-2, backend=b)),
-    "AdaBelief": (_model, lambda m, b: fastopt.AdaBelief(m.parameters(), lr=1e-2, backend=b)),
-    "DiffGrad": (_model, lambda m, b: fastopt.DiffGrad(m.parameters(), lr=1e-2, backend=b)),
-    "EXAdam": (_model, lambda m, b: fastopt.EXAdam(m.parameters(), lr=1e-2, backend=b)),
-    "Lamb": (_model, lambda m, b: fastopt.Lamb(m.parameters(), lr=1e-2, backend=b)),
-    "AdamP": (_model, lambda m, b: fastopt.AdamP(m.parameters(), lr=1e-2, backend=b)),
-    "SGDP": (_model, lambda m, b: fastopt.SGDP(m.parameters(), lr=1e-2, backend=b)),
-    "SGDSaI": (_model, lambda m, b: fastopt.SGDSaI(m.parameters(), lr=1e-2, backend=b)),
-    "AdamW8bit": (_model, lambda m, b: lowbit.AdamW8bit(m.parameters(), lr=1e-2, backend=b)),
-    "AdamW4bit": (_model, lambda m, b: lowbit.AdamW4bit(m.parameters(), lr=1e-2, backend=b)),
-    "AdamWFp8": (_model, lambda m, b: lowbit.AdamWFp8(m.parameters(), lr=1e-2, backend=b)),
-    "Lion8bit": (_model, lambda m, b: lowbit.Lion8bit(m.parameters(), lr=1e-3, backend=b)),
-    "AdamW-4-rank1": (_model, lambda m, b: lowbit.ElementwiseAdamW(m.parameters(), lr=1e-2, state_bits="4-rank1",
-                                                                   backend=b)),
+    "Lion": _on_model(fastopt.Lion, lr=1e-3, weight_decay=0.1),
+    **{name: _on_model(getattr(lowbit, name), lr=1e-2) for name in ("AdamW8bit", "AdamW4bit", "AdamWFp8")},
+    "Lion8bit": _on_model(lowbit.Lion8bit, lr=1e-3),
+    "AdamW-4-rank1": _on_model(lowbit.ElementwiseAdamW, lr=1e-2, state_bits="4-rank1"),
     "Lion-nm-sparse": (_model, lambda m, b: fastopt.Lion(nm_param_groups(m, NMSparsity(2, 4)), lr=1e-3, backend=b)),
     "AdamW8bit-nm-sparse-decay": (_model, lambda m, b: lowbit.AdamW8bit(
         nm_param_groups(m, NMSparsity(2, 4, recipe="decay", decay_coef=0.1)), lr=1e-2, backend=b)),

@@ -17,18 +17,13 @@ import os
 import pytest
 import torch
 
+from conftest import NEEDS_TRITON, TRITON_DEVICE as DEVICE
 from fastopt import _backend
 from fastopt.lowbit.codebook import FORMATS, Format, codebook, dequantize_reference, get_format, quantize_reference
 from fastopt.reference.adam import adam_reference
 from fastopt.reference.rounding import bf16_stochastic
 
-if torch.cuda.is_available() and _backend.has_triton():
-    DEVICE = "cuda"
-elif _backend.has_triton() and _backend.triton_interpret():
-    DEVICE = "cpu"
-else:
-    DEVICE = None
-pytestmark = pytest.mark.skipif(DEVICE is None, reason="triton cannot run here (no CUDA, no TRITON_INTERPRET)")
+pytestmark = NEEDS_TRITON
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

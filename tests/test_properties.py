@@ -72,6 +72,26 @@ def interpreted(device, backend):
     return backend == "triton" and torch.device(device).type == "cpu"
 
 
+INTERPRETED_DEVICE_BACKENDS = [(d, b) for d, b in KERNEL_DEVICE_BACKENDS if interpreted(d, b)]
+
+
+def kernel_property(n, device_backends=KERNEL_DEVICE_BACKENDS, names=None):
+    """A property ``fn(data, [name,] device, backend)`` run on ``n`` examples for each (device, backend)
+    (and each of ``names``)."""
+    def wrap(fn):
+        fn = budget(n)(given(data=st.data())(fn))
+        if names is not None:
+            fn = pytest.mark.parametrize("name", names)(fn)
+        return pytest.mark.parametrize("device,backend", device_backends)(fn)
+    return wrap
+
+
+def skip_interpreted(device, backend, instead):
+    """The compiled-kernel run of a property skips the interpreter, which ``instead`` runs on fewer examples."""
+    if interpreted(device, backend):
+        pytest.skip(f"the Triton interpreter: see {instead}")
+
+
 FP32 = dict(rtol=1e-5, atol=1e-6)
 # Math is fp32 on every backend, storage rounds once per step: a last-bit flip at a rounding boundary
 # is one storage ulp (the tolerances of tests/test_zoo.py's low-precision test).
@@ -365,20 +385,13 @@ def check_optimizer(data, name, device, backend):
     assert_optimizers_close(ref, ref_p, ker, ker_p)
 
 
-@pytest.mark.parametrize("device,backend", KERNEL_DEVICE_BACKENDS)
-@pytest.mark.parametrize("name", OPTIMIZERS)
-@budget(30)
-@given(data=st.data())
+@kernel_property(30, names=OPTIMIZERS)
 def test_optimizer_matches_reference(data, name, device, backend):
-    if interpreted(device, backend):
-        pytest.skip("the Triton interpreter: see test_optimizer_matches_reference_interpreted")
+    skip_interpreted(device, backend, "test_optimizer_matches_reference_interpreted")
     check_optimizer(data, name, device, backend)
 
 
-@pytest.mark.parametrize("device,backend", [(d, b) for d, b in KERNEL_DEVICE_BACKENDS if interpreted(d, b)])
-@pytest.mark.parametrize("name", OPTIMIZERS)
-@budget(6)
-@given(data=st.data())
+@kernel_property(6, INTERPRETED_DEVICE_BACKENDS, names=OPTIMIZERS)
 def test_optimizer_matches_reference_interpreted(data, name, device, backend):
     check_optimizer(data, name, device, backend)
 
@@ -449,20 +462,13 @@ def check_lowbit(data, name, device, backend):
     assert_lowbit_close(ref, ref_p, ker, ker_p)
 
 
-@pytest.mark.parametrize("device,backend", KERNEL_DEVICE_BACKENDS)
-@pytest.mark.parametrize("name", list(LOWBIT))
-@budget(20)
-@given(data=st.data())
+@kernel_property(20, names=list(LOWBIT))
 def test_lowbit_optimizer_matches_reference(data, name, device, backend):
-    if interpreted(device, backend):
-        pytest.skip("the Triton interpreter: see test_lowbit_optimizer_matches_reference_interpreted")
+    skip_interpreted(device, backend, "test_lowbit_optimizer_matches_reference_interpreted")
     check_lowbit(data, name, device, backend)
 
 
-@pytest.mark.parametrize("device,backend", [(d, b) for d, b in KERNEL_DEVICE_BACKENDS if interpreted(d, b)])
-@pytest.mark.parametrize("name", ["AdamW", "Lion", "AdaBelief"])
-@budget(4)
-@given(data=st.data())
+@kernel_property(4, INTERPRETED_DEVICE_BACKENDS, names=["AdamW", "Lion", "AdaBelief"])
 def test_lowbit_optimizer_matches_reference_interpreted(data, name, device, backend):
     check_lowbit(data, name, device, backend)
 
@@ -583,9 +589,7 @@ def nm_tensor(c):
     return w.permute(*reversed(range(w.dim()))) if c["strided"] else w
 
 
-@pytest.mark.parametrize("device,backend", KERNEL_DEVICE_BACKENDS)
-@budget(150)
-@given(data=st.data())
+@kernel_property(150)
 def test_nm_mask_matches_reference(data, device, backend):
     c = data.draw(nm_cases(interpreted(device, backend)), label="case")
     w = nm_tensor(c).to(device)
@@ -678,20 +682,15 @@ def solve(c, x, y, kw, dtype, backend):
         return e
 
 
-@pytest.mark.parametrize("device,backend", KERNEL_DEVICE_BACKENDS)
-@budget(80)
-@given(data=st.data())
+@kernel_property(80)
 def test_sinkhorn_matches_reference(data, device, backend):
     """Each backend's error against the fp64 reference is at most twice a same-precision torch run's
     plus 1e-5 relative (tests/test_ot_sinkhorn.py).  fp64 runs only on the torch backend (documented)."""
-    if interpreted(device, backend):
-        pytest.skip("the Triton interpreter: see test_sinkhorn_matches_reference_interpreted")
+    skip_interpreted(device, backend, "test_sinkhorn_matches_reference_interpreted")
     check_sinkhorn(data, device, backend)
 
 
-@pytest.mark.parametrize("device,backend", [(d, b) for d, b in KERNEL_DEVICE_BACKENDS if interpreted(d, b)])
-@budget(12)
-@given(data=st.data())
+@kernel_property(12, INTERPRETED_DEVICE_BACKENDS)
 def test_sinkhorn_matches_reference_interpreted(data, device, backend):
     check_sinkhorn(data, device, backend)
 

@@ -13,22 +13,17 @@
   ``nm_mask`` is a different rank loop.
 """
 import importlib
+import math
 
 import pytest
 import torch
 
-from fastopt import _backend
+from conftest import NEEDS_TRITON, TRITON_DEVICE as DEVICE
 from fastopt.reference.sparse import (nm_mask_reference, tile_pattern_masks, tile_patterns,
                                       transposable24_reference)
 
-if torch.cuda.is_available() and _backend.has_triton():
-    DEVICE = "cuda"
-elif _backend.has_triton() and _backend.triton_interpret():
-    DEVICE = "cpu"
-else:
-    DEVICE = None
 pytestmark = [
-    pytest.mark.skipif(DEVICE is None, reason="triton cannot run here (no CUDA, no TRITON_INTERPRET)"),
+    NEEDS_TRITON,
     # the interpreter's numpy warns when fp32 sums of huge keys overflow to inf (as they must)
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]
@@ -55,12 +50,7 @@ def run_nm(w, n, m, dim=-1):
     """The kernel's mask of ``w`` (any device) as a CPU bool tensor; ``out`` starts as garbage."""
     dim %= w.dim()
     shape = tuple(w.shape)
-    outer = 1
-    for s in shape[:dim]:
-        outer *= s
-    inner = 1
-    for s in shape[dim + 1:]:
-        inner *= s
+    outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
     x = w.to(DEVICE).contiguous()
     out = torch.full(shape, 7, dtype=torch.uint8, device=DEVICE)
     assert ts().nm_mask(x, out, outer, shape[dim], inner, n, m) is None

@@ -98,6 +98,15 @@ def _ids(cfgs):
 # pytorch_optimizer
 # --------------------------------------------------------------------------------------------------
 
+# pytorch_optimizer's weight decay modes (decoupled, fixed decoupled, L2), shared by AdaBelief, diffGrad
+# and EXAdam.
+WEIGHT_DECAY_CFGS = [
+    dict(lr=1e-2),
+    dict(lr=1e-2, weight_decay=0.1, weight_decouple=True),
+    dict(lr=1e-2, weight_decay=0.1, weight_decouple=True, fixed_decay=True),
+    dict(lr=1e-2, weight_decay=0.1, weight_decouple=False),
+]
+
 ADAN_CFGS = [
     dict(lr=1e-2),
     dict(lr=1e-2, weight_decay=0.1, weight_decouple=False),  # no_prox=False (proximal)
@@ -105,14 +114,6 @@ ADAN_CFGS = [
     dict(lr=3e-3, betas=(0.9, 0.8, 0.95), eps=1e-6, weight_decay=0.05),
     dict(lr=1e-2, eps=1e-3),  # a large eps makes its placement (after the bias correction) visible
 ]
-
-
-@pytest.mark.parametrize("foreach", [False, True])
-@pytest.mark.parametrize("cfg", ADAN_CFGS, ids=_ids(ADAN_CFGS))
-def test_adan_matches_pytorch_optimizer(cfg, foreach):
-    po = pytest.importorskip("pytorch_optimizer")
-    opt, up, ours, states = _side_by_side("adan", po.Adan, dict(cfg, foreach=foreach), cfg)
-    _assert_match(opt, up, ours, states)
 
 
 def test_adan_maximize_matches_pytorch_optimizer_after_first_step():
@@ -150,11 +151,7 @@ def test_adan_maximize_matches_pytorch_optimizer_after_first_step():
     assert torch.count_nonzero(st["exp_avg_diff"]) == 0
 
 
-ADABELIEF_CFGS = [
-    dict(lr=1e-2),
-    dict(lr=1e-2, weight_decay=0.1, weight_decouple=True),
-    dict(lr=1e-2, weight_decay=0.1, weight_decouple=True, fixed_decay=True),
-    dict(lr=1e-2, weight_decay=0.1, weight_decouple=False),
+ADABELIEF_CFGS = WEIGHT_DECAY_CFGS + [
     dict(lr=1e-2, weight_decay=0.1, ams_bound=True),
     dict(lr=1e-2, eps=1e-8, rectify=True),
     dict(lr=1e-2, weight_decay=0.1, weight_decouple=False, rectify=True, ams_bound=True),
@@ -168,20 +165,7 @@ ADABELIEF_CFGS = [
 ]
 
 
-@pytest.mark.parametrize("foreach", [False, None])
-@pytest.mark.parametrize("cfg", ADABELIEF_CFGS, ids=_ids(ADABELIEF_CFGS))
-def test_adabelief_matches_pytorch_optimizer(cfg, foreach):
-    po = pytest.importorskip("pytorch_optimizer")
-    # rectify / ams_bound always take upstream's per-parameter path; the others take foreach when None.
-    opt, up, ours, states = _side_by_side("adabelief", po.AdaBelief, dict(cfg, foreach=foreach), cfg)
-    _assert_match(opt, up, ours, states)
-
-
-DIFFGRAD_CFGS = [
-    dict(lr=1e-2),
-    dict(lr=1e-2, weight_decay=0.1, weight_decouple=True),
-    dict(lr=1e-2, weight_decay=0.1, weight_decouple=True, fixed_decay=True),
-    dict(lr=1e-2, weight_decay=0.1, weight_decouple=False),
+DIFFGRAD_CFGS = WEIGHT_DECAY_CFGS + [
     dict(lr=1e-2, ams_bound=True, weight_decay=0.05),
     dict(lr=1e-2, rectify=True),
     dict(lr=1e-2, rectify=True, ams_bound=True, weight_decay=0.1, weight_decouple=False),
@@ -192,29 +176,27 @@ DIFFGRAD_CFGS = [
 ]
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-@pytest.mark.parametrize("cfg", DIFFGRAD_CFGS, ids=_ids(DIFFGRAD_CFGS))
-def test_diffgrad_matches_pytorch_optimizer(cfg, foreach):
-    po = pytest.importorskip("pytorch_optimizer")
-    opt, up, ours, states = _side_by_side("diffgrad", po.DiffGrad, dict(cfg, foreach=foreach), cfg)
-    _assert_match(opt, up, ours, states)
-
-
-EXADAM_CFGS = [
-    dict(lr=1e-2),
-    dict(lr=1e-2, weight_decay=0.1, weight_decouple=True),
-    dict(lr=1e-2, weight_decay=0.1, weight_decouple=True, fixed_decay=True),
-    dict(lr=1e-2, weight_decay=0.1, weight_decouple=False),
+EXADAM_CFGS = WEIGHT_DECAY_CFGS + [
     # eps comparable to m^2 and v, so both cross-moment factors d1, d2 sit well inside (1, 1 + beta^t).
     dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-2),
 ]
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-@pytest.mark.parametrize("cfg", EXADAM_CFGS, ids=_ids(EXADAM_CFGS))
-def test_exadam_matches_pytorch_optimizer(cfg, foreach):
+# (reference, upstream class, configs, foreach values).  AdaBelief's rectify / ams_bound always take
+# upstream's per-parameter path; its other configs take the foreach path when foreach is None.
+PO_CASES = [(name, cls, cfg, foreach)
+            for name, cls, cfgs, foreachs in [("adan", "Adan", ADAN_CFGS, (False, True)),
+                                               ("adabelief", "AdaBelief", ADABELIEF_CFGS, (False, None)),
+                                               ("diffgrad", "DiffGrad", DIFFGRAD_CFGS, (False, True)),
+                                               ("exadam", "EXAdam", EXADAM_CFGS, (False, True))]
+            for cfg in cfgs for foreach in foreachs]
+
+
+@pytest.mark.parametrize("name,cls,cfg,foreach", PO_CASES,
+                         ids=[f"{n}-{i}-foreach={f}" for n, _, c, f in PO_CASES for i in _ids([c])])
+def test_matches_pytorch_optimizer(name, cls, cfg, foreach):
     po = pytest.importorskip("pytorch_optimizer")
-    opt, up, ours, states = _side_by_side("exadam", po.EXAdam, dict(cfg, foreach=foreach), cfg)
+    opt, up, ours, states = _side_by_side(name, getattr(po, cls), dict(cfg, foreach=foreach), cfg)
     _assert_match(opt, up, ours, states)
 
 
@@ -549,7 +531,7 @@ def test_rectify_threshold_below_4(name, cls):
     _assert_same(ours, states, before_p, before_s)
 
 
-# -- issue 15: Adan's use_gc, fused, fastopt.Adan on every backend vs pytorch_optimizer -----------------
+# -- Adan's use_gc, fused, fastopt.Adan on every backend vs pytorch_optimizer ---------------------------
 def _backends():
     from conftest import DEVICE_BACKENDS
     return [b for d, b in DEVICE_BACKENDS if d == "cpu"]
@@ -568,13 +550,8 @@ def test_adan_use_gc_matches_pytorch_optimizer(cfg, backend):
     raw gradient)."""
     import fastopt
     po = pytest.importorskip("pytorch_optimizer")
-    from helpers import clone_params, make_params, run_side_by_side
-    base = make_params(SHAPES + [(4, 2, 3)])
-    up_p, fo_p = clone_params(base), clone_params(base)
-    up = po.Adan(up_p, **cfg)
-    fo = fastopt.Adan(fo_p, backend=backend, **cfg)
-    run_side_by_side([up, fo], [up_p, fo_p], steps=6)
-    for a, b in zip(up_p, fo_p):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-        for key in ("exp_avg", "exp_avg_sq", "exp_avg_diff", "previous_grad"):
-            torch.testing.assert_close(fo.state[b][key], up.state[a][key], rtol=1e-5, atol=1e-6)
+    from helpers import assert_runs_close, run_pair
+    up, up_p, fo, fo_p = run_pair(lambda ps: po.Adan(ps, **cfg), lambda ps: fastopt.Adan(ps, backend=backend, **cfg),
+                                  SHAPES + [(4, 2, 3)], steps=6)
+    assert_runs_close(fo, fo_p, up, up_p, ("exp_avg", "exp_avg_sq", "exp_avg_diff", "previous_grad"),
+                      rtol=1e-5, atol=1e-6)

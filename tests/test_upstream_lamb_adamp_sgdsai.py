@@ -534,7 +534,7 @@ def test_clip_empty_and_bad_norm_type():
         ref_clip.clip_grad_norm_reference([torch.ones(2)], 1.0, norm_type=0.0)
 
 
-# -- issue 15: AdamP's use_gc and cautious, fastopt.AdamP on every backend vs pytorch_optimizer --------
+# -- AdamP's use_gc and cautious, fastopt.AdamP on every backend vs pytorch_optimizer -----------------
 def _backends():
     from conftest import DEVICE_BACKENDS
     return [b for d, b in DEVICE_BACKENDS if d == "cpu"]
@@ -553,18 +553,13 @@ ADAMP_GC_CONFIGS = [
 @pytest.mark.parametrize("cfg", ADAMP_GC_CONFIGS, ids=_ids(ADAMP_GC_CONFIGS))
 def test_adamp_gc_cautious_match_pytorch_optimizer(cfg, backend):
     import fastopt
-    from helpers import clone_params, make_params, run_side_by_side
+    from helpers import assert_runs_close, run_pair
     if cfg.get("cautious") and cfg.get("use_gc") and backend != "torch":
         pytest.skip("AdamP's cautious with use_gc runs on backend='torch' only (test_adamp_cautious_gc_kernel_raise)")
-    base = make_params([(7,), (13, 31), (8, 3, 3, 3), (5, 3, 11), (1, 4)])
-    up_p, fo_p = clone_params(base), clone_params(base)
-    up = pytorch_optimizer.AdamP(up_p, **cfg)
-    fo = fastopt.AdamP(fo_p, backend=backend, **cfg)
-    run_side_by_side([up, fo], [up_p, fo_p], steps=6)
-    for a, b in zip(up_p, fo_p):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-6)
-        for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(fo.state[b][key], up.state[a][key], rtol=1e-5, atol=1e-6)
+    up, up_p, fo, fo_p = run_pair(lambda ps: pytorch_optimizer.AdamP(ps, **cfg),
+                                  lambda ps: fastopt.AdamP(ps, backend=backend, **cfg),
+                                  [(7,), (13, 31), (8, 3, 3, 3), (5, 3, 11), (1, 4)], steps=6)
+    assert_runs_close(fo, fo_p, up, up_p, ("exp_avg", "exp_avg_sq"), rtol=1e-5, atol=2e-6, state_atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", [b for b in _backends() if b != "torch"])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastopt
-from helpers import clone_params, make_params, run_side_by_side
+from helpers import assert_runs_close, clone_params, make_params, run_pair, run_side_by_side
 
 po = pytest.importorskip("pytorch_optimizer")
 
@@ -20,31 +20,22 @@ CONFIGS = [
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_matches_pytorch_optimizer(backend, cfg):
-    base = make_params(SHAPES)
-    up_p, fo_p = clone_params(base), clone_params(base)
-    up = po.Lion(up_p, **cfg)
-    fo = fastopt.Lion(fo_p, backend=backend, **cfg)
-    run_side_by_side([up, fo], [up_p, fo_p], steps=10)
-    for a, b in zip(up_p, fo_p):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(up.state[a]["exp_avg"], fo.state[b]["exp_avg"], rtol=1e-5, atol=1e-6)
+    up, up_p, fo, fo_p = run_pair(lambda ps: po.Lion(ps, **cfg), lambda ps: fastopt.Lion(ps, backend=backend, **cfg),
+                                  SHAPES, steps=10)
+    assert_runs_close(up, up_p, fo, fo_p, ("exp_avg",), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_matches_lion_pytorch(backend):
     lion_pytorch = pytest.importorskip("lion_pytorch")
-    base = make_params(SHAPES)
-    up_p, fo_p = clone_params(base), clone_params(base)
     # lion-pytorch: decoupled decay p *= 1 - lr * wd, the pytorch_optimizer default
-    up = lion_pytorch.Lion(up_p, lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1)
-    fo = fastopt.Lion(fo_p, lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1, backend=backend)
-    run_side_by_side([up, fo], [up_p, fo_p], steps=10)
-    for a, b in zip(up_p, fo_p):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(up.state[a]["exp_avg"], fo.state[b]["exp_avg"], rtol=1e-5, atol=1e-6)
+    cfg = dict(lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    up, up_p, fo, fo_p = run_pair(lambda ps: lion_pytorch.Lion(ps, **cfg),
+                                  lambda ps: fastopt.Lion(ps, **cfg, backend=backend), SHAPES, steps=10)
+    assert_runs_close(up, up_p, fo, fo_p, ("exp_avg",), rtol=1e-5, atol=1e-6)
 
 
-# -- issue 15: use_gc and cautious, fused, on every backend ------------------------------------------
+# -- use_gc and cautious, fused, on every backend -----------------------------------------------------
 def _backends():
     from conftest import DEVICE_BACKENDS
     return [b for d, b in DEVICE_BACKENDS if d == "cpu"]
@@ -61,14 +52,9 @@ GC_CONFIGS = [
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("cfg", GC_CONFIGS)
 def test_gc_and_cautious_match_pytorch_optimizer(backend, cfg):
-    base = make_params(SHAPES + [(1, 5), (3, 1)])
-    up_p, fo_p = clone_params(base), clone_params(base)
-    up = po.Lion(up_p, **cfg)
-    fo = fastopt.Lion(fo_p, backend=backend, **cfg)
-    run_side_by_side([up, fo], [up_p, fo_p], steps=8)
-    for a, b in zip(up_p, fo_p):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(fo.state[b]["exp_avg"], up.state[a]["exp_avg"], rtol=1e-5, atol=1e-6)
+    up, up_p, fo, fo_p = run_pair(lambda ps: po.Lion(ps, **cfg), lambda ps: fastopt.Lion(ps, backend=backend, **cfg),
+                                  SHAPES + [(1, 5), (3, 1)], steps=8)
+    assert_runs_close(fo, fo_p, up, up_p, ("exp_avg",), rtol=1e-5, atol=1e-6)
 
 
 def test_cautious_mask_changes_the_step():
