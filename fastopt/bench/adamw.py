@@ -9,7 +9,7 @@ from ``fastopt._backend.available_backends``; the Triton interpreter on CPU is n
 Bytes moved per parameter (the ideal kernel's traffic): read p, g, m, v and write p, m, v, i.e.
 ``7 * itemsize`` (``9 * itemsize`` with amsgrad, which also reads and writes ``max_exp_avg_sq``).
 
-Bars (from the issue): on CPU, ``fastopt-cpu`` >= 1.0x ``torch-fused`` on 20x1M; on CUDA,
+Bars: on CPU, ``fastopt-cpu`` >= 1.0x ``torch-fused`` on 20x1M; on CUDA,
 ``fastopt-cuda`` >= 90% of the copy bandwidth and >= 1.1x ``torch-fused`` on 256M.
 """
 from dataclasses import dataclass

@@ -4,7 +4,7 @@ An op joins the report by registering a :class:`Suite` (see ``fastopt/bench/adam
 that lists :class:`Case` objects for a device — one (config, method) pair each, with the work it does
 (items processed and bytes moved per call) and a ``setup`` that builds a :class:`Workload` lazily, so
 only one case's tensors are alive at a time — plus a baseline method for the speedup column and the
-performance bars the issue sets, as data (:class:`Bar`).  The harness does the rest, the same way for
+performance bars it must meet, as data (:class:`Bar`).  The harness does the rest, the same way for
 every op:
 
 * timing — on CUDA ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])`` (warm-up, L2 flushed

@@ -9,7 +9,7 @@ are not block multiples; a 1,000,000-element tensor is not).
 
 Bytes moved per parameter (the ideal fused kernel's traffic): fp32 param read + write, grad read, and
 the states' codes read + write -- 8-bit: 4 + 4 + 4 + 2 * 2 = 16 bytes (absmax adds 2 * 2 * 4 / 256);
-4-bit: 14 bytes; torch fp32 AdamW: 28 bytes.  Bars (issue 4): on CPU fastopt's 8-bit AdamW >= 3x
+4-bit: 14 bytes; torch fp32 AdamW: 28 bytes.  Bars: on CPU fastopt's 8-bit AdamW >= 3x
 torchao AdamW8bit and >= 1.0x torch fused fp32 AdamW; on CUDA >= 1.3x bitsandbytes AdamW8bit and
 >= 1.4x torch fused fp32.
 """

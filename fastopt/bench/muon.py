@@ -16,7 +16,7 @@ which is a test vehicle, not a benchmark.  ``items`` counts the nominal FLOPs of
 ``flop_per_s`` is an effective rate: the symmetric kernels do fewer FLOPs); ``bytes_per_call``
 is the ideal traffic, read G and write the result (bf16), which a compute-bound kernel ignores.
 
-Bar (from the issue): on CUDA, ``fastopt-triton`` >= 1.5x ``torch-matmul`` on both shapes.
+Bar: on CUDA, ``fastopt-triton`` >= 1.5x ``torch-matmul`` on both shapes.
 
 ``muon`` (CPU and CUDA): one ``opt.step()`` on four 1024x1024 (CPU: 128x128) fp32 weight matrices (a ``use_muon=True``
 group) and four 1024 fp32 biases (a ``use_muon=False`` AdamW group), ``--quick``: two 128x128 and two
@@ -25,8 +25,8 @@ foreach path, which batches same-shape matrices as fastopt does), with the same 
 gradients.  ``bytes_per_call`` counts the elementwise traffic only (Muon: read p, g, m, write p, m;
 AdamW: read p, g, m, v, write p, m, v) -- the Newton–Schulz matmuls dominate and are compute-bound.
 No bar.  Cost warning: every Newton–Schulz runs in bf16 as upstream does, and on CPUs without native
-bf16 matmul (no AVX512-BF16 / AMX) torch's bf16 GEMM is ~50x slower than fp32, so one full-size step
-can take minutes there (about 2 minutes on a 2-core EPYC without bf16 instructions).
+bf16 matmul (no AVX512-BF16 / AMX) torch's bf16 GEMM is far slower than fp32, so one full-size step
+can take minutes there.
 """
 from dataclasses import dataclass
 
@@ -146,8 +146,8 @@ class StepConfig:
 
 
 STEP_FULL = StepConfig(4, 1024)
-# bf16 matmuls run ~70x slower than fp32 on a small CPU (one 1024x1024 step took 91 s on the 2-core
-# EPYC), so the CPU report times 128x128 matrices.
+# bf16 matmuls are far slower than fp32 on CPUs without bf16 instructions, so the CPU report times
+# 128x128 matrices.
 STEP_CPU = StepConfig(4, 128)
 STEP_QUICK = StepConfig(2, 64)
 

@@ -18,7 +18,7 @@ same iterations) between two point clouds of n points in d = 3, uniform weights,
   precomputed cost (its ``backend="tensorized"``).
 
 Rows report ms per iteration (``items`` = iterations) and, for the online kernels, the pairs of points
-per second.  Bars (issue 6): on CPU ``fastopt-cpu`` >= 5x ``pot-sinkhorn_log`` at n = 4000; on CUDA
+per second.  Bars: on CPU ``fastopt-cpu`` >= 5x ``pot-sinkhorn_log`` at n = 4000; on CUDA
 ``fastopt-triton`` >= 2x geomloss/KeOps per iteration at n = m = 100k.
 """
 from dataclasses import dataclass

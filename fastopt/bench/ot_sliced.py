@@ -20,7 +20,7 @@ Work per call: ``items`` = (n + m) L projected points; ``bytes`` = the projected
 read once (8 bytes per fp32 value), the traffic of any method that materializes the projections (the
 sorts make it compute-bound, so GB/s is only indicative).
 
-Bar (issue 6): on CUDA, ``fastopt`` >= 5x POT (``pot-torch``) at 100k points and 1000 projections.
+Bar: on CUDA, ``fastopt`` >= 5x POT (``pot-torch``) at 100k points and 1000 projections.
 """
 from dataclasses import dataclass
 

@@ -8,7 +8,7 @@ beside two torch masks in the same run:
 * ``torch-compile-rank``: the rank formulation of the spec (an element is kept when fewer than n of its
   group rank before it), ``torch.compile``d (compiled in the setup, outside the timing).
 
-Bytes per call: read the matrix, write one byte per element (the bool mask).  Bars (issue 5): on CPU
+Bytes per call: read the matrix, write one byte per element (the bool mask).  Bars: on CPU
 ``fastopt-cpu`` >= 10x ``torch-topk``; on CUDA ``fastopt-cuda`` >= 80% of the copy bandwidth.
 
 ``transposable-24``: the transposable 2:4 mask (exact and greedy) beside the torch reference.
