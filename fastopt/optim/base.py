@@ -393,8 +393,8 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
             where = f"the state of parameter {pid} (loaded into parameter {i}, {p.dtype}{tuple(p.shape)})"
             if LowbitStates.holds(state):
                 if not self._supports_lowbit_states:
-                    raise ValueError(f"{name}: {where} holds low-bit states ({state[LowbitStates.TAG_KEY]}); load it into "
-                                     "an optimizer with the same state_bits (fastopt.lowbit.AdamW8bit, "
+                    raise ValueError(f"{name}: {where} holds low-bit states ({state[LowbitStates.TAG_KEY]}); load it "
+                                     "into an optimizer with the same state_bits (fastopt.lowbit.AdamW8bit, "
                                      "ElementwiseAdamW(state_bits=...), ...)")
                 continue  # its layout: LowbitStates.check_loaded (ElementwiseOptimizer._check_loaded)
             for key, value in state.items():

@@ -19,7 +19,7 @@ from ..reference import muon as R
 from ..reference.adam import adam_reference
 from . import functional as F
 from .base import FusedOptimizer
-from .lion import Params
+from .functional import Params
 
 # The backends a Muon group may name: those of the Newton-Schulz row of the capability table.
 MUON_BACKENDS = ("auto",) + _backend.CAPABILITIES["newton_schulz"].kernels + ("torch",)
