@@ -144,7 +144,7 @@ constexpr const char* kOtDoc =
     "LSE_j(h[b,j] - C_ij / eps) (fp32), mode 1 writes out[b,i,:] = sum_j exp(c[b,i] + h[b,j] - C_ij / eps) dC_ij/dx_i, "
     "mode 2 writes the soft-minimum out[b,i] = -eps log(sum_j h[b,j] exp((c[b,j] - C_ij) / eps) / sum_j h[b,j]); "
     "cost 0 = |x - y|^2, 1 = |x - y|.";
-constexpr const char* kTile24Doc =
+constexpr const char* kTransposableMaskDoc =
     "Transposable 2:4 mask (in, out, rows, cols, dtype, exact[, stream]) of a [rows, cols] matrix: 2 kept per "
     "row and column of every 4x4 tile; exact = best of the 90 patterns, else greedy.";
 
@@ -220,13 +220,13 @@ PYBIND11_MODULE(_C, m) {
       },
       kOtDoc);
   m.def(
-      "tile24_mask_cpu",
+      "transposable_mask_cpu",
       [](int64_t in, int64_t out, int64_t rows, int64_t cols, int dtype, bool exact) {
-        fastopt::Tile24Args a{in, out, rows, cols, dtype, exact};
+        fastopt::TransposableMaskArgs a{in, out, rows, cols, dtype, exact};
         py::gil_scoped_release nogil;
-        fastopt::tile24_mask_cpu(a);
+        fastopt::transposable_mask_cpu(a);
       },
-      kTile24Doc);
+      kTransposableMaskDoc);
   m.def("op_shape", [](const std::string& op) {
     int states = 0, reduce = 0;
     if (!fastopt::op_shape(op, &states, &reduce)) throw std::invalid_argument("fastopt: unknown op '" + op + "'");
@@ -293,13 +293,13 @@ PYBIND11_MODULE(_C, m) {
       },
       kNMMaskDoc);
   m.def(
-      "tile24_mask_cuda",
+      "transposable_mask_cuda",
       [](int64_t in, int64_t out, int64_t rows, int64_t cols, int dtype, bool exact, int64_t stream) {
-        fastopt::Tile24Args a{in, out, rows, cols, dtype, exact};
+        fastopt::TransposableMaskArgs a{in, out, rows, cols, dtype, exact};
         py::gil_scoped_release nogil;
-        fastopt::tile24_mask_cuda(a, stream);
+        fastopt::transposable_mask_cuda(a, stream);
       },
-      kTile24Doc);
+      kTransposableMaskDoc);
   m.def(
       "quantize_cuda",
       [](int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t codes_numel, int64_t absmax_numel,

@@ -498,24 +498,24 @@ def _nm_mask_kernel(x: Tensor, out: Tensor, outer: int, length: int, inner: int,
 nm_mask_, nm_mask = _kernel_op("nm_mask_", mutates=("out",))(_nm_mask_kernel)
 
 
-def _tile24_kernel(x: Tensor, out: Tensor, rows: int, cols: int, exact: bool, backend: str) -> None:
+def _transposable_mask_kernel(x: Tensor, out: Tensor, rows: int, cols: int, exact: bool, backend: str) -> None:
     """Transposable 2:4 mask of the contiguous [rows, cols] ``x`` into uint8 ``out``."""
     if x.numel() == 0:
         return
     if min(rows, cols) < 0 or rows * cols != x.numel():
-        raise ValueError(f"fastopt::tile24_mask_: [{rows}, {cols}] does not cover x's {x.numel()} elements")
-    call = _Call("tile24_mask_", x.device)
+        raise ValueError(f"fastopt::transposable_mask_: [{rows}, {cols}] does not cover x's {x.numel()} elements")
+    call = _Call("transposable_mask_", x.device)
     _add_contiguous(call, "x", x, x.dtype)
     _add_contiguous(call, "out", out, torch.uint8, x.numel())
     call.check()
     if backend == "triton":
-        _backend.triton_kernels().transposable24(x, out, rows, cols, exact)
+        _backend.triton_kernels().transposable_mask(x, out, rows, cols, exact)
         return
     args = (call.ptr("x"), call.ptr("out"), rows, cols, _backend.dtype_code(x.dtype), bool(exact))
-    _run_native(backend, "tile24_mask", x.device, args, "tile24_mask_")
+    _run_native(backend, "transposable_mask", x.device, args, "transposable_mask_")
 
 
-tile24_mask_, tile24_mask = _kernel_op("tile24_mask_", mutates=("out",))(_tile24_kernel)
+transposable_mask_, transposable_mask = _kernel_op("transposable_mask_", mutates=("out",))(_transposable_mask_kernel)
 
 
 def _ot_pass_kernel(x: Optional[Tensor], y: Optional[Tensor], cost_matrix: Optional[Tensor], h: Tensor,

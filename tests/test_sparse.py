@@ -10,7 +10,7 @@ import torch
 import fastopt
 from fastopt import sparse
 from fastopt.reference.sparse import (magnitude_key, nm_mask_reference, tile_pattern_masks, tile_patterns,
-                                      transposable24_reference)
+                                      transposable_mask_reference)
 
 from conftest import DEVICE_BACKENDS
 
@@ -84,7 +84,7 @@ def test_transposable_exact_reference_is_optimal_and_greedy_is_a_2_approximation
         key = tiles_of(magnitude_key(w).double(), *w.shape).reshape(-1, 16)
         best = (key @ dense.t()).max(1).values
         for mode in ("exact", "greedy"):
-            mask = transposable24_reference(w, mode)
+            mask = transposable_mask_reference(w, mode)
             t = tiles_of(mask, *w.shape)
             kept = (key * t.reshape(-1, 16)).sum(1)
             assert bool((t.sum(1) <= 2).all() and (t.sum(2) <= 2).all())
@@ -102,8 +102,8 @@ def test_transposable_greedy_can_be_sparser_than_2_4():
                       [0.0, 0.0, 5.0, 4.0],
                       [0.0, 0.0, 3.0, 1.0]])
     w[2, 0] = 0.5
-    g = transposable24_reference(w, "greedy")
-    e = transposable24_reference(w, "exact")
+    g = transposable_mask_reference(w, "greedy")
+    e = transposable_mask_reference(w, "exact")
     assert int(e.sum()) == 8
     assert int(g.sum()) <= 8 and bool((g.sum(0) <= 2).all() and (g.sum(1) <= 2).all())
     assert float((w.abs() * g).sum()) <= float((w.abs() * e).sum())
@@ -142,7 +142,7 @@ def test_transposable_mask_backends(device, backend, dtype, mode):
             w = w.to(dtype).to(device)
             got = sparse.transposable_mask(w, mode, backend=backend)
             assert got.shape == w.shape and got.dtype == torch.bool
-            assert torch.equal(got.cpu(), transposable24_reference(w.cpu(), mode)), (shape, mode)
+            assert torch.equal(got.cpu(), transposable_mask_reference(w.cpu(), mode)), (shape, mode)
 
 
 # -- options and errors -------------------------------------------------------------------------------------

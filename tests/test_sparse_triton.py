@@ -5,7 +5,7 @@
   +-0) in fp32 / fp16 / bf16; NaN, +-inf, -0.0, subnormals; n:m from 0:4 to 7:64 and 16:32 (m not a
   power of two too); the masked dimension first, middle and last of odd 3-d shapes; several programs
   with a partial last one; numel 0; the argument checks.
-* ``transposable24`` exact and greedy: random, tied, NaN/inf data; every one of the 90 patterns as
+* ``transposable_mask`` exact and greedy: random, tied, NaN/inf data; every one of the 90 patterns as
   the unique winner, all-equal tiles (pattern 0), data where fp32 rounding of the fixed summation
   order decides the winner; shapes (4, 4), (8, 12), (12, 8, 2) viewed as [12, 16], (64, 64), and one
   with several programs.
@@ -20,7 +20,7 @@ import torch
 
 from conftest import NEEDS_TRITON, TRITON_DEVICE as DEVICE
 from fastopt.reference.sparse import (nm_mask_reference, tile_pattern_masks, tile_patterns,
-                                      transposable24_reference)
+                                      transposable_mask_reference)
 
 pytestmark = [
     NEEDS_TRITON,
@@ -66,7 +66,7 @@ def run_t24(w, exact):
         cols *= s
     x = w.to(DEVICE).contiguous()
     out = torch.full(tuple(w.shape), 7, dtype=torch.uint8, device=DEVICE)
-    assert ts().transposable24(x, out, rows, cols, exact) is None
+    assert ts().transposable_mask(x, out, rows, cols, exact) is None
     out = out.cpu()
     assert ((out == 0) | (out == 1)).all(), "unwritten or non-0/1 bytes"
     return out.bool()
@@ -82,7 +82,7 @@ def check_nm(w, n, m, dim=-1):
 
 def check_t24(w, exact):
     got = run_t24(w, exact)
-    ref = transposable24_reference(w.cpu(), "exact" if exact else "greedy")
+    ref = transposable_mask_reference(w.cpu(), "exact" if exact else "greedy")
     bad = (got != ref).nonzero()
     assert bad.numel() == 0, f"{bad.shape[0]} of {ref.numel()} differ, first at {bad[:4].tolist()}"
     return got
@@ -224,7 +224,7 @@ def test_nm_argument_checks():
     assert torch.equal(out.cpu().bool(), nm_mask_reference(x.cpu(), 1, 4))
 
 
-# -- transposable24 ----------------------------------------------------------------------------------
+# -- transposable_mask ----------------------------------------------------------------------------------
 
 T24_SHAPES = [(4, 4), (8, 12), (12, 8, 2), (64, 64)]
 
@@ -315,7 +315,7 @@ def test_t24_empty(shape, exact):
     w = torch.empty(shape)
     got = run_t24(w, exact)
     assert got.shape == w.shape
-    assert torch.equal(got, transposable24_reference(w, "exact" if exact else "greedy"))
+    assert torch.equal(got, transposable_mask_reference(w, "exact" if exact else "greedy"))
 
 
 def test_t24_argument_checks():
@@ -323,10 +323,10 @@ def test_t24_argument_checks():
     out = torch.empty(8, 8, dtype=torch.uint8, device=DEVICE)
     for rows, cols in ((6, 8), (8, 6), (4, 8)):
         with pytest.raises(ValueError):
-            ts().transposable24(x, out, rows, cols, True)
+            ts().transposable_mask(x, out, rows, cols, True)
     with pytest.raises(ValueError):
-        ts().transposable24(x.double(), out, 8, 8, True)
+        ts().transposable_mask(x.double(), out, 8, 8, True)
     with pytest.raises(ValueError):
-        ts().transposable24(x, out[:4], 8, 8, False)
-    ts().transposable24(x, out, 8, 8, True)
-    assert torch.equal(out.cpu().bool(), transposable24_reference(x.cpu()))
+        ts().transposable_mask(x, out[:4], 8, 8, False)
+    ts().transposable_mask(x, out, 8, 8, True)
+    assert torch.equal(out.cpu().bool(), transposable_mask_reference(x.cpu()))

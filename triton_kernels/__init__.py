@@ -8,6 +8,6 @@ from .multi_tensor import multi_tensor_apply  # noqa: F401
 from .adam import adam_step  # noqa: F401
 from .ops import OPS, elementwise_step  # noqa: F401
 from .lowbit import lowbit_step, quantize_blockwise  # noqa: F401
-from .sparse import nm_mask, transposable24  # noqa: F401
+from .sparse import nm_mask, transposable_mask  # noqa: F401
 from .ot import ot_pass  # noqa: F401
 from .sliced import sliced_wpp  # noqa: F401

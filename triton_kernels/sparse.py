@@ -18,7 +18,7 @@ keeps exactly its ``n`` first elements of the (stable, descending) order.  Group
 ``inner`` fastest, so neighbouring lanes of a tile read neighbouring addresses; for ``inner == 1``
 (``dim=-1``) the tile is simply ``G * m`` consecutive elements (the fast, vectorized path).
 
-:func:`transposable24` -- ``x`` viewed as a ``[rows, cols]`` matrix cut into 4x4 tiles, numbered
+:func:`transposable_mask` -- ``x`` viewed as a ``[rows, cols]`` matrix cut into 4x4 tiles, numbered
 row of tiles by row of tiles; each program takes ``T`` consecutive tiles.
 
 * exact: the pair sums ``k[r, a] + k[r, b]`` of every row (24 fp32 adds per tile), then the 90 patterns
@@ -160,7 +160,7 @@ def _nm_mask_kernel(x, out, ngroups, inner, n, M: tl.constexpr, MP2: tl.constexp
 
 
 @triton.jit
-def _transposable24_kernel(x, out, ntiles, tcols, cols, EXACT: tl.constexpr, T: tl.constexpr):
+def _transposable_mask_kernel(x, out, ntiles, tcols, cols, EXACT: tl.constexpr, T: tl.constexpr):
     t = tl.program_id(0).to(tl.int64) * T + tl.arange(0, T)     # tile index, tile column fastest
     cols = cols.to(tl.int64)
     tmask = t < ntiles
@@ -263,7 +263,7 @@ def nm_mask(x, out, outer, length, inner, n, m):
     return None
 
 
-def transposable24(x, out, rows, cols, exact):
+def transposable_mask(x, out, rows, cols, exact):
     """Transposable 2:4 mask of ``x`` (contiguous fp32/fp16/bf16) viewed as a ``[rows, cols]`` matrix
     (both multiples of 4) into ``out`` (contiguous uint8, x's numel): per 4x4 tile, ``exact=True``
     keeps the best of the 90 patterns with two entries per row and column, ``exact=False`` the greedy
@@ -271,8 +271,8 @@ def transposable24(x, out, rows, cols, exact):
     """
     rows, cols = int(rows), int(cols)
     if rows < 0 or cols < 0 or rows % 4 or cols % 4:
-        raise ValueError(f"transposable24: the view is {rows} x {cols}; both must be multiples of 4")
-    _check(x, out, rows * cols, "transposable24")
+        raise ValueError(f"transposable_mask: the view is {rows} x {cols}; both must be multiples of 4")
+    _check(x, out, rows * cols, "transposable_mask")
     if x.numel() == 0:
         return None
     ntiles = (rows // 4) * (cols // 4)
@@ -282,7 +282,7 @@ def transposable24(x, out, rows, cols, exact):
         t = 256 if exact else 64
     t = max(1, min(t, triton.next_power_of_2(ntiles)))
     with _device_guard(x):
-        _transposable24_kernel[(triton.cdiv(ntiles, t),)](
+        _transposable_mask_kernel[(triton.cdiv(ntiles, t),)](
             x, out, ntiles, cols // 4, cols, EXACT=bool(exact), T=t,
         )
     return None

@@ -85,7 +85,7 @@ void nm_dispatch(const NMMaskArgs& a) {
 constexpr uint16_t kPatterns[sparse::kTilePatterns] = {FASTOPT_TILE_PATTERNS};
 
 template <typename T>
-void tile24_run(const Tile24Args& a) {
+void transposable_mask_run(const TransposableMaskArgs& a) {
   const T* x = as_ptr<const T>(a.in);
   uint8_t* out = as_ptr<uint8_t>(a.out);
   const int64_t trows = a.rows / 4, tcols = a.cols / 4, cols = a.cols;
@@ -145,10 +145,10 @@ void nm_mask_cpu(const NMMaskArgs& a) {
   FASTOPT_DTYPE_SWITCH(a.dtype, [&] { nm_dispatch<scalar_t>(a); });
 }
 
-void tile24_mask_cpu(const Tile24Args& a) {
-  check_tile24(a);
+void transposable_mask_cpu(const TransposableMaskArgs& a) {
+  check_transposable_mask(a);
   if (a.rows * a.cols == 0) return;
-  FASTOPT_DTYPE_SWITCH(a.dtype, [&] { tile24_run<scalar_t>(a); });
+  FASTOPT_DTYPE_SWITCH(a.dtype, [&] { transposable_mask_run<scalar_t>(a); });
 }
 
 }  // namespace fastopt

@@ -11,7 +11,7 @@
 //    m in {2, 4, 8, 16} (compile-time), in a local array of kMaxM otherwise.
 //  Ranks are O(m^2) compares of the uint32 keys (sparse::ranks_before); n == 0 and n == m are memsets.
 //
-// Transposable 2:4 (tile24_kernel).  One thread per 4x4 tile, consecutive threads along a row of
+// Transposable 2:4 (transposable_mask_kernel).  One thread per 4x4 tile, consecutive threads along a row of
 // tiles: each of the tile's 4 rows is one 16-byte (fp32) / 8-byte (16-bit) load and one 4-byte store
 // when aligned, contiguous across the warp.
 //  * exact: the 90-pattern loop is fully unrolled with the pattern table as compile-time constants, so
@@ -322,7 +322,7 @@ FASTOPT_HOST_DEVICE uint32_t tile_greedy(const uint32_t (&kb)[16]) {
 // One thread per tile, t = tile_row * tcols + tile_col.
 template <typename T, bool kVec, bool kExact, typename Index>
 __global__ void __launch_bounds__(kSparseThreads)
-tile24_kernel(const T* __restrict__ x, uint8_t* __restrict__ out, Index tiles, Index tcols, Index cols) {
+transposable_mask_kernel(const T* __restrict__ x, uint8_t* __restrict__ out, Index tiles, Index tcols, Index cols) {
   const Index stride = static_cast<Index>(gridDim.x) * kSparseThreads;
   for (Index t = static_cast<Index>(blockIdx.x) * kSparseThreads + threadIdx.x; t < tiles; t += stride) {
     const Index tr = t / tcols;
@@ -368,30 +368,30 @@ tile24_kernel(const T* __restrict__ x, uint8_t* __restrict__ out, Index tiles, I
 }
 
 template <typename T, bool kVec, bool kExact>
-void launch_tile24_as(const T* x, uint8_t* out, int64_t rows, int64_t cols, cudaStream_t stream) {
+void launch_transposable_mask_as(const T* x, uint8_t* out, int64_t rows, int64_t cols, cudaStream_t stream) {
   const int64_t tiles = (rows / 4) * (cols / 4);
   const int grid = grid_for(tiles);
   if (rows * cols <= INT_MAX) {
-    tile24_kernel<T, kVec, kExact, uint32_t><<<grid, kSparseThreads, 0, stream>>>(
+    transposable_mask_kernel<T, kVec, kExact, uint32_t><<<grid, kSparseThreads, 0, stream>>>(
         x, out, static_cast<uint32_t>(tiles), static_cast<uint32_t>(cols / 4), static_cast<uint32_t>(cols));
   } else {
-    tile24_kernel<T, kVec, kExact, int64_t><<<grid, kSparseThreads, 0, stream>>>(x, out, tiles, cols / 4, cols);
+    transposable_mask_kernel<T, kVec, kExact, int64_t><<<grid, kSparseThreads, 0, stream>>>(x, out, tiles, cols / 4, cols);
   }
-  check_cuda(cudaGetLastError(), "tile24_kernel launch");
+  check_cuda(cudaGetLastError(), "transposable_mask_kernel launch");
 }
 
 template <typename T>
-void tile24_launch(const Tile24Args& a, cudaStream_t stream) {
+void transposable_mask_launch(const TransposableMaskArgs& a, cudaStream_t stream) {
   const T* x = as_ptr<const T>(a.in);
   uint8_t* out = as_ptr<uint8_t>(a.out);
   // cols % 4 == 0: every tile row starts as aligned as the matrix.
   const bool vec = a.in % (4 * static_cast<int64_t>(sizeof(T))) == 0 && a.out % 4 == 0;
   if (vec) {
-    if (a.exact) return launch_tile24_as<T, true, true>(x, out, a.rows, a.cols, stream);
-    return launch_tile24_as<T, true, false>(x, out, a.rows, a.cols, stream);
+    if (a.exact) return launch_transposable_mask_as<T, true, true>(x, out, a.rows, a.cols, stream);
+    return launch_transposable_mask_as<T, true, false>(x, out, a.rows, a.cols, stream);
   }
-  if (a.exact) return launch_tile24_as<T, false, true>(x, out, a.rows, a.cols, stream);
-  return launch_tile24_as<T, false, false>(x, out, a.rows, a.cols, stream);
+  if (a.exact) return launch_transposable_mask_as<T, false, true>(x, out, a.rows, a.cols, stream);
+  return launch_transposable_mask_as<T, false, false>(x, out, a.rows, a.cols, stream);
 }
 
 #undef FASTOPT_HD_UNROLL
@@ -412,11 +412,11 @@ void nm_mask_cuda(const NMMaskArgs& a, int64_t stream_handle) {
   FASTOPT_DTYPE_SWITCH(a.dtype, [&] { cuda::nm_launch<scalar_t>(a, numel, stream); });
 }
 
-void tile24_mask_cuda(const Tile24Args& a, int64_t stream_handle) {
-  check_tile24(a);
+void transposable_mask_cuda(const TransposableMaskArgs& a, int64_t stream_handle) {
+  check_transposable_mask(a);
   if (a.rows * a.cols == 0) return;
   cudaStream_t stream = cuda::as_stream(stream_handle);
-  FASTOPT_DTYPE_SWITCH(a.dtype, [&] { cuda::tile24_launch<scalar_t>(a, stream); });
+  FASTOPT_DTYPE_SWITCH(a.dtype, [&] { cuda::transposable_mask_launch<scalar_t>(a, stream); });
 }
 
 }  // namespace fastopt

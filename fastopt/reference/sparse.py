@@ -11,7 +11,7 @@ an element is kept iff fewer than ``n`` elements of its group rank before it, wh
 when ``key_j > key_i`` or (``key_j == key_i`` and ``j < i``).  So each group keeps exactly ``n``
 elements: its ``n`` largest magnitudes, ties to the lowest index.
 
-Transposable 2:4 mask (:func:`transposable24_reference`).  The weight is viewed as a matrix
+Transposable 2:4 mask (:func:`transposable_mask_reference`).  The weight is viewed as a matrix
 ``[shape[0], numel / shape[0]]`` cut into 4x4 tiles; each tile's mask keeps exactly 2 elements in
 every row and every column of the tile (so both the matrix and its transpose are 2:4).
 
@@ -86,7 +86,7 @@ def nm_mask_reference(w, n, m, dim=-1):
     return keep.reshape(x.shape).movedim(-1, dim)
 
 
-def check_tiles(shape, who="transposable24_mask"):
+def check_tiles(shape, who="transposable_mask"):
     if len(shape) < 2:
         raise ValueError(f"{who}: needs a tensor with at least 2 dimensions (viewed as [shape[0], -1]), got "
                          f"{len(shape)}")
@@ -109,10 +109,10 @@ def _untile(keep, rows, cols, shape):
     return keep.reshape(rows // 4, cols // 4, 4, 4).permute(0, 2, 1, 3).reshape(shape)
 
 
-def transposable24_reference(w, mode="exact"):
+def transposable_mask_reference(w, mode="exact"):
     """Bool mask of ``w``'s shape: 2 kept per row and column of every 4x4 tile (see the module doc)."""
     if mode not in ("exact", "greedy"):
-        raise ValueError(f"transposable24_mask: mode must be 'exact' or 'greedy', got {mode!r}")
+        raise ValueError(f"transposable_mask: mode must be 'exact' or 'greedy', got {mode!r}")
     rows, cols, k = _tiles(w)
     t = k.shape[0]
     if mode == "exact":

@@ -2,7 +2,7 @@
 import torch
 
 from .. import _backend, _ops
-from ..reference.sparse import check_nm, check_tiles, nm_mask_reference, transposable24_reference
+from ..reference.sparse import check_nm, check_tiles, nm_mask_reference, transposable_mask_reference
 
 MAX_KERNEL_M = 64   # larger groups run on the torch backend
 
@@ -68,10 +68,10 @@ def transposable_mask(w: torch.Tensor, mode: str = "exact", *, backend: str = "a
     rows, cols = check_tiles(tuple(w.shape))
     backend = _resolve(backend, w, "transposable_mask")
     if backend == "torch":
-        return transposable24_reference(w, mode)
+        return transposable_mask_reference(w, mode)
     x = w.detach().contiguous()
     out = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
-    _ops.tile24_mask(x, out, rows, cols, mode == "exact", backend)
+    _ops.transposable_mask(x, out, rows, cols, mode == "exact", backend)
     return out.view(torch.bool)
 
 

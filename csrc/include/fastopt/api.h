@@ -153,7 +153,7 @@ struct NMMaskArgs {
   int dtype = kFloat32;
 };
 // Transposable 2:4 mask of one contiguous [rows, cols] matrix (rows, cols multiples of 4).
-struct Tile24Args {
+struct TransposableMaskArgs {
   int64_t in = 0, out = 0;
   int64_t rows = 0, cols = 0;
   int dtype = kFloat32;
@@ -168,7 +168,7 @@ inline void check_nm_mask(const NMMaskArgs& a) {
   check_arg(a.outer * a.len * a.inner == 0 || (a.in != 0 && a.out != 0), "null tensor address");
 }
 
-inline void check_tile24(const Tile24Args& a) {
+inline void check_transposable_mask(const TransposableMaskArgs& a) {
   check_arg(a.rows >= 0 && a.cols >= 0 && a.rows % 4 == 0 && a.cols % 4 == 0,
             "rows and cols must be non-negative multiples of 4");
   check_arg(a.dtype == kFloat32 || a.dtype == kFloat16 || a.dtype == kBFloat16, "unsupported dtype code");
@@ -211,7 +211,7 @@ inline void check_ot(const OtArgs& a) {
 
 void ot_pass_cpu(const OtArgs& args);
 void nm_mask_cpu(const NMMaskArgs& args);
-void tile24_mask_cpu(const Tile24Args& args);
+void transposable_mask_cpu(const TransposableMaskArgs& args);
 void adam_cpu(const AdamArgs& args);
 void elementwise_cpu(const ElementwiseArgs& args);
 void lowbit_cpu(const LowbitArgs& args);
@@ -229,7 +229,7 @@ void check_codec(const CodecArgs& a);
 void quantize_cpu(const CodecArgs& args);
 #ifdef FASTOPT_WITH_CUDA
 void nm_mask_cuda(const NMMaskArgs& args, int64_t stream);
-void tile24_mask_cuda(const Tile24Args& args, int64_t stream);
+void transposable_mask_cuda(const TransposableMaskArgs& args, int64_t stream);
 void adam_cuda(const AdamArgs& args, int64_t stream);
 void elementwise_cuda(const ElementwiseArgs& args, int64_t stream);
 void lowbit_cuda(const LowbitArgs& args, int64_t stream);
