@@ -1,4 +1,4 @@
-"""What a user gets from `pip install fastopt-*.whl` (issue 15): run by .ci/wheel with a fresh virtual
+"""What a user gets from `pip install fastopt-*.whl`: run by .ci/wheel with a fresh virtual
 environment's python, from a folder outside the source tree.  Exits non-zero on the first failure.
 
   * fastopt is the installed copy (site-packages), with its native module and every subpackage;

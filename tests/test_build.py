@@ -86,7 +86,7 @@ print("ok")
 
 
 def test_missing_native_module_warns_once_and_names_the_import_error():
-    """Without fastopt._C (issue 15): backend='auto' warns once, naming the import error and how to build;
+    """Without fastopt._C: backend='auto' warns once, naming the import error and how to build;
     every BackendUnavailableError for the cpu backend carries the import error."""
     out = subprocess.run([sys.executable, "-c", _WITHOUT_NATIVE], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr

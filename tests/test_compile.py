@@ -1,4 +1,4 @@
-"""torch.compile of fastopt's optimizer steps and Sinkhorn (issue 15, item 3).
+"""torch.compile of fastopt's optimizer steps and Sinkhorn.
 
 Every compiled case is compared with the same steps run eagerly, and dynamo's counters are checked:
 ``unique_graphs`` (frames compiled: one for the first step, which creates the state, one for every

@@ -1,4 +1,4 @@
-"""Issue 15, item 6: a positive second moment never decodes to 0 (fastopt.lowbit.codebook, the unsigned
+"""A positive second moment never decodes to 0 (fastopt.lowbit.codebook, the unsigned
 formats' rule), in every format and on every backend, and the low-bit optimizers stay near their
 full-precision twins where it used to matter.
 

@@ -1,4 +1,4 @@
-"""Drop-in means the same signature (issue 15, item 5): every constructor argument of the
+"""Drop-in means the same signature: every constructor argument of the
 pytorch_optimizer (4.1.0) classes fastopt replaces, with its default and position; the options upstream
 reads from ``**kwargs`` (``use_gc``, ``adanorm``, ``cautious``, ...) accepted with their defaults;
 options fastopt does not implement raise ValueError only away from their default; torch's error

@@ -1,4 +1,4 @@
-"""One result, whatever the threads (issue 14, item 3): the cpu backend steps every element and gives
+"""One result, whatever the threads: the cpu backend steps every element and gives
 the same bits for any OpenMP team size, also when the runtime hands back a smaller team than asked
 for (``OMP_DYNAMIC=true``).
 

@@ -1,4 +1,4 @@
-"""fastopt inside the real transformers.Trainer (issue 15): train, save, resume_from_checkpoint, and compare
+"""fastopt inside the real transformers.Trainer: train, save, resume_from_checkpoint, and compare
 with an uninterrupted run -- for AdamW, Lion, AdamW8bit and an N:M sparse Lion.  The Trainer loads the
 optimizer's state with torch.load(weights_only=True), so this is also the weights-only test in real use.
 A tiny Llama built from a config in code (no download; HF_HUB_OFFLINE=1)."""

@@ -1,4 +1,4 @@
-"""Type hints on the public API (issue 15, item 5) and the ``py.typed`` marker that makes them visible.
+"""Type hints on the public API and the ``py.typed`` marker that makes them visible.
 
 Every public callable of ``fastopt``, ``fastopt.optim``, ``fastopt.lowbit``, ``fastopt.sparse`` and
 ``fastopt.ot`` (the module's ``__all__``, else its names without a leading underscore), and the

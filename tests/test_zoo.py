@@ -251,7 +251,7 @@ def test_native_elementwise_abi_checks():
 
 
 def test_triton_reduce_pass_variants_compile_for_sm90():
-    """The Triton variants the issue-15 options start (use_gc's grad_rowsum pass, lion_cautious' count
+    """The Triton variants the use_gc / cautious options start (use_gc's grad_rowsum pass, lion_cautious' count
     and update, Adan/AdamP with USE_GC, AdamP's cautious passes, and the existing reduce passes whose
     REDUCE now takes row coefficients) compile for an H100 on this GPU-less machine (the interpreter
     does not lower them)."""
