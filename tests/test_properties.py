@@ -341,7 +341,8 @@ def test_every_optimizer_class_is_covered():
     """A new optimizer exported by fastopt must be added to the properties below."""
     exported = {n for n in dir(fastopt) if isinstance(getattr(fastopt, n), type)
                 and issubclass(getattr(fastopt, n), torch.optim.Optimizer)}
-    assert exported == set(OPTIMIZERS) | {"Muon"}
+    # Muon: test_muon_triton_matches_torch; OrthoGrad (a wrapper): test_orthograd_matches_reference
+    assert exported == set(OPTIMIZERS) | {"Muon", "OrthoGrad"}
 
 
 def check_optimizer(data, name, device, backend):
@@ -546,6 +547,56 @@ def test_muon_triton_matches_torch(data, device):
     for i, (p, q) in enumerate(zip(tri_p[n_muon:], ref_p[n_muon:])):
         assert_tensor_close(q, p, f"adamw param {i}", TOL[dtype])
     assert tri.param_groups[0]["step"] == ref.param_groups[0]["step"] == steps
+
+
+# -- OrthoGrad's projection ---------------------------------------------------------------------------
+
+@kernel_property(25)
+def test_orthograd_matches_reference(data, device, backend):
+    """fastopt.optim.orthograd.orthogonalize_gradients_ on the kernels against the reference (the torch
+    backend, bitwise upstream's): each projected gradient within fp32 (bf16: one storage ulp) of the
+    reference, relative to the tensor's largest gradient element; and orthogonal to its weight with its
+    norm kept.  Nearly parallel (weight, gradient) pairs (|cos| > 0.999) are ill-conditioned -- the
+    projection amplifies fp32 rounding in any summation order -- and only checked for finiteness."""
+    from fastopt.optim.orthograd import orthogonalize_gradients_
+
+    small = interpreted(device, backend)
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
+    n = data.draw(st.integers(1, 3), label="tensors")
+    pairs = []
+    for i in range(n):
+        shape = data.draw(shapes(small=small), label=f"shape {i}")
+        seed = data.draw(st.integers(0, 2 ** 16), label=f"seed {i}")
+        scale = data.draw(logu(1e-3, 1e3), label=f"gradient scale {i}")
+        pairs.append((randn(shape, seed, dtype), randn(shape, seed + 1, dtype, scale=scale,
+                                                        zeros=data.draw(st.sampled_from([0.0, 0.3])))))
+
+    def project(which):
+        params = []
+        for w, g in pairs:
+            p = torch.nn.Parameter(w.clone().to(device))
+            p.grad = g.clone().to(device)
+            params.append(p)
+        orthogonalize_gradients_(params, backend=which)
+        return [p.grad.cpu() for p in params]
+
+    ref, ker = project("torch"), project(backend)
+    ulp = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}[dtype]
+    for (w, g), r, k in zip(pairs, ref, ker):
+        w64, g64, k64 = w.double().flatten(), g.double().flatten(), k.double().flatten()
+        assert torch.isfinite(k64).all()
+        if g64.numel() == 0:
+            continue
+        gmax = float(g64.abs().max())
+        cos = float(w64 @ g64) / max(float(w64.norm() * g64.norm()), 1e-300)
+        if abs(cos) > 0.999:
+            event("nearly parallel")
+            continue
+        assert float((k64 - r.double().flatten()).abs().max()) <= 4 * ulp * gmax, (tuple(w.shape), cos)
+        if float(k64.norm()) > 0:
+            assert abs(float(w64 @ k64)) <= 1e-3 * float(w64.norm() * k64.norm()) + 4 * ulp * gmax
+            assert float(k64.norm()) == pytest.approx(float(g64.norm()), rel=4 * ulp + 1e-5)
+
 
 
 # -- nm_mask ----------------------------------------------------------------------------------------
