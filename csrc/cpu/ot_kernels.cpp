@@ -140,19 +140,8 @@ float row_block(const float* xi, const float* yT, const float* h, int64_t m, int
   }
 }
 
-// expm1(x) for -ln2 / 2 <= x <= 0 (vectorizable): exp_nonpositive's polynomial with n = 0,
-// e^x = 1 + x + q(x) x^2, without the 1 (so without the cancellation of e^x - 1).
-inline float expm1_small(float x) {
-  float q = 1.9875691500e-4f;
-  q = q * x + 1.3981999507e-3f;
-  q = q * x + 8.3334519073e-3f;
-  q = q * x + 4.1665795894e-2f;
-  q = q * x + 1.6666665459e-1f;
-  q = q * x + 5.0000001201e-1f;
-  return q * (x * x) + x;
-}
-
-// x >= -kSmallX: exp_nonpositive's reduction has n = 0 (|x| < ln2 / 2), so expm1_small is exact there.
+// x >= -kSmallX: exp_nonpositive's reduction has n = 0 (|x| < ln2 / 2), so there expm1_reduced(x)
+// (fastopt/elementwise.h) is its e^x - 1.
 constexpr float kSmallX = 0.34f;
 
 // Online weighted soft-minimum state (see the file comment), in units of eps: the running minimum
@@ -172,7 +161,7 @@ struct SoftMin {
       if (W > 0.0f) {  // the sums so far, relative to the new minimum: e^(x + dl) - 1 = e^x e^dl - 1
         const float dl = bm - dmin;
         const float r = exp_or_zero(dl);
-        const float rm1 = dl >= -kSmallX ? expm1_small(dl) : r - 1.0f;
+        const float rm1 = dl >= -kSmallX ? expm1_reduced(dl) : r - 1.0f;
         T = T * r + W * rm1;  // sum w (e^x e^dl - 1) = (W + T) e^dl - W
         S = S * r;
       }
@@ -182,7 +171,7 @@ struct SoftMin {
     float acc = 0.0f;
     if (m0 - bx >= -kSmallX) {
 #pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < len; ++j) acc += w[j] > 0.0f ? w[j] * expm1_small(m0 - dd[j]) : 0.0f;
+      for (int64_t j = 0; j < len; ++j) acc += w[j] > 0.0f ? w[j] * expm1_reduced(m0 - dd[j]) : 0.0f;
       S += ws + acc;
       T += acc;
     } else {

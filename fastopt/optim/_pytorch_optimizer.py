@@ -175,9 +175,13 @@ class _ZooOptimizer(ElementwiseOptimizer):
         F.check_hyper("epsilon value", group["eps"])
 
 
-def _extras(stochastic_rounding, master_weights, seed, backend, **more):
-    return dict(stochastic_rounding=stochastic_rounding, master_weights=master_weights, seed=seed, backend=backend,
-                **more)
+def constructor_defaults(arguments):
+    """A constructor's param-group defaults: its arguments (``locals()`` taken first thing in
+    ``__init__``) but ``self`` and ``params``, with ``betas`` as a tuple."""
+    defaults = {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__")}
+    if "betas" in defaults:
+        defaults["betas"] = tuple(defaults["betas"])
+    return defaults
 
 
 class _RectifiedAdam(_ZooOptimizer):

@@ -6,7 +6,7 @@ import torch
 from .._opspec import OPS
 from ..reference.adabelief import adabelief_reference
 from .functional import Params
-from ._pytorch_optimizer import _COMMON_DOC, _LOWBIT_DOC, _RECTIFIED_ARGS, _extras, _RectifiedAdam
+from ._pytorch_optimizer import _COMMON_DOC, _LOWBIT_DOC, _RECTIFIED_ARGS, _RectifiedAdam, constructor_defaults
 
 
 class AdaBelief(_RectifiedAdam):
@@ -33,10 +33,4 @@ class AdaBelief(_RectifiedAdam):
                  stochastic_rounding: bool = False, master_weights: bool = False, seed: int = 0,
                  state_bits: Optional[Union[int, str]] = None, min_quant_size: int = 4096,
                  backend: str = "auto") -> None:
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                                      weight_decouple=weight_decouple, fixed_decay=fixed_decay, rectify=rectify,
-                                      n_sma_threshold=n_sma_threshold, degenerated_to_sgd=degenerated_to_sgd,
-                                      ams_bound=ams_bound, foreach=foreach, eps=eps, maximize=maximize,
-                                      adam_debias=adam_debias, adanorm=adanorm, adanorm_r=adanorm_r,
-                                      state_bits=state_bits, min_quant_size=min_quant_size,
-                                      **_extras(stochastic_rounding, master_weights, seed, backend)))
+        super().__init__(params, constructor_defaults(locals()))

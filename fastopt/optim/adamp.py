@@ -8,7 +8,8 @@ from .._opspec import FLAGS, OPS, native_args
 from ..reference.adamp import adamp_reference, sgdp_reference
 from . import functional as F
 from .functional import Params, elementwise_unchecked
-from ._pytorch_optimizer import _COMMON_DOC, _ZooOptimizer, check_adanorm, check_betas, gradient_row_means, _lr64
+from ._pytorch_optimizer import (_COMMON_DOC, _ZooOptimizer, _lr64, check_adanorm, check_betas, constructor_defaults,
+                                 gradient_row_means)
 
 
 class _Projected(_ZooOptimizer):
@@ -221,12 +222,7 @@ class AdamP(_Projected):
                  adam_debias: bool = False, use_gc: bool = False, cautious: bool = False, adanorm: bool = False,
                  adanorm_r: float = 0.95, stochastic_rounding: bool = False, master_weights: bool = False,
                  seed: int = 0, backend: str = "auto") -> None:
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                                      weight_decouple=weight_decouple, fixed_decay=fixed_decay, delta=delta,
-                                      wd_ratio=wd_ratio, nesterov=nesterov, eps=eps, maximize=maximize,
-                                      foreach=foreach, adam_debias=adam_debias, use_gc=use_gc, cautious=cautious,
-                                      adanorm=adanorm, adanorm_r=adanorm_r, stochastic_rounding=stochastic_rounding,
-                                      master_weights=master_weights, seed=seed, backend=backend))
+        super().__init__(params, constructor_defaults(locals()))
 
     def _check_group(self, group):
         super()._check_group(group)
@@ -281,11 +277,7 @@ class SGDP(_Projected):
                  eps: float = 1e-8, maximize: bool = False, foreach: Optional[bool] = False, *,
                  stochastic_rounding: bool = False, master_weights: bool = False, seed: int = 0,
                  backend: str = "auto") -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      weight_decouple=weight_decouple, fixed_decay=fixed_decay, delta=delta,
-                                      wd_ratio=wd_ratio, nesterov=nesterov, eps=eps, maximize=maximize,
-                                      foreach=foreach, stochastic_rounding=stochastic_rounding,
-                                      master_weights=master_weights, seed=seed, backend=backend))
+        super().__init__(params, constructor_defaults(locals()))
 
     def _check_group(self, group):
         super()._check_group(group)

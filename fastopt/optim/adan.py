@@ -7,8 +7,8 @@ from .._opspec import OPS, native_args
 from ..reference.adan import adan_reference
 from . import functional as F
 from .functional import Params
-from ._pytorch_optimizer import (_COMMON_DOC, _LOWBIT_DOC, _extras, _ZooOptimizer, GradOptionsMixin, check_adanorm,
-                                 check_unsupported)
+from ._pytorch_optimizer import (GradOptionsMixin, _COMMON_DOC, _LOWBIT_DOC, _ZooOptimizer, check_adanorm,
+                                 check_unsupported, constructor_defaults)
 
 
 class Adan(GradOptionsMixin, _ZooOptimizer):
@@ -58,11 +58,7 @@ class Adan(GradOptionsMixin, _ZooOptimizer):
                  adanorm_r: float = 0.95, stochastic_rounding: bool = False, master_weights: bool = False,
                  seed: int = 0, state_bits: Optional[Union[int, str]] = None, min_quant_size: int = 4096,
                  backend: str = "auto") -> None:
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                                      weight_decouple=weight_decouple, max_grad_norm=max_grad_norm, foreach=foreach,
-                                      eps=eps, maximize=maximize, use_gc=use_gc, adanorm=adanorm,
-                                      adanorm_r=adanorm_r, state_bits=state_bits, min_quant_size=min_quant_size,
-                                      **_extras(stochastic_rounding, master_weights, seed, backend)))
+        super().__init__(params, constructor_defaults(locals()))
 
     def _check_group(self, group):
         self._check_common(group, nbetas=3)

@@ -6,7 +6,7 @@ import torch
 from .._opspec import OPS, native_args
 from ..reference.exadam import exadam_reference
 from .functional import Params
-from ._pytorch_optimizer import _COMMON_DOC, _LOWBIT_DOC, _extras, _ZooOptimizer
+from ._pytorch_optimizer import _COMMON_DOC, _LOWBIT_DOC, _ZooOptimizer, constructor_defaults
 
 
 class EXAdam(_ZooOptimizer):
@@ -41,11 +41,7 @@ class EXAdam(_ZooOptimizer):
                  stochastic_rounding: bool = False, master_weights: bool = False, seed: int = 0,
                  state_bits: Optional[Union[int, str]] = None, min_quant_size: int = 4096,
                  backend: str = "auto") -> None:
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                                      weight_decouple=weight_decouple, fixed_decay=fixed_decay, eps=eps,
-                                      maximize=maximize, foreach=foreach, state_bits=state_bits,
-                                      min_quant_size=min_quant_size,
-                                      **_extras(stochastic_rounding, master_weights, seed, backend)))
+        super().__init__(params, constructor_defaults(locals()))
 
     def _check_group(self, group):
         self._check_common(group)

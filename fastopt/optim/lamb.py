@@ -8,7 +8,8 @@ from ..reference.lamb import SCALAR_STATE_NAMES as LAMB_SCALARS
 from ..reference.lamb import lamb_reference
 from . import functional as F
 from .functional import Params, elementwise_unchecked
-from ._pytorch_optimizer import _COMMON_DOC, _ZooOptimizer, _lr64, check_adanorm, check_unsupported
+from ._pytorch_optimizer import (_COMMON_DOC, _ZooOptimizer, _lr64, check_adanorm, check_unsupported,
+                                 constructor_defaults)
 
 
 def _steps(states, device):
@@ -69,14 +70,7 @@ class Lamb(_ZooOptimizer):
                  maximize: bool = False, *, adam_debias: bool = False, adanorm: bool = False,
                  adanorm_r: float = 0.95, clamp: float = 10.0, stochastic_rounding: bool = False,
                  master_weights: bool = False, seed: int = 0, backend: str = "auto") -> None:
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                                      weight_decouple=weight_decouple, fixed_decay=fixed_decay, rectify=rectify,
-                                      degenerated_to_sgd=degenerated_to_sgd, n_sma_threshold=n_sma_threshold,
-                                      grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, adam=adam,
-                                      pre_norm=pre_norm, eps=eps, foreach=foreach, maximize=maximize,
-                                      adam_debias=adam_debias, adanorm=adanorm, adanorm_r=adanorm_r, clamp=clamp,
-                                      stochastic_rounding=stochastic_rounding, master_weights=master_weights,
-                                      seed=seed, backend=backend))
+        super().__init__(params, constructor_defaults(locals()))
 
     def _check_group(self, group):
         self._check_common(group)

@@ -10,7 +10,7 @@ from ..reference.lion import lion_reference
 from . import functional as F
 from .base import ElementwiseOptimizer
 from .functional import Params
-from ._pytorch_optimizer import GradOptionsMixin, check_adanorm, check_betas
+from ._pytorch_optimizer import GradOptionsMixin, check_adanorm, check_betas, constructor_defaults
 
 
 class Lion(GradOptionsMixin, ElementwiseOptimizer):
@@ -63,11 +63,7 @@ class Lion(GradOptionsMixin, ElementwiseOptimizer):
                  stochastic_rounding: bool = False, master_weights: bool = False, seed: int = 0,
                  state_bits: Optional[Union[int, str]] = None, min_quant_size: int = 4096,
                  backend: str = "auto") -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, weight_decouple=weight_decouple,
-                        fixed_decay=fixed_decay, foreach=foreach, maximize=maximize, use_gc=use_gc, adanorm=adanorm,
-                        adanorm_r=adanorm_r, cautious=cautious, stochastic_rounding=stochastic_rounding,
-                        master_weights=master_weights, seed=seed, backend=backend, state_bits=state_bits,
-                        min_quant_size=min_quant_size)
+        defaults = constructor_defaults(locals())
         self._check_group(defaults)
         super().__init__(params, defaults)
 

@@ -9,7 +9,7 @@ from .._opspec import OPS, native_args
 from ..reference.sgdsai import gsnr_of, sgdsai_reference
 from . import functional as F
 from .functional import Params, elementwise_unchecked
-from ._pytorch_optimizer import _COMMON_DOC, _ZooOptimizer, _lr64
+from ._pytorch_optimizer import _COMMON_DOC, _ZooOptimizer, _lr64, constructor_defaults
 
 
 class SGDSaI(_ZooOptimizer):
@@ -44,10 +44,7 @@ class SGDSaI(_ZooOptimizer):
                  weight_decay: float = 1e-2, weight_decouple: bool = True, eps: float = 1e-8, maximize: bool = False,
                  foreach: Optional[bool] = None, *, stochastic_rounding: bool = False, master_weights: bool = False,
                  seed: int = 0, backend: str = "auto") -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      weight_decouple=weight_decouple, eps=eps, maximize=maximize, foreach=foreach,
-                                      stochastic_rounding=stochastic_rounding, master_weights=master_weights,
-                                      seed=seed, backend=backend))
+        super().__init__(params, constructor_defaults(locals()))
 
     def _check_group(self, group):
         F.check_hyper("learning rate", group["lr"])

@@ -20,5 +20,24 @@ FASTOPT_HOST_DEVICE Decay make_decay(const OpScalars& s, double wd) {
   return d;
 }
 
+// The coefficients AdaBelief, diffGrad and EXAdam share (h[0] b1, h[1] b2, h[2] wd, h[3] eps), and the
+// opening of their updates: weight decay, then the first moment m <- m + (1 - b1)(g - m).
+struct MomentCoeffs {
+  Decay decay;
+  float omb1, b2, omb2, eps;
+};
+FASTOPT_HOST_DEVICE void set_moment_coeffs(MomentCoeffs& c, const OpScalars& s) {
+  c.decay = make_decay(s, s.h[2]);
+  c.omb1 = static_cast<float>(1.0 - s.h[0]);
+  c.b2 = static_cast<float>(s.h[1]);
+  c.omb2 = static_cast<float>(1.0 - s.h[1]);
+  c.eps = static_cast<float>(s.h[3]);
+}
+FASTOPT_HOST_DEVICE void decay_then_first_moment(float& p, float& g, float& m, const MomentCoeffs& c) {
+  p = p * c.decay.factor;
+  g = g + c.decay.l2 * p;
+  m = m + c.omb1 * (g - m);
+}
+
 }  // namespace functors
 }  // namespace fastopt

@@ -17,31 +17,24 @@ template <bool AMS>
 struct DiffGradOp : NoReduce {
   static constexpr int kStates = AMS ? 4 : 3;  // exp_avg, exp_avg_sq, previous_grad[, max_exp_avg_sq]
   static constexpr int kReduce = 0;
-  struct Coeffs {
-    Decay decay;
-    float omb1, b2, omb2, eps, step_size;
+  struct Coeffs : MomentCoeffs {
+    float step_size;
     int mode;
   };
 
   FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars& s) {
     const double b1 = s.h[0], b2 = s.h[1];
     Coeffs c;
-    c.decay = make_decay(s, s.h[2]);
-    c.omb1 = static_cast<float>(1.0 - b1);
-    c.b2 = static_cast<float>(b2);
-    c.omb2 = static_cast<float>(1.0 - b2);
-    c.eps = static_cast<float>(s.h[3]);
+    set_moment_coeffs(c, s);
     StepSize st = rectified_step(s, b2);
     if (!(s.flags & kRectify)) st.size *= sqrt(1.0 - pow(b2, s.step));
-    c.step_size = static_cast<float>((s.flags & kAdamDebias) ? st.size : st.size / (1.0 - pow(b1, s.step)));
+    c.step_size = debiased_step_size(s, st, b1);
     c.mode = st.mode;
     return c;
   }
 
   FASTOPT_HOST_DEVICE static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c, const float*) {
-    p = p * c.decay.factor;
-    g = g + c.decay.l2 * p;
-    s[0] = s[0] + c.omb1 * (g - s[0]);
+    decay_then_first_moment(p, g, s[0], c);
     s[1] = c.b2 * s[1] + c.omb2 * g * g;
     float vd = s[1];
     if (AMS) {

@@ -15,20 +15,15 @@ namespace functors {
 struct ExAdamOp : NoReduce {
   static constexpr int kStates = 2;  // exp_avg, exp_avg_sq
   static constexpr int kReduce = 0;
-  struct Coeffs {
-    Decay decay;
-    float omb1, b2, omb2, eps, bc1, bc2, b1t, b2t, lr;
+  struct Coeffs : MomentCoeffs {
+    float bc1, bc2, b1t, b2t, lr;
   };
 
   FASTOPT_HOST_DEVICE static Coeffs coeffs(const OpScalars& s) {
     const double b1 = s.h[0], b2 = s.h[1];
     const double bc1 = 1.0 - pow(b1, s.step), bc2 = 1.0 - pow(b2, s.step);
     Coeffs c;
-    c.decay = make_decay(s, s.h[2]);
-    c.omb1 = static_cast<float>(1.0 - b1);
-    c.b2 = static_cast<float>(b2);
-    c.omb2 = static_cast<float>(1.0 - b2);
-    c.eps = static_cast<float>(s.h[3]);
+    set_moment_coeffs(c, s);
     c.bc1 = static_cast<float>(bc1);
     c.bc2 = static_cast<float>(bc2);
     c.b1t = static_cast<float>(1.0 - bc1);
@@ -38,9 +33,7 @@ struct ExAdamOp : NoReduce {
   }
 
   FASTOPT_HOST_DEVICE static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c, const float*) {
-    p = p * c.decay.factor;
-    g = g + c.decay.l2 * p;
-    s[0] = s[0] + c.omb1 * (g - s[0]);
+    decay_then_first_moment(p, g, s[0], c);
     s[1] = c.b2 * s[1] + c.omb2 * g * g;
     const float d1 = 1.0f + c.b2t * (s[1] / (s[1] + c.eps));
     const float m2 = s[0] * s[0];

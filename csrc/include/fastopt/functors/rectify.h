@@ -34,5 +34,10 @@ FASTOPT_HOST_DEVICE StepSize rectified_step(const OpScalars& s, double beta2) {
   return r;
 }
 
+// The step size after pytorch_optimizer's 1/(1 - b1^t) debias (none with adam_debias), in fp32.
+FASTOPT_HOST_DEVICE float debiased_step_size(const OpScalars& s, const StepSize& st, double beta1) {
+  return static_cast<float>((s.flags & kAdamDebias) ? st.size : st.size / (1.0 - pow(beta1, s.step)));
+}
+
 }  // namespace functors
 }  // namespace fastopt
