@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, Union
 
 import torch
 
-from .. import _backend
+from .. import _backend, _ops
 from ..lowbit.layouts import (Int8Weights, LowbitStates, MasterWeights, StochasticRounding, check_rounding_options,
                               init_weights, state_dtype)
 from ..sparse.training import NMSparseTraining, check_group_sparsity, load_schedules, save_schedules
@@ -156,6 +156,11 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
         """The backend that steps the ``dtype`` parameters of ``group`` on ``device``."""
         return _backend.resolve(group["backend"], device, dtype, dense)
 
+    def _sharded_kernel_reason(self, group, params):
+        """Why the kernels cannot step ``params`` of ``group`` when they are DTensors (FSDP2), i.e.
+        one local shard at a time, or None when every element's update needs only that element."""
+        return None
+
     def _step_view(self, group):
         """``group`` as the step passes it to the buckets, made while planning (so its errors come
         before anything is written)."""
@@ -241,6 +246,8 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
             buckets = defaultdict(lambda: ([], []))
             for (device, dtype, dense), pairs in by_layout.items():
                 backend = self._resolve_backend(group, device, dtype, dense)
+                if backend != "torch":
+                    self._check_sharded(group, [p for p, _ in pairs], backend)
                 params, grads = buckets[(device, dtype, backend)]
                 params.extend(p for p, _ in pairs)
                 grads.extend(g for _, g in pairs)
@@ -250,6 +257,18 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
             stepped = [p for _, buckets in plan for params, _ in buckets.values() for p in params]
             check_disjoint(type(self).__name__, stepped, self.__dict__.setdefault("_disjoint_checked", []))
         return plan
+
+    def _check_sharded(self, group, params, backend):
+        """Refuse, before anything is written, DTensor parameters (FSDP2) that the kernels would step
+        shard by shard although their update needs more than the shard (see NOTE: [DTensors] in fastopt/_ops.py)."""
+        dtensor = _ops.dtensor_class()
+        if dtensor is None or not any(isinstance(p, dtensor) for p in params):
+            return
+        reason = self._sharded_kernel_reason(group, params)
+        if reason is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: FSDP2 (DTensor) parameters on backend {backend!r}: {reason}, which the "
+                "kernels do not do across shards yet; pass backend='torch'")
 
     def _check_int8_param(self, p):
         """The gradient (``float_grad``) of the int8 weight ``p`` of an Int8Linear, or None; raises for
@@ -570,6 +589,18 @@ class ElementwiseOptimizer(NMSparseTraining, FusedOptimizer):
 
     def _stochastic(self, group, p):
         return StochasticRounding.uses(group, p)
+
+    def _sharded_kernel_reason(self, group, params):
+        if group.get("sparsity") is not None:
+            return "N:M sparse training masks groups of the whole tensor"
+        for p in params:
+            if LowbitStates.uses(group, p):
+                return "low-bit states quantize blocks of the whole tensor"
+            if StochasticRounding.uses(group, p):
+                return "stochastic rounding is keyed on the element's index in the whole tensor"
+            if MasterWeights.uses(group, p):
+                return "fp32 master weights are not kept for shards"
+        return None
 
     def _reference_step(self, group, params, grads, states, grad_scale, found_inf):
         kwargs = {k: group[k] for k in self.HYPER_NAMES}

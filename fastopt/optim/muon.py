@@ -313,6 +313,9 @@ class Muon(FusedOptimizer):
                                  "share memory, so it cannot be updated in place")
 
     # -- the step: FusedOptimizer's plan, checks and order, with these hooks ---------------------------
+    def _sharded_kernel_reason(self, group, params):
+        return "Newton-Schulz orthogonalizes whole matrices" if group["use_muon"] else None
+
     def _resolve_backend(self, group, device, dtype, dense):
         """Muon groups: the Newton–Schulz backend; AdamW groups: what :func:`F.adam` is asked for."""
         if group["use_muon"]:

@@ -40,6 +40,9 @@ class SGDSaI(_ZooOptimizer):
     HYPER_NAMES = ("momentum", "weight_decay", "weight_decouple", "eps")
     REFERENCE = staticmethod(sgdsai_reference)
 
+    def _sharded_kernel_reason(self, group, params):
+        return "the g-SNR is a statistic of the whole tensor"
+
     def __init__(self, params: Params, lr: Union[float, torch.Tensor] = 1e-2, momentum: float = 0.9,
                  weight_decay: float = 1e-2, weight_decouple: bool = True, eps: float = 1e-8, maximize: bool = False,
                  foreach: Optional[bool] = None, *, stochastic_rounding: bool = False, master_weights: bool = False,
