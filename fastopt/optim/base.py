@@ -591,8 +591,9 @@ class ElementwiseOptimizer(NMSparseTraining, FusedOptimizer):
         return StochasticRounding.uses(group, p)
 
     def _sharded_kernel_reason(self, group, params):
-        if group.get("sparsity") is not None:
-            return "N:M sparse training masks groups of the whole tensor"
+        reason = self._sparse_sharded_reason(group, params)
+        if reason is not None:
+            return reason
         for p in params:
             if LowbitStates.uses(group, p):
                 return "low-bit states quantize blocks of the whole tensor"

@@ -313,6 +313,13 @@ class NMSparseTraining:
                 backend = _backend.resolve(group["backend"], p.device, p.dtype, _ops.is_dense(p))
                 self._enter_sparse(group, sp, p, state, t, backend)
 
+    def _sparse_sharded_reason(self, group, params):
+        """Why the kernels cannot run N:M sparse training of ``params`` (DTensors, FSDP2) shard by
+        shard, or None."""
+        if group.get("sparsity") is not None:
+            return "N:M sparse training masks groups of the whole tensor"
+        return None
+
     def _sparse_state_dtypes(self, p, state):
         """{name: dtype} of the sparse-training states of ``p`` (they have its shape and strides)."""
         return {name: dtype for name, dtype in ((self.DENSE_KEY, p.dtype), (self.MASK_KEY, torch.bool))
