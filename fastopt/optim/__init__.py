@@ -13,3 +13,4 @@ from .orthograd import OrthoGrad  # noqa: F401
 from .adamp import SGDP, AdamP  # noqa: F401
 from .lamb import Lamb  # noqa: F401
 from .sgdsai import SGDSaI  # noqa: F401
+from .in_backward import OptimizerInBackward, optimizer_in_backward  # noqa: F401
