@@ -8,7 +8,11 @@ so state dicts load into each other both ways.  Equations: :func:`fastopt.refere
 ``master_weights=True`` adds ``master_param`` (fp32) to the state of bf16/fp16 parameters.
 """
 import importlib
-from typing import List, Optional, Sequence, Tuple, Union
+import math
+import sys
+import zlib
+from collections import defaultdict
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -82,6 +86,155 @@ def _check_int(name, value, low):
         raise ValueError(f"Invalid {name}: {value!r} (expected an int >= {low})")
 
 
+# NOTE: [distributed Muon]
+# Newton–Schulz needs whole matrices; everything else in a Muon step is elementwise.  A step therefore
+# runs the momentum (R.momentum_updates) and the final update (R.apply_updates) on whatever this rank
+# holds -- the local shards of DTensor parameters, which give the bits of the whole tensor element by
+# element -- and orthogonalizes each matrix exactly once, on one rank, its owner:
+# * FSDP2 (DTensors sharded along a dimension of their matrices): one all_to_all_single per process
+#   group sends every shard of a matrix to its owner (which concatenates them: the whole update), the
+#   owners run Newton–Schulz on all the matrices they own (same-shape ones in one batch), and a second
+#   all_to_all_single sends each rank its rows of the result.  The shard sizes follow from the global
+#   shape (DTensor's torch.chunk rule: ceil(n / world) rows per rank, uneven or empty at the end), so
+#   every rank knows every split size without asking.
+# * A stack of matrices (``flatten=False``) sharded along a batch dimension (the experts of a MoE
+#   weight under FSDP2): every shard holds whole matrices; each rank orthogonalizes its own, no
+#   communication.
+# * DDP (plain tensors, the same on every rank of ``process_group``): each matrix's owner
+#   orthogonalizes it, one all_gather_into_tensor gives every rank every result.
+# Owners are assigned by a greedy balance of the Newton–Schulz cost (rows * cols * min(rows, cols))
+# over the matrices of a step, computed from the global shapes alone, so every rank computes the same
+# assignment.  The cautious mask (a sum over the whole matrix) is applied by the owner.  Before the
+# first exchange (and whenever this rank's set of exchanged parameters changes) the ranks of each group
+# compare a checksum of what they are about to exchange, so that ranks stepping different parameters
+# get an error instead of a hang or a wrong result.
+def _dtensor_class():
+    """DTensor's class once torch.distributed.tensor is imported, else None (also while compiling)."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def _is_dtensor(t):
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def _local(t):
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _chunk_rows(n, world, rank):
+    """The rows (along the sharded dimension) of shard ``rank`` of ``n`` split as DTensor's Shard does
+    (torch.chunk: ceil(n / world) each, the last ones shorter or empty); returns (start, length)."""
+    size = -(-n // world)
+    start = min(n, rank * size)
+    return start, min(n, start + size) - start
+
+
+class _Sharding:
+    """How a DTensor parameter is split over the ranks of one process group: along tensor dimension
+    ``dim``, ``world`` shards, this rank's index ``rank`` (Replicate mesh dimensions are ignored: the
+    ranks along them hold the same shards and do the same work)."""
+
+    __slots__ = ("group", "dim", "world", "rank")
+
+    def __init__(self, group, dim, world, rank):
+        self.group, self.dim, self.world, self.rank = group, dim, world, rank
+
+    def local_shape(self, shape, rank):
+        shape = list(shape)
+        shape[self.dim] = _chunk_rows(shape[self.dim], self.world, rank)[1]
+        return shape
+
+
+def _sharding(p, where="Muon"):
+    """The :class:`_Sharding` of DTensor ``p``, or None when every rank holds all of it; raises
+    NotImplementedError for placements Muon does not exchange (Partial, several sharded mesh
+    dimensions, strided shards of FSDP2 + tensor parallelism, uneven shards other than torch.chunk's)."""
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(p.placements)
+    sharded = [(i, pl) for i, pl in enumerate(placements) if not pl.is_replicate()]
+    if not sharded:
+        return None
+    if len(sharded) > 1 or type(sharded[0][1]) is not Shard:
+        raise NotImplementedError(
+            f"{where}: a DTensor parameter {tuple(p.shape)} with placements {placements}: Muon gathers whole "
+            "matrices along one sharded mesh dimension (FSDP2's Shard(dim) on a 1-D mesh, or with Replicate "
+            "dimensions as in HSDP); Partial placements, several sharded mesh dimensions and the strided "
+            "shards of FSDP2 + tensor parallelism are not supported")
+    mesh_dim, pl = sharded[0]
+    mesh = p.device_mesh
+    s = _Sharding(mesh.get_group(mesh_dim), pl.dim % p.ndim, mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim))
+    local = tuple(p.to_local().shape)
+    if local != tuple(s.local_shape(p.shape, s.rank)):
+        raise NotImplementedError(
+            f"{where}: a DTensor parameter {tuple(p.shape)} has a local shard {local} on shard {s.rank} of "
+            f"{s.world}, not the torch.chunk split Muon assumes ({tuple(s.local_shape(p.shape, s.rank))})")
+    return s
+
+
+def _owners(costs, world):
+    """A rank for each item: greedy balance of ``costs`` (largest first; ties to the lower rank).
+    Deterministic, so every rank computes the same assignment."""
+    load = [0] * world
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += costs[i]
+    return owners
+
+
+def _ns_cost(shape, flatten):
+    rows, cols = R.matrix_shape(shape, flatten)
+    return math.prod(shape) * min(rows, cols)
+
+
+def _all_gather(out, inp, group):
+    """``out`` <- every rank's ``inp``, in rank order (all_gather_single where torch has it)."""
+    import torch.distributed as dist
+
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, inp, group=group)
+
+
+def _group_rank_world(group):
+    import torch.distributed as dist
+
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_to_all(send, in_splits, out_splits, dtype, device, group):
+    """``torch.distributed.all_to_all_single`` of the concatenation of ``send`` (``in_splits[r]``
+    elements to rank r); returns the received elements (``out_splits[r]`` from rank r, in rank order)."""
+    import torch.distributed as dist
+
+    inp = torch.cat(send) if send else torch.empty(0, dtype=dtype, device=device)
+    out = torch.empty(sum(out_splits), dtype=dtype, device=device)
+    dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+    return out
+
+
+def _as_process_group(process_group):
+    """``process_group`` (a ProcessGroup, a 1-D DeviceMesh or None) as a ProcessGroup or None."""
+    if process_group is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("Muon: process_group was given but torch.distributed is not initialized "
+                         "(call torch.distributed.init_process_group first)")
+    if hasattr(process_group, "get_group") and hasattr(process_group, "ndim"):  # a DeviceMesh
+        if process_group.ndim != 1:
+            raise ValueError(f"Muon: process_group: a {process_group.ndim}-D DeviceMesh; pass a 1-D mesh "
+                             "(or its ProcessGroup) over the ranks that hold the same parameters")
+        return process_group.get_group()
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"Muon: process_group must be a torch.distributed ProcessGroup or a 1-D DeviceMesh, got "
+                        f"{type(process_group).__name__}")
+    return process_group
+
+
 class Muon(FusedOptimizer):
     r"""Muon for hidden matrices, AdamW for everything else (Jordan et al. 2024).
 
@@ -141,6 +294,36 @@ class Muon(FusedOptimizer):
     ``lr`` (either kind of group) may be a float or a tensor with one element, used as a scalar whatever
     its shape (as torch.optim does).
 
+    ``flatten`` (keyword, also a group key; default True): a Muon parameter with more than two
+    dimensions is the matrix (out, in * kh * kw ...), as upstream.  ``flatten=False`` makes it a stack
+    of matrices over its last two dimensions -- the (experts, rows, cols) weight of a mixture of experts
+    -- each orthogonalized, scaled (by its own rows and cols) and cautious-masked on its own, all of
+    them in one batched Newton–Schulz call.
+
+    Distributed training (NOTE: [distributed Muon] in this file): each matrix is orthogonalized once per
+    step, on whole matrices, and the result equals the single-process result bit for bit (the same
+    matrix goes through the same Newton–Schulz code; everything else is elementwise).
+
+    * FSDP2 (``fully_shard``; DTensor parameters, gradients and states, automatic): the momentum and
+      the update run on the local shards; the shards of each matrix are sent to one owner rank (an
+      ``all_to_all`` per process group and step), which runs Newton–Schulz on all the matrices it
+      owns and sends each rank its rows back.  Owners balance the Newton–Schulz work.  Uneven and empty
+      shards work.  A stack of expert matrices (``flatten=False``) sharded along the experts needs no
+      exchange: each rank orthogonalizes its own experts.  Supported placements: one ``Shard(dim)``
+      mesh dimension (plus Replicate ones, as HSDP); several sharded mesh dimensions, Partial and the
+      strided shards of FSDP2 + tensor parallelism raise NotImplementedError, as do stochastic
+      rounding (keyed on the index in the whole tensor) and a compiled step.  The AdamW groups step
+      the local shards with the fused kernels.
+    * DDP: pass ``process_group`` (keyword: a ProcessGroup such as ``torch.distributed.group.WORLD``,
+      or a 1-D DeviceMesh) over the ranks that hold the same parameters and gradients: each matrix is
+      orthogonalized by one rank and an ``all_gather`` gives every rank every update (the momentum
+      stays on every rank, so checkpoints are unchanged).  Without it every rank orthogonalizes every
+      matrix -- correct, redundant.  It is not automatic because Muon cannot tell a DDP job (every rank
+      steps the same parameters) from pipeline parallelism (each rank steps its own).
+    * At the first step (and when a rank's set of exchanged parameters changes) the ranks of each
+      group compare what they are about to exchange and raise RuntimeError, before anything is
+      written, when they differ (another model, a gradient missing on some ranks).
+
     Unlike upstream, ``step`` never modifies ``p.grad``, and invalid hyperparameters, sparse or complex
     gradients, non-floating-point parameters, parameters whose elements share memory (``expand()``-ed
     views: an in-place update of them is undefined), < 2-D parameters in a Muon group, states whose
@@ -160,12 +343,16 @@ class Muon(FusedOptimizer):
                  adamw_betas: Tuple[float, float] = (0.9, 0.95), adamw_wd: float = 0.0, adamw_eps: float = 1e-10,
                  maximize: bool = False, foreach: Optional[bool] = None, ns_method: str = "newton_schulz",
                  ns_reset_steps: Sequence[int] = (2,), *, cautious: bool = False, stochastic_rounding: bool = False,
-                 master_weights: bool = False, seed: int = 0, backend: str = "auto") -> None:
+                 master_weights: bool = False, seed: int = 0, backend: str = "auto", flatten: bool = True,
+                 process_group: Any = None) -> None:
         check_rounding_options("Muon", stochastic_rounding, master_weights)
         _check_backend_name(backend)
+        self._process_group = _as_process_group(process_group)
+        if self._process_group is not None and _group_rank_world(self._process_group)[0] < 0:
+            raise ValueError("Muon: this rank is not a member of process_group")
         muon = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
                     ns_coeffs=ns_coeffs, ns_method=ns_method, ns_reset_steps=ns_reset_steps,
-                    use_adjusted_lr=use_adjusted_lr)
+                    use_adjusted_lr=use_adjusted_lr, flatten=flatten)
         self._check_muon_hyper(muon, "")
         muon["ns_coeffs"] = R.ns_coefficients(ns_coeffs)
         muon["ns_reset_steps"] = tuple(ns_reset_steps)
@@ -259,6 +446,8 @@ class Muon(FusedOptimizer):
                 from None
         for r in resets:
             _check_int("ns_reset_steps entry" + where, r, 0)
+        if not isinstance(group.get("flatten", True), bool):
+            raise ValueError(f"Invalid flatten{where}: {group['flatten']!r} (expected a bool)")
 
     @staticmethod
     def _check_adamw_hyper(group, names=("learning rate", "betas", "epsilon value", "weight_decay value"), where=""):
@@ -292,6 +481,30 @@ class Muon(FusedOptimizer):
     def _check_group_param(self, group, p):
         if group["use_muon"]:
             self._check_matrix(p)
+        if _is_dtensor(p):
+            self._check_dtensor_param(group, p)
+        elif self._ddp() is not None and torch.compiler.is_compiling():
+            raise NotImplementedError("Muon: a compiled step with process_group (the Newton-Schulz updates are "
+                                      "exchanged between ranks); step this optimizer eagerly")
+
+    @staticmethod
+    def _check_dtensor_param(group, p):
+        """A DTensor parameter (FSDP2) with a gradient: what the step cannot do raises here, before
+        anything is written (NOTE: [distributed Muon])."""
+        if torch.compiler.is_compiling():
+            raise NotImplementedError("Muon: a compiled step of DTensor (FSDP2) parameters (Newton-Schulz gathers "
+                                      "whole matrices between ranks); step this optimizer eagerly")
+        if StochasticRounding.uses(group, p):
+            raise NotImplementedError("Muon: stochastic rounding of DTensor (FSDP2) parameters: it is keyed on the "
+                                      "element's index in the whole tensor; use master_weights=True")
+        g = p.grad
+        if not _is_dtensor(g) or tuple(g.placements) != tuple(p.placements) or g.device_mesh != p.device_mesh:
+            what = f"placements {tuple(g.placements)}" if _is_dtensor(g) else f"a {type(g).__name__}"
+            raise ValueError(f"Muon: the gradient of a DTensor parameter {tuple(p.shape)} with placements "
+                             f"{tuple(p.placements)} has {what}; it must be a DTensor with the parameter's mesh "
+                             "and placements")
+        if group["use_muon"]:
+            _sharding(p)
 
     def _check_state_of(self, group, p, state):
         self._check_state(p, state)
@@ -308,13 +521,84 @@ class Muon(FusedOptimizer):
                 what = f"{value.dtype}{tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"Muon: state {key!r}{where} is {what}, its parameter {p.dtype}{tuple(p.shape)} "
                                  "(a checkpoint of other parameters, or of these in another order?)")
+            if _is_dtensor(p) and not (_is_dtensor(value) and tuple(value.placements) == tuple(p.placements)):
+                what = f"placements {tuple(value.placements)}" if _is_dtensor(value) else "a plain tensor"
+                raise ValueError(f"Muon: state {key!r}{where} of a DTensor parameter with placements "
+                                 f"{tuple(p.placements)} is {what}; it must be a DTensor with the parameter's "
+                                 "placements (load sharded optimizer states with torch.distributed.checkpoint, "
+                                 "e.g. set_optimizer_state_dict)")
             if F.overlaps_itself(value):
                 raise ValueError(f"Muon: state {key!r}{where} of shape {tuple(value.shape)} has elements that "
                                  "share memory, so it cannot be updated in place")
 
     # -- the step: FusedOptimizer's plan, checks and order, with these hooks ---------------------------
     def _sharded_kernel_reason(self, group, params):
-        return "Newton-Schulz orthogonalizes whole matrices" if group["use_muon"] else None
+        """None: a Muon group's Newton-Schulz runs on whole matrices gathered from the shards (NOTE:
+        [distributed Muon]); an AdamW group's kernels step the local shards element by element."""
+        return None
+
+    def _ddp(self):
+        """(process_group, rank, world) when the plain-tensor Muon matrices are shared out over ranks,
+        else None (no process_group, or a group of one rank)."""
+        pg = self.__dict__.get("_process_group")
+        if pg is None:
+            return None
+        rank, world = _group_rank_world(pg)
+        return (pg, rank, world) if world > 1 else None
+
+    def _plan(self):
+        plan = super()._plan()
+        if not torch.compiler.is_compiling():
+            self._check_ranks_agree()
+        return plan
+
+    def _exchange_signatures(self):
+        """{process group: (device, [what this rank exchanges over it])}: every Muon parameter that is a
+        DTensor sharded over the group, or a plain tensor under ``process_group``, with its group's
+        options that change the exchange, its shape, dtype, placements and whether it has a gradient."""
+        sigs = {}
+        ddp = self._ddp()
+        for gi, group in enumerate(self.param_groups):
+            if not group["use_muon"]:
+                continue
+            head = (gi, bool(group["cautious"]), bool(group["nesterov"]), bool(group["flatten"]), group["ns_method"])
+            for pi, p in enumerate(group["params"]):
+                if not isinstance(p, Tensor):
+                    continue
+                if _is_dtensor(p):
+                    dims = [i for i, pl in enumerate(p.placements) if not pl.is_replicate()]
+                    if not dims:
+                        continue
+                    pg, device = p.device_mesh.get_group(dims[0]), p.to_local().device
+                elif ddp is not None:
+                    pg, device = ddp[0], p.device
+                else:
+                    continue
+                entry = sigs.setdefault(pg, (device, []))
+                entry[1].append(head + (pi, tuple(p.shape), str(p.dtype), p.grad is not None,
+                                        str(tuple(getattr(p, "placements", ())))))
+        return sigs
+
+    def _check_ranks_agree(self):
+        """Raise (on every rank, before anything is written) when the ranks of a process group would
+        exchange different matrices; checked at the first step and whenever this rank's set changes."""
+        agreed = self.__dict__.setdefault("_agreed", {})
+        for pg, (device, entries) in self._exchange_signatures().items():
+            crc = zlib.crc32(repr(entries).encode())
+            if agreed.get(id(pg), (None, None))[1] == crc:
+                continue
+            rank, world = _group_rank_world(pg)
+            mine = torch.tensor([crc, len(entries)], dtype=torch.int64, device=device)
+            everyone = torch.empty(2 * world, dtype=torch.int64, device=device)
+            _all_gather(everyone, mine, pg)
+            rows = everyone.view(world, 2).tolist()
+            differ = [r for r, row in enumerate(rows) if row != rows[rank]]
+            if differ:
+                raise RuntimeError(
+                    f"Muon: ranks {differ} of a process group of {world} would exchange other Muon matrices than "
+                    f"rank {rank} this step (other parameters, shapes, dtypes, placements or options, or gradients "
+                    "on some ranks only); every rank of the group must step the same parameters")
+            agreed[id(pg)] = (pg, crc)
 
     def _resolve_backend(self, group, device, dtype, dense):
         """Muon groups: the Newton–Schulz backend; AdamW groups: what :func:`F.adam` is asked for."""
@@ -387,13 +671,129 @@ class Muon(FusedOptimizer):
             # copy would make g fp32, and the bf16 momentum buffer's lerp_ needs one dtype.
             grads = [(g.neg() if maximize else g).add(p, alpha=weight_decay) for g, p in zip(grads, sr_params)]
             maximize, weight_decay = False, 0.0
-        R.muon_reference(
-            targets, grads, [s["momentum_buffer"] for s in states],
-            lr=F.scalar_lr(group["lr"]), momentum=group["momentum"], nesterov=group["nesterov"],
-            weight_decay=weight_decay, weight_decouple=group["weight_decouple"], ns_steps=group["ns_steps"],
-            ns_coeffs=group["ns_coeffs"], ns_method=group["ns_method"], ns_reset_steps=group["ns_reset_steps"],
-            use_adjusted_lr=group["use_adjusted_lr"], maximize=maximize, cautious=bool(group["cautious"]),
-            batched=group["foreach"] is not False, newton_schulz_fn=ns_fn)
+        bufs = [s["momentum_buffer"] for s in states]
+        hyper = dict(lr=F.scalar_lr(group["lr"]), momentum=group["momentum"], nesterov=group["nesterov"],
+                     weight_decay=weight_decay, weight_decouple=group["weight_decouple"], maximize=maximize)
+        ortho = dict(ns_steps=group["ns_steps"], ns_coeffs=group["ns_coeffs"], ns_method=group["ns_method"],
+                     ns_reset_steps=group["ns_reset_steps"], use_adjusted_lr=group["use_adjusted_lr"],
+                     batched=group["foreach"] is not False, newton_schulz_fn=ns_fn, flatten=group["flatten"])
+        if self._ddp() is None and not any(_is_dtensor(t) for t in targets):
+            R.muon_reference(targets, grads, bufs, cautious=bool(group["cautious"]), **hyper, **ortho)
+            return
+        keep = [i for i, t in enumerate(targets) if t.numel() > 0]  # (global sizes: the same on every rank)
+        if not keep:
+            return
+        targets, shapes = [targets[i] for i in keep], [tuple(targets[i].shape) for i in keep]
+        local = [_local(targets[i]) for i in keep]
+        updates, refs = R.momentum_updates(local, [_local(grads[i]) for i in keep], [_local(bufs[i]) for i in keep],
+                                           **hyper)
+        results = self._orthogonalize_across_ranks(group, targets, shapes, updates, refs, ortho)
+        R.apply_updates(local, results, lr=hyper["lr"], use_adjusted_lr=group["use_adjusted_lr"],
+                        flatten=group["flatten"], shapes=shapes)
+
+    def _orthogonalize_across_ranks(self, group, targets, shapes, updates, refs, ortho):
+        """The orthogonalized (and cautious-masked) update of each of ``targets`` (global ``shapes``),
+        as this rank holds it: its local shard of a sharded DTensor, the whole tensor otherwise.
+        ``updates`` / ``refs``: this rank's part of each update and of what the cautious mask compares
+        it with.  Each matrix goes through Newton–Schulz once, on its owner (NOTE: [distributed Muon])."""
+        flatten, cautious = bool(group["flatten"]), bool(group["cautious"])
+        send_refs = cautious and not group["nesterov"]  # (nesterov: the reference is the update itself)
+        out_dtype = R.ns_output_dtype(ortho["ns_method"])
+        dtype, device = updates[0].dtype, updates[0].device
+        if any(u.dtype != dtype or r.dtype != dtype for u, r in zip(updates, refs)):
+            raise RuntimeError("Muon: the updates of one bucket have several dtypes")
+        whole = {}  # index -> (whole update, whole reference): the matrices this rank orthogonalizes
+        here = []  # indices this rank holds whole matrices of and orthogonalizes itself
+        sharded = {}  # process group -> [(index, _Sharding)]: gathered to owners
+        ddp, replicated = self._ddp(), []
+        for i, t in enumerate(targets):
+            s = _sharding(t) if _is_dtensor(t) else None
+            if _is_dtensor(t):
+                if s is None or s.world == 1 or (not flatten and t.ndim > 2 and s.dim < t.ndim - 2):
+                    here.append(i)  # replicated, or shards of whole matrices (a stack split along its batch)
+                else:
+                    sharded.setdefault(s.group, []).append((i, s))
+            elif ddp is not None:
+                replicated.append(i)
+            else:
+                here.append(i)
+        for i in here:
+            whole[i] = (updates[i], refs[i])
+        # 1. every shard of a matrix to its owner: one all_to_all per process group
+        exchanges = []
+        k = 2 if send_refs else 1
+        for pg, items in sharded.items():
+            world, rank = items[0][1].world, items[0][1].rank
+            owners = _owners([_ns_cost(shapes[i], flatten) for i, _ in items], world)
+            size = lambda i, s, r: math.prod(s.local_shape(shapes[i], r))  # noqa: E731
+            send, in_splits = [], [0] * world
+            for dst in range(world):
+                for (i, s), o in zip(items, owners):
+                    if o == dst:
+                        send += [updates[i].reshape(-1)] + ([refs[i].reshape(-1)] if send_refs else [])
+                        in_splits[dst] += k * size(i, s, rank)
+            out_splits = [sum(k * size(i, s, src) for (i, s), o in zip(items, owners) if o == rank)
+                          for src in range(world)]
+            recv = _all_to_all(send, in_splits, out_splits, dtype, device, pg)
+            pieces, pos = defaultdict(lambda: ([], [])), 0
+            for src in range(world):
+                for (i, s), o in zip(items, owners):
+                    if o == rank:
+                        shape, n = s.local_shape(shapes[i], src), size(i, s, src)
+                        for j in range(k):
+                            pieces[i][j].append(recv[pos:pos + n].view(shape))
+                            pos += n
+            for (i, s), o in zip(items, owners):
+                if o == rank:
+                    u = torch.cat(pieces[i][0], dim=s.dim)
+                    whole[i] = (u, torch.cat(pieces[i][1], dim=s.dim) if send_refs else u)
+            exchanges.append((pg, items, owners, world, rank))
+        if replicated:
+            owners = _owners([_ns_cost(shapes[i], flatten) for i in replicated], ddp[2])
+            for i, o in zip(replicated, owners):
+                if o == ddp[1]:
+                    whole[i] = (updates[i], refs[i])
+        # 2. Newton-Schulz once per matrix, on its owner (same-shape matrices in one batch)
+        mine = sorted(whole)
+        done = R.orthogonalize([whole[i][0] for i in mine], **ortho)
+        if cautious:
+            done = [R.cautious_update(o, whole[i][1], flatten) for o, i in zip(done, mine)]
+        done = dict(zip(mine, done))
+        results = [done.get(i) for i in range(len(targets))]
+        # 3. each rank its rows of each result (all_to_all), or every result to every rank (all_gather)
+        for pg, items, owners, world, rank in exchanges:
+            send, in_splits = [], [0] * world
+            for dst in range(world):
+                for (i, s), o in zip(items, owners):
+                    if o == rank:
+                        start, length = _chunk_rows(shapes[i][s.dim], world, dst)
+                        part = done[i].narrow(s.dim, start, length)
+                        send.append(part.reshape(-1).to(out_dtype))
+                        in_splits[dst] += part.numel()
+            out_splits = [sum(math.prod(s.local_shape(shapes[i], rank)) for (i, s), o in zip(items, owners)
+                              if o == src) for src in range(world)]
+            recv, pos = _all_to_all(send, in_splits, out_splits, out_dtype, device, pg), 0
+            for src in range(world):
+                for (i, s), o in zip(items, owners):
+                    if o == src:
+                        shape = s.local_shape(shapes[i], rank)
+                        results[i] = recv[pos:pos + math.prod(shape)].view(shape)
+                        pos += math.prod(shape)
+        if replicated:
+            pg, rank, world = ddp
+            totals = [sum(math.prod(shapes[i]) for i, o in zip(replicated, owners) if o == r) for r in range(world)]
+            width = max(totals)
+            mine = [done[i].reshape(-1).to(out_dtype) for i, o in zip(replicated, owners) if o == rank]
+            buf = torch.cat(mine + [torch.zeros(width - totals[rank], dtype=out_dtype, device=device)])
+            gathered = torch.empty(world * width, dtype=out_dtype, device=device)
+            _all_gather(gathered, buf, pg)
+            for r in range(world):
+                pos = r * width
+                for i, o in zip(replicated, owners):
+                    if o == r:
+                        results[i] = gathered[pos:pos + math.prod(shapes[i])].view(shapes[i])
+                        pos += math.prod(shapes[i])
+        return results
 
     def _adamw_bucket(self, group, targets, grads, states, device, sr, backend):
         # The step count is per group (as upstream); the fused kernel reads and increments per-tensor fp32

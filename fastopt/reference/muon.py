@@ -173,28 +173,52 @@ def gram_newton_schulz(g, steps=5, eps=1e-7, coeffs=DEFAULT_COEFFS, dtype=torch.
     return x.mT if transpose else x
 
 
-def matrix_shape(shape):
-    """(rows, cols) of the matrix a parameter is orthogonalized as: (out, prod(rest))."""
-    return shape[0], math.prod(shape[1:])
+def matrix_shape(shape, flatten=True):
+    """(rows, cols) of the matrices a parameter is orthogonalized as: (out, prod(rest)) when ``flatten``
+    (a conv weight, upstream's rule), else its last two dimensions (a stack of matrices, e.g. the
+    (experts, rows, cols) weight of a mixture of experts, each expert its own matrix)."""
+    if flatten or len(shape) == 2:
+        return shape[0], math.prod(shape[1:])
+    return shape[-2], shape[-1]
 
 
-def adjusted_lr(lr, shape, use_adjusted_lr=False):
+def as_matrices(t, flatten=True):
+    """``t`` as its matrix (rows, cols), or with ``flatten=False`` and more than two dimensions as the
+    batch (count, rows, cols) of its matrices (a view when the memory layout allows)."""
+    rows, cols = matrix_shape(t.shape, flatten)
+    return t.reshape(rows, cols) if flatten or t.ndim == 2 else t.reshape(-1, rows, cols)
+
+
+def adjusted_lr(lr, shape, use_adjusted_lr=False, flatten=True):
     """``lr * sqrt(max(1, rows / cols))``, or ``lr * 0.2 sqrt(max(rows, cols))`` with ``use_adjusted_lr``
-    (upstream's ``get_adjusted_lr``); ``lr`` may be a tensor."""
-    rows, cols = matrix_shape(shape)
+    (upstream's ``get_adjusted_lr``), for the matrices of a parameter of ``shape`` (:func:`matrix_shape`);
+    ``lr`` may be a tensor."""
+    rows, cols = matrix_shape(shape, flatten)
     ratio = 0.2 * math.sqrt(max(rows, cols)) if use_adjusted_lr else math.pow(max(1.0, rows / cols), 0.5)
     return lr * ratio
 
 
-def orthogonalize(updates, *, ns_steps=5, ns_coeffs=DEFAULT_COEFFS, ns_method="newton_schulz", ns_reset_steps=(2,),
-                  use_adjusted_lr=False, batched=True, newton_schulz_fn=None):
-    """Orthogonalize each update as its (rows, cols) matrix; returns tensors of the updates' shapes.
+def batch_key(shape, use_adjusted_lr=False, flatten=True):
+    """Updates with the same key are orthogonalized in one batch: their matrices' (rows, cols), or
+    (min, max) with ``use_adjusted_lr`` (where both orientations get the same learning rate)."""
+    rows, cols = matrix_shape(shape, flatten)
+    return (min(rows, cols), max(rows, cols)) if use_adjusted_lr else (rows, cols)
 
-    ``batched``: updates whose matrices share a shape (rows, cols) -- or (min, max) with
-    ``use_adjusted_lr``, where both orientations get the same learning rate -- are stacked (each
-    transposed to rows <= cols) and run as one batch, as upstream's foreach path.
-    ``newton_schulz_fn(x, steps, coeffs)`` replaces the torch Newton–Schulz (the Triton backend);
-    the Gram method always runs :func:`gram_newton_schulz`.
+
+def ns_output_dtype(ns_method="newton_schulz"):
+    """The dtype :func:`orthogonalize` returns: bf16 (Newton–Schulz, torch or Triton), fp16 (Gram)."""
+    return torch.float16 if ns_method == "gram_newton_schulz" else torch.bfloat16
+
+
+def orthogonalize(updates, *, ns_steps=5, ns_coeffs=DEFAULT_COEFFS, ns_method="newton_schulz", ns_reset_steps=(2,),
+                  use_adjusted_lr=False, batched=True, newton_schulz_fn=None, flatten=True):
+    """Orthogonalize each update as its (rows, cols) matrix -- or with ``flatten=False`` each matrix of
+    its stack (:func:`matrix_shape`); returns tensors of the updates' shapes.
+
+    ``batched``: updates with one :func:`batch_key` are stacked (each matrix transposed to rows <= cols)
+    and run as one batch, as upstream's foreach path; a stack of matrices (``flatten=False``) is one
+    batch even without it.  ``newton_schulz_fn(x, steps, coeffs)`` replaces the torch Newton–Schulz
+    (the Triton backend); the Gram method always runs :func:`gram_newton_schulz`.
     """
     def run(x):
         if ns_method == "gram_newton_schulz":
@@ -206,50 +230,36 @@ def orthogonalize(updates, *, ns_steps=5, ns_coeffs=DEFAULT_COEFFS, ns_method="n
     out = [None] * len(updates)
     keyed = {}
     for i, u in enumerate(updates):
-        rows, cols = matrix_shape(u.shape)
-        key = (min(rows, cols), max(rows, cols)) if use_adjusted_lr else (rows, cols)
-        keyed.setdefault(key if batched else i, []).append(i)
+        keyed.setdefault(batch_key(u.shape, use_adjusted_lr, flatten) if batched else i, []).append(i)
     for idx in keyed.values():
-        mats = [updates[i].reshape(matrix_shape(updates[i].shape)) for i in idx]
+        mats = [as_matrices(updates[i], flatten) for i in idx]
         if len(mats) == 1:
             results = [run(mats[0])]
         else:
-            flips = [m.size(0) > m.size(1) for m in mats]
-            stacked = run(torch.stack([m.mT if f else m for m, f in zip(mats, flips)]))
-            results = [r.mT if f else r for r, f in zip(stacked.unbind(), flips)]
+            flips = [m.size(-2) > m.size(-1) for m in mats]
+            pieces = [m.mT if f else m for m, f in zip(mats, flips)]
+            pieces = [x.reshape(-1, *x.shape[-2:]) for x in pieces]
+            stacked = run(torch.cat(pieces))
+            results = [(r.mT if f else r).reshape(m.shape)
+                       for m, f, r in zip(mats, flips, stacked.split([x.size(0) for x in pieces]))]
         for i, r in zip(idx, results):
             out[i] = r.reshape(updates[i].shape)
     return out
 
 
-def muon_reference(params, grads, momentum_buffers, *, lr, momentum=0.95, nesterov=True, weight_decay=0.0,
-                   weight_decouple=True, ns_steps=5, ns_coeffs=DEFAULT_COEFFS, ns_method="newton_schulz",
-                   ns_reset_steps=(2,), use_adjusted_lr=False, maximize=False, cautious=False, batched=True,
-                   newton_schulz_fn=None):
-    """One Muon step, in place, over matrices (ndim >= 2) of one device and dtype.  With g the gradient::
+def _scalar(lr):
+    return lr.reshape(()) if isinstance(lr, torch.Tensor) and lr.dim() != 0 else lr
 
-        g <- -g                                              if maximize
-        p <- p (1 - lr wd)     if weight_decouple,   else  g <- g + wd p
-        buf <- buf + (1 - mu)(g - buf)                       (torch.lerp)
-        u <- g + mu (buf - g)  if nesterov,          else  u <- buf
-        O <- NewtonSchulz(u as a (rows, cols) matrix)        (bf16; see :func:`newton_schulz`)
-        O <- O * mask * numel / (sum(mask) + 1),  mask = [O * v > 0]    if cautious (v: u if nesterov else g)
-        p <- p - lr * scale(rows, cols) * O                  (see :func:`adjusted_lr`)
 
-    ``params``/``grads``/``momentum_buffers`` are parallel lists; ``lr`` is a float or a one-element tensor
-    (of any shape, used as a scalar).
-    Parameters without elements are left alone.  ``grads`` are not modified.
-    """
-    keep = [i for i, p in enumerate(params) if p.numel() > 0]
-    params = [params[i] for i in keep]
-    grads = [grads[i] for i in keep]
-    bufs = [momentum_buffers[i] for i in keep]
-    if not params:
-        return
-    if isinstance(lr, torch.Tensor) and lr.dim() != 0:
-        lr = lr.reshape(())
+def momentum_updates(params, grads, momentum_buffers, *, lr, momentum=0.95, nesterov=True, weight_decay=0.0,
+                     weight_decouple=True, maximize=False):
+    """The elementwise first half of a Muon step (:func:`muon_reference`), in place on ``params``
+    (decoupled weight decay) and ``momentum_buffers``; returns (the updates Newton–Schulz takes, the
+    tensors the cautious mask compares them with).  Every element needs only its own inputs, so the
+    local shards of a sharded parameter give the bits of the whole tensor."""
+    lr = _scalar(lr)
     updates, refs = [], []
-    for p, g, buf in zip(params, grads, bufs):
+    for p, g, buf in zip(params, grads, momentum_buffers):
         if maximize:
             g = -g
         if weight_decay != 0.0:
@@ -261,16 +271,66 @@ def muon_reference(params, grads, momentum_buffers, *, lr, momentum=0.95, nester
         u = g.lerp(buf, momentum) if nesterov else buf
         updates.append(u)
         refs.append(u if nesterov else g)
-    ortho = orthogonalize(updates, ns_steps=ns_steps, ns_coeffs=ns_coeffs, ns_method=ns_method,
-                          ns_reset_steps=ns_reset_steps, use_adjusted_lr=use_adjusted_lr, batched=batched,
-                          newton_schulz_fn=newton_schulz_fn)
-    for p, o, ref in zip(params, ortho, refs):
-        if cautious:
-            mask = (o * ref > 0).to(ref.dtype)
-            mask.mul_(mask.numel() / (mask.sum() + 1))
-            o = o.mul(mask).to(o.dtype)  # upstream: update.mul_(mask), rounded to the update's dtype
-        step = adjusted_lr(lr, p.shape, use_adjusted_lr)
+    return updates, refs
+
+
+def cautious_update(o, ref, flatten=True):
+    """``o`` with the entries whose sign disagrees with ``ref`` zeroed, rescaled by numel / (kept + 1)
+    over each matrix (a sum over the whole matrix: whole matrices only) -- the whole parameter, or with
+    ``flatten=False`` each matrix of a stack."""
+    mask = (o * ref > 0).to(ref.dtype)
+    if flatten or o.ndim == 2:
+        mask.mul_(mask.numel() / (mask.sum() + 1))
+    else:
+        mask.mul_(o.size(-2) * o.size(-1) / (mask.sum(dim=(-2, -1), keepdim=True) + 1))
+    return o.mul(mask).to(o.dtype)  # upstream: update.mul_(mask), rounded to the update's dtype
+
+
+def apply_updates(params, ortho, *, lr, use_adjusted_lr=False, flatten=True, shapes=None):
+    """``p <- p - lr * scale * O`` (:func:`adjusted_lr` of ``shapes[i]``, default the parameters' own
+    shapes: pass the whole tensors' shapes when ``params`` are shards)."""
+    lr = _scalar(lr)
+    for i, (p, o) in enumerate(zip(params, ortho)):
+        step = adjusted_lr(lr, p.shape if shapes is None else shapes[i], use_adjusted_lr, flatten)
         if isinstance(step, torch.Tensor):
             p.add_(o.to(torch.promote_types(p.dtype, step.dtype)) * -step)
         else:
             p.add_(o, alpha=-step)
+
+
+def muon_reference(params, grads, momentum_buffers, *, lr, momentum=0.95, nesterov=True, weight_decay=0.0,
+                   weight_decouple=True, ns_steps=5, ns_coeffs=DEFAULT_COEFFS, ns_method="newton_schulz",
+                   ns_reset_steps=(2,), use_adjusted_lr=False, maximize=False, cautious=False, batched=True,
+                   newton_schulz_fn=None, flatten=True):
+    """One Muon step, in place, over matrices (ndim >= 2) of one device and dtype.  With g the gradient::
+
+        g <- -g                                              if maximize
+        p <- p (1 - lr wd)     if weight_decouple,   else  g <- g + wd p
+        buf <- buf + (1 - mu)(g - buf)                       (torch.lerp)
+        u <- g + mu (buf - g)  if nesterov,          else  u <- buf
+        O <- NewtonSchulz(u as a (rows, cols) matrix)        (bf16; see :func:`newton_schulz`)
+        O <- O * mask * numel / (sum(mask) + 1),  mask = [O * v > 0]    if cautious (v: u if nesterov else g;
+                                                             sums and numel per matrix)
+        p <- p - lr * scale(rows, cols) * O                  (see :func:`adjusted_lr`)
+
+    ``flatten=False``: a parameter with more than two dimensions is a stack of (rows, cols) matrices
+    (its last two dimensions), each orthogonalized (scaled, cautious-masked) on its own, in one batch.
+    ``params``/``grads``/``momentum_buffers`` are parallel lists; ``lr`` is a float or a one-element tensor
+    (of any shape, used as a scalar).  The three phases are :func:`momentum_updates`,
+    :func:`orthogonalize` (+ :func:`cautious_update`) and :func:`apply_updates`.
+    Parameters without elements are left alone.  ``grads`` are not modified.
+    """
+    keep = [i for i, p in enumerate(params) if p.numel() > 0]
+    params = [params[i] for i in keep]
+    grads = [grads[i] for i in keep]
+    bufs = [momentum_buffers[i] for i in keep]
+    if not params:
+        return
+    updates, refs = momentum_updates(params, grads, bufs, lr=lr, momentum=momentum, nesterov=nesterov,
+                                     weight_decay=weight_decay, weight_decouple=weight_decouple, maximize=maximize)
+    ortho = orthogonalize(updates, ns_steps=ns_steps, ns_coeffs=ns_coeffs, ns_method=ns_method,
+                          ns_reset_steps=ns_reset_steps, use_adjusted_lr=use_adjusted_lr, batched=batched,
+                          newton_schulz_fn=newton_schulz_fn, flatten=flatten)
+    if cautious:
+        ortho = [cautious_update(o, ref, flatten) for o, ref in zip(ortho, refs)]
+    apply_updates(params, ortho, lr=lr, use_adjusted_lr=use_adjusted_lr, flatten=flatten)
