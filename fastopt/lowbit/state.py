@@ -20,6 +20,8 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .. import _sharded
+
 from .codebook import get_format
 
 TAG = "fastopt.lowbit/1"
@@ -71,10 +73,41 @@ def block_of(bits):
 
 def is_quantizable(p, bits, min_size):
     """Whether parameter ``p`` gets quantized states: at least ``min_size`` elements, a block multiple,
-    and contiguous (the kernels walk states in memory order, the reference in logical order)."""
+    and contiguous (the kernels walk states in memory order, the reference in logical order).
+
+    A DTensor (FSDP2) is judged on its global size, and is quantized only when its blocks can never
+    straddle a shard: its shards are row ranges (Shard(0) / Replicate placements) and a row (the
+    elements of one index of dim 0) is a whole number of blocks.  Then every shard holds whole blocks
+    for any world size, and the states are the single-process ones bit for bit (NOTE: [low-bit states
+    of DTensors])."""
     numel = p.numel()
-    return (bits is not None and numel >= max(int(min_size), 1) and numel % block_of(bits) == 0
-            and p.is_contiguous())
+    if not (bits is not None and numel >= max(int(min_size), 1) and numel % block_of(bits) == 0
+            and p.is_contiguous()):
+        return False
+    if _sharded.is_dtensor(p):
+        return p.dim() >= 1 and _sharded.row_sharded(p) and (numel // p.shape[0]) % block_of(bits) == 0
+    return True
+
+
+# NOTE: [low-bit states of DTensors]
+# Under FSDP2 a parameter's quantized states are DTensors with the parameter's mesh and placements,
+# shaped [rows, per row] (codes: the codes of one row; scales: its blocks), so that each rank's local
+# shard holds the codes and block scales of its own rows -- the kernels run on those local shards --
+# and distributed checkpoints reshard them with the parameter.  Single-process states are flat; the
+# kernels and the checks read only their sizes, so a checkpoint of either loads into the other.
+# Rank-1 normalization (a column statistic over every row) is not kept for DTensors.
+def _zeros_like_rows(like, numel, dtype):
+    """Zeros of ``numel`` elements laid out like the rows of parameter ``like`` (a DTensor: sharded as it)."""
+    if not _sharded.is_dtensor(like):
+        return torch.zeros(numel, dtype=dtype, device=like.device)
+    from torch.distributed.tensor import DTensor
+
+    rows = like.shape[0]
+    per_row = numel // rows
+    local_rows = _sharded.local_shape_and_offset(like)[0][0]
+    data = torch.zeros((local_rows, per_row), dtype=dtype, device=like.device)
+    return DTensor.from_local(data, like.device_mesh, like.placements, shape=torch.Size((rows, per_row)),
+                              stride=(per_row, 1), run_check=False)
 
 
 def scale_shapes(fmt, shape):
@@ -93,9 +126,11 @@ def init_quantized(state, like, names, bits):
     formats = state_formats(bits, names, like.shape)
     for name, fname in zip(names, formats):
         fmt = get_format(fname)
-        state[name] = torch.zeros(fmt.codes_numel(like.numel()), dtype=torch.uint8, device=like.device)
+        if fmt.rank1 and _sharded.is_dtensor(like):
+            raise NotImplementedError(f"rank-1 normalized low-bit states ({fname}) of a DTensor (FSDP2)")
+        state[name] = _zeros_like_rows(like, fmt.codes_numel(like.numel()), torch.uint8)
         for suffix, size in scale_shapes(fmt, like.shape).items():
-            state[name + suffix] = torch.zeros(size, dtype=torch.float32, device=like.device)
+            state[name + suffix] = _zeros_like_rows(like, size, torch.float32)
     state["state_format"] = format_tag(formats)
 
 

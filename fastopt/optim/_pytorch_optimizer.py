@@ -98,11 +98,6 @@ class GradOptionsMixin:
     def _grad_options(self, group):
         return bool(group.get("use_gc")) or bool(group.get("cautious"))
 
-    def _sharded_kernel_reason(self, group, params):
-        if self._grad_options(group):
-            return "use_gc / cautious sum over whole rows or tensors"
-        return super()._sharded_kernel_reason(group, params)
-
     def _fused_sparse_ok(self, group, params, states, backend):
         return (backend != "torch" and not self._grad_options(group)
                 and not any("state_format" in s or "master_param" in s for s in states))

@@ -17,9 +17,6 @@ class _Projected(_ZooOptimizer):
     (rows = ``p.shape[0]`` for 2+ dimensions); the projection coefficients are computed from those sums
     for all tensors of the bucket at once (a handful of torch ops, no host sync); phase 0 steps."""
 
-    def _sharded_kernel_reason(self, group, params):
-        return "the projection takes cosines over whole rows"
-
     def _check_group(self, group):
         F.check_hyper("learning rate", group["lr"])
         F.check_hyper("weight_decay value", group["weight_decay"])

@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, Union
 
 import torch
 
-from .. import _backend, _ops
+from .. import _backend, _ops, _sharded
 from ..lowbit.layouts import (Int8Weights, LowbitStates, MasterWeights, StochasticRounding, check_rounding_options,
                               init_weights, state_dtype)
 from ..sparse.training import NMSparseTraining, check_group_sparsity, load_schedules, save_schedules
@@ -594,14 +594,21 @@ class ElementwiseOptimizer(NMSparseTraining, FusedOptimizer):
         reason = self._sparse_sharded_reason(group, params)
         if reason is not None:
             return reason
-        for p in params:
-            if LowbitStates.uses(group, p):
-                return "low-bit states quantize blocks of the whole tensor"
-            if StochasticRounding.uses(group, p):
-                return "stochastic rounding is keyed on the element's index in the whole tensor"
-            if MasterWeights.uses(group, p):
-                return "fp32 master weights are not kept for shards"
         return None
+
+    def _check_group_param(self, group, p):
+        if not _sharded.is_dtensor(p):
+            return
+        # what the step of a shard cannot do, whatever the backend (NOTE: [DTensors] in fastopt/_sharded.py)
+        if StochasticRounding.uses(group, p) and not _sharded.row_sharded(p):
+            raise NotImplementedError(
+                f"{type(self).__name__}: stochastic rounding of a DTensor {_sharded.describe_placement(p)}: the "
+                "rounding is keyed on the element's index in the whole tensor, which needs shards that are row "
+                "ranges (Shard(0) or Replicate placements, as fully_shard makes)")
+        if LowbitStates.uses(group, p) and group.get("state_bits") == "4-rank1":
+            raise NotImplementedError(
+                f"{type(self).__name__}: rank-1 normalized low-bit states (state_bits='4-rank1') of a DTensor "
+                f"{_sharded.describe_placement(p)}: their column maxima span every shard; use state_bits=4")
 
     def _reference_step(self, group, params, grads, states, grad_scale, found_inf):
         kwargs = {k: group[k] for k in self.HYPER_NAMES}
@@ -612,8 +619,12 @@ class ElementwiseOptimizer(NMSparseTraining, FusedOptimizer):
         type(self).REFERENCE(targets, grads, states, lr=scalar_lr(lr), maximize=group["maximize"],
                              grad_scale=grad_scale, found_inf=found_inf, **kwargs)
         if sr and not (found_inf is not None and float(found_inf) != 0.0):
+            offsets = None
+            if _sharded.is_dtensor(params[0]):  # shard by shard, keyed on the index in the whole tensor
+                offsets = _sharded.sr_offsets(params)
+                params, targets = [p.to_local() for p in params], [t.to_local() for t in targets]
             StochasticRounding.write(params, targets, group["seed"], self._sr_indices(params),
-                                     [float(s["step"]) for s in states])
+                                     [float(s["step"]) for s in states], offsets)
 
     def _sr_indices(self, params):
         """The index each param has in the kernel call that rounds it (its stochastic-rounding stream)."""

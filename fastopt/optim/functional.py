@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 import torch
 
-from .. import _backend, _ops
+from .. import _backend, _ops, _sharded
 from .._ops import elementwise_unchecked, is_dense, lowbit_unchecked  # noqa: F401  (re-exported)
 from ..reference import adam_reference
 
@@ -35,18 +35,13 @@ def overlaps_itself(t):
     return offsets.unique().numel() != offsets.numel()
 
 
-def _local_shard(t):
-    """The tensor whose memory a step writes: a DTensor's local shard, any other tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def check_disjoint(owner, params, last=None):
     """Raise ValueError when two of ``params`` share memory (overlapping views of one buffer): the
     kernels step the tensors of a call concurrently, so each must own its elements.  Adjacent views
     (a flat buffer cut into pieces) are fine.  ``last``: a list holding the spans of the previous call
     that passed; the same spans are not sorted and compared again.  A DTensor (FSDP2's sharded
     parameters) owns its local shard: that is what is compared (its own ``data_ptr()`` is 0)."""
-    spans = [(t.data_ptr(), t.nbytes) for t in map(_local_shard, params)]
+    spans = [(t.data_ptr(), t.nbytes) for t in map(_sharded.local, params)]
     if last is not None and spans == last:
         return
     ordered = sorted(spans)

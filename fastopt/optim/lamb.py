@@ -62,9 +62,6 @@ class Lamb(_ZooOptimizer):
                    "adam", "pre_norm", "eps", "adam_debias", "clamp")
     REFERENCE = staticmethod(lamb_reference)
 
-    def _sharded_kernel_reason(self, group, params):
-        return "the trust ratio takes norms of the whole tensor"
-
     def __init__(self, params: Params, lr: Union[float, torch.Tensor] = 1e-3,
                  betas: Tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, weight_decouple: bool = True,
                  fixed_decay: bool = False, rectify: bool = False, degenerated_to_sgd: bool = False,

@@ -5,6 +5,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..reference._common import skipped
+from .. import _sharded
 from .._opspec import OPS, native_args
 from ..reference.sgdsai import gsnr_of, sgdsai_reference
 from . import functional as F
@@ -39,9 +40,6 @@ class SGDSaI(_ZooOptimizer):
     STATE_NAMES = OPS["sgdsai"].states
     HYPER_NAMES = ("momentum", "weight_decay", "weight_decouple", "eps")
     REFERENCE = staticmethod(sgdsai_reference)
-
-    def _sharded_kernel_reason(self, group, params):
-        return "the g-SNR is a statistic of the whole tensor"
 
     def __init__(self, params: Params, lr: Union[float, torch.Tensor] = 1e-2, momentum: float = 0.9,
                  weight_decay: float = 1e-2, weight_decouple: bool = True, eps: float = 1e-8, maximize: bool = False,
@@ -99,7 +97,8 @@ class SGDSaI(_ZooOptimizer):
             if unknown and not skipped(found_inf):
                 for g, s in unknown:
                     if float(s["step"]) == 0.0:
-                        g32 = g.float() if grad_scale is None else g.float() / grad_scale
+                        g32 = _sharded.whole(g).float()  # (FSDP2: the whole gradient, once per tensor)
+                        g32 = g32 if grad_scale is None else g32 / grad_scale
                         s["gsnr"].copy_(gsnr_of(g32, eps))
                     known[s["step"]] = s["gsnr"]
         lr64 = _lr64(group["lr"], device)

@@ -10,6 +10,12 @@ gradients are never written to.
 import torch
 
 
+def as_plain(t):
+    """A statistic of a whole tensor as a plain tensor: a DTensor's (FSDP2: the reduction's result,
+    replicated on every rank) value, anything else as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def init_state(p, state, names):
     """Fill the empty state dict of ``p``: an fp32 step counter and a zeroed tensor like ``p`` for each
     of ``names`` (in that order)."""

@@ -55,7 +55,7 @@ are fp64 scalars rounded to fp32.
 """
 import torch
 
-from ._common import check_inputs, init_state, prepare_grad, skipped
+from ._common import as_plain, check_inputs, init_state, prepare_grad, skipped
 
 STATE_NAMES = ("exp_avg", "exp_avg_sq")
 SCALAR_STATE_NAMES = ("weight_norm", "adam_norm", "trust_ratio")
@@ -138,8 +138,8 @@ def lamb_reference(params, grads, states, *, lr, betas=(0.9, 0.999), weight_deca
         st["exp_avg_sq"].copy_(v)
 
         # between phases: trust ratio
-        wn = s_w.sqrt().clamp(min=0.0, max=float(clamp))
-        un = s_u.sqrt()
+        wn = as_plain(s_w).sqrt().clamp(min=0.0, max=float(clamp))  # (FSDP2: the sums over every shard)
+        un = as_plain(s_u).sqrt()
         trust = torch.where((wn != 0) & (un != 0), wn / (un + eps), torch.ones_like(wn))
         coef = step_size.float() * (torch.ones_like(trust) if adam else trust)
         for name, value in zip(SCALAR_STATE_NAMES, (wn, un, trust)):

@@ -43,7 +43,7 @@ is edited); gradients are never written to.
 """
 import torch
 
-from ._common import check_inputs, init_state, prepare_grad, skipped
+from ._common import as_plain, check_inputs, init_state, prepare_grad, skipped
 
 STATE_NAMES = ("momentum_buffer",)
 SCALAR_STATE_NAMES = ("gsnr",)
@@ -93,7 +93,7 @@ def sgdsai_reference(params, grads, states, *, lr, momentum=0.9, weight_decay=1e
 
         # first step only: gsnr from the gradient's per-tensor sums
         first = st["step"] == 0
-        st["gsnr"].copy_(torch.where(first, gsnr_of(g, eps).to(st["gsnr"].dtype), st["gsnr"]))
+        st["gsnr"].copy_(torch.where(first, as_plain(gsnr_of(g, eps)).to(st["gsnr"].dtype), st["gsnr"]))
         coef = (lr64 * st["gsnr"].double()).float()
 
         # elementwise step
