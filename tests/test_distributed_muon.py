@@ -6,8 +6,9 @@ is the single-process result bit for bit.
   4+3 and 3+3+1) and empty ones (2 rows on 3 ranks: 1+1+0); the shards of a matrix go to its owner rank
   (an all_to_all), which runs Newton-Schulz, and come back.  A stack of expert matrices with
   ``flatten=False`` is sharded along its experts: every rank orthogonalizes its own experts, in one batch.
-* DTensors made by ``distribute_tensor`` with Shard(0), Shard(1) and Replicate() (the idea of
-  pytorch_optimizer's ``test_sharded_updates``: a step on the DTensors equals the step on the tensors).
+* DTensors made by ``distribute_tensor`` with Shard(0), Shard(1), Replicate() and HSDP's (Replicate,
+  Shard(0)) (the idea of pytorch_optimizer's ``test_sharded_updates``: a step on the DTensors equals the
+  step on the tensors), also with the Triton Newton-Schulz kernels where they run (the interpreter).
 * DDP with ``process_group``: each matrix orthogonalized by one rank, all-gathered.
 * The AdamW groups step the local shards (torch reference and cpu kernels).
 * What is refused raises before anything is written, on every rank.
@@ -31,6 +32,9 @@ import fastopt
 from fastopt.reference import muon as R
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+# the Triton Newton-Schulz kernels, here only under the interpreter (conftest sets TRITON_INTERPRET=1
+# without CUDA; the spawned ranks inherit it)
+TRITON = fastopt._backend.has_triton() and not torch.cuda.is_available() and fastopt._backend.triton_interpret()
 
 WORLD = 3
 STEPS = 3
@@ -156,7 +160,7 @@ def _fsdp_runs(mesh, out):
             local_rows={k: tuple(p.to_local().shape) for k, p in model.named_parameters()})
 
 
-def _sharded_updates(mesh, out):
+def _sharded_updates(mesh, out, backend="torch"):
     """pytorch_optimizer's test_sharded_updates, as an idea: DTensor params and grads (here along rows,
     along columns, replicated, and on a (1, world) mesh as (Replicate, Shard(0)), HSDP's placements)
     step as the tensors they hold."""
@@ -166,19 +170,19 @@ def _sharded_updates(mesh, out):
     gen = torch.Generator().manual_seed(1)
     full = [torch.randn(5, 4, generator=gen), torch.randn(6, 3, generator=gen), torch.randn(4, 4, generator=gen),
             torch.randn(5, 3, generator=gen)]
-    grads = [[torch.randn_like(w) for w in full] for _ in range(2)]
+    grads = [[torch.randn_like(w) for w in full] for _ in range(2 if backend == "torch" else 1)]
     meshes = [mesh] * 3 + [init_device_mesh("cpu", (1, mesh.size())) if mesh.size() == WORLD else mesh]
     placements = [[Shard(0)], [Shard(1)], [Replicate()], [Replicate(), Shard(0)] if mesh.size() == WORLD else
                   [Shard(0)]]
     params = [nn.Parameter(distribute_tensor(w.clone(), m, pl)) for w, m, pl in zip(full, meshes, placements)]
-    opt = fastopt.Muon([dict(params=params, use_muon=True)], lr=0.05, weight_decay=0.1, backend="torch")
+    opt = fastopt.Muon([dict(params=params, use_muon=True)], lr=0.05, weight_decay=0.1, backend=backend)
     with _CountNS() as count:
         for step in grads:
             for p, g, m, pl in zip(params, step, meshes, placements):
                 p.grad = distribute_tensor(g, m, pl)
             opt.step()
-    out[("sharded_updates", mesh.size())] = dict(full=full, grads=grads, got=[_full(p) for p in params],
-                                                 matrices=count.matrices)
+    out[("sharded_updates", mesh.size(), backend)] = dict(full=full, grads=grads, got=[_full(p) for p in params],
+                                                          matrices=count.matrices)
 
 
 def _ddp_run(group, out):
@@ -262,6 +266,8 @@ def _worker(rank, world, port, out_dir):
             mesh2 = DeviceMesh.from_group(pair, "cpu")
             _fsdp_runs(mesh2, out)
             _sharded_updates(mesh2, out)
+            if TRITON:
+                _sharded_updates(mesh2, out, backend="triton")
             _ddp_run(pair, out)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
@@ -322,22 +328,25 @@ def test_each_matrix_orthogonalized_once_per_step(ranks, world, name):
             assert ranks[r][("fsdp", world, name)]["calls"] <= STEPS * 4, (r, ranks[r][("fsdp", world, name)])
 
 
-@pytest.mark.parametrize("world", [3, 2])
-def test_sharded_updates(ranks, world):
-    got = ranks[0][("sharded_updates", world)]
+@pytest.mark.parametrize("world, backend", [(3, "torch"), (2, "torch"), (2, "triton")])
+def test_sharded_updates(ranks, world, backend):
+    if backend == "triton" and not TRITON:
+        pytest.skip("the Triton Newton-Schulz kernels cannot run here")
+    got = ranks[0][("sharded_updates", world, backend)]
     params = [nn.Parameter(w.clone()) for w in got["full"]]
-    opt = fastopt.Muon([dict(params=params, use_muon=True)], lr=0.05, weight_decay=0.1, backend="torch")
+    opt = fastopt.Muon([dict(params=params, use_muon=True)], lr=0.05, weight_decay=0.1, backend=backend)
     for step in got["grads"]:
         for p, g in zip(params, step):
             p.grad = g
         opt.step()
     for r in range(world):
-        res = ranks[r][("sharded_updates", world)]
+        res = ranks[r][("sharded_updates", world, backend)]
         for i, (p, q) in enumerate(zip(params, res["got"])):
             assert torch.equal(p.detach(), q), (r, i)
-    # the sharded matrices once in all, the replicated one on every rank
-    counts = [ranks[r][("sharded_updates", world)]["matrices"] for r in range(world)]
-    assert sum(counts) == 2 * (3 + world), counts
+    if backend == "torch":  # (the count wraps the torch Newton-Schulz) the sharded matrices once in all,
+        # the replicated one on every rank
+        counts = [ranks[r][("sharded_updates", world, backend)]["matrices"] for r in range(world)]
+        assert sum(counts) == len(got["grads"]) * (3 + world), counts
 
 
 @pytest.mark.parametrize("world", [3, 2])
