@@ -83,7 +83,9 @@ constexpr const char* kElementwiseDoc =
     "per-row sums into reduce_out (fp32 [rows, 4]); rows: rows per tensor or []; row_coef_ptr: fp32 "
     "[rows, 4] coefficients read by phase 0, or 0; seed/stochastic: stochastic rounding of bf16 params; "
     "sparse_mask/sparse_out/sparse_numels/sparse_lambda/sparse_beta: the sparse-training epilogue (uint8 "
-    "masks and forward weights per tensor, or [] for none, and the numel of each; see fastopt/elementwise.h).";
+    "masks and forward weights per tensor, or [] for none, and the numel of each; see fastopt/elementwise.h); "
+    "sr_offsets: per tensor the index of its first element in the whole tensor (a shard's start), so that "
+    "element i rounds stochastically as element sr_offsets[t] + i, or [] (all 0).";
 
 void set_sparse(fastopt::ElementwiseArgs& a, std::vector<int64_t> mask, std::vector<int64_t> out,
                 std::vector<int64_t> numels, double lambda, double beta) {
@@ -104,14 +106,29 @@ void set_sparse(fastopt::ElementwiseArgs& a, std::vector<int64_t> mask, std::vec
                         std::move(hyper), flags, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, maximize,   \
                         phase, std::move(rows), row_coef_ptr, reduce_out_ptr, seed, stochastic)
 
+// Argument names of the bindings above (Python may pass them by keyword; sr_offsets, last before the
+// CUDA stream, may be left out on the CPU entry points: empty, i.e. every offset 0).
+#define FASTOPT_ELEMENTWISE_NAMES                                                                       \
+  py::arg("op"), py::arg("ptrs"), py::arg("numels"), py::arg("steps"), py::arg("dtype"), py::arg("hyper"), \
+      py::arg("flags"), py::arg("lr"), py::arg("lr_ptr"), py::arg("grad_scale_ptr"), py::arg("found_inf_ptr"), \
+      py::arg("maximize"), py::arg("phase"), py::arg("rows"), py::arg("row_coef_ptr"), py::arg("reduce_out_ptr"), \
+      py::arg("seed"), py::arg("stochastic")
+#define FASTOPT_SPARSE_NAMES                                                                            \
+  py::arg("sparse_mask"), py::arg("sparse_out"), py::arg("sparse_numels"), py::arg("sparse_lambda"),       \
+      py::arg("sparse_beta")
+#define FASTOPT_LOWBIT_NAMES                                                                            \
+  py::arg("books"), py::arg("absmax"), py::arg("absmax_numels"), py::arg("block"), py::arg("colmax"),      \
+      py::arg("colmax_numels"), py::arg("rank1_rows")
+
 constexpr const char* kLowbitDoc =
     "One step of a registered elementwise op with low-bit states (csrc/include/fastopt/quant.h): the "
     "elementwise arguments (phase 0, no rows), then books: per state the address of its int32 codebook "
     "or 0 (a plain state of the params' dtype); absmax: per state and tensor (state-major) the address "
     "of its fp32 block maxima, 0 for plain states; absmax_numels: the numel of each; block: elements per "
     "block; colmax: per state and tensor the fp32 column maxima of a rank-1 normalized state (its absmax "
-    "then holds the row maxima) or 0, or []; colmax_numels: the numel of each; rank1_rows: rows of each tensor's rank-1 view (CPU only).  A quantized state's list "
-    "holds its uint8 codes.";
+    "then holds the row maxima) or 0, or []; colmax_numels: the numel of each; rank1_rows: rows of each tensor's rank-1 view (CPU only); "
+    "sr_offsets: as for the elementwise ops (a shard's first element in the whole tensor, per tensor, or []).  "
+    "A quantized state's list holds its uint8 codes.";
 
 constexpr const char* kQuantizeDoc =
     "Blockwise codec (x, codes, absmax, numel, codes_numel, absmax_numel, block, book, dequantize[, stream]) of "
@@ -173,26 +190,28 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "elementwise_cpu",
       [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> sparse_mask, std::vector<int64_t> sparse_out,
-         std::vector<int64_t> sparse_numels, double sparse_lambda, double sparse_beta) {
+         std::vector<int64_t> sparse_numels, double sparse_lambda, double sparse_beta, std::vector<int64_t> sr_offsets) {
         fastopt::ElementwiseArgs a = FASTOPT_ELEMENTWISE_ARGS;
         set_sparse(a, std::move(sparse_mask), std::move(sparse_out), std::move(sparse_numels), sparse_lambda,
                    sparse_beta);
+        a.sr_offsets = std::move(sr_offsets);
         py::gil_scoped_release nogil;
         fastopt::elementwise_cpu(a);
       },
-      kElementwiseDoc);
+      kElementwiseDoc, FASTOPT_ELEMENTWISE_NAMES, FASTOPT_SPARSE_NAMES, py::arg("sr_offsets") = std::vector<int64_t>{});
   m.def(
       "lowbit_cpu",
       [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> books, std::vector<int64_t> absmax,
          std::vector<int64_t> absmax_numels, int64_t block, std::vector<int64_t> colmax,
-         std::vector<int64_t> colmax_numels, std::vector<int64_t> rank1_rows) {
+         std::vector<int64_t> colmax_numels, std::vector<int64_t> rank1_rows, std::vector<int64_t> sr_offsets) {
         fastopt::LowbitArgs a = make_lowbit_args(FASTOPT_ELEMENTWISE_ARGS, std::move(books), std::move(absmax),
                                                  std::move(absmax_numels), block, std::move(colmax),
                                                  std::move(colmax_numels), std::move(rank1_rows));
+        a.base.sr_offsets = std::move(sr_offsets);
         py::gil_scoped_release nogil;
         fastopt::lowbit_cpu(a);
       },
-      kLowbitDoc);
+      kLowbitDoc, FASTOPT_ELEMENTWISE_NAMES, FASTOPT_LOWBIT_NAMES, py::arg("sr_offsets") = std::vector<int64_t>{});
   m.def(
       "quantize_cpu",
       [](int64_t x, int64_t codes, int64_t absmax, int64_t numel, int64_t codes_numel, int64_t absmax_numel,
@@ -263,26 +282,30 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "elementwise_cuda",
       [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> sparse_mask, std::vector<int64_t> sparse_out,
-         std::vector<int64_t> sparse_numels, double sparse_lambda, double sparse_beta, int64_t stream) {
+         std::vector<int64_t> sparse_numels, double sparse_lambda, double sparse_beta, std::vector<int64_t> sr_offsets,
+         int64_t stream) {
         fastopt::ElementwiseArgs a = FASTOPT_ELEMENTWISE_ARGS;
         set_sparse(a, std::move(sparse_mask), std::move(sparse_out), std::move(sparse_numels), sparse_lambda,
                    sparse_beta);
+        a.sr_offsets = std::move(sr_offsets);
         py::gil_scoped_release nogil;
         fastopt::elementwise_cuda(a, stream);
       },
-      kElementwiseDoc);
+      kElementwiseDoc, FASTOPT_ELEMENTWISE_NAMES, FASTOPT_SPARSE_NAMES, py::arg("sr_offsets"), py::arg("stream"));
   m.def(
       "lowbit_cuda",
       [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> books, std::vector<int64_t> absmax,
          std::vector<int64_t> absmax_numels, int64_t block, std::vector<int64_t> colmax,
-         std::vector<int64_t> colmax_numels, std::vector<int64_t> rank1_rows, int64_t stream) {
+         std::vector<int64_t> colmax_numels, std::vector<int64_t> rank1_rows, std::vector<int64_t> sr_offsets,
+         int64_t stream) {
         fastopt::LowbitArgs a = make_lowbit_args(FASTOPT_ELEMENTWISE_ARGS, std::move(books), std::move(absmax),
                                                  std::move(absmax_numels), block, std::move(colmax),
                                                  std::move(colmax_numels), std::move(rank1_rows));
+        a.base.sr_offsets = std::move(sr_offsets);
         py::gil_scoped_release nogil;
         fastopt::lowbit_cuda(a, stream);
       },
-      kLowbitDoc);
+      kLowbitDoc, FASTOPT_ELEMENTWISE_NAMES, FASTOPT_LOWBIT_NAMES, py::arg("sr_offsets"), py::arg("stream"));
   m.def(
       "nm_mask_cuda",
       [](int64_t in, int64_t out, int64_t outer, int64_t len, int64_t inner, int64_t n, int64_t m_, int dtype,

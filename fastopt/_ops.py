@@ -261,24 +261,46 @@ adam_step_, adam_step = _kernel_op(
     "adam_step_", mutates=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"))(_adam_kernel)
 
 
+def _check_sr_offsets(op, sr_offsets, n):
+    """The stochastic-rounding element offsets of a call with ``n`` params as a list of ints: [] (every
+    offset 0) for None or [], else exactly one non-negative int per param (the index of the param's
+    first element in the whole tensor it is a contiguous piece of, e.g. an FSDP2 shard on dim 0), so
+    that element ``i`` rounds with the bits of element ``offset + i`` and a tensor stepped as pieces
+    rounds exactly as stepped whole.  Raises ValueError before anything is written."""
+    if not sr_offsets:
+        return []
+    offsets = list(sr_offsets)
+    if len(offsets) != n:
+        raise ValueError(f"fastopt::{op}: sr_offsets has {len(offsets)} entries for {n} params (one "
+                         "stochastic-rounding element offset per param, or none)")
+    for o in offsets:
+        if isinstance(o, bool) or not isinstance(o, int) or o < 0:
+            raise ValueError(f"fastopt::{op}: sr_offsets must be non-negative ints (element offsets), got {o!r}")
+    return offsets
+
+
 def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: List[Tensor],
                         state_steps: List[Tensor], hyper: List[float], flags: int, lr: float,
                         lr_tensor: Optional[Tensor], maximize: bool, grad_scale: Optional[Tensor],
                         found_inf: Optional[Tensor], phase: int, rows: List[int], row_coef: Optional[Tensor],
                         reduce_out: Optional[Tensor], seed: int, stochastic: bool, backend: str,
                         sparse_mask: List[Tensor], sparse_out: List[Tensor], sparse_lambda: float,
-                        sparse_beta: float) -> None:
+                        sparse_beta: float, sr_offsets: Optional[List[int]] = None) -> None:
     """One call of a registered elementwise op (``csrc/include/fastopt/ops.h``): ``states`` holds the
     op's state lists one after the other (``k * len(params)`` tensors).  Phase 0 is the update and
     increments ``state_steps``; phase 1 adds per-row sums into ``reduce_out`` (fp32 ``[rows, 4]``).
     ``sparse_mask`` (one bool mask per param, or []) adds the sparse-training epilogue to phase 0:
     the params are dense weights, ``g += sparse_lambda * p`` where the mask is False, and
     ``sparse_out`` (forward weights, or []) gets ``mask ? p : sparse_beta * p`` (see
-    ``csrc/include/fastopt/elementwise.h``)."""
+    ``csrc/include/fastopt/elementwise.h``).  ``sr_offsets`` (None, [], or one non-negative int per
+    param): stochastic rounding gives element ``i`` of param ``t`` the bits of element
+    ``sr_offsets[t] + i`` -- its index in the whole tensor when ``params[t]`` is a piece (an FSDP2
+    shard) starting there (see :func:`_check_sr_offsets`)."""
     if not params:
         return
     lr, lr_tensor = _host_lr(lr, lr_tensor)
     n = len(params)
+    sr_offsets = _check_sr_offsets("elementwise_step_", sr_offsets, n)
     nstates = len(states) // n
     if _backend.has_cpu():  # the op registry (without fastopt._C, Triton loads the lists it is given)
         nstates = _backend.native().op_shape(op)[0]
@@ -310,7 +332,8 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
             op, lists, state_steps, hyper=hyper, flags=flags, lr=lr_tensor if lr_tensor is not None else lr,
             grad_scale=grad_scale, found_inf=found_inf, sign=-1.0 if maximize else 1.0, phase=phase,
             rows=rows or None, row_coef=row_coef, reduce_out=reduce_out, seed=seed, stochastic=stochastic,
-            sparse_mask=sparse_mask, sparse_out=sparse_out, sparse_lambda=sparse_lambda, sparse_beta=sparse_beta)
+            sparse_mask=sparse_mask, sparse_out=sparse_out, sparse_lambda=sparse_lambda, sparse_beta=sparse_beta,
+            sr_offsets=sr_offsets)
         return
     sparse_names = ("sparse_mask", "sparse_out") if sparse_out else ("sparse_mask",) if sparse_mask else ()
     args = (
@@ -319,7 +342,7 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
         call.ptr("grad_scale"), call.ptr("found_inf"), bool(maximize), int(phase), list(rows),
         call.ptr("row_coef"), call.ptr("reduce_out"), int(seed) & 0xFFFFFFFFFFFFFFFF, bool(stochastic),
         call.ptrs("sparse_mask") if sparse_mask else [], call.ptrs("sparse_out") if sparse_out else [],
-        call.numels(*sparse_names), float(sparse_lambda), float(sparse_beta),
+        call.numels(*sparse_names), float(sparse_lambda), float(sparse_beta), sr_offsets,
     )
     _run_native(backend, "elementwise", params[0].device, args, "elementwise_step_")
 
@@ -332,17 +355,21 @@ def _lowbit_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: L
                    books: List[Tensor], block: int, state_steps: List[Tensor], hyper: List[float], flags: int,
                    lr: float, lr_tensor: Optional[Tensor], maximize: bool, grad_scale: Optional[Tensor],
                    found_inf: Optional[Tensor], seed: int, stochastic: bool, colmax: List[Tensor],
-                   rank1: List[bool], rank1_rows: List[int], backend: str) -> None:
+                   rank1: List[bool], rank1_rows: List[int], backend: str,
+                   sr_offsets: Optional[List[int]] = None) -> None:
     """One step of a registered elementwise op with low-bit states (``csrc/include/fastopt/quant.h``):
     ``states`` holds the op's state lists one after the other (uint8 codes for a quantized state, the
     params' dtype for a plain one); ``books`` one int32 codebook per state (an empty tensor: plain);
     ``absmax`` the fp32 block maxima of the quantized states, state after state.  Rank-1 normalized
     states (``rank1[k]``; CPU only) hold row maxima in ``absmax`` and column maxima in ``colmax`` (the
-    rank-1 states' lists, state after state); ``rank1_rows`` gives each tensor's rows."""
+    rank-1 states' lists, state after state); ``rank1_rows`` gives each tensor's rows; ``sr_offsets`` as
+    for :func:`_elementwise_kernel` (the stochastic rounding of bf16 params keyed on the element's index
+    in the whole tensor)."""
     if not params:
         return
     lr, lr_tensor = _host_lr(lr, lr_tensor)
     n = len(params)
+    sr_offsets = _check_sr_offsets("lowbit_step_", sr_offsets, n)
     nstates = len(books)
     if len(states) != n * nstates:
         raise ValueError(f"fastopt::lowbit_step_: {len(states)} state tensors for {n} params and {nstates} books")
@@ -391,7 +418,7 @@ def _lowbit_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: L
             op, lists, state_steps, books=[b if q else None for b, q in zip(books, quantized)], absmax=per_state,
             block=block, hyper=hyper, flags=flags, lr=lr_tensor if lr_tensor is not None else lr,
             grad_scale=grad_scale, found_inf=found_inf, sign=-1.0 if maximize else 1.0, seed=seed,
-            stochastic=stochastic)
+            stochastic=stochastic, sr_offsets=sr_offsets)
         return
     state_names = [f"states[{k}]" for k in range(nstates)]
     absmax_addrs, absmax_numels, colmax_addrs, colmax_numels = [], [], [], []
@@ -407,7 +434,7 @@ def _lowbit_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: L
         call.ptr("lr_tensor"), call.ptr("grad_scale"), call.ptr("found_inf"), bool(maximize), 0, [], 0, 0,
         int(seed) & 0xFFFFFFFFFFFFFFFF, bool(stochastic),
         [b.data_ptr() if q else 0 for b, q in zip(books, quantized)], absmax_addrs, absmax_numels, int(block),
-        colmax_addrs, colmax_numels, [int(r) for r in rank1_rows] if any_r1 else [],
+        colmax_addrs, colmax_numels, [int(r) for r in rank1_rows] if any_r1 else [], sr_offsets,
     )
     _run_native(backend, "lowbit", params[0].device, args, "lowbit_step_")
 
@@ -660,6 +687,7 @@ class ElementwiseCall(NamedTuple):
     sparse_out: Sequence[Tensor] = ()
     sparse_lambda: float = 0.0
     sparse_beta: float = 0.0
+    sr_offsets: Sequence[int] = ()  # per param, where it starts in its whole tensor (stochastic rounding)
 
 
 # NOTE: [DTensors]
@@ -694,7 +722,8 @@ def run_elementwise(c: ElementwiseCall) -> None:
         grad_scale=c.grad_scale, found_inf=c.found_inf, phase=int(c.phase),
         rows=list(c.rows) if c.rows is not None else [], row_coef=c.row_coef, reduce_out=c.reduce_out,
         seed=int(c.seed), stochastic=bool(c.stochastic), backend=c.backend, sparse_mask=list(c.sparse_mask or ()),
-        sparse_out=list(c.sparse_out or ()), sparse_lambda=float(c.sparse_lambda), sparse_beta=float(c.sparse_beta))
+        sparse_out=list(c.sparse_out or ()), sparse_lambda=float(c.sparse_lambda), sparse_beta=float(c.sparse_beta),
+        sr_offsets=[int(o) for o in c.sr_offsets])
 
 
 class LowbitCall(NamedTuple):
@@ -725,6 +754,7 @@ class LowbitCall(NamedTuple):
     colmax: Sequence[Tensor] = ()
     rank1: Sequence[bool] = ()
     rank1_rows: Sequence[int] = ()
+    sr_offsets: Sequence[int] = ()  # per param, where it starts in its whole tensor (stochastic rounding)
 
 
 def run_lowbit(c: LowbitCall) -> None:
@@ -735,7 +765,8 @@ def run_lowbit(c: LowbitCall) -> None:
         books=list(c.books), block=int(c.block), state_steps=list(c.state_steps), hyper=[float(h) for h in c.hyper],
         flags=int(c.flags), lr=lr, lr_tensor=lr_tensor, maximize=bool(c.maximize), grad_scale=c.grad_scale,
         found_inf=c.found_inf, seed=int(c.seed), stochastic=bool(c.stochastic), colmax=list(c.colmax),
-        rank1=[bool(r) for r in c.rank1], rank1_rows=[int(r) for r in c.rank1_rows], backend=c.backend)
+        rank1=[bool(r) for r in c.rank1], rank1_rows=[int(r) for r in c.rank1_rows], backend=c.backend,
+        sr_offsets=[int(o) for o in c.sr_offsets])
 
 
 class AdamCall(NamedTuple):

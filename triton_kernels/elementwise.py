@@ -1,8 +1,10 @@
 """The generic Triton launcher of fastopt's elementwise optimizer ops (the Triton side of
 ``csrc/include/fastopt/elementwise.h``).
 
-One launch covers every tensor of a call: an int64 table ``[n_tensors, 2 + NSTATE + 1]`` holds the
-addresses of param, grad, the op's state slots and the fp32 step counter (:mod:`.multi_tensor`); each
+One launch covers every tensor of a call: an int64 table ``[n_tensors, 2 + NSTATE + 2]`` holds the
+addresses of param, grad, the op's state slots, the tensor's stochastic-rounding element offset (an
+integer: where it starts in the whole tensor, ``sr_offsets``) and the fp32 step counter
+(:mod:`.multi_tensor`); each
 program takes one chunk of ``CHUNK`` elements of one tensor.  An op is two ``@triton.jit`` functions
 passed as constexprs:
 
@@ -21,7 +23,8 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (BLOCK, CHUNK, MAX_STATES, _TL_DTYPES, StepArgs, _chunk_tables, _load_block, _ptr,
-                           _rounded, _step_scalars, _step_skipped, _store_block, _store_param, device_table, pad_hyper)
+                           _rounded, _sr_offset, _step_scalars, _step_skipped, _store_block, _store_param, device_table,
+                           pad_hyper, sr_offset_column)
 
 
 @triton.jit(do_not_specialize=["seed"])  # seed == 1 must not become a constexpr (seed.to in _store_param)
@@ -37,7 +40,7 @@ def _elementwise_kernel(
     SPARSE: tl.constexpr, SPARSE_OUT: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
-    NCOL: tl.constexpr = NSTATE + 3  # param, grad, states..., step counter
+    NCOL: tl.constexpr = NSTATE + 4  # param, grad, states..., stochastic-rounding offset, step counter
     pid = tl.program_id(0)
     if _step_skipped(found_inf_ptr, HAS_FOUND_INF) == 0.0:
         row = tl.load(block_tensor + pid).to(tl.int64)
@@ -48,6 +51,7 @@ def _elementwise_kernel(
                                            HAS_LR_PTR, HAS_GRAD_SCALE, HAS_STEPS)
         r_first = tl.load(row_offset + row)
         r_len = tl.load(row_len + row)
+        sr_offset = _sr_offset(addr_table, row, NSTATE + 2, NCOL, STOCHASTIC)
         for off in range(start, end, BLOCK_SIZE):
             offs = off + tl.arange(0, BLOCK_SIZE)
             mask = offs < end
@@ -83,7 +87,7 @@ def _elementwise_kernel(
                 p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3,
                                            H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
                 stored = _store_param(_ptr(addr_table, row, 0, NCOL, DTYPE), offs, mask, p, seed, row, step,
-                                      STOCHASTIC, DTYPE)
+                                      sr_offset, STOCHASTIC, DTYPE)
                 if SPARSE_OUT:
                     optr = tl.load(sparse_table + row * 2 + 1).to(tl.pointer_type(DTYPE))
                     ps = stored.to(tl.float32)
@@ -127,7 +131,7 @@ def no_reduce(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3, H0, H1, H2, H3, H4
 def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr, grad_scale=None,
                       found_inf=None, sign=1.0, phase=0, rows=None, row_coef=None, reduce_out=None,
                       seed=0, stochastic=False, sparse_mask=None, sparse_out=None, sparse_lambda=0.0,
-                      sparse_beta=0.0):
+                      sparse_beta=0.0, sr_offsets=None):
     """Run an op over ``lists`` = [params, grads, state 0, ...] in one launch (see the module doc).
 
     ``rows``: rows per tensor (or None: one row each); ``row_coef``: fp32 ``[total rows, 4]`` read by
@@ -135,6 +139,8 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
     ``steps`` unless ``found_inf`` is nonzero.  ``sparse_mask`` (bool/uint8 per param) switches on the
     sparse-training epilogue of phase 0: ``g += sparse_lambda * p`` where the mask is 0, and, with
     ``sparse_out``, the forward weights ``mask ? p : sparse_beta * p`` (see ``fastopt/elementwise.h``).
+    ``sr_offsets`` (None, empty, or one non-negative int per tensor): stochastic rounding gives element
+    ``i`` of tensor ``t`` the bits of element ``sr_offsets[t] + i`` (the C++ kernels' ``sr_offsets``).
     """
     params = lists[0]
     if not params:
@@ -147,6 +153,7 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
     if stochastic and params[0].dtype != torch.bfloat16:
         raise ValueError("stochastic rounding is for bf16 params")  # as the C++ launchers check
     numels = tuple(p.numel() for p in params)
+    sr_column = sr_offset_column(sr_offsets, len(params))
     rows = tuple(rows) if rows is not None else (1,) * len(params)
     offsets, lens, acc = [], [], 0
     for n, r in zip(numels, rows):
@@ -155,7 +162,8 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
         acc += r
     has_steps = bool(steps)
     step_addrs = [s.data_ptr() for s in steps] if has_steps else [0] * len(params)
-    addr_table = device_table([[t.data_ptr() for t in row] + [s] for row, s in zip(zip(*lists), step_addrs)], device)
+    addr_table = device_table([[t.data_ptr() for t in row] + [o, s]
+                               for row, o, s in zip(zip(*lists), sr_column, step_addrs)], device)
     meta = device_table([numels, offsets, lens], device)
     block_tensor, block_start = _chunk_tables(numels, device)
     scalars = StepArgs(device, lr, grad_scale, found_inf, sign)
@@ -179,4 +187,4 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
             CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK,
         )
     if phase == 0 and has_steps:
-        scalars.increment_steps(addr_table, len(params), nstate + 3)
+        scalars.increment_steps(addr_table, len(params), nstate + 4)

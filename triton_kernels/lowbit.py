@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import (MAX_STATES, _TL_DTYPES, StepArgs, _load_block, _ptr, _step_scalars, _step_skipped,
-                           _store_block, _store_param, cached_on_device, device_table, pad_hyper)
+from .multi_tensor import (MAX_STATES, _TL_DTYPES, StepArgs, _load_block, _ptr, _sr_offset, _step_scalars,
+                           _step_skipped, _store_block, _store_param, cached_on_device, device_table, pad_hyper,
+                           sr_offset_column)
 from .ops import OPS
 
 HEADER = tl.constexpr(8)  # int32 words before the codebook's tables (constexpr: read by @triton.jit code)
@@ -177,8 +178,9 @@ def _lowbit_kernel(
     STOCHASTIC: tl.constexpr, HAS_STEPS: tl.constexpr,
     BLOCK: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr,
 ):
-    # Table columns: param, grad, the state slots (codes or values), each slot's absmax (0: plain), step.
-    NCOL: tl.constexpr = 2 * NSTATE + 3
+    # Table columns: param, grad, the state slots (codes or values), each slot's absmax (0: plain), the
+    # stochastic-rounding element offset (an integer), step.
+    NCOL: tl.constexpr = 2 * NSTATE + 4
     pid = tl.program_id(0)
     if _step_skipped(found_inf_ptr, HAS_FOUND_INF) == 0.0:
         row = tl.load(prog_tensor + pid).to(tl.int64)
@@ -204,7 +206,9 @@ def _lowbit_kernel(
             s3 = _load_state(addr_table, row, 5, 5 + NSTATE, NCOL, B3, blk, gmask, pair, pmask, offs, mask, h, Q3, DTYPE)
         p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, step, lr, zero, zero, zero, zero,
                                    H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
-        _store_param(_ptr(addr_table, row, 0, NCOL, DTYPE), offs, mask, p, seed, row, step, STOCHASTIC, DTYPE)
+        sr_offset = _sr_offset(addr_table, row, 2 + 2 * NSTATE, NCOL, STOCHASTIC)
+        _store_param(_ptr(addr_table, row, 0, NCOL, DTYPE), offs, mask, p, seed, row, step, sr_offset, STOCHASTIC,
+                     DTYPE)
         if NSTATE >= 1:
             _store_state(addr_table, row, 2, 2 + NSTATE, NCOL, B0, s0, blk, gmask, pair, pmask, offs, mask, h, Q0, DTYPE)
         if NSTATE >= 2:
@@ -300,7 +304,7 @@ def quantize_blockwise(x, codes, absmax, book, block, dequantize=False):
 
 
 def lowbit_step(op, lists, steps, *, books, absmax, block, hyper, flags, lr, grad_scale=None, found_inf=None,
-                sign=1.0, seed=0, stochastic=False):
+                sign=1.0, seed=0, stochastic=False, sr_offsets=None):
     """One step of the registered op ``op`` (:data:`.ops.OPS`) with low-bit states, in one launch.
 
     ``lists`` = [params, grads, state_1, ...]; state ``k`` is quantized when ``books[k]`` (its int32
@@ -310,7 +314,9 @@ def lowbit_step(op, lists, steps, *, books, absmax, block, hyper, flags, lr, gra
     :func:`.ops.elementwise_step`); ``lr``: float or fp32 1-element tensor; ``grad_scale``,
     ``found_inf``: fp32 tensors (``found_inf`` nonzero: nothing is written, the steps stay);
     ``sign``: -1 for maximize; ``steps``: fp32 counters (read as ``step + 1``, then incremented;
-    empty: the op sees step 1); ``seed``/``stochastic``: stochastic rounding of bf16 params.
+    empty: the op sees step 1); ``seed``/``stochastic``: stochastic rounding of bf16 params, element ``i``
+    of tensor ``t`` with the bits of element ``sr_offsets[t] + i`` (None or empty: all offsets 0; one
+    non-negative int per tensor otherwise: where a shard starts in its whole tensor).
     Semantics of ``csrc/cpu/lowbit_kernels.cpp`` (run_lowbit).
     """
     spec = OPS[op]
@@ -336,6 +342,7 @@ def lowbit_step(op, lists, steps, *, books, absmax, block, hyper, flags, lr, gra
     if dtype not in _TL_DTYPES:
         raise ValueError(f"unsupported param dtype {dtype}")
     numels = tuple(p.numel() for p in params)
+    sr_column = sr_offset_column(sr_offsets, n)
     for t, nel in enumerate(numels):
         if nel % block:
             raise ValueError(f"tensor {t}: numel {nel} is not a multiple of the block {block}")
@@ -381,6 +388,7 @@ def lowbit_step(op, lists, steps, *, books, absmax, block, hyper, flags, lr, gra
         row = [params[t].data_ptr(), lists[1][t].data_ptr()]
         row += [lists[2 + k][t].data_ptr() for k in range(nstate)]
         row += [absmax[k][t].data_ptr() if kinds[k] != PLAIN else 0 for k in range(nstate)]
+        row.append(sr_column[t])
         row.append(steps[t].data_ptr() if has_steps else 0)
         rows.append(row)
     addr_table = device_table(rows, device)
@@ -398,4 +406,4 @@ def lowbit_step(op, lists, steps, *, books, absmax, block, hyper, flags, lr, gra
             BLOCK=block, G=g, HALF=half,
         )
     if has_steps:
-        scalars.increment_steps(addr_table, n, 2 * nstate + 3)
+        scalars.increment_steps(addr_table, n, 2 * nstate + 4)

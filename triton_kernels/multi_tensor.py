@@ -107,13 +107,23 @@ def _step_scalars(addr_table, row, NCOL: tl.constexpr, lr_value, lr_ptr, grad_sc
 
 
 @triton.jit
-def _store_param(ptr, offs, mask, p, seed, row, step, STOCHASTIC: tl.constexpr, DTYPE: tl.constexpr):
+def _sr_offset(addr_table, row, COL: tl.constexpr, NCOL: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """The stochastic-rounding element offset of tensor ``row`` (column ``COL`` of the address table:
+    :func:`sr_offset_column`), read only when ``STOCHASTIC``."""
+    off = tl.full([], 0, tl.int64)
+    if STOCHASTIC:
+        off = tl.load(addr_table + row * NCOL + COL)
+    return off
+
+
+@triton.jit
+def _store_param(ptr, offs, mask, p, seed, row, step, sr_offset, STOCHASTIC: tl.constexpr, DTYPE: tl.constexpr):
     """Store the fp32 param ``p``; with ``STOCHASTIC`` (bf16) round with the counter-based bits of the
-    C++ kernels (``fmix32``; tensor ``row``, the step count), so CPU and GPU agree exactly.  Returns
-    the stored values."""
+    C++ kernels (``fmix32``; tensor ``row``, the step count, element ``sr_offset + offs``: its index in
+    the whole tensor), so CPU and GPU agree exactly.  Returns the stored values."""
     if STOCHASTIC:
         key = fmix32(seed.to(tl.uint32) ^ fmix32(row.to(tl.uint32) * 0x27D4EB2F + step.to(tl.uint32) * 0x165667B1))
-        stored = _bf16_stochastic(p, fmix32(offs.to(tl.uint32) * 0x9E3779B1 ^ key))
+        stored = _bf16_stochastic(p, fmix32((offs + sr_offset).to(tl.uint32) * 0x9E3779B1 ^ key))
     else:
         stored = _rounded(p, DTYPE)
     tl.store(ptr + offs, stored, mask=mask)
@@ -163,6 +173,23 @@ class StepArgs:
             addr_table, n, self.or_dummy(self.found_inf),
             NCOL=ncol, HAS_FOUND_INF=self.found_inf is not None, BLOCK_SIZE=256,
         )
+
+
+def sr_offset_column(sr_offsets, n):
+    """The per-tensor stochastic-rounding element offsets of a launch (each tensor's first element's
+    index in the whole tensor it is a piece of, e.g. an FSDP2 shard; the C++ ``sr_offsets``): a list
+    of ``n`` non-negative ints (zeros when ``sr_offsets`` is None or empty), for a column of the
+    launch's address table (read by :func:`_sr_offset`)."""
+    if not sr_offsets:
+        return [0] * n
+    offsets = list(sr_offsets)
+    if len(offsets) != n:
+        raise ValueError(f"sr_offsets: {len(offsets)} stochastic-rounding element offsets for {n} tensors (one "
+                         "per tensor, or none)")
+    for o in offsets:
+        if isinstance(o, bool) or not isinstance(o, int) or o < 0:
+            raise ValueError(f"sr_offsets: an element offset must be a non-negative int, got {o!r}")
+    return offsets
 
 
 def device_table(rows, device):

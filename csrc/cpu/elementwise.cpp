@@ -39,6 +39,10 @@ void check_elementwise(const ElementwiseArgs& a, int states, const std::vector<i
               "a row count must be >= 1 and divide its tensor's numel");
   }
   check_arg(!a.stochastic || a.lists.dtype == kBFloat16, "stochastic rounding is for bf16 params");
+  check_arg(a.sr_offsets.empty() || static_cast<int64_t>(a.sr_offsets.size()) == a.lists.n,
+            "sr_offsets: one stochastic-rounding element offset per tensor (or none), got " +
+                std::to_string(a.sr_offsets.size()) + " for " + std::to_string(a.lists.n) + " tensors");
+  for (int64_t o : a.sr_offsets) check_arg(o >= 0, "sr_offsets: a stochastic-rounding element offset must be >= 0");
   if (a.sparse_mask.empty()) {
     check_arg(a.sparse_out.empty(), "sparse_out needs sparse_mask");
     return;

@@ -24,7 +24,7 @@ struct Plan {
 template <typename Op, typename T, int SPARSE>
 void update_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0, T* __restrict__ s1,
                   T* __restrict__ s2, T* __restrict__ s3, int64_t begin, int64_t end, float grad_mul,
-                  const typename Op::Coeffs c, const float* rc, bool stochastic, uint32_t key,
+                  const typename Op::Coeffs c, const float* rc, bool stochastic, uint32_t key, uint32_t sr_offset,
                   const uint8_t* __restrict__ mask, T* __restrict__ out, float lambda, float beta) {
   float row[kMaxRowCoefs] = {0.0f, 0.0f, 0.0f, 0.0f};
   if (rc != nullptr) std::memcpy(row, rc, sizeof(row));
@@ -33,12 +33,13 @@ void update_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0
   if (stochastic) {
 #pragma GCC ivdep
     for (int64_t i = begin; i < end; ++i)
-      op_update_element<Op, T, SPARSE>(p, g, s0, s1, s2, s3, i, grad_mul, c, row, true, key, mask, out, lambda, beta);
+      op_update_element<Op, T, SPARSE>(p, g, s0, s1, s2, s3, i, grad_mul, c, row, true, key, sr_offset, mask, out,
+                                       lambda, beta);
   } else {
 #pragma GCC ivdep
     for (int64_t i = begin; i < end; ++i)
-      op_update_element<Op, T, SPARSE>(p, g, s0, s1, s2, s3, i, grad_mul, c, row, false, key, mask, out, lambda,
-                                       beta);
+      op_update_element<Op, T, SPARSE>(p, g, s0, s1, s2, s3, i, grad_mul, c, row, false, key, sr_offset, mask, out,
+                                       lambda, beta);
   }
 }
 
@@ -121,6 +122,7 @@ void run_op(const Plan& pl, double* sums) {
     const int64_t row_len = row_len_of(t);
     const uint32_t key = sr_key(static_cast<uint32_t>(a.seed), static_cast<uint32_t>(t),
                                 static_cast<uint32_t>(pl.steps[t]));
+    const uint32_t sr_offset = sr_offset_of(a, t);
     // Walk the rows this piece [s, s + len) touches: row coefficients are per row.
     for (int64_t b = s; b < s + len;) {
       const int64_t r = row_len > 0 ? b / row_len : 0;
@@ -129,17 +131,17 @@ void run_op(const Plan& pl, double* sums) {
       const float* rc = pl.row_coef != nullptr ? pl.row_coef + grow * kMaxRowCoefs : nullptr;
       if (a.sparse_mask.empty()) {
         update_range<Op, T, 0>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key,
-                               nullptr, nullptr, 0.0f, 0.0f);
+                               sr_offset, nullptr, nullptr, 0.0f, 0.0f);
       } else if constexpr (Op::kReduce == 0) {  // check_elementwise: the epilogue needs a one-pass op
         T* out = a.sparse_out.empty() ? nullptr : as_ptr<T>(a.sparse_out[t]);
         const uint8_t* mask = as_ptr<const uint8_t>(a.sparse_mask[t]);
         const float lambda = static_cast<float>(a.sparse_lambda), beta = static_cast<float>(a.sparse_beta);
         if (out != nullptr) {
-          update_range<Op, T, 2>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key, mask,
-                                 out, lambda, beta);
+          update_range<Op, T, 2>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key,
+                                 sr_offset, mask, out, lambda, beta);
         } else {
-          update_range<Op, T, 1>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key, mask,
-                                 nullptr, lambda, beta);
+          update_range<Op, T, 1>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key,
+                                 sr_offset, mask, nullptr, lambda, beta);
         }
       }
       b = e;

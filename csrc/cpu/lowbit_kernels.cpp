@@ -225,6 +225,7 @@ void run_lowbit(const LowbitArgs& la, const ElementwiseArgs& a, double lr, float
     T* p = l.get<T>(0, t);
     const T* g = l.get<T>(1, t);
     const uint32_t key = sr_key(static_cast<uint32_t>(a.seed), static_cast<uint32_t>(t), static_cast<uint32_t>(steps[t]));
+    const uint32_t sr_offset = sr_offset_of(a, t);  // element base + j rounds as sr_offset + base + j
     alignas(64) float st[kMaxStates][kMaxQuantBlock];
     alignas(64) float scale[kMaxQuantBlock];
     const int64_t rows = any_r1 ? la.rank1_rows[t] : 1, cols = l.numels[t] / std::max<int64_t>(rows, 1);
@@ -245,10 +246,10 @@ void run_lowbit(const LowbitArgs& la, const ElementwiseArgs& a, double lr, float
       }
       if (a.stochastic) {
         update_block<Op, T, true>(p + base, g + base, st[0], st[1], st[2], st[3], block, grad_mul, coeffs[t], key,
-                                  static_cast<uint32_t>(base));
+                                  sr_offset + static_cast<uint32_t>(base));
       } else {
         update_block<Op, T, false>(p + base, g + base, st[0], st[1], st[2], st[3], block, grad_mul, coeffs[t], key,
-                                   static_cast<uint32_t>(base));
+                                   sr_offset + static_cast<uint32_t>(base));
       }
       for (int k = 0; k < Op::kStates; ++k) {
         if (r1(k, t)) {

@@ -2,9 +2,10 @@
 // lr, grad scale, found_inf and the step counters are read on the device: no host sync.
 //
 // Per tensor the launcher carries, after the op's lists and the step counter, three integers in
-// pointer slots: the tensor's first global row, its row length and its index (for the stochastic
-// rounding stream); with the sparse epilogue, two more: the tensor's uint8 mask and its forward
-// weight (or null).  Phase 1 reduces a chunk that lies in one row with a block reduction and one
+// pointer slots: the tensor's first global row, its row length and, for the stochastic rounding
+// stream, its index in the call (low 32 bits) with its sr_offset (high 32 bits: the offset's low 32
+// bits, all that sr_bits uses); with the sparse epilogue, two more: the tensor's uint8 mask and its
+// forward weight (or null).  Phase 1 reduces a chunk that lies in one row with a block reduction and one
 // atomicAdd per sum; a chunk spanning rows (rows shorter than a chunk) adds per element.  Both phases
 // read the row coefficients (phase 1: those of an earlier pass, e.g. gradient centralization's means).
 #include <cuda_runtime.h>
@@ -44,7 +45,9 @@ struct ElementwiseOp {
     const float step_now = step_ptr != nullptr ? *step_ptr : 0.0f;
     const int64_t row_offset = reinterpret_cast<int64_t>(meta.addresses[kLists + 1][t]);
     const int64_t row_len = reinterpret_cast<int64_t>(meta.addresses[kLists + 2][t]);
-    const uint32_t index = static_cast<uint32_t>(reinterpret_cast<int64_t>(meta.addresses[kLists + 3][t]));
+    const uint64_t sr_slot = static_cast<uint64_t>(reinterpret_cast<intptr_t>(meta.addresses[kLists + 3][t]));
+    const uint32_t index = static_cast<uint32_t>(sr_slot);
+    const uint32_t sr_offset = static_cast<uint32_t>(sr_slot >> 32);
     const typename Op::Coeffs c = Op::coeffs(OpScalars{s.h, s.flags, lr, static_cast<double>(step_now) + 1.0});
 
     T* p = static_cast<T*>(meta.addresses[0][t]);
@@ -62,14 +65,14 @@ struct ElementwiseOp {
           T* out = static_cast<T*>(meta.addresses[kLists + 5][t]);
           const uint8_t* mask = static_cast<const uint8_t*>(meta.addresses[kLists + 4][t]);
           if (out != nullptr) {
-            op_update_element<Op, T, 2>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, rc, SR, key, mask, out,
-                                        s.sparse_lambda, s.sparse_beta);
+            op_update_element<Op, T, 2>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, rc, SR, key, sr_offset, mask,
+                                        out, s.sparse_lambda, s.sparse_beta);
           } else {
-            op_update_element<Op, T, 1>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, rc, SR, key, mask,
+            op_update_element<Op, T, 1>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, rc, SR, key, sr_offset, mask,
                                         nullptr, s.sparse_lambda, s.sparse_beta);
           }
         } else {
-          op_update_element<Op, T>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, rc, SR, key);
+          op_update_element<Op, T>(p, g, st[0], st[1], st[2], st[3], gi, grad_mul, c, rc, SR, key, sr_offset);
         }
       }
     } else {
@@ -124,9 +127,12 @@ void launch(const ElementwiseArgs& a, const DevScalars& s, const std::vector<int
     if (d == K::kLists + 4) return as_ptr<void>(a.sparse_mask[t]);
     if (d == K::kLists + 5) return a.sparse_out.empty() ? nullptr : as_ptr<void>(a.sparse_out[t]);
     const int64_t rows = row_offset[t + 1] - row_offset[t];
-    const int64_t value = d == K::kLists + 1 ? row_offset[t]
-                          : d == K::kLists + 2 ? (l.numels[t] > 0 ? l.numels[t] / rows : 1)
-                                               : t;
+    if (d == K::kLists + 3) {  // index | sr_offset << 32
+      const uint64_t slot = static_cast<uint64_t>(static_cast<uint32_t>(t)) |
+                            (static_cast<uint64_t>(sr_offset_of(a, t)) << 32);
+      return reinterpret_cast<void*>(static_cast<uintptr_t>(slot));
+    }
+    const int64_t value = d == K::kLists + 1 ? row_offset[t] : (l.numels[t] > 0 ? l.numels[t] / rows : 1);
     return reinterpret_cast<void*>(static_cast<intptr_t>(value));
   };
   auto numel = [&](int64_t t) { return l.numels[t]; };

@@ -45,7 +45,8 @@ struct LowbitTensor {
   float* absmax[kMaxStates];     // [nblocks] for a quantized state
   const float* step;             // fp32 step counter, or null (the step reads as 1)
   int64_t nblocks;               // quantization blocks of the tensor
-  int64_t index;                 // the tensor's index in the call (stochastic rounding stream)
+  uint32_t index;                // the tensor's index in the call (stochastic rounding stream)
+  uint32_t sr_offset;            // low 32 bits of its element offset (ElementwiseArgs::sr_offsets)
 };
 
 struct LowbitMeta {
@@ -130,7 +131,7 @@ __device__ __forceinline__ void lowbit_block(const LowbitTensor& tt, const Lowbi
       for (int k = 0; k < Op::kStates; ++k) sv[k] = st[k][i][e];
       float pf = to_float(p[e0 + e]);
       Op::update(pf, to_float(g[e0 + e]) * grad_mul, sv, c, no_row);
-      p[e0 + e] = store_param<T>(pf, s.stochastic, key, static_cast<uint32_t>(e0 + e));
+      p[e0 + e] = store_param<T>(pf, s.stochastic, key, tt.sr_offset + static_cast<uint32_t>(e0 + e));
 #pragma unroll
       for (int k = 0; k < Op::kStates; ++k) st[k][i][e] = sv[k];
     }
@@ -187,7 +188,7 @@ __global__ void __launch_bounds__(kThreads) lowbit_kernel(const LowbitMeta meta,
   const float grad_mul = s.grad_mul();
   const double step = (tt.step != nullptr ? static_cast<double>(*tt.step) : 0.0) + 1.0;
   const typename Op::Coeffs c = Op::coeffs(OpScalars{s.h, s.flags, lr, step});
-  const uint32_t key = sr_key(s.seed, static_cast<uint32_t>(tt.index), static_cast<uint32_t>(step));
+  const uint32_t key = sr_key(s.seed, tt.index, static_cast<uint32_t>(step));
 
   CodebookView books[kMaxStates];
   bool quant[kMaxStates] = {false, false, false, false};
@@ -231,7 +232,8 @@ void launch_lowbit(const LowbitArgs& la, const LowbitScalars& s, cudaStream_t st
     }
     tt.step = a.steps.empty() ? nullptr : as_ptr<const float>(a.steps[t]);
     tt.nblocks = qblocks;
-    tt.index = t;
+    tt.index = static_cast<uint32_t>(t);
+    tt.sr_offset = sr_offset_of(a, t);
     ++ntensors;
     const int64_t chunks = (qblocks + s.qchunk - 1) / s.qchunk;  // <= INT_MAX: checked by lowbit_cuda
     for (int64_t ch = 0; ch < chunks; ++ch) {

@@ -106,6 +106,10 @@ struct ElementwiseArgs {
   int64_t reduce_out_ptr = 0;     // phase 1: fp32 [total rows, kMaxReduce], added to (caller zeroes)
   uint64_t seed = 0;              // stochastic rounding of bf16 params (phase 0) when `stochastic`
   bool stochastic = false;
+  // Per tensor, the index its first element has in the whole tensor (a shard's start under FSDP2):
+  // element i of tensor t is rounded with the bits of element sr_offsets[t] + i (elementwise.h
+  // sr_bits), so results do not depend on how a tensor is split.  Empty: all 0.  Each >= 0.
+  std::vector<int64_t> sr_offsets;  // empty, or one per tensor
   // The sparse-training epilogue (phase 0 of ops without a reduce phase; see op_update_element):
   // the params are the dense weights; per tensor the address of its uint8 mask (nonzero = kept) and
   // of its forward weight (the params' dtype, or 0: not written).  Empty: no epilogue.
@@ -115,6 +119,11 @@ struct ElementwiseArgs {
   double sparse_lambda = 0.0;       // SR-STE: g += lambda * p where the mask is 0
   double sparse_beta = 0.0;         // out = beta * p where the mask is 0
 };
+
+// The low 32 bits of tensor t's stochastic-rounding offset (what sr_bits hashes; 0 without offsets).
+inline uint32_t sr_offset_of(const ElementwiseArgs& a, int64_t t) {
+  return a.sr_offsets.empty() ? 0u : static_cast<uint32_t>(static_cast<uint64_t>(a.sr_offsets[t]));
+}
 
 // One step of a registered elementwise op with low-bit states (fastopt/quant.h): `base` as above
 // (phase 0 only), except that a quantized state's list holds its codes (uint8; numel or numel / 2

@@ -58,7 +58,9 @@ FASTOPT_HOST_DEVICE uint32_t sr_key(uint32_t seed, uint32_t tensor, uint32_t ste
   return fmix32(seed ^ fmix32(tensor * 0x27D4EB2Fu + step * 0x165667B1u));
 }
 
-// Random bits for element i (low 32 bits of its index inside the tensor).
+// Random bits for element i: the low 32 bits of its index in the whole tensor, i.e. of the call's
+// sr_offset for the tensor (where a shard starts: api.h ElementwiseArgs::sr_offsets) plus its index
+// in the tensor the kernel gets.  So a tensor stepped whole or as contiguous pieces rounds alike.
 FASTOPT_HOST_DEVICE uint32_t sr_bits(uint32_t key, uint32_t i) { return fmix32(i * 0x9E3779B1u ^ key); }
 
 // fp32 -> bf16 with stochastic rounding: add 16 random bits below the kept mantissa, truncate.
@@ -81,7 +83,8 @@ FASTOPT_HOST_DEVICE bf16_t store_param<bf16_t>(float f, bool stochastic, uint32_
 }
 
 // One element of every list: load, convert, Op::update, convert, store.  `ptr` = params, grads,
-// then the states; `grad_mul` = (maximize ? -1 : 1) / grad_scale; `i` indexes the tensor.
+// then the states; `grad_mul` = (maximize ? -1 : 1) / grad_scale; `i` indexes the tensor; the
+// stochastic-rounding bits are those of element `sr_offset + i` (low 32 bits) of stream `key`.
 //
 // SPARSE adds the sparse-training epilogue (fastopt.sparse.NMSparsity), with `p` the dense weight:
 // where `mask[i]` is 0 (pruned in the forward that produced g) the gradient gets `lambda * p` (SR-STE;
@@ -92,7 +95,7 @@ template <typename Op, typename T, int SPARSE = 0>
 FASTOPT_HOST_DEVICE void op_update_element(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0,
                                            T* __restrict__ s1, T* __restrict__ s2, T* __restrict__ s3,
                                            int64_t i, float grad_mul, const typename Op::Coeffs& c,
-                                           const float* rc, bool stochastic, uint32_t key,
+                                           const float* rc, bool stochastic, uint32_t key, uint32_t sr_offset,
                                            const uint8_t* __restrict__ mask = nullptr, T* __restrict__ out = nullptr,
                                            float lambda = 0.0f, float beta = 0.0f) {
   float st[kMaxStates] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -108,7 +111,7 @@ FASTOPT_HOST_DEVICE void op_update_element(T* __restrict__ p, const T* __restric
     gf = (keep || lambda == 0.0f) ? gf : gf + lambda * pf;
   }
   Op::update(pf, gf, st, c, rc);
-  const T stored = store_param<T>(pf, stochastic, key, static_cast<uint32_t>(i));
+  const T stored = store_param<T>(pf, stochastic, key, sr_offset + static_cast<uint32_t>(i));
   p[i] = stored;
   if (SPARSE > 1) {
     const float pruned = beta == 0.0f ? 0.0f : beta * to_float(stored);
