@@ -11,7 +11,6 @@ counters of what it mutated themselves; under ``torch.compile`` they call the cu
 import functools
 import inspect
 import math
-import sys
 import operator
 import weakref
 from collections import OrderedDict
@@ -21,7 +20,7 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _backend
+from . import _backend, _sharded
 
 # NOTE: [the tensor boundary]
 # No call into fastopt._C or a Triton launcher may make a kernel touch memory its tensors do not own.
@@ -690,31 +689,13 @@ class ElementwiseCall(NamedTuple):
     sr_offsets: Sequence[int] = ()  # per param, where it starts in its whole tensor (stochastic rounding)
 
 
-# NOTE: [DTensors]
-# FSDP2 (``fully_shard``) makes parameters, gradients and the states created from them DTensors, whose
-# own ``data_ptr()`` is 0.  The kernels step their local shards: the records below swap every DTensor
-# for ``to_local()`` (the shard's own memory, updated in place).  That is the whole update only when
-# every element's update needs nothing but that element; the optimizers refuse, while planning and
-# before anything is written, what needs more (``FusedOptimizer._sharded_kernel_reason``: reduce passes,
-# low-bit blocks, stochastic rounding keyed on the global index, N:M groups, Newton-Schulz).
-def dtensor_class():
-    """DTensor's class once torch.distributed.tensor is imported (no DTensor exists before), else None."""
-    if torch.compiler.is_compiling():
-        return None
-    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-
-
-def _on_local_shards(call, fields):
-    """``call`` with the DTensors of its tensor-list ``fields`` replaced by their local shards."""
-    dtensor = dtensor_class()
-    if dtensor is None or not any(isinstance(t, dtensor) for t in call.params):
-        return call
-    return call._replace(**{f: [t.to_local() if isinstance(t, dtensor) else t for t in getattr(call, f)]
-                            for f in fields})
+# DTensors (FSDP2): the records below run their kernels over local shards (NOTE: [DTensors] in
+# fastopt/_sharded.py).
+dtensor_class = _sharded.dtensor_class
 
 
 def run_elementwise(c: ElementwiseCall) -> None:
-    c = _on_local_shards(c, ("params", "grads", "states", "sparse_mask", "sparse_out"))
+    c, finish = _sharded.localize(c, ("params", "grads", "states", "sparse_mask", "sparse_out"), rows_field=True)
     lr, lr_tensor = split_lr(c.lr, c.device)
     elementwise_step(
         op=c.op, params=list(c.params), grads=list(c.grads), states=list(c.states), state_steps=list(c.state_steps),
@@ -724,6 +705,8 @@ def run_elementwise(c: ElementwiseCall) -> None:
         seed=int(c.seed), stochastic=bool(c.stochastic), backend=c.backend, sparse_mask=list(c.sparse_mask or ()),
         sparse_out=list(c.sparse_out or ()), sparse_lambda=float(c.sparse_lambda), sparse_beta=float(c.sparse_beta),
         sr_offsets=[int(o) for o in c.sr_offsets])
+    if finish is not None:
+        finish()
 
 
 class LowbitCall(NamedTuple):
@@ -758,7 +741,7 @@ class LowbitCall(NamedTuple):
 
 
 def run_lowbit(c: LowbitCall) -> None:
-    c = _on_local_shards(c, ("params", "grads", "states", "absmax", "colmax"))
+    c, _ = _sharded.localize(c, ("params", "grads", "states", "absmax", "colmax"))
     lr, lr_tensor = split_lr(c.lr, c.device)
     lowbit_step(
         op=c.op, params=list(c.params), grads=list(c.grads), states=list(c.states), absmax=list(c.absmax),
@@ -793,7 +776,7 @@ class AdamCall(NamedTuple):
 
 
 def run_adam(c: AdamCall) -> None:
-    c = _on_local_shards(c, ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"))
+    c, _ = _sharded.localize(c, ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"))
     lr, lr_tensor = split_lr(c.lr, c.device)
     adam_step(
         params=list(c.params), grads=list(c.grads), exp_avgs=list(c.exp_avgs), exp_avg_sqs=list(c.exp_avg_sqs),

@@ -176,8 +176,6 @@ def localize(call, fields: Sequence[str], *, rows_field: bool = False) -> Tuple[
     changes = {f: [t.to_local() if isinstance(t, cls) else t for t in getattr(call, f)] for f in fields}
     if getattr(call, "stochastic", False):
         _all_dtensors(call.params, "stochastic rounding")
-        if "sr_offsets" not in call._fields:
-            raise NotImplementedError(f"fastopt: stochastic rounding of DTensors in a {type(call).__name__}")
         changes["sr_offsets"] = sr_offsets(call.params)
     finish = None
     if rows_field and (call.phase == 1 or call.row_coef is not None or call.rows):

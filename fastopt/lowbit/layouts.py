@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tupl
 
 import torch
 
-from .. import _backend, _ops
+from .. import _backend, _ops, _sharded
 from ..reference.rounding import bf16_stochastic
 from . import int8 as lowbit_int8
 from . import state as lowbit_state
@@ -62,7 +62,8 @@ class MasterWeights:
 
     @staticmethod
     def write_back(params: Sequence[torch.Tensor], masters: Sequence[torch.Tensor]) -> None:
-        torch._foreach_copy_(list(params), list(masters))
+        # (DTensors: shard by shard; DTensor has no sharding rule for _foreach_copy_)
+        torch._foreach_copy_([_sharded.local(p) for p in params], [_sharded.local(m) for m in masters])
 
 
 class StochasticRounding:
@@ -95,8 +96,10 @@ class StochasticRounding:
 
 class Int8Weights:
     """The int8 weights (uint8 codes with group scales and zeros) of :class:`~fastopt.lowbit.Int8Linear`:
-    their gradient is the layer's ``float_grad``; a step dequantizes one weight at a time to fp32 (so
-    only one fp32 copy exists), steps it with fp32 states, and requantizes it with new group scales."""
+    their gradient is the layer's ``float_grad`` (with several ranks, averaged by
+    :func:`~fastopt.lowbit.reduce_float_grads` first, else refused); a step dequantizes one weight at a
+    time to fp32 (so only one fp32 copy exists), steps it with fp32 states, and requantizes it with new
+    group scales."""
 
     is_weight = staticmethod(lowbit_int8.is_int8_weight)
 
@@ -112,7 +115,8 @@ class Int8Weights:
     @staticmethod
     def grad_of(owner: str, p: torch.Tensor) -> Optional[torch.Tensor]:
         """The fp32 gradient of int8 weight ``p`` (its ``float_grad``), or None; raises ValueError for a
-        gradient that does not fit ``p``."""
+        gradient that does not fit ``p``, RuntimeError for one that several ranks did not average
+        (:func:`fastopt.lowbit.int8.check_float_grad_reduced`)."""
         g = getattr(p, "float_grad", None)
         if g is None:
             return None
@@ -120,6 +124,7 @@ class Int8Weights:
                 or not g.is_floating_point() or g.is_complex()):
             what = f"{g.dtype}{tuple(g.shape)} on {g.device}" if torch.is_tensor(g) else type(g).__name__
             raise ValueError(f"{owner}: the float_grad of an int8 weight {tuple(p.shape)} on {p.device} is {what}")
+        lowbit_int8.check_float_grad_reduced(owner, p, g)  # (data parallel: averaged by reduce_float_grads)
         return g.float().contiguous()
 
     @staticmethod
@@ -194,8 +199,19 @@ def _codebook(fmt, device):
     return _codebooks(device)[_FORMAT_INDEX[fmt.name]]
 
 
-def lowbit_dequantize(state: State, name: str, fmt: Format) -> torch.Tensor:
-    """The fp32 values (flat) of quantized state ``name`` (reference path)."""
+def lowbit_dequantize(state: State, name: str, fmt: Format, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fp32 values (flat) of quantized state ``name`` (reference path); with ``like``, shaped as it
+    (a DTensor's states, NOTE: [low-bit states of DTensors] in fastopt/lowbit/state.py: a DTensor
+    sharded as ``like``, dequantized shard by shard)."""
+    if like is not None and _sharded.is_dtensor(like):
+        from torch.distributed.tensor import DTensor
+
+        local_state = {k: _sharded.local(state[k]) for k in (name, name + "_absmax")}
+        values = lowbit_dequantize(local_state, name, fmt).view_as(like.to_local())
+        return DTensor.from_local(values, like.device_mesh, like.placements, shape=like.shape, stride=like.stride(),
+                                  run_check=False)
+    if like is not None:
+        return lowbit_dequantize(state, name, fmt).view_as(like)
     if fmt.rank1:
         return rank1_dequantize_reference(state[name], state[name + "_row"], state[name + "_col"], fmt)
     return dequantize_reference(state[name], state[name + "_absmax"], fmt)
@@ -203,6 +219,10 @@ def lowbit_dequantize(state: State, name: str, fmt: Format) -> torch.Tensor:
 
 def lowbit_quantize_into(state: State, name: str, fmt: Format, p: torch.Tensor, values: torch.Tensor) -> None:
     """Quantize ``values`` into quantized state ``name`` of parameter ``p`` in place (reference path)."""
+    if _sharded.is_dtensor(p):  # shard by shard: each holds whole blocks
+        local_state = {k: _sharded.local(state[k]).view(-1) for k in (name, name + "_absmax")}  # (views: written through)
+        lowbit_quantize_into(local_state, name, fmt, p.to_local(), _sharded.local(values))
+        return
     if fmt.rank1:
         codes, rows, cols = rank1_quantize_reference(values, lowbit_state.rank1_rows(p.shape), fmt)
         state[name + "_row"].copy_(rows)
@@ -311,7 +331,7 @@ class LowbitStates:
         names = op._state_names(group)
         if backend == "torch":  # dequantize, the reference step, requantize (unless AMP skipped the step)
             skip = found_inf is not None and float(found_inf) != 0.0
-            temps = [{"step": s["step"], **{n: lowbit_dequantize(s, n, f).view_as(p) for n, f in zip(names, formats)}}
+            temps = [{"step": s["step"], **{n: lowbit_dequantize(s, n, f, like=p) for n, f in zip(names, formats)}}
                      for p, s in zip(params, states)]
             op._reference_step(group, params, grads, temps, grad_scale, found_inf)
             if not skip:
