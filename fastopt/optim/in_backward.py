@@ -27,6 +27,9 @@ pass (the ``reduce`` count of the op in ``fastopt/_opspec.py``) sums within one 
 LAMB's trust ratio, AdamP/SGDP's projection, SGD-SaI's g-SNR, Lion's/Adan's ``use_gc`` and
 ``cautious``, OrthoGrad's projection, Muon's Newton-Schulz on one matrix -- so stepping one parameter
 at a time gives the bits of one step over all of them (``tests/test_in_backward.py`` checks each).
+One difference: Muon counts steps per group (``group["step"]``, as pytorch_optimizer; its AdamW groups
+debias with it); here each parameter's group counts its own steps, the same count as long as every
+parameter of a group gets a gradient in every backward (the template's group shows the last one).
 
 Refused at construction, before any hook is registered (NotImplementedError), because they need every
 gradient before the first parameter may move:
@@ -71,8 +74,7 @@ from torch.optim import Optimizer
 
 from ..lowbit.layouts import Int8Weights, StochasticRounding
 from .adam import Adam
-from .adamp import SGDP, AdamP
-from .base import ElementwiseOptimizer, FusedOptimizer
+from .base import ElementwiseOptimizer
 from .functional import SchedulerAwareStep, scheduler_aware
 from .lamb import Lamb
 from .muon import Muon
