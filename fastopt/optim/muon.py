@@ -558,6 +558,8 @@ class Muon(FusedOptimizer):
         options that change the exchange, its shape, dtype, placements and whether it has a gradient."""
         sigs = {}
         ddp = self._ddp()
+        if ddp is None and _dtensor_class() is None:
+            return sigs
         for gi, group in enumerate(self.param_groups):
             if not group["use_muon"]:
                 continue
