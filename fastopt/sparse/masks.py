@@ -1,10 +1,113 @@
-"""The N:M and transposable 2:4 mask kernels and 2:4 compression (see :mod:`fastopt.sparse`)."""
+"""The N:M and transposable 2:4 mask kernels and 2:4 compression (see :mod:`fastopt.sparse`).
+
+DTensors (FSDP2's ``fully_shard``, NOTE: [DTensors] in fastopt/_ops.py): a mask is computed on each
+local shard, which gives the whole tensor's mask exactly when every mask group lies in one shard
+(:func:`check_shard_groups`); otherwise the mask functions raise.
+"""
+import itertools
+import math
+
 import torch
 
 from .. import _backend, _ops
 from ..reference.sparse import check_nm, check_tiles, nm_mask_reference, transposable_mask_reference
 
 MAX_KERNEL_M = 64   # larger groups run on the torch backend
+
+
+# -- DTensors: masks of local shards -------------------------------------------------------------------
+def as_dtensor(t):
+    """``t``'s class when it is a DTensor, else None."""
+    cls = _ops.dtensor_class()
+    return cls if cls is not None and isinstance(t, cls) else None
+
+
+def local(t):
+    """The local shard of a DTensor (its own memory: writes reach the DTensor), else ``t``."""
+    return t.to_local() if as_dtensor(t) is not None else t
+
+
+def like_sharded(ref, t):
+    """``t`` (a local shard, shaped like ``ref``'s) as a DTensor with ``ref``'s mesh and placements
+    when ``ref`` is a DTensor; else ``t``."""
+    cls = as_dtensor(ref)
+    if cls is None:
+        return t
+    t = t.contiguous() if not t.is_contiguous() else t
+    stride, acc = [], 1
+    for size in reversed(tuple(ref.shape)):
+        stride.append(acc)
+        acc *= max(size, 1)
+    return cls.from_local(t, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape,
+                          stride=tuple(reversed(stride)))
+
+
+def _group_span(shape, d, m, dim, transposable):
+    """How many consecutive indices of dim ``d`` hold whole mask groups: 1 when a group never spans two
+    indices of ``d``; None when groups are not aligned to blocks of indices of ``d`` at all."""
+    if transposable:  # 4 rows along dim 0, 4 consecutive columns of the [shape[0], -1] view
+        if d == 0:
+            return 4
+        inner = math.prod(shape[d + 1:])
+        span = math.lcm(4, inner) // inner if inner else 1
+        return span if shape[d] % span == 0 else None
+    return m if d == dim else 1
+
+
+def check_shard_groups(w, m, dim=-1, transposable=False, *, who="nm_mask", pad=False):
+    """Raise when a mask group of DTensor ``w`` (``m`` consecutive elements along ``dim``, or the 4x4
+    tiles of the transposable mask) would straddle a shard boundary: the local shards' masks would not
+    be the whole tensor's.  Every shard of every mesh coordinate is checked (from the placements, with
+    torch's chunking rule), so all ranks agree.  ValueError for a boundary inside a group (naming it and
+    the fix); NotImplementedError for placements other than Shard and Replicate on a grouped dim.  A
+    plain tensor passes."""
+    if as_dtensor(w) is None:
+        return
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import Shard
+
+    shape, placements, mesh_shape = tuple(w.shape), tuple(w.placements), tuple(w.device_mesh.shape)
+    if not transposable:
+        dim %= len(shape)
+    what = ("the transposable mask's 4x4 tiles (4 rows, 4 columns of the [shape[0], -1] view)" if transposable
+            else f"the groups of {m} consecutive elements along dim {dim}")
+    spans = {}
+    for placement in placements:
+        if placement.is_replicate():
+            continue
+        d = getattr(placement, "dim", None)
+        if d is None:
+            raise NotImplementedError(f"{who}: a DTensor with placements {placements}: masks are computed on "
+                                      f"Shard and Replicate placements, not {placement}")
+        d %= len(shape)
+        span = _group_span(shape, d, m, dim, transposable)
+        if span == 1:
+            continue
+        if span is None or not isinstance(placement, Shard):
+            raise NotImplementedError(
+                f"{who}: a DTensor of shape {shape} with placements {placements}: {what} do not stay whole under "
+                f"{placement} (dim {d}); shard it along dim 0 with Shard(0), or keep it out of N:M sparsity")
+        spans[d] = span
+    if not spans:
+        return
+    for coord in itertools.product(*(range(s) for s in mesh_shape)):
+        sizes, offsets = _compute_local_shape_and_global_offset(shape, mesh_shape, list(coord), placements)
+        for d, span in spans.items():
+            size, start = sizes[d], offsets[d]
+            end = start + size
+            if size and (start % span or end % span and not (pad and end == shape[d])):
+                ways = math.prod(k for k, pl in zip(mesh_shape, placements)
+                                 if getattr(pl, "dim", None) is not None and pl.dim % len(shape) == d)
+                chunk = -(-shape[d] // ways)
+                raise ValueError(
+                    f"{who}: a DTensor of shape {shape} sharded {placements} over a mesh of shape {mesh_shape}: "
+                    f"{what} need every shard to hold whole blocks of {span} indices of dim {d}, but the shard at "
+                    f"mesh coordinate {coord} holds indices {start}..{end - 1} ({size}), so a group would straddle "
+                    f"the shard boundary at index {start if start % span else end}.  Fix: make dim {d}'s shards "
+                    f"multiples of {span} (torch.chunk's rule cuts {shape[d]} into shards of ceil({shape[d]} / "
+                    f"{ways}) = {chunk}: choose a size or a number of shards for which that is a multiple of {span}), "
+                    f"shard another dim (fully_shard(..., shard_placement_fn=...)), group along a dim that is not "
+                    f"sharded, or keep this parameter out of the sparse group or out of fully_shard")
 
 
 def _resolve(backend, w, name, reason=None):
@@ -27,6 +130,10 @@ def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1, *, pad: bool = False
     if w.is_complex() or not w.is_floating_point():
         raise TypeError(f"nm_mask: expected a real floating-point tensor, got {w.dtype}")
     shape = tuple(w.shape)
+    if as_dtensor(w) is not None:  # each shard's mask (its groups checked to be whole first)
+        d = check_nm(shape if not pad else (m,) * len(shape), n, m, dim)  # (pad: any size along dim)
+        check_shard_groups(w, m, d, who="nm_mask", pad=pad)
+        return like_sharded(w, nm_mask(w.to_local(), n, m, d, pad=pad, backend=backend))
     if (pad and isinstance(dim, int) and -w.dim() <= dim < w.dim() and isinstance(m, int) and m >= 1
             and shape[dim % w.dim()] % m):
         d = dim % w.dim()
@@ -66,6 +173,9 @@ def transposable_mask(w: torch.Tensor, mode: str = "exact", *, backend: str = "a
         raise TypeError(f"transposable_mask: expected a real floating-point tensor, got "
                         f"{w.dtype if torch.is_tensor(w) else type(w).__name__}")
     rows, cols = check_tiles(tuple(w.shape))
+    if as_dtensor(w) is not None:  # each shard's mask (its tiles checked to be whole first)
+        check_shard_groups(w, 4, transposable=True, who="transposable_mask")
+        return like_sharded(w, transposable_mask(w.to_local(), mode, backend=backend))
     backend = _resolve(backend, w, "transposable_mask")
     if backend == "torch":
         return transposable_mask_reference(w, mode)

@@ -33,6 +33,15 @@ sparse (decay) phase, then, from ``total_steps - finetune_steps``, fine-tuning w
 the sparse phase is cut into ``log2(m / n)`` equal frames with patterns ``(m - 1):m``, then
 ``m/2:m``, ``m/4:m``, ...; the target ``n:m`` starts with fine-tuning (so it needs
 ``finetune_steps >= 1``).
+
+Sharded parameters (DTensors: FSDP2's ``fully_shard``, sharded along dim 0): the masks are computed
+on each rank's shard, and the states ``dense_param`` and ``nm_mask`` are DTensors with the parameter's
+placements.  That is exact (the single-process result, bit for bit) when every mask group lies in one
+shard: groups along a dim other than the sharded one always do; groups along the sharded dim (and the
+transposable mask's 4x4 tiles along dim 0) need every shard to start and end on a multiple of ``m``
+(of 4).  A parameter whose groups would straddle a shard boundary is refused with a ValueError when
+its group is added to the optimizer (:meth:`NMSparsity.check_param`), and again while a step is
+planned, before anything is written.
 """
 import math
 from collections import defaultdict
@@ -44,7 +53,7 @@ import torch
 from .. import _backend, _ops
 from ..lowbit.layouts import Int8Weights, LowbitStates, MasterWeights
 from ..reference.sparse import check_nm, check_tiles
-from .masks import MAX_KERNEL_M, nm_mask, transposable_mask
+from .masks import MAX_KERNEL_M, check_shard_groups, like_sharded, local, nm_mask, transposable_mask
 
 __all__ = ["NMSparsity", "nm_param_groups"]
 
@@ -210,14 +219,23 @@ class NMSparsity:
         except (ValueError, IndexError) as e:
             raise ValueError(f"{who}: a parameter of shape {tuple(p.shape)} cannot be {self.n}:{self.m} sparse: "
                              f"{e}") from None
+        self.check_shards(p, who)
+
+    def check_shards(self, p: torch.Tensor, who: str) -> None:
+        """Raise (ValueError, NotImplementedError) when ``p`` is a DTensor some of whose mask groups would
+        straddle a shard boundary (see the module doc); a plain tensor passes."""
+        check_shard_groups(p, 4 if self.transposable else self.m, self.dim, self.transposable,
+                           who=f"{who}: N:M sparse training ({self.n}:{self.m}"
+                               f"{', transposable' if self.transposable else f', dim={self.dim}'})")
 
 
 def nm_param_groups(model: torch.nn.Module, sparsity: NMSparsity, *,
                     filter: Optional[Callable[[str, torch.nn.Module], bool]] = None,
                     **options: Any) -> List[Dict[str, Any]]:
     """Param groups for a fastopt optimizer that train the weights of ``model``'s ``nn.Linear``
-    layers (those whose ``in_features`` are a multiple of ``sparsity.m``; ``filter(name, module)``
-    narrows the choice) N:M sparse, and every other parameter dense::
+    layers (those whose ``in_features`` are a multiple of ``sparsity.m`` and, sharded by FSDP2, whose
+    shards hold whole mask groups; ``filter(name, module)`` narrows the choice) N:M sparse, and every
+    other parameter dense::
 
         opt = fastopt.Lion(fastopt.sparse.nm_param_groups(model, NMSparsity(2, 4)), lr=1e-4)
 
@@ -231,7 +249,8 @@ def nm_param_groups(model: torch.nn.Module, sparsity: NMSparsity, *,
         if isinstance(module, torch.nn.Linear) and isinstance(module.weight, torch.nn.Parameter) \
                 and module.weight.requires_grad and (filter is None or filter(name, module)):
             w = module.weight
-            if w.shape[sparsity.dim] % sparsity.m == 0 and (not sparsity.transposable or w.shape[0] % 4 == 0):
+            if (w.shape[sparsity.dim] % sparsity.m == 0 and (not sparsity.transposable or w.shape[0] % 4 == 0)
+                    and _whole_groups_in_shards(sparsity, w)):
                 if id(w) not in seen:
                     chosen.append(w)
                     seen.add(id(w))
@@ -240,6 +259,14 @@ def nm_param_groups(model: torch.nn.Module, sparsity: NMSparsity, *,
     if rest:
         groups.append({"params": rest})
     return groups
+
+
+def _whole_groups_in_shards(sparsity, w):
+    try:
+        sparsity.check_shards(w, "nm_param_groups")
+    except (ValueError, NotImplementedError):
+        return False
+    return True
 
 
 # -- inside the optimizer ----------------------------------------------------------------------------
@@ -315,9 +342,13 @@ class NMSparseTraining:
 
     def _sparse_sharded_reason(self, group, params):
         """Why the kernels cannot run N:M sparse training of ``params`` (DTensors, FSDP2) shard by
-        shard, or None."""
-        if group.get("sparsity") is not None:
-            return "N:M sparse training masks groups of the whole tensor"
+        shard, or None: the masks are computed per shard, which is exact when no mask group straddles a
+        shard boundary; a parameter for which one would raises here (ValueError naming the boundary and
+        the fix; checked when the group was added too, this catches a schedule loaded since)."""
+        sp = group.get("sparsity")
+        if sp is not None:
+            for p in params:
+                sp.check_shards(p, type(self).__name__)
         return None
 
     def _sparse_state_dtypes(self, p, state):
@@ -342,17 +373,22 @@ class NMSparseTraining:
             mask = transposable_mask(w, "exact", backend=kernel)
         else:
             mask = nm_mask(w, sp.pattern(t), sp.m, sp.dim, backend=kernel)
-        if mask.stride() != w.stride():  # the kernels walk w, p and the mask as one flat buffer
-            mask = torch.empty_like(w, dtype=torch.bool).copy_(mask)
+        # (DTensors: the masks of the local shards, written as a DTensor with w's placements)
+        lw, lmask, new = local(w), local(mask), False
+        if lmask.stride() != lw.stride():  # the kernels walk w, p and the mask as one flat buffer
+            lmask, new = torch.empty_like(lw, dtype=torch.bool).copy_(lmask), True
         if found_inf is not None and self.MASK_KEY in state:  # AMP skipped the step: the mask stays (no sync)
-            mask = torch.where(found_inf.to(device=mask.device) != 0, state[self.MASK_KEY], mask)
-        state[self.MASK_KEY] = mask
-        self._write_forward(p, p if MasterWeights.KEY in state else w, mask, sp.beta(t), found_inf)
+            lmask = torch.where(found_inf.to(device=lmask.device) != 0, local(state[self.MASK_KEY]), lmask)
+            new = True
+        state[self.MASK_KEY] = like_sharded(w, lmask) if new else mask
+        self._write_forward(p, p if MasterWeights.KEY in state else w, state[self.MASK_KEY], sp.beta(t), found_inf)
 
     @staticmethod
     def _write_forward(p, src, mask, beta, found_inf):
         """``p = mask ? src : beta * src`` (exactly 0 where pruned when beta is 0); with AMP's
-        ``found_inf`` set, ``p`` keeps its values (as the fused epilogue does)."""
+        ``found_inf`` set, ``p`` keeps its values (as the fused epilogue does).  DTensors: on the local
+        shards."""
+        p, src, mask = local(p), local(src), local(mask)
         pruned = src * beta if beta != 0.0 else torch.zeros((), dtype=src.dtype, device=src.device)
         if found_inf is None:
             torch.where(mask, src, pruned, out=p)   # one pass, no temporary (src may be p itself)
@@ -362,11 +398,13 @@ class NMSparseTraining:
     @staticmethod
     def _srste_grad(g, w, mask, lam, maximize, grad_scale):
         """``g`` plus the SR-STE term ``lam * (1 - mask) * w``, scaled (AMP) and signed (maximize) as
-        the gradient is, so that the kernels' unscaling yields ``g / scale + lam * (1 - mask) * w``."""
+        the gradient is, so that the kernels' unscaling yields ``g / scale + lam * (1 - mask) * w``.
+        DTensors: computed on the local shards, returned with ``g``'s placements."""
+        ref, g, w, mask = g, local(g), local(w), local(mask)
         extra = torch.where(mask, 0.0, w.float()) * (-lam if maximize else lam)
         if grad_scale is not None:
             extra = extra * grad_scale.to(device=extra.device)
-        return (g.float() + extra).to(g.dtype)
+        return like_sharded(ref, (g.float() + extra).to(g.dtype))
 
     def _fused_sparse_ok(self, group, params, states, backend):
         """Whether one kernel call can run the step and the sparse epilogue: a kernel backend, an op
