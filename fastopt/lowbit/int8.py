@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..reference.rounding import sr_bits
+from ..reference.rounding import check_offset, sr_bits
 
 __all__ = ["Int8Linear", "int8_linear_", "quantize_int8", "dequantize_int8", "is_int8_weight", "int8_weights",
            "reduce_float_grads"]
@@ -55,18 +55,22 @@ def _check_groups(numel, group_size, who):
         raise ValueError(f"{who}: numel {numel} is not a multiple of group_size {group_size}")
 
 
-def _uniform(numel, device, seed, index, step):
-    """fp32 uniforms in [0, 1) for elements 0..numel-1: the top 24 of the stream's 32 bits."""
-    return (sr_bits(numel, device, seed, index, step) >> 8).to(torch.float32) * (1.0 / (1 << 24))
+def _uniform(numel, device, seed, index, step, offset=0):
+    """fp32 uniforms in [0, 1) for elements offset..offset+numel-1: the top 24 of the stream's 32 bits."""
+    return (sr_bits(numel, device, seed, index, step, offset) >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def quantize_int8(w: torch.Tensor, group_size: int = 256, *, stochastic: bool = False, seed: int = 0, index: int = 0,
-                  step: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  step: int = 0, offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``w`` per group of ``group_size`` consecutive elements (memory order of a contiguous
     ``w``): returns ``(codes, scales, zeros)`` -- uint8 codes shaped like ``w``, fp32 scales and zero
     points ``[numel / group_size]``.  Nearest rounding, or stochastic rounding with the counter-based
-    bits of (``seed``, ``index``, ``step``) when ``stochastic``."""
+    bits of (``seed``, ``index``, ``step``) when ``stochastic``: element ``i`` of ``w`` draws the bits of
+    element ``offset + i`` of the stream, ``offset`` being where ``w`` starts in the whole weight it is a
+    contiguous piece of (an FSDP2 shard; 0: ``w`` is whole), so that quantizing whole groups piece by
+    piece gives the codes of the whole."""
     _check_groups(w.numel(), group_size, "quantize_int8")
+    offset = check_offset(offset, "quantize_int8")
     if not w.is_floating_point():
         raise TypeError(f"quantize_int8: expected a floating-point tensor, got {w.dtype}")
     x = w.detach().float().reshape(-1, group_size)
@@ -75,7 +79,7 @@ def quantize_int8(w: torch.Tensor, group_size: int = 256, *, stochastic: bool = 
     zeros = (-torch.round(lo / scales)).clamp_(0, _LEVELS)
     y = x / scales
     if stochastic:
-        y = torch.floor(y + _uniform(x.numel(), x.device, seed, index, step).view_as(y))
+        y = torch.floor(y + _uniform(x.numel(), x.device, seed, index, step, offset).view_as(y))
     else:
         y = torch.round(y)
     codes = (y + zeros).clamp_(0, _LEVELS).to(torch.uint8)

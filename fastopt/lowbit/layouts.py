@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tupl
 
 import torch
 
-from .. import _backend, _ops
+from .. import _backend, _ops, _sharded
 from ..reference.rounding import bf16_stochastic
 from . import int8 as lowbit_int8
 from . import state as lowbit_state
@@ -62,7 +62,8 @@ class MasterWeights:
 
     @staticmethod
     def write_back(params: Sequence[torch.Tensor], masters: Sequence[torch.Tensor]) -> None:
-        torch._foreach_copy_(list(params), list(masters))
+        # (DTensors: shard by shard; DTensor has no sharding rule for _foreach_copy_)
+        torch._foreach_copy_([_sharded.local(p) for p in params], [_sharded.local(m) for m in masters])
 
 
 class StochasticRounding:
@@ -76,11 +77,21 @@ class StochasticRounding:
 
     @staticmethod
     def write(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor], seed: int,
-              indices: Sequence[int], steps: Sequence[Any]) -> None:
-        """``params[k] <- round(values[k])`` with the stream (``seed``, ``indices[k]``, ``steps[k]``)."""
-        for p, v, i, step in zip(params, values, indices, steps):
+              indices: Sequence[int], steps: Sequence[Any], offsets: Optional[Sequence[int]] = None) -> None:
+        """``params[k] <- round(values[k])`` with the stream (``seed``, ``indices[k]``, ``steps[k]``), element
+        ``i`` of ``params[k]`` rounding as element ``offsets[k] + i`` of its whole tensor (``params[k]`` a
+        contiguous piece of it, e.g. an FSDP2 shard, starting there; the kernels' ``sr_offsets``).
+        ``offsets``: None or empty (all 0), or one non-negative int per param, checked before any write."""
+        from ..reference.rounding import check_offset
+        params = list(params)
+        offsets = list(offsets) if offsets is not None else []
+        if offsets and len(offsets) != len(params):
+            raise ValueError(f"StochasticRounding.write: {len(offsets)} offsets for {len(params)} params (one per "
+                             "param, or none)")
+        offsets = [check_offset(o, "StochasticRounding.write") for o in offsets] or [0] * len(params)
+        for p, v, i, step, off in zip(params, values, indices, steps, offsets):
             if p.numel() > 0:
-                p.copy_(bf16_stochastic(v, seed, i, step))
+                p.copy_(bf16_stochastic(v, seed, i, step, off))
 
 
 class Int8Weights:
@@ -188,8 +199,19 @@ def _codebook(fmt, device):
     return _codebooks(device)[_FORMAT_INDEX[fmt.name]]
 
 
-def lowbit_dequantize(state: State, name: str, fmt: Format) -> torch.Tensor:
-    """The fp32 values (flat) of quantized state ``name`` (reference path)."""
+def lowbit_dequantize(state: State, name: str, fmt: Format, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fp32 values (flat) of quantized state ``name`` (reference path); with ``like``, shaped as it
+    (a DTensor's states, NOTE: [low-bit states of DTensors] in fastopt/lowbit/state.py: a DTensor
+    sharded as ``like``, dequantized shard by shard)."""
+    if like is not None and _sharded.is_dtensor(like):
+        from torch.distributed.tensor import DTensor
+
+        local_state = {k: _sharded.local(state[k]) for k in (name, name + "_absmax")}
+        values = lowbit_dequantize(local_state, name, fmt).view_as(like.to_local())
+        return DTensor.from_local(values, like.device_mesh, like.placements, shape=like.shape, stride=like.stride(),
+                                  run_check=False)
+    if like is not None:
+        return lowbit_dequantize(state, name, fmt).view_as(like)
     if fmt.rank1:
         return rank1_dequantize_reference(state[name], state[name + "_row"], state[name + "_col"], fmt)
     return dequantize_reference(state[name], state[name + "_absmax"], fmt)
@@ -197,6 +219,10 @@ def lowbit_dequantize(state: State, name: str, fmt: Format) -> torch.Tensor:
 
 def lowbit_quantize_into(state: State, name: str, fmt: Format, p: torch.Tensor, values: torch.Tensor) -> None:
     """Quantize ``values`` into quantized state ``name`` of parameter ``p`` in place (reference path)."""
+    if _sharded.is_dtensor(p):  # shard by shard: each holds whole blocks
+        local_state = {k: _sharded.local(state[k]).view(-1) for k in (name, name + "_absmax")}  # (views: written through)
+        lowbit_quantize_into(local_state, name, fmt, p.to_local(), _sharded.local(values))
+        return
     if fmt.rank1:
         codes, rows, cols = rank1_quantize_reference(values, lowbit_state.rank1_rows(p.shape), fmt)
         state[name + "_row"].copy_(rows)
@@ -305,7 +331,7 @@ class LowbitStates:
         names = op._state_names(group)
         if backend == "torch":  # dequantize, the reference step, requantize (unless AMP skipped the step)
             skip = found_inf is not None and float(found_inf) != 0.0
-            temps = [{"step": s["step"], **{n: lowbit_dequantize(s, n, f).view_as(p) for n, f in zip(names, formats)}}
+            temps = [{"step": s["step"], **{n: lowbit_dequantize(s, n, f, like=p) for n, f in zip(names, formats)}}
                      for p, s in zip(params, states)]
             op._reference_step(group, params, grads, temps, grad_scale, found_inf)
             if not skip:
