@@ -34,11 +34,16 @@ _LAYOUTS = {}
 _CACHE_LIMIT = 4096
 
 
-def dtensor_class():
+def dtensor_type():
     """DTensor's class once torch.distributed.tensor is imported (no DTensor exists before), else None."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def dtensor_class():
+    """:func:`dtensor_type`, but None while dynamo traces (a compiled step does not localize)."""
     if torch.compiler.is_compiling():
         return None
-    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor_type()
 
 
 def is_dtensor(t: Any) -> bool:

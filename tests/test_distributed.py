@@ -47,7 +47,7 @@ REDUCE = {"Lamb": dict(lr=1e-2, weight_decay=0.01), "Lamb-pre_norm": dict(lr=1e-
           "Lamb-sr-bf16": dict(lr=1e-2, stochastic_rounding=True)}
 
 
-DDP = ("AdamW", "Lion", "lowbit.AdamW8bit", "Lamb")
+DDP = ("AdamW", "Lion", "lowbit.AdamW8bit", "Lamb", "Adan-sr-bf16")
 
 
 def _free_port():
@@ -211,10 +211,19 @@ def _ddp_worker(rank, world, port, out_file):
     try:
         results = {}
         for name in DDP:
-            model = torch.nn.parallel.DistributedDataParallel(_model())
+            model = torch.nn.parallel.DistributedDataParallel(_model(_dtype(name)))
             opt = _make(name, model.parameters(), "cpu")
-            _train(model, opt)  # the same batches on every rank: the averaged gradient is each rank's
+            _train(model, opt)  # (the gradients DDP averaged are replaced by the same ones everywhere)
             results[name] = [p.detach().clone() for p in model.module.parameters()]
+            del model, opt  # (a DDP module left to the interpreter's exit can hang in its destructor)
+        # ZeroRedundancyOptimizer: each rank steps its share of the parameters with a fastopt optimizer
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fastopt.AdamW, lr=1e-2, backend="cpu")
+        _train(model, opt)
+        results["zero"] = [p.detach().clone() for p in model.module.parameters()]
+        del model, opt
         if rank == 0:
             torch.save(results, out_file)
     finally:
@@ -227,9 +236,9 @@ def test_ddp_cpu_kernels_match_single_process(tmp_path):
     mp.start_processes(_ddp_worker, args=(WORLD, _free_port(), out_file), nprocs=WORLD, join=True,
                        start_method="spawn")
     got = torch.load(out_file)
-    for name in DDP:
-        model = _model()
-        opt = _make(name, model.parameters(), "cpu")
+    for name in DDP + ("zero",):
+        model = _model(_dtype(name))
+        opt = _make("AdamW" if name == "zero" else name, model.parameters(), "cpu")
         _train(model, opt)
         for p, q in zip(model.parameters(), got[name]):
-            assert torch.equal(q, p.detach()), name  # (g + g) / 2 == g: bit for bit
+            assert torch.equal(q, p.detach()), name

@@ -15,11 +15,13 @@ import torch
 
 from .. import _backend, _ops
 from .codebook import FORMATS, Format, codebook, dequantize_reference, get_format, quantize_reference  # noqa: F401
-from .int8 import Int8Linear, dequantize_int8, int8_linear_, is_int8_weight, quantize_int8  # noqa: F401
+from .int8 import (Int8Linear, dequantize_int8, int8_linear_, int8_weights, is_int8_weight,  # noqa: F401
+                   quantize_int8, reduce_float_grads)
 from .state import STATE_BITS, state_formats  # noqa: F401
 
 # (the optimizer presets join this list when fastopt attaches them: fastopt/__init__.py)
 __all__ = ["FORMATS", "codebook", "quantize_blockwise", "dequantize_blockwise", "state_formats", "Int8Linear",
+           "reduce_float_grads", "int8_weights",
            "int8_linear_", "quantize_int8", "dequantize_int8", "is_int8_weight"]
 
 

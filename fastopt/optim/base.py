@@ -156,11 +156,6 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
         """The backend that steps the ``dtype`` parameters of ``group`` on ``device``."""
         return _backend.resolve(group["backend"], device, dtype, dense)
 
-    def _sharded_kernel_reason(self, group, params):
-        """Why the kernels cannot step ``params`` of ``group`` when they are DTensors (FSDP2), i.e.
-        one local shard at a time, or None when every element's update needs only that element."""
-        return None
-
     def _step_view(self, group):
         """``group`` as the step passes it to the buckets, made while planning (so its errors come
         before anything is written)."""
@@ -246,8 +241,6 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
             buckets = defaultdict(lambda: ([], []))
             for (device, dtype, dense), pairs in by_layout.items():
                 backend = self._resolve_backend(group, device, dtype, dense)
-                if backend != "torch":
-                    self._check_sharded(group, [p for p, _ in pairs], backend)
                 params, grads = buckets[(device, dtype, backend)]
                 params.extend(p for p, _ in pairs)
                 grads.extend(g for _, g in pairs)
@@ -257,18 +250,6 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
             stepped = [p for _, buckets in plan for params, _ in buckets.values() for p in params]
             check_disjoint(type(self).__name__, stepped, self.__dict__.setdefault("_disjoint_checked", []))
         return plan
-
-    def _check_sharded(self, group, params, backend):
-        """Refuse, before anything is written, DTensor parameters (FSDP2) that the kernels would step
-        shard by shard although their update needs more than the shard (see NOTE: [DTensors] in fastopt/_ops.py)."""
-        dtensor = _ops.dtensor_class()
-        if dtensor is None or not any(isinstance(p, dtensor) for p in params):
-            return
-        reason = self._sharded_kernel_reason(group, params)
-        if reason is not None:
-            raise NotImplementedError(
-                f"{type(self).__name__}: FSDP2 (DTensor) parameters on backend {backend!r}: {reason}, which the "
-                "kernels do not do across shards yet; pass backend='torch'")
 
     def _check_int8_param(self, p):
         """The gradient (``float_grad``) of the int8 weight ``p`` of an Int8Linear, or None; raises for
@@ -590,16 +571,11 @@ class ElementwiseOptimizer(NMSparseTraining, FusedOptimizer):
     def _stochastic(self, group, p):
         return StochasticRounding.uses(group, p)
 
-    def _sharded_kernel_reason(self, group, params):
-        reason = self._sparse_sharded_reason(group, params)
-        if reason is not None:
-            return reason
-        return None
-
     def _check_group_param(self, group, p):
         if not _sharded.is_dtensor(p):
             return
         # what the step of a shard cannot do, whatever the backend (NOTE: [DTensors] in fastopt/_sharded.py)
+        self._check_sparse_shards(group, [p])  # (raises where an N:M group would straddle a shard)
         if StochasticRounding.uses(group, p) and not _sharded.row_sharded(p):
             raise NotImplementedError(
                 f"{type(self).__name__}: stochastic rounding of a DTensor {_sharded.describe_placement(p)}: the "

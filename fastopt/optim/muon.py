@@ -9,7 +9,6 @@ so state dicts load into each other both ways.  Equations: :func:`fastopt.refere
 """
 import importlib
 import math
-import sys
 import zlib
 from collections import defaultdict
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -17,7 +16,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, _sharded
 from ..lowbit.layouts import MasterWeights, StochasticRounding, check_rounding_options
 from ..reference import muon as R
 from ..reference.adam import adam_reference
@@ -108,9 +107,7 @@ def _check_int(name, value, low):
 # first exchange (and whenever this rank's set of exchanged parameters changes) the ranks of each group
 # compare a checksum of what they are about to exchange, so that ranks stepping different parameters
 # get an error instead of a hang or a wrong result.
-def _dtensor_class():
-    """DTensor's class once torch.distributed.tensor is imported, else None (also while compiling)."""
-    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+_dtensor_class = _sharded.dtensor_type  # (also while compiling: a compiled distributed step is refused)
 
 
 def _is_dtensor(t):
@@ -532,11 +529,6 @@ class Muon(FusedOptimizer):
                                  "share memory, so it cannot be updated in place")
 
     # -- the step: FusedOptimizer's plan, checks and order, with these hooks ---------------------------
-    def _sharded_kernel_reason(self, group, params):
-        """None: a Muon group's Newton-Schulz runs on whole matrices gathered from the shards (NOTE:
-        [distributed Muon]); an AdamW group's kernels step the local shards element by element."""
-        return None
-
     def _ddp(self):
         """(process_group, rank, world) when the plain-tensor Muon matrices are shared out over ranks,
         else None (no process_group, or a group of one rank)."""

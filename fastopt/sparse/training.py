@@ -340,16 +340,15 @@ class NMSparseTraining:
                 backend = _backend.resolve(group["backend"], p.device, p.dtype, _ops.is_dense(p))
                 self._enter_sparse(group, sp, p, state, t, backend)
 
-    def _sparse_sharded_reason(self, group, params):
-        """Why the kernels cannot run N:M sparse training of ``params`` (DTensors, FSDP2) shard by
-        shard, or None: the masks are computed per shard, which is exact when no mask group straddles a
-        shard boundary; a parameter for which one would raises here (ValueError naming the boundary and
-        the fix; checked when the group was added too, this catches a schedule loaded since)."""
+    def _check_sparse_shards(self, group, params):
+        """Raise (ValueError naming the boundary and the fix) where N:M sparse training of ``params``
+        (DTensors, FSDP2) would split a mask group across shards: the masks are computed per shard,
+        which is exact when no group straddles a shard boundary.  Checked when the group is added and
+        while a step is planned (a schedule loaded since)."""
         sp = group.get("sparsity")
         if sp is not None:
             for p in params:
                 sp.check_shards(p, type(self).__name__)
-        return None
 
     def _sparse_state_dtypes(self, p, state):
         """{name: dtype} of the sparse-training states of ``p`` (they have its shape and strides)."""
