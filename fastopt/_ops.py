@@ -266,16 +266,9 @@ def _check_sr_offsets(op, sr_offsets, n):
     first element in the whole tensor it is a contiguous piece of, e.g. an FSDP2 shard on dim 0), so
     that element ``i`` rounds with the bits of element ``offset + i`` and a tensor stepped as pieces
     rounds exactly as stepped whole.  Raises ValueError before anything is written."""
-    if not sr_offsets:
-        return []
-    offsets = list(sr_offsets)
-    if len(offsets) != n:
-        raise ValueError(f"fastopt::{op}: sr_offsets has {len(offsets)} entries for {n} params (one "
-                         "stochastic-rounding element offset per param, or none)")
-    for o in offsets:
-        if isinstance(o, bool) or not isinstance(o, int) or o < 0:
-            raise ValueError(f"fastopt::{op}: sr_offsets must be non-negative ints (element offsets), got {o!r}")
-    return offsets
+    from .reference.rounding import check_offsets
+
+    return check_offsets(sr_offsets, n, f"fastopt::{op}: sr_offsets")
 
 
 def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], states: List[Tensor],

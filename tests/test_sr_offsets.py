@@ -270,7 +270,7 @@ def test_ops_refuse_bad_sr_offsets(device, backend):
     g, m = torch.randn_like(p), torch.zeros_like(p)
     step = torch.zeros((), device=device)
     before = p.clone()
-    for bad, match in (([0, 0], "sr_offsets has 2 entries for 1 params"), ([-3], "non-negative")):
+    for bad, match in (([0, 0], "2 stochastic-rounding element offsets for 1 tensors"), ([-3], "non-negative")):
         with pytest.raises(ValueError, match=match):
             _ops.elementwise_step_("lion", [p], [g], [m], [step], [0.9, 0.99, 0.0], 1, 1e-3, None, False, None,
                                    None, 0, [], None, None, SEED, True, backend, [], [], 0.0, 0.0, bad)
@@ -281,7 +281,7 @@ def test_ops_refuse_bad_sr_offsets(device, backend):
     books = [codebook("dyn8s", device), codebook("dyn8u", device)]
     codes = [torch.zeros(512, dtype=torch.uint8, device=device) for _ in range(2)]
     absmax = [torch.zeros(2, device=device) for _ in range(2)]
-    with pytest.raises(ValueError, match="sr_offsets has 2 entries for 1 params"):
+    with pytest.raises(ValueError, match="2 stochastic-rounding element offsets for 1 tensors"):
         _ops.lowbit_step_("adamw", [p], [g], codes, absmax, books, 256, [step], [0.9, 0.999, 1e-8, 0.01], 0, 1e-3,
                           None, False, None, None, SEED, True, [], [], [], backend, [0, 256])
     assert same_bits(p, before) and float(step) == 0.0

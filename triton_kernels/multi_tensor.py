@@ -180,16 +180,9 @@ def sr_offset_column(sr_offsets, n):
     index in the whole tensor it is a piece of, e.g. an FSDP2 shard; the C++ ``sr_offsets``): a list
     of ``n`` non-negative ints (zeros when ``sr_offsets`` is None or empty), for a column of the
     launch's address table (read by :func:`_sr_offset`)."""
-    if not sr_offsets:
-        return [0] * n
-    offsets = list(sr_offsets)
-    if len(offsets) != n:
-        raise ValueError(f"sr_offsets: {len(offsets)} stochastic-rounding element offsets for {n} tensors (one "
-                         "per tensor, or none)")
-    for o in offsets:
-        if isinstance(o, bool) or not isinstance(o, int) or o < 0:
-            raise ValueError(f"sr_offsets: an element offset must be a non-negative int, got {o!r}")
-    return offsets
+    from ..reference.rounding import check_offsets
+
+    return check_offsets(sr_offsets, n) or [0] * n
 
 
 def device_table(rows, device):

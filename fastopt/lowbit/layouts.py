@@ -82,13 +82,9 @@ class StochasticRounding:
         ``i`` of ``params[k]`` rounding as element ``offsets[k] + i`` of its whole tensor (``params[k]`` a
         contiguous piece of it, e.g. an FSDP2 shard, starting there; the kernels' ``sr_offsets``).
         ``offsets``: None or empty (all 0), or one non-negative int per param, checked before any write."""
-        from ..reference.rounding import check_offset
+        from ..reference.rounding import check_offsets
         params = list(params)
-        offsets = list(offsets) if offsets is not None else []
-        if offsets and len(offsets) != len(params):
-            raise ValueError(f"StochasticRounding.write: {len(offsets)} offsets for {len(params)} params (one per "
-                             "param, or none)")
-        offsets = [check_offset(o, "StochasticRounding.write") for o in offsets] or [0] * len(params)
+        offsets = check_offsets(offsets, len(params), "StochasticRounding.write") or [0] * len(params)
         for p, v, i, step, off in zip(params, values, indices, steps, offsets):
             if p.numel() > 0:
                 p.copy_(bf16_stochastic(v, seed, i, step, off))

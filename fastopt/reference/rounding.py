@@ -45,6 +45,18 @@ def check_offset(offset, who="sr_offset"):
     return value
 
 
+def check_offsets(offsets, n, who="sr_offsets"):
+    """Per-tensor element offsets as a list of ``n`` Python ints, or [] for None/empty (all 0): one
+    non-negative int per tensor (ValueError otherwise).  The kernels' ``sr_offsets``."""
+    if offsets is None or len(offsets) == 0:
+        return []
+    offsets = list(offsets)
+    if len(offsets) != n:
+        raise ValueError(f"{who}: {len(offsets)} stochastic-rounding element offsets for {n} tensors (one per "
+                         "tensor, or none)")
+    return [check_offset(o, who) for o in offsets]
+
+
 def _mul32(i, c):
     """``(i * c) mod 2**32`` for int64 tensors ``i`` of uint32 values and a uint32 constant ``c``,
     without int64 overflow (the product is split at bit 16 of ``c``)."""
