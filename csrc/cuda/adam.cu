@@ -87,7 +87,7 @@ void increment_steps(const std::vector<int64_t>& steps, const float* found_inf, 
     StepList list;
     list.n = static_cast<int>(steps.size() - base < kStepsPerLaunch ? steps.size() - base : kStepsPerLaunch);
     for (int i = 0; i < list.n; ++i) list.steps[i] = as_ptr<float>(steps[base + i]);
-    increment_steps_kernel<<<1, kStepsPerLaunch, 0, stream>>>(list, found_inf);
+    FASTOPT_LAUNCH(1, kStepsPerLaunch, 0, stream, increment_steps_kernel)(list, found_inf);
     check_cuda(cudaGetLastError(), "increment_steps_kernel launch");
   }
 }

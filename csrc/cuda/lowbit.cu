@@ -216,7 +216,7 @@ void launch_lowbit(const LowbitArgs& la, const LowbitScalars& s, cudaStream_t st
   LowbitMeta meta;
   int ntensors = 0, nblocks = 0;
   auto flush = [&] {
-    lowbit_kernel<Op, T><<<nblocks, kThreads, 0, stream>>>(meta, s);
+    FASTOPT_LAUNCH(nblocks, kThreads, 0, stream, lowbit_kernel<Op, T>)(meta, s);
     check_cuda(cudaGetLastError(), "lowbit_kernel launch");
     nblocks = 0;
   };
@@ -351,7 +351,7 @@ void quantize_cuda(const CodecArgs& a, int64_t stream_handle) {
   cudaStream_t stream = cuda::as_stream(stream_handle);
   const int64_t want = (nblocks + cuda::kWarps - 1) / cuda::kWarps;
   const int grid = static_cast<int>(want < (1 << 20) ? want : (1 << 20));  // the kernel grid-strides past this
-  cuda::codec_kernel<<<grid, cuda::kThreads, 0, stream>>>(
+  FASTOPT_LAUNCH(grid, cuda::kThreads, 0, stream, cuda::codec_kernel)(
       as_ptr<float>(a.x), as_ptr<uint8_t>(a.codes), as_ptr<float>(a.absmax), nblocks,
       static_cast<int>(a.block), as_ptr<const int32_t>(a.book), a.dequantize);
   cuda::check_cuda(cudaGetLastError(), "codec_kernel launch");

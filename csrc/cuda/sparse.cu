@@ -199,9 +199,9 @@ template <int M, typename T>
 void launch_nm_rows(const T* x, uint8_t* out, int64_t groups, int n, bool vec, cudaStream_t stream) {
   const int grid = grid_for(groups);
   if (vec) {
-    nm_rows_kernel<M, T, true><<<grid, kSparseThreads, 0, stream>>>(x, out, groups, n);
+    FASTOPT_LAUNCH(grid, kSparseThreads, 0, stream, nm_rows_kernel<M, T, true>)(x, out, groups, n);
   } else {
-    nm_rows_kernel<M, T, false><<<grid, kSparseThreads, 0, stream>>>(x, out, groups, n);
+    FASTOPT_LAUNCH(grid, kSparseThreads, 0, stream, nm_rows_kernel<M, T, false>)(x, out, groups, n);
   }
   check_cuda(cudaGetLastError(), "nm_rows_kernel launch");
 }
@@ -211,10 +211,10 @@ void launch_nm_strided(const T* x, uint8_t* out, int64_t numel, int64_t inner, i
   const int64_t total = numel / m;  // (outer, group, inner) triples
   const int grid = grid_for(total);
   if (numel <= INT_MAX) {  // every address offset and t + stride fit in uint32
-    nm_strided_kernel<M, T, uint32_t><<<grid, kSparseThreads, 0, stream>>>(
+    FASTOPT_LAUNCH(grid, kSparseThreads, 0, stream, nm_strided_kernel<M, T, uint32_t>)(
         x, out, static_cast<uint32_t>(total), static_cast<uint32_t>(inner), m, n);
   } else {
-    nm_strided_kernel<M, T, int64_t><<<grid, kSparseThreads, 0, stream>>>(x, out, total, inner, m, n);
+    FASTOPT_LAUNCH(grid, kSparseThreads, 0, stream, nm_strided_kernel<M, T, int64_t>)(x, out, total, inner, m, n);
   }
   check_cuda(cudaGetLastError(), "nm_strided_kernel launch");
 }
@@ -372,10 +372,10 @@ void launch_transposable_mask_as(const T* x, uint8_t* out, int64_t rows, int64_t
   const int64_t tiles = (rows / 4) * (cols / 4);
   const int grid = grid_for(tiles);
   if (rows * cols <= INT_MAX) {
-    transposable_mask_kernel<T, kVec, kExact, uint32_t><<<grid, kSparseThreads, 0, stream>>>(
+    FASTOPT_LAUNCH(grid, kSparseThreads, 0, stream, transposable_mask_kernel<T, kVec, kExact, uint32_t>)(
         x, out, static_cast<uint32_t>(tiles), static_cast<uint32_t>(cols / 4), static_cast<uint32_t>(cols));
   } else {
-    transposable_mask_kernel<T, kVec, kExact, int64_t><<<grid, kSparseThreads, 0, stream>>>(x, out, tiles, cols / 4, cols);
+    FASTOPT_LAUNCH(grid, kSparseThreads, 0, stream, transposable_mask_kernel<T, kVec, kExact, int64_t>)(x, out, tiles, cols / 4, cols);
   }
   check_cuda(cudaGetLastError(), "transposable_mask_kernel launch");
 }

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "fastopt/api.h"
+#include "fastopt/launch.cuh"
 
 namespace fastopt {
 namespace cuda {
@@ -82,7 +83,7 @@ void multi_tensor_apply(int64_t n, Addr addr, Numel numel, cudaStream_t stream, 
       const bool tensors_full = ntensors == Cap::tensors && c == chunks - 1;
       const bool last = t == n - 1 && c == chunks - 1;
       if (blocks_full || tensors_full || last) {
-        multi_tensor_kernel<DEPTH><<<nblocks, kBlockThreads, 0, stream>>>(meta, op, args...);
+        FASTOPT_LAUNCH(nblocks, kBlockThreads, 0, stream, multi_tensor_kernel<DEPTH>)(meta, op, args...);
         check_cuda(cudaGetLastError(), "multi_tensor_kernel launch");
         nblocks = 0;
         if (c == chunks - 1) {
@@ -96,7 +97,7 @@ void multi_tensor_apply(int64_t n, Addr addr, Numel numel, cudaStream_t stream, 
     }
   }
   if (nblocks > 0) {  // zero-sized tensors at the end of the list leave a partial launch behind
-    multi_tensor_kernel<DEPTH><<<nblocks, kBlockThreads, 0, stream>>>(meta, op, args...);
+    FASTOPT_LAUNCH(nblocks, kBlockThreads, 0, stream, multi_tensor_kernel<DEPTH>)(meta, op, args...);
     check_cuda(cudaGetLastError(), "multi_tensor_kernel launch");
   }
 }
