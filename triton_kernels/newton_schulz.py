@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .compile_audit import capturing
 from .multi_tensor import to_bf16_rne
 
 DEFAULT_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -180,7 +181,7 @@ def _as_batch(t, name):
 
 def _check_device(*tensors, check_dtype=True):
     for t in tensors:
-        if t.device.type != "cuda" and not (t.device.type == "cpu" and _interpret()):
+        if t.device.type != "cuda" and not (t.device.type == "cpu" and (_interpret() or capturing())):
             raise ValueError(f"the Newton-Schulz Triton kernels need CUDA tensors (CPU tensors only under "
                              f"TRITON_INTERPRET=1); got a tensor on {t.device}")
         if check_dtype and t.dtype not in _TL_DTYPES:
