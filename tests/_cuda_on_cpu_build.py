@@ -15,6 +15,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -56,8 +57,11 @@ def module_path(out_dir):
     return Path(out_dir) / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
 
 
-def build(src_root=ROOT, out_dir=None, jobs=None, extra_flags=(), verbose=False):
-    """Compile and link the module from ``src_root``; returns its path (cached by a hash of the sources)."""
+def build(src_root=ROOT, out_dir=None, jobs=None, extra_flags=(), verbose=False, reuse=None):
+    """Compile and link the module from ``src_root``; returns its path (cached by a hash of the sources).
+
+    ``reuse=(built_module_path, changed_sources)``: compile only ``changed_sources`` (paths relative to the
+    root, e.g. a mutated .cu file) and take every other object file from that earlier build."""
     src_root = Path(src_root).resolve()
     if out_dir is None:
         out_dir = ROOT / "build" / "cuda_on_cpu" / _digest(src_root, extra_flags)
@@ -73,6 +77,9 @@ def build(src_root=ROOT, out_dir=None, jobs=None, extra_flags=(), verbose=False)
     def compile_one(src):
         rel = Path(src)
         obj = obj_dir / (rel.name + ".o")
+        if reuse is not None and src not in reuse[1]:
+            shutil.copyfile(Path(reuse[0]).parent / "obj" / obj.name, obj)
+            return obj
         cmd = ["g++"]
         if rel.suffix == ".cu":
             cmd += ["-x", "c++"]

@@ -1,0 +1,205 @@
+"""The CUDA kernels (csrc/cuda/*.cu) run on the CPU through the CUDA-on-CPU layer (csrc/cuda_on_cpu/,
+tests/_cuda_on_cpu_build.py, tests/_cuda_on_cpu.py) and must give the cpu backend's results bit for bit
+(the same formulas, no FMA contraction on either side) -- except the per-row sums of the reduce passes,
+which the CUDA kernel adds in another order (per-thread strided partial sums, a warp-shuffle tree, one
+atomicAdd per block) than the CPU loop: those optimizers are compared to 1e-6 relative in fp32 and to one
+bf16 ulp (2^-7 relative) in bf16, where a last-bit difference of a sum can flip a stored value's rounding.
+
+The mutation tests build a copy of the sources with one deliberate bug (a tail bound one past the end, the
+block barrier of the reduce pass removed) and check that these comparisons catch it.
+
+The first run builds the module (about 2.5 min on 2 cores; cached in build/cuda_on_cpu/ until a source
+changes).  The existing suites run their ``cuda`` cases through the same layer with
+``PYTHONPATH=tests python -m pytest -p _cuda_on_cpu tests/... -k cuda`` (README).
+"""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastopt
+import fastopt.lowbit as lowbit
+from fastopt import _backend
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cuda_on_cpu as coc  # noqa: E402
+import _cuda_on_cpu_build as coc_build  # noqa: E402
+from zoo_cases import REDUCING, ZOO  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NEEDS_GXX = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+pytestmark = [NEEDS_GXX, pytest.mark.skipif(not _backend.has_cpu(), reason="needs fastopt._C (the cpu backend)")]
+
+
+@pytest.fixture(scope="module")
+def built():
+    return coc_build.build()
+
+
+@pytest.fixture
+def layer(built):
+    """backend='cuda' on CPU tensors runs the module built from this tree."""
+    coc.activate(coc_build.load(built))
+    yield
+    coc.deactivate()
+
+
+# Shapes: a tensor over one 65536-element chunk with a ragged tail, rows shorter than a chunk (the reduce
+# pass's per-element atomics), rows longer than a chunk (the block reduction), an odd small tensor, and a
+# view at an odd offset (the unaligned paths).
+def _params(dtype, gen):
+    base = torch.randn(70001 + 3, generator=gen).to(dtype)
+    ps = [torch.randn(70001, generator=gen).to(dtype),
+          torch.randn(300, 7, generator=gen).to(dtype),
+          torch.randn(2, 70000, generator=gen).to(dtype),
+          torch.randn(33, generator=gen).to(dtype),
+          base[3:].view(70001)]
+    return [torch.nn.Parameter(p) for p in ps]
+
+
+def _run(cls, kw, backend, dtype, steps=3):
+    gen = torch.Generator().manual_seed(1)
+    ps = _params(dtype, gen)
+    opt = cls(ps, backend=backend, **kw)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        opt.step()
+    states = [v for p in ps for v in opt.state[p].values() if torch.is_tensor(v)]
+    return [p.detach() for p in ps] + states
+
+
+def _compare(got, want, exact, what):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        if exact:
+            same = torch.equal(g.view(torch.uint8) if g.dtype.itemsize == 1 else g, w.view(torch.uint8)
+                               if w.dtype.itemsize == 1 else w) or torch.equal(g.isnan(), w.isnan()) and \
+                torch.equal(torch.where(g.isnan(), 0, g), torch.where(w.isnan(), 0, w))
+            assert same, f"{what}: tensor {i} differs from the cpu backend's " \
+                         f"(max |diff| {(g.double() - w.double()).abs().max().item():.3g})"
+        else:
+            # fp32: the sums' rounding differs in the last bits; bf16: such a difference can flip the rounding
+            # of a stored value to the neighbouring bf16 (one ulp, 2^-8 relative)
+            tol = dict(rtol=1e-6, atol=1e-7) if w.dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-5)
+            torch.testing.assert_close(g.double(), w.double(), equal_nan=True, msg=what, **tol)
+
+
+ZOO_CASES = [(name, i) for name, (_, cfgs) in ZOO.items() for i in range(len(cfgs))]
+
+
+def _reduces(name, kw):
+    return name in REDUCING or kw.get("use_gc") or kw.get("cautious")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name,i", ZOO_CASES, ids=[f"{n}-{i}" for n, i in ZOO_CASES])
+def test_zoo_cuda_kernels_match_cpu(layer, name, i, dtype):
+    cls, cfgs = ZOO[name]
+    kw = cfgs[i]
+    want = _run(cls, kw, "cpu", dtype)
+    got = _run(cls, kw, "cuda", dtype)
+    _compare(got, want, exact=not _reduces(name, kw), what=f"{name} {kw} {dtype}")
+
+
+ADAM_CASES = [(fastopt.Adam, dict(lr=1e-2)), (fastopt.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+              (fastopt.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", range(len(ADAM_CASES)))
+def test_adam_cuda_kernel_matches_cpu(layer, case, dtype):
+    cls, kw = ADAM_CASES[case]
+    _compare(_run(cls, kw, "cuda", dtype), _run(cls, kw, "cpu", dtype), exact=True, what=f"{cls.__name__} {kw}")
+
+
+LOWBIT = [lowbit.AdamW8bit, lowbit.Adam4bit, lowbit.AdamWFp8, lowbit.Lion8bit, lowbit.Adan4bit]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cls", LOWBIT, ids=[c.__name__ for c in LOWBIT])
+def test_lowbit_cuda_kernel_matches_cpu(layer, cls, dtype):
+    kw = dict(lr=1e-2)
+    _compare(_run(cls, kw, "cuda", dtype), _run(cls, kw, "cpu", dtype), exact=True, what=cls.__name__)
+
+
+@pytest.mark.parametrize("fmt", ["dyn8", "dyn4s", "fp8"])
+def test_codec_cuda_kernel_matches_cpu(layer, fmt):
+    x = torch.randn(64 * 300 + 5)
+    x[7] = float("inf")  # a poisoned block
+    try:
+        a = lowbit.quantize_blockwise(x, fmt, block=64, backend="cpu")
+    except (KeyError, ValueError) as e:
+        pytest.skip(f"format {fmt}: {e}")
+    b = lowbit.quantize_blockwise(x, fmt, block=64, backend="cuda")
+    for u, v in zip(a, b):
+        if torch.is_tensor(u):
+            assert torch.equal(u.nan_to_num(), v.nan_to_num()) and torch.equal(u.isnan(), v.isnan())
+
+
+def test_masks_cuda_kernels_match_cpu(layer):
+    from fastopt import sparse
+
+    w = torch.randn(64, 96)
+    w[3, 5] = float("nan")
+    for n, m, dim in [(2, 4, -1), (1, 4, 0), (2, 8, -1), (4, 16, -1), (3, 5, -1), (2, 4, 0)]:
+        assert torch.equal(sparse.nm_mask(w, n, m, dim, backend="cuda"), sparse.nm_mask(w, n, m, dim, backend="cpu"))
+    for mode in ("exact", "greedy"):
+        assert torch.equal(sparse.transposable_mask(w, mode, backend="cuda"),
+                           sparse.transposable_mask(w, mode, backend="cpu"))
+
+
+# ---- mutations: a copy of the tree with one bug must fail the comparisons ----
+
+def _mutated_build(tmp_path, built, rel, old, new):
+    src = ROOT / rel
+    text = src.read_text()
+    assert text.count(old) == 1, f"mutation anchor not found once in {rel}: {old!r}"
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "csrc", tree / "csrc")
+    (tree / rel).write_text(text.replace(old, new))
+    return coc_build.build(src_root=tree, out_dir=tmp_path / "out", reuse=(built, [rel]))
+
+
+def _fails(module_path, check):
+    coc.activate(coc_build.load(module_path))
+    try:
+        check()
+    except (AssertionError, RuntimeError) as e:
+        return str(e)
+    finally:
+        coc.deactivate()
+    return None
+
+
+def test_mutation_tail_bound_is_caught(tmp_path, built):
+    """Adam's guarded tail loop running one element past its chunk (i <= n): the element after the chunk
+    (the next chunk's first, or past the tensor) is stepped twice or out of bounds."""
+    mutated = _mutated_build(tmp_path, built, "csrc/cuda/adam.cu", "i < n; i += blockDim.x) {  // guarded tail",
+                             "i <= n; i += blockDim.x) {  // guarded tail")
+    why = _fails(mutated, lambda: _compare(_run(fastopt.Adam, dict(lr=1e-2), "cuda", torch.float32),
+                                           _run(fastopt.Adam, dict(lr=1e-2), "cpu", torch.float32), True, "Adam"))
+    assert why is not None, "the comparison with the cpu backend missed an off-by-one tail bound"
+
+
+def test_mutation_missing_barrier_is_caught(tmp_path, built):
+    """The reduce pass's __syncthreads between the warps' partial sums and warp 0's final sum removed:
+    warp 0 reads partial sums the other warps have not written yet."""
+    mutated = _mutated_build(tmp_path, built, "csrc/cuda/elementwise.cu", "        __syncthreads();\n", "\n")
+    cls, cfgs = ZOO["lamb"]
+    why = _fails(mutated, lambda: _compare(_run(cls, cfgs[0], "cuda", torch.float32),
+                                           _run(cls, cfgs[0], "cpu", torch.float32), False, "lamb"))
+    assert why is not None, "the comparison with the cpu backend missed a missing __syncthreads"
+    # and the unmutated tree passes the same check
+    assert _fails(built, lambda: _compare(_run(cls, cfgs[0], "cuda", torch.float32),
+                                          _run(cls, cfgs[0], "cpu", torch.float32), False, "lamb")) is None
+
+
+def test_build_script_runs(built):
+    """``python tests/_cuda_on_cpu_build.py`` finds the cached module (the README's command)."""
+    out = subprocess.run([sys.executable, str(ROOT / "tests/_cuda_on_cpu_build.py")], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert Path(out.stdout.strip()) == Path(built)
