@@ -12,6 +12,7 @@
 #include "fastopt/ops.h"
 #include "fastopt/quant.h"
 #include "kernel.h"
+#include "quant_cpu.h"
 
 namespace fastopt::cpu::FASTOPT_CPU_NS {
 namespace {
@@ -19,7 +20,9 @@ namespace {
 // Dequantize `len` values of one block (codes start at the block's first element).
 // (Not inlined: compiled once, vectorized, whatever the caller; inlined into the ~60 op kernels
 // GCC vectorized some copies and left others scalar with branches.)
-__attribute__((noinline)) void dequantize_block(const CodebookView& b, const uint8_t* codes, float absmax, int64_t len, float* out) {
+// (The table path: the baseline copy's, the reference of quant_cpu.h's vector codecs.)
+__attribute__((noinline)) void dequantize_block_table(const CodebookView& b, const uint8_t* codes, float absmax, int64_t len,
+                                                      float* out) {
   const float* __restrict__ values = b.values;
   if (b.nc == 16) {
     alignas(64) uint8_t idx[kMaxQuantBlock];
@@ -38,7 +41,7 @@ __attribute__((noinline)) void dequantize_block(const CodebookView& b, const uin
 // Quantize `len` (<= kMaxQuantBlock) values of one block: writes the codes and returns the block's
 // absmax.  The loops are branch-free so that they vectorize (table reads become gathers).
 // A block holding a NaN or an infinity is poisoned (quant.h): absmax NaN, every code the code of 0.
-__attribute__((noinline)) float quantize_block(const CodebookView& b, const float* x, int64_t len, uint8_t* codes) {
+__attribute__((noinline)) float quantize_block_table(const CodebookView& b, const float* x, int64_t len, uint8_t* codes) {
   float amax = 0.0f;
   uint32_t bad = 0;
 #pragma omp simd reduction(max : amax) reduction(| : bad)
@@ -75,6 +78,24 @@ __attribute__((noinline)) float quantize_block(const CodebookView& b, const floa
     for (int64_t j = 0; j < len; ++j) codes[j] = static_cast<uint8_t>(rank[j]);
   }
   return amax;
+}
+
+// The codecs the kernels use: quant_cpu.h's vector ones where this copy has AVX2 (same codes and values,
+// tests/test_lowbit_codec_cpu.py), else the table path.  8-bit codes decode by GCC's scalar table
+// reads, which measured faster than AVX2 gathers here.
+inline void dequantize_block(const CodebookView& b, const uint8_t* codes, float absmax, int64_t len, float* out) {
+#if FASTOPT_QUANT_VEC
+  if (b.nc == 16) return dequantize_block_vec(b, codes, absmax, len, out);
+#endif
+  dequantize_block_table(b, codes, absmax, len, out);
+}
+
+inline float quantize_block(const CodebookView& b, const float* x, int64_t len, uint8_t* codes) {
+#if FASTOPT_QUANT_VEC
+  return quantize_block_vec(b, x, len, codes);
+#else
+  return quantize_block_table(b, x, len, codes);
+#endif
 }
 
 // Rank-1 scales of elements [base, base + len) of a [rows, cols] tensor: min(row max, column max),
