@@ -216,7 +216,7 @@ def main(argv=None):
 
     with capture() as launches:
         runpy.run_path(script)["exercise"]()
-    results = compile_all(launches, workers=int(os.environ.get("FASTOPT_AUDIT_WORKERS", "2")))
+    results = compile_all(launches, workers=int(os.environ.get("FASTOPT_AUDIT_WORKERS", str(os.cpu_count() or 2))))
     with open(out, "w") as f:
         json.dump(results, f, indent=1)
 

@@ -22,9 +22,89 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import (BLOCK, CHUNK, MAX_STATES, _TL_DTYPES, StepArgs, _chunk_tables, _load_block, _ptr,
-                           _rounded, _sr_offset, _step_scalars, _step_skipped, _store_block, _store_param, device_table,
-                           pad_hyper, sr_offset_column)
+from .multi_tensor import (BLOCK, CHUNK, MAX_STATES, _TL_DTYPES, StepArgs, _aptr, _chunk_tables, _load_block,
+                           _rounded, _sr_offset, _step_scalars, _step_skipped, _store_block, _store_param, aligned16,
+                           device_table, pad_hyper, sr_offset_column)
+
+
+@triton.jit
+def _elementwise_block(addr_table, row, offs, mask, step, lr, grad_mul, r_first, r_len, sr_offset, row_coef, reduce_out,
+                       seed, sparse_table, sparse_lambda, sparse_beta,
+                       H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
+                       UPDATE: tl.constexpr, REDUCE: tl.constexpr, NSTATE: tl.constexpr, NREDUCE: tl.constexpr,
+                       PHASE: tl.constexpr, FLAGS: tl.constexpr, DTYPE: tl.constexpr, HAS_ROW_COEF: tl.constexpr,
+                       ONE_ROW: tl.constexpr, STOCHASTIC: tl.constexpr, SPARSE: tl.constexpr,
+                       SPARSE_OUT: tl.constexpr, NCOL: tl.constexpr, ALIGNED: tl.constexpr):
+    """One block of ``offs`` (``mask``: which lanes exist; an all-true constant in the main loop)."""
+    p = _load_block(addr_table, row, 0, NCOL, offs, mask, DTYPE, ALIGNED)
+    g = _load_block(addr_table, row, 1, NCOL, offs, mask, DTYPE, ALIGNED) * grad_mul
+    s0 = p * 0.0
+    s1 = s0
+    s2 = s0
+    s3 = s0
+    if NSTATE >= 1:
+        s0 = _load_block(addr_table, row, 2, NCOL, offs, mask, DTYPE, ALIGNED)
+    if NSTATE >= 2:
+        s1 = _load_block(addr_table, row, 3, NCOL, offs, mask, DTYPE, ALIGNED)
+    if NSTATE >= 3:
+        s2 = _load_block(addr_table, row, 4, NCOL, offs, mask, DTYPE, ALIGNED)
+    if NSTATE >= 4:
+        s3 = _load_block(addr_table, row, 5, NCOL, offs, mask, DTYPE, ALIGNED)
+    rows = r_first + offs // r_len
+    r0 = p * 0.0
+    r1 = r0
+    r2 = r0
+    r3 = r0
+    if HAS_ROW_COEF:
+        r0 = tl.load(row_coef + rows * 4 + 0, mask=mask, other=1.0)  # 1: no 0/0 in masked lanes
+        r1 = tl.load(row_coef + rows * 4 + 1, mask=mask, other=0.0)
+        r2 = tl.load(row_coef + rows * 4 + 2, mask=mask, other=0.0)
+        r3 = tl.load(row_coef + rows * 4 + 3, mask=mask, other=0.0)
+    if PHASE == 0:
+        if SPARSE:  # the sparse-training epilogue (elementwise.h's op_update_element)
+            mptr = tl.load(sparse_table + row * 2).to(tl.pointer_type(tl.uint8))
+            if ALIGNED:
+                mptr = tl.multiple_of(mptr, 16)
+            keep = tl.load(mptr + offs, mask=mask, other=1) != 0
+            g = tl.where(keep | (sparse_lambda == 0.0), g, g + sparse_lambda * p)
+        p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3,
+                                   H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
+        stored = _store_param(_aptr(addr_table, row, 0, NCOL, DTYPE, ALIGNED), offs, mask, p, seed, row, step,
+                              sr_offset, STOCHASTIC, DTYPE)
+        if SPARSE_OUT:
+            optr = tl.load(sparse_table + row * 2 + 1).to(tl.pointer_type(DTYPE))
+            if ALIGNED:
+                optr = tl.multiple_of(optr, 16)
+            ps = stored.to(tl.float32)
+            pruned = _rounded(tl.where(sparse_beta == 0.0, 0.0, sparse_beta * ps), DTYPE)
+            tl.store(optr + offs, tl.where(keep, stored, pruned), mask=mask)
+    else:
+        s0, s1, s2, s3, a0, a1, a2, a3 = REDUCE(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3,
+                                                H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
+        if ONE_ROW:
+            tl.atomic_add(reduce_out + r_first * 4 + 0, tl.sum(tl.where(mask, a0, 0.0), axis=0))
+            if NREDUCE >= 2:
+                tl.atomic_add(reduce_out + r_first * 4 + 1, tl.sum(tl.where(mask, a1, 0.0), axis=0))
+            if NREDUCE >= 3:
+                tl.atomic_add(reduce_out + r_first * 4 + 2, tl.sum(tl.where(mask, a2, 0.0), axis=0))
+            if NREDUCE >= 4:
+                tl.atomic_add(reduce_out + r_first * 4 + 3, tl.sum(tl.where(mask, a3, 0.0), axis=0))
+        else:
+            tl.atomic_add(reduce_out + rows * 4 + 0, a0, mask=mask)
+            if NREDUCE >= 2:
+                tl.atomic_add(reduce_out + rows * 4 + 1, a1, mask=mask)
+            if NREDUCE >= 3:
+                tl.atomic_add(reduce_out + rows * 4 + 2, a2, mask=mask)
+            if NREDUCE >= 4:
+                tl.atomic_add(reduce_out + rows * 4 + 3, a3, mask=mask)
+    if NSTATE >= 1:
+        _store_block(addr_table, row, 2, NCOL, offs, mask, s0, DTYPE, ALIGNED)
+    if NSTATE >= 2:
+        _store_block(addr_table, row, 3, NCOL, offs, mask, s1, DTYPE, ALIGNED)
+    if NSTATE >= 3:
+        _store_block(addr_table, row, 4, NCOL, offs, mask, s2, DTYPE, ALIGNED)
+    if NSTATE >= 4:
+        _store_block(addr_table, row, 5, NCOL, offs, mask, s3, DTYPE, ALIGNED)
 
 
 @triton.jit(do_not_specialize=["seed"])  # seed == 1 must not become a constexpr (seed.to in _store_param)
@@ -38,13 +118,13 @@ def _elementwise_kernel(
     HAS_LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     HAS_ROW_COEF: tl.constexpr, ONE_ROW: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_STEPS: tl.constexpr,
     SPARSE: tl.constexpr, SPARSE_OUT: tl.constexpr,
-    CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, ALIGNED: tl.constexpr = False,
 ):
     NCOL: tl.constexpr = NSTATE + 4  # param, grad, states..., stochastic-rounding offset, step counter
     pid = tl.program_id(0)
     if _step_skipped(found_inf_ptr, HAS_FOUND_INF) == 0.0:
         row = tl.load(block_tensor + pid).to(tl.int64)
-        start = tl.load(block_start + pid)
+        start = tl.multiple_of(tl.load(block_start + pid), CHUNK_SIZE)  # chunks start at multiples of CHUNK
         n = tl.load(numels + row)
         end = tl.minimum(start + CHUNK_SIZE, n)
         lr, grad_mul, step = _step_scalars(addr_table, row, NCOL, lr_value, lr_ptr, grad_scale_ptr, sign,
@@ -52,74 +132,22 @@ def _elementwise_kernel(
         r_first = tl.load(row_offset + row)
         r_len = tl.load(row_len + row)
         sr_offset = _sr_offset(addr_table, row, NSTATE + 2, NCOL, STOCHASTIC)
-        for off in range(start, end, BLOCK_SIZE):
+        # whole blocks unmasked (a constant all-true mask: 128-bit accesses when ALIGNED), then the tail
+        full_end = start + (end - start) // BLOCK_SIZE * BLOCK_SIZE
+        for off in range(start, full_end, BLOCK_SIZE):
             offs = off + tl.arange(0, BLOCK_SIZE)
-            mask = offs < end
-            p = _load_block(addr_table, row, 0, NCOL, offs, mask, DTYPE)
-            g = _load_block(addr_table, row, 1, NCOL, offs, mask, DTYPE) * grad_mul
-            s0 = p * 0.0
-            s1 = s0
-            s2 = s0
-            s3 = s0
-            if NSTATE >= 1:
-                s0 = _load_block(addr_table, row, 2, NCOL, offs, mask, DTYPE)
-            if NSTATE >= 2:
-                s1 = _load_block(addr_table, row, 3, NCOL, offs, mask, DTYPE)
-            if NSTATE >= 3:
-                s2 = _load_block(addr_table, row, 4, NCOL, offs, mask, DTYPE)
-            if NSTATE >= 4:
-                s3 = _load_block(addr_table, row, 5, NCOL, offs, mask, DTYPE)
-            rows = r_first + offs // r_len
-            r0 = p * 0.0
-            r1 = r0
-            r2 = r0
-            r3 = r0
-            if HAS_ROW_COEF:
-                r0 = tl.load(row_coef + rows * 4 + 0, mask=mask, other=1.0)  # 1: no 0/0 in masked lanes
-                r1 = tl.load(row_coef + rows * 4 + 1, mask=mask, other=0.0)
-                r2 = tl.load(row_coef + rows * 4 + 2, mask=mask, other=0.0)
-                r3 = tl.load(row_coef + rows * 4 + 3, mask=mask, other=0.0)
-            if PHASE == 0:
-                if SPARSE:  # the sparse-training epilogue (elementwise.h's op_update_element)
-                    mptr = tl.load(sparse_table + row * 2).to(tl.pointer_type(tl.uint8))
-                    keep = tl.load(mptr + offs, mask=mask, other=1) != 0
-                    g = tl.where(keep | (sparse_lambda == 0.0), g, g + sparse_lambda * p)
-                p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3,
-                                           H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
-                stored = _store_param(_ptr(addr_table, row, 0, NCOL, DTYPE), offs, mask, p, seed, row, step,
-                                      sr_offset, STOCHASTIC, DTYPE)
-                if SPARSE_OUT:
-                    optr = tl.load(sparse_table + row * 2 + 1).to(tl.pointer_type(DTYPE))
-                    ps = stored.to(tl.float32)
-                    pruned = _rounded(tl.where(sparse_beta == 0.0, 0.0, sparse_beta * ps), DTYPE)
-                    tl.store(optr + offs, tl.where(keep, stored, pruned), mask=mask)
-            else:
-                s0, s1, s2, s3, a0, a1, a2, a3 = REDUCE(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3,
-                                                        H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
-                if ONE_ROW:
-                    tl.atomic_add(reduce_out + r_first * 4 + 0, tl.sum(tl.where(mask, a0, 0.0), axis=0))
-                    if NREDUCE >= 2:
-                        tl.atomic_add(reduce_out + r_first * 4 + 1, tl.sum(tl.where(mask, a1, 0.0), axis=0))
-                    if NREDUCE >= 3:
-                        tl.atomic_add(reduce_out + r_first * 4 + 2, tl.sum(tl.where(mask, a2, 0.0), axis=0))
-                    if NREDUCE >= 4:
-                        tl.atomic_add(reduce_out + r_first * 4 + 3, tl.sum(tl.where(mask, a3, 0.0), axis=0))
-                else:
-                    tl.atomic_add(reduce_out + rows * 4 + 0, a0, mask=mask)
-                    if NREDUCE >= 2:
-                        tl.atomic_add(reduce_out + rows * 4 + 1, a1, mask=mask)
-                    if NREDUCE >= 3:
-                        tl.atomic_add(reduce_out + rows * 4 + 2, a2, mask=mask)
-                    if NREDUCE >= 4:
-                        tl.atomic_add(reduce_out + rows * 4 + 3, a3, mask=mask)
-            if NSTATE >= 1:
-                _store_block(addr_table, row, 2, NCOL, offs, mask, s0, DTYPE)
-            if NSTATE >= 2:
-                _store_block(addr_table, row, 3, NCOL, offs, mask, s1, DTYPE)
-            if NSTATE >= 3:
-                _store_block(addr_table, row, 4, NCOL, offs, mask, s2, DTYPE)
-            if NSTATE >= 4:
-                _store_block(addr_table, row, 5, NCOL, offs, mask, s3, DTYPE)
+            _elementwise_block(addr_table, row, offs, tl.full([BLOCK_SIZE], 1, tl.int1), step, lr, grad_mul, r_first,
+                               r_len, sr_offset, row_coef, reduce_out, seed, sparse_table, sparse_lambda, sparse_beta,
+                               H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
+                               UPDATE, REDUCE, NSTATE, NREDUCE, PHASE, FLAGS, DTYPE, HAS_ROW_COEF, ONE_ROW,
+                               STOCHASTIC, SPARSE, SPARSE_OUT, NCOL, ALIGNED)
+        if full_end < end:
+            offs = full_end + tl.arange(0, BLOCK_SIZE)
+            _elementwise_block(addr_table, row, offs, offs < end, step, lr, grad_mul, r_first,
+                               r_len, sr_offset, row_coef, reduce_out, seed, sparse_table, sparse_lambda, sparse_beta,
+                               H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
+                               UPDATE, REDUCE, NSTATE, NREDUCE, PHASE, FLAGS, DTYPE, HAS_ROW_COEF, ONE_ROW,
+                               STOCHASTIC, SPARSE, SPARSE_OUT, NCOL, ALIGNED)
 
 
 @triton.jit
@@ -184,7 +212,8 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
             FLAGS=int(flags), DTYPE=_TL_DTYPES[params[0].dtype], **scalars.constexprs,
             HAS_ROW_COEF=row_coef is not None, ONE_ROW=all(r == 1 for r in rows), STOCHASTIC=bool(stochastic),
             HAS_STEPS=has_steps, SPARSE=sparse, SPARSE_OUT=sparse and bool(sparse_out),
-            CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK,
+            ALIGNED=aligned16(*lists, sparse_mask or (), sparse_out or ()), CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK,
+            enable_fp_fusion=False,
         )
     if phase == 0 and has_steps:
         scalars.increment_steps(addr_table, len(params), nstate + 4)

@@ -34,8 +34,19 @@ def _ptr(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, DTYPE: tl.const
 
 
 @triton.jit
-def _load_block(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, mask, DTYPE: tl.constexpr):
-    return tl.load(_ptr(addr_table, row, col, NCOL, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+def _aptr(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """:func:`_ptr`, declared 16-byte aligned when ``ALIGNED`` (the launcher checked every address of
+    the table: :func:`aligned16`), so that whole blocks load and store as 128-bit vectors."""
+    ptr = _ptr(addr_table, row, col, NCOL, DTYPE)
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _load_block(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, mask, DTYPE: tl.constexpr,
+                ALIGNED: tl.constexpr = False):
+    return tl.load(_aptr(addr_table, row, col, NCOL, DTYPE, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -59,8 +70,9 @@ def _rounded(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _store_block(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, mask, val, DTYPE: tl.constexpr):
-    tl.store(_ptr(addr_table, row, col, NCOL, DTYPE) + offs, _rounded(val, DTYPE), mask=mask)
+def _store_block(addr_table, row, col: tl.constexpr, NCOL: tl.constexpr, offs, mask, val, DTYPE: tl.constexpr,
+                 ALIGNED: tl.constexpr = False):
+    tl.store(_aptr(addr_table, row, col, NCOL, DTYPE, ALIGNED) + offs, _rounded(val, DTYPE), mask=mask)
 
 
 @triton.jit
@@ -183,6 +195,12 @@ def sr_offset_column(sr_offsets, n):
     from ..reference.rounding import check_offsets
 
     return check_offsets(sr_offsets, n) or [0] * n
+
+
+def aligned16(*tensor_lists):
+    """Whether every tensor of the lists starts on a 16-byte boundary (the kernels' vector path; a
+    tensor that does not -- a view at an odd offset -- sends the whole launch down the scalar path)."""
+    return all(t.data_ptr() % 16 == 0 for lst in tensor_lists for t in lst if t is not None)
 
 
 def device_table(rows, device):

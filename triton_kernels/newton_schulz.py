@@ -159,8 +159,25 @@ _UPDATE_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=2, num_stages=3),
 ]
-_syrk_tuned = triton.autotune(configs=_SYRK_CONFIGS, key=["M", "K", "HAS_E"])(_syrk_kernel)
-_update_tuned = triton.autotune(configs=_UPDATE_CONFIGS, key=["M", "N"])(_update_kernel)
+# The software pipeline keeps num_stages copies of the A and B tiles in shared memory: fp32 tiles are twice
+# bf16's, and some configs would need 256-328 KB where an H100/H200 block may have 227 KB.  Configs whose
+# estimate (plus a margin for the epilogue's layout conversions) does not fit are pruned before tuning,
+# per call, from the element size (tests/test_triton_compile_all.py checks the compiled sizes).
+_SMEM_BUDGET = 227 * 1024 - 8 * 1024
+
+
+def _fits_smem(tensor_arg, tiles):
+    def prune(configs, named_args, **kwargs):
+        size = named_args[tensor_arg].element_size()
+        keep = [c for c in configs if c.num_stages * tiles(c.kwargs) * size <= _SMEM_BUDGET]
+        return keep or [min(configs, key=lambda c: c.num_stages * tiles(c.kwargs))]
+    return prune
+
+
+_syrk_tuned = triton.autotune(configs=_SYRK_CONFIGS, key=["M", "K", "HAS_E"], prune_configs_by={
+    "early_config_prune": _fits_smem("x_ptr", lambda k: 2 * k["BLOCK"] * k["BLOCK_K"])})(_syrk_kernel)
+_update_tuned = triton.autotune(configs=_UPDATE_CONFIGS, key=["M", "N"], prune_configs_by={
+    "early_config_prune": _fits_smem("b_ptr", lambda k: (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"])})(_update_kernel)
 
 # Interpreter (CPU tests): small fixed tiles, so that 30-100-sized test matrices span several tiles
 # and the masks are exercised.
