@@ -164,15 +164,22 @@ def _mutated_build(tmp_path, built, rel, old, new):
     return coc_build.build(src_root=tree, out_dir=tmp_path / "out", reuse=(built, [rel]))
 
 
-def _fails(module_path, check):
-    coc.activate(coc_build.load(module_path))
-    try:
-        check()
-    except (AssertionError, RuntimeError) as e:
-        return str(e)
-    finally:
-        coc.deactivate()
-    return None
+CHECK = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import _cuda_on_cpu as coc, _cuda_on_cpu_build as b, test_cuda_on_cpu as t
+coc.activate(b.load({path!r}))
+cls, kw = {cls}, {kw!r}
+t._compare(t._run(cls, kw, "cuda", torch.float32), t._run(cls, kw, "cpu", torch.float32), {exact}, "check")
+"""
+
+
+def _fails(module_path, cls, kw, exact):
+    """Runs the comparison against the module at ``module_path`` in a fresh process (CPython keeps the first
+    extension module named _C it loaded) and returns its error output, or None when it passed."""
+    code = CHECK.format(tests=str(ROOT / "tests"), path=str(module_path), cls=cls, kw=kw, exact=exact)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    return None if r.returncode == 0 else r.stderr[-3000:]
 
 
 def test_mutation_tail_bound_is_caught(tmp_path, built):
@@ -180,8 +187,8 @@ def test_mutation_tail_bound_is_caught(tmp_path, built):
     (the next chunk's first, or past the tensor) is stepped twice or out of bounds."""
     mutated = _mutated_build(tmp_path, built, "csrc/cuda/adam.cu", "i < n; i += blockDim.x) {  // guarded tail",
                              "i <= n; i += blockDim.x) {  // guarded tail")
-    why = _fails(mutated, lambda: _compare(_run(fastopt.Adam, dict(lr=1e-2), "cuda", torch.float32),
-                                           _run(fastopt.Adam, dict(lr=1e-2), "cpu", torch.float32), True, "Adam"))
+    assert _fails(built, "t.fastopt.Adam", dict(lr=1e-2), True) is None  # the unmutated tree passes
+    why = _fails(mutated, "t.fastopt.Adam", dict(lr=1e-2), True)
     assert why is not None, "the comparison with the cpu backend missed an off-by-one tail bound"
 
 
@@ -189,13 +196,10 @@ def test_mutation_missing_barrier_is_caught(tmp_path, built):
     """The reduce pass's __syncthreads between the warps' partial sums and warp 0's final sum removed:
     warp 0 reads partial sums the other warps have not written yet."""
     mutated = _mutated_build(tmp_path, built, "csrc/cuda/elementwise.cu", "        __syncthreads();\n", "\n")
-    cls, cfgs = ZOO["lamb"]
-    why = _fails(mutated, lambda: _compare(_run(cls, cfgs[0], "cuda", torch.float32),
-                                           _run(cls, cfgs[0], "cpu", torch.float32), False, "lamb"))
+    kw = ZOO["lamb"][1][0]
+    assert _fails(built, "t.ZOO['lamb'][0]", kw, False) is None  # the unmutated tree passes
+    why = _fails(mutated, "t.ZOO['lamb'][0]", kw, False)
     assert why is not None, "the comparison with the cpu backend missed a missing __syncthreads"
-    # and the unmutated tree passes the same check
-    assert _fails(built, lambda: _compare(_run(cls, cfgs[0], "cuda", torch.float32),
-                                          _run(cls, cfgs[0], "cpu", torch.float32), False, "lamb")) is None
 
 
 def test_build_script_runs(built):

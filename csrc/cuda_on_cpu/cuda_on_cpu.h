@@ -8,10 +8,12 @@
 //  * The threads of a block are fibers (ucontext, one stack each, a guard page below it), all live at
 //    once: every thread keeps its registers and locals across __syncthreads and warp collectives, as
 //    on a GPU.  A fiber runs until it reaches a synchronization point (__syncthreads, a __shfl_*_sync /
-//    __any_sync) or returns; the scheduler then resumes the other threads, in thread order (or reversed:
-//    FASTOPT_COC_ORDER=reverse).  So the interleaving is deterministic and only changes at the points
-//    where CUDA allows it to: a missing __syncthreads makes a thread read what other threads have not
-//    written yet (a wrong result every run, not a rare race).
+//    __any_sync) or returns.  The scheduler runs the lowest-numbered warp with runnable threads (lane by
+//    lane) until all its threads wait or return, releases the first warp whose 32 lanes wait at a
+//    collective, and opens __syncthreads when every live thread waits there; FASTOPT_COC_ORDER=reverse
+//    takes the warps from the highest.  So warp 0 runs as far ahead as CUDA allows before warp 1 starts:
+//    a missing __syncthreads makes a thread read what another warp has not written yet -- a wrong result
+//    every run, not a rare race.
 //  * __syncthreads: a barrier of the block's live threads (threads that returned are not waited for, as on
 //    sm_70+).  A thread waiting at __syncthreads while another of its warp waits at a warp collective, or
 //    a warp collective that a lane has exited, is a deadlock on a GPU: here the launch fails with an error.
@@ -161,19 +163,31 @@ inline bool run_block(Exec& e) {
     t.ctx.uc_link = &e.sched;
     makecontext(&t.ctx, entry, 0);
   }
+  const int nwarps = (n + 31) / 32;
   for (;;) {
-    for (int k = 0; k < n; ++k) {
-      Thread& t = e.threads[e.reverse ? n - 1 - k : k];
-      if (t.state != State::kRunnable) continue;
-      g_cur = &t;
-      swapcontext(&e.sched, &t.ctx);
-      g_cur = nullptr;
-      if (!e.error.empty()) return false;
+    // Run the lowest-numbered warp (highest, reversed) that has runnable threads, lane after lane, until
+    // each of its threads waits or has returned: a warp runs as far as it can before the next one starts,
+    // so a thread reading what another warp writes without a __syncthreads between reads it unwritten.
+    bool ran = false;
+    for (int wk = 0; wk < nwarps && !ran; ++wk) {
+      const int w = e.reverse ? nwarps - 1 - wk : wk;
+      const int lo = w * 32, hi = lo + 32 < n ? lo + 32 : n;
+      for (int k = lo; k < hi; ++k) {
+        Thread& t = e.threads[k];
+        if (t.state != State::kRunnable) continue;
+        ran = true;
+        g_cur = &t;
+        swapcontext(&e.sched, &t.ctx);
+        g_cur = nullptr;
+        if (!e.error.empty()) return false;
+      }
     }
-    // Everyone is done or waiting.  Release the warps whose lanes all wait at a collective, else the block
-    // barrier when every live thread waits there.
+    if (ran) continue;
+    // Everyone is done or waiting.  Release the first warp whose lanes all wait at a collective, else the
+    // block barrier when every live thread waits there.
     bool released = false, live = false;
-    for (int w = 0; w * 32 < n; ++w) {
+    for (int wk = 0; wk < nwarps; ++wk) {
+      const int w = e.reverse ? nwarps - 1 - wk : wk;
       const int lo = w * 32, hi = lo + 32 < n ? lo + 32 : n;
       int at_warp = 0, done = 0;
       for (int i = lo; i < hi; ++i) {
@@ -181,7 +195,7 @@ inline bool run_block(Exec& e) {
         done += e.threads[i].state == State::kDone;
       }
       live = live || done < hi - lo;
-      if (at_warp == 0) continue;
+      if (at_warp == 0 || released) continue;
       if (at_warp == hi - lo) {
         for (int i = lo; i < hi; ++i) e.threads[i].state = State::kRunnable;
         released = true;
