@@ -8,8 +8,9 @@ midpoints, ties to the lower value, the unsigned formats' floor rule, poisoned b
 normalized inputs are exact (each block holds a 1.0, so absmax is 1 and x / absmax = x): a strided
 sweep of the fp32 patterns of [-1, 1], every midpoint and its neighbours, then random blocks with
 ties, subnormals, zeros, NaN and infinities, a subnormal absmax, and every code.
-(An exhaustive sweep of all 2**31 patterns of [-1, 1] against the scalar table path is in the
-report of issue 18 item 5; it is too slow for CI.)
+(Outside CI, a C++ harness compared the vector encoders with the scalar table path on every 97th
+fp32 pattern of [-1, 1] (22M values per format, 0 mismatches); a full 2**31-pattern sweep was not
+run to completion.)
 """
 import math
 
