@@ -443,8 +443,8 @@ def check_lowbit(data, name, device, backend):
     small = interpreted(device, backend)
     problem = draw_problem(data, lowbit_shapes(small), max_params=3, cls=cls)
     kw = draw_hyper(data, cls)
-    # "4-rank1" runs on the cpu and torch backends only (documented; the Triton path refuses it)
-    bits = [b for b in STATE_BITS if b != "4-rank1" or backend != "triton"]
+    # "4-rank1" runs on the cpu and torch backends only (documented; the Triton and CUDA paths refuse it)
+    bits = [b for b in STATE_BITS if b != "4-rank1" or backend not in ("triton", "cuda")]
     kw["state_bits"] = data.draw(st.sampled_from(bits), label="state_bits")
     kw["min_quant_size"] = data.draw(st.sampled_from([4096, 1, 256]), label="min_quant_size")
     option = data.draw(st.sampled_from(["none", "stochastic_rounding", "master_weights"]), label="bf16 option")
@@ -738,6 +738,8 @@ def test_sinkhorn_matches_reference(data, device, backend):
     """Each backend's error against the fp64 reference is at most twice a same-precision torch run's
     plus 1e-5 relative (tests/test_ot_sinkhorn.py).  fp64 runs only on the torch backend (documented)."""
     skip_interpreted(device, backend, "test_sinkhorn_matches_reference_interpreted")
+    if backend not in fastopt._backend.CAPABILITIES["ot"].kernels:
+        pytest.skip(f"no OT kernel on backend {backend!r}")
     check_sinkhorn(data, device, backend)
 
 
