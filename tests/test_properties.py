@@ -341,8 +341,9 @@ def test_every_optimizer_class_is_covered():
     """A new optimizer exported by fastopt must be added to the properties below."""
     exported = {n for n in dir(fastopt) if isinstance(getattr(fastopt, n), type)
                 and issubclass(getattr(fastopt, n), torch.optim.Optimizer)}
-    # Muon: test_muon_triton_matches_torch; OrthoGrad (a wrapper): test_orthograd_matches_reference
-    assert exported == set(OPTIMIZERS) | {"Muon", "OrthoGrad"}
+    # Muon: test_muon_triton_matches_torch; OrthoGrad (a wrapper): test_orthograd_matches_reference;
+    # OptimizerInBackward (steps these per parameter): bit-identical to them, tests/test_in_backward.py
+    assert exported == set(OPTIMIZERS) | {"Muon", "OrthoGrad", "OptimizerInBackward"}
 
 
 def check_optimizer(data, name, device, backend):
