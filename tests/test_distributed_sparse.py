@@ -519,7 +519,7 @@ def test_shard_rule_accepts_whole_groups(case, monkeypatch):
 
     shape, spec, mesh, m, dim, tiles, pad = case
     placements = _build(spec)
-    monkeypatch.setattr(masks, "as_dtensor", lambda t: object)
+    monkeypatch.setattr(masks._sharded, "is_dtensor", lambda t: True)
     masks.check_shard_groups(_fake(shape, placements, mesh), m, dim, tiles, pad=pad)
     monkeypatch.undo()
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -536,6 +536,6 @@ def test_shard_rule_refuses_straddling_groups(case, monkeypatch):
     from fastopt.sparse import masks
 
     shape, spec, mesh, m, dim, tiles, pad, error = case
-    monkeypatch.setattr(masks, "as_dtensor", lambda t: object)
+    monkeypatch.setattr(masks._sharded, "is_dtensor", lambda t: True)
     with pytest.raises(error, match=rf"shape {re.escape(str(tuple(shape)))}"):
         masks.check_shard_groups(_fake(shape, _build(spec), mesh), m, dim, tiles, pad=pad)

@@ -9,30 +9,19 @@ import math
 
 import torch
 
-from .. import _backend, _ops
+from .. import _backend, _ops, _sharded
 from ..reference.sparse import check_nm, check_tiles, nm_mask_reference, transposable_mask_reference
 
 MAX_KERNEL_M = 64   # larger groups run on the torch backend
 
 
 # -- DTensors: masks of local shards -------------------------------------------------------------------
-def as_dtensor(t):
-    """``t``'s class when it is a DTensor, else None."""
-    cls = _ops.dtensor_class()
-    return cls if cls is not None and isinstance(t, cls) else None
-
-
-def local(t):
-    """The local shard of a DTensor (its own memory: writes reach the DTensor), else ``t``."""
-    return t.to_local() if as_dtensor(t) is not None else t
-
-
 def like_sharded(ref, t):
     """``t`` (a local shard, shaped like ``ref``'s) as a DTensor with ``ref``'s mesh and placements
     when ``ref`` is a DTensor; else ``t``."""
-    cls = as_dtensor(ref)
-    if cls is None:
+    if not _sharded.is_dtensor(ref):
         return t
+    cls = _sharded.dtensor_class()
     t = t.contiguous() if not t.is_contiguous() else t
     stride, acc = [], 1
     for size in reversed(tuple(ref.shape)):
@@ -61,7 +50,7 @@ def check_shard_groups(w, m, dim=-1, transposable=False, *, who="nm_mask", pad=F
     torch's chunking rule), so all ranks agree.  ValueError for a boundary inside a group (naming it and
     the fix); NotImplementedError for placements other than Shard and Replicate on a grouped dim.  A
     plain tensor passes."""
-    if as_dtensor(w) is None:
+    if not _sharded.is_dtensor(w):
         return
     from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
     from torch.distributed.tensor.placement_types import Shard
@@ -130,7 +119,7 @@ def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1, *, pad: bool = False
     if w.is_complex() or not w.is_floating_point():
         raise TypeError(f"nm_mask: expected a real floating-point tensor, got {w.dtype}")
     shape = tuple(w.shape)
-    if as_dtensor(w) is not None:  # each shard's mask (its groups checked to be whole first)
+    if _sharded.is_dtensor(w):  # each shard's mask (its groups checked to be whole first)
         d = check_nm(shape if not pad else (m,) * len(shape), n, m, dim)  # (pad: any size along dim)
         check_shard_groups(w, m, d, who="nm_mask", pad=pad)
         return like_sharded(w, nm_mask(w.to_local(), n, m, d, pad=pad, backend=backend))
@@ -173,7 +162,7 @@ def transposable_mask(w: torch.Tensor, mode: str = "exact", *, backend: str = "a
         raise TypeError(f"transposable_mask: expected a real floating-point tensor, got "
                         f"{w.dtype if torch.is_tensor(w) else type(w).__name__}")
     rows, cols = check_tiles(tuple(w.shape))
-    if as_dtensor(w) is not None:  # each shard's mask (its tiles checked to be whole first)
+    if _sharded.is_dtensor(w):  # each shard's mask (its tiles checked to be whole first)
         check_shard_groups(w, 4, transposable=True, who="transposable_mask")
         return like_sharded(w, transposable_mask(w.to_local(), mode, backend=backend))
     backend = _resolve(backend, w, "transposable_mask")

@@ -51,9 +51,10 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from .. import _backend, _ops
+from .._sharded import local
 from ..lowbit.layouts import Int8Weights, LowbitStates, MasterWeights
 from ..reference.sparse import check_nm, check_tiles
-from .masks import MAX_KERNEL_M, check_shard_groups, like_sharded, local, nm_mask, transposable_mask
+from .masks import MAX_KERNEL_M, check_shard_groups, like_sharded, nm_mask, transposable_mask
 
 __all__ = ["NMSparsity", "nm_param_groups"]
 
