@@ -12,7 +12,8 @@ that the whole check ends in about 8 minutes and the JSON is written whatever ha
    installed): with a GPU the tests run every kernel on ``cuda`` and on real (compiled) ``triton`` as
    well as the CPU backends (tests/conftest.py); the JSON lists every failure;
 4. ``bench``: the benchmark report (``python -m fastopt.bench --device cuda``) with its bars, embedded
-   in the JSON.
+   in the JSON; the report is written after every suite, so at the stage's time limit the suites that
+   finished are kept (``complete``: false, ``suites_done``).
 
     python -m fastopt.gpucheck --out bench/results            # writes gpucheck-<gpu>-<date>.json
 
@@ -162,7 +163,9 @@ def bench(out, dry_run):
         report = json.loads(reports[-1].read_text())
     bars = (report or {}).get("bars", [])
     failed_bars = [b for b in bars if b.get("result") == "FAIL"]
+    # the report is rewritten after every suite (harness.main): at the time limit the finished suites stay
     return {"status": _status(code if code != 0 or not failed_bars else "bars failed"), "seconds": seconds,
+            "complete": bool((report or {}).get("complete")), "suites_done": (report or {}).get("suites_done", []),
             "bars_failed": len(failed_bars), "report": report, "tail": "" if code == 0 else tail}
 
 

@@ -54,6 +54,36 @@ def test_report_rows_and_environment(quick_run):
     assert ot_rows and all("GBps" not in r and "frac_bw" not in r for r in ot_rows)
 
 
+def test_a_finished_run_says_complete(quick_run):
+    _, report, out = quick_run
+    assert report["complete"] is True and report["suites_done"] == QUICK_SUITES.split(",")
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_run_stopped_part_way_leaves_the_finished_suites(tmp_path, monkeypatch):
+    """The GPU check stops the report at its time limit (SIGINT): the JSON on disk keeps every suite that
+    finished, with its bars, and says the run is not complete."""
+    real = harness.run_suite
+    calls = []
+
+    def stop_at_the_second(suite, ctx):
+        calls.append(suite.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(suite, ctx)
+
+    monkeypatch.setattr(harness, "run_suite", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        harness.main(["--quick", "--device", "cpu", "--suite", "adamw,newton_schulz", "--budget", "0.02",
+                      "--repeats", "3", "--no-plot", "--out", str(tmp_path)])
+    (json_path,) = tmp_path.glob("*.json")
+    report = json.loads(json_path.read_text())
+    assert report["complete"] is False and report["suites_done"] == ["adamw"]
+    assert {r["op"] for r in report["rows"]} == {"adamw"} and report["rows"]
+    assert [b["op"] for b in report["bars"]] == ["adamw"] * len(report["bars"]) and report["bars"]
+    assert all(r["frac_bw"] > 0 for r in report["rows"] if r["status"] == "ok")
+
+
 def test_table_fits_a_terminal_and_keeps_whole_statuses(quick_run):
     proc, report, out = quick_run
     widest = max((line for line in proc.stdout.splitlines() if str(out.resolve()) not in line), key=len)

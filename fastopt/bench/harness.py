@@ -53,7 +53,8 @@ from typing import Callable, Optional
 import torch
 
 SUITES = {}
-SCHEMA_VERSION = 2  # 2: the bandwidth probe ("bandwidth", "frac_bw", "in_cache"), per-row CPU pressure, "figures"
+SCHEMA_VERSION = 3  # 2: the bandwidth probe ("bandwidth", "frac_bw", "in_cache"), per-row CPU pressure, "figures";
+# 3: the report is rewritten after every suite: "complete" (false until the last suite ran), "suites_done"
 
 
 class Unsupported(Exception):
@@ -917,6 +918,30 @@ def main(argv=None):
     print(f"memory bandwidth probe: {ctx.bw_GBps:.1f} GB/s ({bw['kernel']}; plain copy {copy['GBps']:.1f} GB/s"
           + (f"; last-level cache {ctx.llc_bytes >> 20} MiB" if ctx.llc_bytes else "") + ")")
     rows, bars, reprobes = [], [], []
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{header['device']['slug']}-{header['timestamp'][:10]}{'-quick' if ctx.quick else ''}"
+    json_path = out / f"{stem}.json"
+
+    def frac_bw_and_bars(names):
+        for r in rows:  # every row against the most the machine gave so far in the run
+            if r.get("GBps") is not None:
+                r["frac_bw"] = r["GBps"] / ctx.bw_GBps
+        return [b for name in names
+                for b in evaluate_bars(SUITES[name], [r for r in rows if r["op"] == name], ctx)]
+
+    def write_report(names, figures, complete):
+        header["bandwidth"].update(GBps=ctx.bw_GBps, kernel=ctx.bw_kernel, cpu_stall_pct=ctx.bw_stall_pct,
+                                   first_GBps=first_GBps, reprobes=reprobes)
+        header["host"]["cpu_stall_pct"] = contention.percent()
+        report = {**header, "complete": complete, "suites_done": list(names), "figures": figures, "rows": rows,
+                  "bars": frac_bw_and_bars(names)}
+        tmp = json_path.with_suffix(".json.tmp")  # a reader never sees half a file
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(json_path)
+        return report["bars"]
+
+    first_GBps = header["bandwidth"]["GBps"]
+    done = []
     for name in args.ops:
         suite = SUITES[name]
         if suite.memory_bound:
@@ -924,33 +949,27 @@ def main(argv=None):
             again = measure_bandwidth(ctx, names=("scale_inplace", "add_inplace"), one_thread=False, repeats=10)
             reprobes.append({"before": name, **{k: again[k] for k in ("GBps", "kernel", "cpu_stall_pct")}})
         rows += run_suite(suite, ctx)
-    # every row against the most the machine gave during the run
-    for r in rows:
-        if r.get("GBps") is not None:
-            r["frac_bw"] = r["GBps"] / ctx.bw_GBps
-    header["bandwidth"].update(GBps=ctx.bw_GBps, kernel=ctx.bw_kernel, cpu_stall_pct=ctx.bw_stall_pct,
-                               first_GBps=header["bandwidth"]["GBps"], reprobes=reprobes)
+        done.append(name)
+        # the report so far, after every suite: a run stopped part-way (the GPU check's time limit, ^C)
+        # still leaves every finished suite's rows and bars, marked "complete": false
+        write_report(done, {}, complete=False)
     if reprobes:
         print(f"probed again before each memory-bound suite: {min(p['GBps'] for p in reprobes):.1f} to "
               f"{max(p['GBps'] for p in reprobes):.1f} GB/s; bw% is against the highest, {ctx.bw_GBps:.1f} GB/s")
+    frac_bw_and_bars(args.ops)
     for name in args.ops:
         suite = SUITES[name]
         suite_rows = [r for r in rows if r["op"] == name]
-        bars += evaluate_bars(suite, suite_rows, ctx)
         print("\n" + suite_title(suite, ctx))
         print(format_table(suite, suite_rows, ctx), flush=True)
 
-    header["host"]["cpu_stall_pct"] = contention.percent()
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{header['device']['slug']}-{header['timestamp'][:10]}{'-quick' if ctx.quick else ''}"
-    json_path = out / f"{stem}.json"
     figures = {}
     if not args.no_plot:
         for name in args.ops:
             path = plot_suite(out / f"{stem}-{name}.png", SUITES[name], [r for r in rows if r["op"] == name], header)
             if path is not None:
                 figures[name] = path.name
-    json_path.write_text(json.dumps({**header, "figures": figures, "rows": rows, "bars": bars}, indent=2) + "\n")
+    bars = write_report(args.ops, figures, complete=True)
     print("\n" + format_summary(bars, rows, ctx, header))
     print(f"wrote {json_path}")
     if figures:
