@@ -22,9 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import (BLOCK, CHUNK, MAX_STATES, _TL_DTYPES, StepArgs, _aptr, _chunk_tables, _load_block,
-                           _rounded, _sr_offset, _step_scalars, _step_skipped, _store_block, _store_param, aligned16,
-                           device_table, pad_hyper, sr_offset_column)
+from . import multi_tensor as _mt
+from .multi_tensor import (BLOCK, CHUNK, MAX_STATES, _TL_DTYPES, StepArgs, _aptr, _chunk_tables, _fold_step_increment,
+                           _load_block, _rounded, _sr_offset, _step_scalars, _step_skipped, _store_block, _store_param,
+                           aligned16, cached_table, pad_hyper, sr_offset_column, ticket_counter)
 
 
 @triton.jit
@@ -107,9 +108,10 @@ def _elementwise_block(addr_table, row, offs, mask, step, lr, grad_mul, r_first,
         _store_block(addr_table, row, 5, NCOL, offs, mask, s3, DTYPE, ALIGNED)
 
 
-@triton.jit(do_not_specialize=["seed"])  # seed == 1 must not become a constexpr (seed.to in _store_param)
+# seed == 1 must not become a constexpr (seed.to in _store_param); n_tensors: no variant per count
+@triton.jit(do_not_specialize=["seed", "n_tensors"])
 def _elementwise_kernel(
-    addr_table, numels, row_offset, row_len, block_tensor, block_start,
+    addr_table, numels, row_offset, row_len, block_tensor, block_start, ticket, n_tensors,
     lr_value, lr_ptr, grad_scale_ptr, found_inf_ptr, sign, row_coef, reduce_out, seed,
     sparse_table, sparse_lambda, sparse_beta,
     H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
@@ -119,6 +121,7 @@ def _elementwise_kernel(
     HAS_ROW_COEF: tl.constexpr, ONE_ROW: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_STEPS: tl.constexpr,
     SPARSE: tl.constexpr, SPARSE_OUT: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, ALIGNED: tl.constexpr = False,
+    FOLD_STEPS: tl.constexpr = False,
 ):
     NCOL: tl.constexpr = NSTATE + 4  # param, grad, states..., stochastic-rounding offset, step counter
     pid = tl.program_id(0)
@@ -148,6 +151,8 @@ def _elementwise_kernel(
                                H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
                                UPDATE, REDUCE, NSTATE, NREDUCE, PHASE, FLAGS, DTYPE, HAS_ROW_COEF, ONE_ROW,
                                STOCHASTIC, SPARSE, SPARSE_OUT, NCOL, ALIGNED)
+        if FOLD_STEPS:  # the last program increments every step counter (multi_tensor._fold_step_increment)
+            _fold_step_increment(ticket, addr_table, n_tensors, NCOL)
 
 
 @triton.jit
@@ -180,19 +185,19 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
     hyper = pad_hyper(hyper)
     if stochastic and params[0].dtype != torch.bfloat16:
         raise ValueError("stochastic rounding is for bf16 params")  # as the C++ launchers check
+    n = len(params)
+    ncol = nstate + 4
     numels = tuple(p.numel() for p in params)
-    sr_column = sr_offset_column(sr_offsets, len(params))
-    rows = tuple(rows) if rows is not None else (1,) * len(params)
-    offsets, lens, acc = [], [], 0
-    for n, r in zip(numels, rows):
-        offsets.append(acc)
-        lens.append(max(n // r, 1))
-        acc += r
+    sr_column = tuple(sr_offset_column(sr_offsets, n))
+    rows = tuple(rows) if rows is not None else (1,) * n
     has_steps = bool(steps)
-    step_addrs = [s.data_ptr() for s in steps] if has_steps else [0] * len(params)
-    addr_table = device_table([[t.data_ptr() for t in row] + [o, s]
-                               for row, o, s in zip(zip(*lists), sr_column, step_addrs)], device)
-    meta = device_table([numels, offsets, lens], device)
+    step_addrs = tuple(s.data_ptr() for s in steps) if has_steps else (0,) * n
+    addrs = tuple(t.data_ptr() for lst in lists for t in lst)
+    # one cached device buffer: the address table [n, ncol] (param, grad, states, sr offset, step), then
+    # numels, first row and row length per tensor; keyed on everything it holds
+    addr_table, numel_t, offset_t, len_t = cached_table(
+        ("elementwise", ncol, numels, rows, sr_column, step_addrs, addrs), device,
+        lambda: _table_values(lists, numels, rows, sr_column, step_addrs))
     block_tensor, block_start = _chunk_tables(numels, device)
     scalars = StepArgs(device, lr, grad_scale, found_inf, sign)
     sparse = bool(sparse_mask)
@@ -200,12 +205,16 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
         raise ValueError("the sparse epilogue is for the update of ops without a reduce phase")
     sparse_table = scalars.dummy
     if sparse:
-        outs = list(sparse_out) if sparse_out else [None] * len(params)
-        sparse_table = device_table([[m.data_ptr(), o.data_ptr() if o is not None else 0]
-                                     for m, o in zip(sparse_mask, outs)], device)
-    if block_tensor.numel() > 0:
-        _elementwise_kernel[(block_tensor.numel(),)](
-            addr_table, meta[0], meta[1], meta[2], block_tensor, block_start, *scalars.args,
+        outs = tuple(o.data_ptr() for o in sparse_out) if sparse_out else (0,) * n
+        masks = tuple(m.data_ptr() for m in sparse_mask)
+        sparse_table, = cached_table(("sparse", masks, outs), device,
+                                     lambda: ([v for pair in zip(masks, outs) for v in pair], [2 * n]))
+    programs = block_tensor.numel()
+    fold = phase == 0 and has_steps and programs > 0 and _mt.FOLD_STEPS
+    if programs > 0:
+        _elementwise_kernel[(programs,)](
+            addr_table, numel_t, offset_t, len_t, block_tensor, block_start,
+            ticket_counter(device) if fold else scalars.dummy, n, *scalars.args,
             scalars.or_dummy(row_coef), scalars.or_dummy(reduce_out),
             int(seed) & 0xFFFFFFFF, sparse_table, float(sparse_lambda), float(sparse_beta), *hyper,
             UPDATE=update, REDUCE=reduce, NSTATE=nstate, NREDUCE=max(int(nreduce), 1), PHASE=int(phase),
@@ -213,7 +222,24 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
             HAS_ROW_COEF=row_coef is not None, ONE_ROW=all(r == 1 for r in rows), STOCHASTIC=bool(stochastic),
             HAS_STEPS=has_steps, SPARSE=sparse, SPARSE_OUT=sparse and bool(sparse_out),
             ALIGNED=aligned16(*lists, sparse_mask or (), sparse_out or ()), CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK,
-            enable_fp_fusion=False,
+            FOLD_STEPS=fold, enable_fp_fusion=False,
         )
-    if phase == 0 and has_steps:
-        scalars.increment_steps(addr_table, len(params), nstate + 4)
+    if phase == 0 and has_steps and not fold:
+        scalars.increment_steps(addr_table, n, ncol)
+
+
+def _table_values(lists, numels, rows, sr_column, step_addrs):
+    """(the flat int64 values of the launch buffer, the sizes of its parts: the address table, numels,
+    first rows, row lengths)."""
+    n = len(numels)
+    values = []
+    for t, row in enumerate(zip(*lists)):
+        values += [x.data_ptr() for x in row]
+        values += [sr_column[t], step_addrs[t]]
+    offsets, lens, acc = [], [], 0
+    for nel, r in zip(numels, rows):
+        offsets.append(acc)
+        lens.append(max(nel // r, 1))
+        acc += r
+    values += list(numels) + offsets + lens
+    return values, [len(values) - 3 * n, n, n, n]

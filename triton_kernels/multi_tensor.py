@@ -10,8 +10,9 @@ tensor read on the device: no host sync) and the step count after this step; gra
 maximize and the AMP grad scale applied, and a nonzero ``found_inf`` makes the whole call, step
 counters included, a no-op.
 """
-import functools
+import collections
 import math
+import struct
 
 import torch
 import triton
@@ -153,6 +154,30 @@ def _increment_steps_kernel(addr_table, n_tensors, found_inf_ptr, NCOL: tl.const
         tl.store(ptrs, tl.load(ptrs, mask=mask) + 1.0, mask=mask)
 
 
+@triton.jit
+def _fold_step_increment(ticket_ptr, addr_table, n_tensors, NCOL: tl.constexpr):
+    """The step increment of a launch, folded into its last program (call it once per program, after
+    every read of the step counters, in programs that are not AMP-skipped).
+
+    Every program reads its tensor's counter as ``step + 1``, so none may increment it while another
+    could still read it.  Each program takes a ticket from the launch's int32 counter (zero before the
+    launch: :func:`ticket_counter`) after a barrier (all its threads are past their reads) with an
+    acquire-release atomic add; the program that draws the last ticket (``num_programs - 1``) has
+    therefore seen every other program's reads complete: it adds 1 to every step counter of the table's
+    last column (all ``n_tensors`` rows, empty tensors included) and puts the counter back to zero for
+    the next launch on the stream."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) - 1:
+        for r0 in range(0, n_tensors, 256):
+            rows = r0 + tl.arange(0, 256)
+            mask = rows < n_tensors
+            addrs = tl.load(addr_table + rows.to(tl.int64) * NCOL + (NCOL - 1), mask=mask, other=0)
+            ptrs = addrs.to(tl.pointer_type(tl.float32))
+            tl.store(ptrs, tl.load(ptrs, mask=mask) + 1.0, mask=mask)
+        tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
+
+
 # -- host side -----------------------------------------------------------------------------------------
 
 def pad_hyper(hyper):
@@ -162,13 +187,100 @@ def pad_hyper(hyper):
     return tuple(float(h) for h in hyper) + (0.0,) * (N_HYPER - len(hyper))
 
 
+# -- launch-time caches: the steady state (the same tensors step after step) copies nothing to the
+# device and allocates nothing there.
+
+FOLD_STEPS = True  # increment the step counters in the main launch (False: a second launch, as before)
+
+launch_stats = collections.Counter()
+"""What the launchers did on the device, by kind: ``"tables"`` (an int64/int32 table built on the host
+and copied to the device: one host-to-device copy each), ``"allocs"`` (a device buffer allocated: a
+dummy argument, a ticket counter), ``"step_launches"`` (a separate step-increment launch).  Only the
+cache misses count; tests read it (tests/test_triton_launch_cache.py)."""
+
+
+class DeviceCache:
+    """A bounded LRU of device tensors, keyed on what they encode.
+
+    At most ``max_entries`` entries and about ``max_bytes`` bytes (the newest entry is always kept), so
+    a caller that builds new tensors every step (new addresses: new keys) holds a bounded number of
+    stale tables.  Keys include the device and, on CUDA, the current stream (:func:`stream_key`): a
+    table is only used on the stream it was copied on, so freeing an evicted one is ordered after every
+    launch that read it."""
+
+    def __init__(self, max_entries=256, max_bytes=32 << 20):
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries = collections.OrderedDict()
+        self._bytes = 0
+
+    def __len__(self):
+        return len(self._entries)
+
+    def clear(self):
+        self._entries.clear()
+        self._bytes = 0
+
+    def get(self, key, make):
+        """The cached value of ``key`` (a tuple of tensors), or ``make()``'s, stored."""
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+            return hit[0]
+        value = make()
+        size = sum(t.numel() * t.element_size() for t in value)
+        self._entries[key] = (value, size)
+        self._bytes += size
+        while len(self._entries) > 1 and (len(self._entries) > self.max_entries or self._bytes > self.max_bytes):
+            _, (_, old) = self._entries.popitem(last=False)
+            self._bytes -= old
+        return value
+
+
+def stream_key(device):
+    """(device type, index, stream): where a launch on ``device`` runs (the stream: None off CUDA)."""
+    if device.type == "cuda":
+        return ("cuda", device.index, torch.cuda.current_stream(device).cuda_stream)
+    return (device.type, device.index, None)
+
+
+def to_device_table(values, dtype, device):
+    """A 1-D ``dtype`` table of the ints ``values`` on ``device`` (one host-to-device copy)."""
+    launch_stats["tables"] += 1
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+_buffers = DeviceCache(max_entries=64)
+
+
+def _device_buffer(kind, device, make):
+    def alloc():
+        launch_stats["allocs"] += 1
+        return (make(),)
+    return _buffers.get((kind, stream_key(device)), alloc)[0]
+
+
+def dummy(device, dtype=torch.float32):
+    """A 4-element zero tensor standing in for an absent tensor argument (never read nor written by a
+    kernel: its HAS_* constexpr is off), one per (device, stream, dtype)."""
+    return _device_buffer(("dummy", dtype), device, lambda: torch.zeros(4, dtype=dtype, device=device))
+
+
+def ticket_counter(device):
+    """The int32 ticket counter of :func:`_fold_step_increment` for launches on ``device``'s current
+    stream: zeroed once, put back to zero by the last program of every launch.  One per stream, since
+    launches on concurrent streams must not share one."""
+    return _device_buffer("ticket", device, lambda: torch.zeros(1, dtype=torch.int32, device=device))
+
+
 class StepArgs:
     """The per-call scalars as every launcher's kernel takes them: ``args`` = (lr_value, lr_ptr,
     grad_scale_ptr, found_inf_ptr, sign), ``constexprs`` = HAS_LR_PTR, HAS_GRAD_SCALE, HAS_FOUND_INF;
-    ``dummy`` stands in for an absent tensor argument."""
+    ``dummy`` stands in for an absent tensor argument (cached per device and stream)."""
 
     def __init__(self, device, lr, grad_scale, found_inf, sign):
-        self.dummy = torch.zeros(4, dtype=torch.float32, device=device)
+        self.device = device
+        self.dummy = dummy(device)
         self.found_inf = found_inf
         lr_is_ptr = isinstance(lr, torch.Tensor)
         self.args = (0.0 if lr_is_ptr else float(lr), lr if lr_is_ptr else self.dummy,
@@ -180,10 +292,12 @@ class StepArgs:
         return t if t is not None else self.dummy
 
     def increment_steps(self, addr_table, n, ncol):
-        """Add 1 to the step counters in the last column of the ``n``-row table (unless ``found_inf``)."""
+        """Add 1 to the step counters in the last column of the ``n``-row table (unless ``found_inf``), in
+        a launch of its own (launchers fold it into the main launch: :func:`_fold_step_increment`)."""
+        launch_stats["step_launches"] += 1
         _increment_steps_kernel[(triton.cdiv(n, 256),)](
             addr_table, n, self.or_dummy(self.found_inf),
-            NCOL=ncol, HAS_FOUND_INF=self.found_inf is not None, BLOCK_SIZE=256,
+            NCOL=ncol, HAS_FOUND_INF=self.found_inf is not None, BLOCK_SIZE=256, enable_fp_fusion=False,
         )
 
 
@@ -204,23 +318,39 @@ def aligned16(*tensor_lists):
 
 
 def device_table(rows, device):
-    """An int64 table (addresses, sizes) on ``device``."""
+    """An int64 table (addresses, sizes) on ``device``, built now (uncached: see :func:`cached_table`)."""
+    launch_stats["tables"] += 1
     return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
 
 
+_tables = DeviceCache()
+
+
+def cached_table(key, device, make_values):
+    """Cached int64 device tables: ``make_values()`` returns (a flat list of ints, the sizes of its
+    parts), copied to ``device`` as one buffer once per ``(key, device, stream)``; returns the parts
+    (views of that buffer).  ``key`` must determine the values: it is what they encode (addresses,
+    sizes), so a hit is exactly the table a rebuild would give."""
+    def make():
+        values, sizes = make_values()
+        return tuple(to_device_table(values, torch.int64, device).split(sizes))
+
+    return _tables.get((key, stream_key(device)), make)
+
+
 def cached_on_device(cache, key, device, make_host_tables):
-    """``make_host_tables()`` (CPU tensors) copied to ``device`` once per ``(key, device)``."""
-    key = (key, str(device))
-    tables = cache.get(key)
-    if tables is None:
-        tables = tuple(t.to(device) for t in make_host_tables())
-        if len(cache) > 64:
-            cache.clear()
-        cache[key] = tables
-    return tables
+    """``make_host_tables()`` (CPU tensors) copied to ``device`` once per ``(key, device, stream)``;
+    ``cache``: a :class:`DeviceCache` (a plain dict is replaced by the bounded module cache)."""
+    if not isinstance(cache, DeviceCache):
+        cache = _tables
+
+    def make():
+        launch_stats["tables"] += 1
+        return tuple(t.to(device) for t in make_host_tables())
+
+    return cache.get((key, stream_key(device)), make)
 
 
-@functools.lru_cache(maxsize=64)
 def _chunk_tables_host(numels):
     tensors, starts = [], []
     for t, n in enumerate(numels):
@@ -230,17 +360,31 @@ def _chunk_tables_host(numels):
     return (torch.tensor(tensors, dtype=torch.int32), torch.tensor(starts, dtype=torch.int64))
 
 
-_device_tables = {}
+_chunk_cache = DeviceCache(max_entries=64)
 
 
 def _chunk_tables(numels, device):
     """(tensor of each program int32, its first element int64) for chunks of ``CHUNK`` elements."""
-    return cached_on_device(_device_tables, numels, device, lambda: _chunk_tables_host(numels))
+    return cached_on_device(_chunk_cache, ("chunks", numels), device, lambda: _chunk_tables_host(numels))
+
+
+def clear_caches():
+    """Drop every cached device table and buffer (tests; or to free their memory)."""
+    for c in (_tables, _chunk_cache, _buffers):
+        c.clear()
+
+
+def _to_f32(x):
+    """``float(x)`` rounded to fp32 (nearest even, as torch's cast; overflow: +-inf), on the host."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
 
 
 def split_f64(x):
     """``x`` as two fp32 numbers whose sum is ``x`` to ~48 bits: kernels rebuild it in fp64."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
+    hi = _to_f32(x)
     if not math.isfinite(hi):
         return hi, 0.0
     return hi, float(x - hi)
