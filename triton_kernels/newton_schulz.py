@@ -231,9 +231,10 @@ def syrk(x, e=None, alpha=1.0, beta=0.0, out=None):
     flags = dict(HAS_E=e is not None, OUT_DTYPE=_TL_DTYPES[x.dtype])
     if _interpret():
         grid = (_n_lower_tiles(m, _INTERP_SYRK["BLOCK"]), nb)
-        _syrk_kernel[grid](*args, **flags, UPCAST=True, **_INTERP_SYRK)
+        _syrk_kernel[grid](*args, **flags, UPCAST=True, **_INTERP_SYRK, enable_fp_fusion=False)
     else:
-        _syrk_tuned[lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), nb)](*args, **flags, UPCAST=False)
+        _syrk_tuned[lambda meta: (_n_lower_tiles(m, meta["BLOCK"]), nb)](*args, **flags, UPCAST=False,
+                                                                          enable_fp_fusion=False)
     return out
 
 
@@ -257,10 +258,10 @@ def ns_update(b, x, a, out=None):
     if _interpret():
         cfg = _INTERP_UPDATE
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), nb)
-        _update_kernel[grid](*args, OUT_DTYPE=dt, UPCAST=True, **cfg)
+        _update_kernel[grid](*args, OUT_DTYPE=dt, UPCAST=True, **cfg, enable_fp_fusion=False)
     else:
         _update_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), nb)](
-            *args, OUT_DTYPE=dt, UPCAST=False)
+            *args, OUT_DTYPE=dt, UPCAST=False, enable_fp_fusion=False)
     return out
 
 

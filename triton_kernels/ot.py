@@ -162,6 +162,7 @@ def ot_pass(x, y, cost_matrix, h, c, out, eps, cost, mode):
         dummy if dense else x, dummy if dense else y, cost_matrix if dense else dummy, h,
         c if c is not None else dummy, out, n, m, float(1.0 / eps),
         D=d, D_PAD=d_pad, COST=int(cost), MODE=int(mode), DENSE=dense, BLOCK_N=block_n, BLOCK_M=block_m,
+        enable_fp_fusion=False,
     )
 
 

@@ -126,5 +126,5 @@ def sliced_wpp(x, y, dirs, wpp, cx, cy, p, grad):
         x, y, wpp if projected else dirs, wpp, cx if grad else wpp, cy if grad else wpp,
         n, L, d, dir_bstride, p, 1.0 / n,
         PROJECTED=projected, P_KIND=p_kind, GRAD=bool(grad), BLOCK=block,
-        num_warps=min(16, max(4, block // 512)),
+        num_warps=min(16, max(4, block // 512)), enable_fp_fusion=False,
     )
