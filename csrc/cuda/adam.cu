@@ -43,7 +43,8 @@ struct AdamOp {
 
     bool aligned = is_aligned<T>(p) && is_aligned<T>(g) && is_aligned<T>(m) && is_aligned<T>(v);
     if (AMSGRAD) aligned = aligned && is_aligned<T>(vmax);
-    const int nvec = aligned ? n / kILP : 0;
+    constexpr int V = kVec<T>;  // 16-byte vectors: 4 x fp32, 8 x bf16/fp16
+    const int nvec = aligned ? n / V : 0;
     for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
       Vec<T> rp = reinterpret_cast<const Vec<T>*>(p)[i];
       const Vec<T> rg = reinterpret_cast<const Vec<T>*>(g)[i];
@@ -52,7 +53,7 @@ struct AdamOp {
       Vec<T> rvm;
       if (AMSGRAD) rvm = reinterpret_cast<const Vec<T>*>(vmax)[i];
 #pragma unroll
-      for (int k = 0; k < kILP; ++k) {
+      for (int k = 0; k < V; ++k) {
         functors::adam_element<T, DECOUPLED, AMSGRAD>(rp.v, rg.v, rm.v, rv.v, rvm.v, k, grad_mul, c);
       }
       reinterpret_cast<Vec<T>*>(p)[i] = rp;
@@ -60,7 +61,7 @@ struct AdamOp {
       reinterpret_cast<Vec<T>*>(v)[i] = rv;
       if (AMSGRAD) reinterpret_cast<Vec<T>*>(vmax)[i] = rvm;
     }
-    for (int i = nvec * kILP + threadIdx.x; i < n; i += blockDim.x) {  // guarded tail / unaligned path
+    for (int i = nvec * V + threadIdx.x; i < n; i += blockDim.x) {  // guarded tail / unaligned path
       functors::adam_element<T, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, i, grad_mul, c);
     }
   }

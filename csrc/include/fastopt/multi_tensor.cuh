@@ -20,7 +20,6 @@ namespace cuda {
 
 constexpr int64_t kChunk = 65536;
 constexpr int kBlockThreads = 512;
-constexpr int kILP = 4;  // elements per thread per iteration: 16-byte loads for fp32
 
 // Kernel arguments stay under the classic 4 KiB limit for every depth.
 template <int DEPTH> struct Capacity;
@@ -102,12 +101,15 @@ void multi_tensor_apply(int64_t n, Addr addr, Numel numel, cudaStream_t stream, 
   }
 }
 
-// 16-byte-style vector access: kILP elements of T moved as one aligned unit.
-template <typename T> struct alignas(sizeof(T) * kILP) Vec { T v[kILP]; };
+// 16-byte vector access: kVec<T> elements of T (4 x fp32, 8 x bf16/fp16) moved as one aligned unit
+// (one LDG.E.128 / STG.E.128).  Vec<T, 1> is a plain scalar access (the unaligned / tail paths).
+template <typename T> constexpr int kVec = static_cast<int>(16 / sizeof(T));
+template <typename T, int N = kVec<T>> struct alignas(sizeof(T) * N) Vec { T v[N]; };
 
-template <typename T>
+// Whether p is aligned for a Vec<T, N> access.
+template <typename T, int N = kVec<T>>
 __device__ __forceinline__ bool is_aligned(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kILP)) == 0;
+  return (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * N)) == 0;
 }
 
 }  // namespace cuda
