@@ -208,7 +208,7 @@ class DeviceCache:
     table is only used on the stream it was copied on, so freeing an evicted one is ordered after every
     launch that read it."""
 
-    def __init__(self, max_entries=256, max_bytes=32 << 20):
+    def __init__(self, max_entries=1024, max_bytes=32 << 20):
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._entries = collections.OrderedDict()
@@ -323,6 +323,9 @@ def device_table(rows, device):
     return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
 
 
+# 1024 entries: OptimizerInBackward launches once per parameter (one small table each), so a model
+# with up to ~1000 parameters per device still steps with no copy; a table is n_tensors * (columns + 3)
+# int64s, and the byte budget bounds the big ones.
 _tables = DeviceCache()
 
 
@@ -360,7 +363,7 @@ def _chunk_tables_host(numels):
     return (torch.tensor(tensors, dtype=torch.int32), torch.tensor(starts, dtype=torch.int64))
 
 
-_chunk_cache = DeviceCache(max_entries=64)
+_chunk_cache = DeviceCache()
 
 
 def _chunk_tables(numels, device):
