@@ -9,6 +9,11 @@ and are cached.  Every launcher passes an op the same scalars: ``N_HYPER`` fp32 
 tensor read on the device: no host sync) and the step count after this step; gradients arrive with
 maximize and the AMP grad scale applied, and a nonzero ``found_inf`` makes the whole call, step
 counters included, a no-op.
+
+Launch-time state lives on the device, cached (:class:`DeviceCache`, a bounded LRU keyed on what each
+table holds, per device and stream): in the steady state a launcher copies nothing host-to-device and
+allocates nothing, and the step counters are incremented by the launch's last program
+(:func:`_fold_step_increment`), not by a second launch.
 """
 import collections
 import math
@@ -222,12 +227,16 @@ class DeviceCache:
         self._bytes = 0
 
     def get(self, key, make):
-        """The cached value of ``key`` (a tuple of tensors), or ``make()``'s, stored."""
+        """The cached value of ``key`` (a tuple of tensors), or ``make()``'s, stored.  ``key[-1]`` is the
+        :func:`stream_key`: a value used while that CUDA stream is being captured into a graph is also
+        kept outside the LRU for good (the graph holds its address; eviction must not free it)."""
         hit = self._entries.get(key)
         if hit is not None:
             self._entries.move_to_end(key)
+            _keep_if_captured(key[-1], hit[0])
             return hit[0]
         value = make()
+        _keep_if_captured(key[-1], value)
         size = sum(t.numel() * t.element_size() for t in value)
         self._entries[key] = (value, size)
         self._bytes += size
@@ -235,6 +244,14 @@ class DeviceCache:
             _, (_, old) = self._entries.popitem(last=False)
             self._bytes -= old
         return value
+
+
+_graph_refs = {}  # id -> value: tensors baked into captured CUDA graphs (never freed)
+
+
+def _keep_if_captured(skey, value):
+    if isinstance(skey, tuple) and skey[:1] == ("cuda",) and torch.cuda.is_current_stream_capturing():
+        _graph_refs[id(value)] = value
 
 
 def stream_key(device):
@@ -269,7 +286,9 @@ def dummy(device, dtype=torch.float32):
 def ticket_counter(device):
     """The int32 ticket counter of :func:`_fold_step_increment` for launches on ``device``'s current
     stream: zeroed once, put back to zero by the last program of every launch.  One per stream, since
-    launches on concurrent streams must not share one."""
+    launches on concurrent streams must not share one.  (CUDA graphs bake in the counter of the stream
+    they were captured on: replaying two graphs captured on one stream concurrently on two streams
+    would share it -- replay them in sequence.)"""
     return _device_buffer("ticket", device, lambda: torch.zeros(1, dtype=torch.int32, device=device))
 
 
