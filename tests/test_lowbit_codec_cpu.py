@@ -1,18 +1,23 @@
 """The CPU kernels' vector codecs (csrc/cpu/quant_cpu.h) give the codes and values of the spec.
 
-On a CPU with AVX2 the cpu backend quantizes every block with quant_cpu.h (a gather of the packed
-bucket table, or a binary search of the midpoints in registers for the sorted 4-bit maps) and
-dequantizes 4-bit codes from registers; this file holds them, bit for bit, to the Python reference
+On a CPU with AVX2 the cpu backend quantizes every block with quant_cpu.h -- 8-bit formats through
+the encoder's own bucket table (FastBook: one gather per value, then an add and a shift), the sorted
+4-bit maps by a binary search of the midpoints in registers (lin4u by arithmetic: rank =
+clamp(ceil(16 xn - 1.5), 0, 15)) -- and dequantizes 4-bit codes from registers; on a CPU with AVX-512
+the same operations run 16 lanes wide.  This file holds them, bit for bit, to the Python reference
 (fastopt.lowbit.codebook.quantize_reference / dequantize_reference: torch.bucketize on the fp32
 midpoints, ties to the lower value, the unsigned formats' floor rule, poisoned blocks).  The
 normalized inputs are exact (each block holds a 1.0, so absmax is 1 and x / absmax = x): a strided
 sweep of the fp32 patterns of [-1, 1], every midpoint and its neighbours, then random blocks with
-ties, subnormals, zeros, NaN and infinities, a subnormal absmax, and every code.
-(Outside CI, a C++ harness compared the vector encoders with the scalar table path on every 97th
-fp32 pattern of [-1, 1] (22M values per format, 0 mismatches); a full 2**31-pattern sweep was not
-run to completion.)
+ties, subnormals, zeros, NaN and infinities, a subnormal absmax, and every code.  On an AVX-512 CPU
+the file runs a second time in a subprocess with FASTOPT_CPU_ISA=avx2, so both widths are checked.
+(Outside CI, a C++ harness compared both widths' encoders with the scalar quantize_code on every fp32
+pattern of [-1, 1] -- 2**31 + 2 values per format, all six formats -- with 0 mismatches.)
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -142,3 +147,26 @@ def test_fused_adamw_step_is_the_spec(bits, fmts):
     # The parameter: torch's fp32 ops may differ from the kernel's in the last bit (the kernel divides
     # by the bias correction where torch may not round the same); the states above are exact.
     torch.testing.assert_close(p.detach(), pe, rtol=2e-6, atol=0)
+
+
+def _cpu_isa():
+    return _backend.build_info()["cpu_isa"]
+
+
+def test_cpu_isa_follows_the_environment():
+    # FASTOPT_CPU_ISA=avx2 turns the AVX-512 codecs off (how the test below reaches the 8-lane ones).
+    if os.environ.get("FASTOPT_CPU_ISA") == "avx2":
+        assert _cpu_isa() in ("avx2", "baseline")
+    else:
+        assert _cpu_isa() in ("avx2", "avx2+avx512-codecs", "baseline")
+
+
+def test_8_lane_codecs_on_an_avx512_cpu():
+    """Where the AVX-512 codecs run, this whole file again with them off (the AVX2 codecs)."""
+    if os.environ.get("FASTOPT_CPU_ISA") == "avx2" or _cpu_isa() != "avx2+avx512-codecs":
+        pytest.skip("the tests above already ran the 8-lane codecs (or this is the subprocess)")
+    env = dict(os.environ, FASTOPT_CPU_ISA="avx2")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]

@@ -2,6 +2,9 @@
 // copy in its own namespace (fastopt::cpu::baseline, fastopt::cpu::avx2), and picked at run time.
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+
 namespace fastopt {
 namespace cpu {
 
@@ -15,7 +18,27 @@ inline bool use_avx2() {
 #endif
 }
 
-inline const char* isa_name() { return use_avx2() ? "avx2" : "baseline"; }
+// True when the AVX2 copy's low-bit codecs (quant_cpu.h) take their AVX-512 versions: the CPU has
+// AVX-512 F/BW/DQ/VL and the environment does not set FASTOPT_CPU_ISA=avx2 (which tests use to run the
+// 8-lane codecs on such a CPU).  `static`: one copy per translation unit, whatever its flags.
+static inline bool use_avx512_codecs() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool ok = [] {
+    const char* env = std::getenv("FASTOPT_CPU_ISA");
+    if (env != nullptr && std::strcmp(env, "avx2") == 0) return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+inline const char* isa_name() {
+  if (!use_avx2()) return "baseline";
+  return use_avx512_codecs() ? "avx2+avx512-codecs" : "avx2";
+}
 
 }  // namespace cpu
 }  // namespace fastopt
