@@ -8,6 +8,16 @@
 // forward weight (or null).  Phase 1 reduces a chunk that lies in one row with a block reduction and one
 // atomicAdd per sum; a chunk spanning rows (rows shorter than a chunk) adds per element.  Both phases
 // read the row coefficients (phase 1: those of an earlier pass, e.g. gradient centralization's means).
+//
+// Memory access: a tensor whose lists are all 16-byte aligned (decided per tensor in the kernel; chunks
+// start at multiples of kChunk elements, so the chunk start keeps the alignment) moves 16-byte vectors,
+// kVec<T> = 4 fp32 or 8 bf16/fp16 elements per thread per iteration, the chunk's last n % kVec<T>
+// elements one per thread; any other tensor goes one element per thread.  Rows are followed per thread
+// with adds and compares (ChunkRows, RowCursor), not a division per element.  Every element runs the
+// same op_update_element / op_reduce_element as before, on register copies, with its own tensor index
+// for the stochastic rounding bits: the params, states and outputs are bit-identical to the scalar loop.
+// (Phase 1's per-thread partial sums of a one-row chunk now hold a thread's vectors rather than every
+// blockDim-th element: another summation order, as the atomics' order already varies between runs.)
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -31,24 +41,46 @@ struct DevScalars : StepScalars {
   float sparse_beta;
 };
 
-// A thread's place (row, column) in its tensor's rows, stepped without a division: one int64 division
-// pair per thread and chunk (init), then adds and compares per element (next) and per loop step (advance).
+// The row coefficients of a call without any (in global memory: no stack frame, no local-memory access).
+__device__ const float kZeroRow[kMaxRowCoefs] = {0.0f, 0.0f, 0.0f, 0.0f};
+
+// Rows inside one chunk, in int32 and without a per-element division.  The chunk starts at column `col0`
+// of its first row (global row `chunk_row`); rows are `len` elements long, clamped to 2^30 (with col0 moved
+// so that the elements left in the first row are kept, clamped alike): a chunk is at most 2^16 elements,
+// so a clamped row still ends past the chunk and every row boundary inside it is where it was.
+struct ChunkRows {
+  int64_t chunk_row;  // the tensor's row holding the chunk's first element
+  int col0;           // its (clamped) column
+  int len;            // the (clamped) row length
+  bool one_row;       // the whole chunk lies in one row
+  __device__ __forceinline__ ChunkRows(int64_t start, int n, int64_t row_len) {
+    constexpr int64_t kCap = int64_t{1} << 30;
+    chunk_row = start / row_len;
+    const int64_t left = row_len - (start - chunk_row * row_len);  // elements of the first row from start on
+    len = static_cast<int>(row_len < kCap ? row_len : kCap);
+    col0 = len - static_cast<int>(left < len ? left : len);
+    one_row = n <= left;
+  }
+};
+
+// A thread's place (row after the chunk's first, column) stepped without division: one int32 division pair
+// per thread and range (init), then adds and compares per element (next) and per loop step (advance).
 struct RowCursor {
-  int64_t row, col, len, step_rows, step_cols;
-  __device__ __forceinline__ void init(int64_t gi, int64_t row_len, int64_t stride) {
+  int row, col, len, step_rows, step_cols;
+  __device__ __forceinline__ void init(int pos, int row_len, int stride) {  // pos: col0 + index in the chunk
     len = row_len;
-    row = gi / len;
-    col = gi - row * len;
+    row = pos / len;
+    col = pos - row * len;
     step_rows = stride / len;
     step_cols = stride - step_rows * len;
   }
-  __device__ __forceinline__ void next() {  // element gi + 1
+  __device__ __forceinline__ void next() {  // element + 1
     if (++col == len) {
       col = 0;
       ++row;
     }
   }
-  __device__ __forceinline__ void advance() {  // element gi + stride
+  __device__ __forceinline__ void advance() {  // element + stride
     row += step_rows;
     col += step_cols;
     if (col >= len) {
@@ -67,6 +99,20 @@ struct RowCursor {
 template <typename Op, typename T, int PHASE, bool SR, bool SPARSE = false>
 struct ElementwiseOp {
   static constexpr int kLists = 2 + Op::kStates;
+  static constexpr bool kOneBlockPerSM = true;  // no spills (multi_tensor.cuh)
+
+  // The chunk's lists (pointers at the chunk's first element) and what every element needs.
+  struct Chunk {
+    T* p;
+    const T* g;
+    T* st[kMaxStates];
+    const uint8_t* mask;
+    T* out;
+    const float* rc0;     // row coefficients of the chunk's first row, or null (the call has none)
+    float* sums0;         // phase 1: the sums of the chunk's first row
+    ChunkRows rows;
+    uint32_t sr_chunk;    // low 32 bits of the stochastic-rounding index of the chunk's first element
+  };
 
   template <int DEPTH>
   __device__ __forceinline__ void operator()(const TensorListMeta<DEPTH>& meta, int t, int64_t start, int n,
@@ -84,37 +130,51 @@ struct ElementwiseOp {
     const uint32_t index = static_cast<uint32_t>(sr_slot);
     const uint32_t sr_offset = static_cast<uint32_t>(sr_slot >> 32);
 
-    T* p = static_cast<T*>(meta.addresses[0][t]);
-    const T* g = static_cast<const T*>(meta.addresses[1][t]);
-    T* st[kMaxStates] = {nullptr, nullptr, nullptr, nullptr};
-    for (int k = 0; k < Op::kStates; ++k) st[k] = static_cast<T*>(meta.addresses[2 + k][t]);
-    const uint8_t* mask = nullptr;
-    T* out = nullptr;
+    const ChunkRows rows(start, n, row_len);
+    Chunk ch{static_cast<T*>(meta.addresses[0][t]) + start,
+             static_cast<const T*>(meta.addresses[1][t]) + start,
+             {nullptr, nullptr, nullptr, nullptr},
+             nullptr,
+             nullptr,
+             s.row_coef != nullptr ? s.row_coef + (row_offset + rows.chunk_row) * kMaxRowCoefs : nullptr,
+             s.reduce_out != nullptr ? s.reduce_out + (row_offset + rows.chunk_row) * kMaxReduce : nullptr,
+             rows,
+             sr_offset + static_cast<uint32_t>(start)};
+    for (int k = 0; k < Op::kStates; ++k) ch.st[k] = static_cast<T*>(meta.addresses[2 + k][t]) + start;
     if constexpr (SPARSE) {
-      mask = static_cast<const uint8_t*>(meta.addresses[kLists + 4][t]);
-      out = static_cast<T*>(meta.addresses[kLists + 5][t]);
+      ch.mask = static_cast<const uint8_t*>(meta.addresses[kLists + 4][t]) + start;
+      T* out = static_cast<T*>(meta.addresses[kLists + 5][t]);
+      ch.out = out != nullptr ? out + start : nullptr;
     }
 
     constexpr int V = kVec<T>;
-    bool aligned = is_aligned<T>(p + start) && is_aligned<T>(g + start);
+    bool aligned = is_aligned<T>(ch.p) && is_aligned<T>(ch.g);
 #pragma unroll
-    for (int k = 0; k < Op::kStates; ++k) aligned = aligned && is_aligned<T>(st[k] + start);
+    for (int k = 0; k < Op::kStates; ++k) aligned = aligned && is_aligned<T>(ch.st[k]);
     if constexpr (SPARSE) {
-      aligned = aligned && is_aligned<uint8_t, V>(mask + start) && (out == nullptr || is_aligned<T>(out + start));
+      aligned = aligned && is_aligned<uint8_t, V>(ch.mask) && (ch.out == nullptr || is_aligned<T>(ch.out));
     }
     const int nvec = aligned ? n / V : 0;
 
     if constexpr (PHASE == 0) {
       const uint32_t key = sr_key(s.seed, index, static_cast<uint32_t>(static_cast<double>(step_now) + 1.0));
-      update_range<V>(p, g, st, mask, out, start, 0, nvec, row_offset, row_len, s, grad_mul, c, key, sr_offset);
-      update_range<1>(p, g, st, mask, out, start, nvec * V, n - nvec * V, row_offset, row_len, s, grad_mul, c, key,
-                      sr_offset);
+      if constexpr (SPARSE) {
+        if (ch.out != nullptr) {
+          update_range<V, 2>(ch, 0, nvec * V, grad_mul, c, key, s);
+          update_range<1, 2>(ch, nvec * V, n, grad_mul, c, key, s);
+        } else {
+          update_range<V, 1>(ch, 0, nvec * V, grad_mul, c, key, s);
+          update_range<1, 1>(ch, nvec * V, n, grad_mul, c, key, s);
+        }
+      } else {
+        update_range<V, 0>(ch, 0, nvec * V, grad_mul, c, key, s);
+        update_range<1, 0>(ch, nvec * V, n, grad_mul, c, key, s);
+      }
     } else {
-      const bool one_row = start / row_len == (start + n - 1) / row_len;
       float acc[kMaxReduce] = {0.0f, 0.0f, 0.0f, 0.0f};
-      reduce_range<V>(p, g, st, start, 0, nvec, row_offset, row_len, one_row, s, grad_mul, c, acc);
-      reduce_range<1>(p, g, st, start, nvec * V, n - nvec * V, row_offset, row_len, one_row, s, grad_mul, c, acc);
-      if (one_row) {
+      reduce_range<V>(ch, 0, nvec * V, grad_mul, c, acc);
+      reduce_range<1>(ch, nvec * V, n, grad_mul, c, acc);
+      if (rows.one_row) {
         __shared__ float warp_sums[kMaxReduce][32];
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
         for (int k = 0; k < Op::kReduce; ++k) {
@@ -125,119 +185,85 @@ struct ElementwiseOp {
         __syncthreads();
         if (warp == 0) {
           const int nwarps = (blockDim.x + 31) >> 5;
-          float* sums = s.reduce_out + (row_offset + start / row_len) * kMaxReduce;
           for (int k = 0; k < Op::kReduce; ++k) {
             float v = lane < nwarps ? warp_sums[k][lane] : 0.0f;
             for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-            if (lane == 0) atomicAdd(sums + k, v);
+            if (lane == 0) atomicAdd(ch.sums0 + k, v);
           }
         }
       }
     }
   }
 
-  // Phase 0 over `count` units (V > 1: vectors of V elements, every pointer aligned for Vec<T, V>; V == 1:
-  // elements) from chunk offset `first`, one unit per thread per iteration.
-  template <int V>
-  __device__ __forceinline__ void update_range(T* p, const T* g, T* const (&st)[kMaxStates], const uint8_t* mask,
-                                               T* out, int64_t start, int first, int count, int64_t row_offset,
-                                               int64_t row_len, const DevScalars& s, float grad_mul,
-                                               const typename Op::Coeffs& c, uint32_t key, uint32_t sr_offset) const {
-    const int nv = count;  // V > 1: vectors, V == 1: elements
-    if (static_cast<int>(threadIdx.x) >= nv) return;
-    const float zero[kMaxRowCoefs] = {0.0f, 0.0f, 0.0f, 0.0f};
+  // Phase 0 over the chunk's elements [first, end), V per thread per iteration (V > 1: end - first a
+  // multiple of V, every list aligned for Vec<T, V>).  SPARSE_OUT as op_update_element's SPARSE.
+  template <int V, int SPARSE_OUT>
+  __device__ __forceinline__ void update_range(const Chunk& ch, int first, int end, float grad_mul,
+                                               const typename Op::Coeffs& c, uint32_t key,
+                                               const DevScalars& s) const {
     const int stride = static_cast<int>(blockDim.x) * V;
-    int64_t gi = start + first + static_cast<int64_t>(threadIdx.x) * V;
-    const bool has_rc = s.row_coef != nullptr;
+    int i = first + static_cast<int>(threadIdx.x) * V;
+    if (i >= end) return;
     RowCursor cur{};
-    if (has_rc) cur.init(gi, row_len, stride);
-    for (int v = threadIdx.x; v < nv; v += blockDim.x, gi += stride) {
-      Vec<T, V> rp = *reinterpret_cast<const Vec<T, V>*>(p + gi);
-      const Vec<T, V> rg = *reinterpret_cast<const Vec<T, V>*>(g + gi);
+    if (ch.rc0 != nullptr) cur.init(ch.rows.col0 + i, ch.rows.len, stride);
+    for (; i < end; i += stride) {
+      Vec<T, V> rp = *reinterpret_cast<const Vec<T, V>*>(ch.p + i);
+      const Vec<T, V> rg = *reinterpret_cast<const Vec<T, V>*>(ch.g + i);
       Vec<T, V> rs[kMaxStates];
 #pragma unroll
-      for (int k = 0; k < Op::kStates; ++k) rs[k] = *reinterpret_cast<const Vec<T, V>*>(st[k] + gi);
+      for (int k = 0; k < Op::kStates; ++k) rs[k] = *reinterpret_cast<const Vec<T, V>*>(ch.st[k] + i);
       Vec<uint8_t, V> rmask;
       Vec<T, V> rout;
-      if constexpr (SPARSE) rmask = *reinterpret_cast<const Vec<uint8_t, V>*>(mask + gi);
-      const uint32_t sr_base = sr_offset + static_cast<uint32_t>(gi);  // element gi + e: sr_base + e (mod 2^32)
+      if constexpr (SPARSE_OUT > 0) rmask = *reinterpret_cast<const Vec<uint8_t, V>*>(ch.mask + i);
+      const uint32_t sr_base = ch.sr_chunk + static_cast<uint32_t>(i);  // element i + e: sr_base + e (mod 2^32)
       RowCursor e_cur = cur;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const float* rc = has_rc ? s.row_coef + (row_offset + e_cur.row) * kMaxRowCoefs : zero;
-        if constexpr (SPARSE) {
-          if (out != nullptr) {
-            op_update_element<Op, T, 2>(rp.v, rg.v, rs[0].v, rs[1].v, rs[2].v, rs[3].v, e, grad_mul, c, rc, SR,
-                                        key, sr_base, rmask.v, rout.v, s.sparse_lambda, s.sparse_beta);
-          } else {
-            op_update_element<Op, T, 1>(rp.v, rg.v, rs[0].v, rs[1].v, rs[2].v, rs[3].v, e, grad_mul, c, rc, SR,
-                                        key, sr_base, rmask.v, nullptr, s.sparse_lambda, s.sparse_beta);
-          }
-        } else {
-          op_update_element<Op, T>(rp.v, rg.v, rs[0].v, rs[1].v, rs[2].v, rs[3].v, e, grad_mul, c, rc, SR, key,
-                                   sr_base);
-        }
-        if (has_rc) e_cur.next();
+        const float* rc = ch.rc0 != nullptr ? ch.rc0 + e_cur.row * kMaxRowCoefs : kZeroRow;
+        op_update_element<Op, T, SPARSE_OUT>(rp.v, rg.v, rs[0].v, rs[1].v, rs[2].v, rs[3].v, e, grad_mul, c, rc,
+                                             SR, key, sr_base, rmask.v, SPARSE_OUT > 1 ? rout.v : nullptr,
+                                             s.sparse_lambda, s.sparse_beta);
+        if (ch.rc0 != nullptr) e_cur.next();
       }
-      *reinterpret_cast<Vec<T, V>*>(p + gi) = rp;
+      *reinterpret_cast<Vec<T, V>*>(ch.p + i) = rp;
 #pragma unroll
-      for (int k = 0; k < Op::kStates; ++k) *reinterpret_cast<Vec<T, V>*>(st[k] + gi) = rs[k];
-      if constexpr (SPARSE) {
-        if (out != nullptr) *reinterpret_cast<Vec<T, V>*>(out + gi) = rout;
-      }
-      if (has_rc) cur.advance();
+      for (int k = 0; k < Op::kStates; ++k) *reinterpret_cast<Vec<T, V>*>(ch.st[k] + i) = rs[k];
+      if constexpr (SPARSE_OUT > 1) *reinterpret_cast<Vec<T, V>*>(ch.out + i) = rout;
+      if (ch.rc0 != nullptr) cur.advance();
     }
   }
 
-  // Phase 1 over `count` units (as update_range) from chunk offset `first`.  A chunk in one row adds into
-  // the thread's `acc` (block-reduced by the caller); a chunk spanning rows adds each run of a vector's
-  // elements in one row with one atomicAdd per sum.
+  // Phase 1 over [first, end) as update_range.  A chunk in one row adds into the thread's `acc` (block-reduced
+  // by the caller); a chunk spanning rows adds each element's sums with their own atomicAdds (as before).
   template <int V>
-  __device__ __forceinline__ void reduce_range(T* p, const T* g, T* const (&st)[kMaxStates], int64_t start, int first,
-                                               int count, int64_t row_offset, int64_t row_len, bool one_row,
-                                               const DevScalars& s, float grad_mul, const typename Op::Coeffs& c,
-                                               float (&acc)[kMaxReduce]) const {
-    const int nv = count;
-    if (static_cast<int>(threadIdx.x) >= nv) return;
-    const float zero[kMaxRowCoefs] = {0.0f, 0.0f, 0.0f, 0.0f};
+  __device__ __forceinline__ void reduce_range(const Chunk& ch, int first, int end, float grad_mul,
+                                               const typename Op::Coeffs& c, float (&acc)[kMaxReduce]) const {
     const int stride = static_cast<int>(blockDim.x) * V;
-    int64_t gi = start + first + static_cast<int64_t>(threadIdx.x) * V;
-    const bool has_rc = s.row_coef != nullptr;
+    int i = first + static_cast<int>(threadIdx.x) * V;
+    if (i >= end) return;
     RowCursor cur{};
-    cur.init(gi, row_len, stride);
-    for (int v = threadIdx.x; v < nv; v += blockDim.x, gi += stride) {
-      const Vec<T, V> rp = *reinterpret_cast<const Vec<T, V>*>(p + gi);
-      const Vec<T, V> rg = *reinterpret_cast<const Vec<T, V>*>(g + gi);
+    cur.init(ch.rows.col0 + i, ch.rows.len, stride);
+    for (; i < end; i += stride) {
+      const Vec<T, V> rp = *reinterpret_cast<const Vec<T, V>*>(ch.p + i);
+      const Vec<T, V> rg = *reinterpret_cast<const Vec<T, V>*>(ch.g + i);
       Vec<T, V> rs[kMaxStates];
 #pragma unroll
-      for (int k = 0; k < Op::kStates; ++k) rs[k] = *reinterpret_cast<const Vec<T, V>*>(st[k] + gi);
+      for (int k = 0; k < Op::kStates; ++k) rs[k] = *reinterpret_cast<const Vec<T, V>*>(ch.st[k] + i);
       RowCursor e_cur = cur;
-      float run[kMaxReduce] = {0.0f, 0.0f, 0.0f, 0.0f};
-      int64_t run_row = e_cur.row;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const float* rc = has_rc ? s.row_coef + (row_offset + e_cur.row) * kMaxRowCoefs : zero;
-        if (one_row) {
+        const float* rc = ch.rc0 != nullptr ? ch.rc0 + e_cur.row * kMaxRowCoefs : kZeroRow;
+        if (ch.rows.one_row) {
           op_reduce_element<Op, T>(rp.v, rg.v, rs[0].v, rs[1].v, rs[2].v, rs[3].v, e, grad_mul, c, rc, acc);
         } else {
-          if (e_cur.row != run_row) {
-            float* sums = s.reduce_out + (row_offset + run_row) * kMaxReduce;
-            for (int k = 0; k < Op::kReduce; ++k) {
-              atomicAdd(sums + k, run[k]);
-              run[k] = 0.0f;
-            }
-            run_row = e_cur.row;
-          }
-          op_reduce_element<Op, T>(rp.v, rg.v, rs[0].v, rs[1].v, rs[2].v, rs[3].v, e, grad_mul, c, rc, run);
+          float one[kMaxReduce] = {0.0f, 0.0f, 0.0f, 0.0f};
+          op_reduce_element<Op, T>(rp.v, rg.v, rs[0].v, rs[1].v, rs[2].v, rs[3].v, e, grad_mul, c, rc, one);
+          for (int k = 0; k < Op::kReduce; ++k) atomicAdd(ch.sums0 + e_cur.row * kMaxReduce + k, one[k]);
         }
         e_cur.next();
       }
-      if (!one_row) {
-        float* sums = s.reduce_out + (row_offset + run_row) * kMaxReduce;
-        for (int k = 0; k < Op::kReduce; ++k) atomicAdd(sums + k, run[k]);
-      }
 #pragma unroll
-      for (int k = 0; k < Op::kStates; ++k) *reinterpret_cast<Vec<T, V>*>(st[k] + gi) = rs[k];
+      for (int k = 0; k < Op::kStates; ++k) *reinterpret_cast<Vec<T, V>*>(ch.st[k] + i) = rs[k];
       cur.advance();
     }
   }

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "fastopt/api.h"
 #include "fastopt/launch.cuh"
@@ -52,13 +53,44 @@ inline void check_cuda(cudaError_t err, const char* what) {
 inline cudaStream_t as_stream(int64_t handle) { return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(handle)); }
 
 template <int DEPTH, typename Op, typename... Args>
-__global__ void __launch_bounds__(kBlockThreads)
-multi_tensor_kernel(const TensorListMeta<DEPTH> meta, Op op, Args... args) {
+__device__ __forceinline__ void multi_tensor_block(const TensorListMeta<DEPTH>& meta, const Op& op, const Args&... args) {
   const int t = meta.block_to_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunk;
   const int64_t rem = meta.numels[t] - start;
   const int n = static_cast<int>(rem < kChunk ? rem : kChunk);
   op(meta, t, start, n, args...);
+}
+
+template <int DEPTH, typename Op, typename... Args>
+__global__ void __launch_bounds__(kBlockThreads)
+multi_tensor_kernel(const TensorListMeta<DEPTH> meta, Op op, Args... args) {
+  multi_tensor_block(meta, op, args...);
+}
+
+// The same with a minimum of 1 block per SM, for ops that say `static constexpr bool kOneBlockPerSM = true`
+// (the vectorized elementwise ops): without it ptxas spills a few bytes to local memory in some of their
+// variants to keep one more block resident (it sizes them at 40 or 64 registers); with it none spills
+// (sm_90, tests/test_cuda_sass.py), at the price of more registers (often 65-96: one 512-thread block).
+template <int DEPTH, typename Op, typename... Args>
+__global__ void __launch_bounds__(kBlockThreads, 1)
+multi_tensor_kernel_1(const TensorListMeta<DEPTH> meta, Op op, Args... args) {
+  multi_tensor_block(meta, op, args...);
+}
+
+template <typename Op, typename = void> struct OneBlockPerSM { static constexpr bool value = false; };
+template <typename Op> struct OneBlockPerSM<Op, std::void_t<decltype(Op::kOneBlockPerSM)>> {
+  static constexpr bool value = Op::kOneBlockPerSM;
+};
+
+template <int DEPTH, typename Op, typename... Args>
+void launch_multi_tensor(int nblocks, cudaStream_t stream, const TensorListMeta<DEPTH>& meta, const Op& op,
+                         const Args&... args) {
+  if constexpr (OneBlockPerSM<Op>::value) {
+    FASTOPT_LAUNCH(nblocks, kBlockThreads, 0, stream, multi_tensor_kernel_1<DEPTH>)(meta, op, args...);
+  } else {
+    FASTOPT_LAUNCH(nblocks, kBlockThreads, 0, stream, multi_tensor_kernel<DEPTH>)(meta, op, args...);
+  }
+  check_cuda(cudaGetLastError(), "multi_tensor_kernel launch");
 }
 
 // Walks `addr(list, tensor)` / `numel(tensor)` for n tensors and launches `op` over every chunk.
@@ -82,8 +114,7 @@ void multi_tensor_apply(int64_t n, Addr addr, Numel numel, cudaStream_t stream, 
       const bool tensors_full = ntensors == Cap::tensors && c == chunks - 1;
       const bool last = t == n - 1 && c == chunks - 1;
       if (blocks_full || tensors_full || last) {
-        FASTOPT_LAUNCH(nblocks, kBlockThreads, 0, stream, multi_tensor_kernel<DEPTH>)(meta, op, args...);
-        check_cuda(cudaGetLastError(), "multi_tensor_kernel launch");
+        launch_multi_tensor(nblocks, stream, meta, op, args...);
         nblocks = 0;
         if (c == chunks - 1) {
           ntensors = 0;
@@ -96,8 +127,7 @@ void multi_tensor_apply(int64_t n, Addr addr, Numel numel, cudaStream_t stream, 
     }
   }
   if (nblocks > 0) {  // zero-sized tensors at the end of the list leave a partial launch behind
-    FASTOPT_LAUNCH(nblocks, kBlockThreads, 0, stream, multi_tensor_kernel<DEPTH>)(meta, op, args...);
-    check_cuda(cudaGetLastError(), "multi_tensor_kernel launch");
+    launch_multi_tensor(nblocks, stream, meta, op, args...);
   }
 }
 
