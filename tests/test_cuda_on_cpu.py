@@ -329,3 +329,20 @@ def test_adam_vector_paths_match_cpu(layer, dtype, amsgrad):
     _ops._adam_kernel(backend="cuda", **got)
     keys = ["params", "exp_avgs", "exp_avg_sqs", "state_steps"] + (["max_exp_avg_sqs"] if amsgrad else [])
     _compare([t for k in keys for t in got[k]], [t for k in keys for t in want[k]], True, f"adam {dtype} {amsgrad}")
+
+
+def test_mutation_row_cursor_is_caught(tmp_path, built):
+    """The vector path's row cursor stepping one element late (a row boundary missed inside a vector): the
+    elements after it get their row coefficients from the row before."""
+    mutated = _mutated_build(tmp_path, built, "csrc/cuda/elementwise.cu", "if (++col == len) {", "if (++col > len) {")
+    code = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import _cuda_on_cpu as coc, _cuda_on_cpu_build as b, test_cuda_on_cpu as t
+coc.activate(b.load({path!r}))
+t.test_elementwise_vector_paths_match_cpu(None, "adamp", 0, True, False, False, torch.float32)
+"""
+    for path, ok in ((built, True), (mutated, False)):
+        r = subprocess.run([sys.executable, "-c", code.format(tests=str(ROOT / "tests"), path=str(path))],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert (r.returncode == 0) == ok, r.stderr[-3000:]
