@@ -2,16 +2,19 @@
 //
 // Its functions live in namespace fastopt::cpu::FASTOPT_CPU_NS, in an unnamed namespace: each ISA copy
 // gets its own, and no inline function is shared between copies compiled with different flags.  Where the copy is built
-// with AVX2 (+FMA), the block codecs run 8 values per instruction; elsewhere FASTOPT_QUANT_VEC is 0
-// and lowbit_kernels.cpp keeps its scalar table path.  The codes are the scalar path's bit for bit:
-//  - quantize (any format): normalize as quant_normalize (a multiply, a clamp, NaN -> +0), bucket as
-//    quant_bucket (integer ops on the fp32 bits), one AVX2 gather of the packed bucket entry, then
-//    quant_pick and quant_floor as compares and selects -- the same operations on the same table;
-//  - quantize 4-bit sorted maps (code == rank: dyn4s, lin4u): a 4-level binary search over the 15
-//    fp32 midpoints held in two registers (vpermps), i.e. rank = #{midpoints < xn}, which is the
-//    definition the packed table was built from (codebook.py checks the table against it);
-//  - dequantize: values[code] * absmax, one multiply; the values come from a gather (256 codes) or
-//    from two registers (16 codes, vpermps + a select on bit 3).
+// with AVX2 (+FMA), the block codecs run 8 values per instruction, and where the CPU also has AVX-512
+// F/BW/DQ/VL (isa.h use_avx512_codecs) their AVX-512 versions (target attributes) run 16; elsewhere
+// FASTOPT_QUANT_VEC is 0 and lowbit_kernels.cpp keeps its scalar table path.  The codes are the scalar
+// path's bit for bit (every fp32 pattern of [-1, 1] was compared, both widths, six formats):
+//  - quantize, 8-bit formats: block maximum and poisoning by an integer max of |x|'s bits; normalize as
+//    quant_normalize (a multiply and a min/max clamp; the full rule where 1 / absmax overflowed); then
+//    FastBook's table (built once per call from the codebook's packed table): one gather per value,
+//    and the code by an add and a shift (sorted maps) or a variable shift (fp8);
+//  - quantize, 4-bit sorted maps (code == rank: dyn4s, lin4u): a 4-level binary search over the 15
+//    fp32 midpoints held in registers, i.e. rank = #{midpoints < xn}, the definition the packed table
+//    was built from (codebook.py checks the table against it); lin4u by arithmetic with AVX-512;
+//  - dequantize: values[code] * absmax, one multiply; 16-code values from registers (vpermps), 256-code
+//    values by byte permutes with AVX-512 VBMI (FastBook::planes), else lowbit_kernels.cpp's scalar reads.
 // Block maxima are maxima (exact in any order); a block's poisoning (NaN / inf) is detected first.
 #pragma once
 
