@@ -6,7 +6,9 @@ atomicAdd per block) than the CPU loop: those optimizers are compared to 1e-6 re
 bf16 ulp (2^-7 relative) in bf16, where a last-bit difference of a sum can flip a stored value's rounding.
 
 The mutation tests build a copy of the sources with one deliberate bug (a tail bound one past the end, the
-block barrier of the reduce pass removed) and check that these comparisons catch it.
+block barrier of the reduce pass removed, the vector path's row cursor missing a row boundary) and check that
+these comparisons catch it.  The vector-path tests run the 16-byte (aligned) and one-element (unaligned) paths
+of the elementwise and Adam kernels on views at offsets 0..8, sizes around the vector and chunk boundaries.
 
 The first run builds the module (about 2.5 min on 2 cores; cached in build/cuda_on_cpu/ until a source
 changes).  The existing suites run their ``cuda`` cases through the same layer with

@@ -13,7 +13,7 @@ reads the result (the per-kernel counts are cached there too):
   Without cuobjdump (it is not in every CUDA install) the same counts are read from the PTX that the
   same compile keeps (ld.global.v4 / st.global.v4 of 32-bit words).
 
-Skips only when nvcc is absent.
+Skips only when nvcc is absent (c++filt, from binutils, must be there: it names the kernels).
 """
 import concurrent.futures
 import hashlib
@@ -109,7 +109,7 @@ def _counts_sass(cubin, tool):
 
 def _counts_ptx(ptx):
     text = ptx.read_text()
-    parts = re.split(r"\.visible \.entry (\S+)\(", text)
+    parts = re.split(r"\n(?:\.visible |\.weak )?\.entry (\S+)\(", text)
     names, bodies = parts[1::2], parts[2::2]
     assert names, f"no entry functions in {ptx}"
     return {d: dict(ld128=len(re.findall(r"ld\.global(?:\.nc)?\.v4\.(?:u|b|f)32", b)),
@@ -168,7 +168,9 @@ def test_elementwise_kernels_use_16_byte_vectors(counts):
     for dtype in ("fp32", "bf16", "fp16"):
         mine = {k: v for k, v in variants.items() if k[1] == dtype}
         assert len(mine) >= 40, f"only {len(mine)} {dtype} elementwise kernel variants found"
-        scalar = [k for k, v in mine.items() if v["ld"] > 0 and v["ld128"] == 0]
+        # grad_rowsum has only a reduce pass: its phase 0 stores nothing (ptxas drops its loads, PTX keeps them)
+        scalar = [k for k, v in mine.items() if v["ld"] > 0 and v["ld128"] == 0
+                  and not (k[0] == "fastopt::functors::GradRowSumOp" and k[2].startswith("0,"))]
         assert not scalar, f"{dtype} elementwise kernels without a 16-byte load: {scalar}"
     lion = {k: v for k, v in variants.items() if k[0] == "fastopt::functors::LionOpT<false>" and k[2].startswith("0,")}
     assert len(lion) == 12, sorted(lion)  # 3 dtypes x SR x sparse
