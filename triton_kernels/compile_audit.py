@@ -208,14 +208,24 @@ def _short(v):
     return v
 
 
+def select(launches, kernels):
+    """The launches of the kernels named in ``kernels`` (comma-separated kernel names, e.g.
+    ``"_lowbit_kernel,_codec_kernel"``; empty: all of them).  ``FASTOPT_AUDIT_KERNELS`` passes it to
+    :func:`main`: while changing one kernel, compile only its variants."""
+    names = {k.strip() for k in kernels.split(",") if k.strip()}
+    return [ln for ln in launches if ln.kernel in names] if names else list(launches)
+
+
 def main(argv=None):
     """``python -m fastopt.triton_kernels.compile_audit OUT.json SCRIPT.py``: run ``SCRIPT.py``'s
-    ``exercise()`` under :func:`capture`, compile every launch, write the results as JSON."""
+    ``exercise()`` under :func:`capture`, compile every launch (or those of the kernels named in
+    ``FASTOPT_AUDIT_KERNELS``, comma-separated: :func:`select`), write the results as JSON."""
     out, script = (argv or sys.argv[1:])[:2]
     import runpy
 
     with capture() as launches:
         runpy.run_path(script)["exercise"]()
+    launches = select(launches, os.environ.get("FASTOPT_AUDIT_KERNELS", ""))
     results = compile_all(launches, workers=int(os.environ.get("FASTOPT_AUDIT_WORKERS", str(os.cpu_count() or 2))))
     with open(out, "w") as f:
         json.dump(results, f, indent=1)

@@ -11,9 +11,11 @@ to a power of two; lanes ``>= m`` are masked off) and ranks every element within
     rank_i = #{j < m : key_j > key_i  or  (key_j == key_i and j < i)},    keep_i = rank_i < n
 
 Under the interpreter the rank is one ``[G, MP2, MP2]`` broadcast compare (few, large operations); on
-a GPU it is ``m`` unrolled steps that each re-read column ``j`` of the tile (``[G]`` loads the cache
-serves) and compare it with the whole ``[G, MP2]`` tile, so no value crosses threads (no shuffles,
-no shared memory).  Both give the same integers; the launcher picks by ``TRITON_INTERPRET``.  A group
+a GPU it is a loop of ``m`` steps (unrolled by 2 for m > 4, not fully: fully unrolled, the compiler issued all
+``m`` loads first and m = 64 spilled; indices are int32 below ``INDEX32_MAX_NUMEL`` elements, which
+keeps the tile's addresses in half the registers) that each re-read column ``j`` of the tile (``[G]``
+loads the cache serves) and compare it with the whole ``[G, MP2]`` tile, so no value crosses threads
+(no shuffles, no shared memory).  Both give the same integers; the launcher picks by ``TRITON_INTERPRET``.  A group
 keeps exactly its ``n`` first elements of the (stable, descending) order.  Groups are numbered with
 ``inner`` fastest, so neighbouring lanes of a tile read neighbouring addresses; for ``inner == 1``
 (``dim=-1``) the tile is simply ``G * m`` consecutive elements (the fast, vectorized path).
@@ -48,6 +50,9 @@ import triton
 import triton.language as tl
 
 MAX_M = 64
+# N:M masks index in int32 up to this numel (int64 above it): every offset the kernel forms, masked lanes
+# included, is below 3 * numel + G * MP2 (<= 2^15) < 2^31
+INDEX32_MAX_NUMEL = 1 << 29
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The six pairs of columns (0,1) (0,2) (0,3) (1,2) (1,3) (2,3) of fastopt.reference.sparse._PAIRS as
@@ -130,16 +135,28 @@ def _try_pattern(best, bits, s01, p20, p21, p22, p23, p24, p25, p30, p31, p32, p
 # -- kernels -----------------------------------------------------------------------------------------
 
 @triton.jit
+def _rank_step(x, base, j, step, gmask, key, i, rank):
+    """``rank`` plus, per element of the tile, whether element ``j`` of its group comes before it."""
+    kj = _key(tl.load(x + base + j * step, mask=gmask, other=0.0))[:, None]
+    return rank + ((kj > key) | ((kj == key) & (j < i)[None, :])).to(tl.int32)
+
+
+@triton.jit
 def _nm_mask_kernel(x, out, ngroups, inner, n, M: tl.constexpr, MP2: tl.constexpr, G: tl.constexpr,
-                    BROADCAST: tl.constexpr, INNER1: tl.constexpr):
-    q = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)      # group index, inner fastest
+                    BROADCAST: tl.constexpr, INNER1: tl.constexpr, IDX64: tl.constexpr):
+    pid = tl.program_id(0)
+    if IDX64:
+        pid = pid.to(tl.int64)
+    q = pid * G + tl.arange(0, G)      # group index, inner fastest; int32 unless IDX64 (fewer registers)
     gmask = q < ngroups
     i = tl.arange(0, MP2)
     if INNER1:
         base = q * M
         step = 1
     else:
-        step = inner.to(tl.int64)
+        step = inner
+        if IDX64:
+            step = inner.to(tl.int64)
         og = q // step
         base = og * (M * step) + (q - og * step)
     offs = base[:, None] + i[None, :] * step
@@ -153,9 +170,14 @@ def _nm_mask_kernel(x, out, ngroups, inner, n, M: tl.constexpr, MP2: tl.constexp
         rank = tl.sum(before.to(tl.int32), axis=2)
     else:           # column by column, re-read (cached): no cross-thread traffic (a GPU)
         rank = tl.zeros([G, MP2], dtype=tl.int32)
-        for j in tl.static_range(M):
-            kj = _key(tl.load(x + base + j * step, mask=gmask, other=0.0))[:, None]
-            rank += ((kj > key) | ((kj == key) & (j < i)[None, :])).to(tl.int32)
+        # m > 4: a loop unrolled by 2, not m times (all m loads hoisted: m = 64 spilled).  Both forms were
+        # measured spill-free for every m, dtype, layout and index width (sm_90, Triton 3.9)
+        if M <= 4:
+            for j in tl.static_range(M):
+                rank = _rank_step(x, base, j, step, gmask, key, i, rank)
+        else:
+            for j in tl.range(0, M, loop_unroll_factor=2):
+                rank = _rank_step(x, base, j, step, gmask, key, i, rank)
     tl.store(out + offs, (rank < n).to(tl.uint8), mask=mask)
 
 
@@ -259,6 +281,8 @@ def nm_mask(x, out, outer, length, inner, n, m):
     with _device_guard(x):
         _nm_mask_kernel[(triton.cdiv(ngroups, g),)](
             x, out, ngroups, inner, n, M=m, MP2=mp2, G=g, BROADCAST=broadcast, INNER1=inner == 1,
+            IDX64=numel > INDEX32_MAX_NUMEL,
+            enable_fp_fusion=False,  # pinned, not Triton's default (which 3.10 changes)
         )
     return None
 
@@ -284,6 +308,7 @@ def transposable_mask(x, out, rows, cols, exact):
     with _device_guard(x):
         _transposable_mask_kernel[(triton.cdiv(ntiles, t),)](
             x, out, ntiles, cols // 4, cols, EXACT=bool(exact), T=t,
+            enable_fp_fusion=False,  # pinned: the exact mode's pattern sums are fp32 adds
         )
     return None
 
