@@ -41,7 +41,7 @@ __attribute__((noinline)) void dequantize_block_table(const CodebookView& b, con
 // Quantize `len` (<= kMaxQuantBlock) values of one block: writes the codes and returns the block's
 // absmax.  The loops are branch-free so that they vectorize (table reads become gathers).
 // A block holding a NaN or an infinity is poisoned (quant.h): absmax NaN, every code the code of 0.
-__attribute__((noinline)) float quantize_block_table(const CodebookView& b, const float* x, int64_t len, uint8_t* codes) {
+__attribute__((noinline, unused)) float quantize_block_table(const CodebookView& b, const float* x, int64_t len, uint8_t* codes) {
   float amax = 0.0f;
   uint32_t bad = 0;
 #pragma omp simd reduction(max : amax) reduction(| : bad)

@@ -156,6 +156,11 @@ inline __m256i load8_4bit(const uint8_t* in) {
 
 }  // namespace qvec
 
+// GCC 12 warns -W(maybe-)uninitialized inside the AVX-512 intrinsics (their _mm512_undefined_* operand, GCC
+// PR 105593): a false positive, silenced for this part of the file.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 // ---- AVX-512 copies (16 values per instruction), compiled with a target attribute inside this copy and
 // taken where the CPU has AVX-512 F/BW/DQ/VL (FastBook::avx512): the same operations lane for lane.
 #define FASTOPT_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
@@ -498,27 +503,22 @@ FASTOPT_AVX512VBMI __attribute__((noinline)) void dequantize8_vbmi(const FastBoo
   }
 }
 
-// dequantize_block with 16 lanes: 16-code maps from one register (vpermps), 256-code maps by a gather.
+// dequantize_block of a 16-code map with 16 lanes: the values from one register (vpermps).
 FASTOPT_AVX512 __attribute__((noinline)) void dequantize_block_512(const CodebookView& b, const uint8_t* codes, float absmax,
                                                                    int64_t len, float* out) {
   const int64_t len16 = len & ~int64_t{15};
   const __m512 s = _mm512_set1_ps(absmax);
-  if (b.nc == 16) {
-    const __m512 vals = _mm512_loadu_ps(b.values);
-    const __m128i nib = _mm_set1_epi8(0x0F);
-    for (int64_t j = 0; j < len16; j += 16) {
-      const __m128i by = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j / 2));
-      const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(by, nib), _mm_and_si128(_mm_srli_epi16(by, 4), nib));
-      _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c), vals), s));
-    }
-  } else {
-    for (int64_t j = 0; j < len16; j += 16) {
-      const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + j)));
-      _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_i32gather_ps(c, b.values, 4), s));
-    }
+  const __m512 vals = _mm512_loadu_ps(b.values);
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  for (int64_t j = 0; j < len16; j += 16) {
+    const __m128i by = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j / 2));
+    const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(by, nib), _mm_and_si128(_mm_srli_epi16(by, 4), nib));
+    _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c), vals), s));
   }
-  for (int64_t j = len16; j < len; ++j) out[j] = b.values[load_code(codes, j, b.nc == 16)] * absmax;
+  for (int64_t j = len16; j < len; ++j) out[j] = b.values[load_code(codes, j, true)] * absmax;
 }
+
+#pragma GCC diagnostic pop
 
 // Vector dequantize_block: out[j] = values[code j] * absmax.
 __attribute__((noinline)) void dequantize_block_vec(const CodebookView& b, const uint8_t* codes, float absmax,
