@@ -10,6 +10,9 @@
 #include "fastopt/flags.h"
 #include "fastopt/ops.h"
 #include "cpu/isa.h"
+#ifdef FASTOPT_CUDA_ON_CPU
+#include <cuda_runtime.h>  // the CUDA-on-CPU layer: its launch counts
+#endif
 
 namespace py = pybind11;
 using fastopt::AdamArgs;
@@ -107,7 +110,9 @@ void set_sparse(fastopt::ElementwiseArgs& a, std::vector<int64_t> mask, std::vec
                         phase, std::move(rows), row_coef_ptr, reduce_out_ptr, seed, stochastic)
 
 // Argument names of the bindings above (Python may pass them by keyword; sr_offsets, last before the
-// CUDA stream, may be left out on the CPU entry points: empty, i.e. every offset 0).
+// CUDA stream, may be left out on the CPU entry points: empty, i.e. every offset 0).  The CUDA optimizer steps
+// take `ticket` before the stream: the address of an int32 counter, zero between calls, one per (device,
+// stream), with which their launches increment the step counters themselves (fastopt/_ops.py), or 0.
 #define FASTOPT_ELEMENTWISE_NAMES                                                                       \
   py::arg("op"), py::arg("ptrs"), py::arg("numels"), py::arg("steps"), py::arg("dtype"), py::arg("hyper"), \
       py::arg("flags"), py::arg("lr"), py::arg("lr_ptr"), py::arg("grad_scale_ptr"), py::arg("found_inf_ptr"), \
@@ -169,6 +174,10 @@ constexpr const char* kTransposableMaskDoc =
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastopt native kernels (torch-independent ABI: raw addresses, sizes, dtype codes)";
+#ifdef FASTOPT_CUDA_ON_CPU
+  m.def("coc_launch_counts", [] { return fastopt_coc::launch_counts(); },
+        "CUDA-on-CPU test build only: {kernel expression of FASTOPT_LAUNCH: launches} since the module loaded.");
+#endif
 #ifdef FASTOPT_WITH_CUDA
   m.attr("with_cuda") = true;
 #else
@@ -271,41 +280,44 @@ PYBIND11_MODULE(_C, m) {
       "adam_cuda",
       [](std::vector<int64_t> ptrs, std::vector<int64_t> numels, std::vector<int64_t> steps, int dtype,
          double lr, int64_t lr_ptr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
-         bool amsgrad, bool maximize, int64_t grad_scale_ptr, int64_t found_inf_ptr, int64_t stream) {
+         bool amsgrad, bool maximize, int64_t grad_scale_ptr, int64_t found_inf_ptr, int64_t ticket,
+         int64_t stream) {
         AdamArgs a = make_adam_args(std::move(ptrs), std::move(numels), std::move(steps), dtype, lr, lr_ptr,
                                     beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
                                     grad_scale_ptr, found_inf_ptr);
         py::gil_scoped_release nogil;
-        fastopt::adam_cuda(a, stream);
+        fastopt::adam_cuda(a, ticket, stream);
       },
       kAdamDoc);
   m.def(
       "elementwise_cuda",
       [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> sparse_mask, std::vector<int64_t> sparse_out,
          std::vector<int64_t> sparse_numels, double sparse_lambda, double sparse_beta, std::vector<int64_t> sr_offsets,
-         int64_t stream) {
+         int64_t ticket, int64_t stream) {
         fastopt::ElementwiseArgs a = FASTOPT_ELEMENTWISE_ARGS;
         set_sparse(a, std::move(sparse_mask), std::move(sparse_out), std::move(sparse_numels), sparse_lambda,
                    sparse_beta);
         a.sr_offsets = std::move(sr_offsets);
         py::gil_scoped_release nogil;
-        fastopt::elementwise_cuda(a, stream);
+        fastopt::elementwise_cuda(a, ticket, stream);
       },
-      kElementwiseDoc, FASTOPT_ELEMENTWISE_NAMES, FASTOPT_SPARSE_NAMES, py::arg("sr_offsets"), py::arg("stream"));
+      kElementwiseDoc, FASTOPT_ELEMENTWISE_NAMES, FASTOPT_SPARSE_NAMES, py::arg("sr_offsets"), py::arg("ticket"),
+      py::arg("stream"));
   m.def(
       "lowbit_cuda",
       [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> books, std::vector<int64_t> absmax,
          std::vector<int64_t> absmax_numels, int64_t block, std::vector<int64_t> colmax,
          std::vector<int64_t> colmax_numels, std::vector<int64_t> rank1_rows, std::vector<int64_t> sr_offsets,
-         int64_t stream) {
+         int64_t ticket, int64_t stream) {
         fastopt::LowbitArgs a = make_lowbit_args(FASTOPT_ELEMENTWISE_ARGS, std::move(books), std::move(absmax),
                                                  std::move(absmax_numels), block, std::move(colmax),
                                                  std::move(colmax_numels), std::move(rank1_rows));
         a.base.sr_offsets = std::move(sr_offsets);
         py::gil_scoped_release nogil;
-        fastopt::lowbit_cuda(a, stream);
+        fastopt::lowbit_cuda(a, ticket, stream);
       },
-      kLowbitDoc, FASTOPT_ELEMENTWISE_NAMES, FASTOPT_LOWBIT_NAMES, py::arg("sr_offsets"), py::arg("stream"));
+      kLowbitDoc, FASTOPT_ELEMENTWISE_NAMES, FASTOPT_LOWBIT_NAMES, py::arg("sr_offsets"), py::arg("ticket"),
+      py::arg("stream"));
   m.def(
       "nm_mask_cuda",
       [](int64_t in, int64_t out, int64_t outer, int64_t len, int64_t inner, int64_t n, int64_t m_, int dtype,

@@ -5,7 +5,8 @@
     ``backend="cuda"`` resolves for CPU tensors and the test suites' (device, backend) parametrizations
     (tests/conftest.py's DEVICE_BACKENDS) gain ("cpu", "cuda");  ``backend="auto"`` still resolves as before;
   * ``fastopt._ops._run_native``: backend ``cuda`` with CPU tensors calls ``module.<name>_cuda(*args, 0)``
-    (stream 0: the layer has no streams), everything else as before.
+    (stream 0: the layer has no streams; the optimizer steps get ``TICKET``'s address before it, or 0 while
+    ``FOLD[0]`` is False), everything else as before.
 
 As a pytest plugin (``-p _cuda_on_cpu`` with tests/ on sys.path, see README), it builds the module and
 activates it before tests/conftest.py computes its parametrizations; the existing suites then run their
@@ -24,6 +25,10 @@ import torch  # noqa: E402
 from fastopt import _backend, _ops  # noqa: E402
 
 _ORIGINAL = {}
+# The ticket counter of the step-increment fold (fastopt/_ops.py's _step_ticket; the layer has one stream),
+# and whether the steps pass it (FOLD[0] = False: ticket 0, the separate increment launch).
+TICKET = torch.zeros(1, dtype=torch.int32)
+FOLD = [True]
 
 
 def activate(module):
@@ -54,13 +59,23 @@ def activate(module):
 
     def run_native(backend, name, device, args, op):
         if backend == "cuda" and torch.device(device).type == "cpu":
-            getattr(holder[0], name + "_cuda")(*args, 0)
+            ticket = (TICKET.data_ptr() if FOLD[0] else 0,) if name in _ops._TICKET_OPS else ()
+            getattr(holder[0], name + "_cuda")(*args, *ticket, 0)
+            if TICKET.item() != 0:  # every launch must leave it at zero for the next one on the stream
+                value = TICKET.item()
+                TICKET.zero_()
+                raise AssertionError(f"fastopt::{op} (cuda-on-cpu) left the step ticket counter at {value}, not 0")
             return
         orig_run(backend, name, device, args, op)
 
     _backend.available_backends = available_backends
     _backend.resolve = resolve
     _ops._run_native = run_native
+
+
+def module():
+    """The module ``activate`` routes to (None when inactive)."""
+    return _ORIGINAL["module"][0] if _ORIGINAL else None
 
 
 def deactivate():

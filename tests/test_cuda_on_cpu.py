@@ -348,3 +348,146 @@ t.test_elementwise_vector_paths_match_cpu(None, "adamp", 0, True, False, False, 
         r = subprocess.run([sys.executable, "-c", code.format(tests=str(ROOT / "tests"), path=str(path))],
                            capture_output=True, text=True, cwd=ROOT)
         assert (r.returncode == 0) == ok, r.stderr[-3000:]
+
+
+# ---- the step increment folded into the main launches (issue 18 item 3) ----
+#
+# Each launch of a call whose step counters are distinct takes tickets from the int32 counter the Python side
+# passes (here coc.TICKET; _cuda_on_cpu.run_native also checks after every call that it is back at 0) and its
+# last block increments the steps of the tensors the launch finishes (multi_tensor.cuh, StepFold).  These tests
+# check the steps against the cpu backend and against old + 1, that no separate increment_steps_kernel launch
+# ran (the layer counts launches per kernel), calls of several launches (more tensors than a launch holds, and
+# a tensor whose chunks continue in the next launch), AMP-skipped calls and empty tensors.
+
+def _launches(kernel):
+    return sum(v for k, v in coc.module().coc_launch_counts().items() if k.startswith(kernel))
+
+
+def _rand(gen, dtype):
+    return lambda n, pos=False: (torch.randn(n, generator=gen).abs() if pos else torch.randn(n, generator=gen)).to(dtype)
+
+
+def _adam_fold_case(numels, dtype=torch.float32, found_inf=None, shared_step=False, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    mk = _rand(gen, dtype)
+    steps = [torch.tensor([float(1 + j % 5)]) for j in range(len(numels))]
+    if shared_step:
+        steps[-1] = steps[0]
+    return dict(params=[mk(n) for n in numels], grads=[mk(n) for n in numels], exp_avgs=[mk(n) for n in numels],
+                exp_avg_sqs=[mk(n, True) for n in numels], max_exp_avg_sqs=[], state_steps=steps, lr=1e-2,
+                lr_tensor=None, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=True, amsgrad=False,
+                maximize=False, grad_scale=None,
+                found_inf=None if found_inf is None else torch.tensor([float(found_inf)]))
+
+
+def _lion_fold_case(numels, dtype=torch.float32, found_inf=None, seed=6):
+    gen = torch.Generator().manual_seed(seed)
+    mk = _rand(gen, dtype)
+    return dict(op="lion", params=[mk(n) for n in numels], grads=[mk(n) for n in numels],
+                states=[mk(n) for n in numels], state_steps=[torch.tensor([float(2 + j % 3)]) for j in range(len(numels))],
+                hyper=VEC_HYPER, flags=0, lr=1e-2, lr_tensor=None, maximize=False, grad_scale=None,
+                found_inf=None if found_inf is None else torch.tensor([float(found_inf)]), phase=0, rows=[],
+                row_coef=None, reduce_out=None, seed=7, stochastic=False, sparse_mask=[], sparse_out=[],
+                sparse_lambda=0.0, sparse_beta=0.0)
+
+
+ADAM_KEYS = ["params", "exp_avgs", "exp_avg_sqs", "state_steps"]
+LION_KEYS = ["params", "states", "state_steps"]
+
+
+def _fold_check(kernel, make, keys, numels, min_launches, found_inf=None, fold=True, **kw):
+    """Runs ``make(numels)`` on the cpu backend and through the layer; compares everything bit for bit, checks
+    the steps (old + 1, or old when found_inf is set) and the launches; returns the launch counts."""
+    from fastopt import _ops
+
+    want, got, before = make(numels, found_inf=found_inf, **kw), make(numels, found_inf=found_inf, **kw), \
+        make(numels, found_inf=found_inf, **kw)
+    getattr(_ops, kernel)(backend="cpu", **want)
+    main0, inc0 = _launches("multi_tensor_kernel"), _launches("increment_steps_kernel")
+    coc.FOLD[0] = fold
+    try:
+        getattr(_ops, kernel)(backend="cuda", **got)
+    finally:
+        coc.FOLD[0] = True
+    main, inc = _launches("multi_tensor_kernel") - main0, _launches("increment_steps_kernel") - inc0
+    _compare([t for k in keys for t in got[k]], [t for k in keys for t in want[k]], True, f"{kernel} {numels}")
+    skipped = found_inf is not None and found_inf != 0
+    for j, (s, s0) in enumerate(zip(got["state_steps"], before["state_steps"])):
+        if not kw.get("shared_step"):
+            assert s.item() == s0.item() + (0 if skipped else 1), f"step {j}: {s0.item()} -> {s.item()}"
+    if skipped:
+        assert all(torch.equal(p, p0) for p, p0 in zip(got["params"], before["params"]))
+    assert coc.TICKET.item() == 0
+    assert main >= min_launches, f"{main} main launches, expected at least {min_launches}"
+    return main, inc
+
+
+# 130 tensors (Adam's launches hold 36, lion's 32), sizes 0..999 with an empty tensor every 13th
+MANY = [0 if j % 13 == 5 else (j * 37) % 1000 + 1 for j in range(130)]
+
+
+@pytest.mark.parametrize("found_inf", [None, 0.0, 1.0], ids=["no-amp", "finite", "inf"])
+@pytest.mark.parametrize("which", ["adam", "lion"])
+def test_step_fold_many_tensors(layer, which, found_inf):
+    kernel, make, keys = (("_adam_kernel", _adam_fold_case, ADAM_KEYS) if which == "adam" else
+                          ("_elementwise_kernel", _lion_fold_case, LION_KEYS))
+    _, inc = _fold_check(kernel, make, keys, MANY, 4, found_inf)
+    assert inc == 0, "a separate increment_steps_kernel launch ran"
+
+
+@pytest.mark.parametrize("numels", [[0], [0, 0, 0], [0, 5, 0], [3, 0], [65537, 0]], ids=str)
+@pytest.mark.parametrize("which", ["adam", "lion"])
+def test_step_fold_empty_tensors(layer, which, numels):
+    kernel, make, keys = (("_adam_kernel", _adam_fold_case, ADAM_KEYS) if which == "adam" else
+                          ("_elementwise_kernel", _lion_fold_case, LION_KEYS))
+    _, inc = _fold_check(kernel, make, keys, numels, 1)
+    assert inc == 0, "a separate increment_steps_kernel launch ran"
+
+
+def test_step_fold_tensor_across_launches(layer):
+    """Two tensors of 200 chunks: the second one's chunks continue in the next launch (320 blocks a launch),
+    so the first launch must leave its step alone (its later blocks read it)."""
+    numels = [200 * 65536 + 3, 200 * 65536 + 5]
+    _, inc = _fold_check("_elementwise_kernel", _lion_fold_case, LION_KEYS, numels, 2, dtype=torch.bfloat16)
+    assert inc == 0
+
+
+@pytest.mark.parametrize("which", ["adam", "lion"])
+def test_step_fold_fallbacks(layer, which):
+    """Ticket 0 (no counter) and a step counter shared by two tensors: the separate increment launch, as before."""
+    kernel, make, keys = (("_adam_kernel", _adam_fold_case, ADAM_KEYS) if which == "adam" else
+                          ("_elementwise_kernel", _lion_fold_case, LION_KEYS))
+    _, inc = _fold_check(kernel, make, keys, MANY, 4, fold=False)
+    assert inc >= 1
+    if which == "adam":
+        _, inc = _fold_check(kernel, make, keys, [5, 7, 9], 1, shared_step=True)
+        assert inc >= 1
+
+
+@pytest.mark.parametrize("found_inf", [None, 1.0], ids=["no-amp", "inf"])
+def test_step_fold_lowbit_many_tensors(layer, found_inf):
+    """AdamW8bit over 40 params (16 a launch), one of 3 chunks, and an AMP-skipped step."""
+    shapes = [(j % 7 + 1) * 256 for j in range(40)] + [3 * 16384 + 256]
+
+    def run(backend):
+        gen = torch.Generator().manual_seed(4)
+        ps = [torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(n))) for n in shapes]
+        opt = lowbit.AdamW8bit(ps, lr=1e-2, backend=backend, min_quant_size=0)  # every param quantized
+        for k in range(3 if found_inf is not None else 2):
+            if k == 2:  # a third, AMP-skipped step
+                opt.found_inf = torch.tensor([found_inf])
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return ps, opt
+
+    ps_w, opt_w = run("cpu")
+    inc0, main0 = _launches("increment_steps_kernel"), _launches("lowbit_kernel")
+    ps_g, opt_g = run("cuda")
+    assert _launches("increment_steps_kernel") == inc0, "a separate increment_steps_kernel launch ran"
+    assert _launches("lowbit_kernel") - main0 >= 2 * 3
+    states = lambda ps, opt: [v for p in ps for v in opt.state[p].values() if torch.is_tensor(v)]  # noqa: E731
+    _compare([p.detach() for p in ps_g] + states(ps_g, opt_g), [p.detach() for p in ps_w] + states(ps_w, opt_w),
+             True, "AdamW8bit")
+    assert all(float(opt_g.state[p]["step"]) == 2 for p in ps_g)
+    assert coc.TICKET.item() == 0

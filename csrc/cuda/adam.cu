@@ -3,12 +3,15 @@
 // device, so a step never syncs with the host and can be captured in a CUDA graph.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "fastopt/api.h"
 #include "fastopt/dispatch.h"
 #include "fastopt/functors/adam.h"
 #include "fastopt/multi_tensor.cuh"
+#include "step.cuh"
 
 namespace fastopt {
 namespace cuda {
@@ -93,14 +96,25 @@ void increment_steps(const std::vector<int64_t>& steps, const float* found_inf, 
   }
 }
 
+int* fold_ticket(const std::vector<int64_t>& steps, int64_t ticket) {
+  if (ticket == 0 || steps.empty()) return nullptr;
+  std::vector<int64_t> sorted(steps);
+  std::sort(sorted.begin(), sorted.end());
+  if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) return nullptr;
+  return as_ptr<int>(ticket);
+}
+
 }  // namespace cuda
 
-void adam_cuda(const AdamArgs& a, int64_t stream_handle) {
+void adam_cuda(const AdamArgs& a, int64_t ticket, int64_t stream_handle) {
   check_adam(a);
   const TensorLists& l = a.lists;
   cudaStream_t stream = cuda::as_stream(stream_handle);
   cuda::AdamScalars s{a.hyper, as_ptr<const float>(a.lr_ptr), as_ptr<const float>(a.grad_scale_ptr),
                       as_ptr<const float>(a.found_inf_ptr), a.maximize ? -1.0f : 1.0f};
+  cuda::StepFold fold;  // the step counters are the launches' last list
+  fold.ticket = cuda::fold_ticket(a.steps, ticket);
+  fold.found_inf = s.found_inf;
   FASTOPT_DTYPE_SWITCH(l.dtype, [&] {
     FASTOPT_BOOL_SWITCH(a.decoupled, DECOUPLED, [&] {
       FASTOPT_BOOL_SWITCH(a.amsgrad, AMSGRAD, [&] {
@@ -110,11 +124,11 @@ void adam_cuda(const AdamArgs& a, int64_t stream_handle) {
           return d == kDepth - 1 ? as_ptr<void>(a.steps[t]) : l.get<void>(d, t);
         };
         auto numel = [&](int64_t t) { return l.numels[t]; };
-        cuda::multi_tensor_apply<kDepth>(l.n, addr, numel, stream, Op{}, s);
+        cuda::multi_tensor_apply_fold<kDepth>(l.n, addr, numel, stream, fold, Op{}, s);
       });
     });
   });
-  cuda::increment_steps(a.steps, as_ptr<const float>(a.found_inf_ptr), stream);
+  if (fold.ticket == nullptr) cuda::increment_steps(a.steps, as_ptr<const float>(a.found_inf_ptr), stream);
 }
 
 }  // namespace fastopt

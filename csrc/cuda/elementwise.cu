@@ -100,6 +100,7 @@ template <typename Op, typename T, int PHASE, bool SR, bool SPARSE = false>
 struct ElementwiseOp {
   static constexpr int kLists = 2 + Op::kStates;
   static constexpr bool kOneBlockPerSM = true;  // no spills (multi_tensor.cuh)
+  static constexpr int kStepList = kLists;      // the step counters' list (the fold, multi_tensor.cuh)
 
   // The chunk's lists (pointers at the chunk's first element) and what every element needs.
   struct Chunk {
@@ -272,7 +273,7 @@ struct ElementwiseOp {
 
 template <typename Op, typename T, int PHASE, bool SR, bool SPARSE = false>
 void launch(const ElementwiseArgs& a, const DevScalars& s, const std::vector<int64_t>& row_offset,
-            cudaStream_t stream) {
+            const StepFold& fold, cudaStream_t stream) {
   using K = ElementwiseOp<Op, T, PHASE, SR, SPARSE>;
   constexpr int kDepth = K::kLists + 4 + (SPARSE ? 2 : 0);
   const TensorLists& l = a.lists;
@@ -291,24 +292,24 @@ void launch(const ElementwiseArgs& a, const DevScalars& s, const std::vector<int
     return reinterpret_cast<void*>(static_cast<intptr_t>(value));
   };
   auto numel = [&](int64_t t) { return l.numels[t]; };
-  multi_tensor_apply<kDepth>(l.n, addr, numel, stream, K{}, s);
+  multi_tensor_apply_fold<kDepth>(l.n, addr, numel, stream, fold, K{}, s);
 }
 
 bool op_dispatch(const ElementwiseArgs& a, const DevScalars& s, const std::vector<int64_t>& row_offset,
-                 cudaStream_t stream) {
+                 const StepFold& fold, cudaStream_t stream) {
   bool found = false;
 #define FASTOPT_CUDA_CASE(NAME, TYPE)                                                           \
   if (!found && a.op == NAME) {                                                                 \
     found = true;                                                                               \
     FASTOPT_DTYPE_SWITCH(a.lists.dtype, [&] {                                                   \
       if (a.phase == 1) {                                                                       \
-        if constexpr (TYPE::kReduce > 0) launch<TYPE, scalar_t, 1, false>(a, s, row_offset, stream); \
+        if constexpr (TYPE::kReduce > 0) launch<TYPE, scalar_t, 1, false>(a, s, row_offset, fold, stream); \
       } else {                                                                                  \
         FASTOPT_BOOL_SWITCH(a.stochastic, SR, [&] {                                           \
           if (a.sparse_mask.empty()) {                                                          \
-            launch<TYPE, scalar_t, 0, SR>(a, s, row_offset, stream);                            \
+            launch<TYPE, scalar_t, 0, SR>(a, s, row_offset, fold, stream);                      \
           } else if constexpr (TYPE::kReduce == 0) {                                            \
-            launch<TYPE, scalar_t, 0, SR, true>(a, s, row_offset, stream);                      \
+            launch<TYPE, scalar_t, 0, SR, true>(a, s, row_offset, fold, stream);                \
           }                                                                                     \
         });                                                                                     \
       }                                                                                         \
@@ -322,7 +323,7 @@ bool op_dispatch(const ElementwiseArgs& a, const DevScalars& s, const std::vecto
 }  // namespace
 }  // namespace cuda
 
-void elementwise_cuda(const ElementwiseArgs& a, int64_t stream_handle) {
+void elementwise_cuda(const ElementwiseArgs& a, int64_t ticket, int64_t stream_handle) {
   int states = 0, reduce = 0;
   check_arg(op_shape(a.op, &states, &reduce), "unknown elementwise op '" + a.op + "'");
   check_elementwise(a, states);
@@ -333,8 +334,11 @@ void elementwise_cuda(const ElementwiseArgs& a, int64_t stream_handle) {
   s.reduce_out = as_ptr<float>(a.reduce_out_ptr);
   s.sparse_lambda = static_cast<float>(a.sparse_lambda);
   s.sparse_beta = static_cast<float>(a.sparse_beta);
-  cuda::op_dispatch(a, s, row_offsets(a), stream);
-  if (a.phase == 0 && !a.steps.empty()) cuda::increment_steps(a.steps, s.found_inf, stream);
+  cuda::StepFold fold;  // phase 0 with step counters: each launch increments those of the tensors it finishes
+  if (a.phase == 0) fold.ticket = cuda::fold_ticket(a.steps, ticket);
+  fold.found_inf = s.found_inf;
+  cuda::op_dispatch(a, s, row_offsets(a), fold, stream);
+  if (a.phase == 0 && !a.steps.empty() && fold.ticket == nullptr) cuda::increment_steps(a.steps, s.found_inf, stream);
 }
 
 }  // namespace fastopt

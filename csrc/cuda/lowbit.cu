@@ -63,7 +63,8 @@ struct LowbitScalars : StepScalars {
 };
 
 // Kernel arguments stay under the classic 4 KiB limit.
-static_assert(sizeof(LowbitMeta) + sizeof(LowbitScalars) <= 4096, "lowbit kernel arguments exceed 4 KiB");
+static_assert(sizeof(LowbitMeta) + sizeof(LowbitScalars) + sizeof(StepFold) <= 4096,
+              "lowbit kernel arguments exceed 4 KiB");
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -181,7 +182,8 @@ __device__ __forceinline__ void lowbit_block(const LowbitTensor& tt, const Lowbi
 }
 
 template <typename Op, typename T>
-__global__ void __launch_bounds__(kThreads) lowbit_kernel(const LowbitMeta meta, const LowbitScalars s) {
+__global__ void __launch_bounds__(kThreads)
+lowbit_kernel(const LowbitMeta meta, const LowbitScalars s, const StepFold fold) {
   if (s.skipped()) return;
   const LowbitTensor& tt = meta.tensors[meta.block_to_tensor[blockIdx.x]];
   const double lr = s.lr_now();
@@ -204,25 +206,29 @@ __global__ void __launch_bounds__(kThreads) lowbit_kernel(const LowbitMeta meta,
   for (int64_t qb = q0 + (threadIdx.x >> 5); qb < q1; qb += kWarps) {  // warp-uniform loop
     lowbit_block<Op, T>(tt, s, books, quant, qb, lane, grad_mul, c, key);
   }
+  fold_step_increment(fold, [&](int i) { return const_cast<float*>(meta.tensors[i].step); });
 }
 
 
-// Walks the tensors and launches lowbit_kernel over every chunk of quantization blocks.
+// Walks the tensors and launches lowbit_kernel over every chunk of quantization blocks.  With a fold
+// (multi_tensor.cuh's StepFold), each launch increments the step counters of the tensors it finishes, and
+// an empty tensor gets one chunk of no quantization blocks so that its counter is incremented too.
 template <typename Op, typename T>
-void launch_lowbit(const LowbitArgs& la, const LowbitScalars& s, cudaStream_t stream) {
+void launch_lowbit(const LowbitArgs& la, const LowbitScalars& s, StepFold fold, cudaStream_t stream) {
   const ElementwiseArgs& a = la.base;
   const TensorLists& l = a.lists;
   const int64_t n = l.n;
   LowbitMeta meta;
   int ntensors = 0, nblocks = 0;
-  auto flush = [&] {
-    FASTOPT_LAUNCH(nblocks, kThreads, 0, stream, lowbit_kernel<Op, T>)(meta, s);
+  auto flush = [&](int nsteps) {
+    fold.nsteps = nsteps;
+    FASTOPT_LAUNCH(nblocks, kThreads, 0, stream, lowbit_kernel<Op, T>)(meta, s, fold);
     check_cuda(cudaGetLastError(), "lowbit_kernel launch");
     nblocks = 0;
   };
   for (int64_t t = 0; t < n; ++t) {
     const int64_t qblocks = l.numels[t] / la.block;
-    if (qblocks == 0) continue;
+    if (qblocks == 0 && fold.ticket == nullptr) continue;
     LowbitTensor& tt = meta.tensors[ntensors];
     tt.p = l.get<void>(0, t);
     tt.g = l.get<void>(1, t);
@@ -235,7 +241,7 @@ void launch_lowbit(const LowbitArgs& la, const LowbitScalars& s, cudaStream_t st
     tt.index = static_cast<uint32_t>(t);
     tt.sr_offset = sr_offset_of(a, t);
     ++ntensors;
-    const int64_t chunks = (qblocks + s.qchunk - 1) / s.qchunk;  // <= INT_MAX: checked by lowbit_cuda
+    const int64_t chunks = qblocks == 0 ? 1 : (qblocks + s.qchunk - 1) / s.qchunk;  // <= INT_MAX: lowbit_cuda
     for (int64_t ch = 0; ch < chunks; ++ch) {
       meta.block_to_tensor[nblocks] = static_cast<unsigned char>(ntensors - 1);
       meta.block_to_chunk[nblocks] = static_cast<int>(ch);
@@ -243,7 +249,7 @@ void launch_lowbit(const LowbitArgs& la, const LowbitScalars& s, cudaStream_t st
       const bool blocks_full = nblocks == kLaunchBlocks;
       const bool tensors_full = ntensors == kLaunchTensors && ch == chunks - 1;
       if (blocks_full || tensors_full) {
-        flush();
+        flush(ch == chunks - 1 ? ntensors : ntensors - 1);  // a tensor continuing in the next launch: not yet
         if (ch == chunks - 1) {
           ntensors = 0;
         } else {  // the current tensor continues in the next launch, in slot 0
@@ -253,15 +259,15 @@ void launch_lowbit(const LowbitArgs& la, const LowbitScalars& s, cudaStream_t st
       }
     }
   }
-  if (nblocks > 0) flush();
+  if (nblocks > 0) flush(ntensors);
 }
 
-bool lowbit_dispatch(const LowbitArgs& la, const LowbitScalars& s, cudaStream_t stream) {
+bool lowbit_dispatch(const LowbitArgs& la, const LowbitScalars& s, const StepFold& fold, cudaStream_t stream) {
   bool found = false;
 #define FASTOPT_LOWBIT_CUDA_CASE(NAME, TYPE)                                                   \
   if (!found && la.base.op == NAME) {                                                          \
     found = true;                                                                              \
-    FASTOPT_DTYPE_SWITCH(la.base.lists.dtype, [&] { launch_lowbit<TYPE, scalar_t>(la, s, stream); }); \
+    FASTOPT_DTYPE_SWITCH(la.base.lists.dtype, [&] { launch_lowbit<TYPE, scalar_t>(la, s, fold, stream); }); \
   }
   FASTOPT_FOR_EACH_OP(FASTOPT_LOWBIT_CUDA_CASE)
 #undef FASTOPT_LOWBIT_CUDA_CASE
@@ -324,7 +330,7 @@ codec_kernel(float* x, uint8_t* codes, float* absmax, int64_t nblocks, int block
 }  // namespace
 }  // namespace cuda
 
-void lowbit_cuda(const LowbitArgs& la, int64_t stream_handle) {
+void lowbit_cuda(const LowbitArgs& la, int64_t ticket, int64_t stream_handle) {
   int states = 0, reduce = 0;
   check_arg(op_shape(la.base.op, &states, &reduce), "unknown elementwise op '" + la.base.op + "'");
   check_lowbit(la, states);
@@ -339,8 +345,11 @@ void lowbit_cuda(const LowbitArgs& la, int64_t stream_handle) {
   s.qchunk = static_cast<int>(cuda::kChunkElems / la.block);
   s.stochastic = a.stochastic;
   for (int64_t numel : a.lists.numels) check_arg(numel / la.block / s.qchunk < INT_MAX, "tensor too large");
-  cuda::lowbit_dispatch(la, s, stream);
-  if (!a.steps.empty()) cuda::increment_steps(a.steps, s.found_inf, stream);
+  cuda::StepFold fold;  // with step counters: each launch increments those of the tensors it finishes
+  fold.ticket = cuda::fold_ticket(a.steps, ticket);
+  fold.found_inf = s.found_inf;
+  cuda::lowbit_dispatch(la, s, fold, stream);
+  if (!a.steps.empty() && fold.ticket == nullptr) cuda::increment_steps(a.steps, s.found_inf, stream);
 }
 
 void quantize_cuda(const CodecArgs& a, int64_t stream_handle) {

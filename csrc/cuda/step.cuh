@@ -42,8 +42,15 @@ struct StepScalars {
   }
 };
 
-// Adds 1 to every step counter on the device unless *found_inf is nonzero (defined in adam.cu).
+// Adds 1 to every step counter on the device unless *found_inf is nonzero (defined in adam.cu): a
+// separate launch, for calls that do not fold the increment into their main launches.
 void increment_steps(const std::vector<int64_t>& steps, const float* found_inf, cudaStream_t stream);
+
+// The ticket counter for folding a call's step increment into its launches (StepFold, multi_tensor.cuh):
+// the int32 at address `ticket` (zero between launches; the Python side keeps one per device and stream)
+// when the call has step counters and they are distinct, else null: the caller then runs increment_steps
+// (ticket 0 passed, or step counters shared by several tensors).  Defined in adam.cu.
+int* fold_ticket(const std::vector<int64_t>& steps, int64_t ticket);
 
 }  // namespace cuda
 }  // namespace fastopt

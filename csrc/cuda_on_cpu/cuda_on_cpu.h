@@ -23,7 +23,10 @@
 //  * __shared__ variables are static: one copy for the (sequential) blocks of a launch; shared memory
 //    is not cleared between blocks (neither is it on a GPU).
 //  * atomicAdd: one block's fibers run on one OS thread and switch only at synchronization points, so a
-//    read-modify-write is atomic; launches are serialized by a mutex.
+//    read-modify-write is atomic; launches are serialized by a mutex.  __threadfence is a no-op (the blocks
+//    run in turn: every write is seen by the blocks after it).
+//  * Every launch is counted under its kernel expression's text (`increment_steps_kernel`,
+//    `lowbit_kernel<Op, T>`, ...): launch_counts(), exposed to the tests by bindings.cpp.
 //  * cudaGetLastError reports an invalid launch configuration (an empty grid, a block of 0 or more than
 //    1024 threads) or a failed launch (a deadlock, an unsupported mask), like the runtime does.
 //  * Arithmetic: the host branches of the `#if __CUDA_ARCH__` helpers run (fp16 conversions, expf in
@@ -45,6 +48,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -108,6 +112,18 @@ struct Exec {
 };
 
 inline Exec g_exec;
+inline std::mutex g_counts_mu;
+inline std::map<std::string, long> g_launch_counts;  // kernel expression -> launches
+
+inline void count_launch(const char* name) {
+  std::lock_guard<std::mutex> lock(g_counts_mu);
+  ++g_launch_counts[name];
+}
+
+inline std::map<std::string, long> launch_counts() {
+  std::lock_guard<std::mutex> lock(g_counts_mu);
+  return g_launch_counts;
+}
 inline thread_local Thread* g_cur = nullptr;
 inline thread_local cudaError_t g_last_error = cudaSuccess;
 inline thread_local std::string g_last_message;
@@ -262,18 +278,20 @@ template <typename F>
 struct Launch {
   dim3 grid, block;
   F kernel;
+  const char* name;
   // The arguments are copied once, as CUDA copies them to the device; every thread calls the kernel
   // with them (by value: each thread gets its own copy of the parameters).
   template <typename... A>
   void operator()(const A&... args) const {
+    count_launch(name);
     auto call = [&] { kernel(args...); };
     run_grid(grid, block, [](const void* c) { (*static_cast<const decltype(call)*>(c))(); }, &call);
   }
 };
 
 template <typename F>
-Launch<F> make_launch(dim3 grid, dim3 block, size_t /*smem*/, cudaStream_t /*stream*/, F kernel) {
-  return Launch<F>{grid, block, kernel};
+Launch<F> make_launch(dim3 grid, dim3 block, size_t /*smem*/, cudaStream_t /*stream*/, F kernel, const char* name) {
+  return Launch<F>{grid, block, kernel, name};
 }
 
 // ---- warp collectives ----
@@ -311,9 +329,11 @@ T shfl_from(unsigned mask, T v, int src, int width) {
 #define gridDim (::fastopt_coc::g_exec.grid_dim)
 
 #define FASTOPT_LAUNCH(grid, block, smem, stream, ...) \
-  ::fastopt_coc::make_launch(grid, block, smem, stream, [](const auto&... fastopt_coc_a) { __VA_ARGS__(fastopt_coc_a...); })
+  ::fastopt_coc::make_launch(grid, block, smem, stream, [](const auto&... fastopt_coc_a) { __VA_ARGS__(fastopt_coc_a...); }, \
+                             #__VA_ARGS__)
 
 inline void __syncthreads() { ::fastopt_coc::yield(::fastopt_coc::State::kAtBlockBarrier); }
+inline void __threadfence() {}
 
 template <typename T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {

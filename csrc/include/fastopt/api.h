@@ -239,9 +239,12 @@ void quantize_cpu(const CodecArgs& args);
 #ifdef FASTOPT_WITH_CUDA
 void nm_mask_cuda(const NMMaskArgs& args, int64_t stream);
 void transposable_mask_cuda(const TransposableMaskArgs& args, int64_t stream);
-void adam_cuda(const AdamArgs& args, int64_t stream);
-void elementwise_cuda(const ElementwiseArgs& args, int64_t stream);
-void lowbit_cuda(const LowbitArgs& args, int64_t stream);
+// The optimizer steps take `ticket`: the address of an int32 counter, zero between calls, owned by the caller
+// per (device, stream) (fastopt/_ops.py), with which the step counters' increment is folded into the main
+// launches (StepFold, multi_tensor.cuh); 0: a separate increment launch, as before.
+void adam_cuda(const AdamArgs& args, int64_t ticket, int64_t stream);
+void elementwise_cuda(const ElementwiseArgs& args, int64_t ticket, int64_t stream);
+void lowbit_cuda(const LowbitArgs& args, int64_t ticket, int64_t stream);
 void quantize_cuda(const CodecArgs& args, int64_t stream);
 #endif
 
