@@ -9,7 +9,13 @@ of running it; each distinct one is then compiled once for sm_90 (``compile_audi
 
 Asserted per compiled variant: it compiles; no local memory (spills) in the optimizer, low-bit and mask
 kernels; static + dynamic shared memory within the H100/H200 227 KB; fp fusion pinned off; and the
-optimizer kernels' PTX loads fp32 / bf16 params with 128-bit vector loads.
+optimizer kernels' (elementwise and low-bit) PTX loads fp32 / bf16 params with 128-bit vector loads
+when the launcher found every tensor 16-byte aligned (``ALIGNED``).  The exercise also launches
+tensors that are not aligned (views one element into their storage), so the scalar fallbacks
+(``ALIGNED=False``) are compiled and checked for spills and shared memory too.
+
+While changing one kernel, compile only its variants: ``FASTOPT_AUDIT_KERNELS=_lowbit_kernel,_codec_kernel
+python -m fastopt.triton_kernels.compile_audit out.json tests/test_triton_compile_all.py``.
 """
 import json
 import os
@@ -50,14 +56,17 @@ def exercise():
     # in numel), so that every program kind of the launch tables exists
     shapes = [(96, 1000), (64, 64), (33, 7)]
 
-    def params(dtype, shp=shapes):
-        ps = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shp]
+    def params(dtype, shp=shapes, unaligned=False):
+        if unaligned:  # views one element into their storage: not 16-byte aligned (the scalar fallback)
+            ps = [torch.nn.Parameter(torch.randn(torch.Size(s).numel() + 1, dtype=dtype)[1:].view(s)) for s in shp]
+        else:
+            ps = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shp]
         for p in ps:
             p.grad = torch.randn_like(p)
         return ps
 
-    def step(cls, dtype, amp=False, **kw):
-        opt = cls(params(dtype), backend="triton", **kw)
+    def step(cls, dtype, amp=False, unaligned=False, **kw):
+        opt = cls(params(dtype, unaligned=unaligned), backend="triton", **kw)
         if amp:
             opt.grad_scale = torch.tensor(2.0 ** 10)
             opt.found_inf = torch.tensor(0.0)
@@ -73,11 +82,22 @@ def exercise():
         for bits in (8, 4, "fp8"):
             step(fastopt.lowbit.AdamW8bit, dtype, lr=1e-3, state_bits=bits, min_quant_size=0)
         step(fastopt.lowbit.Lion8bit, dtype, lr=1e-3, min_quant_size=0, amp=True)
+        # the scalar fallbacks (a tensor not 16-byte aligned): compiled and checked for spills too
+        step(fastopt.AdamW, dtype, lr=1e-3, weight_decay=0.01, unaligned=True)
+        for bits in (8, 4, "fp8"):
+            step(fastopt.lowbit.AdamW8bit, dtype, lr=1e-3, state_bits=bits, min_quant_size=0, unaligned=True)
     step(fastopt.Lion, torch.float16, lr=1e-3)
     step(fastopt.AdamW, torch.float16, lr=1e-3)
     # stochastic rounding of bf16 (elementwise and low-bit)
     step(fastopt.lowbit.ElementwiseAdamW, torch.bfloat16, lr=1e-3, stochastic_rounding=True)
     step(fastopt.lowbit.AdamW8bit, torch.bfloat16, lr=1e-3, stochastic_rounding=True, min_quant_size=0)
+    # the separate step-increment launch (multi_tensor.FOLD_STEPS off; a call whose tensors are all empty)
+    from fastopt.triton_kernels import multi_tensor
+    fold, multi_tensor.FOLD_STEPS = multi_tensor.FOLD_STEPS, False
+    try:
+        step(fastopt.AdamW, torch.float32, lr=1e-3)
+    finally:
+        multi_tensor.FOLD_STEPS = fold
 
     # the blockwise codec
     import importlib
@@ -94,15 +114,26 @@ def exercise():
     # gradient clipping
     fastopt.clip_grad_norm_(params(torch.float32), 1.0, backend="triton")
 
-    # N:M masks: dim -1 (inner 1) and a strided dim, small and large m; transposable 2:4 both modes
+    # N:M masks: dim -1 (inner 1) and a strided dim, every tile shape (m rounded up to 1, 2, 4, ... 64)
+    # with m below and at the power of two; transposable 2:4 both modes
     w = torch.randn(128, 256)
     for dtype in (torch.float32, torch.bfloat16):
         wd = w.to(dtype)
-        for n, m in ((2, 4), (4, 8), (8, 32), (16, 64)):
-            fastopt.sparse.nm_mask(wd, n, m, dim=-1, backend="triton")
-            fastopt.sparse.nm_mask(wd, n, m, dim=0, backend="triton")
+        for m in (1, 2, 3, 4, 8, 9, 12, 16, 24, 32, 40, 48, 64):  # 2048 groups: every tile at its largest G
+            fastopt.sparse.nm_mask(torch.randn(1024, 2 * m).to(dtype), max(m // 4, 1), m, dim=-1, backend="triton")
+            fastopt.sparse.nm_mask(torch.randn(2 * m, 1024).to(dtype), max(m // 4, 1), m, dim=0, backend="triton")
         for mode in ("exact", "greedy"):
             fastopt.sparse.transposable_mask(wd, mode, backend="triton")
+    # the int64-index variants (tensors over INDEX32_MAX_NUMEL elements), launched here on small tensors
+    tsp = importlib.import_module("fastopt.triton_kernels.sparse")
+    limit, tsp.INDEX32_MAX_NUMEL = tsp.INDEX32_MAX_NUMEL, 0
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            for m in (4, 64):
+                fastopt.sparse.nm_mask(torch.randn(1024, 2 * m).to(dtype), m // 4, m, dim=-1, backend="triton")
+                fastopt.sparse.nm_mask(torch.randn(2 * m, 1024).to(dtype), m // 4, m, dim=0, backend="triton")
+    finally:
+        tsp.INDEX32_MAX_NUMEL = limit
 
     # Muon's Newton-Schulz (every autotune config: the stand-in benchmarker compiles each)
     from fastopt.triton_kernels.newton_schulz import newton_schulz_triton
@@ -132,7 +163,7 @@ def _results(tmp_path_factory):
     global _RESULTS
     if _RESULTS is None:
         out = tmp_path_factory.mktemp("audit") / "audit.json"
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTOPT_AUDIT_KERNELS")}
         proc = subprocess.run([sys.executable, "-m", "fastopt.triton_kernels.compile_audit", str(out), __file__],
                               env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-5000:]
@@ -147,8 +178,8 @@ def results(tmp_path_factory):
 
 def _label(r):
     c = r["constexprs"]
-    keys = ("UPDATE", "REDUCE", "PHASE", "FLAGS", "DTYPE", "NSTATE", "Q0", "Q1", "M", "INNER1", "EXACT",
-            "BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "OUT_DTYPE", "STOCHASTIC", "SPARSE", "MODE", "COST", "GRAD")
+    keys = ("UPDATE", "REDUCE", "PHASE", "FLAGS", "DTYPE", "NSTATE", "Q0", "Q1", "ALIGNED", "M", "INNER1", "IDX64",
+            "EXACT", "BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "OUT_DTYPE", "STOCHASTIC", "SPARSE", "MODE", "COST", "GRAD")
     return r["kernel"] + "(" + ", ".join(f"{k}={c[k]}" for k in keys if k in c) + ")"
 
 
@@ -165,11 +196,8 @@ def test_every_launch_compiles(results):
 
 # What is not there yet (issue 18): strict, so that a fix must remove its entry here.
 KNOWN_FAILURES = {
-    ("spills", "_nm_mask_kernel"): "the strided N:M mask (inner != 1) with m = 64: 5008 B (fp32) / 896 B (bf16) stack",
-    ("spills", "_elementwise_kernel"): "sgdsai bf16 with row coefficients: an 8-byte stack frame",
-    ("fp_fusion",): "only the elementwise launcher pins enable_fp_fusion=False so far",
-    ("vector", "_lowbit_kernel", "fp32"): "the [G, HALF, 2] tile: addresses from the int64 table, every access masked",
-    ("vector", "_lowbit_kernel", "bf16"): "the [G, HALF, 2] tile: addresses from the int64 table, every access masked",
+    ("spills", "_elementwise_kernel"): "the step increment folded into the kernel (FOLD_STEPS): an 8-byte stack frame "
+                                       "in AdamP fp32 (row coefficients) and Adan bf16 (4 states); none without it",
 }
 
 
@@ -220,11 +248,22 @@ def _vector_loads(r):
 @pytest.mark.parametrize("kernel,dtype", [pytest.param(k, d, marks=_known("vector", k, d))
                                           for k in OPTIMIZER_KERNELS for d in ("fp32", "bf16")])
 def test_optimizer_kernels_load_128_bits(results, kernel, dtype):
+    """Every variant launched for 16-byte aligned tensors (ALIGNED) loads with 128-bit vectors."""
     variants = [r for r in results if "error" not in r and r["kernel"] == kernel
-                and r["constexprs"].get("DTYPE") == dtype]
-    assert variants, f"no {kernel} {dtype} variant"
+                and r["constexprs"].get("DTYPE") == dtype and r["constexprs"].get("ALIGNED") is True]
+    assert variants, f"no aligned {kernel} {dtype} variant"
     bad = [f"{_label(r)}: {r['mem_ops']}" for r in variants if _vector_loads(r) == 0]
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("kernel,dtype", [(k, d) for k in OPTIMIZER_KERNELS for d in ("fp32", "bf16")])
+def test_scalar_fallbacks_are_compiled(results, kernel, dtype):
+    """The launchers pick the scalar variant (ALIGNED=False) for a tensor that is not 16-byte aligned; the
+    exercise launches it, so the checks above (compiles, no spills, shared memory) cover it too."""
+    variants = [r for r in results if r["kernel"] == kernel and r["constexprs"].get("DTYPE") == dtype
+                and r["constexprs"].get("ALIGNED") is False]
+    assert variants, f"no unaligned {kernel} {dtype} variant was launched"
+    assert all("error" not in r for r in variants)
 
 
 if __name__ == "__main__":

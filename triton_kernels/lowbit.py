@@ -15,9 +15,13 @@ A quantized state stores, per block of ``block`` elements, one fp32 ``absmax`` a
 and a block holding a NaN or an infinity is poisoned: absmax NaN, every code the code of 0 (so the
 whole block dequantizes to NaN), as on every backend.
 
-Each program handles ``G`` whole blocks as a ``[G, block / 2, 2]`` tile: element ``(g, j, h)`` is
-element ``2 j + h`` of block ``g``, so the tile is contiguous in memory, a 4-bit byte holds the pair
-``(g, j, 0..1)`` and packing is a sum over the last axis (no reshapes, no atomics).  The step kernel
+Each program handles ``G`` whole blocks as a ``[G, block]`` tile (``block`` rounded up to a power of two,
+the lanes past it masked off), contiguous in memory; 4-bit codes are loaded as ``[G, block / 2]`` bytes
+and split into their nibbles (``join`` + ``reshape``: element ``2j`` low, ``2j + 1`` high), and packed
+back the other way (no atomics).  A program whose blocks all exist (every one but a tensor's last,
+when ``block`` is a power of two) runs unmasked; when every tensor of the call is 16-byte aligned
+(``ALIGNED``, checked by the launcher; else the scalar variant) its pointers are declared so, and params,
+grads, plain states and 8-bit codes move as vectors (fp32 / bf16 params: 128-bit).  The step kernel
 loads params, grads and states (plain states in the params' dtype, quantized ones dequantized), calls
 the op's ``UPDATE`` (:mod:`.ops`) in fp32 with zero row coefficients, stores the params (bf16:
 round to nearest even, or stochastic rounding with the same counter-based bits as
@@ -30,9 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import (MAX_STATES, _TL_DTYPES, StepArgs, _load_block, _ptr, _sr_offset, _step_scalars,
-                           _step_skipped, _store_block, _store_param, cached_on_device, device_table, pad_hyper,
-                           sr_offset_column)
+from . import multi_tensor as _mt
+from .multi_tensor import (MAX_STATES, _TL_DTYPES, StepArgs, _aptr, _fold_step_increment, _load_block, _ptr,
+                           _sr_offset, aligned16,
+                           _step_scalars, _step_skipped, _store_block, _store_param, cached_on_device, cached_table,
+                           dummy, pad_hyper, sr_offset_column, ticket_counter)
 from .ops import OPS
 
 HEADER = tl.constexpr(8)  # int32 words before the codebook's tables (constexpr: read by @triton.jit code)
@@ -47,39 +53,59 @@ PLAIN, Q8, Q4 = 0, 1, 2   # how a state is stored
 # -- device helpers ----------------------------------------------------------------------------------
 
 @triton.jit
-def _tile(blk0, nblocks, BLOCK: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr):
-    """Blocks ``blk0 .. blk0 + G - 1`` (those below ``nblocks``) as a [G, HALF, 2] tile.
+def _tile(blk0, nblocks, BLOCK: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, WHOLE: tl.constexpr):
+    """Blocks ``blk0 .. blk0 + G - 1`` (those below ``nblocks``) as a [G, 2 * HALF] tile (``2 * HALF``:
+    the block rounded up to a power of two; lanes past ``BLOCK`` are masked off).
 
-    Returns (block index [G], its mask, pair index [G, HALF] = byte index of 4-bit codes, its mask,
-    element offsets [G, HALF, 2], their mask, the nibble index [2])."""
+    Returns (block index [G], its mask, element offsets [G, 2 * HALF], their mask).  ``WHOLE``: the
+    caller knows that every block exists and ``BLOCK == 2 * HALF``: both masks are constant all-true
+    (unmasked, 128-bit accesses when the addresses are aligned)."""
     g = tl.arange(0, G)
-    j = tl.arange(0, HALF)
-    h = tl.arange(0, 2)
+    k = tl.arange(0, 2 * HALF)
     blk = blk0 + g
-    gmask = blk < nblocks
-    pair = blk[:, None] * (BLOCK // 2) + j[None, :]
-    pmask = gmask[:, None] & (j < BLOCK // 2)[None, :]
-    offs = pair[:, :, None] * 2 + h[None, None, :]
-    mask = pmask[:, :, None] & (h < 2)[None, None, :]
-    return blk, gmask, pair, pmask, offs, mask, h
+    offs = blk[:, None] * BLOCK + k[None, :]
+    if WHOLE:
+        gmask = tl.full([G], 1, tl.int1)
+        mask = tl.full([G, 2 * HALF], 1, tl.int1)
+    else:
+        gmask = blk < nblocks
+        mask = gmask[:, None] & (k < BLOCK)[None, :]
+    return blk, gmask, offs, mask
 
 
 @triton.jit
-def _load_codes(cptr, pair, pmask, offs, mask, h, FOUR: tl.constexpr):
-    """int32 codes [G, HALF, 2] (``quant.h`` load_code)."""
+def _pairs(blk, gmask, BLOCK: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, WHOLE: tl.constexpr):
+    """Byte offsets [G, HALF] of 4-bit codes (byte ``j`` of a block: elements ``2j`` low nibble, ``2j + 1``
+    high nibble) and their mask."""
+    j = tl.arange(0, HALF)
+    pair = blk[:, None] * (BLOCK // 2) + j[None, :]
+    if WHOLE:
+        pmask = tl.full([G, HALF], 1, tl.int1)
+    else:
+        pmask = gmask[:, None] & (j < BLOCK // 2)[None, :]
+    return pair, pmask
+
+
+@triton.jit
+def _load_codes(cptr, blk, gmask, offs, mask, BLOCK: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr,
+                FOUR: tl.constexpr, WHOLE: tl.constexpr):
+    """int32 codes [G, 2 * HALF] (``quant.h`` load_code)."""
     if FOUR:
+        pair, pmask = _pairs(blk, gmask, BLOCK, G, HALF, WHOLE)
         byte = tl.load(cptr + pair, mask=pmask, other=0).to(tl.int32)
-        code = (byte[:, :, None] >> (h * 4)[None, None, :]) & 0xF
+        code = tl.reshape(tl.join(byte & 0xF, byte >> 4), [G, 2 * HALF])  # element 2j, 2j + 1
     else:
         code = tl.load(cptr + offs, mask=mask, other=0).to(tl.int32)
     return code
 
 
 @triton.jit
-def _store_codes(cptr, code, pair, pmask, offs, mask, h, FOUR: tl.constexpr):
+def _store_codes(cptr, code, blk, gmask, offs, mask, BLOCK: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr,
+                 FOUR: tl.constexpr, WHOLE: tl.constexpr):
     if FOUR:
-        packed = tl.sum(code << (h * 4)[None, None, :], axis=2)  # disjoint nibbles: sum == or
-        tl.store(cptr + pair, packed.to(tl.uint8), mask=pmask)
+        pair, pmask = _pairs(blk, gmask, BLOCK, G, HALF, WHOLE)
+        lo, hi = tl.split(tl.reshape(code, [G, HALF, 2]))
+        tl.store(cptr + pair, (lo | (hi << 4)).to(tl.uint8), mask=pmask)  # codes < 16: disjoint nibbles
     else:
         tl.store(cptr + offs, code.to(tl.uint8), mask=mask)
 
@@ -88,24 +114,24 @@ def _store_codes(cptr, code, pair, pmask, offs, mask, h, FOUR: tl.constexpr):
 def _dequantize(book, code, amax):
     """values[code] * absmax, with absmax per block ([G])."""
     vals = tl.load(book + HEADER + code).to(tl.float32, bitcast=True)
-    return vals * amax[:, None, None]
+    return vals * amax[:, None]
 
 
 @triton.jit
 def _quantize(book, x, mask):
-    """(absmax [G], codes [G, HALF, 2]) of the fp32 tile ``x``: quant.h quantize_code(quant_normalize(x,
+    """(absmax [G], codes [G, 2 * HALF]) of the fp32 tile ``x``: quant.h quantize_code(quant_normalize(x,
     quant_inv_scale(absmax))).  A block holding a NaN or an infinity is poisoned (quant.h): its absmax
     is NaN and every code is the code of 0, so the whole block dequantizes to NaN."""
     ax = tl.abs(x)
     bad_el = mask & ~(ax <= 3.4028234663852886e38)  # NaN or +-inf
-    bad = tl.max(tl.max(bad_el.to(tl.int32), axis=2), axis=1) > 0
+    bad = tl.max(bad_el.to(tl.int32), axis=1) > 0
     a = tl.where(mask & ~bad_el, ax, 0.0)
-    amax = tl.max(tl.max(a, axis=2), axis=1)
+    amax = tl.max(a, axis=1)
     pos = amax > 0.0
     inv = tl.where(pos, tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), tl.where(pos, amax, 1.0)), 0.0)
-    xn = x * inv[:, None, None]
+    xn = x * inv[:, None]
     xn = tl.where(xn < -1.0, -1.0, tl.where(xn > 1.0, 1.0, xn))
-    xn = tl.where(bad[:, None, None] | (xn != xn), 0.0, xn)  # poisoned block; 0 * inf (subnormal absmax)
+    xn = tl.where(bad[:, None] | (xn != xn), 0.0, xn)  # poisoned block; 0 * inf (subnormal absmax)
     amax = tl.where(bad, tl.full(amax.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True), amax)  # quiet NaN
     nc = tl.load(book)
     nr = tl.load(book + 1)
@@ -129,45 +155,108 @@ def _quantize(book, x, mask):
 
 
 @triton.jit
-def _codec_kernel(x, codes, absmax, book, nblocks, DEQUANTIZE: tl.constexpr, FOUR: tl.constexpr,
-                  BLOCK: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr):
-    blk0 = tl.program_id(0).to(tl.int64) * G
-    blk, gmask, pair, pmask, offs, mask, h = _tile(blk0, nblocks, BLOCK, G, HALF)
+def _codec_tile(x, codes, absmax, book, blk0, nblocks, DEQUANTIZE: tl.constexpr, FOUR: tl.constexpr,
+                BLOCK: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, WHOLE: tl.constexpr):
+    blk, gmask, offs, mask = _tile(blk0, nblocks, BLOCK, G, HALF, WHOLE)
     if DEQUANTIZE:
         amax = tl.load(absmax + blk, mask=gmask, other=0.0)
-        code = _load_codes(codes, pair, pmask, offs, mask, h, FOUR)
+        code = _load_codes(codes, blk, gmask, offs, mask, BLOCK, G, HALF, FOUR, WHOLE)
         tl.store(x + offs, _dequantize(book, code, amax), mask=mask)
     else:
         v = tl.load(x + offs, mask=mask, other=0.0)
         amax, code = _quantize(book, v, mask)
         tl.store(absmax + blk, amax, mask=gmask)
-        _store_codes(codes, code, pair, pmask, offs, mask, h, FOUR)
+        _store_codes(codes, code, blk, gmask, offs, mask, BLOCK, G, HALF, FOUR, WHOLE)
+
+
+@triton.jit
+def _codec_kernel(x, codes, absmax, book, nblocks, DEQUANTIZE: tl.constexpr, FOUR: tl.constexpr,
+                  BLOCK: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr):
+    blk0 = tl.program_id(0).to(tl.int64) * G
+    if BLOCK == 2 * HALF:  # whole tiles unmasked, the last (partly filled) one masked
+        if blk0 + G <= nblocks:
+            _codec_tile(x, codes, absmax, book, blk0, nblocks, DEQUANTIZE, FOUR, BLOCK, G, HALF, True)
+        else:
+            _codec_tile(x, codes, absmax, book, blk0, nblocks, DEQUANTIZE, FOUR, BLOCK, G, HALF, False)
+    else:
+        _codec_tile(x, codes, absmax, book, blk0, nblocks, DEQUANTIZE, FOUR, BLOCK, G, HALF, False)
 
 
 @triton.jit
 def _load_state(addr_table, row, COL: tl.constexpr, ACOL: tl.constexpr, NCOL: tl.constexpr, book, blk, gmask,
-                pair, pmask, offs, mask, h, Q: tl.constexpr, DTYPE: tl.constexpr):
+                offs, mask, Q: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr,
+                HALF: tl.constexpr, WHOLE: tl.constexpr, ALIGNED: tl.constexpr):
     if Q == 0:
-        v = _load_block(addr_table, row, COL, NCOL, offs, mask, DTYPE)
+        v = _load_block(addr_table, row, COL, NCOL, offs, mask, DTYPE, ALIGNED)
     else:
-        amax = tl.load(_ptr(addr_table, row, ACOL, NCOL, tl.float32) + blk, mask=gmask, other=0.0)
-        code = _load_codes(_ptr(addr_table, row, COL, NCOL, tl.uint8), pair, pmask, offs, mask, h, Q == 2)
+        amax = tl.load(_aptr(addr_table, row, ACOL, NCOL, tl.float32, ALIGNED) + blk, mask=gmask, other=0.0)
+        code = _load_codes(_aptr(addr_table, row, COL, NCOL, tl.uint8, ALIGNED), blk, gmask, offs, mask,
+                           BLOCK, G, HALF, Q == 2, WHOLE)
         v = _dequantize(book, code, amax)
     return v
 
 
 @triton.jit
 def _store_state(addr_table, row, COL: tl.constexpr, ACOL: tl.constexpr, NCOL: tl.constexpr, book, v, blk, gmask,
-                 pair, pmask, offs, mask, h, Q: tl.constexpr, DTYPE: tl.constexpr):
+                 offs, mask, Q: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr,
+                 HALF: tl.constexpr, WHOLE: tl.constexpr, ALIGNED: tl.constexpr):
     if Q == 0:
-        _store_block(addr_table, row, COL, NCOL, offs, mask, v, DTYPE)
+        _store_block(addr_table, row, COL, NCOL, offs, mask, v, DTYPE, ALIGNED)
     else:
         amax, code = _quantize(book, v, mask)
-        tl.store(_ptr(addr_table, row, ACOL, NCOL, tl.float32) + blk, amax, mask=gmask)
-        _store_codes(_ptr(addr_table, row, COL, NCOL, tl.uint8), code, pair, pmask, offs, mask, h, Q == 2)
+        tl.store(_aptr(addr_table, row, ACOL, NCOL, tl.float32, ALIGNED) + blk, amax, mask=gmask)
+        _store_codes(_aptr(addr_table, row, COL, NCOL, tl.uint8, ALIGNED), code, blk, gmask, offs, mask,
+                     BLOCK, G, HALF, Q == 2, WHOLE)
 
 
-@triton.jit(do_not_specialize=["seed"])  # seed == 1 must not become a constexpr (seed.to in _store_param)
+@triton.jit
+def _lowbit_tile(addr_table, row, blk0, nblocks, lr, grad_mul, step, seed, sr_offset, B0, B1, B2, B3,
+                 H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
+                 UPDATE: tl.constexpr, NSTATE: tl.constexpr, Q0: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr,
+                 Q3: tl.constexpr, FLAGS: tl.constexpr, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr,
+                 NCOL: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, WHOLE: tl.constexpr,
+                 ALIGNED: tl.constexpr):
+    """One program's G blocks: load, update, store (``WHOLE``: all of them exist, no masks)."""
+    blk, gmask, offs, mask = _tile(blk0, nblocks, BLOCK, G, HALF, WHOLE)
+    p = _load_block(addr_table, row, 0, NCOL, offs, mask, DTYPE, ALIGNED)
+    g = _load_block(addr_table, row, 1, NCOL, offs, mask, DTYPE, ALIGNED) * grad_mul
+    zero = tl.zeros([G, 2 * HALF], dtype=tl.float32)
+    s0 = zero
+    s1 = zero
+    s2 = zero
+    s3 = zero
+    if NSTATE >= 1:
+        s0 = _load_state(addr_table, row, 2, 2 + NSTATE, NCOL, B0, blk, gmask, offs, mask, Q0, DTYPE,
+                         BLOCK, G, HALF, WHOLE, ALIGNED)
+    if NSTATE >= 2:
+        s1 = _load_state(addr_table, row, 3, 3 + NSTATE, NCOL, B1, blk, gmask, offs, mask, Q1, DTYPE,
+                         BLOCK, G, HALF, WHOLE, ALIGNED)
+    if NSTATE >= 3:
+        s2 = _load_state(addr_table, row, 4, 4 + NSTATE, NCOL, B2, blk, gmask, offs, mask, Q2, DTYPE,
+                         BLOCK, G, HALF, WHOLE, ALIGNED)
+    if NSTATE >= 4:
+        s3 = _load_state(addr_table, row, 5, 5 + NSTATE, NCOL, B3, blk, gmask, offs, mask, Q3, DTYPE,
+                         BLOCK, G, HALF, WHOLE, ALIGNED)
+    p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, step, lr, zero, zero, zero, zero,
+                               H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
+    _store_param(_aptr(addr_table, row, 0, NCOL, DTYPE, ALIGNED), offs, mask, p, seed, row, step, sr_offset,
+                 STOCHASTIC, DTYPE)
+    if NSTATE >= 1:
+        _store_state(addr_table, row, 2, 2 + NSTATE, NCOL, B0, s0, blk, gmask, offs, mask, Q0, DTYPE,
+                     BLOCK, G, HALF, WHOLE, ALIGNED)
+    if NSTATE >= 2:
+        _store_state(addr_table, row, 3, 3 + NSTATE, NCOL, B1, s1, blk, gmask, offs, mask, Q1, DTYPE,
+                     BLOCK, G, HALF, WHOLE, ALIGNED)
+    if NSTATE >= 3:
+        _store_state(addr_table, row, 4, 4 + NSTATE, NCOL, B2, s2, blk, gmask, offs, mask, Q2, DTYPE,
+                     BLOCK, G, HALF, WHOLE, ALIGNED)
+    if NSTATE >= 4:
+        _store_state(addr_table, row, 5, 5 + NSTATE, NCOL, B3, s3, blk, gmask, offs, mask, Q3, DTYPE,
+                     BLOCK, G, HALF, WHOLE, ALIGNED)
+
+
+# seed == 1 must not become a constexpr (seed.to in _store_param); n_tensors: no variant per count
+@triton.jit(do_not_specialize=["seed", "n_tensors"])
 def _lowbit_kernel(
     addr_table, nblocks_ptr, prog_tensor, prog_block,
     lr_value, lr_ptr, grad_scale_ptr, found_inf_ptr, sign, seed, B0, B1, B2, B3,
@@ -177,6 +266,7 @@ def _lowbit_kernel(
     HAS_LR_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     STOCHASTIC: tl.constexpr, HAS_STEPS: tl.constexpr,
     BLOCK: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr,
+    ticket, n_tensors, FOLD_STEPS: tl.constexpr = False, ALIGNED: tl.constexpr = False,
 ):
     # Table columns: param, grad, the state slots (codes or values), each slot's absmax (0: plain), the
     # stochastic-rounding element offset (an integer), step.
@@ -184,39 +274,23 @@ def _lowbit_kernel(
     pid = tl.program_id(0)
     if _step_skipped(found_inf_ptr, HAS_FOUND_INF) == 0.0:
         row = tl.load(prog_tensor + pid).to(tl.int64)
-        blk0 = tl.load(prog_block + pid)
+        blk0 = tl.multiple_of(tl.load(prog_block + pid), G)  # programs start at multiples of G blocks
         nblocks = tl.load(nblocks_ptr + row)
         lr, grad_mul, step = _step_scalars(addr_table, row, NCOL, lr_value, lr_ptr, grad_scale_ptr, sign,
                                            HAS_LR_PTR, HAS_GRAD_SCALE, HAS_STEPS)
-        blk, gmask, pair, pmask, offs, mask, h = _tile(blk0, nblocks, BLOCK, G, HALF)
-        p = _load_block(addr_table, row, 0, NCOL, offs, mask, DTYPE)
-        g = _load_block(addr_table, row, 1, NCOL, offs, mask, DTYPE) * grad_mul
-        zero = tl.zeros([G, HALF, 2], dtype=tl.float32)
-        s0 = zero
-        s1 = zero
-        s2 = zero
-        s3 = zero
-        if NSTATE >= 1:
-            s0 = _load_state(addr_table, row, 2, 2 + NSTATE, NCOL, B0, blk, gmask, pair, pmask, offs, mask, h, Q0, DTYPE)
-        if NSTATE >= 2:
-            s1 = _load_state(addr_table, row, 3, 3 + NSTATE, NCOL, B1, blk, gmask, pair, pmask, offs, mask, h, Q1, DTYPE)
-        if NSTATE >= 3:
-            s2 = _load_state(addr_table, row, 4, 4 + NSTATE, NCOL, B2, blk, gmask, pair, pmask, offs, mask, h, Q2, DTYPE)
-        if NSTATE >= 4:
-            s3 = _load_state(addr_table, row, 5, 5 + NSTATE, NCOL, B3, blk, gmask, pair, pmask, offs, mask, h, Q3, DTYPE)
-        p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, step, lr, zero, zero, zero, zero,
-                                   H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
         sr_offset = _sr_offset(addr_table, row, 2 + 2 * NSTATE, NCOL, STOCHASTIC)
-        _store_param(_ptr(addr_table, row, 0, NCOL, DTYPE), offs, mask, p, seed, row, step, sr_offset, STOCHASTIC,
-                     DTYPE)
-        if NSTATE >= 1:
-            _store_state(addr_table, row, 2, 2 + NSTATE, NCOL, B0, s0, blk, gmask, pair, pmask, offs, mask, h, Q0, DTYPE)
-        if NSTATE >= 2:
-            _store_state(addr_table, row, 3, 3 + NSTATE, NCOL, B1, s1, blk, gmask, pair, pmask, offs, mask, h, Q1, DTYPE)
-        if NSTATE >= 3:
-            _store_state(addr_table, row, 4, 4 + NSTATE, NCOL, B2, s2, blk, gmask, pair, pmask, offs, mask, h, Q2, DTYPE)
-        if NSTATE >= 4:
-            _store_state(addr_table, row, 5, 5 + NSTATE, NCOL, B3, s3, blk, gmask, pair, pmask, offs, mask, h, Q3, DTYPE)
+        if BLOCK == 2 * HALF and blk0 + G <= nblocks:  # a whole tile: no masks (128-bit accesses when ALIGNED)
+            _lowbit_tile(addr_table, row, blk0, nblocks, lr, grad_mul, step, seed, sr_offset, B0, B1, B2, B3,
+                         H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
+                         UPDATE, NSTATE, Q0, Q1, Q2, Q3, FLAGS, DTYPE, STOCHASTIC, NCOL, BLOCK, G, HALF, True,
+                         ALIGNED)
+        else:  # a tensor's last, partly filled tile (or a block that is not a power of two)
+            _lowbit_tile(addr_table, row, blk0, nblocks, lr, grad_mul, step, seed, sr_offset, B0, B1, B2, B3,
+                         H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
+                         UPDATE, NSTATE, Q0, Q1, Q2, Q3, FLAGS, DTYPE, STOCHASTIC, NCOL, BLOCK, G, HALF, False,
+                         ALIGNED)
+        if FOLD_STEPS:  # the last program increments every step counter (multi_tensor._fold_step_increment)
+            _fold_step_increment(ticket, addr_table, n_tensors, NCOL)
 
 
 # -- host side ---------------------------------------------------------------------------------------
@@ -264,12 +338,10 @@ def _program_tables_host(nblocks, g):
     return tensor.to(torch.int32), start, torch.tensor(nblocks, dtype=torch.int64)
 
 
-_device_tables = {}
-
-
 def _program_tables(nblocks, g, device):
-    """(tensor of each program int32, its first block int64, blocks per tensor int64), cached."""
-    return cached_on_device(_device_tables, (nblocks, g), device, lambda: _program_tables_host(nblocks, g))
+    """(tensor of each program int32, its first block int64, blocks per tensor int64), cached on the device
+    (:func:`.multi_tensor.cached_on_device`: a bounded LRU)."""
+    return cached_on_device(None, ("lowbit_programs", nblocks, g), device, lambda: _program_tables_host(nblocks, g))
 
 
 def quantize_blockwise(x, codes, absmax, book, block, dequantize=False):
@@ -298,7 +370,7 @@ def quantize_blockwise(x, codes, absmax, book, block, dequantize=False):
         g, half = _tile_shape(block)
         _codec_kernel[(triton.cdiv(nblocks, g),)](
             x, codes, absmax, book, nblocks,
-            DEQUANTIZE=bool(dequantize), FOUR=kind == Q4, BLOCK=block, G=g, HALF=half,
+            DEQUANTIZE=bool(dequantize), FOUR=kind == Q4, BLOCK=block, G=g, HALF=half, enable_fp_fusion=False,
         )
     return x if dequantize else (codes, absmax)
 
@@ -383,27 +455,29 @@ def lowbit_step(op, lists, steps, *, books, absmax, block, hyper, flags, lr, gra
     thyper, tflags = spec.pack(tuple(hyper), int(flags))
     thyper = pad_hyper(thyper)
     has_steps = bool(steps)
-    rows = []
-    for t in range(n):
-        row = [params[t].data_ptr(), lists[1][t].data_ptr()]
-        row += [lists[2 + k][t].data_ptr() for k in range(nstate)]
-        row += [absmax[k][t].data_ptr() if kinds[k] != PLAIN else 0 for k in range(nstate)]
-        row.append(sr_column[t])
-        row.append(steps[t].data_ptr() if has_steps else 0)
-        rows.append(row)
-    addr_table = device_table(rows, device)
+    # the address table, cached on the device, keyed on every value it holds (no copy in the steady state)
+    cols = [[t.data_ptr() for t in lst] for lst in lists]
+    cols += [[a.data_ptr() for a in absmax[k]] if kinds[k] != PLAIN else [0] * n for k in range(nstate)]
+    cols += [list(sr_column), [s.data_ptr() for s in steps] if has_steps else [0] * n]
+    ncol = len(cols)
+    addr_table, = cached_table(("lowbit", n, tuple(v for c in cols for v in c)), device,
+                               lambda: ([c[t] for t in range(n) for c in cols], [n * ncol]))
     g, half = _tile_shape(block)
     prog_tensor, prog_block, nblocks = _program_tables(tuple(nel // block for nel in numels), g, device)
     scalars = StepArgs(device, lr, grad_scale, found_inf, sign)
-    dummy_book = torch.zeros(4, dtype=torch.int32, device=device)
+    dummy_book = dummy(device, torch.int32)
     bk = [books[k] if k < nstate and kinds[k] != PLAIN else dummy_book for k in range(MAX_STATES)]
-    if prog_tensor.numel() > 0:
-        _lowbit_kernel[(prog_tensor.numel(),)](
+    programs = prog_tensor.numel()
+    fold = has_steps and programs > 0 and _mt.FOLD_STEPS
+    if programs > 0:
+        _lowbit_kernel[(programs,)](
             addr_table, nblocks, prog_tensor, prog_block, *scalars.args, int(seed) & 0xFFFFFFFF, *bk, *thyper,
             UPDATE=spec.update, NSTATE=nstate, Q0=kinds[0], Q1=kinds[1], Q2=kinds[2], Q3=kinds[3],
             FLAGS=int(tflags), DTYPE=_TL_DTYPES[dtype], **scalars.constexprs,
             STOCHASTIC=bool(stochastic) and dtype == torch.bfloat16, HAS_STEPS=has_steps,
-            BLOCK=block, G=g, HALF=half,
+            BLOCK=block, G=g, HALF=half, ticket=ticket_counter(device) if fold else scalars.dummy, n_tensors=n,
+            FOLD_STEPS=fold, enable_fp_fusion=False,
+            ALIGNED=aligned16(*lists, *(a for a in absmax if a is not None)),  # else the scalar variant
         )
-    if has_steps:
+    if has_steps and not fold:
         scalars.increment_steps(addr_table, n, 2 * nstate + 4)
