@@ -12,7 +12,8 @@ sweep of the fp32 patterns of [-1, 1], every midpoint and its neighbours, then r
 ties, subnormals, zeros, NaN and infinities, a subnormal absmax, and every code.  On an AVX-512 CPU
 the file runs a second time in a subprocess with FASTOPT_CPU_ISA=avx2, so both widths are checked.
 (Outside CI, a C++ harness compared both widths' encoders with the scalar quantize_code on every fp32
-pattern of [-1, 1] -- 2**31 + 2 values per format, all six formats -- with 0 mismatches.)
+pattern of [-1, 1] -- 2,130,706,434 values per format, both signs, all six formats -- with 0
+mismatches.)
 """
 import math
 import os
