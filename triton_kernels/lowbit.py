@@ -35,10 +35,9 @@ import triton
 import triton.language as tl
 
 from . import multi_tensor as _mt
-from .multi_tensor import (MAX_STATES, _TL_DTYPES, StepArgs, _aptr, _fold_step_increment, _load_block, _ptr,
-                           _sr_offset, aligned16,
-                           _step_scalars, _step_skipped, _store_block, _store_param, cached_on_device, cached_table,
-                           dummy, pad_hyper, sr_offset_column, ticket_counter)
+from .multi_tensor import (MAX_STATES, _TL_DTYPES, StepArgs, _aptr, _fold_step_increment, _load_block, _sr_offset,
+                           _step_scalars, _step_skipped, _store_block, _store_param, aligned16, cached_on_device,
+                           cached_table, dummy, pad_hyper, sr_offset_column, ticket_counter)
 from .ops import OPS
 
 HEADER = tl.constexpr(8)  # int32 words before the codebook's tables (constexpr: read by @triton.jit code)
