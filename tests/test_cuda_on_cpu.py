@@ -491,3 +491,28 @@ def test_step_fold_lowbit_many_tensors(layer, found_inf):
              True, "AdamW8bit")
     assert all(float(opt_g.state[p]["step"]) == 2 for p in ps_g)
     assert coc.TICKET.item() == 0
+
+
+def test_mutation_fold_continuing_tensor_is_caught(tmp_path, built):
+    """The launcher letting a launch increment the step of the tensor that continues in the next launch: that
+    launch's blocks then read step + 1 (wrong bias corrections, and the step ends one too high)."""
+    rel = "csrc/include/fastopt/multi_tensor.cuh"
+    old, new = "fold.nsteps = c == chunks - 1 ? ntensors : ntensors - 1;", "fold.nsteps = ntensors;"
+    text = (ROOT / rel).read_text()
+    assert text.count(old) == 1, f"mutation anchor not found once in {rel}"
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "csrc", tree / "csrc")
+    (tree / rel).write_text(text.replace(old, new))
+    # only elementwise.cu recompiled: the launcher's instantiations are local to each .cu (anonymous-namespace ops)
+    mutated = coc_build.build(src_root=tree, out_dir=tmp_path / "out", reuse=(built, ["csrc/cuda/elementwise.cu"]))
+    code = """
+import sys
+sys.path.insert(0, {tests!r})
+import _cuda_on_cpu as coc, _cuda_on_cpu_build as b, test_cuda_on_cpu as t
+coc.activate(b.load({path!r}))
+t.test_step_fold_tensor_across_launches(None)
+"""
+    for path, ok in ((built, True), (mutated, False)):
+        r = subprocess.run([sys.executable, "-c", code.format(tests=str(ROOT / "tests"), path=str(path))],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert (r.returncode == 0) == ok, r.stderr[-3000:]

@@ -16,6 +16,12 @@
 #include "fastopt/api.h"
 #include "fastopt/launch.cuh"
 
+#ifdef FASTOPT_CUDA_ON_CPU
+#define FASTOPT_NOINLINE __attribute__((noinline))
+#else
+#define FASTOPT_NOINLINE __noinline__
+#endif
+
 namespace fastopt {
 namespace cuda {
 
@@ -75,25 +81,34 @@ struct StepFold {
   int nsteps = 0;                   // the launch's tensors [0, nsteps) have their last chunk in it
 };
 
-// Called by every thread of every block after the block's work (the block's reads of its step counter);
-// step_at(i): the address of the step counter of the launch's tensor i.
-template <typename StepAt>
-__device__ __forceinline__ void fold_step_increment(const StepFold& f, StepAt step_at) {
-  if (f.ticket == nullptr) return;
-  if (f.found_inf != nullptr && *f.found_inf != 0.0f) return;  // uniform over the grid: no block takes a ticket
+// Called by every thread of every block once the block is past its reads of its step counter (after the op in
+// multi_tensor_block; right after the read in lowbit_kernel); `mine`: the step counter of the launch's tensor
+// threadIdx.x if threadIdx.x < nsteps, else null (a launch finishes at most blockDim.x tensors).  Not inlined:
+// after the op, inlined, it cost some 64-register Adam variants a spill (sm_90); not inlined, none.
+static FASTOPT_NOINLINE __device__ void fold_step_increment(int* ticket, const float* found_inf, float* mine) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;  // uniform over the grid: no block takes a ticket
   __shared__ int fold_is_last;
   __syncthreads();  // every thread of the block is past its reads
   if (threadIdx.x == 0) {
     __threadfence();
-    fold_is_last = atomicAdd(f.ticket, 1) == static_cast<int>(gridDim.x) - 1;
+    fold_is_last = atomicAdd(ticket, 1) == static_cast<int>(gridDim.x) - 1;
     __threadfence();
   }
   __syncthreads();
   if (fold_is_last) {
     __threadfence();
-    for (int i = static_cast<int>(threadIdx.x); i < f.nsteps; i += static_cast<int>(blockDim.x)) *step_at(i) += 1.0f;
-    if (threadIdx.x == 0) *f.ticket = 0;
+    if (mine != nullptr) *mine += 1.0f;
+    if (threadIdx.x == 0) *ticket = 0;
   }
+}
+
+// The fold of a launch (every thread of every block calls it, past its step reads): step_at(i) is the address
+// of the step counter of the launch's tensor i.
+template <typename StepAt>
+__device__ __forceinline__ void fold_steps(const StepFold& f, StepAt step_at) {
+  if (f.ticket == nullptr) return;
+  const int i = static_cast<int>(threadIdx.x);
+  fold_step_increment(f.ticket, f.found_inf, i < f.nsteps ? step_at(i) : nullptr);
 }
 
 template <int DEPTH, typename Op, typename... Args>
@@ -105,7 +120,7 @@ __device__ __forceinline__ void multi_tensor_block(const TensorListMeta<DEPTH>& 
   const int n = static_cast<int>(rem < kChunk ? rem : kChunk);
   op(meta, t, start, n, args...);
   // The step counters: list Op::kStepList, or the last (the host folds only for ops whose launches carry them).
-  fold_step_increment(fold, [&](int i) { return static_cast<float*>(meta.addresses[StepListOf<Op, DEPTH>::value][i]); });
+  fold_steps(fold, [&](int i) { return static_cast<float*>(meta.addresses[StepListOf<Op, DEPTH>::value][i]); });
 }
 
 template <int DEPTH, typename Op, typename... Args>
@@ -132,6 +147,7 @@ template <typename Op> struct OneBlockPerSM<Op, std::void_t<decltype(Op::kOneBlo
 template <int DEPTH, typename Op, typename... Args>
 void launch_multi_tensor(int nblocks, cudaStream_t stream, const TensorListMeta<DEPTH>& meta, const StepFold& fold,
                          const Op& op, const Args&... args) {
+  static_assert(Capacity<DEPTH>::tensors <= kBlockThreads, "fold_steps: one thread per finished tensor");
   static_assert(sizeof(TensorListMeta<DEPTH>) + sizeof(StepFold) + sizeof(Op) + (0 + ... + sizeof(Args)) <= 4096,
                 "multi_tensor kernel arguments exceed 4 KiB");
   if constexpr (OneBlockPerSM<Op>::value) {
