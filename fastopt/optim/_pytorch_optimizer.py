@@ -227,5 +227,8 @@ _RECTIFIED_ARGS = """
 
 
 def _lr64(lr, device):
-    """``lr`` (a float or a one-element tensor of any shape) as an fp64 0-dim tensor on ``device``."""
+    """``lr`` (a float or a one-element tensor of any shape) as an fp64 0-dim tensor on ``device`` (a float:
+    filled on the device, no host-to-device copy)."""
+    if not isinstance(lr, torch.Tensor):
+        return torch.full((), float(lr), dtype=torch.float64, device=device)
     return torch.as_tensor(lr, dtype=torch.float64).reshape(()).to(device)

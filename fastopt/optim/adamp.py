@@ -32,7 +32,8 @@ class _Projected(_ZooOptimizer):
         return float(group["weight_decay"])
 
     def _layout(self, params, device):
-        """Per-row tensor ids, rows per tensor and fp32 thresholds, cached per bucket layout."""
+        """Per-row tensor ids, rows per tensor, fp32 thresholds and fp32 numels, cached per bucket layout (the
+        steady-state step copies nothing host-to-device)."""
         key = (tuple(tuple(p.shape) for p in params), str(device))
         cache = self.__dict__.setdefault("_layouts", {})
         if key not in cache:
@@ -44,9 +45,10 @@ class _Projected(_ZooOptimizer):
             numel = [max(p.numel(), 1) for p in params]
             chan = torch.tensor([1.0 / math.sqrt(n // r) for n, r in zip(numel, rows)], dtype=torch.float64)
             layer = torch.tensor([1.0 / math.sqrt(n) for n in numel], dtype=torch.float64)
+            numels = torch.tensor([float(p.numel()) for p in params], dtype=torch.float32)
             if len(cache) > 32:
                 cache.clear()
-            cache[key] = (rows, multi, tid, chan.to(device), layer.to(device))
+            cache[key] = (rows, multi, tid, chan.to(device), layer.to(device), numels.to(device))
         return cache[key]
 
     def _run(self, group, params, grads, states, backend, grad_scale, found_inf):
@@ -72,11 +74,11 @@ class _Projected(_ZooOptimizer):
                 continue
             if op != self.OP:
                 row = torch.zeros((len(ps), 4), dtype=torch.float32, device=device)
-                row[:, 0] = 1.0
+                row[:, 0].fill_(1.0)
                 row[:, 2] = (1.0 - self._wd_eff(group, device)).float()
                 elementwise_unchecked(op, ps, gs, lists, steps, hyper, flags, row_coef=row, **sr, **call)
                 continue
-            rows, multi, tid, chan_scale, layer_scale = self._layout(ps, device)
+            rows, multi, tid, chan_scale, layer_scale, numels = self._layout(ps, device)
             sums = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)
             gc = None  # use_gc (AdamP): both passes subtract the row means, row coefficient 3
             if group.get("use_gc"):
@@ -97,12 +99,11 @@ class _Projected(_ZooOptimizer):
         pytorch_optimizer's apply_cautious; for projected tensors a second reduce pass sums p.d with
         the masked direction; phase 0 steps with the scale in row coefficient 3.  Tensors of fewer than
         two dimensions run the same op, never projected (the flat op cannot count the mask)."""
-        rows, multi, tid, chan_scale, layer_scale = self._layout(ps, device)
+        rows, multi, tid, chan_scale, layer_scale, numels = self._layout(ps, device)
         sums = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)
         elementwise_unchecked(self.OP, ps, gs, lists, steps, hyper, flags, phase=1, reduce_out=sums, rows=rows,
                               **call)
         count = torch.zeros(len(ps), dtype=torch.float32, device=device).index_add_(0, tid, sums[:, 3])
-        numels = torch.tensor([float(p.numel()) for p in ps], dtype=torch.float32, device=device)
         scale = (numels / (count + 1.0))[tid]
         if projected:
             coef = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)
@@ -114,7 +115,7 @@ class _Projected(_ZooOptimizer):
             row = self._coefficients(group, sums, len(ps), multi, tid, chan_scale, layer_scale, eps, device)
         else:
             row = torch.zeros((len(ps), 4), dtype=torch.float32, device=device)
-            row[:, 0] = 1.0
+            row[:, 0].fill_(1.0)
             row[:, 2] = (1.0 - self._wd_eff(group, device)).float()
         row[:, 3] = scale
         elementwise_unchecked(self.OP, ps, gs, lists, steps, hyper, flags, phase=0, row_coef=row, rows=rows, **sr,
@@ -156,8 +157,7 @@ class _Projected(_ZooOptimizer):
         den = torch.where(ch_r, s_pp.sqrt(), tot[:, 2].sqrt()[tid]) + eps
         radial = torch.where(ch_r, s_pd, tot[:, 3][tid]) / den
         wd_eff = self._wd_eff(group, device)
-        ratio = torch.where(projected, torch.tensor(float(group["wd_ratio"]), dtype=torch.float64, device=device),
-                            torch.tensor(1.0, dtype=torch.float64, device=device))
+        ratio = torch.full((n,), float(group["wd_ratio"]), dtype=torch.float64, device=device).masked_fill_(~projected, 1.0)
         row = torch.zeros((len(tid), 4), dtype=torch.float32, device=device)
         row[:, 0] = torch.where(pr_r, den, torch.ones_like(den))
         row[:, 1] = torch.where(pr_r, radial, torch.zeros_like(radial))
