@@ -336,12 +336,6 @@ def aligned16(*tensor_lists):
     return all(t.data_ptr() % 16 == 0 for lst in tensor_lists for t in lst if t is not None)
 
 
-def device_table(rows, device):
-    """An int64 table (addresses, sizes) on ``device``, built now (uncached: see :func:`cached_table`)."""
-    launch_stats["tables"] += 1
-    return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-
-
 # 1024 entries: OptimizerInBackward launches once per parameter (one small table each), so a model
 # with up to ~1000 parameters per device still steps with no copy; a table is n_tensors * (columns + 3)
 # int64s, and the byte budget bounds the big ones.
@@ -362,8 +356,8 @@ def cached_table(key, device, make_values):
 
 def cached_on_device(cache, key, device, make_host_tables):
     """``make_host_tables()`` (CPU tensors) copied to ``device`` once per ``(key, device, stream)``;
-    ``cache``: a :class:`DeviceCache` (a plain dict is replaced by the bounded module cache)."""
-    if not isinstance(cache, DeviceCache):
+    ``cache``: a :class:`DeviceCache`, or None for the module's table cache."""
+    if cache is None:
         cache = _tables
 
     def make():
