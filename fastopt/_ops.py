@@ -20,7 +20,7 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _backend, _sharded
+from . import _backend, _sharded, _tickets
 
 # NOTE: [the tensor boundary]
 # No call into fastopt._C or a Triton launcher may make a kernel touch memory its tensors do not own.
@@ -179,40 +179,20 @@ def is_dense(t):
 
 
 # The CUDA optimizer steps that fold their step-counter increment into their main launches (issue 18):
-# they take the address of an int32 ticket counter before the stream (csrc/include/fastopt/multi_tensor.cuh,
-# StepFold), one per (device, stream) since launches on concurrent streams must not share one.
+# they take the address of the stream's ticket counter (fastopt/_tickets.py) before the stream.
 _TICKET_OPS = frozenset(("adam", "elementwise", "lowbit"))
-_step_tickets = {}  # (device index, stream handle) -> int32 zeros(1); kept alive for good
-_captured_tickets = []  # tickets made while a stream was being captured into a CUDA graph; kept alive for good
-
-
-def _step_ticket(device, stream):
-    """The address of the ticket counter for launches on ``stream`` of CUDA ``device`` (zero between
-    launches: zeroed once, put back to zero by the last block of every launch).  While ``stream`` is being
-    captured and has none yet, a fresh counter for this call only: its zero fill is captured with the call
-    (replayed before it), so it is never shared with eager launches or another graph whose fill never ran."""
-    key = (device.index, stream.cuda_stream)
-    ticket = _step_tickets.get(key)
-    if ticket is not None:
-        return ticket.data_ptr()
-    ticket = torch.zeros(1, dtype=torch.int32, device=device)
-    if torch.cuda.is_current_stream_capturing():
-        _captured_tickets.append(ticket)
-    else:
-        _step_tickets[key] = ticket
-    return ticket.data_ptr()
 
 
 def _run_native(backend, name, device, args, op):
     """``fastopt._C.<name>_cpu(*args)`` or ``<name>_cuda(*args[, ticket], stream)`` on ``device``'s current
-    stream (the ticket: :func:`_step_ticket`, for the optimizer steps of ``_TICKET_OPS``)."""
+    stream (the ticket: :func:`fastopt._tickets.step_ticket`, for the optimizer steps of ``_TICKET_OPS``)."""
     native = _backend.native()
     if backend == "cpu":
         getattr(native, name + "_cpu")(*args)
     elif backend == "cuda":
         with torch.cuda.device(device):
             stream = torch.cuda.current_stream(device)
-            ticket = (_step_ticket(stream.device, stream),) if name in _TICKET_OPS else ()
+            ticket = (_tickets.step_ticket(stream.device).data_ptr(),) if name in _TICKET_OPS else ()
             getattr(native, name + "_cuda")(*args, *ticket, stream.cuda_stream)
     else:
         raise ValueError(f"fastopt::{op} has no kernel backend {backend!r}")

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from fastopt import _backend, _ops  # noqa: E402
 
 _ORIGINAL = {}
-# The ticket counter of the step-increment fold (fastopt/_ops.py's _step_ticket; the layer has one stream),
+# The ticket counter of the step-increment fold (fastopt/_tickets.py's step_ticket; the layer has one stream),
 # and whether the steps pass it (FOLD[0] = False: ticket 0, the separate increment launch).
 TICKET = torch.zeros(1, dtype=torch.int32)
 FOLD = [True]

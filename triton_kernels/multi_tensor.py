@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._tickets import step_ticket
+
 CHUNK = 65536
 BLOCK = 1024
 N_HYPER = 16    # the H0 .. H15 of every op's UPDATE / REDUCE
@@ -285,11 +287,10 @@ def dummy(device, dtype=torch.float32):
 
 def ticket_counter(device):
     """The int32 ticket counter of :func:`_fold_step_increment` for launches on ``device``'s current
-    stream: zeroed once, put back to zero by the last program of every launch.  One per stream, since
-    launches on concurrent streams must not share one.  (CUDA graphs bake in the counter of the stream
-    they were captured on: replaying two graphs captured on one stream concurrently on two streams
-    would share it -- replay them in sequence.)"""
-    return _device_buffer("ticket", device, lambda: torch.zeros(1, dtype=torch.int32, device=device))
+    stream (zeroed once, put back to zero by the last program of every launch): the one the CUDA
+    backend's fold uses too, :func:`fastopt._tickets.step_ticket` (one per stream; a fresh one per call
+    captured into a CUDA graph)."""
+    return step_ticket(device)
 
 
 class StepArgs:
