@@ -98,6 +98,10 @@ def test_svd_projector_errors():
         pj.svd_projector(_randn(6), 2, "right")
     with pytest.raises(TypeError, match="floating"):
         pj.svd_projector(torch.ones(3, 3, dtype=torch.int64), 2, "right")
+    with pytest.raises(ValueError, match="non-empty"):
+        pj.svd_projector(torch.zeros(0, 3), 2, "right")
+    with pytest.raises(ValueError, match="non-empty"):
+        pj.randomized_projector(torch.zeros(3, 0), 2, "left")
 
 
 # ------------------------------------------------------------------------------------------ randomized
@@ -205,6 +209,8 @@ def test_randomized_errors():
         pj.randomized_projector(G, 4, "right", power_iters=-1)
     with pytest.raises(TypeError, match="seed"):
         pj.randomized_projector(G, 4, "right", seed=1.5)
+    with pytest.raises(ValueError, match="seed"):
+        pj.randomized_projector(G, 4, "right", seed=2 ** 64)
     with pytest.raises(ValueError, match="previous has shape"):
         pj.randomized_projector(G, 4, "right", previous=torch.zeros(4, 30))
     with pytest.raises(TypeError, match="previous"):
@@ -505,6 +511,10 @@ def test_quantize_errors():
         qt.quantize_groupwise(torch.ones(4, dtype=torch.int32), group_size=2)
     with pytest.raises(ValueError, match="bits"):
         qt.quantize_projector(w, bits=2, group_size=30)
+    with pytest.raises(ValueError, match="seed"):
+        qt.quantize_groupwise(w, group_size=30, stochastic=True, seed=-2 ** 64)
+    with pytest.raises(TypeError, match="seed"):
+        qt.quantize_groupwise(w, group_size=30, stochastic=True, seed="0")
 
 
 def test_quantized_projector_loads_weights_only():
@@ -521,3 +531,22 @@ def test_quantized_projector_loads_weights_only():
     assert ((Pd - P).abs() <= step * (1 + 1e-5)).all()
     nbytes = sum(t.numel() * t.element_size() for t in q.values())
     assert nbytes == P.numel() // 2 + 8 * (P.numel() // 256)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (7, 1), (1, 1), (2, 9), (13, 5)])
+@pytest.mark.parametrize("side", ["right", "left", "full"])
+def test_odd_shapes_all_projectors(shape, side):
+    G = _randn(*shape, seed=13)
+    S = pj.svd_projector(G, 3, side)
+    R = pj.randomized_projector(G, 3, side, seed=0)
+    shapes = (lambda x: [t.shape for t in x]) if side == "full" else (lambda x: [x.shape])
+    assert shapes(S) == shapes(R)
+    e_s, e_r = pj.subspace_error(G, S, side), pj.subspace_error(G, R, side)
+    assert e_r <= 1.05 * e_s + 1e-5
+    if side != "full":
+        size = shape[1] if side == "right" else shape[0]
+        for method in ("matmul", "fft"):
+            idx, low = pj.dct_select(G, 3, side, method=method)
+            P = pj.dct_projector(idx, size, side, "cpu", torch.float32)
+            assert idx.numel() == min(3, size)
+            torch.testing.assert_close(low, G @ P.T if side == "right" else P.T @ G, rtol=1e-5, atol=1e-5)

@@ -63,6 +63,8 @@ def _check_grad(grad, name="grad"):
         raise TypeError(f"{name} must be a floating-point tensor; got {grad.dtype}")
     if grad.is_sparse:
         raise TypeError(f"{name} must be dense; got a sparse tensor")
+    if grad.numel() == 0:
+        raise ValueError(f"{name} must be non-empty; got shape {tuple(grad.shape)}")
 
 
 def _check_rank(rank):
@@ -71,6 +73,15 @@ def _check_rank(rank):
     if rank < 1:
         raise ValueError(f"rank must be an int >= 1; got {rank}")
     return int(rank)
+
+
+def _check_seed(seed):
+    """A ``torch.Generator.manual_seed`` value: an int in ``[-2**63, 2**64)`` (negatives wrap modulo 2**64)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int; got {seed!r}")
+    if not -(2 ** 63) <= seed < 2 ** 64:
+        raise ValueError(f"seed must lie in [-2**63, 2**64); got {seed}")
+    return int(seed)
 
 
 def _check_int(value, name, minimum):
@@ -171,8 +182,7 @@ def randomized_projector(grad, rank, side, previous=None, *, seed=0, oversample=
     _check_side(side)
     oversample = _check_int(oversample, "oversample", 0)
     power_iters = _check_int(power_iters, "power_iters", 0)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int; got {seed!r}")
+    seed = _check_seed(seed)
     m, n = grad.shape
     r = min(rank, m, n)
     k = min(r + oversample, m, n)

@@ -84,6 +84,8 @@ def quantize_groupwise(w, *, group_size=256, bits=4, stochastic=False, seed=0):
     bits = _check_bits(bits)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int; got {seed!r}")
+    if not -(2 ** 63) <= seed < 2 ** 64:
+        raise ValueError(f"seed must lie in [-2**63, 2**64); got {seed}")
     wg = _group_rows(w, group_size)
     if not torch.isfinite(wg).all():
         raise ValueError("w has non-finite values (nan/inf); cannot quantize")
