@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 OPTIMIZER_KERNELS = ("_elementwise_kernel", "_lowbit_kernel")
 NO_SPILL_KERNELS = OPTIMIZER_KERNELS + ("_increment_steps_kernel", "_codec_kernel", "_nm_mask_kernel",
-                                        "_transposable_mask_kernel")
+                                        "_transposable_mask_kernel", "_project_adam_kernel", "_back_project_kernel")
 SMEM_LIMIT = 227 * 1024
 
 
@@ -153,6 +153,36 @@ def exercise():
         tsl.sliced_wpp(xs, ys[:, :64], torch.randn(1, 8, 3), torch.zeros(1, 8), torch.zeros(1, 8, 64),
                        torch.zeros(1, 8, 48), 2.0, grad)
 
+    # GaLore's projected step (triton_kernels/lowrank.py): both sides; fp32 / bf16 (and fp16) gradients and
+    # parameters; dense fp32 and INT4 projectors; with and without a grad scale. r = 5, 32, 100 reach every
+    # tile shape; (100, 96) has ragged row tiles and 16-byte aligned rows, (37, 53) nothing aligned.
+    from fastopt.triton_kernels import lowrank as tlr
+
+    def galore_step(m, n, r, side, dtype, int4=False, scaled=False):
+        pshape = (r, n) if side == "right" else (m, r)
+        low = (m, r) if side == "right" else (r, n)
+        proj, q = torch.randn(pshape), None
+        if int4:
+            numel = pshape[0] * pshape[1]
+            proj, q = None, (torch.zeros((numel + 1) // 2, dtype=torch.uint8), torch.ones(numel // r, 1),
+                             torch.zeros(numel // r, 1), r)
+        upd = tlr.project_adam(torch.randn(m, n).to(dtype), proj, side, torch.zeros(low), torch.zeros(low),
+                               beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3,
+                               grad_scale=torch.ones(1) if scaled else None, int4=q, proj_shape=pshape)
+        tlr.back_project_(torch.randn(m, n).to(dtype), upd, proj, side, beta=1.0, alpha=-1.0, int4=q,
+                          proj_shape=pshape)
+
+    for side in ("right", "left"):
+        for r in (5, 32, 100):
+            galore_step(100, 96, r, side, torch.float32)
+        for dtype in (torch.float32, torch.bfloat16):
+            for int4 in (False, True):
+                for scaled in (False, True):
+                    galore_step(100, 96, 5, side, dtype, int4, scaled)
+        galore_step(100, 96, 5, side, torch.float16)
+        galore_step(37, 53, 5, side, torch.float32)
+        galore_step(37, 53, 5, side, torch.bfloat16, int4=True)
+
 
 # -- the test ---------------------------------------------------------------------------------------------
 
@@ -179,7 +209,8 @@ def results(tmp_path_factory):
 def _label(r):
     c = r["constexprs"]
     keys = ("UPDATE", "REDUCE", "PHASE", "FLAGS", "DTYPE", "NSTATE", "Q0", "Q1", "ALIGNED", "M", "INNER1", "IDX64",
-            "EXACT", "BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "OUT_DTYPE", "STOCHASTIC", "SPARSE", "MODE", "COST", "GRAD")
+            "EXACT", "BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "OUT_DTYPE", "STOCHASTIC", "SPARSE", "MODE", "COST", "GRAD",
+            "LEFT", "INT4", "HAS_SCALE")
     return r["kernel"] + "(" + ", ".join(f"{k}={c[k]}" for k in keys if k in c) + ")"
 
 

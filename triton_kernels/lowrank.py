@@ -168,16 +168,20 @@ def _pow2_clamp(x, lo, hi):
 
 
 def _project_blocks(side, m, n, r):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of :func:`project_adam`'s launch: the r side of the
-    output tile is r rounded up to a power of two in [16, 64], the other side 64; K tiles of 32."""
-    br = _pow2_clamp(r, 16, 64)
-    return (64, br, 32, 4, 3) if side == "right" else (br, 64, 32, 4, 3)
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of :func:`project_adam`'s launch.  The rank side of
+    the output tile is r rounded up to a power of two, at least 16 and at most 32 for side "right" (the
+    projector operand is k-contiguous there: a 64 x 64 tile took 190-255 registers and spilled with 4 warps
+    on sm_90) and 64 for side "left"; the other side 64; K steps of 16; 8 warps (no spills in any variant,
+    see tests/test_triton_compile_all.py).  Not tuned on a GPU."""
+    if side == "right":
+        return 64, _pow2_clamp(r, 16, 32), 16, 8, 3
+    return _pow2_clamp(r, 16, 64), 64, 16, 8, 3
 
 
 def _back_blocks(side, m, n, r):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of :func:`back_project_`: 64 x 64 output tiles, K
-    tiles of r rounded up to a power of two in [16, 32]."""
-    return 64, 64, _pow2_clamp(r, 16, 32), 4, 2
+    steps of 16 over the rank, 8 warps (4 warps spilled in the INT4 variants on sm_90).  Not tuned on a GPU."""
+    return 64, 64, 16, 8, 2
 
 
 # -- host side: validation -------------------------------------------------------------------------------------
