@@ -15,6 +15,7 @@ from .optim import (SGDP, AdaBelief, Adam, Adan, AdamP, AdamW, DiffGrad, EXAdam,
 from .optim import OrthoGrad  # noqa: F401
 from .optim import OptimizerInBackward, optimizer_in_backward  # noqa: F401
 from .optim import lowbit_presets as _lowbit_presets
+from . import lowrank  # noqa: F401,E402  (after the optimizers it builds on)
 
 
 def _attach_lowbit_presets():

@@ -177,23 +177,50 @@ class _LowRank:
 
     def _check_group(self, group):
         super()._check_group(group)
-        check_lowrank_group(type(self).__name__, group)
+        # (the base constructors check their defaults before the projection keys are among them)
+        check_lowrank_group(type(self).__name__, {**self.__dict__.get("_lowrank_defaults", LOWRANK_DEFAULTS), **group})
 
     def _check_group_param(self, group, p):
         super()._check_group_param(group, p)
-        if self._projects(group, p) and _sharded.is_dtensor(p):
+        if not (self._projects(group, p) and _sharded.is_dtensor(p)):
+            return
+        # NOTE: [projected DTensors] FSDP2's row shards: a refresh gathers the whole gradient (every rank
+        # computes the same projector); the step runs on the local rows (right side: G_rows P^T, moments
+        # Shard(0) like the parameter; left / full: the partial products summed by one all-reduce over
+        # the shard groups, moments replicated), and the back-projection writes the local rows.
+        name = type(self).__name__
+        if not _sharded.row_sharded(p):
             raise NotImplementedError(
-                f"{type(self).__name__}: a projected parameter is a DTensor {_sharded.describe_placement(p)} "
-                "(FSDP2): not supported yet; leave the projected matrices unsharded (fully_shard(..., "
-                "ignored_params=...)) or give their group rank=None")
+                f"{name}: a projected parameter is a DTensor {_sharded.describe_placement(p)}: the projected step "
+                "runs on row shards (Shard(0) or Replicate placements, as fully_shard makes)")
+        if group.get("state_bits") is not None:
+            raise NotImplementedError(
+                f"{name}: low-bit moments (state_bits) of a projected DTensor {_sharded.describe_placement(p)}: "
+                "not supported; use state_bits=None for the projected groups under FSDP2")
 
     # -- state -----------------------------------------------------------------------------------------
+    def _low_zeros(self, group, p):
+        """fp32 zeros in the low-rank shape of ``p``: for a DTensor ``p`` a DTensor (right side: the
+        parameter's row shards; left / full: replicated)."""
+        shape = self._low_shape(group, p)
+        if not _sharded.is_dtensor(p):
+            return torch.zeros(shape, dtype=torch.float32, device=p.device)
+        from torch.distributed.tensor import DTensor, Replicate
+
+        mesh = p.device_mesh
+        if self._side(group, p) == "right":
+            (rows, _), _ = _sharded.local_shape_and_offset(p)
+            return DTensor.from_local(torch.zeros((rows, shape[1]), dtype=torch.float32, device=p.device), mesh,
+                                      p.placements, run_check=False, shape=torch.Size(shape), stride=(shape[1], 1))
+        return DTensor.from_local(torch.zeros(shape, dtype=torch.float32, device=p.device), mesh,
+                                  [Replicate()] * mesh.ndim, run_check=False)
+
     def _init_state(self, group, p, state):
         if not self._projects(group, p):
             super()._init_state(group, p, state)
             state["host_step"] = 0
             return
-        low = torch.zeros(self._low_shape(group, p), dtype=torch.float32, device=p.device)
+        low = self._low_zeros(group, p)
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         state["host_step"] = 0
         state["proj_gap"] = int(group["update_proj_gap"])
@@ -372,7 +399,7 @@ class _LowRank:
             first = dense[0] if isinstance(dense, tuple) else dense
             queue, past, gap = _proj.adaptive_gap(
                 state.get("proj_queue", torch.zeros(0, dtype=torch.float64)), state.get("proj_past"),
-                first.float(), "left" if side == "full" else side, state["proj_gap"],
+                first, "left" if side == "full" else side, state["proj_gap"],
                 queue_size=group["queue_size"], cos_threshold=group["cos_threshold"], gamma_proj=group["gamma_proj"])
             state["proj_queue"], state["proj_past"], state["proj_gap"] = queue, past, int(gap)
         if new is None:
@@ -401,7 +428,7 @@ class _LowRank:
             shape = (r, n) if side == "right" else (m, r)
             q = {"codes": state["projector_codes"], "scales": state["projector_scales"],
                  "zeros": state["projector_zeros"]}
-            return _quant.dequantize_projector(q, shape, dtype, bits=group["proj_bits"])
+            return _quant.dequantize_projector(q, shape, dtype)
         if side == "full":
             return state["projector"], state["projector_right"]
         return state["projector"]
@@ -415,6 +442,25 @@ class _LowRank:
         L, R = P
         return (L.t() @ g) @ R.t()
 
+    def _project_rows(self, group, p, g, P, side):
+        """The projected gradient of DTensor ``p`` from its local rows (NOTE: [projected DTensors])."""
+        from torch.distributed.tensor import DTensor
+
+        g_loc = g.to_local()
+        like = self._low_zeros(group, p)
+        if side == "right":
+            return DTensor.from_local(g_loc @ P.to(g_loc.dtype).t(), like.device_mesh, like.placements,
+                                      run_check=False, shape=like.shape, stride=like.stride())
+        (rows, _), (r0, _) = _sharded.local_shape_and_offset(p)
+        L = P if side == "left" else P[0]
+        part = L[r0:r0 + rows].to(g_loc.dtype).t() @ g_loc
+        if side == "full":
+            part = part @ P[1].to(g_loc.dtype).t()
+        part = part.float().contiguous()
+        for pg in _sharded.shard_groups(p):
+            torch.distributed.all_reduce(part, group=pg)
+        return DTensor.from_local(part, like.device_mesh, like.placements, run_check=False)
+
     def _step_projected(self, group, params, grads, states, backend, grad_scale, owners):
         """One step of the projected parameters ``params`` (fp32 copies of int8 weights included)."""
         lr = float(scalar_lr(group["lr"]))
@@ -422,30 +468,38 @@ class _LowRank:
         lows, dense = [], []
         for p, g, state, owner in zip(params, grads, states, owners):
             side = self._side(group, p)
+            sharded = _sharded.is_dtensor(p)
             due = state["host_step"] % state["proj_gap"] == 0 or not any(k in state for k in _PROJECTOR_KEYS)
-            low = self._refresh(group, p, g, state, owner) if due else None
+            low = self._refresh(group, p, _sharded.whole(g), state, owner) if due else None
             P = self._dense_projector(group, p, state)
-            if low is None:
+            if sharded:
+                low = self._project_rows(group, p, g, P, side)
+            elif low is None:
                 low = self._project(g, P if side == "full" else P.to(g.dtype), side)
             lows.append(low.float() if low.dtype != torch.float32 else low.contiguous())
             dense.append(P)
         by_step = defaultdict(list)
         for i, s in enumerate(states):
             by_step[s["host_step"] + 1].append(i)
+        alpha = float(group["scale"]) * decay
         for t, idx in by_step.items():
             updates = [torch.zeros_like(lows[i]) for i in idx]
             self._step_float(self._projected_view(group, t), updates, [lows[i] for i in idx],
                              [states[i] for i in idx], backend, grad_scale, None)
             for u, i in zip(updates, idx):
                 p, P, side = params[i], dense[i], self._side(group, params[i])
-                alpha = float(group["scale"]) * decay
+                rows = slice(None)
+                if _sharded.is_dtensor(p):
+                    (n_rows, _), (r0, _) = _sharded.local_shape_and_offset(p)
+                    rows = slice(r0, r0 + n_rows)
+                    p, u = p.to_local(), u.to_local()
                 if side == "right":
                     p.addmm_(u.to(p.dtype), P.to(p.dtype), beta=decay, alpha=alpha)
                 elif side == "left":
-                    p.addmm_(P.to(p.dtype), u.to(p.dtype), beta=decay, alpha=alpha)
+                    p.addmm_(P[rows].to(p.dtype), u.to(p.dtype), beta=decay, alpha=alpha)
                 else:
                     L, R = P
-                    p.addmm_((L.float() @ u).to(p.dtype), R.to(p.dtype), beta=decay, alpha=alpha)
+                    p.addmm_((L[rows].float() @ u).to(p.dtype), R.to(p.dtype), beta=decay, alpha=alpha)
                 states[i]["host_step"] = t
 
     # -- loading ---------------------------------------------------------------------------------------
