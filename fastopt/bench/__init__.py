@@ -18,4 +18,5 @@ from . import ot  # noqa: F401  (registers the "sinkhorn" suite)
 from . import ot_sliced  # noqa: F401  (registers the "sliced-wasserstein" suite)
 from . import ot_newton  # noqa: F401  (registers the "sinkhorn-newton" suite)
 from . import fsdp  # noqa: F401  (registers the "fsdp" suite)
+from . import lowrank  # noqa: F401  (registers the "lowrank" suite)
 from .harness import SUITES, Bar, Case, Suite, Unsupported, Workload, main, register  # noqa: F401
