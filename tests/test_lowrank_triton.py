@@ -428,3 +428,50 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         L.project_adam(cpu["grad"], cpu["proj"], "right", cpu["exp_avg"], cpu["exp_avg_sq"], **HP)
     with pytest.raises(ValueError, match="CUDA"):
         L.back_project_(cpu["param"], cpu["update"], cpu["proj"], "right", beta=1.0, alpha=1.0)
+
+
+# -- the compiled epilogue (sm_90, no GPU needed) ------------------------------------------------------------------
+
+_PTX_SCRIPT = r"""
+import json, os, sys
+import torch
+import triton.runtime.jit as jit
+from fastopt.triton_kernels import compile_audit as ca
+from fastopt.triton_kernels import lowrank as tlr
+with ca.capture() as launches:
+    g, p = torch.randn(64, 48), torch.randn(8, 48)
+    upd = tlr.project_adam(g, p, "right", torch.zeros(64, 8), torch.zeros(64, 8), beta1=0.9, beta2=0.999,
+                           eps=1e-8, step_size=1e-3, grad_scale=torch.ones(1))
+    tlr.back_project_(torch.randn(64, 48, dtype=torch.bfloat16), torch.zeros(64, 8), p, "right", beta=1.0, alpha=1.0)
+ca._worker_init()
+out = {}
+for ln in launches:
+    d = json.loads(ln.data)
+    fn = jit._triton_jit_function_registry[":".join(d["name"].rsplit(".", 1))]
+    out[ln.kernel] = fn.preload(ln.data).asm["ptx"]
+json.dump(out, sys.stdout)
+"""
+
+
+def test_sm90_ptx_uses_ieee_division_and_square_root():
+    """The interpreter computes ``/`` and ``tl.sqrt`` with numpy's IEEE operations, so it cannot tell a fast
+    approximate division or square root from a correctly rounded one: compile both kernels for sm_90 (no GPU:
+    compile_audit's stand-in driver) and read the PTX.  The Adam epilogue must use ``div.rn.f32`` and
+    ``sqrt.rn.f32`` (no ``.approx`` / ``div.full``), so that it rounds like torch's fp32 ops."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from triton.backends import backends
+    if "nvidia" not in backends:
+        pytest.skip("triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ptx = json.loads(proc.stdout)
+    assert set(ptx) == {"_project_adam_kernel", "_back_project_kernel"}
+    adam = ptx["_project_adam_kernel"]
+    assert "div.rn.f32" in adam and "sqrt.rn.f32" in adam
+    for bad in ("sqrt.approx", "div.approx", "div.full", "rsqrt", "rcp.approx"):
+        assert bad not in adam, bad
