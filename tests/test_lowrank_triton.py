@@ -321,6 +321,11 @@ def _back_call(t, **over):
     return lambda: _lowrank().back_project_(a["param"], a["update"], a["proj"], a["side"], **kw)
 
 
+def _overlapping_pair():
+    base = torch.zeros(40, device=DEV)
+    return dict(exp_avg=base[:36].view(12, 3), exp_avg_sq=base[4:].view(12, 3))  # partly the same memory
+
+
 ADAM_BAD = {
     "side": (ValueError, "side", lambda t: dict(side="top")),
     "grad dtype": (TypeError, "grad", lambda t: dict(grad=t["grad"].double())),
@@ -357,6 +362,9 @@ ADAM_BAD = {
     "exp_avg_sq not contiguous": (ValueError, "exp_avg_sq", lambda t: dict(
         exp_avg_sq=torch.zeros(3, 12, device=DEV).T)),
     "moments alias": (ValueError, "exp_avg_sq", lambda t: dict(exp_avg_sq=t["exp_avg"])),
+    "moments overlap": (ValueError, "exp_avg_sq must not share memory with exp_avg", lambda t: _overlapping_pair()),
+    "moment inside grad": (ValueError, "exp_avg must not share memory with grad", lambda t: dict(
+        exp_avg=t["grad"].view(-1)[50:86].view(12, 3))),
     "beta1": (ValueError, "beta1", lambda t: dict(beta1=1.0)),
     "beta2": (ValueError, "beta2", lambda t: dict(beta2=-0.1)),
     "eps": (ValueError, "eps", lambda t: dict(eps=float("nan"))),
@@ -398,6 +406,8 @@ BACK_BAD = {
     "alpha": (ValueError, "alpha", lambda t: dict(alpha=float("inf"))),
     "alias": (ValueError, "share memory", lambda t: dict(param=torch.zeros(12, 10, device=DEV),
                                                          update=None)),
+    "param over proj": (ValueError, "param must not share memory with proj", lambda t: dict(
+        param=t["proj"].view(3, 10), update=torch.zeros(3, 3, device=DEV))),
 }
 
 

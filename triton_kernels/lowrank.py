@@ -269,6 +269,22 @@ def _proj_operands(proj, int4, proj_shape, device):
     return shape, codes, codes, scales, zeros, group, True
 
 
+def _overlaps(a, b):
+    """True when the (contiguous, non-empty) tensors share any byte of memory."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def _check_no_overlap(written, others):
+    """Each tensor written in place (name, tensor) must not share memory with any other operand."""
+    for i, (wn, w) in enumerate(written):
+        for on, o in list(written[:i]) + list(others):
+            if o is not None and _overlaps(w, o):
+                raise ValueError(f"{wn} must not share memory with {on}")
+
+
 def _device_guard(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -319,8 +335,6 @@ def project_adam(grad, proj, side, exp_avg, exp_avg_sq, *, beta1, beta2, eps, st
         _check_tensor(t, nm, (torch.float32,), dev)
         if tuple(t.shape) != low_shape:
             raise ValueError(f"{nm} must have the low-rank shape {low_shape}, got {tuple(t.shape)}")
-    if exp_avg.numel() and exp_avg.data_ptr() == exp_avg_sq.data_ptr():
-        raise ValueError("exp_avg and exp_avg_sq must be different tensors")
     beta1 = _check_number(beta1, "beta1", 0.0, 1.0, hi_open=True)
     beta2 = _check_number(beta2, "beta2", 0.0, 1.0, hi_open=True)
     eps = _check_number(eps, "eps", 0.0)
@@ -329,6 +343,9 @@ def project_adam(grad, proj, side, exp_avg, exp_avg_sq, *, beta1, beta2, eps, st
         _check_tensor(grad_scale, "grad_scale", (torch.float32,), dev)
         if grad_scale.numel() != 1:
             raise ValueError(f"grad_scale must have exactly one element, got {grad_scale.numel()}")
+    _check_no_overlap([("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
+                      [("grad", grad), ("proj" if int4 is None else "int4 codes", p_t), ("int4 scales", scales),
+                       ("int4 zeros", zeros), ("grad_scale", grad_scale)])
     update = torch.empty(low_shape, dtype=torch.float32, device=dev)
     if update.numel() == 0:
         return update
@@ -379,10 +396,10 @@ def back_project_(param, update, proj, side, *, beta, alpha, int4=None, proj_sha
         raise ValueError(f"update must have the low-rank shape {low_shape}, got {tuple(update.shape)}")
     beta = _check_number(beta, "beta")
     alpha = _check_number(alpha, "alpha")
+    _check_no_overlap([("param", param)], [("update", update), ("proj" if int4 is None else "int4 codes", p_t),
+                                           ("int4 scales", scales), ("int4 zeros", zeros)])
     if param.numel() == 0:
         return None
-    if param.data_ptr() == update.data_ptr():
-        raise ValueError("param and update must not share memory")
     bm, bn, bk, warps, stages = _back_blocks(side, m, n, r)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     with _device_guard(param):
