@@ -241,6 +241,38 @@ def test_int4_matches_q_galore_dequantization():
     assert torch.equal(param[r:].cpu(), torch.zeros(3, n))
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_int4_matches_fastopt_quantizer(side):
+    """fastopt.lowrank.quant's INT4 projector format (packed codes, [groups, 1] scales / zeros; stochastic
+    rounding) is what the kernels read: with identity operands both kernels reproduce
+    ``dequantize_projector`` exactly (products with 0 / 1 and sums of one term are exact in fp32)."""
+    quant = pytest.importorskip("fastopt.lowrank.quant")
+    L = _lowrank()
+    gen = torch.Generator().manual_seed(7)
+    m, n, r = 24, 40, 6
+    group = 30 if side == "right" else 16  # divides numel(P); the groups straddle P's rows
+    pshape = (r, n) if side == "right" else (m, r)
+    q = quant.quantize_projector(torch.randn(pshape, generator=gen), bits=4, group_size=group, stochastic=True, seed=3)
+    dense = quant.dequantize_projector(q, pshape)
+    int4 = (q["codes"].to(DEV, copy=True), q["scales"].to(DEV, copy=True), q["zeros"].to(DEV, copy=True), group)
+    # project: G selects P's columns (right: G = [I_n; 0] rows, low = G P^T; left: G = [I_m, 0], low = P^T G);
+    # beta1 = 0 makes exp_avg the low-rank gradient itself
+    grad = torch.eye(m, n)
+    low = grad @ dense.T if side == "right" else dense.T @ grad
+    lshape = low_shape(side, m, n, r)
+    exp_avg, exp_avg_sq = torch.zeros(lshape, device=DEV), torch.zeros(lshape, device=DEV)
+    L.project_adam(grad.to(DEV, copy=True), None, side, exp_avg, exp_avg_sq, beta1=0.0, beta2=0.5, eps=1e-8,
+                   step_size=1.0, int4=int4, proj_shape=pshape)
+    assert torch.equal(exp_avg.cpu(), low)
+    # back: U = identity-like, so back(U) is the projector (padded with zeros)
+    update = torch.eye(*lshape)
+    param = torch.zeros(m, n, device=DEV)
+    L.back_project_(param, update.to(DEV, copy=True), None, side, beta=1.0, alpha=1.0, int4=int4, proj_shape=pshape)
+    expect = update @ dense if side == "right" else dense @ update
+    assert torch.equal(param.cpu(), expect)
+    assert torch.equal(expect[:r] if side == "right" else expect[:, :r], dense)  # every element of P was read
+
+
 # -- small tiles: many tiles per dimension and several K steps --------------------------------------------------
 
 @pytest.mark.parametrize("int4", [False, True], ids=["dense", "int4"])
