@@ -408,3 +408,42 @@ def test_signatures_are_real():
     assert "rank" in sig.parameters and "betas" in sig.parameters
     with pytest.raises(TypeError):
         GaLoreLion([torch.nn.Parameter(torch.randn(3))], rnak=4)
+
+
+@pytest.mark.skipif(("cpu", "triton") not in DEVICE_BACKENDS, reason="triton cannot run here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", [dict(), dict(proj_bits=4, proj_group_size=12), dict(projector="dct")],
+                         ids=["dense", "int4", "dct"])
+def test_triton_fused_step_equals_the_generic_path(config, dtype, monkeypatch):
+    """backend="triton": GaLoreAdamW's projection + Adam update in one Triton GEMM and the back-projection
+    in a second (an INT4 projector dequantized in their loads) -- the same steps as the cpu backend's
+    matmul + fused elementwise pass + addmm_, on tall (right side) and wide (left side) matrices."""
+    from fastopt.triton_kernels import lowrank as kernels
+
+    calls = []
+    real = kernels.project_adam
+    monkeypatch.setattr(kernels, "project_adam", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    shapes = [(36, 24), (24, 60)]
+    ws = [torch.randn(*s).to(dtype) for s in shapes]
+    runs = {}
+    for backend in ("cpu", "triton"):
+        params = [torch.nn.Parameter(w.clone()) for w in ws]
+        opt = GaLoreAdamW([{"params": params, "rank": 6, "update_proj_gap": 2, "scale": 0.5, **config}], lr=1e-2,
+                          weight_decay=0.1, backend=backend)
+        for step in range(4):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + i)).to(dtype)
+            opt.step()
+        runs[backend] = (params, opt)
+    assert len(calls) == 8  # every step of both matrices ran the fused kernel
+    (pc, oc), (pt, ot) = runs["cpu"], runs["triton"]
+    # bf16: the cpu path projects in bf16 (galore-torch's projector has the parameter's dtype, so its
+    # projected gradient is rounded to bf16); the Triton GEMM accumulates and keeps it in fp32
+    tol, srel = (dict(rtol=1e-5, atol=1e-6), 1e-5) if dtype == torch.float32 else (dict(rtol=2e-2, atol=2e-2), 2e-2)
+    for a, b in zip(pt, pc):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ot.state[a][key], oc.state[b][key], rtol=10 * srel,
+                                       atol=srel * oc.state[b][key].abs().max().item())
+        assert float(ot.state[a]["step"]) == 4 and ot.state[a]["host_step"] == 4

@@ -461,33 +461,40 @@ class _LowRank:
             torch.distributed.all_reduce(part, group=pg)
         return DTensor.from_local(part, like.device_mesh, like.placements, run_check=False)
 
+    def _fused_step(self, group, p, g, state, side, backend, grad_scale, decay):
+        """Step projected parameter ``p`` in the optimizer's own fused kernels (projection + update in one
+        GEMM, back-projection in another); returns False where there are none (the generic path then
+        runs the projection, the base op's fused pass and the addmm_)."""
+        return False
+
     def _step_projected(self, group, params, grads, states, backend, grad_scale, owners):
         """One step of the projected parameters ``params`` (fp32 copies of int8 weights included)."""
         lr = float(scalar_lr(group["lr"]))
         decay = 1.0 - lr * float(group["weight_decay"])
-        lows, dense = [], []
-        for p, g, state, owner in zip(params, grads, states, owners):
+        rest = []  # (param index, projected gradient, dense projector) of the generic path
+        for i, (p, g, state, owner) in enumerate(zip(params, grads, states, owners)):
             side = self._side(group, p)
-            sharded = _sharded.is_dtensor(p)
             due = state["host_step"] % state["proj_gap"] == 0 or not any(k in state for k in _PROJECTOR_KEYS)
             low = self._refresh(group, p, _sharded.whole(g), state, owner) if due else None
+            if self._fused_step(group, p, g, state, side, backend, grad_scale, decay):
+                state["host_step"] += 1
+                continue
             P = self._dense_projector(group, p, state)
-            if sharded:
+            if _sharded.is_dtensor(p):
                 low = self._project_rows(group, p, g, P, side)
             elif low is None:
                 low = self._project(g, P if side == "full" else P.to(g.dtype), side)
-            lows.append(low.float() if low.dtype != torch.float32 else low.contiguous())
-            dense.append(P)
+            rest.append((i, low.float() if low.dtype != torch.float32 else low.contiguous(), P))
         by_step = defaultdict(list)
-        for i, s in enumerate(states):
-            by_step[s["host_step"] + 1].append(i)
+        for entry in rest:
+            by_step[states[entry[0]]["host_step"] + 1].append(entry)
         alpha = float(group["scale"]) * decay
-        for t, idx in by_step.items():
-            updates = [torch.zeros_like(lows[i]) for i in idx]
-            self._step_float(self._projected_view(group, t), updates, [lows[i] for i in idx],
-                             [states[i] for i in idx], backend, grad_scale, None)
-            for u, i in zip(updates, idx):
-                p, P, side = params[i], dense[i], self._side(group, params[i])
+        for t, entries in by_step.items():
+            updates = [torch.zeros_like(low) for _, low, _ in entries]
+            self._step_float(self._projected_view(group, t), updates, [low for _, low, _ in entries],
+                             [states[i] for i, _, _ in entries], backend, grad_scale, None)
+            for u, (i, _, P) in zip(updates, entries):
+                p, side = params[i], self._side(group, params[i])
                 rows = slice(None)
                 if _sharded.is_dtensor(p):
                     (n_rows, _), (r0, _) = _sharded.local_shape_and_offset(p)
@@ -621,6 +628,36 @@ class GaLoreAdamW(_LowRank, ElementwiseAdamW):
 
     def _plain_view(self, group, t):
         return _galore_adamw_views(group, t, projected=False)
+
+    def _fused_step(self, group, p, g, state, side, backend, grad_scale, decay):
+        # The triton backend: one GEMM projects the gradient and runs the Adam update in its epilogue
+        # (the projected gradient is never stored), a second writes p = decay p + scale decay back(U);
+        # an INT4 projector is dequantized in both GEMMs' loads.  (fp32 moments, left/right sides,
+        # not maximize, no DTensor: everything else takes the generic path.)
+        if (backend != "triton" or side == "full" or group["maximize"] or LowbitStates.holds(state)
+                or _sharded.is_dtensor(p) or group["proj_bits"] == 8 or g.dtype != p.dtype):
+            return False
+        from ..triton_kernels import lowrank as kernels
+
+        t = state["host_step"] + 1
+        b1, b2 = (float(b) for b in group["betas"])
+        lr = float(scalar_lr(group["lr"]))
+        step_size = lr * math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t) if group["correct_bias"] else lr
+        m, n = p.shape
+        r = min(group["rank"], m, n)
+        if group["proj_bits"] == 4:
+            proj, shape = None, ((r, n) if side == "right" else (m, r))
+            int4 = (state["projector_codes"], state["projector_scales"], state["projector_zeros"],
+                    group["proj_group_size"])
+        else:
+            proj, shape, int4 = self._dense_projector(group, p, state).float().contiguous(), None, None
+        u = kernels.project_adam(g.contiguous(), proj, side, state["exp_avg"], state["exp_avg_sq"], beta1=b1, beta2=b2,
+                                 eps=float(group["eps"]), step_size=step_size, grad_scale=grad_scale, int4=int4,
+                                 proj_shape=shape)
+        state["step"].add_(1)
+        kernels.back_project_(p, u, proj, side, beta=decay, alpha=float(group["scale"]) * decay, int4=int4,
+                              proj_shape=shape)
+        return True
 
     def _projected_view(self, group, t):
         return _galore_adamw_views(group, t, projected=True)
