@@ -314,21 +314,20 @@ def _dct3_rows_fft(X):
     X = X.to(cdtype)
     h = N // 2 + 1
     key = (N, _norm_device(X.device), cdtype)
-    tw = _TWIDDLE_CACHE.get(key)
-    if tw is None:
-        kk = torch.arange(h, dtype=torch.float64)
-        w = torch.full((h,), 1.0 / math.sqrt(2.0 * N), dtype=torch.float64)
+    cached = _TWIDDLE_CACHE.get(key)
+    if cached is None:
+        w = torch.full((h,), 1.0 / math.sqrt(2.0 * N), dtype=torch.float64)   # w_k / 2 for k >= 1
         w[0] = math.sqrt(1.0 / N)
-        ang = math.pi * kk / (2.0 * N)
-        tw = (torch.polar(w, ang), torch.polar(torch.full((h,), 1.0 / math.sqrt(2.0 * N), dtype=torch.float64), ang))
+        phase = torch.polar(torch.ones(h, dtype=torch.float64), math.pi * torch.arange(h, dtype=torch.float64) / (2.0 * N))
         ctype = torch.complex128 if cdtype == torch.float64 else torch.complex64
-        tw = tuple(t.to(device=X.device, dtype=ctype) for t in tw)
-        _TWIDDLE_CACHE[key] = tw
-    tw_d, tw_r = tw       # weight * exp(i pi k / 2N) for d_k, and for d_{N-k} (k >= 1: all weights 1/sqrt(2N))
-    lo = X[:, :h]
-    rev = torch.zeros(rows, h, dtype=cdtype, device=X.device)
-    rev[:, 1:] = X[:, N - h + 1:].flip(-1)      # rev[:, k] = x[N - k] for k = 1 .. N//2; d_N = 0
-    V = lo * tw_d - 1j * (rev * tw_r)
+        cached = (w.to(device=X.device, dtype=cdtype), phase.to(device=X.device, dtype=ctype))
+        _TWIDDLE_CACHE[key] = cached
+    w, phase = cached
+    d = X[:, :h] * w                                 # d_k, k = 0 .. N//2
+    d_rev = torch.zeros(rows, h, dtype=cdtype, device=X.device)
+    d_rev[:, 1:] = X[:, N - h + 1:].flip(-1)         # x[N - k] for k = 1 .. N//2 (d_N = 0 at k = 0)
+    d_rev.mul_(1.0 / math.sqrt(2.0 * N))             # d_{N-k}, N - k >= 1
+    V = torch.complex(d, d_rev.neg_()).mul_(phase)
     v = torch.fft.irfft(V, n=N, dim=-1, norm="forward")
     y = torch.empty_like(v)
     ne = (N + 1) // 2
