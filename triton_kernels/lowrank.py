@@ -167,15 +167,18 @@ def _pow2_clamp(x, lo, hi):
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
-def _project_blocks(side, m, n, r):
+def _project_blocks(side, m, n, r, elem=4):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of :func:`project_adam`'s launch.  The rank side of
     the output tile is r rounded up to a power of two, at least 16 and at most 32 for side "right" (the
     projector operand is k-contiguous there: a 64 x 64 tile took 190-255 registers and spilled with 4 warps
-    on sm_90) and 64 for side "left"; the other side 64; K steps of 16; 8 warps (no spills in any variant,
-    see tests/test_triton_compile_all.py).  Not tuned on a GPU."""
+    on sm_90) and 64 for side "left"; the other side 64; K steps of 16 for fp32 gradients and 32 for
+    bf16 / fp16 ones (``elem``: the gradient's element size), so that each thread's share of a gradient tile
+    is one 16-byte copy; 8 warps (no spills in any variant, see tests/test_triton_compile_all.py).  Not tuned
+    on a GPU."""
+    bk = 16 if elem == 4 else 32
     if side == "right":
-        return 64, _pow2_clamp(r, 16, 32), 16, 8, 3
-    return _pow2_clamp(r, 16, 64), 64, 16, 8, 3
+        return 64, _pow2_clamp(r, 16, 32), bk, 8, 3
+    return _pow2_clamp(r, 16, 64), 64, bk, 8, 3
 
 
 def _back_blocks(side, m, n, r):
@@ -349,7 +352,7 @@ def project_adam(grad, proj, side, exp_avg, exp_avg_sq, *, beta1, beta2, eps, st
     update = torch.empty(low_shape, dtype=torch.float32, device=dev)
     if update.numel() == 0:
         return update
-    bm, bn, bk, warps, stages = _project_blocks(side, m, n, r)
+    bm, bn, bk, warps, stages = _project_blocks(side, m, n, r, grad.element_size())
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     with _device_guard(grad):
         _project_adam_kernel[grid](
