@@ -144,8 +144,8 @@ def test_project_adam_epilogue_is_exact_on_exact_products():
         ea, ev = torch.randn(lshape, generator=gen), torch.rand(lshape, generator=gen)
         exp_avg, exp_avg_sq = ea.to(DEV, copy=True), ev.to(DEV, copy=True)
         gs = torch.tensor([3.0], device=DEV)
-        upd = L.project_adam(grad.to(DEV, copy=True), proj.to(DEV, copy=True), side, exp_avg, exp_avg_sq, beta1=0.85, beta2=0.995,
-                             eps=1e-6, step_size=0.003, grad_scale=gs)
+        upd = L.project_adam(grad.to(DEV, copy=True), proj.to(DEV, copy=True), side, exp_avg, exp_avg_sq,
+                             beta1=0.85, beta2=0.995, eps=1e-6, step_size=0.003, grad_scale=gs)
         e1, e2, u = adam_ref(low_ref(grad, proj, side), ea, ev, 3.0, 0.85, 0.995, 1e-6, 0.003)
         assert torch.equal(exp_avg.cpu(), e1) and torch.equal(exp_avg_sq.cpu(), e2)
         assert torch.equal(upd.cpu(), u)
@@ -230,7 +230,8 @@ def test_int4_matches_q_galore_dequantization():
     codes, scales, zeros, shape = proj_obj._quantize(ortho, q_group_size=64, n_bit=4)
     assert tuple(shape) == (r, n) and int(codes.max()) <= 15
     deq = (scales * (codes.to(scales.dtype) - zeros)).reshape(shape)
-    q = (pack_int4(codes).to(DEV, copy=True), scales.float().contiguous().to(DEV, copy=True), zeros.float().contiguous().to(DEV, copy=True), 64)
+    q = (pack_int4(codes).to(DEV, copy=True), scales.float().contiguous().to(DEV, copy=True),
+         zeros.float().contiguous().to(DEV, copy=True), 64)
     # back(U) with U = [I_r; 0] (m = r + 3 rows): row i of the result is row i of the dequantized P
     m = r + 3
     update = torch.zeros(m, r)
@@ -329,9 +330,9 @@ def test_empty():
 def _case():
     gen = torch.Generator().manual_seed(6)
     m, n, r = 12, 10, 3
-    t = dict(grad=torch.randn(m, n, generator=gen).to(DEV, copy=True), proj=torch.randn(r, n, generator=gen).to(DEV, copy=True),
-             exp_avg=torch.randn(m, r, generator=gen).to(DEV, copy=True), exp_avg_sq=torch.rand(m, r, generator=gen).to(DEV, copy=True),
-             param=torch.randn(m, n, generator=gen).to(DEV, copy=True), update=torch.randn(m, r, generator=gen).to(DEV, copy=True))
+    t = {k: f(s, generator=gen).to(DEV, copy=True) for k, f, s in (
+        ("grad", torch.randn, (m, n)), ("proj", torch.randn, (r, n)), ("exp_avg", torch.randn, (m, r)),
+        ("exp_avg_sq", torch.rand, (m, r)), ("param", torch.randn, (m, n)), ("update", torch.randn, (m, r)))}
     codes = pack_int4(torch.randint(0, 16, (r * n,), generator=gen, dtype=torch.uint8)).to(DEV, copy=True)
     t["int4"] = (codes, torch.rand(r * n // 5, 1).to(DEV, copy=True), torch.zeros(r * n // 5, 1).to(DEV, copy=True), 5)
     return t
