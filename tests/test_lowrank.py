@@ -447,3 +447,26 @@ def test_triton_fused_step_equals_the_generic_path(config, dtype, monkeypatch):
             torch.testing.assert_close(ot.state[a][key], oc.state[b][key], rtol=10 * srel,
                                        atol=srel * oc.state[b][key].abs().max().item())
         assert float(ot.state[a]["step"]) == 4 and ot.state[a]["host_step"] == 4
+
+
+def test_a_compiled_step_runs_eagerly_with_the_same_numbers():
+    """torch.compile(opt.step): GaLore's step is excluded from dynamo (host-side schedule and a refresh
+    that is an SVD), so nothing is captured and the numbers are the eager ones."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(32, 16)), torch.nn.Parameter(torch.randn(16))
+    w2, b2 = torch.nn.Parameter(w.detach().clone()), torch.nn.Parameter(b.detach().clone())
+    make = lambda w, b: GaLoreAdamW([{"params": [b]}, {"params": [w], "rank": 4, "update_proj_gap": 2}],  # noqa: E731
+                                    lr=1e-2, weight_decay=0.1)
+    opt, ref = make(w, b), make(w2, b2)
+    compiled = torch.compile(opt.step)
+    torch._dynamo.utils.counters.clear()
+    for _ in range(5):
+        g, gb = torch.randn(32, 16), torch.randn(16)
+        w.grad, b.grad, w2.grad, b2.grad = g, gb, g.clone(), gb.clone()
+        compiled()
+        ref.step()
+    assert torch.equal(w, w2) and torch.equal(b, b2)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0

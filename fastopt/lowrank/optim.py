@@ -311,6 +311,13 @@ class _LowRank:
                 bad(key, f"must be {dense_dtype}{shape}")
 
     # -- the step --------------------------------------------------------------------------------------
+    @torch.compiler.disable
+    def step(self, closure=None):
+        """One optimization step (see the class docstring).  It runs eagerly under ``torch.compile``:
+        the refresh schedule, the bias corrections and the weight decay are host numbers, and a refresh
+        is an SVD / QR / top-k (a compiled training step calls it as one opaque function)."""
+        return super().step(closure)
+
     def _check_bucket(self, group, params, backend):
         plain = [p for p in params if not self._projects(group, p)]
         if plain:
@@ -422,8 +429,9 @@ class _LowRank:
         m, n = p.shape
         r = min(group["rank"], m, n)
         dtype = torch.float32 if Int8Weights.is_weight(p) else p.dtype
-        if group["projector"] == "dct":
-            return _proj.dct_projector(state["projector_indices"], n if side == "right" else m, side, p.device, dtype)
+        if group["projector"] == "dct":  # (the indices were checked with the state: no host read per step)
+            cols = _proj.dct_basis(n if side == "right" else m, p.device, dtype)[:, state["projector_indices"]]
+            return cols.t().contiguous() if side == "right" else cols.contiguous()
         if group["proj_bits"] is not None:
             shape = (r, n) if side == "right" else (m, r)
             q = {"codes": state["projector_codes"], "scales": state["projector_scales"],
