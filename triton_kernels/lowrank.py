@@ -14,18 +14,18 @@ Two kernels, each one GEMM with a fused epilogue:
 * :func:`back_project_` -- ``param = beta * param + alpha * back(update)``, tile by tile, in place; no
   full-size temporary.
 
-Numerics: every operand is converted to fp32 in registers and the products are fp32 products
-(``tl.dot(..., input_precision="ieee")``: no TF32, which would round the operands to 10-bit mantissas);
-epilogues in fp32 with IEEE-rounded division and square root (``tl.div_rn``, ``tl.sqrt_rn``) and fp
-fusion pinned off (no FMA contraction in the epilogue), bf16 / fp16 parameters rounded to nearest even
-on store.  The only difference from torch's fp32 ``matmul`` + elementwise ops is the summation order
-inside the dot products.
+Numerics: every operand is converted to fp32 in registers and the dots use ``input_precision="ieee"`` (no
+TF32, which would round the operands to 10-bit mantissas; on sm_90 each term is an ``fma.rn.f32`` into the fp32
+accumulator); epilogues in fp32 with IEEE-rounded division and square root (``tl.div_rn``, ``tl.sqrt_rn``:
+``div.rn.f32`` / ``sqrt.rn.f32`` in the PTX) and fp fusion pinned off (no FMA contraction in the epilogue),
+bf16 / fp16 parameters rounded to nearest even on store.  The only difference from torch's fp32 ``matmul``
++ elementwise ops is the summation (and FMA) order inside the dot products.
 
 INT4 projectors (``int4=(codes, scales, zeros, group_size)``): ``codes`` uint8, two 4-bit codes per byte,
 low nibble first, over the row-major flattening of ``P``; ``scales`` / ``zeros`` fp32, one per group of
 ``group_size`` consecutive elements of that flattening.  Element ``e`` of ``P`` is
 ``scales[e // group_size] * (code_e - zeros[e // group_size])`` (Q-GaLore's dequantization,
-``q_galore_torch.QGaLoreProjector``, in fp32), computed inside the GEMM's operand load: the dense projector
+``q_galore_torch.q_galore_projector.GaLoreProjector``, in fp32), computed inside the GEMM's operand load: the dense projector
 never exists in memory.
 
 Tile sizes are fixed per shape (no autotuning: both kernels update tensors in place, which an autotuner
