@@ -25,8 +25,8 @@ INT4 projectors (``int4=(codes, scales, zeros, group_size)``): ``codes`` uint8, 
 low nibble first, over the row-major flattening of ``P``; ``scales`` / ``zeros`` fp32, one per group of
 ``group_size`` consecutive elements of that flattening.  Element ``e`` of ``P`` is
 ``scales[e // group_size] * (code_e - zeros[e // group_size])`` (Q-GaLore's dequantization,
-``q_galore_torch.q_galore_projector.GaLoreProjector``, in fp32), computed inside the GEMM's operand load: the dense projector
-never exists in memory.
+``q_galore_torch.q_galore_projector.GaLoreProjector``, in fp32), computed inside the GEMM's operand load: the
+dense projector never exists in memory.
 
 Tile sizes are fixed per shape (no autotuning: both kernels update tensors in place, which an autotuner
 would re-run); see :func:`_project_blocks` and :func:`_back_blocks`.  Under ``TRITON_INTERPRET=1`` (CPU
