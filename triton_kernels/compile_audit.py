@@ -17,6 +17,7 @@ only feed the alignment specialization.  Results written by the launches are gar
 """
 import collections
 import contextlib
+import importlib
 import json
 import os
 import re
@@ -148,9 +149,8 @@ def _worker_init():
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.runtime.driver import driver
 
-    import fastopt.triton_kernels  # noqa: F401  (registers every jit function for preload)
-    from fastopt.triton_kernels import newton_schulz, sparse  # noqa: F401
-    driver.set_active(Sm90Driver())
+    import fastopt.triton_kernels  # noqa: F401  (registers every jit function for preload; the modules
+    driver.set_active(Sm90Driver())  # the package does not import are imported by _compile_one)
 
 
 def _compile_one(item):
@@ -161,7 +161,9 @@ def _compile_one(item):
 
     kernel, data = item
     name = _json.loads(data)["name"]
-    fn = jit._triton_jit_function_registry[":".join(name.rsplit(".", 1))]  # module:qualname
+    module, qualname = name.rsplit(".", 1)
+    importlib.import_module(module)  # (its jit functions register on import)
+    fn = jit._triton_jit_function_registry[f"{module}:{qualname}"]
     import time
 
     t0 = time.perf_counter()
