@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,9 @@ __all__ = [
 ]
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
+#: A projector: one matrix ("right": r x n, "left": m x r) or the ("full") pair (L m x r, R r x n).
+Projector = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+Device = Union[torch.device, str, int]
 SIDES = ("right", "left", "full")
 
 
@@ -93,7 +97,7 @@ def _check_int(value, name, minimum):
 
 
 # --------------------------------------------------------------------------------------------- side
-def projection_side(shape, proj_type) -> str:
+def projection_side(shape: Sequence[int], proj_type: str) -> str:
     """Which side galore-torch 1.0 projects a ``shape = (m, n)`` gradient on, for its ``proj_type``.
 
     ``"std"``: ``"right"`` if ``m >= n`` else ``"left"`` (the projector sits on the smaller dimension);
@@ -114,7 +118,7 @@ def projection_side(shape, proj_type) -> str:
 
 
 # --------------------------------------------------------------------------------------------- SVD
-def svd_projector(grad, rank, side):
+def svd_projector(grad: torch.Tensor, rank: int, side: str) -> Projector:
     """galore-torch 1.0's projector: ``GaLoreProjector.get_orthogonal_matrix(grad, rank, type=side)``.
 
     ``grad``: ``m x n``, any float dtype. The SVD is ``torch.linalg.svd(full_matrices=False)`` of ``grad`` in
@@ -154,7 +158,8 @@ def _gaussian(rows, cols, seed, device):
     return torch.randn(rows, cols, generator=gen, dtype=torch.float32).to(device)
 
 
-def randomized_projector(grad, rank, side, previous=None, *, seed=0, oversample=8, power_iters=1):
+def randomized_projector(grad: torch.Tensor, rank: int, side: str, previous: Optional[Projector] = None, *,
+                         seed: int = 0, oversample: int = 8, power_iters: int = 1) -> Projector:
     """Randomized range finder / subspace iteration projector (Halko-Martinsson-Tropp 2011).
 
     Returns a projector of the same shape, orientation and dtype as :func:`svd_projector`'s for the same
@@ -195,7 +200,7 @@ def randomized_projector(grad, rank, side, previous=None, *, seed=0, oversample=
         if side == "full":
             if not (isinstance(previous, (tuple, list)) and len(previous) == 2):
                 raise TypeError("previous must be the (L, R) pair of the last 'full' projector")
-            prev = previous[0]
+            prev: object = previous[0]
             expect = (m, r)
         else:
             prev = previous
@@ -234,7 +239,7 @@ def randomized_projector(grad, rank, side, previous=None, *, seed=0, oversample=
     return _cast(U), _cast(Vbh[:r])
 
 
-def subspace_error(grad, proj, side) -> float:
+def subspace_error(grad: torch.Tensor, proj: Projector, side: str) -> float:
     """Relative residual of projecting ``grad`` onto ``proj``'s subspace: ``||G - back(low(G))||_F / ||G||_F``.
 
     ``proj`` is a projector in the module's orientation for ``side`` (e.g. from :func:`svd_projector`,
@@ -245,9 +250,13 @@ def subspace_error(grad, proj, side) -> float:
     _check_side(side)
     G = grad.float()
     if side == "full":
+        if not (isinstance(proj, (tuple, list)) and len(proj) == 2):
+            raise TypeError("a 'full' proj must be the (L, R) pair")
         L, R = (t.float() for t in proj)
         back = L @ (L.T @ G @ R.T) @ R
     else:
+        if not isinstance(proj, torch.Tensor):
+            raise TypeError(f"proj must be a tensor for side {side!r}")
         P = proj.float()
         back = (G @ P.T) @ P if side == "right" else P @ (P.T @ G)
     denom = torch.linalg.norm(G)
@@ -268,13 +277,13 @@ def _norm_device(device):
     return device
 
 
-def dct_cache_clear():
+def dct_cache_clear() -> None:
     """Drop every cached DCT basis (and FFT twiddle vector) built by :func:`dct_basis` / ``method="fft"``."""
     _DCT_CACHE.clear()
     _TWIDDLE_CACHE.clear()
 
 
-def dct_basis(n, device, dtype=torch.float32):
+def dct_basis(n: int, device: Device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The orthonormal ``n x n`` DCT matrix ``Q[k, j] = sqrt(2/n) cos(pi k (2j + 1) / (2n))``, row 0 times ``sqrt(1/2)``.
 
     The same matrix as ista-daslab-optimizers' ``dct3_matrix(n, dtype, device)``; its COLUMNS are the basis
@@ -301,7 +310,7 @@ def dct_basis(n, device, dtype=torch.float32):
     return Q
 
 
-def _dct3_rows_fft(X):
+def _dct3_rows_fft(X: torch.Tensor) -> torch.Tensor:
     """``X @ dct_basis(N)`` for a ``rows x N`` matrix through one real FFT of length N per row (Makhoul 1980).
 
     ``y[j] = sum_k w_k x_k cos(pi k (2j+1) / (2N))`` with ``w_0 = sqrt(1/N)``, ``w_k = sqrt(2/N)``. With
@@ -336,7 +345,8 @@ def _dct3_rows_fft(X):
     return y
 
 
-def dct_select(grad, rank, side, *, norm=1, method="matmul"):
+def dct_select(grad: torch.Tensor, rank: int, side: str, *, norm: float = 1,
+               method: str = "matmul") -> Tuple[torch.Tensor, torch.Tensor]:
     """Score the DCT basis vectors against ``grad`` and keep the top ``rank`` (the SVD-free projector's refresh).
 
     ``"right"``: ``S = G @ Q`` (``Q = dct_basis(n)``), ``scores = S.norm(p=norm, dim=0)``; ``"left"``:
@@ -376,7 +386,7 @@ def dct_select(grad, rank, side, *, norm=1, method="matmul"):
     return indices, low.contiguous()
 
 
-def dct_projector(indices, n, side, device, dtype):
+def dct_projector(indices: torch.Tensor, n: int, side: str, device: Device, dtype: torch.dtype) -> torch.Tensor:
     """The dense DCT projector for the kept ``indices``, in this module's orientation.
 
     ``n``: the basis size (the gradient's ``n`` for "right", its ``m`` for "left"). ``"right"``:
@@ -397,7 +407,9 @@ def dct_projector(indices, n, side, device, dtype):
 
 
 # --------------------------------------------------------------------------------------------- Q-GaLore
-def adaptive_gap(queue, past_vector, new_projector, side, gap, *, queue_size=5, cos_threshold=0.4, gamma_proj=2):
+def adaptive_gap(queue: torch.Tensor, past_vector: Optional[torch.Tensor], new_projector: Projector, side: str,
+                 gap: int, *, queue_size: int = 5, cos_threshold: float = 0.4,
+                 gamma_proj: float = 2) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Q-GaLore's adaptive projector refresh interval (q-galore-torch 1.0 ``GaLoreProjector.project``).
 
     Call once per refresh with the NEW (unquantized) projector. ``queue``: float64 1-D tensor of the last

@@ -13,6 +13,7 @@ by ``floor + (u < frac)`` with ``u`` from a seeded CPU generator: the same codes
 from __future__ import annotations
 
 import numbers
+from typing import Dict, Mapping, Sequence, Tuple
 
 import torch
 
@@ -65,7 +66,8 @@ def _divisors_near(numel, target):
     return sorted(sorted(divs, key=lambda x: (abs(x - target), x))[:4])
 
 
-def quantize_groupwise(w, *, group_size=256, bits=4, stochastic=False, seed=0):
+def quantize_groupwise(w: torch.Tensor, *, group_size: int = 256, bits: int = 4, stochastic: bool = False,
+                       seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group-wise asymmetric min/max quantization of ``w`` to ``bits``-bit codes (one uint8 per element).
 
     ``w``: a float tensor whose ``numel`` is a multiple of ``group_size`` (groups are consecutive elements of the
@@ -107,7 +109,8 @@ def quantize_groupwise(w, *, group_size=256, bits=4, stochastic=False, seed=0):
     return codes, scales, zeros
 
 
-def dequantize_groupwise(codes, scales, zeros, shape, dtype=torch.float32):
+def dequantize_groupwise(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, shape: Sequence[int],
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``scales * (codes - zeros)`` reshaped to ``shape``: q-galore-torch 1.0's dequantization, same arithmetic.
 
     ``codes``: uint8, one per element (unpack INT4 first with :func:`unpack_int4`), any shape with
@@ -129,7 +132,7 @@ def dequantize_groupwise(codes, scales, zeros, shape, dtype=torch.float32):
     return w.reshape(shape).to(dtype)
 
 
-def pack_int4(codes):
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Pack 4-bit codes two per byte: ``byte[i] = codes[2i] | codes[2i+1] << 4`` (flattened, row-major).
 
     ``codes``: uint8 with values in ``[0, 15]``. Odd ``numel``: the last byte's high nibble is 0 (padding);
@@ -146,7 +149,7 @@ def pack_int4(codes):
     return (pairs[:, 0] | (pairs[:, 1] << 4)).contiguous()
 
 
-def unpack_int4(packed, numel):
+def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: ``numel`` uint8 codes (flat) from ``ceil(numel / 2)`` packed bytes."""
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         raise TypeError("packed must be a uint8 tensor")
@@ -160,7 +163,8 @@ def unpack_int4(packed, numel):
     return out[:numel]
 
 
-def quantize_projector(P, *, bits=4, group_size=256, stochastic=False, seed=0):
+def quantize_projector(P: torch.Tensor, *, bits: int = 4, group_size: int = 256, stochastic: bool = False,
+                       seed: int = 0) -> Dict[str, torch.Tensor]:
     """Quantize a dense projector for storage: ``dict(codes, scales, zeros)`` of plain tensors.
 
     ``codes``: for ``bits=4`` the packed uint8 bytes (``numel / 2``, see :func:`pack_int4`), for ``bits=8`` one
@@ -176,13 +180,14 @@ def quantize_projector(P, *, bits=4, group_size=256, stochastic=False, seed=0):
     return {"codes": codes, "scales": scales, "zeros": zeros}
 
 
-def dequantize_projector(q, shape, dtype=torch.float32):
+def dequantize_projector(q: Mapping[str, torch.Tensor], shape: Sequence[int],
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rebuild the ``shape`` projector in ``dtype`` from :func:`quantize_projector`'s dict.
 
     INT4 vs INT8 is read off the sizes: ``numel`` codes means one per element (INT8), ``ceil(numel / 2)``
     bytes means packed INT4 (for ``numel == 1`` both are the same byte and read the same).
     """
-    if not isinstance(q, dict) or not {"codes", "scales", "zeros"} <= set(q):
+    if not isinstance(q, Mapping) or not {"codes", "scales", "zeros"} <= set(q):
         raise TypeError("q must be the dict returned by quantize_projector (keys codes, scales, zeros)")
     shape = tuple(int(s) for s in shape)
     numel = 1
