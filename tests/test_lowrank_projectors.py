@@ -550,3 +550,24 @@ def test_odd_shapes_all_projectors(shape, side):
             P = pj.dct_projector(idx, size, side, "cpu", torch.float32)
             assert idx.numel() == min(3, size)
             torch.testing.assert_close(low, G @ P.T if side == "right" else P.T @ G, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)])
+def test_dct_select_bf16_matches_ista(shape):
+    """bf16 gradients: the product runs in bf16 with the bf16 basis, as ista's (which builds Q in p.dtype)."""
+    G = _randn(*shape, seed=23, dtype=torch.bfloat16)
+    side = pj.projection_side(shape, "std")
+    Q = pj.dct_basis(min(shape), "cpu", torch.bfloat16)
+    assert torch.equal(Q, pj.dct_basis(min(shape), "cpu").to(torch.bfloat16))
+    ref = _ista_projector(G, 10, 1)
+    low_ref = ref.change_subspace(Q, G.clone(), col_norms=None)
+    idx, low = pj.dct_select(G, 10, side)
+    assert low.dtype == torch.bfloat16
+    assert torch.equal(ref.indices_crt.long(), idx) and torch.equal(low_ref, low)
+    # the fft path computes in fp32 and rounds S once: within bf16 rounding of the fp32 product
+    idx_ft, low_ft = pj.dct_select(G, 10, side, method="fft")
+    assert low_ft.dtype == torch.bfloat16
+    Q32 = pj.dct_basis(min(shape), "cpu")
+    S32 = G.float() @ Q32 if side == "right" else Q32.T @ G.float()
+    want = S32[:, idx_ft] if side == "right" else S32[idx_ft, :]
+    torch.testing.assert_close(low_ft.float(), want, rtol=2 ** -8, atol=1e-5 * S32.abs().max().item())
