@@ -70,6 +70,17 @@ def _proj_tile(p_ptr, codes_ptr, scales_ptr, zeros_ptr, flat, mask, GROUP, INT4:
 
 
 @triton.jit
+def _output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's output tile of an M x N result (row-major order of the tiles): its row and column
+    indices and their in-bounds masks."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    rm = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rm, rn, rm < M, rn < N
+
+
+@triton.jit
 def _project_adam_kernel(g_ptr, p_ptr, codes_ptr, scales_ptr, zeros_ptr, m_ptr, v_ptr, u_ptr, gs_ptr,
                          M, N, K, stride_g, P_COLS, GROUP,
                          beta1, c1, beta2, c2, eps, neg_step,
@@ -80,15 +91,8 @@ def _project_adam_kernel(g_ptr, p_ptr, codes_ptr, scales_ptr, zeros_ptr, m_ptr, 
     right: A = G (m x n, row stride ``stride_g``), B = P^T (P r x n: B[k, j] = P[j, k]); M = m, N = r, K = n.
     left:  A = P^T (P m x r: A[i, k] = P[k, i]), B = G;                                 M = r, N = n, K = m.
     exp_avg (``m_ptr``), exp_avg_sq (``v_ptr``) and the update (``u_ptr``) are contiguous M x N fp32."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn, m_ok, n_ok = _output_tile(M, N, BLOCK_M, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         kk = k0 * BLOCK_K + rk
@@ -129,15 +133,8 @@ def _back_project_kernel(x_ptr, u_ptr, p_ptr, codes_ptr, scales_ptr, zeros_ptr, 
     """param (M x N, contiguous, ``DTYPE``) = beta * param + alpha * back(U), in place.
 
     right: back(U) = U @ P, U M x R (fp32), P R x N;  left: back(U) = P @ U, P M x R, U R x N (fp32)."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn, m_ok, n_ok = _output_tile(M, N, BLOCK_M, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(R, BLOCK_K)):
         kk = k0 * BLOCK_K + rk
