@@ -432,8 +432,9 @@ class _LowRank:
         r = min(group["rank"], m, n)
         dtype = torch.float32 if Int8Weights.is_weight(p) else p.dtype
         if group["projector"] == "dct":  # (the indices were checked with the state: no host read per step)
-            cols = _proj.dct_basis(n if side == "right" else m, p.device, dtype)[:, state["projector_indices"]]
-            return cols.t().contiguous() if side == "right" else cols.contiguous()
+            rows = _proj.dct_basis_rows(n if side == "right" else m, p.device, dtype)
+            rows = rows.index_select(0, state["projector_indices"])  # (r whole rows; left: a transposed view)
+            return rows if side == "right" else rows.t()
         if group["proj_bits"] is not None:
             shape = (r, n) if side == "right" else (m, r)
             q = {"codes": state["projector_codes"], "scales": state["projector_scales"],

@@ -39,6 +39,7 @@ __all__ = [
     "randomized_projector",
     "subspace_error",
     "dct_basis",
+    "dct_basis_rows",
     "dct_cache_clear",
     "dct_select",
     "dct_projector",
@@ -292,22 +293,39 @@ def dct_basis(n: int, device: Device, dtype: torch.dtype = torch.float32) -> tor
 
     Cached per ``(n, device, dtype)`` in a module-level dict: ONE tensor shared by every layer of that size
     (``n*n*itemsize`` bytes each, e.g. 64 MiB for n = 4096 in fp32). Treat it as read-only.
-    :func:`dct_cache_clear` frees it.
+    :func:`dct_cache_clear` frees it.  The matrix is stored with its columns as contiguous rows
+    (:func:`dct_basis_rows`; this function returns the transposed view of that storage), so that a
+    projector's r basis vectors are gathered as whole rows.
     """
+    return _dct_cached(n, device, dtype)[1]
+
+
+def dct_basis_rows(n: int, device: Device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``dct_basis(n, device, dtype).T``, contiguous: row ``j`` is basis vector ``j`` (the cached storage).
+
+    The DCT projector's r vectors are ``dct_basis_rows(n).index_select(0, indices)``: r contiguous rows
+    (a gather of whole rows, where ``dct_basis(n)[:, indices]`` reads one element per row of the matrix).
+    """
+    return _dct_cached(n, device, dtype)[0]
+
+
+def _dct_cached(n, device, dtype):
+    """(rows, rows.t()) of the cached basis of size ``n``: the storage and the one view :func:`dct_basis`
+    returns (the same object every call)."""
     n = _check_int(n, "n", 1)
     device = _norm_device(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype; got {dtype!r}")
     key = (n, device, dtype)
-    Q = _DCT_CACHE.get(key)
-    if Q is None:
+    hit = _DCT_CACHE.get(key)
+    if hit is None:
         k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
         j = torch.arange(n, dtype=torch.float64).unsqueeze(0)
         Q = math.sqrt(2.0 / n) * torch.cos(math.pi * k * (2.0 * j + 1.0) / (2.0 * n))
         Q[0, :] *= math.sqrt(0.5)
-        Q = Q.to(device=device, dtype=dtype).contiguous()
-        _DCT_CACHE[key] = Q
-    return Q
+        rows = Q.t().to(device=device, dtype=dtype).contiguous()  # row j: basis vector j
+        hit = _DCT_CACHE[key] = (rows, rows.t())
+    return hit
 
 
 def _dct3_rows_fft(X: torch.Tensor) -> torch.Tensor:
@@ -401,9 +419,8 @@ def dct_projector(indices: torch.Tensor, n: int, side: str, device: Device, dtyp
         raise TypeError("indices must be a 1-D integer tensor (from dct_select)")
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
         raise ValueError(f"indices must lie in [0, {n}); got values in [{int(indices.min())}, {int(indices.max())}]")
-    Q = dct_basis(n, device, dtype)
-    cols = Q[:, indices.to(device=Q.device, dtype=torch.long)]
-    return cols.T.contiguous() if side == "right" else cols.contiguous()
+    rows = dct_basis_rows(n, device, dtype).index_select(0, indices.to(device=device, dtype=torch.long))
+    return rows if side == "right" else rows.t().contiguous()
 
 
 # --------------------------------------------------------------------------------------------- Q-GaLore
