@@ -107,6 +107,7 @@ class Layer:
 
     @property
     def shape(self):
+        """``"<m>x<n>-r<rank>"``, the configs' suffix."""
         return f"{self.m}x{self.n}-r{self.rank}"
 
 
@@ -469,6 +470,7 @@ def _train_setup(method, steps):
 
 # -- the suite ----------------------------------------------------------------------------------------------
 def configs(quick):
+    """The config names of a run (``{"step", "refresh", "train"} -> name``), its layer and training steps."""
     layer = QUICK_LAYER if quick else FULL_LAYER
     steps = QUICK_TRAIN_STEPS if quick else TRAIN_STEPS
     return {"step": f"step-{layer.shape}", "refresh": f"refresh-{layer.shape}", "train": f"train-mlp-{steps}"}, \
@@ -476,6 +478,8 @@ def configs(quick):
 
 
 def cases(ctx):
+    """Every (config, method) case for ``ctx``; lists the measured state split, subspace errors and
+    training losses as they are built (see the module docstring).  Off the CPU every case is unsupported."""
     if ctx.device.type != "cpu":
         why = "the lowrank suite runs on the CPU (fastopt.lowrank's Triton path is not benchmarked yet)"
 
@@ -519,6 +523,7 @@ def cases(ctx):
 
 
 def bars(ctx):
+    """The issue-19 targets, at full size on the CPU only (none for --quick or CUDA)."""
     if ctx.device.type != "cpu" or ctx.quick:
         return []
     names, _, _ = configs(False)
