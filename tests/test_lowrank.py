@@ -354,6 +354,7 @@ def test_low_bit_moments_in_the_low_rank_space():
     (dict(scale=float("nan")), "scale"),
     (dict(gamma_proj=0.5), "gamma_proj"),
     (dict(dct_norm=3), "dct_norm"),
+    (dict(dct_method="dct2"), "dct_method"),
 ])
 def test_bad_group_options_raise_before_anything_is_added(bad, match):
     w = torch.nn.Parameter(torch.randn(8, 6))
@@ -470,3 +471,24 @@ def test_a_compiled_step_runs_eagerly_with_the_same_numbers():
         ref.step()
     assert torch.equal(w, w2) and torch.equal(b, b2)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+
+
+def test_dct_fft_scoring_keeps_the_matmul_indices():
+    """dct_method="fft" scores the same basis through one real FFT per row: on a gradient whose top
+    scores are well separated it keeps the same columns as the matmul and takes the same steps."""
+    torch.manual_seed(0)
+    m, n, r = 96, 64, 6
+    basis = P.dct_basis(n, "cpu")
+    runs = []
+    for method in ("matmul", "fft"):
+        w = torch.nn.Parameter(torch.zeros(m, n))
+        opt = GaLoreAdamW([{"params": [w], "rank": r, "projector": "dct", "dct_method": method, "update_proj_gap": 2}],
+                          lr=1e-2)
+        for step in range(4):
+            g = torch.randn(m, r, generator=torch.Generator().manual_seed(step)) * 10
+            w.grad = g @ basis[:, [3, 17, 5, 40, 22, 9]].T + 0.01 * torch.randn(m, n, generator=torch.Generator().manual_seed(99 + step))
+            opt.step()
+        runs.append((w.detach().clone(), opt.state[w]["projector_indices"].sort().values))
+    assert torch.equal(runs[0][1], torch.tensor([3, 5, 9, 17, 22, 40]))
+    assert torch.equal(runs[0][1], runs[1][1])
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-6)

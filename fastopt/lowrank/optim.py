@@ -57,7 +57,8 @@ PROJECTORS = ("svd", "randomized", "dct")
 # Q-GaLore's for the adaptive refresh and the quantized projector).
 LOWRANK_DEFAULTS = dict(rank=None, update_proj_gap=200, scale=1.0, proj_type="std", projector="svd",
                         proj_bits=None, proj_group_size=256, proj_stochastic=False, proj_adaptive=False,
-                        queue_size=5, cos_threshold=0.4, gamma_proj=2, dct_norm=1, oversample=8, power_iters=1)
+                        queue_size=5, cos_threshold=0.4, gamma_proj=2, dct_norm=1, dct_method="matmul", oversample=8,
+                        power_iters=1)
 
 _PROJECTOR_KEYS = ("projector", "projector_right", "projector_codes", "projector_scales", "projector_zeros",
                    "projector_indices")
@@ -109,6 +110,9 @@ def check_lowrank_group(owner: str, group: Dict[str, Any]) -> None:
     if group.get("dct_norm") not in (1, 2):
         raise ValueError(f"{owner}: dct_norm must be 1 or 2 (the norm that scores the DCT columns), got "
                          f"{group.get('dct_norm')!r}")
+    if group.get("dct_method") not in ("matmul", "fft"):
+        raise ValueError(f"{owner}: dct_method must be 'matmul' (ista-daslab-optimizers' scoring) or 'fft' (the same "
+                         f"scores through one real FFT per row, O(m n log n)), got {group.get('dct_method')!r}")
     for key in ("oversample", "power_iters"):
         v = group.get(key)
         if not _is_int(v) or v < 0:
@@ -399,7 +403,7 @@ class _LowRank:
             new = _proj.randomized_projector(g, rank, side, prev, seed=seed, oversample=group["oversample"],
                                              power_iters=group["power_iters"] + (prev is None))
         else:
-            idx, low = _proj.dct_select(g, rank, side, norm=group["dct_norm"])
+            idx, low = _proj.dct_select(g, rank, side, norm=group["dct_norm"], method=group["dct_method"])
             new = None
             state["projector_indices"] = idx.to(torch.int64)
         state["proj_refreshes"] += 1
@@ -604,8 +608,8 @@ class GaLoreAdamW(_LowRank, ElementwiseAdamW):
     ``scale``, ``proj_type`` ("std", "reverse_std", "left", "right", "full"), ``projector`` ("svd",
     "randomized", "dct"), ``proj_bits`` (None, 4, 8: Q-GaLore's quantized projector, ``proj_group_size``,
     ``proj_stochastic``), ``proj_adaptive`` (Q-GaLore's adaptive refresh: ``queue_size``,
-    ``cos_threshold``, ``gamma_proj``), ``dct_norm`` (1 or 2), ``oversample`` / ``power_iters`` (the
-    randomized projector).  Each may also be given to the constructor as the default of every group.
+    ``cos_threshold``, ``gamma_proj``), ``dct_norm`` (1 or 2) and ``dct_method`` ("matmul", or "fft": the
+    same scores through one real FFT per row), ``oversample`` / ``power_iters`` (the randomized projector).  Each may also be given to the constructor as the default of every group.
 
     Args:
         params: parameters or param groups.
@@ -624,14 +628,14 @@ class GaLoreAdamW(_LowRank, ElementwiseAdamW):
                  rank: Optional[int] = None, update_proj_gap: int = 200, scale: float = 1.0, proj_type: str = "std",
                  projector: str = "svd", proj_bits: Optional[int] = None, proj_group_size: int = 256,
                  proj_stochastic: bool = False, proj_adaptive: bool = False, queue_size: int = 5,
-                 cos_threshold: float = 0.4, gamma_proj: float = 2, dct_norm: int = 1, oversample: int = 8,
-                 power_iters: int = 1, maximize: bool = False, state_bits: Optional[Union[int, str]] = None,
+                 cos_threshold: float = 0.4, gamma_proj: float = 2, dct_norm: int = 1, dct_method: str = "matmul",
+                 oversample: int = 8, power_iters: int = 1, maximize: bool = False, state_bits: Optional[Union[int, str]] = None,
                  min_quant_size: int = 4096, seed: int = 0, backend: str = "auto") -> None:
         lowrank = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                        projector=projector, proj_bits=proj_bits, proj_group_size=proj_group_size,
                        proj_stochastic=proj_stochastic, proj_adaptive=proj_adaptive, queue_size=queue_size,
-                       cos_threshold=cos_threshold, gamma_proj=gamma_proj, dct_norm=dct_norm, oversample=oversample,
-                       power_iters=power_iters)
+                       cos_threshold=cos_threshold, gamma_proj=gamma_proj, dct_norm=dct_norm, dct_method=dct_method,
+                       oversample=oversample, power_iters=power_iters)
         self._setup_lowrank({**lowrank, "correct_bias": bool(correct_bias)})
         super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize, state_bits=state_bits,
                          min_quant_size=min_quant_size, seed=seed, backend=backend)
