@@ -17,6 +17,8 @@ happen (counted in the state), and the suite's rows (times, speedups, state byte
 import pytest
 import torch
 
+import fastopt
+
 from fastopt.bench import lowrank as bench
 
 pytest.importorskip("galore_torch")
@@ -180,3 +182,20 @@ def test_slow_cases_take_fewer_repeats_and_the_rest_get_the_runs_back():
     quick = harness.Context(device=torch.device("cpu"), quick=True, min_repeats=3, budget_s=0.1)
     bench._Repeats(quick).apply(bench.SLOW_REPEATS)  # quick runs keep their own (small) settings
     assert (quick.min_repeats, quick.budget_s) == (3, 0.1)
+
+
+@pytest.mark.skipif("triton" not in fastopt._backend.available_backends("cpu"), reason="triton cannot run here")
+def test_gpu_step_cases_build_their_optimizers():
+    """The suite's GPU step methods (run by the GPU check) build and step their optimizers -- here on
+    CPU tensors under the Triton interpreter at the quick size: the triton methods take the fused path
+    (their projector and moments in the state), and a backend that is not available is unsupported."""
+    layer = bench.QUICK_LAYER
+    for method in ("fastopt-triton", "fastopt-triton-int4"):
+        opt, w = bench._step_optimizer(method, layer)
+        state = opt.state[w]
+        assert state["host_step"] == 2 and state["exp_avg"].shape == fastopt.lowrank.low_rank_shape(
+            "right" if layer.m >= layer.n else "left", layer.m, layer.n, layer.rank)
+        assert ("projector_codes" in state) == method.endswith("int4")
+    if "cuda" not in fastopt._backend.available_backends("cpu"):
+        with pytest.raises(bench.Unsupported):
+            bench._step_optimizer("fastopt-cuda", layer)

@@ -51,6 +51,12 @@ layer at rank 32 and a 60-step training run, no bars):
   is one training step (forward, backward, ``opt.step()``; a refresh every gap steps).
   tests/test_lowrank_training.py runs the same task.
 
+On a GPU (``--device cuda``, what ``python -m fastopt.gpucheck`` runs) only the step config runs:
+``fastopt-triton`` (``backend="triton"``: the projection with the Adam epilogue and the back-projection as
+two Triton GEMMs), ``fastopt-triton-int4`` (the INT4 projector dequantized in the GEMMs' loads),
+``fastopt-cuda`` (the generic path: cuBLAS matmuls and the CUDA elementwise kernel), ``galore-torch`` and
+full AdamW; no bars (the targets are the CPU's).
+
 Bars (full size, CPU): ``fastopt-svd`` step >= 2x galore-torch; ``fastopt-randomized`` refresh >= 5x and
 ``fastopt-dct`` refresh >= 10x galore-torch's SVD; every fastopt training run's ``galore/ours``
 (its reference galore-torch run's loss / ours) >= 1 / 1.05, i.e. a loss at most 5 % above galore-torch's.
@@ -74,6 +80,8 @@ SCALE = 0.25
 HUGE_GAP = 10 ** 9
 
 STEP_METHODS = ("fastopt-svd", "fastopt-svd-int4", "fastopt-dct", "fastopt-svd-state8", BASELINE, "torch-adamw-full")
+GPU_STEP_METHODS = ("fastopt-triton", "fastopt-triton-int4", "fastopt-cuda", BASELINE, "torch-adamw-full")
+GPU_BACKENDS = {"fastopt-triton": "triton", "fastopt-triton-int4": "triton", "fastopt-cuda": "cuda"}
 REFRESH_METHODS = (BASELINE, "fastopt-svd", "fastopt-randomized", "fastopt-rand-cold", "fastopt-dct",
                    "fastopt-dct-fft", "fastopt-int4-quant")
 GALORE_SHORT_GAP = "galore-torch-gap10"  # galore-torch at the adaptive run's starting gap: its reference
@@ -92,6 +100,10 @@ FASTOPT_KEYS = {
     "fastopt-svd-int4": dict(projector="svd", proj_bits=4),
     "fastopt-svd-state8": dict(projector="svd"),
     "fastopt-svd-adaptive": dict(projector="svd", proj_adaptive=True),
+    # on a GPU (the step config only): the triton backend's fused GEMMs, the cuda backend's generic path
+    "fastopt-triton": dict(projector="svd"),
+    "fastopt-triton-int4": dict(projector="svd", proj_bits=4),
+    "fastopt-cuda": dict(projector="svd"),
 }
 PROJECTOR_STATE_KEYS = ("projector", "projector_right", "projector_codes", "projector_scales", "projector_zeros",
                         "projector_indices")
@@ -182,11 +194,11 @@ def structured_grad(m, n, seed=0, *, terms=512, noise=0.01, like=None, perturb=0
 
 
 # -- step between refreshes -------------------------------------------------------------------------------
-def _step_optimizer(method, layer, seed=0):
+def _step_optimizer(method, layer, seed=0, device=torch.device("cpu")):
     """(optimizer, parameter) with its gradient set and the projector already made (see the module doc)."""
     gen = torch.Generator().manual_seed(seed)
-    W = torch.nn.Parameter(torch.randn(layer.m, layer.n, generator=gen) * 0.02)
-    W.grad = torch.randn(layer.m, layer.n, generator=gen)
+    W = torch.nn.Parameter((torch.randn(layer.m, layer.n, generator=gen) * 0.02).to(device))
+    W.grad = torch.randn(layer.m, layer.n, generator=gen).to(device)
     group = dict(params=[W], rank=layer.rank, update_proj_gap=HUGE_GAP, scale=SCALE, proj_type="std")
     if method == "torch-adamw-full":
         opt = torch.optim.AdamW([W], lr=LR, weight_decay=0.0, eps=1e-6, fused=True)
@@ -208,35 +220,44 @@ def _step_optimizer(method, layer, seed=0):
 
     keys = dict(FASTOPT_KEYS[method])
     extra = dict(state_bits=8) if method == "fastopt-svd-state8" else {}
+    backend = GPU_BACKENDS.get(method, "cpu")
+    if backend not in _available_backends(W.device):
+        raise Unsupported(f"the {backend} backend is not available on {W.device}")
     if keys["projector"] == "svd":  # the first refresh by the randomized projector, same storage
-        opt = GaLoreAdamW([{**group, **keys, "projector": "randomized"}], lr=LR, backend="cpu", **extra)
+        opt = GaLoreAdamW([{**group, **keys, "projector": "randomized"}], lr=LR, backend=backend, **extra)
         opt.step()
         opt.param_groups[0]["projector"] = keys["projector"]
     else:
-        opt = GaLoreAdamW([{**group, **keys}], lr=LR, backend="cpu", **extra)
+        opt = GaLoreAdamW([{**group, **keys}], lr=LR, backend=backend, **extra)
         opt.step()
     opt.step()
     return opt, W
 
 
-def _step_setup(method, layer):
+def _available_backends(device):
+    from .._backend import available_backends
+
+    return available_backends(device.type)
+
+
+def _step_setup(method, layer, device=torch.device("cpu")):
     _require_lowrank()
     from ..lowrank import projectors
 
     projectors.dct_cache_clear()
     _release()
-    opt, W = _step_optimizer(method, layer)
+    opt, W = _step_optimizer(method, layer, device=device)
     return Workload(fn=opt.step, state_bytes=lambda: state_breakdown(opt)["total"])
 
 
-def _step_info(method, layer):
+def _step_info(method, layer, device=torch.device("cpu")):
     """The measured state split of ``method`` on ``layer`` (one optimizer built, stepped, freed)."""
     from ..lowrank import projectors
 
     info = {"dtype": "float32"}
     try:
         _require_lowrank()
-        opt, W = _step_optimizer(method, layer)
+        opt, W = _step_optimizer(method, layer, device=device)
     except Unsupported:
         return info
     parts = state_breakdown(opt)
@@ -481,14 +502,19 @@ def cases(ctx):
     """Every (config, method) case for ``ctx``; lists the measured state split, subspace errors and
     training losses as they are built (see the module docstring).  Off the CPU every case is unsupported."""
     if ctx.device.type != "cpu":
-        why = "the lowrank suite runs on the CPU (fastopt.lowrank's Triton path is not benchmarked yet)"
+        # a GPU: the step between refreshes (the triton backend's fused GEMMs, the cuda backend's generic
+        # path, galore-torch, full AdamW); the refresh and training configs are CPU targets
+        why = "the lowrank suite's refresh and training configs run on the CPU"
 
         def refuse():
             raise Unsupported(why)
         names, layer, steps = configs(ctx.quick)
-        return [Case(config=names[c], method=m, items=1, bytes_moved=0, setup=refuse)
-                for c, ms in (("step", STEP_METHODS), ("refresh", REFRESH_METHODS), ("train", TRAIN_METHODS))
-                for m in ms]
+        numel = layer.m * layer.n
+        return ([Case(config=names["step"], method=m, items=numel, bytes_moved=0,
+                      setup=lambda m=m: _step_setup(m, layer, ctx.device), info=_step_info(m, layer, ctx.device))
+                 for m in GPU_STEP_METHODS]
+                + [Case(config=names[c], method=m, items=1, bytes_moved=0, setup=refuse)
+                   for c, ms in (("refresh", REFRESH_METHODS), ("train", TRAIN_METHODS)) for m in ms])
     names, layer, steps = configs(ctx.quick)
     repeats = _Repeats(ctx)
     out = []
