@@ -492,3 +492,21 @@ def test_dct_fft_scoring_keeps_the_matmul_indices():
     assert torch.equal(runs[0][1], torch.tensor([3, 5, 9, 17, 22, 40]))
     assert torch.equal(runs[0][1], runs[1][1])
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-6)
+
+
+def test_switching_the_projector_refreshes_at_the_next_step():
+    """A group switched to another projector kind (or to a quantized projector) between steps gets the
+    projector it now reads at its next step -- a refresh outside the schedule -- and keeps its moments."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(40, 24))
+    opt = GaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 100, "proj_group_size": 8}], lr=1e-2)
+    for config, key in ((dict(projector="dct"), "projector_indices"), (dict(projector="svd", proj_bits=4),
+                                                                          "projector_codes")):
+        w.grad = torch.randn(40, 24)
+        opt.step()
+        refreshes, moments = opt.state[w]["proj_refreshes"], opt.state[w]["exp_avg"].clone()
+        opt.param_groups[0].update(config)
+        w.grad = torch.randn(40, 24)
+        opt.step()
+        assert key in opt.state[w] and opt.state[w]["proj_refreshes"] == refreshes + 1
+        assert not torch.equal(opt.state[w]["exp_avg"], moments)  # (stepped, not reset)

@@ -271,9 +271,7 @@ class _LowRank:
                     what = f"{v.dtype}{tuple(v.shape)} on {v.device}" if torch.is_tensor(v) else type(v).__name__
                     raise ValueError(f"{name}: {where}: state {key!r} is {what}; with rank {group['rank']} and "
                                      f"proj_type {group['proj_type']!r} it must be float32{shape} on {p.device}")
-        held = [k for k in _PROJECTOR_KEYS if k in state]
-        if held:
-            self._check_projector(group, p, state, where)
+        self._check_projector(group, p, state, where)
 
     def _check_projector(self, group, p, state, where):
         name = type(self).__name__
@@ -288,8 +286,12 @@ class _LowRank:
                              f"{group['proj_type']!r}, projector {group['projector']!r}, proj_bits "
                              f"{group['proj_bits']!r}); a checkpoint of another configuration?")
 
+        # (only the keys the group's configuration reads; where they are missing -- the group switched
+        # projector or proj_bits -- the next step refreshes: _has_projector)
         if group["projector"] == "dct":
             idx = state.get("projector_indices")
+            if idx is None:
+                return
             if not (torch.is_tensor(idx) and idx.dtype == torch.int64 and tuple(idx.shape) == (r,)):
                 bad("projector_indices", f"must be int64 of shape ({r},)")
             size = n if side == "right" else m
@@ -300,6 +302,8 @@ class _LowRank:
             numel = shapes[0][0] * shapes[0][1]
             if len(shapes) > 1:
                 bad("projector_codes", "quantized full projectors are not supported")
+            if "projector_codes" not in state:
+                return
             codes, scales, zeros = (state.get(k) for k in ("projector_codes", "projector_scales", "projector_zeros"))
             nbytes = numel // 2 if group["proj_bits"] == 4 else numel
             groups = numel // group["proj_group_size"]
@@ -309,10 +313,21 @@ class _LowRank:
                 if not (torch.is_tensor(v) and v.dtype == torch.float32 and v.numel() == groups):
                     bad(key, f"must be float32 with {groups} elements")
             return
+        if "projector" not in state:
+            return
         for key, shape in zip(("projector", "projector_right"), shapes):
             v = state.get(key)
             if not (torch.is_tensor(v) and tuple(v.shape) == shape and v.dtype == dense_dtype):
                 bad(key, f"must be {dense_dtype}{shape}")
+
+    @staticmethod
+    def _has_projector(group, p, state, side):
+        """Whether ``state`` holds the projector the group's configuration reads."""
+        if group["projector"] == "dct":
+            return "projector_indices" in state
+        if group["proj_bits"] is not None:
+            return "projector_codes" in state
+        return "projector" in state and (side != "full" or "projector_right" in state)
 
     # -- the step --------------------------------------------------------------------------------------
     @torch.compiler.disable
@@ -408,7 +423,8 @@ class _LowRank:
             state["projector_indices"] = idx.to(torch.int64)
         state["proj_refreshes"] += 1
         if group["proj_adaptive"]:
-            dense = new if new is not None else _proj.dct_projector(state["projector_indices"], g.shape[1] if side == "right" else g.shape[0], side, g.device, torch.float32)
+            dense = new if new is not None else _proj.dct_projector(
+                state["projector_indices"], g.shape[1] if side == "right" else g.shape[0], side, g.device, torch.float32)
             first = dense[0] if isinstance(dense, tuple) else dense
             queue, past, gap = _proj.adaptive_gap(
                 state.get("proj_queue", torch.zeros(0, dtype=torch.float64)), state.get("proj_past"),
@@ -489,7 +505,7 @@ class _LowRank:
         rest = []  # (param index, projected gradient, dense projector) of the generic path
         for i, (p, g, state, owner) in enumerate(zip(params, grads, states, owners)):
             side = self._side(group, p)
-            due = state["host_step"] % state["proj_gap"] == 0 or not any(k in state for k in _PROJECTOR_KEYS)
+            due = state["host_step"] % state["proj_gap"] == 0 or not self._has_projector(group, p, state, side)
             low = self._refresh(group, p, _sharded.whole(g), state, owner) if due else None
             if self._fused_step(group, p, g, state, side, backend, grad_scale, decay):
                 state["host_step"] += 1
