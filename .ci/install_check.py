@@ -4,7 +4,8 @@ environment's python, from a folder outside the source tree.  Exits non-zero on 
   * fastopt is the installed copy (site-packages), with its native module and every subpackage;
   * every public module imports (fastopt.triton_kernels when triton is installed);
   * each optimizer family steps once on the cpu backend (elementwise, reduce-pass, low-bit states,
-    int8 weights, N:M sparse training, Muon on its torch backend) and changes the parameters;
+    int8 weights, N:M sparse training, Muon on its torch backend, GaLore's projected step) and changes
+    the parameters;
   * one Sinkhorn solve agrees with the torch reference, one N:M mask is N:M.
 """
 import importlib
@@ -38,7 +39,7 @@ for mod in pkgutil.walk_packages(fastopt.__path__, "fastopt."):
         continue   # (a __main__ module runs its command when imported: `python -m fastopt.bench` is the report)
     importlib.import_module(mod.name)
     modules.append(mod.name)
-for sub in ("optim", "lowbit", "sparse", "ot", "reference", "bench", "triton_kernels"):
+for sub in ("optim", "lowbit", "sparse", "lowrank", "ot", "reference", "bench", "triton_kernels"):
     assert f"fastopt.{sub}" in modules or (sub == "triton_kernels" and not have_triton), f"fastopt.{sub} missing"
 wheel_files = {os.path.relpath(os.path.join(d, f), here) for d, _, fs in os.walk(here) for f in fs}
 assert "py.typed" in wheel_files, "fastopt/py.typed is not installed"
@@ -69,6 +70,10 @@ families = {
     "Lion N:M sparse": (model(), lambda m: fastopt.Lion(fastopt.sparse.nm_param_groups(m, nm), lr=1e-3,
                                                         backend="cpu")),
     "Muon": (model(), lambda m: fastopt.Muon(m.parameters(), lr=1e-2)),
+    "GaLoreAdamW (low-rank projection)": (model(), lambda m: fastopt.lowrank.GaLoreAdamW(
+        [{"params": [p for p in m.parameters() if p.dim() != 2]},
+         {"params": [p for p in m.parameters() if p.dim() == 2], "rank": 8, "proj_bits": 4, "proj_group_size": 64}],
+        lr=1e-2, backend="cpu")),
 }
 for name, (m, make) in families.items():
     opt = make(m)
