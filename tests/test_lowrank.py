@@ -486,7 +486,8 @@ def test_dct_fft_scoring_keeps_the_matmul_indices():
                           lr=1e-2)
         for step in range(4):
             g = torch.randn(m, r, generator=torch.Generator().manual_seed(step)) * 10
-            w.grad = g @ basis[:, [3, 17, 5, 40, 22, 9]].T + 0.01 * torch.randn(m, n, generator=torch.Generator().manual_seed(99 + step))
+            noise = torch.randn(m, n, generator=torch.Generator().manual_seed(99 + step))
+            w.grad = g @ basis[:, [3, 17, 5, 40, 22, 9]].T + 0.01 * noise
             opt.step()
         runs.append((w.detach().clone(), opt.state[w]["projector_indices"].sort().values))
     assert torch.equal(runs[0][1], torch.tensor([3, 5, 9, 17, 22, 40]))

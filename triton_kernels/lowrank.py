@@ -291,6 +291,30 @@ def _device_guard(t):
 
 # -- host side: the two entry points -----------------------------------------------------------------------
 
+def _layout(side, t, name, proj, int4, proj_shape):
+    """Check the m x n tensor ``t`` (the gradient or the parameter) and the projector of ``side`` against it;
+    (m, n, r, the low-rank shape, then :func:`_proj_operands`' projector operands)."""
+    _check_side(side)
+    _check_tensor(t, name, tuple(_TL_DTYPES), None)
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    shape, p_t, codes, scales, zeros, group, is_int4 = _proj_operands(proj, int4, proj_shape, t.device)
+    m, n = t.shape
+    if side == "right":
+        r, pn = shape
+        if pn != n:
+            raise ValueError(f"side='right': proj must be r x n = (r, {n}), got {shape}")
+        low_shape = (m, r)
+    else:
+        pm, r = shape
+        if pm != m:
+            raise ValueError(f"side='left': proj must be m x r = ({m}, r), got {shape}")
+        low_shape = (r, n)
+    if r <= 0:
+        raise ValueError(f"the rank must be positive, got a projector of shape {shape}")
+    return m, n, r, low_shape, p_t, codes, scales, zeros, group, is_int4
+
+
 def project_adam(grad, proj, side, exp_avg, exp_avg_sq, *, beta1, beta2, eps, step_size, grad_scale=None,
                  int4=None, proj_shape=None):
     """GaLore's projected Adam step in one kernel: project the gradient and update the low-rank moments.
@@ -312,25 +336,9 @@ def project_adam(grad, proj, side, exp_avg, exp_avg_sq, *, beta1, beta2, eps, st
     / (1 - beta1^t)`` computed by the caller).  Returns the update: a new fp32 tensor of the low-rank shape.
     Inputs are validated before anything is written (TypeError / ValueError naming the argument).
     """
-    _check_side(side)
-    _check_tensor(grad, "grad", tuple(_TL_DTYPES), None)
-    if grad.ndim != 2:
-        raise ValueError(f"grad must be 2-D, got shape {tuple(grad.shape)}")
+    m, n, r, low_shape, p_t, codes, scales, zeros, group, is_int4 = _layout(side, grad, "grad", proj, int4, proj_shape)
     dev = grad.device
-    shape, p_t, codes, scales, zeros, group, is_int4 = _proj_operands(proj, int4, proj_shape, dev)
-    m, n = grad.shape
-    if side == "right":
-        r, pn = shape
-        if pn != n:
-            raise ValueError(f"side='right': proj must be r x n = (r, {n}), got {shape}")
-        low_shape, M, N, K, p_cols = (m, r), m, r, n, n
-    else:
-        pm, r = shape
-        if pm != m:
-            raise ValueError(f"side='left': proj must be m x r = ({m}, r), got {shape}")
-        low_shape, M, N, K, p_cols = (r, n), r, n, m, r
-    if r <= 0:
-        raise ValueError(f"the rank must be positive, got a projector of shape {shape}")
+    M, N, K, p_cols = (m, r, n, n) if side == "right" else (r, n, m, r)
     for t, nm in ((exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")):
         _check_tensor(t, nm, (torch.float32,), dev)
         if tuple(t.shape) != low_shape:
@@ -372,25 +380,9 @@ def back_project_(param, update, proj, side, *, beta, alpha, int4=None, proj_sha
     galore-torch's ``project_back`` followed by its parameter update (``beta`` carries decoupled weight decay,
     ``alpha`` the GaLore scale).  Inputs are validated before anything is written.
     """
-    _check_side(side)
-    _check_tensor(param, "param", tuple(_TL_DTYPES), None)
-    if param.ndim != 2:
-        raise ValueError(f"param must be 2-D, got shape {tuple(param.shape)}")
+    m, n, r, low_shape, p_t, codes, scales, zeros, group, is_int4 = _layout(side, param, "param", proj, int4,
+                                                                            proj_shape)
     dev = param.device
-    shape, p_t, codes, scales, zeros, group, is_int4 = _proj_operands(proj, int4, proj_shape, dev)
-    m, n = param.shape
-    if side == "right":
-        r, pn = shape
-        if pn != n:
-            raise ValueError(f"side='right': proj must be r x n = (r, {n}), got {shape}")
-        low_shape = (m, r)
-    else:
-        pm, r = shape
-        if pm != m:
-            raise ValueError(f"side='left': proj must be m x r = ({m}, r), got {shape}")
-        low_shape = (r, n)
-    if r <= 0:
-        raise ValueError(f"the rank must be positive, got a projector of shape {shape}")
     _check_tensor(update, "update", (torch.float32,), dev)
     if tuple(update.shape) != low_shape:
         raise ValueError(f"update must have the low-rank shape {low_shape}, got {tuple(update.shape)}")

@@ -423,8 +423,9 @@ class _LowRank:
             state["projector_indices"] = idx.to(torch.int64)
         state["proj_refreshes"] += 1
         if group["proj_adaptive"]:
-            dense = new if new is not None else _proj.dct_projector(
-                state["projector_indices"], g.shape[1] if side == "right" else g.shape[0], side, g.device, torch.float32)
+            size = g.shape[1] if side == "right" else g.shape[0]
+            dense = new if new is not None else _proj.dct_projector(state["projector_indices"], size, side, g.device,
+                                                                    torch.float32)
             first = dense[0] if isinstance(dense, tuple) else dense
             queue, past, gap = _proj.adaptive_gap(
                 state.get("proj_queue", torch.zeros(0, dtype=torch.float64)), state.get("proj_past"),
@@ -625,7 +626,8 @@ class GaLoreAdamW(_LowRank, ElementwiseAdamW):
     "randomized", "dct"), ``proj_bits`` (None, 4, 8: Q-GaLore's quantized projector, ``proj_group_size``,
     ``proj_stochastic``), ``proj_adaptive`` (Q-GaLore's adaptive refresh: ``queue_size``,
     ``cos_threshold``, ``gamma_proj``), ``dct_norm`` (1 or 2) and ``dct_method`` ("matmul", or "fft": the
-    same scores through one real FFT per row), ``oversample`` / ``power_iters`` (the randomized projector).  Each may also be given to the constructor as the default of every group.
+    same scores through one real FFT per row), ``oversample`` / ``power_iters`` (the randomized projector).
+    Each may also be given to the constructor as the default of every group.
 
     Args:
         params: parameters or param groups.
@@ -645,7 +647,8 @@ class GaLoreAdamW(_LowRank, ElementwiseAdamW):
                  projector: str = "svd", proj_bits: Optional[int] = None, proj_group_size: int = 256,
                  proj_stochastic: bool = False, proj_adaptive: bool = False, queue_size: int = 5,
                  cos_threshold: float = 0.4, gamma_proj: float = 2, dct_norm: int = 1, dct_method: str = "matmul",
-                 oversample: int = 8, power_iters: int = 1, maximize: bool = False, state_bits: Optional[Union[int, str]] = None,
+                 oversample: int = 8, power_iters: int = 1, maximize: bool = False,
+                 state_bits: Optional[Union[int, str]] = None,
                  min_quant_size: int = 4096, seed: int = 0, backend: str = "auto") -> None:
         lowrank = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                        projector=projector, proj_bits=proj_bits, proj_group_size=proj_group_size,

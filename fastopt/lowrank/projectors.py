@@ -285,7 +285,8 @@ def dct_cache_clear() -> None:
 
 
 def dct_basis(n: int, device: Device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The orthonormal ``n x n`` DCT matrix ``Q[k, j] = sqrt(2/n) cos(pi k (2j + 1) / (2n))``, row 0 times ``sqrt(1/2)``.
+    """The orthonormal ``n x n`` DCT matrix ``Q[k, j] = sqrt(2/n) cos(pi k (2j + 1) / (2n))``, row 0 times
+    ``sqrt(1/2)``.
 
     The same matrix as ista-daslab-optimizers' ``dct3_matrix(n, dtype, device)``; its COLUMNS are the basis
     the DCT projector picks from (``G @ Q`` applies the orthonormal DCT-III to every row of ``G``). Computed
@@ -345,7 +346,8 @@ def _dct3_rows_fft(X: torch.Tensor) -> torch.Tensor:
     if cached is None:
         w = torch.full((h,), 1.0 / math.sqrt(2.0 * N), dtype=torch.float64)   # w_k / 2 for k >= 1
         w[0] = math.sqrt(1.0 / N)
-        phase = torch.polar(torch.ones(h, dtype=torch.float64), math.pi * torch.arange(h, dtype=torch.float64) / (2.0 * N))
+        angle = math.pi * torch.arange(h, dtype=torch.float64) / (2.0 * N)
+        phase = torch.polar(torch.ones(h, dtype=torch.float64), angle)
         ctype = torch.complex128 if cdtype == torch.float64 else torch.complex64
         cached = (w.to(device=X.device, dtype=cdtype), phase.to(device=X.device, dtype=ctype))
         _TWIDDLE_CACHE[key] = cached

@@ -120,7 +120,8 @@ def dequantize_groupwise(codes: torch.Tensor, scales: torch.Tensor, zeros: torch
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
         raise TypeError("codes must be a uint8 tensor (one code per element)")
     if scales.dim() != 2 or scales.shape[1] != 1 or zeros.shape != scales.shape:
-        raise ValueError(f"scales and zeros must both be [groups, 1]; got {tuple(scales.shape)} and {tuple(zeros.shape)}")
+        raise ValueError(f"scales and zeros must both be [groups, 1]; got {tuple(scales.shape)} and "
+                         f"{tuple(zeros.shape)}")
     shape = tuple(shape)
     numel = 1
     for s in shape:
