@@ -194,7 +194,7 @@ def test_gpu_step_cases_build_their_optimizers():
         opt, w = bench._step_optimizer(method, layer)
         state = opt.state[w]
         assert state["host_step"] == 2 and state["exp_avg"].shape == fastopt.lowrank.low_rank_shape(
-            "right" if layer.m >= layer.n else "left", layer.m, layer.n, layer.rank)
+            layer.side, layer.m, layer.n, layer.rank)
         assert ("projector_codes" in state) == method.endswith("int4")
     if "cuda" not in fastopt._backend.available_backends("cpu"):
         with pytest.raises(bench.Unsupported):

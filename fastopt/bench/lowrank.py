@@ -105,8 +105,6 @@ FASTOPT_KEYS = {
     "fastopt-triton-int4": dict(projector="svd", proj_bits=4),
     "fastopt-cuda": dict(projector="svd"),
 }
-PROJECTOR_STATE_KEYS = ("projector", "projector_right", "projector_codes", "projector_scales", "projector_zeros",
-                        "projector_indices")
 
 
 @dataclass(frozen=True)
@@ -121,6 +119,13 @@ class Layer:
     def shape(self):
         """``"<m>x<n>-r<rank>"``, the configs' suffix."""
         return f"{self.m}x{self.n}-r{self.rank}"
+
+    @property
+    def side(self):
+        """The side galore's ``proj_type="std"`` projects this layer on (the suite's proj_type)."""
+        from ..lowrank.projectors import projection_side
+
+        return projection_side((self.m, self.n), "std")
 
 
 FULL_LAYER = Layer(4096, 4096, 128)
@@ -161,11 +166,13 @@ def state_breakdown(opt):
     galore-torch's ``GaLoreProjector.ortho_matrix``), ``moments`` (every other tensor with more than one
     element: exp_avg, exp_avg_sq or their low-bit codes and scales) and ``other`` (scalars: step
     counters; the adaptive refresh's queue and last vector)."""
+    from ..lowrank.optim import PROJECTOR_KEYS
+
     out = {"projector": 0, "moments": 0, "other": 0}
     for state in opt.state.values():
         for key, value in state.items():
             if torch.is_tensor(value):
-                kind = ("projector" if key in PROJECTOR_STATE_KEYS else
+                kind = ("projector" if key in PROJECTOR_KEYS else
                         "other" if value.numel() <= 1 or key in ("proj_queue", "proj_past") else "moments")
                 out[kind] += value.nbytes
             elif hasattr(value, "ortho_matrix"):  # galore-torch's projector object
@@ -210,7 +217,7 @@ def _step_optimizer(method, layer, seed=0, device=torch.device("cpu")):
 
         opt = _galore_adamw([group])
         proj = GaLoreProjector(layer.rank, update_proj_gap=HUGE_GAP, scale=SCALE, proj_type="std")
-        side = "right" if layer.m >= layer.n else "left"
+        side = layer.side
         proj.ortho_matrix = randomized_projector(W.grad, layer.rank, side, seed=seed)
         opt.state[W]["projector"] = proj
         opt.state[W]["step"] = 1  # (iter 1: no refresh at any later step of the run)
@@ -274,7 +281,7 @@ def _step_info(method, layer, device=torch.device("cpu")):
 def _refresh_fn(method, layer, G, prev):
     from ..lowrank import projectors, quant
 
-    side = "right" if layer.m >= layer.n else "left"
+    side = layer.side
     r = layer.rank
     if method == BASELINE:
         _, GaLoreProjector = _galore_torch()
@@ -299,7 +306,7 @@ def _refresh_inputs(layer):
     """The gradient and the previous projector (the randomized projector of a perturbed gradient)."""
     from ..lowrank import projectors
 
-    side = "right" if layer.m >= layer.n else "left"
+    side = layer.side
     G = structured_grad(layer.m, layer.n, seed=1)
     G_prev = structured_grad(layer.m, layer.n, seed=2, like=G, perturb=0.2)
     prev = projectors.randomized_projector(G_prev, layer.rank, side, seed=0)
@@ -339,7 +346,7 @@ def _refresh_info(layer):
     """Each refresh method's subspace error on the suite's gradient (one SVD, freed)."""
     from ..lowrank import projectors, quant
 
-    side = "right" if layer.m >= layer.n else "left"
+    side = layer.side
     G, prev = _refresh_inputs(layer)
     r = layer.rank
     svd = projectors.svd_projector(G, r, side)

@@ -60,7 +60,8 @@ LOWRANK_DEFAULTS = dict(rank=None, update_proj_gap=200, scale=1.0, proj_type="st
                         queue_size=5, cos_threshold=0.4, gamma_proj=2, dct_norm=1, dct_method="matmul", oversample=8,
                         power_iters=1)
 
-_PROJECTOR_KEYS = ("projector", "projector_right", "projector_codes", "projector_scales", "projector_zeros",
+# The state keys that hold a projector (the optimizer's checks; the lowrank benchmark's memory split).
+PROJECTOR_KEYS = ("projector", "projector_right", "projector_codes", "projector_scales", "projector_zeros",
                    "projector_indices")
 
 
@@ -125,6 +126,15 @@ def low_rank_shape(side: str, m: int, n: int, rank: int) -> Tuple[int, int]:
     return {"right": (m, r), "left": (r, n), "full": (r, r)}[side]
 
 
+def _by_next_step(states, items):
+    """``items`` grouped by the step count after this step (``host_step + 1``) of their ``states``: one
+    fused call per group, since GaLoreAdamW's eps and learning rate depend on it."""
+    out = defaultdict(list)
+    for state, item in zip(states, items):
+        out[state["host_step"] + 1].append(item)
+    return out
+
+
 class _LowRank:
     """The projection, mixed in before an :class:`~fastopt.optim.base.ElementwiseOptimizer` subclass.
 
@@ -178,6 +188,12 @@ class _LowRank:
     def _low_shape(self, group, p):
         m, n = p.shape
         return low_rank_shape(self._side(group, p), m, n, group["rank"])
+
+    def _projector_shapes(self, group, p):
+        """The shapes of ``p``'s dense projector: [(r, n)] (right), [(m, r)] (left), [(m, r), (r, n)] (full)."""
+        m, n = p.shape
+        r = min(group["rank"], m, n)
+        return {"right": [(r, n)], "left": [(m, r)], "full": [(m, r), (r, n)]}[self._side(group, p)]
 
     def _check_group(self, group):
         super()._check_group(group)
@@ -248,7 +264,7 @@ class _LowRank:
                              f"step count), got {type(state.get('host_step')).__name__}")
         if "proj_gap" in state:
             self._check_projected_state(group, p, state)
-            names = names + [k for k in (*self._state_names(group), *_PROJECTOR_KEYS) if k in state]
+            names = names + [k for k in (*self._state_names(group), *PROJECTOR_KEYS) if k in state]
         return names
 
     def _check_projected_state(self, group, p, state, where="a projected parameter's state"):
@@ -278,7 +294,7 @@ class _LowRank:
         side = self._side(group, p)
         m, n = p.shape
         r = min(group["rank"], m, n)
-        shapes = {"right": [(r, n)], "left": [(m, r)], "full": [(m, r), (r, n)]}[side]
+        shapes = self._projector_shapes(group, p)
         dense_dtype = torch.float32 if Int8Weights.is_weight(p) else p.dtype
 
         def bad(key, why):
@@ -350,10 +366,8 @@ class _LowRank:
         if proj and group.get("proj_bits") is not None:
             size = group["proj_group_size"]
             for p in proj:
-                shape = self._low_shape(group, p)
                 side = self._side(group, p)
-                m, n = p.shape
-                numel = (shape[1] * n) if side == "right" else (m * shape[0]) if side == "left" else 0
+                numel = 0 if side == "full" else math.prod(self._projector_shapes(group, p)[0])
                 if side == "full" or numel % size or (group["proj_bits"] == 4 and numel % 2):
                     raise ValueError(
                         f"{type(self).__name__}: a {group['proj_bits']}-bit projector of a {tuple(p.shape)} matrix "
@@ -368,10 +382,7 @@ class _LowRank:
         plain = [i for i, p in enumerate(params) if not self._projects(group, p)]
         pick = lambda seq, idx: [seq[i] for i in idx]  # noqa: E731
         if plain:
-            by_step = defaultdict(list)
-            for i in plain:
-                by_step[self.state[params[i]]["host_step"] + 1].append(i)
-            for t, idx in by_step.items():
+            for t, idx in _by_next_step([self.state[params[i]] for i in plain], plain).items():
                 super()._step_bucket(self._plain_view(group, t), pick(params, idx), pick(grads, idx), backend,
                                      grad_scale, None)
                 for i in idx:
@@ -450,17 +461,15 @@ class _LowRank:
         """The projector of ``p`` as dense tensors in the gradient's dtype (dequantized / gathered)."""
         side = self._side(group, p)
         m, n = p.shape
-        r = min(group["rank"], m, n)
         dtype = torch.float32 if Int8Weights.is_weight(p) else p.dtype
         if group["projector"] == "dct":  # (the indices were checked with the state: no host read per step)
             rows = _proj.dct_basis_rows(n if side == "right" else m, p.device, dtype)
             rows = rows.index_select(0, state["projector_indices"])  # (r whole rows; left: a transposed view)
             return rows if side == "right" else rows.t()
         if group["proj_bits"] is not None:
-            shape = (r, n) if side == "right" else (m, r)
             q = {"codes": state["projector_codes"], "scales": state["projector_scales"],
                  "zeros": state["projector_zeros"]}
-            return _quant.dequantize_projector(q, shape, dtype)
+            return _quant.dequantize_projector(q, self._projector_shapes(group, p)[0], dtype)
         if side == "full":
             return state["projector"], state["projector_right"]
         return state["projector"]
@@ -517,11 +526,8 @@ class _LowRank:
             elif low is None:
                 low = self._project(g, P if side == "full" else P.to(g.dtype), side)
             rest.append((i, low.float() if low.dtype != torch.float32 else low.contiguous(), P))
-        by_step = defaultdict(list)
-        for entry in rest:
-            by_step[states[entry[0]]["host_step"] + 1].append(entry)
         alpha = float(group["scale"]) * decay
-        for t, entries in by_step.items():
+        for t, entries in _by_next_step([states[entry[0]] for entry in rest], rest).items():
             updates = [torch.zeros_like(low) for _, low, _ in entries]
             self._step_float(self._projected_view(group, t), updates, [low for _, low, _ in entries],
                              [states[i] for i, _, _ in entries], backend, grad_scale, None)
@@ -553,7 +559,7 @@ class _LowRank:
         stash = {}
         for pid, p in zip(saved, current):
             s = state_dict["state"].get(pid, {})
-            if "proj_gap" in s or "host_step" in s:
+            if "proj_gap" in s:  # (only projected states are put back: _restore_projected)
                 stash[p] = {k: v for k, v in s.items() if k != "step" and torch.is_tensor(v)}
         optimizer._lowrank_stash = stash
         return None
@@ -562,8 +568,6 @@ class _LowRank:
     def _restore_projected(optimizer):
         for p, values in getattr(optimizer, "_lowrank_stash", {}).items():
             state = optimizer.state[p]
-            if "proj_gap" not in state:
-                continue  # (a plain parameter: torch's own load was right)
             for k, v in values.items():
                 state[k] = v.to(device=p.device, copy=v.device == p.device)
         optimizer._lowrank_stash = {}
@@ -591,13 +595,17 @@ class _LowRank:
                                                    for k, v in fixed.items()}, where)
 
 
+def _galore_scalars(group, t):
+    """(lr, 1 - b1^t, sqrt(1 - b2^t)) of ``group`` at step ``t``, as host floats."""
+    b1, b2 = (float(b) for b in group["betas"])
+    return float(scalar_lr(group["lr"])), 1.0 - b1 ** t, math.sqrt(1.0 - b2 ** t)
+
+
 def _galore_adamw_views(group, t, projected):
     """GaLoreAdamW's group for the fused AdamW op at step ``t``: galore-torch's eps outside the bias
     correction and its weight decay after the update, expressed in the op's own formula
     ``p <- p (1 - lr_k wd_k) - lr_k / bc1 * m / (sqrt(v) / sqrt(bc2) + eps_k)``."""
-    b1, b2 = (float(b) for b in group["betas"])
-    bc1, s = 1.0 - b1 ** t, math.sqrt(1.0 - b2 ** t)
-    lr = float(scalar_lr(group["lr"]))
+    lr, bc1, s = _galore_scalars(group, t)
     wd = float(group["weight_decay"])
     # galore: p <- (p - lr sqrt(bc2) / bc1 * m / (sqrt(v) + eps)) (1 - lr wd)   [correct_bias]
     #          p <- (p - lr m / (sqrt(v) + eps)) (1 - lr wd)                      [not correct_bias]
@@ -673,18 +681,15 @@ class GaLoreAdamW(_LowRank, ElementwiseAdamW):
             return False
         from ..triton_kernels import lowrank as kernels
 
-        t = state["host_step"] + 1
-        b1, b2 = (float(b) for b in group["betas"])
-        lr = float(scalar_lr(group["lr"]))
-        step_size = lr * math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t) if group["correct_bias"] else lr
-        m, n = p.shape
-        r = min(group["rank"], m, n)
+        lr, bc1, s = _galore_scalars(group, state["host_step"] + 1)
+        step_size = lr * s / bc1 if group["correct_bias"] else lr
         if group["proj_bits"] == 4:
-            proj, shape = None, ((r, n) if side == "right" else (m, r))
+            proj, shape = None, self._projector_shapes(group, p)[0]
             int4 = (state["projector_codes"], state["projector_scales"], state["projector_zeros"],
                     group["proj_group_size"])
         else:
             proj, shape, int4 = self._dense_projector(group, p, state).float().contiguous(), None, None
+        b1, b2 = (float(b) for b in group["betas"])
         u = kernels.project_adam(g.contiguous(), proj, side, state["exp_avg"], state["exp_avg_sq"], beta1=b1, beta2=b2,
                                  eps=float(group["eps"]), step_size=step_size, grad_scale=grad_scale, int4=int4,
                                  proj_shape=shape)
