@@ -96,6 +96,8 @@ _SPECS = (
     OpSpec("sgdp", ("momentum", "dampening"), ("momentum",), ("nesterov",), 4),
     OpSpec("adamp_flat", ("beta1", "beta2", "eps"), ("exp_avg", "exp_avg_sq"), _PROJECTED_FLAGS),
     OpSpec("sgdp_flat", ("momentum", "dampening"), ("momentum",), ("nesterov",)),
+    OpSpec("sam", (), ("old_p",), (), 1),       # SAM's ascent: sum g^2 (phase 1); old_p <- w, w += rc[0] g
+    OpSpec("asam", (), ("old_p",), (), 1),      # ASAM's: sum (|w| g)^2; old_p <- w, w += rc[0] w^2 g
     OpSpec("orthograd", (), (), (), 4),         # ⊥Grad: w.g, w.w, g.g, ||g - rc[0] w||^2; g <- (g - rc[0] w) rc[1]
 )
 

@@ -16,6 +16,7 @@ from .exadam import exadam_pack, exadam_update
 from .clip import clip_pack, clip_reduce, clip_update
 from .lamb import lamb_pack, lamb_reduce, lamb_update
 from .orthograd import orthograd_pack, orthograd_reduce, orthograd_update
+from .sam import asam_reduce, asam_update, sam_pack, sam_reduce, sam_update
 from .sgdsai import sgdsai_pack, sgdsai_plain_pack, sgdsai_update
 from .elementwise import elementwise_apply, no_reduce
 from .lion import lion_cautious_pack, lion_cautious_reduce, lion_pack, lion_update
@@ -46,6 +47,8 @@ OPS = {
     "adamp_flat": TritonOp(adamp_flat_update, no_reduce, 0, adamp_pack),
     "sgdp_flat": TritonOp(sgdp_flat_update, no_reduce, 0, sgdp_pack),
     "orthograd": TritonOp(orthograd_update, orthograd_reduce, 4, orthograd_pack),
+    "sam": TritonOp(sam_update, sam_reduce, 1, sam_pack),
+    "asam": TritonOp(asam_update, asam_reduce, 1, sam_pack),
 }
 
 

@@ -14,6 +14,7 @@
 #include "fastopt/functors/clip.h"
 #include "fastopt/functors/lamb.h"
 #include "fastopt/functors/orthograd.h"
+#include "fastopt/functors/sam.h"
 #include "fastopt/functors/sgdsai.h"
 #include "fastopt/functors/lion.h"
 
@@ -39,4 +40,6 @@
   X("sgdp", ::fastopt::functors::SgdPOp)                      \
   X("adamp_flat", ::fastopt::functors::AdamPFlatOp)           \
   X("sgdp_flat", ::fastopt::functors::SgdPFlatOp)           \
+  X("sam", ::fastopt::functors::SamOp<false>)                \
+  X("asam", ::fastopt::functors::SamOp<true>)                \
   X("orthograd", ::fastopt::functors::OrthoGradOp)
