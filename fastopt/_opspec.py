@@ -89,6 +89,11 @@ _SPECS = (
     OpSpec("diffgrad_ams", _RECTIFIED_HYPER, ("exp_avg", "exp_avg_sq", "previous_grad", "max_exp_avg_sq"),
            _RECTIFIED),
     OpSpec("exadam", ("beta1", "beta2", "weight_decay", "eps"), ("exp_avg", "exp_avg_sq"), _DECAY + ("adam_debias",)),
+    # AdaHessian: slot 2 of "adahessian" is the step's Hutchinson estimate D (fastopt/optim/adahessian.py)
+    OpSpec("adahessian", ("beta1", "beta2", "weight_decay", "eps", "hessian_power"),
+           ("exp_avg", "exp_hessian_diag_sq", "hessian"), _DECAY),
+    OpSpec("adahessian_reuse", ("beta1", "beta2", "weight_decay", "eps", "hessian_power"),
+           ("exp_avg", "exp_hessian_diag_sq"), _DECAY),
     OpSpec("lamb", ("beta1", "beta2", "beta3", "weight_decay", "eps"), ("exp_avg", "exp_avg_sq"), _DECAY, 2),
     OpSpec("sgdsai", ("momentum", "weight_decay"), ("momentum_buffer",), ("weight_decouple",)),
     OpSpec("sgdsai_plain", ("momentum", "weight_decay"), (), ("weight_decouple",)),
@@ -98,6 +103,15 @@ _SPECS = (
     OpSpec("sgdp_flat", ("momentum", "dampening"), ("momentum",), ("nesterov",)),
     OpSpec("sam", (), ("old_p",), (), 1),       # SAM's ascent: sum g^2 (phase 1); old_p <- w, w += rc[0] g
     OpSpec("asam", (), ("old_p",), (), 1),      # ASAM's: sum (|w| g)^2; old_p <- w, w += rc[0] w^2 g
+    # torch.optim's SGD, Adagrad, RMSprop (fastopt/optim/{sgd,adagrad,rmsprop}.py)
+    OpSpec("sgd", ("momentum", "dampening", "weight_decay"), ("momentum_buffer",), ("nesterov",)),
+    OpSpec("sgd_plain", ("momentum", "dampening", "weight_decay"), (), ("nesterov",)),
+    OpSpec("adagrad", ("lr_decay", "weight_decay", "eps"), ("sum",)),
+    OpSpec("rmsprop", ("alpha", "eps", "weight_decay", "momentum"), ("square_avg",)),
+    OpSpec("rmsprop_momentum", ("alpha", "eps", "weight_decay", "momentum"), ("square_avg", "momentum_buffer")),
+    OpSpec("rmsprop_centered", ("alpha", "eps", "weight_decay", "momentum"), ("square_avg", "grad_avg")),
+    OpSpec("rmsprop_centered_momentum", ("alpha", "eps", "weight_decay", "momentum"),
+           ("square_avg", "momentum_buffer", "grad_avg")),
     OpSpec("orthograd", (), (), (), 4),         # ⊥Grad: w.g, w.w, g.g, ||g - rc[0] w||^2; g <- (g - rc[0] w) rc[1]
 )
 

@@ -7,6 +7,7 @@ registry ``FASTOPT_FOR_EACH_OP``, against the declaration.
 from collections import namedtuple
 
 from .adam import adam_l2_ams_pack, adam_l2_pack, adam_op_update, adamw_ams_pack, adamw_pack
+from .adahessian import adahessian_pack, adahessian_reuse_update, adahessian_update
 from .adamp import (adamp_flat_update, adamp_pack, adamp_reduce, adamp_update, sgdp_flat_update, sgdp_pack,
                     sgdp_reduce, sgdp_update)
 from .adan import adan_pack, adan_update
@@ -17,6 +18,8 @@ from .clip import clip_pack, clip_reduce, clip_update
 from .lamb import lamb_pack, lamb_reduce, lamb_update
 from .orthograd import orthograd_pack, orthograd_reduce, orthograd_update
 from .sam import asam_reduce, asam_update, sam_pack, sam_reduce, sam_update
+from .classic import (adagrad_pack, adagrad_update, rmsprop_centered_momentum_pack, rmsprop_centered_pack,
+                      rmsprop_momentum_pack, rmsprop_pack, rmsprop_update, sgd_pack, sgd_plain_pack, sgd_update)
 from .sgdsai import sgdsai_pack, sgdsai_plain_pack, sgdsai_update
 from .elementwise import elementwise_apply, no_reduce
 from .lion import lion_cautious_pack, lion_cautious_reduce, lion_pack, lion_update
@@ -39,6 +42,8 @@ OPS = {
     "diffgrad": TritonOp(diffgrad_update, no_reduce, 0, rectified_pack),
     "diffgrad_ams": TritonOp(diffgrad_update, no_reduce, 0, rectified_pack_ams),
     "exadam": TritonOp(exadam_update, no_reduce, 0, exadam_pack),
+    "adahessian": TritonOp(adahessian_update, no_reduce, 0, adahessian_pack),
+    "adahessian_reuse": TritonOp(adahessian_reuse_update, no_reduce, 0, adahessian_pack),
     "lamb": TritonOp(lamb_update, lamb_reduce, 2, lamb_pack),
     "sgdsai": TritonOp(sgdsai_update, no_reduce, 0, sgdsai_pack),
     "sgdsai_plain": TritonOp(sgdsai_update, no_reduce, 0, sgdsai_plain_pack),
@@ -47,6 +52,13 @@ OPS = {
     "adamp_flat": TritonOp(adamp_flat_update, no_reduce, 0, adamp_pack),
     "sgdp_flat": TritonOp(sgdp_flat_update, no_reduce, 0, sgdp_pack),
     "orthograd": TritonOp(orthograd_update, orthograd_reduce, 4, orthograd_pack),
+    "sgd": TritonOp(sgd_update, no_reduce, 0, sgd_pack),
+    "sgd_plain": TritonOp(sgd_update, no_reduce, 0, sgd_plain_pack),
+    "adagrad": TritonOp(adagrad_update, no_reduce, 0, adagrad_pack),
+    "rmsprop": TritonOp(rmsprop_update, no_reduce, 0, rmsprop_pack),
+    "rmsprop_momentum": TritonOp(rmsprop_update, no_reduce, 0, rmsprop_momentum_pack),
+    "rmsprop_centered": TritonOp(rmsprop_update, no_reduce, 0, rmsprop_centered_pack),
+    "rmsprop_centered_momentum": TritonOp(rmsprop_update, no_reduce, 0, rmsprop_centered_momentum_pack),
     "sam": TritonOp(sam_update, sam_reduce, 1, sam_pack),
     "asam": TritonOp(asam_update, asam_reduce, 1, sam_pack),
 }

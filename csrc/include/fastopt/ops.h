@@ -6,6 +6,7 @@
 #pragma once
 
 #include "fastopt/functors/adam.h"
+#include "fastopt/functors/adahessian.h"
 #include "fastopt/functors/adamp.h"
 #include "fastopt/functors/adan.h"
 #include "fastopt/functors/adabelief.h"
@@ -16,6 +17,9 @@
 #include "fastopt/functors/orthograd.h"
 #include "fastopt/functors/sam.h"
 #include "fastopt/functors/sgdsai.h"
+#include "fastopt/functors/sgd.h"
+#include "fastopt/functors/adagrad.h"
+#include "fastopt/functors/rmsprop.h"
 #include "fastopt/functors/lion.h"
 
 #define FASTOPT_FOR_EACH_OP(X)                                \
@@ -33,6 +37,8 @@
   X("diffgrad", ::fastopt::functors::DiffGradOp<false>)       \
   X("diffgrad_ams", ::fastopt::functors::DiffGradOp<true>)    \
   X("exadam", ::fastopt::functors::ExAdamOp)                  \
+  X("adahessian", ::fastopt::functors::AdaHessianOp<true>)    \
+  X("adahessian_reuse", ::fastopt::functors::AdaHessianOp<false>) \
   X("lamb", ::fastopt::functors::LambOp)                      \
   X("sgdsai", ::fastopt::functors::SgdSaiOp<true>)            \
   X("sgdsai_plain", ::fastopt::functors::SgdSaiOp<false>)     \
@@ -42,4 +48,11 @@
   X("sgdp_flat", ::fastopt::functors::SgdPFlatOp)           \
   X("sam", ::fastopt::functors::SamOp<false>)                \
   X("asam", ::fastopt::functors::SamOp<true>)                \
+  X("sgd", ::fastopt::functors::SgdOp<true>)                  \
+  X("sgd_plain", ::fastopt::functors::SgdOp<false>)           \
+  X("adagrad", ::fastopt::functors::AdagradOp)                \
+  X("rmsprop", ::fastopt::functors::RmspropPlainOp)                 \
+  X("rmsprop_momentum", ::fastopt::functors::RmspropMomentumOp)     \
+  X("rmsprop_centered", ::fastopt::functors::RmspropCenteredOp)     \
+  X("rmsprop_centered_momentum", ::fastopt::functors::RmspropCenteredMomentumOp)\
   X("orthograd", ::fastopt::functors::OrthoGradOp)
