@@ -10,6 +10,13 @@
 #include "fastopt/flags.h"
 #include "fastopt/ops.h"
 #include "cpu/isa.h"
+#ifndef FASTOPT_CUDA_ON_CPU
+#include "cpu/probe.h"  // AdaHessian's probes (not in tests/_cuda_on_cpu_build.py's sources)
+#endif
+#include "cpu/saf.h"
+#ifndef FASTOPT_CUDA_ON_CPU
+#include "cpu/mfac.h"  // dense M-FAC's window passes (not in tests/_cuda_on_cpu_build.py's sources)
+#endif
 #ifdef FASTOPT_CUDA_ON_CPU
 #include <cuda_runtime.h>  // the CUDA-on-CPU layer: its launch counts
 #endif
@@ -184,6 +191,25 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   m.def("cpu_isa", &fastopt::cpu::isa_name, "The CPU kernels' instruction set on this machine.");
+#ifndef FASTOPT_CUDA_ON_CPU
+  m.def(
+      "probe_fill_cpu",
+      [](std::vector<int64_t> out, std::vector<int64_t> numels, std::vector<int64_t> keys,
+         std::vector<int64_t> offsets, int dtype) {
+        py::gil_scoped_release nogil;
+        fastopt::probe_fill_cpu(out, numels, keys, offsets, dtype);
+      },
+      "AdaHessian's Rademacher probes (csrc/cpu/probe.h): raw addresses; fastopt.optim.adahessian validates.");
+  m.def(
+      "probe_consume_cpu",
+      [](std::vector<int64_t> hz, std::vector<int64_t> acc, std::vector<int64_t> numels, std::vector<int64_t> keys,
+         std::vector<int64_t> offsets, int dtype, double scale, bool use_z, bool accumulate) {
+        py::gil_scoped_release nogil;
+        fastopt::probe_consume_cpu(hz, acc, numels, keys, offsets, dtype, scale, use_z, accumulate);
+      },
+      "AdaHessian's Hutchinson estimate from Hz (csrc/cpu/probe.h): raw addresses; fastopt.optim.adahessian "
+      "validates.");
+#endif
   m.def(
       "adam_cpu",
       [](std::vector<int64_t> ptrs, std::vector<int64_t> numels, std::vector<int64_t> steps, int dtype,
@@ -247,6 +273,52 @@ PYBIND11_MODULE(_C, m) {
         fastopt::ot_pass_cpu(a);
       },
       kOtDoc);
+#ifndef FASTOPT_CUDA_ON_CPU  // (tests/_cuda_on_cpu_build.py does not compile csrc/cpu/saf*.cpp)
+  m.def(
+      "saf_cpu",
+      [](int64_t logits, int logits_dtype, int64_t indices, int64_t bank, int bank_dtype, int64_t row_kl,
+         int64_t grad, int64_t rows, int64_t n, int64_t classes, int64_t slots, int64_t read_slot,
+         int64_t write_slot, bool active, double inv_temp, double grad_scale) {
+        fastopt::SafArgs a;
+        a.logits = logits; a.indices = indices; a.bank = bank; a.row_kl = row_kl; a.grad = grad;
+        a.logits_dtype = logits_dtype; a.bank_dtype = bank_dtype;
+        a.rows = rows; a.n = n; a.classes = classes; a.slots = slots;
+        a.read_slot = read_slot; a.write_slot = write_slot; a.active = active;
+        a.inv_temp = inv_temp; a.grad_scale = grad_scale;
+        py::gil_scoped_release nogil;
+        fastopt::saf_cpu(a);
+      },
+      "The fused SAF pass (csrc/cpu/saf.h): raw addresses; the caller (fastopt.sharpness.saf) validates.");
+#endif
+#ifndef FASTOPT_CUDA_ON_CPU  // (tests/_cuda_on_cpu_build.py does not compile csrc/cpu/mfac*.cpp)
+  m.def(
+      "mfac_dots_cpu",
+      [](int64_t window, int64_t rows, int64_t ld, int64_t nrows, int64_t slot, int gdtype,
+         std::vector<int64_t> params, std::vector<int64_t> grads, std::vector<int64_t> numels, double wd_l2,
+         int64_t dots_x, int64_t dots_k) {
+        fastopt::MfacArgs a;
+        a.window = window; a.rows = rows; a.ld = ld; a.nrows = nrows; a.slot = slot; a.gdtype = gdtype;
+        a.params = std::move(params); a.grads = std::move(grads); a.numels = std::move(numels);
+        a.wd_l2 = wd_l2; a.dots_x = dots_x; a.dots_k = dots_k;
+        py::gil_scoped_release nogil;
+        fastopt::mfac_dots_cpu(a);
+      },
+      "Dense M-FAC pass 1 (csrc/cpu/mfac.h): raw addresses; fastopt/_ops.py mfac_dots_ validates.");
+  m.def(
+      "mfac_update_cpu",
+      [](int64_t window, int64_t rows, int64_t ld, int64_t nrows, int gdtype, std::vector<int64_t> params,
+         std::vector<int64_t> grads, std::vector<int64_t> numels, std::vector<int64_t> momentum, int64_t coef,
+         double wd_l2, double damp, double momentum_coef, double lr, double wd_decoupled) {
+        fastopt::MfacArgs a;
+        a.window = window; a.rows = rows; a.ld = ld; a.nrows = nrows; a.gdtype = gdtype;
+        a.params = std::move(params); a.grads = std::move(grads); a.numels = std::move(numels);
+        a.momentum = std::move(momentum); a.coef = coef; a.wd_l2 = wd_l2; a.damp = damp;
+        a.momentum_coef = momentum_coef; a.lr = lr; a.wd_decoupled = wd_decoupled;
+        py::gil_scoped_release nogil;
+        fastopt::mfac_update_cpu(a);
+      },
+      "Dense M-FAC pass 2 (csrc/cpu/mfac.h): raw addresses; fastopt/_ops.py mfac_update_ validates.");
+#endif
   m.def(
       "transposable_mask_cpu",
       [](int64_t in, int64_t out, int64_t rows, int64_t cols, int dtype, bool exact) {

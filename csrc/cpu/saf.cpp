@@ -1,0 +1,40 @@
+// CPU entry point of the fused SAF pass (saf.h): validates, marks the row that writes each index (the
+// last occurrence in the batch: deterministic whatever the threads), runs the ISA-specific kernel.
+#include "saf.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+#include "fastopt/api.h"
+#include "fastopt/dispatch.h"
+#include "isa.h"
+
+namespace fastopt {
+FASTOPT_CPU_KERNEL_DECL(void saf_run(const SafArgs& a, const uint8_t* writes))
+
+void saf_cpu(const SafArgs& a) {
+  check_arg(a.rows >= 0 && a.n >= 0 && a.classes >= 0, "negative size");
+  check_arg(a.slots >= 1 && a.read_slot >= 0 && a.read_slot < a.slots && a.write_slot >= 0 &&
+                a.write_slot < a.slots,
+            "bank slot out of range");
+  check_arg(!a.active || a.read_slot != a.write_slot, "the read and write slots must differ");
+  check_arg(a.inv_temp > 0.0, "inv_temp must be > 0");
+  for (int code : {a.logits_dtype, a.bank_dtype})
+    check_arg(code == kFloat32 || code == kFloat16 || code == kBFloat16, "unsupported dtype code");
+  if (a.rows * a.classes == 0) return;
+  check_arg(a.logits != 0 && a.indices != 0 && a.bank != 0 && a.row_kl != 0, "null tensor address");
+  const int64_t* idx = as_ptr<const int64_t>(a.indices);
+  for (int64_t i = 0; i < a.rows; ++i) check_arg(idx[i] >= 0 && idx[i] < a.n, "index out of range");
+  // writes[i] = 1 when indices[i] does not occur again later in the batch
+  std::vector<uint8_t> writes(static_cast<size_t>(a.rows), 1);
+  std::vector<int64_t> order(static_cast<size_t>(a.rows));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::sort(order.begin(), order.end(), [idx](int64_t x, int64_t y) { return idx[x] < idx[y] || (idx[x] == idx[y] && x < y); });
+  for (int64_t k = 0; k + 1 < a.rows; ++k)
+    if (idx[order[k]] == idx[order[k + 1]]) writes[order[k]] = 0;
+  FASTOPT_CPU_KERNEL_CALL(saf_run, a, writes.data());
+}
+
+}  // namespace fastopt

@@ -1,0 +1,28 @@
+// The fused SAF pass (fastopt.sharpness.SAFLoss; Du et al., "Sharpness-Aware Training for Free"):
+// one call gathers each row's past outputs from the per-example bank, computes the softmax-KL term and
+// its gradient, and scatters the row's current outputs into the bank.
+//   logits   (rows, classes)             storage dtype `logits_dtype`
+//   indices  (rows,) int64               each in [0, n) (the wrapper checks; C++ skips a row outside)
+//   bank     (slots, n, classes)         storage dtype `bank_dtype`
+//   row_kl   (rows,) fp32                KL(softmax(old / T) || softmax(logits / T)) when active
+//   grad     (rows, classes) fp32 or 0   grad_scale * (softmax(logits / T) - softmax(old / T)) when active
+// old = bank[read_slot, idx]; bank[write_slot, idx] = logits for the last row of each idx (read_slot !=
+// write_slot when active, so no row read is written).  inv_temp = 1 / T.
+#pragma once
+
+#include <cstdint>
+
+namespace fastopt {
+
+struct SafArgs {
+  int64_t logits = 0, indices = 0, bank = 0, row_kl = 0, grad = 0;
+  int logits_dtype = 0, bank_dtype = 0;
+  int64_t rows = 0, n = 0, classes = 0, slots = 0;
+  int64_t read_slot = 0, write_slot = 0;
+  bool active = false;
+  double inv_temp = 1.0, grad_scale = 0.0;
+};
+
+void saf_cpu(const SafArgs& args);
+
+}  // namespace fastopt
