@@ -5,6 +5,7 @@ gather, the softmax-KL term, its gradient and the bank scatter run in one kernel
 (``csrc/cpu/saf_kernels.cpp`` with OpenMP over rows, ``triton_kernels/saf.py`` one program per row); the
 ``torch`` backend is :func:`fastopt.reference.saf.saf_reference`.
 """
+import importlib
 import numbers
 
 import torch
@@ -50,8 +51,10 @@ def _saf_pass_kernel(logits: Tensor, indices: Tensor, bank: Tensor, row_kl: Tens
         return
     call.check()
     if backend == "triton":
-        _backend.triton_kernels().saf.saf_pass(logits, indices, bank, row_kl, grad if with_grad else None,
-                                               read_slot, write_slot, active, inv_temp, grad_scale)
+        _backend.triton_kernels()  # (a clear error when triton is missing)
+        importlib.import_module("fastopt.triton_kernels.saf").saf_pass(logits, indices, bank, row_kl, grad if with_grad else None,
+                                                                       read_slot, write_slot, active, inv_temp,
+                                                                       grad_scale)
         return
     args = (call.ptr("logits"), _backend.dtype_code(logits.dtype), call.ptr("indices"), call.ptr("bank"),
             _backend.dtype_code(bank.dtype), call.ptr("row_kl"), call.ptr("grad") if with_grad else 0,
