@@ -639,6 +639,99 @@ def _ot_softmin_kernel(x: Optional[Tensor], y: Optional[Tensor], cost_matrix: Op
 ot_softmin_, ot_softmin = _kernel_op("ot_softmin_", mutates=("out",))(_ot_softmin_kernel)
 
 
+def _mfac_call(op, window, params, grads, momentum_buffer, nrows):
+    """A :class:`_Call` of one of dense M-FAC's window passes: ``window`` (m, d) fp32/bf16 contiguous with
+    d = the params' total numel, contiguous fp32 params and grads, an optional fp32 momentum buffer (d,)."""
+    if window.dim() != 2 or not window.is_contiguous() or window.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"fastopt::{op}: window must be a contiguous 2-d fp32 or bf16 tensor, got "
+                         f"{window.dtype}{tuple(window.shape)}")
+    rows, d = window.shape
+    if not 1 <= nrows <= rows:
+        raise ValueError(f"fastopt::{op}: nrows must be in [1, {rows}], got {nrows}")
+    if len(params) != len(grads):
+        raise ValueError(f"fastopt::{op}: {len(params)} params but {len(grads)} grads")
+    for name, lst in (("params", params), ("grads", grads)):
+        for i, t in enumerate(lst):
+            if not t.is_contiguous():
+                raise ValueError(f"fastopt::{op}: {name}[{i}] must be contiguous")
+    call = _Call(op, window.device)
+    numels = call.add("params", params, torch.float32, disjoint=True)
+    call.add("grads", grads, torch.float32, numels)
+    if sum(numels) != d:
+        raise ValueError(f"fastopt::{op}: the params hold {sum(numels)} elements, the window {d} columns")
+    call.add("window", [window], window.dtype)
+    if momentum_buffer is not None:
+        _add_contiguous(call, "momentum_buffer", momentum_buffer, torch.float32, d, (d,))
+    return call, numels
+
+
+def _mfac_dots_kernel(window: Tensor, params: List[Tensor], grads: List[Tensor], dots_x: Tensor,
+                      dots_k: Optional[Tensor], slot: int, nrows: int, wd_l2: float, backend: str) -> None:
+    """Dense M-FAC pass 1 (:func:`fastopt.reference.mfac.mfac_window_dots_reference`): ``window[slot] <- g =
+    grad + wd_l2 p`` (params side by side), ``dots_x[j] = G_j . g`` and, for a bf16 window, ``dots_k[j] =
+    G_j . G_slot`` for ``j < nrows`` (fp64 (m,); zero beyond).  ``csrc/cpu/mfac_kernels.cpp``,
+    ``triton_kernels/mfac.py``."""
+    call, numels = _mfac_call("mfac_dots_", window, params, grads, None, nrows)
+    rows = window.shape[0]
+    if not 0 <= slot < nrows:
+        raise ValueError(f"fastopt::mfac_dots_: slot must be in [0, nrows={nrows}), got {slot}")
+    two = window.dtype != torch.float32
+    if two != (dots_k is not None):
+        raise ValueError("fastopt::mfac_dots_: dots_k is required for a bf16 window and absent for an fp32 one")
+    _add_contiguous(call, "dots_x", dots_x, torch.float64, rows, (rows,))
+    if two:
+        _add_contiguous(call, "dots_k", dots_k, torch.float64, rows, (rows,))
+    call.check()
+    if backend == "triton":
+        _backend.triton_kernels().mfac.mfac_dots(window, params, grads, dots_x, dots_k, slot, nrows, wd_l2)
+        return
+    args = (call.ptr("window"), rows, window.shape[1], nrows, slot, _backend.dtype_code(window.dtype),
+            call.ptrs("params"), call.ptrs("grads"), numels, float(wd_l2), call.ptr("dots_x"),
+            call.ptr("dots_k") if two else 0)
+    _run_native(backend, "mfac_dots", window.device, args, "mfac_dots_")
+
+
+mfac_dots_, mfac_dots = _kernel_op("mfac_dots_", mutates=("window", "dots_x", "dots_k"))(_mfac_dots_kernel)
+
+
+def _mfac_update_kernel(window: Tensor, params: List[Tensor], grads: List[Tensor], momentum_buffer: Optional[Tensor],
+                        coef: Tensor, nrows: int, lr: float, damp: float, momentum: float, wd_l2: float,
+                        wd_decoupled: float, backend: str) -> None:
+    """Dense M-FAC pass 2 (:func:`fastopt.reference.mfac.mfac_update_reference`): ``u = g / damp -
+    sum_j<nrows coef[j] G_j``, ``v <- momentum v + (1 - momentum) u`` (with a momentum buffer),
+    ``p <- p (1 - wd_decoupled) - lr u``.  ``coef`` fp32 (>= nrows,)."""
+    if (momentum_buffer is None) != (momentum == 0.0):
+        raise ValueError("fastopt::mfac_update_: a momentum buffer goes with momentum > 0, and only then")
+    if not damp > 0.0:
+        raise ValueError(f"fastopt::mfac_update_: damp must be positive, got {damp}")
+    call, numels = _mfac_call("mfac_update_", window, params, grads, momentum_buffer, nrows)
+    if coef.dim() != 1:
+        raise ValueError("fastopt::mfac_update_: coef must be 1-d")
+    _add_contiguous(call, "coef", coef, torch.float32)
+    if coef.numel() < nrows:
+        raise ValueError(f"fastopt::mfac_update_: coef has {coef.numel()} elements, needs {nrows}")
+    call.check()
+    if backend == "triton":
+        _backend.triton_kernels().mfac.mfac_update(window, params, grads, momentum_buffer, coef, nrows, lr, damp,
+                                                    momentum, wd_l2, wd_decoupled)
+        return
+    moms = []
+    if momentum_buffer is not None:
+        base, size = momentum_buffer.data_ptr(), momentum_buffer.element_size()
+        off = 0
+        for n in numels:
+            moms.append(base + off * size)
+            off += n
+    args = (call.ptr("window"), window.shape[0], window.shape[1], nrows, _backend.dtype_code(window.dtype),
+            call.ptrs("params"), call.ptrs("grads"), numels, moms, call.ptr("coef"), float(wd_l2), float(damp),
+            float(momentum), float(lr), float(wd_decoupled))
+    _run_native(backend, "mfac_update", window.device, args, "mfac_update_")
+
+
+mfac_update_, mfac_update = _kernel_op("mfac_update_", mutates=("params", "momentum_buffer"))(
+    _mfac_update_kernel)
+
+
 # -- the Python side of the seam: validated lists -> one kernel call ------------------------------
 def split_lr(lr, device):
     """(float lr, tensor or None) for a kernel call on ``device``: a CPU tensor lr is read on the host as
