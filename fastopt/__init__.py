@@ -13,6 +13,7 @@ from ._backend import BackendUnavailableError, available_backends, build_info  #
 from .optim import (SGDP, AdaBelief, Adam, Adan, AdamP, AdamW, DiffGrad, EXAdam, Lamb, Lion, Muon,  # noqa: F401
                     SGDSaI, clip_grad_norm_, functional)
 from .optim import OrthoGrad  # noqa: F401
+from .optim import MFAC  # noqa: F401
 from .optim import OptimizerInBackward, optimizer_in_backward  # noqa: F401
 from .optim import lowbit_presets as _lowbit_presets
 from . import lowrank  # noqa: F401,E402  (after the optimizers it builds on)

@@ -10,6 +10,7 @@ from .diffgrad import DiffGrad  # noqa: F401
 from .exadam import EXAdam  # noqa: F401
 from .muon import Muon  # noqa: F401
 from .orthograd import OrthoGrad  # noqa: F401
+from .mfac import MFAC  # noqa: F401
 from .adamp import SGDP, AdamP  # noqa: F401
 from .lamb import Lamb  # noqa: F401
 from .sgdsai import SGDSaI  # noqa: F401
