@@ -14,6 +14,9 @@ from .optim import (SGDP, AdaBelief, Adam, Adan, AdamP, AdamW, DiffGrad, EXAdam,
                     SGDSaI, clip_grad_norm_, functional)
 from .optim import OrthoGrad  # noqa: F401
 from .optim import MFAC  # noqa: F401
+from .optim import SGD, Adagrad, RMSprop  # noqa: F401
+from .optim import SAM  # noqa: F401
+from .optim import AdaHessian  # noqa: F401
 from .optim import OptimizerInBackward, optimizer_in_backward  # noqa: F401
 from .optim import lowbit_presets as _lowbit_presets
 from . import lowrank  # noqa: F401,E402  (after the optimizers it builds on)
