@@ -218,6 +218,11 @@ def select(launches, kernels):
     return [ln for ln in launches if ln.kernel in names] if names else list(launches)
 
 
+# Kernels the test script's ``exercise()`` does not launch: "module:function" entries, each called under
+# :func:`capture` after it (the function launches every variant its kernel's launcher can start).
+EXERCISES = ["fastopt.triton_kernels.saf:audit_exercise"]
+
+
 def main(argv=None):
     """``python -m fastopt.triton_kernels.compile_audit OUT.json SCRIPT.py``: run ``SCRIPT.py``'s
     ``exercise()`` under :func:`capture`, compile every launch (or those of the kernels named in
@@ -227,6 +232,9 @@ def main(argv=None):
 
     with capture() as launches:
         runpy.run_path(script)["exercise"]()
+        for entry in EXERCISES:
+            module, fn = entry.split(":")
+            getattr(importlib.import_module(module), fn)()
     launches = select(launches, os.environ.get("FASTOPT_AUDIT_KERNELS", ""))
     results = compile_all(launches, workers=int(os.environ.get("FASTOPT_AUDIT_WORKERS", str(os.cpu_count() or 2))))
     with open(out, "w") as f:

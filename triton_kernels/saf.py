@@ -110,3 +110,29 @@ def saf_pass(logits, indices, bank, row_kl, grad, read_slot, write_slot, active,
         ACTIVE=bool(active), WITH_GRAD=with_grad, BLOCK_C=block_c, BLOCK_B=block_b, num_warps=warps,
         enable_fp_fusion=False,
     )
+
+
+def audit_exercise():
+    """Every variant :func:`saf_pass` launches (for ``compile_audit``, on CPU tensors: nothing runs): active
+    with and without the gradient and inactive; each pair of logits and bank dtypes; one tile (C = 3, 1000)
+    and several (C = 5000); an index repeated in the batch."""
+    import torch
+
+    def run(c, ldt, bdt, active, grad, b=6):
+        logits = torch.randn(b, c).to(ldt)
+        idx = torch.tensor([0, 3, 1, 3, 5, 2][:b])
+        bank = torch.zeros(3, 8, c, dtype=bdt)
+        row_kl = torch.zeros(b)
+        g = torch.zeros(b, c) if grad else None
+        saf_pass(logits, idx, bank, row_kl, g, 1, 0, active, 0.2, 0.05)
+
+    dts = (torch.float32, torch.bfloat16, torch.float16)
+    for ldt in dts:
+        for bdt in dts:
+            run(1000, ldt, bdt, True, True)
+            run(1000, ldt, bdt, False, False)
+    for c in (3, 5000):
+        for ldt, bdt in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)):
+            run(c, ldt, bdt, True, True)
+            run(c, ldt, bdt, True, False)
+            run(c, ldt, bdt, False, False)
