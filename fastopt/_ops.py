@@ -639,6 +639,14 @@ def _ot_softmin_kernel(x: Optional[Tensor], y: Optional[Tensor], cost_matrix: Op
 ot_softmin_, ot_softmin = _kernel_op("ot_softmin_", mutates=("out",))(_ot_softmin_kernel)
 
 
+def _mfac_triton():
+    """``fastopt.triton_kernels.mfac`` (imported on first use; the package's ``__init__`` does not import it)."""
+    import importlib
+
+    _backend.triton_kernels()
+    return importlib.import_module("fastopt.triton_kernels.mfac")
+
+
 def _mfac_call(op, window, params, grads, momentum_buffer, nrows):
     """A :class:`_Call` of one of dense M-FAC's window passes: ``window`` (m, d) fp32/bf16 contiguous with
     d = the params' total numel, contiguous fp32 params and grads, an optional fp32 momentum buffer (d,)."""
@@ -683,7 +691,7 @@ def _mfac_dots_kernel(window: Tensor, params: List[Tensor], grads: List[Tensor],
         _add_contiguous(call, "dots_k", dots_k, torch.float64, rows, (rows,))
     call.check()
     if backend == "triton":
-        _backend.triton_kernels().mfac.mfac_dots(window, params, grads, dots_x, dots_k, slot, nrows, wd_l2)
+        _mfac_triton().mfac_dots(window, params, grads, dots_x, dots_k, slot, nrows, wd_l2)
         return
     args = (call.ptr("window"), rows, window.shape[1], nrows, slot, _backend.dtype_code(window.dtype),
             call.ptrs("params"), call.ptrs("grads"), numels, float(wd_l2), call.ptr("dots_x"),
@@ -712,7 +720,7 @@ def _mfac_update_kernel(window: Tensor, params: List[Tensor], grads: List[Tensor
         raise ValueError(f"fastopt::mfac_update_: coef has {coef.numel()} elements, needs {nrows}")
     call.check()
     if backend == "triton":
-        _backend.triton_kernels().mfac.mfac_update(window, params, grads, momentum_buffer, coef, nrows, lr, damp,
+        _mfac_triton().mfac_update(window, params, grads, momentum_buffer, coef, nrows, lr, damp,
                                                     momentum, wd_l2, wd_decoupled)
         return
     moms = []
