@@ -101,8 +101,9 @@ _SPECS = (
     OpSpec("sgdp", ("momentum", "dampening"), ("momentum",), ("nesterov",), 4),
     OpSpec("adamp_flat", ("beta1", "beta2", "eps"), ("exp_avg", "exp_avg_sq"), _PROJECTED_FLAGS),
     OpSpec("sgdp_flat", ("momentum", "dampening"), ("momentum",), ("nesterov",)),
-    OpSpec("sam", (), ("old_p",), (), 1),       # SAM's ascent: sum g^2 (phase 1); old_p <- w, w += rc[0] g
-    OpSpec("asam", (), ("old_p",), (), 1),      # ASAM's: sum (|w| g)^2; old_p <- w, w += rc[0] w^2 g
+    OpSpec("sam", (), ("old_p",)),              # SAM's ascent: old_p <- w, w += rc[0] g (norm: "clip")
+    OpSpec("asam", (), ("old_p",)),             # ASAM's: old_p <- w, w += rc[0] w^2 g
+    OpSpec("asam_norm", (), (), (), 1),         # ASAM's norm: sum (|w| g)^2 (phase 1 only)
     # torch.optim's SGD, Adagrad, RMSprop (fastopt/optim/{sgd,adagrad,rmsprop}.py)
     OpSpec("sgd", ("momentum", "dampening", "weight_decay"), ("momentum_buffer",), ("nesterov",)),
     OpSpec("sgd_plain", ("momentum", "dampening", "weight_decay"), (), ("nesterov",)),

@@ -17,7 +17,7 @@ from .exadam import exadam_pack, exadam_update
 from .clip import clip_pack, clip_reduce, clip_update
 from .lamb import lamb_pack, lamb_reduce, lamb_update
 from .orthograd import orthograd_pack, orthograd_reduce, orthograd_update
-from .sam import asam_reduce, asam_update, sam_pack, sam_reduce, sam_update
+from .sam import asam_norm_reduce, asam_norm_update, asam_update, sam_pack, sam_update
 from .classic import (adagrad_pack, adagrad_update, rmsprop_centered_momentum_pack, rmsprop_centered_pack,
                       rmsprop_momentum_pack, rmsprop_pack, rmsprop_update, sgd_pack, sgd_plain_pack, sgd_update)
 from .sgdsai import sgdsai_pack, sgdsai_plain_pack, sgdsai_update
@@ -59,8 +59,9 @@ OPS = {
     "rmsprop_momentum": TritonOp(rmsprop_update, no_reduce, 0, rmsprop_momentum_pack),
     "rmsprop_centered": TritonOp(rmsprop_update, no_reduce, 0, rmsprop_centered_pack),
     "rmsprop_centered_momentum": TritonOp(rmsprop_update, no_reduce, 0, rmsprop_centered_momentum_pack),
-    "sam": TritonOp(sam_update, sam_reduce, 1, sam_pack),
-    "asam": TritonOp(asam_update, asam_reduce, 1, sam_pack),
+    "sam": TritonOp(sam_update, no_reduce, 0, sam_pack),
+    "asam": TritonOp(asam_update, no_reduce, 0, sam_pack),
+    "asam_norm": TritonOp(asam_norm_update, asam_norm_reduce, 1, sam_pack),
 }
 
 

@@ -48,6 +48,7 @@
   X("sgdp_flat", ::fastopt::functors::SgdPFlatOp)           \
   X("sam", ::fastopt::functors::SamOp<false>)                \
   X("asam", ::fastopt::functors::SamOp<true>)                \
+  X("asam_norm", ::fastopt::functors::AsamNormOp)            \
   X("sgd", ::fastopt::functors::SgdOp<true>)                  \
   X("sgd_plain", ::fastopt::functors::SgdOp<false>)           \
   X("adagrad", ::fastopt::functors::AdagradOp)                \
