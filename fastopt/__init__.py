@@ -9,6 +9,7 @@ from . import _ops  # noqa: F401  (registers the torch.library custom ops)
 from . import lowbit  # noqa: F401
 from . import sparse  # noqa: F401
 from . import ot  # noqa: F401
+from . import sharpness  # noqa: F401  (SAFLoss)
 from ._backend import BackendUnavailableError, available_backends, build_info  # noqa: F401
 from .optim import (SGDP, AdaBelief, Adam, Adan, AdamP, AdamW, DiffGrad, EXAdam, Lamb, Lion, Muon,  # noqa: F401
                     SGDSaI, clip_grad_norm_, functional)

@@ -276,7 +276,7 @@ def _mlp_run(use_saf, epochs=8, seed=0):
             idx = perm[b:b + 32]
             logits = model(x[idx])
             loss = F.cross_entropy(logits, y[idx])
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             if saf is not None:
                 term = saf(logits, idx, epoch)
                 saf_terms.append(float(term))
