@@ -92,6 +92,11 @@ _SPECS = (
     # AdaHessian: slot 2 of "adahessian" is the step's Hutchinson estimate D (fastopt/optim/adahessian.py)
     OpSpec("adahessian", ("beta1", "beta2", "weight_decay", "eps", "hessian_power"),
            ("exp_avg", "exp_hessian_diag_sq", "hessian"), _DECAY),
+    OpSpec("adahessian_plain", ("beta1", "beta2", "weight_decay", "eps", "hessian_power"),
+           ("exp_avg", "exp_hessian_diag_sq"), _DECAY),
+    # AdaHessian: slot 2 of "adahessian" is the step's Hutchinson estimate D (fastopt/optim/adahessian.py)
+    OpSpec("adahessian", ("beta1", "beta2", "weight_decay", "eps", "hessian_power"),
+           ("exp_avg", "exp_hessian_diag_sq", "hessian"), _DECAY),
     OpSpec("adahessian_reuse", ("beta1", "beta2", "weight_decay", "eps", "hessian_power"),
            ("exp_avg", "exp_hessian_diag_sq"), _DECAY),
     OpSpec("lamb", ("beta1", "beta2", "beta3", "weight_decay", "eps"), ("exp_avg", "exp_avg_sq"), _DECAY, 2),

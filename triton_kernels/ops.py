@@ -7,6 +7,7 @@ registry ``FASTOPT_FOR_EACH_OP``, against the declaration.
 from collections import namedtuple
 
 from .adam import adam_l2_ams_pack, adam_l2_pack, adam_op_update, adamw_ams_pack, adamw_pack
+from .adahessian import adahessian_pack, adahessian_plain_update, adahessian_update
 from .adahessian import adahessian_pack, adahessian_reuse_update, adahessian_update
 from .adamp import (adamp_flat_update, adamp_pack, adamp_reduce, adamp_update, sgdp_flat_update, sgdp_pack,
                     sgdp_reduce, sgdp_update)
@@ -42,6 +43,8 @@ OPS = {
     "diffgrad": TritonOp(diffgrad_update, no_reduce, 0, rectified_pack),
     "diffgrad_ams": TritonOp(diffgrad_update, no_reduce, 0, rectified_pack_ams),
     "exadam": TritonOp(exadam_update, no_reduce, 0, exadam_pack),
+    "adahessian": TritonOp(adahessian_update, no_reduce, 0, adahessian_pack),
+    "adahessian_plain": TritonOp(adahessian_plain_update, no_reduce, 0, adahessian_pack),
     "adahessian": TritonOp(adahessian_update, no_reduce, 0, adahessian_pack),
     "adahessian_reuse": TritonOp(adahessian_reuse_update, no_reduce, 0, adahessian_pack),
     "lamb": TritonOp(lamb_update, lamb_reduce, 2, lamb_pack),

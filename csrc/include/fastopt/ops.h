@@ -38,6 +38,8 @@
   X("diffgrad_ams", ::fastopt::functors::DiffGradOp<true>)    \
   X("exadam", ::fastopt::functors::ExAdamOp)                  \
   X("adahessian", ::fastopt::functors::AdaHessianOp<true>)    \
+  X("adahessian_plain", ::fastopt::functors::AdaHessianOp<false>) \
+  X("adahessian", ::fastopt::functors::AdaHessianOp<true>)    \
   X("adahessian_reuse", ::fastopt::functors::AdaHessianOp<false>) \
   X("lamb", ::fastopt::functors::LambOp)                      \
   X("sgdsai", ::fastopt::functors::SgdSaiOp<true>)            \
