@@ -60,6 +60,26 @@ ZOO = {
         dict(lr=1e-2, momentum=0.9, dampening=0.1, nesterov=True, weight_decay=0.01, delta=0.5),
         dict(lr=1e-2, maximize=True, weight_decay=0.1, fixed_decay=True),
     ]),
+    # torch.optim's SGD / Adagrad / RMSprop (tests/test_classic.py checks them against torch.optim)
+    "sgd": (fastopt.SGD, [
+        dict(lr=1e-2, momentum=0.9, weight_decay=0.01),
+        dict(lr=1e-2, momentum=0.9, dampening=0.2, weight_decay=0.05, maximize=True),
+        dict(lr=1e-2, momentum=0.9, nesterov=True),
+        dict(lr=1e-2, weight_decay=0.1),
+    ]),
+    "adagrad": (fastopt.Adagrad, [
+        dict(lr=1e-2, weight_decay=0.01),
+        dict(lr=1e-2, lr_decay=0.05, initial_accumulator_value=0.1, eps=1e-6, maximize=True),
+    ]),
+    "rmsprop": (fastopt.RMSprop, [
+        dict(lr=1e-3, weight_decay=0.01),
+        # momentum_buffer sums g / (sqrt(v) + eps), of size 1 / sqrt(1 - alpha) at the first step: torch's
+        # sqrt (the references') is not always correctly rounded, so a small alpha keeps its one-ulp
+        # differences within the zoo's atol (tests/test_classic.py: the default alpha, scaled tolerance)
+        dict(lr=1e-3, momentum=0.9, alpha=0.5),
+        dict(lr=1e-3, centered=True, weight_decay=0.01),
+        dict(lr=1e-3, centered=True, momentum=0.5, alpha=0.5, maximize=True),
+    ]),
 }
 
 # Optimizers whose step reduces over a tensor (sums in a backend-dependent order).
