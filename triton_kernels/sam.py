@@ -35,3 +35,26 @@ def asam_update(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3,
 def sam_pack(hyper, flags):
     () = hyper  # no hyperparameters
     return (), flags
+
+
+def audit_exercise():
+    """Every variant fastopt.SAM's first step launches (for ``compile_audit``, on CPU tensors: nothing runs):
+    the norm passes (``clip``'s phase 1 for SAM, ``asam_norm``) and the ascents (``sam``, ``asam``) over
+    fp32, bf16 and fp16 tensors, 16-byte aligned and not (views one element into their storage)."""
+    import torch
+
+    from .ops import elementwise_step
+
+    shapes = [(96, 1000), (64, 64), (33, 7)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for unaligned in (False, True):
+            def make(s):
+                n = torch.Size(s).numel()
+                return torch.randn(n + 1, dtype=dtype)[1:].view(s) if unaligned else torch.randn(s, dtype=dtype)
+            ps, gs, olds = [make(s) for s in shapes], [make(s) for s in shapes], [make(s) for s in shapes]
+            out = torch.zeros(len(ps), 4)
+            row = torch.zeros(len(ps), 4)
+            elementwise_step("clip", [gs, gs], [], hyper=(), flags=0, lr=0.0, phase=1, reduce_out=out)
+            elementwise_step("asam_norm", [ps, gs], [], hyper=(), flags=0, lr=0.0, phase=1, reduce_out=out)
+            for op in ("sam", "asam"):
+                elementwise_step(op, [ps, gs, olds], [], hyper=(), flags=0, lr=0.0, phase=0, row_coef=row)
