@@ -339,11 +339,12 @@ class AdaHessian(ElementwiseOptimizer):
             for params, _grads in buckets.values():
                 for p in params:
                     self._ensure_state(group, p)
+        amp = (grad_scale, found_inf) if grad_scale is not None or found_inf is not None else None
         if hessian is not None:
             for p, h in given:
-                self.state[p]["hessian"].copy_(h)
+                self._write(self.state[p]["hessian"], h, None if amp is None else (None, amp[1]))
         elif update:
-            self._estimate(plan, t)
+            self._estimate(plan, t, amp)
         self._step_update = update
         try:
             for group, buckets in plan:
@@ -381,9 +382,22 @@ class AdaHessian(ElementwiseOptimizer):
                                "call loss.backward(create_graph=True) before step() (or step(closure) with a "
                                "closure that does), or pass step(hessian=[...])")
 
-    def _estimate(self, plan, t):
+    @staticmethod
+    def _write(slot, d, amp):
+        """``slot <- d``; under AMP (``amp = (grad_scale, found_inf)``) ``d / grad_scale``, and nothing
+        written where ``found_inf`` is set (on the device: no host sync)."""
+        if amp is not None:
+            grad_scale, found_inf = amp
+            if grad_scale is not None:
+                d = d.float() / grad_scale.to(device=d.device, dtype=torch.float32)
+            if found_inf is not None:
+                d = torch.where(found_inf.to(d.device) != 0, slot.view(d.shape).to(d.dtype), d)
+        slot.copy_(d.view(slot.shape))
+
+    def _estimate(self, plan, t, amp=None):
         """Write the Hutchinson estimate at step ``t`` (module doc) into ``state["hessian"]`` of every
-        parameter with a gradient (checked by :meth:`_check_graphs`)."""
+        parameter with a gradient (checked by :meth:`_check_graphs`).  Under AMP (``amp``: grad_scale,
+        found_inf) the estimate of the scaled loss is unscaled, and not written on a skipped step."""
         index = {id(p): i for i, p in enumerate(self._all_params())}
         entries = []  # (p, group, probe backend)
         for group, buckets in plan:
@@ -414,7 +428,8 @@ class AdaHessian(ElementwiseOptimizer):
                 hz = hz.contiguous()
                 if acc[k] is None:
                     slot = self.state[p]["hessian"]
-                    direct = slot.dtype == torch.float32 and slot.is_contiguous() and not group["average_conv_kernel"]
+                    direct = (slot.dtype == torch.float32 and slot.is_contiguous() and amp is None
+                              and not (group["average_conv_kernel"] and p.dim() == 4))
                     acc[k] = slot if direct else torch.empty(hz.shape, dtype=torch.float32, device=hz.device)
                 _consume([hz], [acc[k]], [keys[k]], [offsets[k]], 1.0 / n, group["mode"] == "pytorch_optimizer",
                          s > 0, backend)
@@ -423,8 +438,8 @@ class AdaHessian(ElementwiseOptimizer):
             if d is slot:
                 continue
             if group["average_conv_kernel"]:
-                d = spatial_average(d)
-            slot.copy_(d.view(p.shape))
+                d = spatial_average(d.view(p.shape))
+            self._write(slot, d.view(p.shape), amp)
 
     def _run(self, group, params, grads, states, backend, grad_scale, found_inf, phase=0, rows=None,
              row_coef=None, reduce_out=None, sparse=None):
