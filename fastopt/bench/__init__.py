@@ -19,4 +19,5 @@ from . import ot_sliced  # noqa: F401  (registers the "sliced-wasserstein" suite
 from . import ot_newton  # noqa: F401  (registers the "sinkhorn-newton" suite)
 from . import fsdp  # noqa: F401  (registers the "fsdp" suite)
 from . import lowrank  # noqa: F401  (registers the "lowrank" suite)
+from . import sam  # noqa: F401  (registers the "sam" and "asam" suites)
 from .harness import SUITES, Bar, Case, Suite, Unsupported, Workload, main, register  # noqa: F401

@@ -287,14 +287,12 @@ class SAM(Optimizer):
             self.zero_grad()
 
     # -- the second step --------------------------------------------------------------------------------
+    @torch.no_grad()
     def _restore(self) -> None:
-        by_key = defaultdict(lambda: ([], []))
+        # (one copy_ per tensor: torch's CPU _foreach_copy_ measured up to 10x slower than the loop here)
+        old_params = self.old_params
         for p in self._pending:
-            dst, src = by_key[(p.device, p.dtype)]
-            dst.append(p)
-            src.append(self.old_params[p])
-        for dst, src in by_key.values():
-            torch._foreach_copy_(dst, src)
+            p.copy_(old_params[p])
         self._pending = []
 
     def _amp_scalars(self):
