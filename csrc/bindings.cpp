@@ -278,9 +278,10 @@ PYBIND11_MODULE(_C, m) {
       "saf_cpu",
       [](int64_t logits, int logits_dtype, int64_t indices, int64_t bank, int bank_dtype, int64_t row_kl,
          int64_t grad, int64_t rows, int64_t n, int64_t classes, int64_t slots, int64_t read_slot,
-         int64_t write_slot, bool active, double inv_temp, double grad_scale) {
+         int64_t write_slot, bool active, double inv_temp, double grad_scale, int64_t loss, double loss_scale) {
         fastopt::SafArgs a;
         a.logits = logits; a.indices = indices; a.bank = bank; a.row_kl = row_kl; a.grad = grad;
+        a.loss = loss; a.loss_scale = loss_scale;
         a.logits_dtype = logits_dtype; a.bank_dtype = bank_dtype;
         a.rows = rows; a.n = n; a.classes = classes; a.slots = slots;
         a.read_slot = read_slot; a.write_slot = write_slot; a.active = active;

@@ -253,7 +253,7 @@ def test_native_entry_checks_again():
     for idx, read, write in ((torch.tensor([0, 4]), 0, 1), (torch.tensor([0, -1]), 0, 1), (torch.tensor([0, 1]), 1, 1)):
         with pytest.raises(ValueError):
             native.saf_cpu(logits.data_ptr(), 0, idx.data_ptr(), bank.data_ptr(), 0, row_kl.data_ptr(), 0,
-                           2, 4, 3, 2, read, write, True, 1.0, 1.0)
+                           2, 4, 3, 2, read, write, True, 1.0, 1.0, 0, 1.0)
     assert not bank.any()
     with pytest.raises(ValueError, match="slots"):  # the Python kernel wrapper
         saf_mod.saf_pass(logits, torch.tensor([0, 1]), bank, row_kl, torch.zeros(0), 1, 1, True, 1.0, 1.0, "cpu")
@@ -279,7 +279,7 @@ def _mlp_run(use_saf, epochs=8, seed=0):
             total += float(loss.detach()) * len(idx)
             if saf is not None:
                 term = saf(logits, idx, epoch)
-                saf_terms.append(float(term))
+                saf_terms.append(float(term.detach()))
                 loss = loss + term
             opt.zero_grad()
             loss.backward()

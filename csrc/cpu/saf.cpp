@@ -23,7 +23,10 @@ void saf_cpu(const SafArgs& a) {
   check_arg(a.inv_temp > 0.0, "inv_temp must be > 0");
   for (int code : {a.logits_dtype, a.bank_dtype})
     check_arg(code == kFloat32 || code == kFloat16 || code == kBFloat16, "unsupported dtype code");
-  if (a.rows * a.classes == 0) return;
+  if (a.rows * a.classes == 0) {
+    if (a.active && a.loss != 0) *as_ptr<float>(a.loss) = 0.0f;
+    return;
+  }
   check_arg(a.logits != 0 && a.indices != 0 && a.bank != 0 && a.row_kl != 0, "null tensor address");
   const int64_t* idx = as_ptr<const int64_t>(a.indices);
   for (int64_t i = 0; i < a.rows; ++i) check_arg(idx[i] >= 0 && idx[i] < a.n, "index out of range");
@@ -35,6 +38,12 @@ void saf_cpu(const SafArgs& a) {
   for (int64_t k = 0; k + 1 < a.rows; ++k)
     if (idx[order[k]] == idx[order[k + 1]]) writes[order[k]] = 0;
   FASTOPT_CPU_KERNEL_CALL(saf_run, a, writes.data());
+  if (a.active && a.loss != 0) {
+    const float* kl = as_ptr<const float>(a.row_kl);
+    double total = 0.0;
+    for (int64_t i = 0; i < a.rows; ++i) total += kl[i];
+    *as_ptr<float>(a.loss) = static_cast<float>(total * a.loss_scale);
+  }
 }
 
 }  // namespace fastopt

@@ -6,6 +6,8 @@
 //   bank     (slots, n, classes)         storage dtype `bank_dtype`
 //   row_kl   (rows,) fp32                KL(softmax(old / T) || softmax(logits / T)) when active
 //   grad     (rows, classes) fp32 or 0   grad_scale * (softmax(logits / T) - softmax(old / T)) when active
+//   loss     (1,) fp32 or 0              loss_scale * sum_i row_kl[i] when active (summed in row order, in
+//                                        double: the same bits whatever the threads)
 // old = bank[read_slot, idx]; bank[write_slot, idx] = logits for the last row of each idx (read_slot !=
 // write_slot when active, so no row read is written).  inv_temp = 1 / T.
 #pragma once
@@ -15,12 +17,12 @@
 namespace fastopt {
 
 struct SafArgs {
-  int64_t logits = 0, indices = 0, bank = 0, row_kl = 0, grad = 0;
+  int64_t logits = 0, indices = 0, bank = 0, row_kl = 0, grad = 0, loss = 0;
   int logits_dtype = 0, bank_dtype = 0;
   int64_t rows = 0, n = 0, classes = 0, slots = 0;
   int64_t read_slot = 0, write_slot = 0;
   bool active = false;
-  double inv_temp = 1.0, grad_scale = 0.0;
+  double inv_temp = 1.0, grad_scale = 0.0, loss_scale = 0.0;
 };
 
 void saf_cpu(const SafArgs& args);

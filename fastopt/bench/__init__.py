@@ -20,4 +20,6 @@ from . import ot_newton  # noqa: F401  (registers the "sinkhorn-newton" suite)
 from . import fsdp  # noqa: F401  (registers the "fsdp" suite)
 from . import lowrank  # noqa: F401  (registers the "lowrank" suite)
 from . import sam  # noqa: F401  (registers the "sam" and "asam" suites)
+from . import mfac  # noqa: F401  (registers the "mfac" suite)
+from . import saf  # noqa: F401  (registers the "saf" suite)
 from .harness import SUITES, Bar, Case, Suite, Unsupported, Workload, main, register  # noqa: F401

@@ -21,10 +21,35 @@ _CAPS = _backend.CAPABILITIES.setdefault("saf", _backend.OpCaps(("triton", "cpu"
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _triton_saf():
+    _backend.triton_kernels()  # (a clear error when triton is missing)
+    return importlib.import_module("fastopt.triton_kernels.saf")
+
+
+def _launch(backend, logits, indices, bank, row_kl, grad, loss, loss_scale, read_slot, write_slot, active, inv_temp,
+            grad_scale):
+    """Run the fused pass on tensors already checked (see :func:`_saf_pass_kernel`); ``grad`` and ``loss``
+    may be None.  The C++ kernel also writes ``loss = loss_scale * sum(row_kl)`` when given; the Triton
+    kernel never does (the caller sums)."""
+    b, c = logits.shape
+    s, n, _ = bank.shape
+    if backend == "triton":
+        _triton_saf().saf_pass(logits, indices, bank, row_kl, grad, read_slot, write_slot, active, inv_temp,
+                               grad_scale)
+        return
+    if backend != "cpu":
+        raise _backend.BackendUnavailableError(f"fastopt::saf_pass_: no kernel backend {backend!r}")
+    _backend.native().saf_cpu(
+        logits.data_ptr(), _backend.dtype_code(logits.dtype), indices.data_ptr(), bank.data_ptr(),
+        _backend.dtype_code(bank.dtype), row_kl.data_ptr(), 0 if grad is None else grad.data_ptr(), b, n, c, s,
+        int(read_slot), int(write_slot), bool(active), float(inv_temp), float(grad_scale),
+        0 if loss is None else loss.data_ptr(), float(loss_scale))
+
+
 def _saf_pass_kernel(logits: Tensor, indices: Tensor, bank: Tensor, row_kl: Tensor, grad: Tensor, read_slot: int,
                      write_slot: int, active: bool, inv_temp: float, grad_scale: float, backend: str) -> None:
     """The fused SAF pass over contiguous ``logits`` (B, C) fp32 / bf16 / fp16 and int64 ``indices`` (B,),
-    each in ``[0, N)`` (checked by the caller), on ``bank`` (S, N, C) fp32 / bf16 / fp16:
+    each in ``[0, N)``, on ``bank`` (S, N, C) fp32 / bf16 / fp16:
 
     - when ``active``: ``row_kl[i] = KL(softmax(bank[read_slot, idx_i] * inv_temp) || softmax(logits_i *
       inv_temp))`` (fp32 (B,)) and, when ``grad`` has B * C elements (else it is empty),
@@ -32,6 +57,9 @@ def _saf_pass_kernel(logits: Tensor, indices: Tensor, bank: Tensor, row_kl: Tens
       (fp32 (B, C));
     - always: ``bank[write_slot, idx_i] = logits_i`` (rounded to nearest even) for the last i of each
       index (``read_slot != write_slot``: the rows read are never the rows written).
+
+    Every tensor is checked (dtype, device, layout, sizes; the indices' range: on the host) before the
+    kernel runs.  ``backend``: 'cpu' or 'triton'.
     """
     b, c = logits.shape
     s, n, bc = bank.shape
@@ -39,6 +67,8 @@ def _saf_pass_kernel(logits: Tensor, indices: Tensor, bank: Tensor, row_kl: Tens
             or (active and read_slot == write_slot):
         raise ValueError(f"fastopt::saf_pass_: logits {tuple(logits.shape)}, indices {tuple(indices.shape)}, "
                          f"bank {tuple(bank.shape)}, slots ({read_slot}, {write_slot}) do not agree")
+    if not inv_temp > 0.0:
+        raise ValueError(f"fastopt::saf_pass_: inv_temp must be > 0, got {inv_temp}")
     with_grad = active and grad.numel() > 0
     call = _ops._Call("saf_pass_", logits.device)
     _ops._add_contiguous(call, "logits", logits, logits.dtype, b * c)
@@ -47,19 +77,18 @@ def _saf_pass_kernel(logits: Tensor, indices: Tensor, bank: Tensor, row_kl: Tens
     _ops._add_contiguous(call, "row_kl", row_kl, torch.float32, b)
     if with_grad:
         _ops._add_contiguous(call, "grad", grad, torch.float32, b * c)
+    for name, t, ok in (("logits", logits, _backend.KERNEL_DTYPES), ("bank", bank, BANK_DTYPES)):
+        if t.dtype not in ok:
+            raise ValueError(f"fastopt::saf_pass_: {name} must be one of {ok}, got {t.dtype}")
     if b * c == 0:
         return
     call.check()
-    if backend == "triton":
-        _backend.triton_kernels()  # (a clear error when triton is missing)
-        importlib.import_module("fastopt.triton_kernels.saf").saf_pass(logits, indices, bank, row_kl, grad if with_grad else None,
-                                                                       read_slot, write_slot, active, inv_temp,
-                                                                       grad_scale)
-        return
-    args = (call.ptr("logits"), _backend.dtype_code(logits.dtype), call.ptr("indices"), call.ptr("bank"),
-            _backend.dtype_code(bank.dtype), call.ptr("row_kl"), call.ptr("grad") if with_grad else 0,
-            b, n, c, s, int(read_slot), int(write_slot), bool(active), float(inv_temp), float(grad_scale))
-    _ops._run_native(backend, "saf", logits.device, args, "saf_pass_")
+    if b and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(indices)
+        if int(lo) < 0 or int(hi) >= n:
+            raise ValueError(f"fastopt::saf_pass_: indices must be in [0, {n}), got values in [{int(lo)}, {int(hi)}]")
+    _launch(backend, logits, indices, bank, row_kl, grad if with_grad else None, None, 0.0, read_slot, write_slot,
+            active, inv_temp, grad_scale)
 
 
 saf_pass_, saf_pass = _ops._kernel_op("saf_pass_", mutates=("bank", "row_kl", "grad"))(_saf_pass_kernel)
@@ -72,23 +101,36 @@ class _SAFFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, indices, bank, read_slot, write_slot, temperature, weight, backend):
         b, c = logits.shape
+        dev = logits.device
         needs_grad = ctx.needs_input_grad[0]
-        row_kl = torch.empty(b, dtype=torch.float32, device=logits.device)
-        grad = torch.empty((b, c) if needs_grad else (0,), dtype=torch.float32, device=logits.device)
-        # d/dz [weight T^2 / B sum_i KL_i] = weight T / B (q - p)
-        saf_pass(logits, indices, bank, row_kl, grad, read_slot, write_slot, True, 1.0 / temperature,
-                 weight * temperature / max(b, 1), backend)
         ctx.logits_dtype = logits.dtype
+        row_kl = torch.empty(b, dtype=torch.float32, device=dev)
+        grad = torch.empty((b, c) if needs_grad else (0,), dtype=torch.float32, device=dev)
+        # d/dz [weight T^2 / B sum_i KL_i] = weight T / B (q - p)
+        coef = weight * temperature * temperature / max(b, 1)
+        gs, inv_t = weight * temperature / max(b, 1), 1.0 / temperature
         if needs_grad:
             ctx.save_for_backward(grad)
-        if b == 0:
-            return row_kl.sum()
-        return row_kl.sum() * (weight * temperature * temperature / b)
+        if torch.compiler.is_compiling():
+            saf_pass(logits, indices, bank, row_kl, grad, read_slot, write_slot, True, inv_t, gs, backend)
+            return row_kl.sum() * coef
+        if b * c == 0:
+            return torch.zeros((), dtype=torch.float32, device=dev)
+        loss = torch.empty((), dtype=torch.float32, device=dev) if backend == "cpu" else None
+        _launch(backend, logits, indices, bank, row_kl, grad if needs_grad else None, loss, coef, read_slot,
+                write_slot, True, inv_t, gs)
+        return loss if loss is not None else row_kl.sum() * coef
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_out).to(ctx.logits_dtype), None, None, None, None, None, None, None
+        g = grad * grad_out
+        return (g if g.dtype == ctx.logits_dtype else g.to(ctx.logits_dtype)), None, None, None, None, None, None, None
+
+
+def _owns_extent(t):
+    """Whether ``t``'s storage holds its whole extent (a storage resized after the tensor was made may not)."""
+    return (t.storage_offset() + t.numel()) * t.element_size() <= t.untyped_storage().nbytes()
 
 
 def _real(value, name, low, low_ok):
@@ -205,29 +247,62 @@ class SAFLoss(nn.Module):
                              f"bank's device ({dev})")
         if logits.layout != torch.strided or indices.layout != torch.strided:
             raise ValueError("SAFLoss: logits and indices must be strided (dense) tensors")
+        return epoch
+
+    def _check_range(self, indices):
+        """``indices`` in ``[0, num_examples)`` (read on the host: one synchronization on CUDA)."""
         if indices.numel():
             lo, hi = torch.aminmax(indices)
             lo, hi = int(lo), int(hi)
             if lo < 0 or hi >= self.num_examples:
                 raise ValueError(f"SAFLoss: indices must be in [0, {self.num_examples}), got values in [{lo}, {hi}]")
-        return epoch
+
+    def _check_bank(self):
+        bank = self.bank
+        shape = (self.epochs_ago + 1, self.num_examples, self.num_classes)
+        if not isinstance(bank, Tensor) or tuple(bank.shape) != shape or bank.dtype not in BANK_DTYPES \
+                or not bank.is_contiguous() or bank.layout != torch.strided or not _owns_extent(bank):
+            raise ValueError(f"SAFLoss: the bank must be a contiguous fp32 / bf16 / fp16 tensor of shape {shape}, got "
+                             f"{type(bank).__name__} {getattr(bank, 'dtype', '')} {tuple(getattr(bank, 'shape', ()))}")
+
+    def _resolve(self, device, logits_dtype):
+        key = (device, logits_dtype, self.bank.dtype, self.backend)
+        cache = self.__dict__.setdefault("_resolved", {})
+        backend = cache.get(key)
+        if backend is None:
+            reason = "fp64 logits" if logits_dtype == torch.float64 else None
+            backend = cache[key] = _backend.resolve(self.backend, device, self.bank.dtype, op="saf", reason=reason,
+                                                    name="SAFLoss")
+        return backend
 
     def forward(self, logits, indices, epoch):
         """The SAF term of this batch (see the class); writes the batch's outputs into the bank."""
         epoch = self._check(logits, indices, epoch)
+        backend = self._resolve(logits.device, logits.dtype)
+        if backend != "cpu" or torch.compiler.is_compiling():
+            self._check_range(indices)  # (the C++ entry point checks the range itself before anything)
         indices = indices.to(torch.int64).contiguous()
         active = self.is_active(epoch)
         read, write = self.slots(epoch)
-        reason = "fp64 logits" if logits.dtype == torch.float64 else None
-        backend = _backend.resolve(self.backend, logits.device, self.bank.dtype, op="saf", reason=reason,
-                                   name="SAFLoss")
         if backend == "torch":
             return saf_reference(logits, indices, self.bank, epoch, weight=self.weight, temperature=self.temperature,
                                  epochs_ago=self.epochs_ago, active=active)
+        self._check_bank()
         logits_c = logits.contiguous()
-        if not active:
-            row_kl = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-            empty = torch.empty(0, dtype=torch.float32, device=logits.device)
-            saf_pass(logits_c.detach(), indices, self.bank, row_kl, empty, read, write, False, 1.0, 0.0, backend)
-            return torch.zeros((), dtype=torch.float32, device=logits.device)
-        return _SAFFunction.apply(logits_c, indices, self.bank, read, write, self.temperature, self.weight, backend)
+        if not (_owns_extent(logits_c) and _owns_extent(indices)):
+            raise ValueError("SAFLoss: the storage of logits or indices is smaller than the tensor")
+        try:
+            if not active:
+                row_kl = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+                if torch.compiler.is_compiling():
+                    empty = torch.empty(0, dtype=torch.float32, device=logits.device)
+                    saf_pass(logits_c.detach(), indices, self.bank, row_kl, empty, read, write, False, 1.0, 0.0, backend)
+                elif logits.numel():
+                    _launch(backend, logits_c.detach(), indices, self.bank, row_kl, None, None, 0.0, read, write, False,
+                            1.0, 0.0)
+                return torch.zeros((), dtype=torch.float32, device=logits.device)
+            return _SAFFunction.apply(logits_c, indices, self.bank, read, write, self.temperature, self.weight, backend)
+        except ValueError as e:
+            if "index out of range" in str(e):  # the C++ check (before anything was read or written)
+                self._check_range(indices)
+            raise

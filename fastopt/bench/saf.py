@@ -1,0 +1,162 @@
+"""The SAF benchmark suite (``saf``): one training step of a small MLP on synthetic data with per-example
+indices, plain and with the SAF trajectory term (:class:`fastopt.sharpness.SAFLoss`, Du et al.,
+"Sharpness-Aware Training for Free"), beside SAM around the same base optimizer.
+
+One call = one step on the next batch of the data set (the batches rotate, so the bank rows read and
+written change every step): forward, cross-entropy, backward, ``torch.optim.SGD(momentum=0.9)``.
+
+- ``plain``: that step (the baseline);
+- ``saf-fastopt-<backend>``: plus ``SAFLoss`` in an epoch where the term is on (bank gather, KL and its
+  gradient, bank scatter: one fused kernel, and one elementwise product in the backward);
+- ``saf-torch``: the same term as plain torch ops (``backend="torch"``, the reference);
+- ``sam-fastopt`` / ``sam-pytorch_optimizer``: SAM (rho 0.05) around the same SGD: two forward-backward
+  passes per step (``first_step``, ``second_step``), with ``fastopt.SAM`` and ``pytorch_optimizer.SAM``.
+
+Bars: the SAF step of every fused backend costs at most 1.10 x the plain step (``speedup_vs_plain >=
+1 / 1.10``), the issue's "at the cost of the base optimizer".
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .harness import Bar, Case, Suite, Unsupported, Workload, register
+
+BASELINE = "plain"
+SAF_LIMIT = 1.10  # SAF step / plain step
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    examples: int
+    features: int
+    hidden: int
+    classes: int
+    batch: int
+
+
+CONFIGS = [
+    Config("mlp-512x1024x2-c100-b128", examples=20000, features=512, hidden=1024, classes=100, batch=128),
+    Config("mlp-512x1024x2-c1000-b128", examples=10000, features=512, hidden=1024, classes=1000, batch=128),
+]
+QUICK = [Config("mlp-64x128x2-c10-b32", examples=512, features=64, hidden=128, classes=10, batch=32)]
+
+
+def _data(cfg, device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg.examples, cfg.features, generator=g)
+    y = (x @ torch.randn(cfg.features, cfg.classes, generator=g)).argmax(1)
+    return x.to(device), y.to(device)
+
+
+def _model(cfg, device):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(cfg.features, cfg.hidden), torch.nn.ReLU(),
+                               torch.nn.Linear(cfg.hidden, cfg.hidden), torch.nn.ReLU(),
+                               torch.nn.Linear(cfg.hidden, cfg.classes)).to(device)
+
+
+def _batches(cfg, device):
+    """An endless rotation over a fixed random order of the examples: ``next()`` gives a batch's indices."""
+    order = torch.randperm(cfg.examples, generator=torch.Generator().manual_seed(1)).to(device)
+    nb = cfg.examples // cfg.batch
+    batches = [order[k * cfg.batch:(k + 1) * cfg.batch] for k in range(nb)]
+    state = [0]
+
+    def nxt():
+        b = batches[state[0] % nb]
+        state[0] += 1
+        return b
+    return nxt
+
+
+def setup(cfg, method, device):
+    x, y = _data(cfg, device)
+    model = _model(cfg, device)
+    nxt = _batches(cfg, device)
+    sgd = dict(lr=0.01, momentum=0.9)
+    if method == BASELINE:
+        opt = torch.optim.SGD(model.parameters(), **sgd)
+
+        def step():
+            idx = nxt()
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return Workload(fn=step)
+    if method.startswith("saf-"):
+        from fastopt._backend import available_backends
+        from fastopt.sharpness import SAFLoss
+
+        backend = method.removeprefix("saf-").removeprefix("fastopt-")
+        if backend not in available_backends(device) or (backend == "triton" and device.type == "cpu"):
+            raise Unsupported(f"backend {backend!r} is not benchmarked on {device.type}")
+        saf = SAFLoss(cfg.examples, cfg.classes, device=device, backend=backend)
+        epoch = saf.start_epoch + saf.epochs_ago + 1  # the term is on
+        opt = torch.optim.SGD(model.parameters(), **sgd)
+
+        def step():
+            idx = nxt()
+            logits = model(x[idx])
+            loss = F.cross_entropy(logits, y[idx]) + saf(logits, idx, epoch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return Workload(fn=step, state_bytes=lambda: saf.bank.nbytes)
+    if method.startswith("sam-"):
+        if method == "sam-fastopt":
+            import fastopt
+
+            if not hasattr(fastopt, "SAM"):
+                raise Unsupported("this fastopt has no SAM")
+            opt = fastopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, **sgd)
+        else:
+            try:
+                import pytorch_optimizer
+            except ImportError as e:
+                raise Unsupported(f"pytorch_optimizer is not installed: {e}") from e
+            opt = pytorch_optimizer.SAM(model.parameters(), torch.optim.SGD, rho=0.05, **sgd)
+
+        def step():
+            idx = nxt()
+            xb, yb = x[idx], y[idx]
+            F.cross_entropy(model(xb), yb).backward()
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(model(xb), yb).backward()
+            opt.second_step(zero_grad=True)
+        return Workload(fn=step)
+    raise Unsupported(f"unknown method {method!r}")
+
+
+def _methods(device):
+    from fastopt._backend import available_backends
+    from fastopt.sharpness.saf import _CAPS
+
+    fused = [f"saf-fastopt-{b}" for b in available_backends(device) if b in _CAPS.kernels
+             and not (b == "triton" and device.type == "cpu")]
+    return [BASELINE] + fused + ["saf-torch", "sam-fastopt", "sam-pytorch_optimizer"]
+
+
+def _flops(cfg):
+    """Multiply-adds x 2 of one forward + backward (x 3 the forward's)."""
+    fwd = cfg.batch * (cfg.features * cfg.hidden + cfg.hidden * cfg.hidden + cfg.hidden * cfg.classes)
+    return 6 * fwd
+
+
+def _cases(ctx):
+    cfgs = QUICK if ctx.quick else CONFIGS
+    return [Case(config=c.name, method=m, items=c.batch, bytes_moved=0, setup=lambda c=c, m=m: setup(c, m, ctx.device),
+                 info={"classes": c.classes, "batch": c.batch, "examples": c.examples, "GFLOP_per_step": _flops(c) / 1e9})
+            for c in cfgs for m in _methods(ctx.device)]
+
+
+def _bars(ctx):
+    cfgs = QUICK if ctx.quick else CONFIGS
+    return [Bar(c.name, m, "speedup_vs_plain", 1.0 / SAF_LIMIT) for c in cfgs for m in _methods(ctx.device)
+            if m.startswith("saf-fastopt-")]
+
+
+SUITE = register(Suite(name="saf", cases=_cases, unit="examples", baseline=BASELINE, bars=_bars, memory_bound=False,
+                       what="one training step (forward, loss, backward, SGD step)"))
