@@ -1,12 +1,13 @@
 // Dense M-FAC's two passes over the gradient window (csrc/cpu/mfac.h), compiled once per ISA (isa.h).
 //
 // The window G (rows x ld, fp32 or bf16) holds the params' gradients side by side.  Both passes walk
-// the columns in blocks of kBlock spread over OpenMP threads (statically, so every run adds the same
-// partial sums in the same order); a block reads rows [0, nrows) of its columns once.
+// the columns in blocks of kBlock spread over OpenMP threads (dynamically; pass 1 keeps one partial sum
+// per block and row and adds them in block order, so the result does not depend on the schedule); a
+// block reads rows [0, nrows) of its columns once, four rows at a time.
 //   pass 1 (mfac_dots_run): the block's g = grad (+ wd_l2 p) is written to row `slot` and kept in fp32
 //     (and, for a bf16 window, its stored value back in fp32); then one walk over the rows gives the
-//     block's dot products with both, in fp32 (a vectorized `omp simd` reduction), added to per-thread
-//     fp64 sums that are reduced in thread order at the end.
+//     block's dot products with both, in fp32 (independent vector accumulators per row), kept in fp64 per
+//     block and added in block order at the end.
 //   pass 2 (mfac_update_run): acc = sum_j coef[j] G_j over the block's columns (acc in L1), then per
 //     column u = g / damp - acc, the momentum, the decay and the parameter update in one go.
 #include <omp.h>
@@ -45,6 +46,59 @@ int threads_for(const MfacArgs& a, size_t nblocks) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), nblocks)));
 }
 
+// Dot products of NR rows with gb (and kb) over len columns: NR x L independent fp32 accumulators per
+// product (a single vector accumulator would make the loop wait on the add latency), written out so
+// that the lane loop vectorizes under -ffp-contract=off without -ffast-math.
+template <typename T, bool TWO, int NR>
+inline void dots_rows(const T* const* r, const float* __restrict__ gb, const float* __restrict__ kb, int64_t len,
+                      double* px, double* pk) {
+  constexpr int L = TWO ? 8 : 16;
+  float ax[NR][L] = {}, ak[NR][L] = {};
+  int64_t k = 0;
+  for (; k + L <= len; k += L) {
+    for (int i = 0; i < NR; ++i) {
+      const T* __restrict__ ri = r[i] + k;
+#pragma omp simd
+      for (int l = 0; l < L; ++l) {
+        const float x = to_float(ri[l]);
+        ax[i][l] += x * gb[k + l];
+        if (TWO) ak[i][l] += x * kb[k + l];
+      }
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    float sx = 0.0f, sk = 0.0f;
+    for (int l = 0; l < L; ++l) {
+      sx += ax[i][l];
+      if (TWO) sk += ak[i][l];
+    }
+    for (int64_t q = k; q < len; ++q) {
+      const float x = to_float(r[i][q]);
+      sx += x * gb[q];
+      if (TWO) sk += x * kb[q];
+    }
+    px[i] += sx;
+    if (TWO) pk[i] += sk;
+  }
+}
+
+// acc[k] += sum_i c[i] r_i[k] over NR rows at once (acc read and written once per NR rows).
+template <typename T, int NR>
+inline void axpy_rows(const T* const* r, const float* c, float* __restrict__ acc, int64_t len) {
+  const T* __restrict__ r0 = r[0];
+  const T* __restrict__ r1 = r[NR > 1 ? 1 : 0];
+  const T* __restrict__ r2 = r[NR > 2 ? 2 : 0];
+  const T* __restrict__ r3 = r[NR > 3 ? 3 : 0];
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) {
+    float s = acc[k] + c[0] * to_float(r0[k]);
+    if (NR > 1) s += c[1] * to_float(r1[k]);
+    if (NR > 2) s += c[2] * to_float(r2[k]);
+    if (NR > 3) s += c[3] * to_float(r3[k]);
+    acc[k] = s;
+  }
+}
+
 template <typename T, bool TWO>
 void dots_body(const MfacArgs& a) {
   T* G = reinterpret_cast<T*>(a.window);
@@ -54,17 +108,19 @@ void dots_body(const MfacArgs& a) {
   const std::vector<Blk> blocks = make_blocks(a);
   const int nthreads = threads_for(a, blocks.size());
   const int64_t per = TWO ? 2 * nr : nr;
-  std::vector<double> part(static_cast<size_t>(nthreads) * per, 0.0);
   const int64_t nb = static_cast<int64_t>(blocks.size());
+  // one partial sum per (block, row), added in block order at the end: the result does not depend on
+  // which thread ran which block, so the blocks can be scheduled dynamically (a busy machine)
+  std::vector<double> part(static_cast<size_t>(nb) * per, 0.0);
 #pragma omp parallel num_threads(nthreads)
   {
-    double* px = part.data() + static_cast<int64_t>(omp_get_thread_num()) * per;
-    double* pk = px + (TWO ? nr : 0);
     alignas(64) float gb[kBlock];
     alignas(64) float kb[kBlock];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < nb; ++b) {
       const Blk& bl = blocks[b];
+      double* px = part.data() + b * per;
+      double* pk = px + (TWO ? nr : 0);  // (unused without TWO)
       const float* __restrict__ gr = reinterpret_cast<const float*>(a.grads[bl.t]) + bl.start;
       const float* __restrict__ pr = reinterpret_cast<const float*>(a.params[bl.t]) + bl.start;
       T* __restrict__ gs = G + a.slot * ld + bl.col;
@@ -76,22 +132,15 @@ void dots_body(const MfacArgs& a) {
         gs[k] = s;
         if (TWO) kb[k] = to_float(s);
       }
-      for (int64_t j = 0; j < nr; ++j) {
-        const T* __restrict__ row = G + j * ld + bl.col;
-        float ax = 0.0f, ak = 0.0f;
-        if (TWO) {
-#pragma omp simd reduction(+ : ax, ak)
-          for (int64_t k = 0; k < len; ++k) {
-            const float x = to_float(row[k]);
-            ax += x * gb[k];
-            ak += x * kb[k];
-          }
-          pk[j] += ak;
-        } else {
-#pragma omp simd reduction(+ : ax)
-          for (int64_t k = 0; k < len; ++k) ax += to_float(row[k]) * gb[k];
-        }
-        px[j] += ax;
+      const T* rows[4];
+      int64_t j = 0;
+      for (; j + 4 <= nr; j += 4) {
+        for (int i = 0; i < 4; ++i) rows[i] = G + (j + i) * ld + bl.col;
+        dots_rows<T, TWO, 4>(rows, gb, kb, len, px + j, pk + j);
+      }
+      for (; j < nr; ++j) {
+        rows[0] = G + j * ld + bl.col;
+        dots_rows<T, TWO, 1>(rows, gb, kb, len, px + j, pk + j);
       }
     }
   }
@@ -101,8 +150,8 @@ void dots_body(const MfacArgs& a) {
     dx[j] = 0.0;
     if (TWO) dk[j] = 0.0;
   }
-  for (int t = 0; t < nthreads; ++t) {
-    const double* px = part.data() + static_cast<int64_t>(t) * per;
+  for (int64_t b = 0; b < nb; ++b) {
+    const double* px = part.data() + b * per;
     for (int64_t j = 0; j < nr; ++j) {
       dx[j] += px[j];
       if (TWO) dk[j] += px[nr + j];
@@ -126,16 +175,20 @@ void update_body(const MfacArgs& a) {
 #pragma omp parallel num_threads(nthreads)
   {
     alignas(64) float acc[kBlock];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < nb; ++b) {
       const Blk& bl = blocks[b];
       const int64_t len = bl.len;
       for (int64_t k = 0; k < len; ++k) acc[k] = 0.0f;
-      for (int64_t j = 0; j < nr; ++j) {
-        const float c = coef[j];
-        const T* __restrict__ row = G + j * ld + bl.col;
-#pragma omp simd
-        for (int64_t k = 0; k < len; ++k) acc[k] += c * to_float(row[k]);
+      const T* rows[4];
+      int64_t j = 0;
+      for (; j + 4 <= nr; j += 4) {
+        for (int i = 0; i < 4; ++i) rows[i] = G + (j + i) * ld + bl.col;
+        axpy_rows<T, 4>(rows, coef + j, acc, len);
+      }
+      for (; j < nr; ++j) {
+        rows[0] = G + j * ld + bl.col;
+        axpy_rows<T, 1>(rows, coef + j, acc, len);
       }
       const float* __restrict__ gr = reinterpret_cast<const float*>(a.grads[bl.t]) + bl.start;
       float* __restrict__ pr = reinterpret_cast<float*>(a.params[bl.t]) + bl.start;
