@@ -284,12 +284,22 @@ class AdaHessian(ElementwiseOptimizer):
         seed = group["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"Invalid seed: {seed!r} (a non-negative int)")
-        first = self.__dict__.get("param_groups")
-        if first:
+        groups = self.__dict__.get("param_groups")
+        if groups:
             for key in ("update_period", "num_samples", "seed"):
-                if group[key] != first[0][key]:
+                if group[key] != groups[0][key]:
                     raise ValueError(f"AdaHessian: {key} is per optimizer (one double backward for every group); a "
-                                     f"group has {group[key]!r}, the first {first[0][key]!r}")
+                                     f"group has {group[key]!r}, the first {groups[0][key]!r}")
+
+    def add_param_group(self, param_group):
+        """torch's add_param_group, then the new group's options are checked (a group that fails is not
+        added)."""
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def _native_hyper(self, group, update=True):
         b1, b2 = group["betas"]
