@@ -6,7 +6,7 @@ attaches every name of ``__all__`` there, so that :mod:`fastopt.lowbit` itself, 
 build on, does not import the optimizers.
 
 ``AdamW8bit(params, lr=...)`` is ``AdamW``'s arguments with ``state_bits=8`` (and ``min_quant_size``);
-likewise Adam, Lion, Adan, AdaBelief, DiffGrad and EXAdam, each in 8bit, 4bit and Fp8.  AdamW/Adam here
+likewise Adam, Lion, Adan, AdaBelief, DiffGrad, EXAdam, SGD and RMSprop, each in 8bit, 4bit and Fp8.  AdamW/Adam here
 run the generic elementwise op with the Adam functor (``csrc/include/fastopt/functors/adam.h``), so
 they take the same options as :class:`fastopt.AdamW` plus those of
 :class:`~fastopt.optim.base.ElementwiseOptimizer` (stochastic rounding, master weights, state_bits).
@@ -26,6 +26,8 @@ from .diffgrad import DiffGrad
 from .exadam import EXAdam
 from .functional import Params
 from .lion import Lion
+from .rmsprop import RMSprop
+from .sgd import SGD
 
 
 def _adam_reference(params, grads, states, *, lr, maximize, grad_scale, found_inf, betas, eps, weight_decay,
@@ -122,7 +124,9 @@ class ElementwiseAdamW(ElementwiseAdam):
 
 PUBLIC_MODULE = "fastopt.lowbit"
 _BASES = {"AdamW": ElementwiseAdamW, "Adam": ElementwiseAdam, "Lion": Lion, "Adan": Adan,
-          "AdaBelief": AdaBelief, "DiffGrad": DiffGrad, "EXAdam": EXAdam}
+          "AdaBelief": AdaBelief, "DiffGrad": DiffGrad, "EXAdam": EXAdam,
+          # bitsandbytes' SGD8bit / RMSprop8bit (momentum_buffer signed, square_avg in the family's formats)
+          "SGD": SGD, "RMSprop": RMSprop}
 _SUFFIX = {8: "8bit", 4: "4bit", "fp8": "Fp8"}
 _FORMAT = {8: "blockwise 8-bit (dynamic-tree codes, as bitsandbytes)", 4: "blockwise 4-bit",
            "fp8": "blockwise fp8 (e4m3)"}
