@@ -11,6 +11,8 @@ written change every step): forward, cross-entropy, backward, ``torch.optim.SGD(
 - ``saf-torch``: the same term as plain torch ops (``backend="torch"``, the reference);
 - ``sam-fastopt`` / ``sam-pytorch_optimizer``: SAM (rho 0.05) around the same SGD: two forward-backward
   passes per step (``first_step``, ``second_step``), with ``fastopt.SAM`` and ``pytorch_optimizer.SAM``.
+- ``term-fastopt-<backend>`` / ``term-torch``: the SAF term alone (forward and backward on (batch,
+  classes) logits, the next batch's indices): what SAF adds to a step, whatever the model.
 
 Bars: the SAF step of every fused backend costs at most 1.10 x the plain step (``speedup_vs_plain >=
 1 / 1.10``), the issue's "at the cost of the base optimizer".
@@ -86,6 +88,20 @@ def setup(cfg, method, device):
             loss.backward()
             opt.step()
         return Workload(fn=step)
+    if method.startswith("term-"):
+        from fastopt._backend import available_backends
+        from fastopt.sharpness import SAFLoss
+
+        backend = method.removeprefix("term-").removeprefix("fastopt-")
+        if backend not in available_backends(device) or (backend == "triton" and device.type == "cpu"):
+            raise Unsupported(f"backend {backend!r} is not benchmarked on {device.type}")
+        saf = SAFLoss(cfg.examples, cfg.classes, device=device, backend=backend)
+        epoch = saf.start_epoch + saf.epochs_ago + 1
+        logits = torch.randn(cfg.batch, cfg.classes, device=device, requires_grad=True)
+
+        def term():
+            saf(logits, nxt(), epoch).backward()
+        return Workload(fn=term, state_bytes=lambda: saf.bank.nbytes)
     if method.startswith("saf-"):
         from fastopt._backend import available_backends
         from fastopt.sharpness import SAFLoss
@@ -136,7 +152,8 @@ def _methods(device):
 
     fused = [f"saf-fastopt-{b}" for b in available_backends(device) if b in _CAPS.kernels
              and not (b == "triton" and device.type == "cpu")]
-    return [BASELINE] + fused + ["saf-torch", "sam-fastopt", "sam-pytorch_optimizer"]
+    terms = ["term-" + m.removeprefix("saf-") for m in fused] + ["term-torch"]
+    return [BASELINE] + fused + ["saf-torch", "sam-fastopt", "sam-pytorch_optimizer"] + terms
 
 
 def _flops(cfg):
@@ -152,9 +169,8 @@ def _cases(ctx):
             for c in cfgs for m in _methods(ctx.device)]
 
 
-def _bars(ctx):
-    cfgs = QUICK if ctx.quick else CONFIGS
-    return [Bar(c.name, m, "speedup_vs_plain", 1.0 / SAF_LIMIT) for c in cfgs for m in _methods(ctx.device)
+def _bars(ctx):  # (on the full-size configs only: a --quick run's tiny MLP is all Python overhead)
+    return [Bar(c.name, m, "speedup_vs_plain", 1.0 / SAF_LIMIT) for c in CONFIGS for m in _methods(ctx.device)
             if m.startswith("saf-fastopt-")]
 
 
