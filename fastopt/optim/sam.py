@@ -106,8 +106,14 @@ class SAM(Optimizer):
     later); ``step`` returns the closure's loss (upstream returns None) and, without a closure, is
     ``second_step`` when a ``first_step`` is pending (the GradScaler path; upstream raises);
     ``second_step`` restores only what ``first_step`` perturbed (pytorch_optimizer's rule; davda54
-    copies back every parameter that has a gradient); the saved weights persist between steps (one
-    copy of the model, not reallocated each step).
+    copies back every parameter that has a gradient); a second ``first_step`` before ``second_step``
+    first restores the weights (upstream would save the perturbed ones); the saved weights persist
+    between steps (one copy of the model, not reallocated each step); DTensor (FSDP2) parameters take
+    the torch reference path (its norm is the DTensor's global one).
+
+    Host syncs: none in ``first_step`` (the norm and the scales stay on the device) or
+    ``second_step``, except under a GradScaler with a base optimizer without fused AMP support (one
+    ``found_inf`` read, as GradScaler's own path).
     """
 
     _step_supports_amp_scaling = True
