@@ -176,3 +176,50 @@ def _bars(ctx):  # (on the full-size configs only: a --quick run's tiny MLP is a
 
 SUITE = register(Suite(name="saf", cases=_cases, unit="examples", baseline=BASELINE, bars=_bars, memory_bound=False,
                        what="one training step (forward, loss, backward, SGD step)"))
+
+
+def interleaved(rounds=30, configs=None, device="cpu", methods=None):
+    """Times the suite's methods step by step in turn (round r runs one step of every method), so that a
+    loaded machine's drift hits all of them alike; prints each method's median and minimum step time
+    and their ratio to ``plain``'s, and returns ``{config: {method: sorted seconds}}``.
+    ``python -m fastopt.bench.saf [ROUNDS]``."""
+    import time
+
+    device = torch.device(device)
+    out = {}
+    for cfg in configs or CONFIGS:
+        names = methods or _methods(device)
+        works = {}
+        for m in names:
+            try:
+                works[m] = setup(cfg, m, device)
+            except Unsupported:
+                continue
+        for w in works.values():
+            w.fn()
+            w.fn()
+        times = {m: [] for m in works}
+        for _ in range(rounds):
+            for m, w in works.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                w.fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[m].append(time.perf_counter() - t0)
+        base = sorted(times[BASELINE])
+        print(f"{cfg.name}: {rounds} interleaved rounds, {torch.get_num_threads()} torch threads")
+        for m, ts in times.items():
+            ts.sort()
+            med, lo = ts[len(ts) // 2], ts[0]
+            print(f"  {m:24s} median {med * 1e3:9.3f} ms ({med / base[len(base) // 2]:.3f} x plain)   "
+                  f"min {lo * 1e3:9.3f} ms ({lo / base[0]:.3f} x)")
+        out[cfg.name] = times
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 30)
