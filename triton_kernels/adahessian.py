@@ -99,7 +99,7 @@ def probe_fill(out, key, offset):
     n = out.numel()
     if n:
         _probe_fill_kernel[(triton.cdiv(n, PROBE_BLOCK),)](out, n, int(key), int(offset) & 0xFFFFFFFF,
-                                                          BLOCK=PROBE_BLOCK)
+                                                          BLOCK=PROBE_BLOCK, enable_fp_fusion=False)
 
 
 def probe_consume(hz, acc, key, offset, scale, use_z, accumulate):
@@ -108,4 +108,36 @@ def probe_consume(hz, acc, key, offset, scale, use_z, accumulate):
     if n:
         _probe_consume_kernel[(triton.cdiv(n, PROBE_BLOCK),)](hz, acc, n, int(key), int(offset) & 0xFFFFFFFF,
                                                              float(scale), USE_Z=bool(use_z),
-                                                             ACCUMULATE=bool(accumulate), BLOCK=PROBE_BLOCK)
+                                                             ACCUMULATE=bool(accumulate), BLOCK=PROBE_BLOCK,
+                                                             enable_fp_fusion=False)
+
+
+def audit_exercise():
+    """Every variant fastopt.AdaHessian launches on the triton backend (for ``compile_audit``, on CPU
+    tensors: nothing runs): the update ops ``adahessian`` / ``adahessian_plain`` and the probe kernels
+    (fill; consume with and without z, first sample and accumulating) over fp32, bf16 and fp16 tensors,
+    16-byte aligned and not (views one element into their storage)."""
+    import torch
+
+    from .ops import elementwise_step
+
+    shapes = [(96, 1000), (64, 64), (33, 7)]
+    hyper = (0.9, 0.999, 0.01, 1e-16, 1.0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for unaligned in (False, True):
+            def make(s, dt=dtype):
+                n = torch.Size(s).numel()
+                return torch.randn(n + 1, dtype=dt)[1:].view(s) if unaligned else torch.randn(s, dtype=dt)
+            ps, gs = [make(s) for s in shapes], [make(s) for s in shapes]
+            ms, vs, ds = [make(s) for s in shapes], [make(s) for s in shapes], [make(s) for s in shapes]
+            steps = [torch.zeros(()) for _ in shapes]
+            for power in (1.0, 0.5):
+                h = hyper[:4] + (power,)
+                elementwise_step("adahessian", [ps, gs, ms, vs, ds], steps, hyper=h, flags=1, lr=1e-3)
+                elementwise_step("adahessian_plain", [ps, gs, ms, vs], steps, hyper=h, flags=1, lr=1e-3)
+            for p in ps:
+                probe_fill(p, 12345, 7)
+                acc = make(p.shape, torch.float32)
+                for use_z in (True, False):
+                    for accumulate in (False, True):
+                        probe_consume(p, acc, 12345, 7, 0.5, use_z, accumulate)

@@ -22,4 +22,5 @@ from . import lowrank  # noqa: F401  (registers the "lowrank" suite)
 from . import sam  # noqa: F401  (registers the "sam" and "asam" suites)
 from . import mfac  # noqa: F401  (registers the "mfac" suite)
 from . import saf  # noqa: F401  (registers the "saf" suite)
+from . import adahessian  # noqa: F401  (registers the "adahessian" and "adahessian-step" suites)
 from .harness import SUITES, Bar, Case, Suite, Unsupported, Workload, main, register  # noqa: F401

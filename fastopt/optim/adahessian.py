@@ -352,7 +352,8 @@ class AdaHessian(ElementwiseOptimizer):
         amp = (grad_scale, found_inf) if grad_scale is not None or found_inf is not None else None
         if hessian is not None:
             for p, h in given:
-                self._write(self.state[p]["hessian"], h, None if amp is None else (None, amp[1]))
+                if h is not self.state[p]["hessian"]:  # (an estimate written into the state: nothing to copy)
+                    self._write(self.state[p]["hessian"], h, None if amp is None else (None, amp[1]))
         elif update:
             self._estimate(plan, t, amp)
         self._step_update = update
