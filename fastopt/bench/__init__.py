@@ -23,4 +23,5 @@ from . import sam  # noqa: F401  (registers the "sam" and "asam" suites)
 from . import mfac  # noqa: F401  (registers the "mfac" suite)
 from . import saf  # noqa: F401  (registers the "saf" suite)
 from . import adahessian  # noqa: F401  (registers the "adahessian" and "adahessian-step" suites)
+from . import classic  # noqa: F401  (registers the "classic-sgd", "classic-adagrad" and "classic-rmsprop" suites)
 from .harness import SUITES, Bar, Case, Suite, Unsupported, Workload, main, register  # noqa: F401
