@@ -14,7 +14,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+#if defined(__x86_64__) && defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "kernel.h"
 #include "mfac.h"
@@ -23,6 +29,107 @@ namespace fastopt::cpu::FASTOPT_CPU_NS {
 namespace {
 
 constexpr int64_t kBlock = 2048;
+
+#if defined(__x86_64__) && defined(__AVX2__)
+// The AVX2 copy also carries AVX-512 versions of the inner loops, used when the CPU has AVX-512 F/BW/VL
+// and BF16 (and FASTOPT_CPU_ISA is not "avx2"): a bf16 window's dot products run on vdpbf16ps (32
+// products per instruction, exact, summed in fp32) with g split into three bf16 parts, g = hi + mid +
+// lo to within fp32 rounding, where hi is exactly the stored value (so G . hi is the Gram row, and
+// G . (hi + mid + lo) the product with g); pass 2 converts rows to fp32 16 lanes at a time and uses
+// fused multiply-adds.  Tails are masked loads (no scalar remainder).
+#define FASTOPT_MFAC_AVX512 1
+// (GCC 12's avx512fintrin.h reads an "undefined" vector in _mm512_setzero_ps / the masked loads)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define MFAC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+bool use_avx512_bf16() {
+  static const bool ok = [] {
+    const char* env = std::getenv("FASTOPT_CPU_ISA");
+    if (env != nullptr && std::strcmp(env, "avx2") == 0) return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
+  return ok;
+}
+
+inline __mmask32 tail_mask32(int64_t k, int64_t len) {
+  const int64_t left = len - k;
+  return left >= 32 ? 0xFFFFFFFFu : ((1u << left) - 1u);
+}
+
+// Rows [0, nr) of the block (columns col..col+len) dotted with hi and with mid + lo (zero-padded to a
+// multiple of 32): pk[j] += G_j . hi, px[j] += G_j . hi + G_j . (mid + lo).
+template <int NR>
+MFAC_AVX512 void dots_bf16_rows(const uint16_t* const* r, const uint16_t* hi, const uint16_t* mid,
+                                const uint16_t* lo, int64_t len, double* px, double* pk) {
+  __m512 ah[NR], ar[NR];
+  for (int i = 0; i < NR; ++i) {
+    ah[i] = _mm512_setzero_ps();
+    ar[i] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < len; k += 32) {
+    const __mmask32 mk = tail_mask32(k, len);
+    const __m512bh h = (__m512bh)_mm512_loadu_si512(hi + k);
+    const __m512bh md = (__m512bh)_mm512_loadu_si512(mid + k);
+    const __m512bh l = (__m512bh)_mm512_loadu_si512(lo + k);
+    for (int i = 0; i < NR; ++i) {
+      const __m512bh x = (__m512bh)_mm512_maskz_loadu_epi16(mk, r[i] + k);
+      ah[i] = _mm512_dpbf16_ps(ah[i], x, h);
+      ar[i] = _mm512_dpbf16_ps(ar[i], x, md);
+      ar[i] = _mm512_dpbf16_ps(ar[i], x, l);
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    const double sh = _mm512_reduce_add_ps(ah[i]);
+    pk[i] += sh;
+    px[i] += sh + static_cast<double>(_mm512_reduce_add_ps(ar[i]));
+  }
+}
+
+MFAC_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+MFAC_AVX512 inline __m512 load16(const bf16_t* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// acc[k] += sum_j<nr coef[j] G_j[k] over the block, four rows per read of acc.
+template <typename T>
+MFAC_AVX512 void axpy_block_avx512(const T* G, int64_t ld, int64_t col, int64_t nr, const float* coef, float* acc,
+                                   int64_t len) {
+  int64_t j = 0;
+  for (; j + 4 <= nr; j += 4) {
+    const T* r0 = G + j * ld + col;
+    const T* r1 = r0 + ld;
+    const T* r2 = r1 + ld;
+    const T* r3 = r2 + ld;
+    const __m512 c0 = _mm512_set1_ps(coef[j]), c1 = _mm512_set1_ps(coef[j + 1]);
+    const __m512 c2 = _mm512_set1_ps(coef[j + 2]), c3 = _mm512_set1_ps(coef[j + 3]);
+    for (int64_t k = 0; k < len; k += 16) {
+      const int64_t left = len - k;
+      const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+      __m512 a = _mm512_maskz_loadu_ps(m, acc + k);
+      a = _mm512_fmadd_ps(c0, load16(r0 + k, m), a);
+      a = _mm512_fmadd_ps(c1, load16(r1 + k, m), a);
+      a = _mm512_fmadd_ps(c2, load16(r2 + k, m), a);
+      a = _mm512_fmadd_ps(c3, load16(r3 + k, m), a);
+      _mm512_mask_storeu_ps(acc + k, m, a);
+    }
+  }
+  for (; j < nr; ++j) {
+    const T* r0 = G + j * ld + col;
+    const __m512 c0 = _mm512_set1_ps(coef[j]);
+    for (int64_t k = 0; k < len; k += 16) {
+      const int64_t left = len - k;
+      const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+      __m512 a = _mm512_maskz_loadu_ps(m, acc + k);
+      a = _mm512_fmadd_ps(c0, load16(r0 + k, m), a);
+      _mm512_mask_storeu_ps(acc + k, m, a);
+    }
+  }
+}
+#endif
 // Below this many window elements one thread runs the pass.
 constexpr int64_t kParallelWork = 1 << 18;
 
@@ -112,10 +219,16 @@ void dots_body(const MfacArgs& a) {
   // one partial sum per (block, row), added in block order at the end: the result does not depend on
   // which thread ran which block, so the blocks can be scheduled dynamically (a busy machine)
   std::vector<double> part(static_cast<size_t>(nb) * per, 0.0);
+#ifdef FASTOPT_MFAC_AVX512
+  const bool avx512 = use_avx512_bf16();
+#endif
 #pragma omp parallel num_threads(nthreads)
   {
     alignas(64) float gb[kBlock];
     alignas(64) float kb[kBlock];
+#ifdef FASTOPT_MFAC_AVX512
+    alignas(64) uint16_t hi[kBlock], mid[kBlock], lo[kBlock];
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < nb; ++b) {
       const Blk& bl = blocks[b];
@@ -125,6 +238,34 @@ void dots_body(const MfacArgs& a) {
       const float* __restrict__ pr = reinterpret_cast<const float*>(a.params[bl.t]) + bl.start;
       T* __restrict__ gs = G + a.slot * ld + bl.col;
       const int64_t len = bl.len;
+#ifdef FASTOPT_MFAC_AVX512
+      if constexpr (TWO && std::is_same_v<T, bf16_t>) {
+        if (avx512) {
+          for (int64_t k = 0; k < len; ++k) {
+            const float g = has_wd ? gr[k] + wd * pr[k] : gr[k];
+            const bf16_t h = from_float<bf16_t>(g);
+            gs[k] = h;
+            const float r1 = g - to_float(h);
+            const bf16_t md = from_float<bf16_t>(r1);
+            hi[k] = h.x;
+            mid[k] = md.x;
+            lo[k] = from_float<bf16_t>(r1 - to_float(md)).x;
+          }
+          for (int64_t k = len; k < (len + 31) / 32 * 32; ++k) hi[k] = mid[k] = lo[k] = 0;
+          const uint16_t* rows[4];
+          int64_t j = 0;
+          for (; j + 4 <= nr; j += 4) {
+            for (int i = 0; i < 4; ++i) rows[i] = reinterpret_cast<const uint16_t*>(G + (j + i) * ld + bl.col);
+            dots_bf16_rows<4>(rows, hi, mid, lo, len, px + j, pk + j);
+          }
+          for (; j < nr; ++j) {
+            rows[0] = reinterpret_cast<const uint16_t*>(G + j * ld + bl.col);
+            dots_bf16_rows<1>(rows, hi, mid, lo, len, px + j, pk + j);
+          }
+          continue;
+        }
+      }
+#endif
       for (int64_t k = 0; k < len; ++k) {
         const float g = has_wd ? gr[k] + wd * pr[k] : gr[k];
         gb[k] = g;
@@ -172,6 +313,9 @@ void update_body(const MfacArgs& a) {
   const std::vector<Blk> blocks = make_blocks(a);
   const int nthreads = threads_for(a, blocks.size());
   const int64_t nb = static_cast<int64_t>(blocks.size());
+#ifdef FASTOPT_MFAC_AVX512
+  const bool avx512 = use_avx512_bf16();
+#endif
 #pragma omp parallel num_threads(nthreads)
   {
     alignas(64) float acc[kBlock];
@@ -180,15 +324,22 @@ void update_body(const MfacArgs& a) {
       const Blk& bl = blocks[b];
       const int64_t len = bl.len;
       for (int64_t k = 0; k < len; ++k) acc[k] = 0.0f;
-      const T* rows[4];
-      int64_t j = 0;
-      for (; j + 4 <= nr; j += 4) {
-        for (int i = 0; i < 4; ++i) rows[i] = G + (j + i) * ld + bl.col;
-        axpy_rows<T, 4>(rows, coef + j, acc, len);
-      }
-      for (; j < nr; ++j) {
-        rows[0] = G + j * ld + bl.col;
-        axpy_rows<T, 1>(rows, coef + j, acc, len);
+#ifdef FASTOPT_MFAC_AVX512
+      if (avx512) {
+        axpy_block_avx512<T>(G, ld, bl.col, nr, coef, acc, len);
+      } else
+#endif
+      {
+        const T* rows[4];
+        int64_t j = 0;
+        for (; j + 4 <= nr; j += 4) {
+          for (int i = 0; i < 4; ++i) rows[i] = G + (j + i) * ld + bl.col;
+          axpy_rows<T, 4>(rows, coef + j, acc, len);
+        }
+        for (; j < nr; ++j) {
+          rows[0] = G + j * ld + bl.col;
+          axpy_rows<T, 1>(rows, coef + j, acc, len);
+        }
       }
       const float* __restrict__ gr = reinterpret_cast<const float*>(a.grads[bl.t]) + bl.start;
       float* __restrict__ pr = reinterpret_cast<float*>(a.params[bl.t]) + bl.start;

@@ -3,7 +3,7 @@ the same recursion, on a full window.
 
 Methods, in the same run: ``fastopt-<backend>`` for the kernel backends usable on the device (``cpu`` on
 CPUs, ``triton`` on GPUs; the Triton interpreter is not benchmarked), ``fastopt-torch`` (the reference:
-the passes as chunked torch ops) and ``torch-ops`` (the baseline, :class:`TorchOpsMFAC`): the official
+the passes as chunked torch ops; d <= 1M only) and ``torch-ops`` (the baseline, :class:`TorchOpsMFAC`): the official
 codes' structure in plain torch ops -- the flattened gradient, ``G[s] = g``, ``G g`` and ``c @ G`` as one
 matrix-vector product each in the window's dtype, the momentum and the update as separate ops -- with
 the same fp64 m x m algebra as fastopt (so only the passes over d differ).
@@ -57,6 +57,12 @@ def methods(device):
 
     kernels = [b for b in available_backends(device) if b in ("cpu", "triton")]
     return [f"fastopt-{b}" for b in kernels] + ["fastopt-torch", BASELINE]
+
+
+def methods_for(config, device):
+    """The reference (fastopt-torch: chunked torch ops, about 50x slower than the kernels on the 10M
+    window) runs on the --quick sizes only."""
+    return [m for m in methods(device) if m != "fastopt-torch" or config.d <= 1 << 20]
 
 
 class TorchOpsMFAC:
@@ -150,7 +156,7 @@ def cases(ctx):
     return [Case(config=c.name, method=m, items=c.d, bytes_moved=c.bytes_per_step,
                  setup=lambda c=c, m=m: setup(c, m, ctx.device),
                  info={"dtype": str(c.dtype).removeprefix("torch."), "m": c.m})
-            for c in configs(ctx.device, ctx.quick) for m in methods(ctx.device)]
+            for c in configs(ctx.device, ctx.quick) for m in methods_for(c, ctx.device)]
 
 
 def bars(ctx):

@@ -121,8 +121,9 @@ def mfac_refresh_inverse(gram, m, damp):
 def mfac_replace_inverse_(inv, gram, slot, m, damp):
     """Update ``inv = (m damp I + K_old)^-1`` in place, O(m^2), to the inverse for ``gram`` (K with
     row/column ``slot`` replaced): remove index ``slot`` (Schur complement), then border it back."""
+    # (one m x m op per rank-1 term: torch.addr; the scalings are on m-vectors)
     ws = inv[:, slot].clone()
-    inv.sub_(torch.outer(ws, ws) / ws[slot])
+    inv.addr_(ws, ws / -ws[slot])
     inv[slot, :] = 0
     inv[:, slot] = 0
     b = gram[:, slot].clone()
@@ -130,7 +131,7 @@ def mfac_replace_inverse_(inv, gram, slot, m, damp):
     w = inv @ b
     sigma = gram[slot, slot] + m * damp - b @ w
     w[slot] = -1.0
-    inv.add_(torch.outer(w, w) / sigma)
+    inv.addr_(w, w / sigma)
     return inv
 
 
