@@ -4,8 +4,9 @@ environment's python, from a folder outside the source tree.  Exits non-zero on 
   * fastopt is the installed copy (site-packages), with its native module and every subpackage;
   * every public module imports (fastopt.triton_kernels when triton is installed);
   * each optimizer family steps once on the cpu backend (elementwise, reduce-pass, low-bit states,
-    int8 weights, N:M sparse training, Muon on its torch backend, GaLore's projected step) and changes
-    the parameters;
+    int8 weights, N:M sparse training, Muon on its torch backend, GaLore's projected step, SGD / Adagrad /
+    RMSprop, M-FAC's window passes, AdaHessian's probes and update, SAM's two steps) and changes the
+    parameters; SAFLoss runs its fused kernel;
   * one Sinkhorn solve agrees with the torch reference, one N:M mask is N:M.
 """
 import importlib
@@ -39,7 +40,7 @@ for mod in pkgutil.walk_packages(fastopt.__path__, "fastopt."):
         continue   # (a __main__ module runs its command when imported: `python -m fastopt.bench` is the report)
     importlib.import_module(mod.name)
     modules.append(mod.name)
-for sub in ("optim", "lowbit", "sparse", "lowrank", "ot", "reference", "bench", "triton_kernels"):
+for sub in ("optim", "lowbit", "sparse", "lowrank", "ot", "sharpness", "reference", "bench", "triton_kernels"):
     assert f"fastopt.{sub}" in modules or (sub == "triton_kernels" and not have_triton), f"fastopt.{sub} missing"
 wheel_files = {os.path.relpath(os.path.join(d, f), here) for d, _, fs in os.walk(here) for f in fs}
 assert "py.typed" in wheel_files, "fastopt/py.typed is not installed"
@@ -74,6 +75,14 @@ families = {
         [{"params": [p for p in m.parameters() if p.dim() != 2]},
          {"params": [p for p in m.parameters() if p.dim() == 2], "rank": 8, "proj_bits": 4, "proj_group_size": 64}],
         lr=1e-2, backend="cpu")),
+    "SGD (torch.optim drop-in, momentum)": (model(), lambda m: fastopt.SGD(m.parameters(), lr=1e-2, momentum=0.9,
+                                                                           backend="cpu")),
+    "Adagrad": (model(), lambda m: fastopt.Adagrad(m.parameters(), lr=1e-2, backend="cpu")),
+    "RMSprop (centered, momentum)": (model(), lambda m: fastopt.RMSprop(m.parameters(), lr=1e-3, momentum=0.9,
+                                                                         centered=True, backend="cpu")),
+    "RMSprop8bit (low-bit states)": (model(), lambda m: fastopt.lowbit.RMSprop8bit(m.parameters(), lr=1e-3,
+                                                                                   backend="cpu")),
+    "MFAC (dense M-FAC window)": (model(), lambda m: fastopt.MFAC(m.parameters(), lr=1e-2, ngrads=4, backend="cpu")),
 }
 for name, (m, make) in families.items():
     opt = make(m)
@@ -85,6 +94,37 @@ for name, (m, make) in families.items():
     moved = sum(changed)
     assert changed[0] and moved > 0, f"{name}: one step left the first layer's weight unchanged"
     print(f"step ok: {name} ({moved} tensors changed)")
+
+# AdaHessian: the Hutchinson probes need the double backward (create_graph=True)
+m = model()
+opt = fastopt.AdaHessian(m.parameters(), lr=1e-2, backend="cpu")
+before = [p.detach().clone() for p in m.parameters()]
+m(torch.randn(8, 64)).tanh().square().mean().backward(create_graph=True)
+opt.step()
+assert all(not torch.equal(a, p) for a, p in zip(before, m.parameters())), "AdaHessian: a parameter did not move"
+print("step ok: AdaHessian (Hutchinson probes + fused update)")
+
+# SAM: first_step moves the weights, second_step restores them and steps the base optimizer
+m = model()
+opt = fastopt.SAM(m.parameters(), fastopt.AdamW, rho=0.05, lr=1e-2, backend="cpu")
+x = torch.randn(8, 64)
+before = [p.detach().clone() for p in m.parameters()]
+m(x).square().mean().backward()
+opt.first_step(zero_grad=True)
+assert all(not torch.equal(a, p) for a, p in zip(before, m.parameters())), "SAM: first_step did not perturb"
+m(x).square().mean().backward()
+opt.second_step(zero_grad=True)
+assert all(not torch.equal(a, p) for a, p in zip(before, m.parameters())), "SAM: second_step did not step"
+print("step ok: SAM (fused ascent, restore, base step)")
+
+# SAFLoss: the fused gather / softmax-KL / scatter kernel against its torch reference
+logits, idx = torch.randn(6, 10, requires_grad=True), torch.tensor([0, 3, 5, 7, 8, 9])
+saf = {b: fastopt.sharpness.SAFLoss(10, 10, start_epoch=0, epochs_ago=1, backend=b) for b in ("cpu", "torch")}
+for b in saf.values():
+    b(torch.randn(6, 10, generator=torch.Generator().manual_seed(1)), idx, 0)  # epoch 0 fills the bank
+vals = {b: s(logits, idx, 1).detach() for b, s in saf.items()}
+assert float(vals["torch"]) > 0 and torch.allclose(vals["cpu"], vals["torch"], rtol=1e-5, atol=1e-7), vals
+print(f"SAFLoss ok: {float(vals['cpu']):.6f} (torch reference {float(vals['torch']):.6f})")
 
 x, y = torch.randn(40, 3), torch.randn(50, 3)
 got = fastopt.ot.sinkhorn(x, y, eps=0.5, backend="cpu")
