@@ -325,3 +325,35 @@ def test_ops_validate_sizes():
         with pytest.raises(ValueError, match="numels do not sum"):
             _backend.native().mfac_dots_cpu(window.data_ptr(), 4, 10, 1, 0, 0, [params[0].data_ptr()],
                                             [grads[0].data_ptr()], [9], 0.0, dx.data_ptr(), 0)
+
+
+_AVX2_SCRIPT = """
+import torch, fastopt
+def run(backend, dt):
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(3, 5), (7,), (1,), (130,)]]
+    opt = fastopt.MFAC(ps, lr=0.01, ngrads=4, damp=0.1, momentum=0.9, weight_decay=0.05, grads_dtype=dt,
+                       backend=backend)
+    for _ in range(9):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in ps])
+for dt in ("float32", "bfloat16"):
+    print(dt, (run("cpu", dt) - run("torch", dt)).abs().max().item())
+"""
+
+
+def test_cpu_kernel_without_avx512_matches_reference():
+    """FASTOPT_CPU_ISA=avx2 keeps the CPU kernels off their AVX-512 / BF16 loops (which this test run may
+    use): that path too equals the reference (in a subprocess: the choice is made once per process)."""
+    import os
+    import subprocess
+
+    if "cpu" not in _backend.available_backends("cpu"):
+        pytest.skip("no cpu kernel")
+    env = dict(os.environ, FASTOPT_CPU_ISA="avx2")
+    out = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    diffs = dict(line.split() for line in out.stdout.strip().splitlines())
+    assert float(diffs["float32"]) <= 1e-5 and float(diffs["bfloat16"]) <= 2e-4, diffs
