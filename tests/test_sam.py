@@ -18,10 +18,13 @@ import torch
 import fastopt
 from fastopt import _backend
 from fastopt.reference.sam import sam_first_step_reference
+from conftest import DEVICE_BACKENDS  # noqa: E402
 
 po = pytest.importorskip("pytorch_optimizer")
 
-BACKENDS = [b for b in ("torch", "cpu", "triton") if b in _backend.available_backends("cpu")]
+# on CPU tensors: the reference, the cpu kernels, Triton under the interpreter, and the CUDA kernels through
+# the CUDA-on-CPU layer (PYTHONPATH=tests python -m pytest -p _cuda_on_cpu tests/test_sam.py -k cuda)
+BACKENDS = [b for b in ("torch", "cpu", "triton", "cuda") if b in _backend.available_backends("cpu")]
 IN, HID, OUT = 7, 13, 3
 
 
@@ -96,6 +99,28 @@ def test_matches_pytorch_optimizer_step_for_step(backend, adaptive, base):
     got = _train(m := _model(), fastopt.SAM(m.parameters(), torch_cls, rho=rho, adaptive=adaptive, backend=backend,
                                             **kw))
     _assert_traces(got, want)
+
+
+GPU_BACKENDS = [(d, b) for d, b in DEVICE_BACKENDS if d == "cuda"]
+
+
+@pytest.mark.skipif(not GPU_BACKENDS, reason="needs a GPU")
+@pytest.mark.parametrize("device,backend", GPU_BACKENDS)
+def test_on_the_gpu_matches_pytorch_optimizer_on_the_cpu(device, backend):
+    """SAM and ASAM around fastopt.AdamW on CUDA tensors (the cuda kernels, real Triton) against
+    pytorch_optimizer's SAM on the CPU."""
+    for adaptive in (False, True):
+        want = _train(m := _model(), po.SAM(m.parameters(), torch.optim.AdamW, rho=0.2, adaptive=adaptive, lr=1e-2))
+        m = _model().to(device)
+        opt = fastopt.SAM(m.parameters(), fastopt.AdamW, rho=0.2, adaptive=adaptive, lr=1e-2, backend=backend)
+        for i in range(len(want)):
+            x, y = (t.to(device) for t in _batch(i))
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            opt.first_step(zero_grad=True)
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            opt.second_step(zero_grad=True)
+        for p, q in zip(m.parameters(), want[-1]):
+            torch.testing.assert_close(p.detach().cpu(), q, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -296,6 +321,36 @@ def test_grad_scaler_drives_both_steps(base):
         if where == 2:  # (the scaler saw the inf)
             assert scaler.get_scale() == 2.0 ** 11
         assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_grad_scaler_closure_form():
+    """scaler.step(opt, closure): the same run as the two calls; an inf in the closure's gradients (which
+    the scaler has not checked) skips the step."""
+    runs = []
+    for form in ("two", "closure", "closure-inf"):
+        m = _model()
+        opt = fastopt.SAM(m.parameters(), fastopt.AdamW, rho=0.1, lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+        for i in range(3):
+            scaler.scale(_loss(m, i)).backward()
+            if form == "two":
+                opt.first_step(zero_grad=True)
+                scaler.scale(_loss(m, i)).backward()
+                scaler.step(opt)
+            else:
+                def c(i=i):
+                    loss = _loss(m, i)
+                    scaler.scale(loss).backward()
+                    if form == "closure-inf" and i == 2:
+                        next(m.parameters()).grad.view(-1)[0] = float("inf")
+                    return loss
+                before = [p.detach().clone() for p in m.parameters()]
+                scaler.step(opt, c)
+            scaler.update()
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[2], before))
 
 
 def test_nonfinite_first_gradient_perturbs_nothing():
