@@ -273,7 +273,7 @@ PYBIND11_MODULE(_C, m) {
         fastopt::ot_pass_cpu(a);
       },
       kOtDoc);
-#ifndef FASTOPT_CUDA_ON_CPU  // (tests/_cuda_on_cpu_build.py does not compile csrc/cpu/saf*.cpp)
+#if !defined(FASTOPT_CUDA_ON_CPU) || defined(FASTOPT_COC_SAF)  // (CUDA-on-CPU: saf* only with FASTOPT_COC_SAF)
   m.def(
       "saf_cpu",
       [](int64_t logits, int logits_dtype, int64_t indices, int64_t bank, int bank_dtype, int64_t row_kl,
@@ -417,5 +417,22 @@ PYBIND11_MODULE(_C, m) {
         fastopt::quantize_cuda(a, stream);
       },
       kQuantizeDoc);
+#if !defined(FASTOPT_CUDA_ON_CPU) || defined(FASTOPT_COC_SAF)
+  m.def(
+      "saf_cuda",
+      [](int64_t logits, int logits_dtype, int64_t indices, int64_t bank, int bank_dtype, int64_t row_kl,
+         int64_t grad, int64_t rows, int64_t n, int64_t classes, int64_t slots, int64_t read_slot,
+         int64_t write_slot, bool active, double inv_temp, double grad_scale, int64_t stream) {
+        fastopt::SafArgs a;
+        a.logits = logits; a.indices = indices; a.bank = bank; a.row_kl = row_kl; a.grad = grad;
+        a.logits_dtype = logits_dtype; a.bank_dtype = bank_dtype;
+        a.rows = rows; a.n = n; a.classes = classes; a.slots = slots;
+        a.read_slot = read_slot; a.write_slot = write_slot; a.active = active;
+        a.inv_temp = inv_temp; a.grad_scale = grad_scale;
+        py::gil_scoped_release nogil;
+        fastopt::saf_cuda(a, stream);
+      },
+      "The fused SAF pass on CUDA (csrc/cuda/saf.cu): raw addresses; fastopt.sharpness.saf validates.");
+#endif
 #endif
 }

@@ -1,7 +1,11 @@
 """fastopt.sharpness.SAFLoss (SAF, Du et al., NeurIPS 2022): every backend against the official formula
 (written out here in fp64: ``F.kl_div(softmax(out / T).log(), softmax(old / T), reduction="none").sum(-1)
 .mean() * T**2 * reinforce``), the bank's contents over epochs, the warm-up, repeated indices, bf16 / fp16
-banks, state_dict round trips, bad inputs, and a small training run."""
+banks, state_dict round trips, bad inputs, and a small training run.
+
+The ``cuda`` backend's cases run on a GPU, or on the CPU through the CUDA-on-CPU module when it is built with
+csrc/cuda/saf.cu, csrc/cpu/saf.cpp, csrc/cpu/saf_kernels.cpp and -DFASTOPT_COC_SAF
+(``PYTHONPATH=tests python -m pytest -p _cuda_on_cpu tests/test_saf.py -k cuda``)."""
 import io
 
 import pytest

@@ -26,5 +26,7 @@ struct SafArgs {
 };
 
 void saf_cpu(const SafArgs& args);
+// csrc/cuda/saf.cu (same arguments; `loss` is not written: the caller sums row_kl).
+void saf_cuda(const SafArgs& args, int64_t stream);
 
 }  // namespace fastopt

@@ -2,8 +2,8 @@
 
 :class:`SAFLoss` keeps a per-example output bank and returns the trajectory term of one batch; the bank
 gather, the softmax-KL term, its gradient and the bank scatter run in one kernel per backend
-(``csrc/cpu/saf_kernels.cpp`` with OpenMP over rows, ``triton_kernels/saf.py`` one program per row); the
-``torch`` backend is :func:`fastopt.reference.saf.saf_reference`.
+(``csrc/cpu/saf_kernels.cpp`` with OpenMP over rows, ``csrc/cuda/saf.cu`` and ``triton_kernels/saf.py`` one
+block / program per row); the ``torch`` backend is :func:`fastopt.reference.saf.saf_reference`.
 """
 import importlib
 import numbers
@@ -17,7 +17,7 @@ from ..reference.saf import saf_reference, slots
 __all__ = ["SAFLoss", "saf_pass"]
 
 # The backends of the fused pass (a CAPABILITIES row; C++ on CPUs, Triton on GPUs).
-_CAPS = _backend.CAPABILITIES.setdefault("saf", _backend.OpCaps(("triton", "cpu")))
+_CAPS = _backend.CAPABILITIES.setdefault("saf", _backend.OpCaps(("cuda", "triton", "cpu")))
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -29,13 +29,19 @@ def _triton_saf():
 def _launch(backend, logits, indices, bank, row_kl, grad, loss, loss_scale, read_slot, write_slot, active, inv_temp,
             grad_scale):
     """Run the fused pass on tensors already checked (see :func:`_saf_pass_kernel`); ``grad`` and ``loss``
-    may be None.  The C++ kernel also writes ``loss = loss_scale * sum(row_kl)`` when given; the Triton
-    kernel never does (the caller sums)."""
+    may be None.  The C++ CPU kernel also writes ``loss = loss_scale * sum(row_kl)`` when given; the CUDA
+    and Triton kernels never do (the caller sums)."""
     b, c = logits.shape
     s, n, _ = bank.shape
     if backend == "triton":
         _triton_saf().saf_pass(logits, indices, bank, row_kl, grad, read_slot, write_slot, active, inv_temp,
                                grad_scale)
+        return
+    if backend == "cuda":
+        args = (logits.data_ptr(), _backend.dtype_code(logits.dtype), indices.data_ptr(), bank.data_ptr(),
+                _backend.dtype_code(bank.dtype), row_kl.data_ptr(), 0 if grad is None else grad.data_ptr(), b, n, c,
+                s, int(read_slot), int(write_slot), bool(active), float(inv_temp), float(grad_scale))
+        _ops._run_native("cuda", "saf", logits.device, args, "saf_pass_")
         return
     if backend != "cpu":
         raise _backend.BackendUnavailableError(f"fastopt::saf_pass_: no kernel backend {backend!r}")
@@ -59,7 +65,7 @@ def _saf_pass_kernel(logits: Tensor, indices: Tensor, bank: Tensor, row_kl: Tens
       index (``read_slot != write_slot``: the rows read are never the rows written).
 
     Every tensor is checked (dtype, device, layout, sizes; the indices' range: on the host) before the
-    kernel runs.  ``backend``: 'cpu' or 'triton'.
+    kernel runs.  ``backend``: 'cpu', 'cuda' or 'triton'.
     """
     b, c = logits.shape
     s, n, bc = bank.shape
@@ -188,8 +194,8 @@ class SAFLoss(nn.Module):
     The bank is the buffer ``bank`` of shape (epochs_ago + 1, num_examples, num_classes) in ``bank_dtype``
     (fp32, bf16 or fp16; the math is fp32 whatever it is), saved and loaded with ``state_dict``.
 
-    ``backend``: ``auto`` runs the fused C++ kernel on CPU tensors and the Triton kernel on CUDA tensors,
-    ``torch`` the plain formula (:func:`fastopt.reference.saf.saf_reference`, autograd through torch ops).
+    ``backend``: ``auto`` runs the fused C++ kernel on CPU tensors and the CUDA kernel (``csrc/cuda/saf.cu``;
+    the Triton kernel when fastopt._C has no CUDA part) on CUDA tensors, ``torch`` the plain formula (:func:`fastopt.reference.saf.saf_reference`, autograd through torch ops).
     The fused pass is one kernel per call (gather, KL, gradient, scatter); the backward multiplies the
     fp32 gradient it saved (B x C) by the incoming scalar.  Bad arguments raise ``TypeError`` /
     ``ValueError`` naming them before anything is read or written; on CUDA tensors the range check of
