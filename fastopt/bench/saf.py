@@ -174,8 +174,9 @@ def _bars(ctx):  # (on the full-size configs only: a --quick run's tiny MLP is a
             if m.startswith("saf-fastopt-")]
 
 
-SUITE = register(Suite(name="saf", cases=_cases, unit="examples", baseline=BASELINE, bars=_bars, memory_bound=False,
-                       what="one training step (forward, loss, backward, SGD step)"))
+if __name__ != "__main__":  # (python -m fastopt.bench.saf runs the package's module, which registers it)
+    SUITE = register(Suite(name="saf", cases=_cases, unit="examples", baseline=BASELINE, bars=_bars,
+                           memory_bound=False, what="one training step (forward, loss, backward, SGD step)"))
 
 
 def interleaved(rounds=30, configs=None, device="cpu", methods=None):
@@ -222,4 +223,6 @@ def interleaved(rounds=30, configs=None, device="cpu", methods=None):
 if __name__ == "__main__":
     import sys
 
-    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 30)
+    from fastopt.bench.saf import interleaved as _interleaved
+
+    _interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 30)
