@@ -77,7 +77,7 @@ class MFAC(torch.optim.Optimizer):
 
     State (per group, under its first param; plain tensors, so ``torch.load(weights_only=True)`` works
     and a ``state_dict`` round trip is exact): ``step`` (fp32 CPU scalar), ``grads`` (m, d) window,
-    ``gram`` and ``inv`` (m, m) fp64, ``damp`` (fp64 scalar: the damp ``inv`` was built for),
+    ``gram`` and ``inv`` (m, m) fp64, ``damp`` (fp64 CPU scalar: the damp ``inv`` was built for),
     ``momentum_buffer`` (d,) when momentum > 0.
     """
 
@@ -155,7 +155,7 @@ class MFAC(torch.optim.Optimizer):
         m = group["ngrads"]
         wdt = _WINDOW_DTYPES[group["grads_dtype"]]
         want = {"grads": ((m, d), wdt), "gram": ((m, m), torch.float64), "inv": ((m, m), torch.float64),
-                "damp": ((), torch.float64)}
+                "damp": ((), torch.float64)}  # (damp: a CPU scalar, read on the host without a device sync)
         for key, (shape, dtype) in want.items():
             t = state.get(key)
             if not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
@@ -163,7 +163,7 @@ class MFAC(torch.optim.Optimizer):
                 raise ValueError(f"MFAC: state {key!r}{where} must be {dtype}{shape} (ngrads={m}, "
                                  f"grads_dtype={group['grads_dtype']}, d={d}), got {got}; a window cannot change "
                                  "its length, dtype or params: make a new optimizer")
-            if t.device != device:
+            if t.device != (torch.device("cpu") if key == "damp" else device):
                 raise ValueError(f"MFAC: state {key!r}{where} is on {t.device}, the params on {device}")
         step = state.get("step")
         if not isinstance(step, Tensor) or step.numel() != 1:
@@ -221,7 +221,7 @@ class MFAC(torch.optim.Optimizer):
             state["grads"] = torch.zeros((m, d), dtype=wdt, device=dev)
             state["gram"] = torch.zeros((m, m), dtype=torch.float64, device=dev)
             state["inv"] = torch.eye(m, dtype=torch.float64, device=dev) / (m * damp)
-            state["damp"] = torch.tensor(damp, dtype=torch.float64, device=dev)
+            state["damp"] = torch.tensor(damp, dtype=torch.float64)
         momentum = float(group["momentum"])
         acc = ref.acc_dtype_of(state["grads"])
         if momentum > 0 and "momentum_buffer" not in state:
@@ -290,7 +290,10 @@ class MFAC(torch.optim.Optimizer):
                 if p is not group["params"][0]:
                     raise ValueError(f"MFAC: state of param {pid} (not the first of group {gi}): not an MFAC "
                                      "state dict")
-                moved = {k: (v.to(p.device) if isinstance(v, Tensor) and k != "step" else v) for k, v in st.items()}
+                moved = {k: (v.to(p.device) if isinstance(v, Tensor) and k not in ("step", "damp") else v)
+                         for k, v in st.items()}
+                if isinstance(moved.get("damp"), Tensor):
+                    moved["damp"] = moved["damp"].cpu()
                 self._check_state(moved, merged, d, p.device, f" (saved param group {gi})")
                 keep[id(p)] = (p, moved)
         super().load_state_dict(state_dict)
@@ -298,4 +301,4 @@ class MFAC(torch.optim.Optimizer):
             st = self.state[p]
             for k in _STATE_KEYS:
                 if k in moved:
-                    st[k] = moved[k].clone() if k != "step" else moved[k].detach().clone().cpu()
+                    st[k] = moved[k].detach().clone() if k not in ("step", "damp") else moved[k].detach().clone().cpu()
