@@ -12,8 +12,10 @@ Bytes moved per parameter by the fused kernel (fp32): it reads p, g, m, v, D and
 
 ``adahessian-step``: one call = a whole training step of a small MLP (forward, ``backward(create_graph=
 True)``, the Hutchinson estimate: probes, the double backward, the estimate; the update), fastopt vs
-pytorch_optimizer with one probe: the time of the Hessian-vector product, reported separately from
-the update (no bar: the double backward is torch's autograd on both sides).
+pytorch_optimizer with one probe, beside torch's autograd alone (``torch-fwd-bwd``: forward and
+``backward(create_graph=True)``; ``torch-fwd-bwd-hvp``: the same plus one double backward): the
+difference of those two is the Hessian-vector product's time, reported separately from the update (no
+bar: the double backward is torch's autograd on both sides).
 
 Bars: on CPU ``fastopt-cpu`` >= 4x ``pytorch_optimizer`` on the update, 20x1M fp32 (issue 20).
 """
@@ -105,13 +107,32 @@ def _mlp(width, layers, device):
     return torch.nn.Sequential(*mods).to(device)
 
 
+# Methods of the step suite that time torch's autograd alone (no optimizer): the forward and
+# backward(create_graph=True), then the same plus one double backward with +-1 probes (the
+# Hessian-vector product): their difference is the HVP's cost, which both AdaHessians pay.
+AUTOGRAD = ("torch-fwd-bwd", "torch-fwd-bwd-hvp")
+
+
 def setup_step(name, method, device):
     width, layers, batch = MLP[name]
     model = _mlp(width, layers, device)
-    opt = _make(method, list(model.parameters()), device)
     gen = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(batch, width, generator=gen, device=device)
     y = torch.randn(batch, width, generator=gen, device=device)
+    if method in AUTOGRAD:
+        params = list(model.parameters())
+        zs = [torch.randint(0, 2, p.shape, generator=gen, device=device).float() * 2 - 1 for p in params]
+
+        def autograd_only():
+            for p in params:
+                p.grad = None
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward(create_graph=True)
+            if method == "torch-fwd-bwd-hvp":
+                torch.autograd.grad([p.grad for p in params], params, grad_outputs=zs)
+
+        return Workload(fn=autograd_only)
+    opt = _make(method, list(model.parameters()), device)
 
     def step():
         opt.zero_grad()
@@ -131,7 +152,7 @@ def _step_suite():
             n = layers * (width * width + width)
             out += [Case(config=name, method=m, items=n, bytes_moved=0,
                          setup=lambda name=name, m=m: setup_step(name, m, ctx.device), info={"params": n})
-                    for m in _methods(ctx.device)]
+                    for m in _methods(ctx.device) + list(AUTOGRAD)]
         return out
 
     return register(Suite(name="adahessian-step", cases=cases, unit="params", baseline=BASELINE,

@@ -264,6 +264,16 @@ class AdaHessian(ElementwiseOptimizer):
         self._step_update = True
         super().__init__(params, defaults)
 
+    @classmethod
+    def official(cls, params: Params, lr: Union[float, torch.Tensor] = 0.15, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-4, weight_decay: float = 0.0, hessian_power: float = 1.0, single_gpu: bool = True,
+                 **kwargs: Any) -> "AdaHessian":
+        """``mode="official"`` with the official constructor's signature (amirgholami/adahessian
+        ``Adahessian(params, lr, betas, eps, weight_decay, hessian_power, single_gpu)``: its positional
+        order and defaults); ``kwargs``: fastopt's other options (``backend``, ``seed``, ...)."""
+        return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
+                   single_gpu=single_gpu, mode="official", **kwargs)
+
     def _check_group(self, group):
         F.check_hyper("learning rate", group["lr"])
         check_betas(group["betas"])
