@@ -27,7 +27,7 @@ from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
-from .. import _backend
+from .. import _backend, _sharded
 from .._opspec import OPS, native_args
 from ..reference.adahessian import (MODES, adahessian_reference, consume_probe, probe_key, probe_signs,
                                     spatial_average)
@@ -310,6 +310,14 @@ class AdaHessian(ElementwiseOptimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def _check_group_param(self, group, p):
+        if _sharded.is_dtensor(p):
+            raise NotImplementedError(
+                "AdaHessian: DTensor (FSDP2) parameters are not supported (the double backward and the probes run on "
+                "whole tensors); under DDP the parameters are replicated and the probes, keyed on the element's "
+                "index, are the same on every rank")
+        super()._check_group_param(group, p)
 
     def _native_hyper(self, group, update=True):
         b1, b2 = group["betas"]
