@@ -98,3 +98,26 @@ def rmsprop_centered_pack(hyper, flags):
 
 def rmsprop_centered_momentum_pack(hyper, flags):
     return _rmsprop_pack(hyper, flags, MOMENTUM.value | CENTERED.value)
+
+
+def audit_exercise():
+    """The launches the compile audit (``compile_audit.EXERCISES``) adds for these ops beyond the zoo
+    cases of the test's exercise (which start every elementwise variant): the low-bit step of
+    SGD8bit / RMSprop8bit (momentum), fp32 and bf16, aligned and not.  Run under ``compile_audit.capture``
+    on CPU tensors (nothing runs)."""
+    import torch
+
+    from fastopt import _backend, lowbit
+
+    _backend.triton_interpret = lambda: True  # (the launchers take the CPU tensors; nothing runs)
+    for dtype in (torch.float32, torch.bfloat16):
+        for unaligned in (False, True):
+            for make in (lambda ps: lowbit.SGD8bit(ps, lr=1e-3, momentum=0.9, nesterov=True, min_quant_size=0,
+                                                   backend="triton"),
+                         lambda ps: lowbit.RMSprop8bit(ps, lr=1e-3, momentum=0.9, min_quant_size=0, backend="triton"),
+                         lambda ps: lowbit.RMSprop4bit(ps, lr=1e-3, min_quant_size=0, backend="triton")):
+                n = 96 * 1024
+                base = torch.randn(n + 1, dtype=dtype)
+                p = torch.nn.Parameter(base[1:] if unaligned else base[:n].clone())
+                p.grad = torch.randn_like(p)
+                make([p]).step()

@@ -221,7 +221,8 @@ def select(launches, kernels):
 # Kernels the test script's ``exercise()`` does not launch: "module:function" entries, each called under
 # :func:`capture` after it (the function launches every variant its kernel's launcher can start).
 EXERCISES = ["fastopt.triton_kernels.saf:audit_exercise", "fastopt.triton_kernels.mfac:audit_exercise",
-             "fastopt.triton_kernels.sam:audit_exercise", "fastopt.triton_kernels.adahessian:audit_exercise"]
+             "fastopt.triton_kernels.sam:audit_exercise", "fastopt.triton_kernels.adahessian:audit_exercise",
+             "fastopt.triton_kernels.classic:audit_exercise"]
 
 
 def main(argv=None):
