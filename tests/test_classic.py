@@ -461,3 +461,19 @@ def test_adagrad_state_made_in_init_and_share_memory():
     assert torch.equal(ours.state[p]["sum"], torch.full((5,), 0.5))
     ours.share_memory()
     assert ours.state[p]["sum"].is_shared()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_sgd_tensor_weight_decay(backend):
+    """torch 2.13's SGD takes a one-element tensor weight_decay (read as a float here)."""
+    base = make([(7,), (3, 5)])
+    pa, pb = params_like(base), params_like(base)
+    ours = fastopt.SGD(pa, lr=0.05, momentum=0.9, weight_decay=torch.tensor(0.1), backend=backend)
+    ref = torch.optim.SGD(pb, lr=0.05, momentum=0.9, weight_decay=torch.tensor(0.1))
+    for t in range(5):
+        grads([pa, pb], t)
+        ours.step()
+        ref.step()
+    assert_states_close(ref, pb, ours, pa, ("momentum_buffer",))
+    with pytest.raises(ValueError, match="weight_decay"):
+        fastopt.SGD(pa, weight_decay=torch.tensor([0.1, 0.2]))
