@@ -303,3 +303,28 @@ def test_training_with_saf_decreases_the_loss_like_plain_training():
     per_epoch = len(terms) // 8
     assert all(t == 0.0 for t in terms[:2 * per_epoch]) and all(t > 0.0 for t in terms[2 * per_epoch:])
     assert not torch.equal(m_plain[0].weight, m_saf[0].weight)
+
+
+def test_under_torch_compile():
+    """A compiled step (the custom op fastopt::saf_pass_ in the graph) gives the eager torch backend's numbers."""
+    if "cpu" not in _backend.available_backends("cpu"):
+        pytest.skip("no cpu backend built")
+    saf = SAFLoss(30, 7, start_epoch=0, epochs_ago=1, backend="cpu")
+    ref = SAFLoss(30, 7, start_epoch=0, epochs_ago=1, backend="torch")
+    torch._dynamo.reset()
+
+    def term(logits, idx, epoch, m):
+        return m(logits, idx, epoch) * 2.0
+
+    compiled = torch.compile(term)
+    for epoch in range(2):  # off (a bank write), then on
+        logits = torch.randn(6, 7)
+        idx = torch.randperm(30)[:6]
+        a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+        va, vb = compiled(a, idx, epoch, saf), term(b, idx, epoch, ref)
+        torch.testing.assert_close(va.detach(), vb.detach(), rtol=2e-6, atol=2e-6)
+        assert torch.equal(saf.bank, ref.bank)
+        if vb.requires_grad:
+            va.backward()
+            vb.backward()
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)

@@ -34,7 +34,8 @@ void saf_cpu(const SafArgs& a) {
   std::vector<uint8_t> writes(static_cast<size_t>(a.rows), 1);
   std::vector<int64_t> order(static_cast<size_t>(a.rows));
   std::iota(order.begin(), order.end(), int64_t{0});
-  std::sort(order.begin(), order.end(), [idx](int64_t x, int64_t y) { return idx[x] < idx[y] || (idx[x] == idx[y] && x < y); });
+  std::sort(order.begin(), order.end(),
+            [idx](int64_t x, int64_t y) { return idx[x] < idx[y] || (idx[x] == idx[y] && x < y); });
   for (int64_t k = 0; k + 1 < a.rows; ++k)
     if (idx[order[k]] == idx[order[k + 1]]) writes[order[k]] = 0;
   FASTOPT_CPU_KERNEL_CALL(saf_run, a, writes.data());

@@ -165,7 +165,8 @@ def _flops(cfg):
 def _cases(ctx):
     cfgs = QUICK if ctx.quick else CONFIGS
     return [Case(config=c.name, method=m, items=c.batch, bytes_moved=0, setup=lambda c=c, m=m: setup(c, m, ctx.device),
-                 info={"classes": c.classes, "batch": c.batch, "examples": c.examples, "GFLOP_per_step": _flops(c) / 1e9})
+                 info={"classes": c.classes, "batch": c.batch, "examples": c.examples,
+                       "GFLOP_per_step": _flops(c) / 1e9})
             for c in cfgs for m in _methods(ctx.device)]
 
 

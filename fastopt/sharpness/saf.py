@@ -195,7 +195,8 @@ class SAFLoss(nn.Module):
     (fp32, bf16 or fp16; the math is fp32 whatever it is), saved and loaded with ``state_dict``.
 
     ``backend``: ``auto`` runs the fused C++ kernel on CPU tensors and the CUDA kernel (``csrc/cuda/saf.cu``;
-    the Triton kernel when fastopt._C has no CUDA part) on CUDA tensors, ``torch`` the plain formula (:func:`fastopt.reference.saf.saf_reference`, autograd through torch ops).
+    the Triton kernel when fastopt._C has no CUDA part) on CUDA tensors, ``torch`` the plain formula
+    (:func:`fastopt.reference.saf.saf_reference`, autograd through torch ops).
     The fused pass is one kernel per call (gather, KL, gradient, scatter); the backward multiplies the
     fp32 gradient it saved (B x C) by the incoming scalar.  Bad arguments raise ``TypeError`` /
     ``ValueError`` naming them before anything is read or written; on CUDA tensors the range check of
@@ -296,13 +297,14 @@ class SAFLoss(nn.Module):
         self._check_bank()
         logits_c = logits.contiguous()
         if not (_owns_extent(logits_c) and _owns_extent(indices)):
-            raise ValueError("SAFLoss: the storage of logits or indices is smaller than the tensor")
+            raise ValueError("SAFLoss: the storage of logits or indices is smaller than the tensor itself")
         try:
             if not active:
                 row_kl = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
                 if torch.compiler.is_compiling():
                     empty = torch.empty(0, dtype=torch.float32, device=logits.device)
-                    saf_pass(logits_c.detach(), indices, self.bank, row_kl, empty, read, write, False, 1.0, 0.0, backend)
+                    saf_pass(logits_c.detach(), indices, self.bank, row_kl, empty, read, write, False, 1.0, 0.0,
+                             backend)
                 elif logits.numel():
                     _launch(backend, logits_c.detach(), indices, self.bank, row_kl, None, None, 0.0, read, write, False,
                             1.0, 0.0)
