@@ -452,3 +452,19 @@ def test_signatures_follow_upstream():
     g = fastopt.AdaHessian.official(_net().parameters(), 0.2, (0.8, 0.9), 1e-3, 0.01, 0.5).param_groups[0]
     assert (g["lr"], g["betas"], g["eps"], g["weight_decay"], g["hessian_power"], g["mode"]) == (
         0.2, (0.8, 0.9), 1e-3, 0.01, 0.5, "official")
+
+
+@pytest.mark.parametrize("mode", ref.MODES)
+def test_the_estimate_is_the_reference_hutchinson(mode):
+    """The optimizer's estimate (cpu kernels) is fastopt.reference.adahessian.hutchinson_reference's."""
+    model = _net()
+    params = list(model.parameters())
+    _loss(model, 0).backward(create_graph=True)
+    want = ref.hutchinson_reference(params, [p.grad for p in params], seed=4, indices=range(len(params)), step=1,
+                                    n_samples=2, mode=mode, retain_graph=True)
+    opt = fastopt.AdaHessian(params, lr=0.01, mode=mode, num_samples=2, seed=4, backend="cpu")
+    opt.step()
+    for p, d in zip(params, want):
+        assert torch.equal(opt.state[p]["hessian"], d)
+    conv = want[0]  # the conv kernel's estimate: constant over each 3x3 kernel in official mode only
+    assert torch.equal(conv, conv[:, :, :1, :1].expand_as(conv)) == (mode == "official")
