@@ -195,14 +195,30 @@ def test_none_grad_is_a_zero_gradient(device, backend):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-def test_large_rows_use_int64_offsets_in_the_cpu_kernel():
-    """The CPU kernel against the reference on a window whose rows are more than one block apart."""
+@pytest.mark.parametrize("grads_dtype", ["float32", "bfloat16"])
+def test_cpu_kernel_many_blocks_and_threads(grads_dtype):
+    """The CPU kernels on a window of several column blocks (16K columns each, the last partial) and enough
+    work for the OpenMP team (the small tests run one block on one thread): equal to the reference."""
     if "cpu" not in _backend.available_backends("cpu"):
         pytest.skip("no cpu kernel")
-    got, _ = _run("cpu", "cpu", "bfloat16", CONFIGS["plain"], 3, m=3)
-    want, _ = _run("torch", "cpu", "bfloat16", CONFIGS["plain"], 3, m=3)
+
+    def run(backend):
+        gen = torch.Generator().manual_seed(6)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(40_001,), (3,), (17_000,)]]
+        opt = fastopt.MFAC(ps, lr=0.01, ngrads=6, damp=0.5, momentum=0.9, weight_decay=0.01,
+                           grads_dtype=grads_dtype, backend=backend)
+        for _ in range(8):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return ps, opt.state[ps[0]]
+
+    got, s = run("cpu")
+    want, r = run("torch")
+    tol = 1e-5 if grads_dtype == "float32" else 2e-4
     for p, q in zip(got, want):
-        torch.testing.assert_close(p, q, rtol=2e-4, atol=2e-4)
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol)
+    torch.testing.assert_close(s["gram"], r["gram"], rtol=1e-5, atol=1e-5 * r["gram"].abs().max().item())
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
