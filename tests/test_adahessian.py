@@ -468,3 +468,30 @@ def test_the_estimate_is_the_reference_hutchinson(mode):
         assert torch.equal(opt.state[p]["hessian"], d)
     conv = want[0]  # the conv kernel's estimate: constant over each 3x3 kernel in official mode only
     assert torch.equal(conv, conv[:, :, :1, :1].expand_as(conv)) == (mode == "official")
+
+
+def test_pytorch_optimizer_checkpoint_loads_and_continues(monkeypatch):
+    """A pytorch_optimizer AdaHessian state_dict (no per-parameter step; the group's) loads into
+    fastopt.AdaHessian, which then steps as upstream does."""
+    from pytorch_optimizer import AdaHessian as Upstream
+
+    queue = []
+    monkeypatch.setattr(torch, "randint_like", lambda p, low, high, *a, **k: (queue.pop(0) + 1) / 2)
+    theirs = _net()
+    up = Upstream(theirs.parameters(), lr=0.01, update_period=2)
+    for k in range(6):
+        if k % 2 == 0:
+            queue.extend(_probes_for(list(theirs.parameters()), 0, k + 1, 1))
+        if k == 3:
+            mine = _net()
+            mine.load_state_dict(theirs.state_dict())
+            opt = fastopt.AdaHessian(mine.parameters(), lr=0.01, update_period=2, backend="cpu")
+            opt.load_state_dict(copy.deepcopy(up.state_dict()))
+        if k >= 3:
+            _step(mine, opt, k)
+        up.zero_grad()
+        _loss(theirs, k).backward(create_graph=True)
+        up.step()
+    for a, b in zip(mine.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert float(opt.state[a]["step"]) == 6

@@ -325,11 +325,11 @@ class AdaHessian(ElementwiseOptimizer):
                            weight_decay=group["weight_decay"], eps=group["eps"],
                            hessian_power=group["hessian_power"])
 
-    def _init_state(self, group, p, state):
-        super()._init_state(group, p, state)
-        # a pytorch_optimizer checkpoint has no per-parameter step: it continues from the group's
-        if "step" in group and group["step"]:
-            state["step"].fill_(float(group["step"]))
+    def _ensure_state(self, group, p):
+        state = self.state[p]
+        if state and "step" not in state:  # a pytorch_optimizer checkpoint: the step is the group's
+            state["step"] = torch.full((), float(group.get("step", 0)), dtype=torch.float32, device=p.device)
+        super()._ensure_state(group, p)
 
     # -- the step --------------------------------------------------------------------------------------
     def _all_params(self):
