@@ -328,3 +328,38 @@ def test_under_torch_compile():
             va.backward()
             vb.backward()
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in SAF_BACKENDS if p[1] != "torch"],
+                         ids=[i for p, i in zip(SAF_BACKENDS, IDS) if p[1] != "torch"])
+def test_checked_entry_point(device, backend):
+    """fastopt.sharpness.saf.saf_pass (the custom op) checks every tensor before its kernel runs."""
+    b, n, c = 4, 6, 9
+    logits = torch.randn(b, c, device=device)
+    bank = torch.randn(2, n, c, device=device)
+    before = bank.clone()
+    row_kl, grad = torch.zeros(b, device=device), torch.zeros(b, c, device=device)
+    idx = torch.tensor([5, 0, 2, 0], device=device)
+    bad = [
+        (dict(indices=torch.tensor([5, 0, 6, 0], device=device)), "indices must be in"),
+        (dict(indices=idx.int()), "int64"),
+        (dict(indices=idx[:3]), "do not agree"),
+        (dict(logits=logits.t().contiguous().t()), "contiguous"),
+        (dict(logits=logits.double()), "float64"),
+        (dict(row_kl=torch.zeros(b - 1, device=device)), "row_kl"),
+        (dict(grad=torch.zeros(b, c - 1, device=device)), "grad"),
+        (dict(bank=bank.to(torch.int32)), "bank"),
+    ]
+    for override, msg in bad:
+        args = dict(logits=logits, indices=idx, bank=bank, row_kl=row_kl, grad=grad)
+        args.update(override)
+        with pytest.raises(ValueError, match=msg):
+            saf_mod.saf_pass(args["logits"], args["indices"], args["bank"], args["row_kl"], args["grad"], 0, 1, True,
+                             0.5, 1.0, backend)
+        assert torch.equal(bank, before), msg
+    saf_mod.saf_pass(logits, idx, bank, row_kl, grad, 0, 1, True, 0.5, 1.0, backend)
+    want, want_g = official_and_grad(logits, before[0, idx], 2.0, 1.0)  # T = 2, weight 1: T^2 mean / T B
+    torch.testing.assert_close(row_kl.double().mean() * 4.0, want, rtol=2e-6, atol=2e-6)
+    # grad_scale 1: grad = q - p, and d(T^2 mean KL)/dz = T / B (q - p)
+    torch.testing.assert_close(grad.double(), want_g * b / 2.0, rtol=1e-4, atol=1e-7)
+    assert torch.equal(bank[1, [2, 0, 5]], logits[[2, 3, 0]])
