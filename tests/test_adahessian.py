@@ -495,3 +495,22 @@ def test_pytorch_optimizer_checkpoint_loads_and_continues(monkeypatch):
     for a, b in zip(mine.parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert float(opt.state[a]["step"]) == 6
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_channels_last_conv_matches_the_torch_backend(backend):
+    """A dense non-contiguous parameter (a channels_last conv kernel): the probes follow the logical
+    index, the estimate and the states the parameter's memory layout."""
+    runs = []
+    for b in ("torch", backend):
+        model = _net().to(memory_format=torch.channels_last)
+        assert not model.conv.weight.is_contiguous()
+        opt = fastopt.AdaHessian(model.parameters(), lr=0.01, mode="official", backend=b)
+        for k in range(3):
+            _step(model, opt, k)
+        runs.append((model, opt))
+    (m0, o0), (m1, o1) = runs
+    for a, b in zip(m0.parameters(), m1.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(o0.state[a]["hessian"], o1.state[b]["hessian"], rtol=1e-5, atol=1e-6)
+        assert o1.state[b]["hessian"].stride() == b.stride()

@@ -217,9 +217,11 @@ class AdaHessian(ElementwiseOptimizer):
 
     Differences from upstream: the probes come from fastopt's hash, not torch's generator (so the same
     seed gives the same run on every backend and world size); math is fp32 whatever the storage dtype;
-    gradients are never written to (upstream negates them and adds L2 decay in place).  Not supported: low-bit states, N:M sparse groups, Int8Linear weights, gaussian
-    probes, the fairseq variant's ``block_length`` averaging of 2-D tensors, ``torch.compile`` of the step
-    (the double backward runs eagerly).
+    gradients are never written to (upstream negates them and adds L2 decay in place).  Not supported:
+    low-bit states, N:M sparse groups, Int8Linear weights, DTensor (FSDP2) parameters, gaussian probes,
+    the fairseq variant's ``block_length`` averaging of 2-D tensors, ``torch.compile`` of the step (the
+    double backward runs eagerly).  A pytorch_optimizer checkpoint loads (its per-group step becomes each
+    parameter's).
     """
 
     OP = "adahessian"
@@ -257,7 +259,8 @@ class AdaHessian(ElementwiseOptimizer):
                         update_period=update_period, num_samples=num_samples,
                         hessian_distribution=hessian_distribution, eps=default_eps if eps is None else eps,
                         maximize=maximize, foreach=foreach, mode=mode,
-                        average_conv_kernel=(mode == "official") if average_conv_kernel is None else average_conv_kernel,
+                        average_conv_kernel=(mode == "official" if average_conv_kernel is None
+                                             else average_conv_kernel),
                         seed=seed, stochastic_rounding=stochastic_rounding, master_weights=master_weights,
                         backend=backend)
         self._check_group(defaults)
