@@ -477,3 +477,27 @@ def test_sgd_tensor_weight_decay(backend):
     assert_states_close(ref, pb, ours, pa, ("momentum_buffer",))
     with pytest.raises(ValueError, match="weight_decay"):
         fastopt.SGD(pa, weight_decay=torch.tensor([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("name,kw", [CONFIGS[4], CONFIGS[7], CONFIGS[12]], ids=["SGD", "Adagrad", "RMSprop"])
+def test_mixed_dtypes_in_one_group(name, kw, backend):
+    """fp32, bf16 and fp16 parameters in one group (one kernel call per dtype): each equals the torch
+    backend (fp32 math, storage rounded to nearest) to one storage ulp, and the fp32 ones torch.optim."""
+    cls, torch_cls = CLASSES[name]
+    base = make([(33,), (7, 5), (64,), (3, 3), (40,)])
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16]
+    pk, pr = ([torch.nn.Parameter(b.to(d, copy=True)) for b, d in zip(base, dtypes)] for _ in range(2))
+    p32 = params_like([base[0], base[3]])
+    ker, ref = cls(pk, backend=backend, **kw), cls(pr, backend="torch", **kw)
+    upstream = torch_cls(p32, **kw)
+    for t in range(5):
+        grads([pk, pr], t)
+        for q, i in zip(p32, (0, 3)):
+            q.grad = pk[i].grad.clone()
+        for o in (ker, ref, upstream):
+            o.step()
+    for a, b, d in zip(pr, pk, dtypes):
+        tol = dict(rtol=1e-5, atol=1e-6) if d == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(b.detach().float(), a.detach().float(), **tol)
+    assert_states_close(upstream, p32, ker, [pk[0], pk[3]], STATES[name])
