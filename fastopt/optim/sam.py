@@ -252,7 +252,8 @@ class SAM(Optimizer):
         first = items[0][0].device
         buckets = defaultdict(list)
         for p, rho, adaptive, chosen in items:
-            buckets[("torch",) if chosen == "torch" else (p.device, p.dtype, chosen, adaptive)].append((p, rho, adaptive))
+            key = ("torch",) if chosen == "torch" else (p.device, p.dtype, chosen, adaptive)
+            buckets[key].append((p, rho, adaptive))
         # phase 1: the squared global norm
         sums = []
         for key, its in buckets.items():
