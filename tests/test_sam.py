@@ -10,6 +10,7 @@ step, an overflow in either pass); odd shapes and layouts; bad input; DDP with t
 import copy
 import datetime
 import os
+import pickle
 import socket
 
 import pytest
@@ -236,6 +237,24 @@ def test_state_dict_round_trip_and_pytorch_optimizer_checkpoint():
     ours = fastopt.SAM(_model().parameters(), fastopt.AdamW, rho=0.2, lr=1e-2)
     ours.load_state_dict(plain.state_dict())
     assert ours.param_groups[0]["rho"] == 0.2 and ours.param_groups[0]["adaptive"] is False
+
+
+def test_pickle_keeps_the_base_optimizer():
+    """pickle / deepcopy keep the base optimizer (torch's Optimizer.__getstate__ alone would drop it): the
+    copy steps its own (copied) parameters as the original steps its."""
+    m = _model()
+    opt = fastopt.SAM(m.parameters(), fastopt.AdamW, rho=0.1, adaptive=True, lr=1e-2)
+    _train(m, opt, steps=1)
+    twin = pickle.loads(pickle.dumps(opt))
+    assert twin.param_groups is twin.base_optimizer.param_groups and twin.state is twin.base_optimizer.state
+    assert twin.param_groups[0]["rho"] == 0.1 and twin.param_groups[0]["adaptive"] is True
+    for ps, o in ((list(m.parameters()), opt), (twin.param_groups[0]["params"], twin)):
+        for k, p in enumerate(ps):
+            p.grad = torch.full_like(p, 0.01 * (k + 1))
+        o.first_step(zero_grad=False)
+        o.second_step()
+    for p, q in zip(m.parameters(), twin.param_groups[0]["params"]):
+        assert torch.equal(p.detach(), q.detach())
 
 
 # -- bad input --------------------------------------------------------------------------------------------

@@ -155,6 +155,20 @@ class SAM(Optimizer):
     def __repr__(self) -> str:
         return f"SAM({self.base_optimizer!r})"
 
+    # Pickled (and deep-copied) as the base optimizer plus SAM's options; torch's __getstate__ keeps only
+    # defaults, state and param_groups, which would lose the base optimizer.  A pending first step is not
+    # kept (nor the saved-weights buffers, rebuilt at the next first_step).
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"base_optimizer": self.base_optimizer, "defaults": self.defaults, "use_gc": self.use_gc,
+                "perturb_eps": self.perturb_eps, "backend": self.backend}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.old_params, self._pending, self._pending_buckets = {}, [], []
+        self._first_inf, self._rho_cache = None, {}
+
     # -- the base optimizer's bookkeeping ------------------------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a group (with its own ``rho`` / ``adaptive``, defaulting to SAM's) to the base optimizer."""
