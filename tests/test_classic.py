@@ -152,8 +152,9 @@ def test_state_dict_interchange(name, kw, before, first):
     ours_cls, torch_cls = CLASSES[name]
     base = make(SHAPES[:7])
     ps_first = params_like(base)
-    make_first = (lambda ps: torch_cls(ps, **kw)) if first == "torch" else (lambda ps: ours_cls(ps, backend="cpu", **kw))
-    make_second = (lambda ps: ours_cls(ps, backend="cpu", **kw)) if first == "torch" else (lambda ps: torch_cls(ps, **kw))
+    make_torch = lambda ps: torch_cls(ps, **kw)  # noqa: E731
+    make_ours = lambda ps: ours_cls(ps, backend="cpu", **kw)  # noqa: E731
+    make_first, make_second = (make_torch, make_ours) if first == "torch" else (make_ours, make_torch)
     a = make_first(ps_first)
     for t in range(before):
         grads([ps_first], t)
@@ -239,7 +240,6 @@ def test_bf16_master_weights_and_stochastic_rounding(name, kw):
     om = ours_cls(pm, backend="cpu", master_weights=True, **kw)
     oc = ours_cls(ps_cpu, backend="cpu", stochastic_rounding=True, seed=7, **kw)
     ot = ours_cls(ps_ref, backend="torch", stochastic_rounding=True, seed=7, **kw)
-    bf = [params_like([b.bfloat16() for b in base])]
     for t in range(10):
         grads([p32, pm, ps_cpu, ps_ref], t)
         # the fp32 run sees the bf16 gradients the others see
@@ -247,7 +247,6 @@ def test_bf16_master_weights_and_stochastic_rounding(name, kw):
             p.grad = p.grad.bfloat16().float()
         for o in (ref, om, oc, ot):
             o.step()
-    del bf
     for a, m, c, r in zip(p32, pm, ps_cpu, ps_ref):
         assert torch.equal(c, r)
         torch.testing.assert_close(om.state[m]["master_param"], a.detach(), rtol=1e-5, atol=1e-6)
@@ -319,7 +318,7 @@ def test_8bit_states_within_bitsandbytes_bounds(case, backend):
     p1, p2, p3 = (torch.nn.Parameter(p0.clone()) for _ in range(3))
     t_opt, ours = make_torch([p1]), make_ours([p2], backend)
     b_cls = bnb.optim.SGD8bit if name == "SGD" else bnb.optim.RMSprop8bit
-    b_opt, t_for_b, pb_ref = b_cls([p3], 0.01, 0.9), make_torch([torch.nn.Parameter(p0.clone())]), None
+    b_opt, t_for_b = b_cls([p3], 0.01, 0.9), make_torch([torch.nn.Parameter(p0.clone())])
     pb_ref = t_for_b.param_groups[0]["params"][0]
     ours_err, bnb_err = [], []
     for i in range(50):

@@ -5,10 +5,16 @@ import torch
 
 from . import functional as F
 
-# The meaning of torch's path-selection arguments here (quoted by the classes' docstrings).
-PATH_ARGS_DOC = """foreach, fused: accepted for torch's signature; every fastopt backend is one fused
+def path_args_doc(fused=True):
+    """The meaning of torch's path-selection arguments here (for the classes' docstrings)."""
+    if fused:
+        head = """foreach, fused: accepted for torch's signature; every fastopt backend is one fused
             multi-tensor kernel whatever they say (``fused=True`` with ``foreach=True`` raises
-            RuntimeError, as torch).
+            RuntimeError, as torch)."""
+    else:
+        head = """foreach: accepted for torch's signature; every fastopt backend is one fused multi-tensor
+            kernel whatever it says."""
+    return head + """
         differentiable: must be False: the kernels update in place outside autograd, so
             ``differentiable=True`` raises ValueError (use torch.optim's class to differentiate through
             the step)."""

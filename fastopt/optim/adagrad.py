@@ -7,7 +7,7 @@ from .._opspec import OPS, native_args
 from ..lowbit.layouts import MasterWeights, init_weights
 from ..reference.adagrad import adagrad_reference
 from . import functional as F
-from ._classic import PATH_ARGS_DOC, check_path_args
+from ._classic import check_path_args, path_args_doc
 from .base import ElementwiseOptimizer
 from .functional import Params
 
@@ -103,4 +103,4 @@ class Adagrad(ElementwiseOptimizer):
                     state["sum"].share_memory_()
 
 
-Adagrad.__doc__ = Adagrad.__doc__.replace("{path_args}", PATH_ARGS_DOC)
+Adagrad.__doc__ = Adagrad.__doc__.replace("{path_args}", path_args_doc(True))

@@ -6,7 +6,7 @@ import torch
 from .._opspec import OPS, native_args
 from ..reference.rmsprop import rmsprop_reference, rmsprop_state_names
 from . import functional as F
-from ._classic import PATH_ARGS_DOC, check_path_args
+from ._classic import check_path_args, path_args_doc
 from .base import ElementwiseOptimizer
 from .functional import Params
 
@@ -92,4 +92,4 @@ class RMSprop(ElementwiseOptimizer):
                            weight_decay=group["weight_decay"], momentum=group["momentum"])
 
 
-RMSprop.__doc__ = RMSprop.__doc__.replace("{path_args}", PATH_ARGS_DOC)
+RMSprop.__doc__ = RMSprop.__doc__.replace("{path_args}", path_args_doc(False))

@@ -7,7 +7,7 @@ from .._opspec import OPS, native_args
 from ..lowbit.layouts import LowbitStates, init_weights
 from ..reference.sgd import sgd_reference
 from . import functional as F
-from ._classic import PATH_ARGS_DOC, check_path_args, hyper_value
+from ._classic import check_path_args, hyper_value, path_args_doc
 from .base import ElementwiseOptimizer
 from .functional import Params
 
@@ -125,4 +125,4 @@ class SGD(ElementwiseOptimizer):
         super()._add_missing_states(group, params, states)
 
 
-SGD.__doc__ = SGD.__doc__.replace("{path_args}", PATH_ARGS_DOC)
+SGD.__doc__ = SGD.__doc__.replace("{path_args}", path_args_doc(True))
