@@ -38,9 +38,10 @@ def sam_pack(hyper, flags):
 
 
 def audit_exercise():
-    """Every variant fastopt.SAM's first step launches (for ``compile_audit``, on CPU tensors: nothing runs):
-    the norm passes (``clip``'s phase 1 for SAM, ``asam_norm``) and the ascents (``sam``, ``asam``) over
-    fp32, bf16 and fp16 tensors, 16-byte aligned and not (views one element into their storage)."""
+    """Every variant fastopt.SAM launches (for ``compile_audit``, on CPU tensors: nothing runs): the norm
+    passes (``clip``'s phase 1 for SAM, ``asam_norm``), the ascents (``sam``, ``asam``) and the restore
+    (``clip``'s update) over fp32, bf16 and fp16 tensors, 16-byte aligned and not (views one element into
+    their storage)."""
     import torch
 
     from .ops import elementwise_step
@@ -58,3 +59,5 @@ def audit_exercise():
             elementwise_step("asam_norm", [ps, gs], [], hyper=(), flags=0, lr=0.0, phase=1, reduce_out=out)
             for op in ("sam", "asam"):
                 elementwise_step(op, [ps, gs, olds], [], hyper=(), flags=0, lr=0.0, phase=0, row_coef=row)
+            # the restore: w = old_p * 1 (the clip op's update)
+            elementwise_step("clip", [ps, olds], [], hyper=(), flags=0, lr=0.0, phase=0, row_coef=row)
