@@ -61,6 +61,44 @@ inline __mmask32 tail_mask32(int64_t k, int64_t len) {
   return left >= 32 ? 0xFFFFFFFFu : ((1u << left) - 1u);
 }
 
+// fp32 -> bf16 bits of 16 lanes, round to nearest even, NaN kept quiet: bf16_from_float (common.h) exactly.
+MFAC_AVX512 inline __m256i bf16_round16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                                     _mm512_set1_epi32(1)));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+MFAC_AVX512 inline __m512 bf16_widen16(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// The block's g = grad (+ wd p) (computed as the scalar loop does: a product, then a sum), written to the
+// window row as bf16 and split into hi (= that row) + mid + lo, zero-padded to a multiple of 32.
+MFAC_AVX512 void split_block_bf16(const float* gr, const float* pr, bool has_wd, float wd, int64_t len,
+                                  uint16_t* row, uint16_t* hi, uint16_t* mid, uint16_t* lo) {
+  const __m512 wdv = _mm512_set1_ps(wd);
+  const int64_t padded = (len + 31) / 32 * 32;
+  for (int64_t k = 0; k < padded; k += 16) {
+    const int64_t left = len - k;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                   : (left > 0 ? static_cast<__mmask16>((1u << left) - 1u) : static_cast<__mmask16>(0));
+    __m512 g = _mm512_maskz_loadu_ps(m, gr + k);
+    if (has_wd) g = _mm512_add_ps(g, _mm512_mul_ps(wdv, _mm512_maskz_loadu_ps(m, pr + k)));
+    const __m256i h = bf16_round16(g);
+    const __m512 r1 = _mm512_sub_ps(g, bf16_widen16(h));
+    const __m256i md = bf16_round16(r1);
+    const __m256i l = bf16_round16(_mm512_sub_ps(r1, bf16_widen16(md)));
+    _mm256_mask_storeu_epi16(row + k, m, h);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + k), h);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(mid + k), md);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + k), l);
+  }
+}
+
 // Rows [0, nr) of the block (columns col..col+len) dotted with hi and with mid + lo (zero-padded to a
 // multiple of 32): pk[j] += G_j . hi, px[j] += G_j . hi + G_j . (mid + lo).
 template <int NR>
@@ -247,22 +285,12 @@ void dots_body(const MfacArgs& a) {
 #ifdef FASTOPT_MFAC_AVX512
       if constexpr (TWO && std::is_same_v<T, bf16_t>) {
         if (avx512) {
-          for (int64_t k = 0; k < len; ++k) {
-            const float g = has_wd ? gr[k] + wd * pr[k] : gr[k];
-            const bf16_t h = from_float<bf16_t>(g);
-            gs[k] = h;
-            const float r1 = g - to_float(h);
-            const bf16_t md = from_float<bf16_t>(r1);
-            hi[k] = h.x;
-            mid[k] = md.x;
-            lo[k] = from_float<bf16_t>(r1 - to_float(md)).x;
-          }
-          for (int64_t k = len; k < (len + 31) / 32 * 32; ++k) hi[k] = mid[k] = lo[k] = 0;
-          const uint16_t* rows[4];
+          split_block_bf16(gr, pr, has_wd, wd, len, reinterpret_cast<uint16_t*>(gs), hi, mid, lo);
+          const uint16_t* rows[8];
           int64_t j = 0;
-          for (; j + 4 <= nr; j += 4) {
-            for (int i = 0; i < 4; ++i) rows[i] = reinterpret_cast<const uint16_t*>(G + (j + i) * ld + bl.col);
-            dots_bf16_rows<4>(rows, hi, mid, lo, len, px + j, pk + j);
+          for (; j + 8 <= nr; j += 8) {  // eight rows in flight: more memory-level parallelism
+            for (int i = 0; i < 8; ++i) rows[i] = reinterpret_cast<const uint16_t*>(G + (j + i) * ld + bl.col);
+            dots_bf16_rows<8>(rows, hi, mid, lo, len, px + j, pk + j);
           }
           for (; j < nr; ++j) {
             rows[0] = reinterpret_cast<const uint16_t*>(G + j * ld + bl.col);
