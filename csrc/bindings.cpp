@@ -273,7 +273,6 @@ PYBIND11_MODULE(_C, m) {
         fastopt::ot_pass_cpu(a);
       },
       kOtDoc);
-#if !defined(FASTOPT_CUDA_ON_CPU) || defined(FASTOPT_COC_SAF)  // (CUDA-on-CPU: saf* only with FASTOPT_COC_SAF)
   m.def(
       "saf_cpu",
       [](int64_t logits, int logits_dtype, int64_t indices, int64_t bank, int bank_dtype, int64_t row_kl,
@@ -290,7 +289,6 @@ PYBIND11_MODULE(_C, m) {
         fastopt::saf_cpu(a);
       },
       "The fused SAF pass (csrc/cpu/saf.h): raw addresses; the caller (fastopt.sharpness.saf) validates.");
-#endif
 #ifndef FASTOPT_CUDA_ON_CPU  // (tests/_cuda_on_cpu_build.py does not compile csrc/cpu/mfac*.cpp)
   m.def(
       "mfac_dots_cpu",
@@ -417,7 +415,6 @@ PYBIND11_MODULE(_C, m) {
         fastopt::quantize_cuda(a, stream);
       },
       kQuantizeDoc);
-#if !defined(FASTOPT_CUDA_ON_CPU) || defined(FASTOPT_COC_SAF)
   m.def(
       "saf_cuda",
       [](int64_t logits, int logits_dtype, int64_t indices, int64_t bank, int bank_dtype, int64_t row_kl,
@@ -433,6 +430,5 @@ PYBIND11_MODULE(_C, m) {
         fastopt::saf_cuda(a, stream);
       },
       "The fused SAF pass on CUDA (csrc/cuda/saf.cu): raw addresses; fastopt.sharpness.saf validates.");
-#endif
 #endif
 }

@@ -22,11 +22,12 @@ import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CUDA_SOURCES = ["csrc/cuda/adam.cu", "csrc/cuda/elementwise.cu", "csrc/cuda/lowbit.cu", "csrc/cuda/sparse.cu"]
+CUDA_SOURCES = ["csrc/cuda/adam.cu", "csrc/cuda/elementwise.cu", "csrc/cuda/lowbit.cu", "csrc/cuda/sparse.cu",
+                "csrc/cuda/saf.cu"]
 CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/adam.cpp", "csrc/cpu/elementwise.cpp", "csrc/cpu/lowbit.cpp",
-               "csrc/cpu/sparse.cpp", "csrc/cpu/ot.cpp"]
+               "csrc/cpu/sparse.cpp", "csrc/cpu/ot.cpp", "csrc/cpu/saf.cpp"]
 CPU_KERNEL_SOURCES = ["csrc/cpu/adam_kernels.cpp", "csrc/cpu/elementwise_kernels.cpp", "csrc/cpu/lowbit_kernels.cpp",
-                      "csrc/cpu/ot_kernels.cpp"]
+                      "csrc/cpu/ot_kernels.cpp", "csrc/cpu/saf_kernels.cpp"]
 # As CMakeLists.txt's FASTOPT_CXX_FLAGS (no fused multiply-add unless written), -O1: the kernels run
 # small tensors here, and -O1 compiles the many op instantiations about twice as fast as -O3.
 FLAGS = ["-std=c++17", "-O1", "-fPIC", "-fvisibility=hidden", "-fno-math-errno", "-fno-trapping-math",

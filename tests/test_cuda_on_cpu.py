@@ -152,6 +152,31 @@ def test_masks_cuda_kernels_match_cpu(layer):
                            sparse.transposable_mask(w, mode, backend="cpu"))
 
 
+@pytest.mark.parametrize("classes", [1, 3, 17, 1000])
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
+def test_saf_matches_cpu(layer, classes, bank_dtype):
+    """SAFLoss's CUDA kernel (csrc/cuda/saf.cu: one block per row, tree reductions) against the CPU kernel over
+    three epochs with a repeated index: the banks bit for bit, the values and gradients to fp32 rounding (the
+    sums run in another order)."""
+    from fastopt.sharpness import SAFLoss
+    gen = torch.Generator().manual_seed(classes)
+    idx = torch.tensor([4, 0, 9, 4, 7, 2, 11])
+    mods = {b: SAFLoss(12, classes, start_epoch=0, epochs_ago=1, bank_dtype=bank_dtype, backend=b)
+            for b in ("cuda", "cpu")}
+    for epoch in range(3):
+        x = torch.randn(len(idx), classes, generator=gen) * 3
+        out = {}
+        for b, mod in mods.items():
+            logits = x.clone().requires_grad_(True)
+            value = mod(logits, idx, epoch)
+            grad = torch.autograd.grad(value, logits)[0] if value.requires_grad else torch.zeros_like(x)
+            out[b] = (value.detach(), grad)
+        assert torch.equal(mods["cuda"].bank, mods["cpu"].bank), f"epoch {epoch}: the banks differ"
+        torch.testing.assert_close(out["cuda"][0], out["cpu"][0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(out["cuda"][1], out["cpu"][1], rtol=1e-5, atol=1e-8)
+    assert (float(out["cpu"][0]) > 0) == (classes > 1)  # (the last epoch's term was on; one class: KL = 0)
+
+
 # ---- mutations: a copy of the tree with one bug must fail the comparisons ----
 
 def _mutated_build(tmp_path, built, rel, old, new):

@@ -35,7 +35,10 @@ from conftest import DEVICE_BACKENDS
 LR = 1e-2
 CASES = {"mlp": 5, "dead": 15}  # steps; "dead": inputs 0 from step 3 on
 # Every low-bit optimizer class: (name, base class with full-precision states, kwargs for the base).
-LOWBIT = [(base.__name__.replace("Elementwise", "") + suffix, base, {"state_bits": bits})
+# (SGD: torch's default momentum 0 keeps no state to quantize; the twins take the same options)
+OPTIONS = {"SGD": {"momentum": 0.9}}
+LOWBIT = [(base.__name__.replace("Elementwise", "") + suffix, base,
+           {"state_bits": bits, **OPTIONS.get(base.__name__, {})})
           for base in _BASES.values() for bits, suffix in _SUFFIX.items()]
 LOWBIT.append(("AdamW4rank1", lowbit.ElementwiseAdamW, {"state_bits": "4-rank1"}))
 BACKENDS = [b for d, b in DEVICE_BACKENDS if d == "cpu" and b in ("cpu", "torch")]
@@ -78,7 +81,8 @@ def _train(make, case, device="cpu"):
 def _twin(name, case):
     """The same optimizer with full-precision states (backend torch: the reference)."""
     _, base, _ = next(entry for entry in LOWBIT if entry[0] == name)
-    w, largest, _, _ = _train(lambda p: base(p, lr=LR, backend="torch"), case)
+    options = OPTIONS.get(base.__name__, {})
+    w, largest, _, _ = _train(lambda p: base(p, lr=LR, backend="torch", **options), case)
     return w, largest
 
 

@@ -94,14 +94,19 @@ def test_classes_take_their_state_names_and_hyperparameters_from_the_declaration
 
 
 def test_test_cases_and_benchmark_cover_the_declared_optimizer_ops():
+    from fastopt.bench import SUITES
+    from fastopt.bench import classic as bench_classic
     from fastopt.bench import zoo as bench_zoo
 
     tested = {cls.OP for cls, _ in ZOO.values()}
     benched = {getattr(fastopt, s.fastopt_cls).OP for s in bench_zoo.SPECS}
-    # gradient passes, not optimizers: use_gc's row sums, clip_grad_norm_, OrthoGrad's projection
-    # (tests/test_clip.py, tests/test_orthograd.py)
-    helpers = {"grad_rowsum", "clip", "orthograd"}
+    benched |= {getattr(fastopt, s.cls).OP for s in bench_classic.SPECS}  # SGD, Adagrad, RMSprop: classic-* suites
+    benched |= {fastopt.AdaHessian.OP} if "adahessian" in SUITES else set()  # its own suite (the update alone)
+    # gradient passes, not optimizers: use_gc's row sums, clip_grad_norm_, OrthoGrad's projection, SAM's norm
+    # and ascent (tests/test_clip.py, tests/test_orthograd.py, tests/test_sam.py)
+    helpers = {"grad_rowsum", "clip", "orthograd", "sam", "asam", "asam_norm"}
     base = {name.removesuffix("_ams").removesuffix("_flat").removesuffix("_plain").removesuffix("_cautious")
+            .removesuffix("_momentum").removesuffix("_centered")
             for name in OPS} - helpers - {"adam", "adamw"}  # Adam/AdamW: tests/test_adam.py, bench adamw suite
     assert tested == base
     assert benched == base

@@ -3,9 +3,9 @@
 .mean() * T**2 * reinforce``), the bank's contents over epochs, the warm-up, repeated indices, bf16 / fp16
 banks, state_dict round trips, bad inputs, and a small training run.
 
-The ``cuda`` backend's cases run on a GPU, or on the CPU through the CUDA-on-CPU module when it is built with
-csrc/cuda/saf.cu, csrc/cpu/saf.cpp, csrc/cpu/saf_kernels.cpp and -DFASTOPT_COC_SAF
-(``PYTHONPATH=tests python -m pytest -p _cuda_on_cpu tests/test_saf.py -k cuda``)."""
+The ``cuda`` backend's cases run on a GPU, or on the CPU through the CUDA-on-CPU module
+(``PYTHONPATH=tests python -m pytest -p _cuda_on_cpu tests/test_saf.py -k cuda``); tests/test_cuda_on_cpu.py
+compares the CUDA kernel with the CPU kernel in every CI run."""
 import io
 
 import pytest

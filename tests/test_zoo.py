@@ -206,11 +206,15 @@ def test_invalid_hyperparameters_touch_nothing(name):
         cls([torch.nn.Parameter(torch.zeros(3))], **{**cfgs[0], "lr": -1.0})
     p = torch.nn.Parameter(torch.ones(4))
     opt = cls([p], **cfgs[0])
+    before = copy.deepcopy(opt.state_dict()["state"])  # (empty, or Adagrad's constructor-made sum and step)
     opt.param_groups[0]["lr"] = -1.0
     p.grad = torch.ones(4)
     with pytest.raises(ValueError):
         opt.step()
-    assert not opt.state and torch.equal(p.detach(), torch.ones(4))
+    after = opt.state_dict()["state"]
+    assert after.keys() == before.keys() and torch.equal(p.detach(), torch.ones(4))
+    for k, v in before.items():
+        assert v.keys() == after[k].keys() and all(torch.equal(v[n], after[k][n]) for n in v), k
     with pytest.raises(ValueError, match="stochastic_rounding or master_weights"):
         cls([p], **cfgs[0], stochastic_rounding=True, master_weights=True)
 

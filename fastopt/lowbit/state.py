@@ -27,7 +27,7 @@ from .codebook import get_format
 TAG = "fastopt.lowbit/1"
 STATE_BITS = {8: ("dyn8s", "dyn8u"), 4: ("dyn4s", "lin4u"), "fp8": ("fp8", "fp8u"), "4-rank1": ("dyn4s", "lin4u-r1")}
 # States that never go negative take the unsigned map.
-UNSIGNED_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "exp_avg_var", "max_exp_avg_var"})
+UNSIGNED_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "exp_avg_var", "max_exp_avg_var", "square_avg"})
 
 
 def check_state_bits(bits, name="optimizer"):
