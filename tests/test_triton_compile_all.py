@@ -34,7 +34,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 OPTIMIZER_KERNELS = ("_elementwise_kernel", "_lowbit_kernel")
 NO_SPILL_KERNELS = OPTIMIZER_KERNELS + ("_increment_steps_kernel", "_codec_kernel", "_nm_mask_kernel",
-                                        "_transposable_mask_kernel", "_project_adam_kernel", "_back_project_kernel")
+                                        "_transposable_mask_kernel", "_project_adam_kernel", "_back_project_kernel",
+                                        "_saf_kernel", "_mfac_dots_kernel", "_mfac_update_kernel",
+                                        "_probe_fill_kernel", "_probe_consume_kernel")
 SMEM_LIMIT = 227 * 1024
 
 
