@@ -190,6 +190,8 @@ CAPABILITIES: Dict[str, OpCaps] = {
     # sliced Wasserstein's projection + sort and Muon's Newton-Schulz: Triton only
     "sliced": OpCaps(("triton",), auto_on_cpu=False),
     "newton_schulz": OpCaps(("triton",), auto_on_cpu=False),
+    # SAF's fused gather / softmax-KL / scatter pass (fastopt.sharpness): C++ on CPUs, CUDA or Triton on GPUs
+    "saf": OpCaps(("cuda", "triton", "cpu")),
 }
 
 

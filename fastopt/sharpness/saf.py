@@ -16,8 +16,8 @@ from ..reference.saf import saf_reference, slots
 
 __all__ = ["SAFLoss", "saf_pass"]
 
-# The backends of the fused pass (a CAPABILITIES row; C++ on CPUs, Triton on GPUs).
-_CAPS = _backend.CAPABILITIES.setdefault("saf", _backend.OpCaps(("cuda", "triton", "cpu")))
+# The backends of the fused pass (its CAPABILITIES row).
+_CAPS = _backend.CAPABILITIES["saf"]
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
