@@ -94,6 +94,11 @@ _SPECS = (
            ("exp_avg", "exp_hessian_diag_sq", "hessian"), _DECAY),
     OpSpec("adahessian_plain", ("beta1", "beta2", "weight_decay", "eps", "hessian_power"),
            ("exp_avg", "exp_hessian_diag_sq"), _DECAY),
+    # (the same for any hessian_power; the two above: its value 1, the default, with sqrt -- CPU loops vectorize)
+    OpSpec("adahessian_pow", ("beta1", "beta2", "weight_decay", "eps", "hessian_power"),
+           ("exp_avg", "exp_hessian_diag_sq", "hessian"), _DECAY),
+    OpSpec("adahessian_plain_pow", ("beta1", "beta2", "weight_decay", "eps", "hessian_power"),
+           ("exp_avg", "exp_hessian_diag_sq"), _DECAY),
     # AdaHessian: slot 2 of "adahessian" is the step's Hutchinson estimate D (fastopt/optim/adahessian.py)
     OpSpec("adahessian", ("beta1", "beta2", "weight_decay", "eps", "hessian_power"),
            ("exp_avg", "exp_hessian_diag_sq", "hessian"), _DECAY),

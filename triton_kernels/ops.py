@@ -45,6 +45,8 @@ OPS = {
     "exadam": TritonOp(exadam_update, no_reduce, 0, exadam_pack),
     "adahessian": TritonOp(adahessian_update, no_reduce, 0, adahessian_pack),
     "adahessian_plain": TritonOp(adahessian_plain_update, no_reduce, 0, adahessian_pack),
+    "adahessian_pow": TritonOp(adahessian_update, no_reduce, 0, adahessian_pack),
+    "adahessian_plain_pow": TritonOp(adahessian_plain_update, no_reduce, 0, adahessian_pack),
     "adahessian": TritonOp(adahessian_update, no_reduce, 0, adahessian_pack),
     "adahessian_reuse": TritonOp(adahessian_reuse_update, no_reduce, 0, adahessian_pack),
     "lamb": TritonOp(lamb_update, lamb_reduce, 2, lamb_pack),

@@ -322,9 +322,15 @@ class AdaHessian(ElementwiseOptimizer):
                 "index, are the same on every rank")
         super()._check_group_param(group, p)
 
+    @staticmethod
+    def _kernel_op(group, update):
+        """The op of a step: ``adahessian`` (a new estimate) or ``adahessian_plain`` (between two), and
+        their ``_pow`` variants for a hessian_power other than 1."""
+        return ("adahessian" if update else "adahessian_plain") + ("" if group["hessian_power"] == 1 else "_pow")
+
     def _native_hyper(self, group, update=True):
         b1, b2 = group["betas"]
-        return native_args("adahessian" if update else "adahessian_plain", group, beta1=b1, beta2=b2,
+        return native_args(self._kernel_op(group, update), group, beta1=b1, beta2=b2,
                            weight_decay=group["weight_decay"], eps=group["eps"],
                            hessian_power=group["hessian_power"])
 
@@ -480,7 +486,7 @@ class AdaHessian(ElementwiseOptimizer):
             estimates = [s["hessian"] for s in states] if update else None
             self._reference_step({**group, "_hessians": estimates}, params, grads, states, grad_scale, found_inf)
             return
-        op = "adahessian" if update else "adahessian_plain"
+        op = self._kernel_op(group, update)
         hyper, flags = self._native_hyper(group, update)
         lists = [s[name] for name in OPS[op].states for s in states]
         elementwise_unchecked(

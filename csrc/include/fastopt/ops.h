@@ -37,8 +37,10 @@
   X("diffgrad", ::fastopt::functors::DiffGradOp<false>)       \
   X("diffgrad_ams", ::fastopt::functors::DiffGradOp<true>)    \
   X("exadam", ::fastopt::functors::ExAdamOp)                  \
-  X("adahessian", ::fastopt::functors::AdaHessianOp<true>)    \
-  X("adahessian_plain", ::fastopt::functors::AdaHessianOp<false>) \
+  X("adahessian", ::fastopt::functors::AdaHessianSqrtOp)      \
+  X("adahessian_plain", ::fastopt::functors::AdaHessianPlainSqrtOp) \
+  X("adahessian_pow", ::fastopt::functors::AdaHessianPowOp)   \
+  X("adahessian_plain_pow", ::fastopt::functors::AdaHessianPlainPowOp) \
   X("adahessian", ::fastopt::functors::AdaHessianOp<true>)    \
   X("adahessian_reuse", ::fastopt::functors::AdaHessianOp<false>) \
   X("lamb", ::fastopt::functors::LambOp)                      \
