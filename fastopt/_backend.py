@@ -192,6 +192,8 @@ CAPABILITIES: Dict[str, OpCaps] = {
     "newton_schulz": OpCaps(("triton",), auto_on_cpu=False),
     # SAF's fused gather / softmax-KL / scatter pass (fastopt.sharpness): C++ on CPUs, CUDA or Triton on GPUs
     "saf": OpCaps(("cuda", "triton", "cpu")),
+    # dense M-FAC's two window passes (fastopt.MFAC): C++ on CPUs, Triton on GPUs (no CUDA kernel)
+    "mfac": OpCaps(("triton", "cpu")),
 }
 
 

@@ -181,8 +181,7 @@ class MFAC(torch.optim.Optimizer):
             reason = f"{params[0].dtype} params"
         elif not all(p.is_contiguous() for p in params) or not all(g is None or g.is_contiguous() for g in grads):
             reason = "non-contiguous params or grads"
-        # (the "ot" row of the capability table is this op's: C++ on CPUs, Triton on GPUs, no CUDA kernel)
-        return _backend.resolve(group["backend"], device, torch.float32, op="ot", reason=reason, name="MFAC")
+        return _backend.resolve(group["backend"], device, torch.float32, op="mfac", reason=reason, name="MFAC")
 
     # -- step -----------------------------------------------------------------------------------------
     @torch.no_grad()
