@@ -16,8 +16,8 @@ A step (the estimate when due, then the update):
    the mean over the kernel's spatial dims (mode "official", ``average_conv_kernel``).
 4. one fused kernel call per (device, dtype) bucket (the elementwise op ``adahessian``; D rides in the
    state slot ``hessian``, as pytorch_optimizer keeps it; ``adahessian_plain`` at the steps between two
-   estimates): weight decay, the first moment, the Hessian moment, bias corrections, ``hessian_power``,
-   the step.
+   estimates; their ``_pow`` variants for a ``hessian_power`` other than 1): weight decay, the first
+   moment, the Hessian moment, bias corrections, ``hessian_power``, the step.
 
 Backends: "cpu" (``csrc/cpu/probe.cpp`` and the C++ op), "triton" (``triton_kernels/adahessian.py``),
 "cuda" (the CUDA op; the probes by the Triton kernels when Triton is installed, else by torch ops: the
