@@ -105,7 +105,7 @@ def test_test_cases_and_benchmark_cover_the_declared_optimizer_ops():
     # gradient passes, not optimizers: use_gc's row sums, clip_grad_norm_, OrthoGrad's projection, SAM's norm
     # and ascent (tests/test_clip.py, tests/test_orthograd.py, tests/test_sam.py)
     helpers = {"grad_rowsum", "clip", "orthograd", "sam", "asam", "asam_norm"}
-    base = {name.removesuffix("_ams").removesuffix("_flat").removesuffix("_plain").removesuffix("_cautious")
+    base = {name.removesuffix("_pow").removesuffix("_ams").removesuffix("_flat").removesuffix("_plain").removesuffix("_cautious")
             .removesuffix("_momentum").removesuffix("_centered")
             for name in OPS} - helpers - {"adam", "adamw"}  # Adam/AdamW: tests/test_adam.py, bench adamw suite
     assert tested == base
