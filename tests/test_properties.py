@@ -164,6 +164,10 @@ HYPER = {
     "nesterov": st.booleans(),
     "momentum": st.floats(0.0, 0.99),
     "dampening": st.floats(0.0, 0.5),
+    "lr_decay": st.one_of(st.just(0.0), logu(1e-4, 1e-1)),
+    "initial_accumulator_value": st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
+    "alpha": st.floats(0.5, 0.999),
+    "centered": st.booleans(),
 }
 CLASS_HYPER = {
     # Adan's max_grad_norm and LAMB's rectify are upstream arguments fastopt accepts only at their
@@ -178,6 +182,8 @@ CLASS_HYPER = {
     # L2 decay (weight_decouple=False) is refused by SGDP and AdamP: upstream's has no effect.
     "SGDP": {"weight_decouple": st.just(True)},
     "AdamP": {"weight_decouple": st.just(True)},
+    # torch's SGD refuses nesterov without momentum or with dampening (tests/test_classic.py covers it)
+    "SGD": {"nesterov": st.just(False)},
 }
 # Per-group overrides (the rest comes from the optimizer's defaults).
 GROUP_KEYS = ("lr", "weight_decay", "betas", "eps", "momentum")
@@ -334,7 +340,8 @@ def assert_optimizers_close(ref, ref_p, ker, ker_p):
 
 # -- full-precision optimizers ------------------------------------------------------------------------
 
-OPTIMIZERS = ["Adam", "AdamW", "Lion", "Adan", "AdaBelief", "DiffGrad", "EXAdam", "Lamb", "AdamP", "SGDP", "SGDSaI"]
+OPTIMIZERS = ["Adam", "AdamW", "Lion", "Adan", "AdaBelief", "DiffGrad", "EXAdam", "Lamb", "AdamP", "SGDP", "SGDSaI",
+              "SGD", "Adagrad", "RMSprop"]
 
 
 def test_every_optimizer_class_is_covered():
@@ -342,8 +349,10 @@ def test_every_optimizer_class_is_covered():
     exported = {n for n in dir(fastopt) if isinstance(getattr(fastopt, n), type)
                 and issubclass(getattr(fastopt, n), torch.optim.Optimizer)}
     # Muon: test_muon_triton_matches_torch; OrthoGrad (a wrapper): test_orthograd_matches_reference;
-    # OptimizerInBackward (steps these per parameter): bit-identical to them, tests/test_in_backward.py
-    assert exported == set(OPTIMIZERS) | {"Muon", "OrthoGrad", "OptimizerInBackward"}
+    # OptimizerInBackward (steps these per parameter): bit-identical to them, tests/test_in_backward.py;
+    # AdaHessian (a step needs a double backward): its update in the zoo cases and tests/test_adahessian.py;
+    # MFAC (one window per group, not elementwise): tests/test_mfac.py; SAM (a wrapper): tests/test_sam.py
+    assert exported == set(OPTIMIZERS) | {"Muon", "OrthoGrad", "OptimizerInBackward", "AdaHessian", "MFAC", "SAM"}
 
 
 def check_optimizer(data, name, device, backend):

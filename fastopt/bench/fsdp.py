@@ -53,7 +53,7 @@ from .harness import Case, Suite, Unsupported, Workload, progress, register
 WORLD = 2
 HYPER = dict(lr=1e-3, weight_decay=1e-2)
 FASTOPT = ("AdamW", "Adam", "Lion", "Adan", "AdaBelief", "DiffGrad", "EXAdam", "Lamb", "AdamP", "SGDP", "SGDSaI",
-           "Muon", "AdamW8bit")
+           "Muon", "AdamW8bit", "SGD", "Adagrad", "RMSprop", "AdaHessian")
 BASELINE = "torch-fused"
 OVERHEAD = "overhead-only"
 METHODS = (BASELINE, "torch-foreach") + tuple(f"fastopt-{name}" for name in FASTOPT) + (OVERHEAD,)
@@ -98,8 +98,8 @@ def _make_optimizer(method, params):
     name = method.removeprefix("fastopt-")
     if name == "AdamW8bit":
         return fastopt.lowbit.AdamW8bit(params, **HYPER)
-    if name == "SGDP":
-        return fastopt.SGDP(params, **HYPER, momentum=0.9)
+    if name in ("SGDP", "SGD"):
+        return getattr(fastopt, name)(params, **HYPER, momentum=0.9)
     return getattr(fastopt, name)(params, **HYPER)
 
 
