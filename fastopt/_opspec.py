@@ -99,11 +99,6 @@ _SPECS = (
            ("exp_avg", "exp_hessian_diag_sq", "hessian"), _DECAY),
     OpSpec("adahessian_plain_pow", ("beta1", "beta2", "weight_decay", "eps", "hessian_power"),
            ("exp_avg", "exp_hessian_diag_sq"), _DECAY),
-    # AdaHessian: slot 2 of "adahessian" is the step's Hutchinson estimate D (fastopt/optim/adahessian.py)
-    OpSpec("adahessian", ("beta1", "beta2", "weight_decay", "eps", "hessian_power"),
-           ("exp_avg", "exp_hessian_diag_sq", "hessian"), _DECAY),
-    OpSpec("adahessian_reuse", ("beta1", "beta2", "weight_decay", "eps", "hessian_power"),
-           ("exp_avg", "exp_hessian_diag_sq"), _DECAY),
     OpSpec("lamb", ("beta1", "beta2", "beta3", "weight_decay", "eps"), ("exp_avg", "exp_avg_sq"), _DECAY, 2),
     OpSpec("sgdsai", ("momentum", "weight_decay"), ("momentum_buffer",), ("weight_decouple",)),
     OpSpec("sgdsai_plain", ("momentum", "weight_decay"), (), ("weight_decouple",)),

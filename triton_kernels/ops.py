@@ -8,7 +8,6 @@ from collections import namedtuple
 
 from .adam import adam_l2_ams_pack, adam_l2_pack, adam_op_update, adamw_ams_pack, adamw_pack
 from .adahessian import adahessian_pack, adahessian_plain_update, adahessian_update
-from .adahessian import adahessian_pack, adahessian_reuse_update, adahessian_update
 from .adamp import (adamp_flat_update, adamp_pack, adamp_reduce, adamp_update, sgdp_flat_update, sgdp_pack,
                     sgdp_reduce, sgdp_update)
 from .adan import adan_pack, adan_update
@@ -47,8 +46,6 @@ OPS = {
     "adahessian_plain": TritonOp(adahessian_plain_update, no_reduce, 0, adahessian_pack),
     "adahessian_pow": TritonOp(adahessian_update, no_reduce, 0, adahessian_pack),
     "adahessian_plain_pow": TritonOp(adahessian_plain_update, no_reduce, 0, adahessian_pack),
-    "adahessian": TritonOp(adahessian_update, no_reduce, 0, adahessian_pack),
-    "adahessian_reuse": TritonOp(adahessian_reuse_update, no_reduce, 0, adahessian_pack),
     "lamb": TritonOp(lamb_update, lamb_reduce, 2, lamb_pack),
     "sgdsai": TritonOp(sgdsai_update, no_reduce, 0, sgdsai_pack),
     "sgdsai_plain": TritonOp(sgdsai_update, no_reduce, 0, sgdsai_plain_pack),

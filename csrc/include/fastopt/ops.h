@@ -41,8 +41,6 @@
   X("adahessian_plain", ::fastopt::functors::AdaHessianPlainSqrtOp) \
   X("adahessian_pow", ::fastopt::functors::AdaHessianPowOp)   \
   X("adahessian_plain_pow", ::fastopt::functors::AdaHessianPlainPowOp) \
-  X("adahessian", ::fastopt::functors::AdaHessianOp<true>)    \
-  X("adahessian_reuse", ::fastopt::functors::AdaHessianOp<false>) \
   X("lamb", ::fastopt::functors::LambOp)                      \
   X("sgdsai", ::fastopt::functors::SgdSaiOp<true>)            \
   X("sgdsai_plain", ::fastopt::functors::SgdSaiOp<false>)     \
