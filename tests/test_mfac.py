@@ -197,14 +197,15 @@ def test_none_grad_is_a_zero_gradient(device, backend):
 
 @pytest.mark.parametrize("grads_dtype", ["float32", "bfloat16"])
 def test_cpu_kernel_many_blocks_and_threads(grads_dtype):
-    """The CPU kernels on a window of several column blocks (16K columns each, the last partial) and enough
-    work for the OpenMP team (the small tests run one block on one thread): equal to the reference."""
+    """The CPU kernels on a window of several column blocks per tensor (16K columns each, 64K for a bf16
+    window on the AVX-512 loops, the last partial) and enough work for the OpenMP team (the small tests
+    run one block on one thread): equal to the reference."""
     if "cpu" not in _backend.available_backends("cpu"):
         pytest.skip("no cpu kernel")
 
     def run(backend):
         gen = torch.Generator().manual_seed(6)
-        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(40_001,), (3,), (17_000,)]]
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(140_001,), (3,), (17_000,)]]
         opt = fastopt.MFAC(ps, lr=0.01, ngrads=6, damp=0.5, momentum=0.9, weight_decay=0.01,
                            grads_dtype=grads_dtype, backend=backend)
         for _ in range(8):
