@@ -18,7 +18,12 @@ def sgd_update(p, g, buf, s1, s2, s3, step, lr, r0, r1, r2, r3, momentum, one_mi
     """torch.optim.SGD: the first step (``step`` 1: the buffer was just made) sets buf = g."""
     g = g + wd * p
     if MOMENTUM & FLAGS:
-        buf = tl.where(step <= 1.0, g, momentum * buf + one_minus_dampening * g)
+        # (the first step as scalar coefficients, 0 buf + 1 g = g: a per-element select on the step kept a
+        # predicate live through the low-bit kernel's loop, an 8-byte stack frame on sm_90)
+        first = step <= 1.0
+        keep = tl.where(first, 0.0, momentum)
+        take = tl.where(first, 1.0, one_minus_dampening)
+        buf = keep * buf + take * g
         if NESTEROV & FLAGS:
             g = g + momentum * buf
         else:
