@@ -15,14 +15,7 @@ namespace fastopt {
 FASTOPT_CPU_KERNEL_DECL(void saf_run(const SafArgs& a, const uint8_t* writes))
 
 void saf_cpu(const SafArgs& a) {
-  check_arg(a.rows >= 0 && a.n >= 0 && a.classes >= 0, "negative size");
-  check_arg(a.slots >= 1 && a.read_slot >= 0 && a.read_slot < a.slots && a.write_slot >= 0 &&
-                a.write_slot < a.slots,
-            "bank slot out of range");
-  check_arg(!a.active || a.read_slot != a.write_slot, "the read and write slots must differ");
-  check_arg(a.inv_temp > 0.0, "inv_temp must be > 0");
-  for (int code : {a.logits_dtype, a.bank_dtype})
-    check_arg(code == kFloat32 || code == kFloat16 || code == kBFloat16, "unsupported dtype code");
+  check_saf_args(a);
   if (a.rows * a.classes == 0) {
     if (a.active && a.loss != 0) *as_ptr<float>(a.loss) = 0.0f;
     return;

@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "fastopt/api.h"
+
 namespace fastopt {
 
 struct SafArgs {
@@ -24,6 +26,18 @@ struct SafArgs {
   bool active = false;
   double inv_temp = 1.0, grad_scale = 0.0, loss_scale = 0.0;
 };
+
+// The checks of the scalar arguments, shared by both entry points (before any memory is touched).
+inline void check_saf_args(const SafArgs& a) {
+  check_arg(a.rows >= 0 && a.n >= 0 && a.classes >= 0, "negative size");
+  check_arg(a.slots >= 1 && a.read_slot >= 0 && a.read_slot < a.slots && a.write_slot >= 0 &&
+                a.write_slot < a.slots,
+            "bank slot out of range");
+  check_arg(!a.active || a.read_slot != a.write_slot, "the read and write slots must differ");
+  check_arg(a.inv_temp > 0.0, "inv_temp must be > 0");
+  for (int code : {a.logits_dtype, a.bank_dtype})
+    check_arg(code == kFloat32 || code == kFloat16 || code == kBFloat16, "unsupported dtype code");
+}
 
 void saf_cpu(const SafArgs& args);
 // csrc/cuda/saf.cu (same arguments; `loss` is not written: the caller sums row_kl).

@@ -112,15 +112,8 @@ void saf_launch(const SafArgs& a, cudaStream_t stream) {
 // indices' range on the host; the kernel skips a row outside it).  `loss` is not written (the caller
 // sums row_kl).
 void saf_cuda(const SafArgs& a, int64_t stream_handle) {
-  check_arg(a.rows >= 0 && a.n >= 0 && a.classes >= 0, "negative size");
+  check_saf_args(a);
   check_arg(a.rows <= 0x7fffffff, "more than 2^31 - 1 rows");
-  check_arg(a.slots >= 1 && a.read_slot >= 0 && a.read_slot < a.slots && a.write_slot >= 0 &&
-                a.write_slot < a.slots,
-            "bank slot out of range");
-  check_arg(!a.active || a.read_slot != a.write_slot, "the read and write slots must differ");
-  check_arg(a.inv_temp > 0.0, "inv_temp must be > 0");
-  for (int code : {a.logits_dtype, a.bank_dtype})
-    check_arg(code == kFloat32 || code == kFloat16 || code == kBFloat16, "unsupported dtype code");
   if (a.rows * a.classes == 0) return;
   check_arg(a.logits != 0 && a.indices != 0 && a.bank != 0 && a.row_kl != 0, "null tensor address");
   cudaStream_t stream = cuda::as_stream(stream_handle);

@@ -40,3 +40,10 @@ def hyper_value(name, value):
             raise ValueError(f"Invalid {name}: a tensor that requires grad (differentiable steps are not supported)")
     F.check_hyper(name, value)
     return float(value)
+
+
+def check_lr(lr):
+    """torch's checks of ``lr``: a float, or a one-element tensor; not negative."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    F.check_hyper("learning rate", lr)

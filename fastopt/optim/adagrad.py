@@ -7,7 +7,7 @@ from .._opspec import OPS, native_args
 from ..lowbit.layouts import MasterWeights, init_weights
 from ..reference.adagrad import adagrad_reference
 from . import functional as F
-from ._classic import check_path_args, path_args_doc
+from ._classic import check_lr, check_path_args, path_args_doc
 from .base import ElementwiseOptimizer
 from .functional import Params
 
@@ -68,10 +68,7 @@ class Adagrad(ElementwiseOptimizer):
                     self._init_state(group, p, self.state[p])
 
     def _check_group(self, group):
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        F.check_hyper("learning rate", lr)
+        check_lr(group["lr"])
         F.check_hyper("lr_decay value", group["lr_decay"])
         F.check_hyper("weight_decay value", group["weight_decay"])
         F.check_hyper("initial_accumulator_value value", group["initial_accumulator_value"])

@@ -33,7 +33,7 @@ from ..reference.adahessian import (MODES, adahessian_reference, consume_probe, 
                                     spatial_average)
 from . import functional as F
 from .base import ElementwiseOptimizer
-from .functional import Params, elementwise_unchecked, scalar_on
+from .functional import Params, elementwise_unchecked
 from ._pytorch_optimizer import check_betas
 
 __all__ = ["AdaHessian", "rademacher_probe_", "hutchinson_consume_"]
@@ -349,22 +349,9 @@ class AdaHessian(ElementwiseOptimizer):
         """One AdaHessian step.  ``closure`` re-evaluates the model and must call
         ``loss.backward(create_graph=True)``; ``hessian``: estimates of the Hessian diagonal of your own,
         one per parameter of every group in order (pytorch_optimizer's ``step(hessian=...)``)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._record_step_call()
-        plan = self._plan()
+        loss, plan, scalars = self._checked_plan(closure)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        scalars = {}
-        for group, buckets in plan:
-            for (device, _dtype, backend), (params, _grads) in buckets.items():
-                self._check_bucket(group, params, backend)
-                self._check_states(group, params)
-                if device not in scalars:
-                    scalars[device] = (scalar_on(grad_scale, device, "grad_scale"),
-                                       scalar_on(found_inf, device, "found_inf"))
         first = self.param_groups[0]
         t = int(first.get("step", 0)) + 1
         update = hessian is not None or (t - 1) % first["update_period"] == 0

@@ -266,9 +266,10 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
         for group in self.param_groups:
             Int8Weights.clear_grads(group["params"], set_to_none)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+    def _checked_plan(self, closure):
+        """The start of a step: the closure's loss, the buckets (:meth:`_plan`) with every bucket's layout
+        and states checked, and each device's ``(grad_scale, found_inf)`` -- all before anything is
+        written."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -285,6 +286,12 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
                 if device not in scalars:
                     scalars[device] = (scalar_on(grad_scale, device, "grad_scale"),
                                        scalar_on(found_inf, device, "found_inf"))
+        return loss, plan, scalars
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss, plan, scalars = self._checked_plan(closure)
         for group, buckets in plan:
             for params, _grads in buckets.values():
                 for p in params:

@@ -6,7 +6,7 @@ import torch
 from .._opspec import OPS, native_args
 from ..reference.rmsprop import rmsprop_reference, rmsprop_state_names
 from . import functional as F
-from ._classic import check_path_args, path_args_doc
+from ._classic import check_lr, check_path_args, path_args_doc
 from .base import ElementwiseOptimizer
 from .functional import Params
 
@@ -67,10 +67,7 @@ class RMSprop(ElementwiseOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group):
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        F.check_hyper("learning rate", lr)
+        check_lr(group["lr"])
         F.check_hyper("epsilon value", group["eps"])
         F.check_hyper("momentum value", group["momentum"])
         F.check_hyper("weight_decay value", group["weight_decay"])

@@ -359,16 +359,7 @@ class SAM(Optimizer):
             return
         # a base without fused scaling: GradScaler's own path (unscale in place, skip on inf: one sync)
         if grad_scale is not None:
-            inv = grad_scale.double().reciprocal().float()
-            by_key = defaultdict(list)
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        by_key[(p.grad.device, p.grad.dtype)].append(p.grad)
-            for (device, _dtype), grads in by_key.items():
-                flag = torch.zeros(1, dtype=torch.float32, device=device)
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, inv.to(device))
-                found_inf = flag if found_inf is None else found_inf + flag.to(found_inf.device)
+            found_inf = self._check_grads(found_inf, grad_scale.double().reciprocal().float())
         if found_inf is None or float(found_inf.sum()) == 0.0:
             base.step()
 
@@ -381,9 +372,10 @@ class SAM(Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def _nonfinite_grads(self, found_inf: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """``found_inf`` plus 1 where a current gradient is not finite (the closure's, which the scaler
-        has not seen), without a host sync."""
+    def _check_grads(self, found_inf: Optional[torch.Tensor], inv_scale: Optional[torch.Tensor] = None
+                     ) -> Optional[torch.Tensor]:
+        """``found_inf`` plus 1 where a current gradient is not finite, without a host sync; the gradients
+        are multiplied by ``inv_scale`` in place when it is given (GradScaler's unscale)."""
         by_key = defaultdict(list)
         for group in self.param_groups:
             for p in group["params"]:
@@ -391,9 +383,15 @@ class SAM(Optimizer):
                     by_key[(p.grad.device, p.grad.dtype)].append(p.grad)
         for (device, _dtype), grads in by_key.items():
             flag = torch.zeros(1, dtype=torch.float32, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, torch.ones(1, device=device))
+            inv = torch.ones(1, device=device) if inv_scale is None else inv_scale.to(device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, inv)
             found_inf = flag if found_inf is None else found_inf + flag.to(found_inf.device).reshape(found_inf.shape)
         return found_inf
+
+    def _nonfinite_grads(self, found_inf: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``found_inf`` plus 1 where a current gradient is not finite (the closure's, which the scaler
+        has not seen), without a host sync."""
+        return self._check_grads(found_inf)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:

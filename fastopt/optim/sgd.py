@@ -7,7 +7,7 @@ from .._opspec import OPS, native_args
 from ..lowbit.layouts import LowbitStates, init_weights
 from ..reference.sgd import sgd_reference
 from . import functional as F
-from ._classic import check_path_args, hyper_value, path_args_doc
+from ._classic import check_lr, check_path_args, hyper_value, path_args_doc
 from .base import ElementwiseOptimizer
 from .functional import Params
 
@@ -80,10 +80,7 @@ class SGD(ElementwiseOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group):
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        F.check_hyper("learning rate", lr)
+        check_lr(group["lr"])
         F.check_hyper("momentum value", group["momentum"])
         hyper_value("weight_decay value", group["weight_decay"])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
