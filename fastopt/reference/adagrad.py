@@ -15,7 +15,7 @@ parameters unsupported (torch supports both).
 """
 import torch
 
-from ._common import check_inputs, prepare_grad, skipped
+from ._common import check_inputs, decayed_inputs, skipped
 
 STATE_NAMES = ("sum",)
 
@@ -40,10 +40,8 @@ def adagrad_reference(params, grads, states, *, lr, lr_decay=0.0, weight_decay=0
         return
     lr = float(lr)
     for p, grad, state in zip(params, grads, states):
-        g = prepare_grad(grad, maximize, grad_scale)
-        p32 = p.float()
-        if wd != 0.0:
-            g = g + wd * p32
+        p32, g = decayed_inputs(p, grad, maximize=maximize, grad_scale=grad_scale, weight_decay=wd,
+                                weight_decouple=False, fixed_decay=False, lr=lr)  # (L2, as torch)
         t = float(state["step"]) + 1.0
         clr = lr / (1.0 + (t - 1.0) * lr_decay)
         s = state["sum"].float() + g * g

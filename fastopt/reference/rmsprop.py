@@ -17,7 +17,7 @@ written to; complex parameters and sparse gradients unsupported.
 """
 import torch
 
-from ._common import check_inputs, prepare_grad, skipped
+from ._common import check_inputs, decayed_inputs, skipped
 
 STATE_NAMES = ("square_avg", "momentum_buffer", "grad_avg")
 
@@ -50,10 +50,8 @@ def rmsprop_reference(params, grads, states, *, lr, alpha=0.99, eps=1e-8, weight
         return
     lr = float(lr)
     for p, grad, state in zip(params, grads, states):
-        g = prepare_grad(grad, maximize, grad_scale)
-        p32 = p.float()
-        if wd != 0.0:
-            g = g + wd * p32
+        p32, g = decayed_inputs(p, grad, maximize=maximize, grad_scale=grad_scale, weight_decay=wd,
+                                weight_decouple=False, fixed_decay=False, lr=lr)  # (L2, as torch)
         v = state["square_avg"].float() * alpha + ((1.0 - alpha) * g) * g
         state["square_avg"].copy_(v)
         var = v

@@ -16,7 +16,7 @@ storage dtype; gradients are never written to; complex parameters and sparse gra
 """
 import torch
 
-from ._common import check_inputs, prepare_grad, skipped
+from ._common import check_inputs, decayed_inputs, skipped
 
 STATE_NAMES = ("momentum_buffer",)
 
@@ -40,10 +40,8 @@ def sgd_reference(params, grads, states, *, lr, momentum=0.0, dampening=0.0, wei
         return
     lr = float(lr)
     for p, grad, state in zip(params, grads, states):
-        g = prepare_grad(grad, maximize, grad_scale)
-        p32 = p.float()
-        if wd != 0.0:
-            g = g + wd * p32
+        p32, g = decayed_inputs(p, grad, maximize=maximize, grad_scale=grad_scale, weight_decay=wd,
+                                weight_decouple=False, fixed_decay=False, lr=lr)  # (L2, as torch)
         if momentum != 0.0:
             buf = state["momentum_buffer"]
             if float(state["step"]) == 0.0:
