@@ -22,7 +22,7 @@ Bars: on CPU ``fastopt-cpu`` >= 4x ``pytorch_optimizer`` on the update, 20x1M fp
 import torch
 
 from .adamw import C_20X1M, C_MIXED, C_MIXED_SMALL, C_SMALL, make_params
-from .harness import Bar, Case, Suite, Unsupported, Workload, register
+from .harness import Bar, Case, Suite, Unsupported, Workload, fastopt_backend, register
 
 BASELINE = "pytorch_optimizer"
 HYPER = dict(lr=1e-3, weight_decay=1e-2)
@@ -42,14 +42,8 @@ def _make(method, params, device):
             raise Unsupported(f"pytorch_optimizer is not installed: {e}") from e
         return Upstream(params, **HYPER)
     import fastopt
-    from fastopt._backend import available_backends
 
-    backend = method.removeprefix("fastopt-")
-    if backend not in available_backends(device):
-        raise Unsupported(f"backend {backend!r} is not available on {device.type}")
-    if backend == "triton" and device.type == "cpu":
-        raise Unsupported("triton on CPU runs only in the TRITON_INTERPRET interpreter; not benchmarked")
-    return fastopt.AdaHessian(params, backend=backend, **HYPER)
+    return fastopt.AdaHessian(params, backend=fastopt_backend(method, device), **HYPER)
 
 
 def setup_update(config, method, device):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .harness import Bar, Case, Suite, Unsupported, Workload, register
+from .harness import Bar, Case, Suite, Unsupported, Workload, fastopt_backend, register
 
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 TORCH_METHODS = {"torch-fused": {"fused": True}, "torch-foreach": {"foreach": True},
@@ -88,14 +88,8 @@ def make_optimizer(method, params, device, amsgrad=False):
     """The optimizer ``method`` names; raises Unsupported when it cannot run on ``device``."""
     if method.startswith("fastopt-"):
         import fastopt
-        from fastopt._backend import available_backends
 
-        backend, usable = method.removeprefix("fastopt-"), available_backends(device)
-        if backend not in usable:
-            raise Unsupported(f"backend {backend!r} is not among available_backends({device.type!r}) = {usable}")
-        if backend == "triton" and device.type == "cpu":
-            raise Unsupported("triton on CPU runs only in the TRITON_INTERPRET interpreter; not benchmarked")
-        return fastopt.AdamW(params, **HYPER, amsgrad=amsgrad, backend=backend)
+        return fastopt.AdamW(params, **HYPER, amsgrad=amsgrad, backend=fastopt_backend(method, device))
     if method not in TORCH_METHODS:
         raise ValueError(f"unknown AdamW method {method!r}")
     fused = TORCH_METHODS[method].get("fused", False)

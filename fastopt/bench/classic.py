@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .adamw import C_20X1M, C_MIXED, C_MIXED_SMALL, C_SMALL, make_params, state_nbytes
-from .harness import Bar, Case, Suite, Unsupported, Workload, register, speedup_key
+from .harness import Bar, Case, Suite, Workload, fastopt_backend, register, speedup_key
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,7 @@ def _make(spec, method, params, device):
 
     if method in PATH_KWARGS:
         return getattr(torch.optim, spec.cls)(params, **spec.kwargs, **PATH_KWARGS[method])
-    from fastopt._backend import available_backends
-
-    backend = method.removeprefix("fastopt-")
-    if backend not in available_backends(device):
-        raise Unsupported(f"backend {backend!r} is not available on {device.type}")
-    if backend == "triton" and device.type == "cpu":
-        raise Unsupported("triton on CPU runs only in the TRITON_INTERPRET interpreter; not benchmarked")
-    return getattr(fastopt, spec.cls)(params, backend=backend, **spec.kwargs)
+    return getattr(fastopt, spec.cls)(params, backend=fastopt_backend(method, device), **spec.kwargs)
 
 
 def configs(device, quick):

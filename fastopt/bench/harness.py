@@ -61,6 +61,19 @@ class Unsupported(Exception):
     """Raised by a case's setup when its method cannot run on this device or install."""
 
 
+def fastopt_backend(method, device):
+    """The backend of a ``fastopt-<backend>`` method on ``device``; Unsupported when it is not available
+    there, or when it is the Triton interpreter (a CPU test vehicle, not benchmarked)."""
+    from fastopt._backend import available_backends
+
+    backend, usable = method.removeprefix("fastopt-"), available_backends(device)
+    if backend not in usable:
+        raise Unsupported(f"backend {backend!r} is not among available_backends({device.type!r}) = {usable}")
+    if backend == "triton" and device.type == "cpu":
+        raise Unsupported("triton on CPU runs only in the TRITON_INTERPRET interpreter; not benchmarked")
+    return backend
+
+
 @dataclass
 class Workload:
     """What one case times: ``fn`` (one call = one unit of work) and how to size its state."""

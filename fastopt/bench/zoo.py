@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from .adamw import GPU_CONFIGS, GPU_METHODS, C_20X1M, C_MIXED, C_MIXED_SMALL, C_SMALL, make_params, state_nbytes
-from .harness import Bar, Case, Suite, Unsupported, Workload, register
+from .harness import Bar, Case, Suite, Unsupported, Workload, fastopt_backend, register
 
 BASELINE = "pytorch_optimizer"
 
@@ -89,14 +89,8 @@ def _make(spec, method, params, device):
     if method == "torch":
         return spec.torch_factory(params)
     import fastopt
-    from fastopt._backend import available_backends
 
-    backend = method.removeprefix("fastopt-")
-    if backend not in available_backends(device):
-        raise Unsupported(f"backend {backend!r} is not available on {device.type}")
-    if backend == "triton" and device.type == "cpu":
-        raise Unsupported("triton on CPU runs only in the TRITON_INTERPRET interpreter; not benchmarked")
-    return getattr(fastopt, spec.fastopt_cls)(params, backend=backend, **spec.kwargs)
+    return getattr(fastopt, spec.fastopt_cls)(params, backend=fastopt_backend(method, device), **spec.kwargs)
 
 
 def configs(device, quick):
