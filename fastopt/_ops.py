@@ -597,6 +597,23 @@ def _sliced_wpp_kernel(x: Tensor, y: Tensor, dirs: Optional[Tensor], wpp: Tensor
 sliced_wpp_, sliced_wpp = _kernel_op("sliced_wpp_", mutates=("wpp", "cx", "cy"))(_sliced_wpp_kernel)
 
 
+def _sliced_wpp_quantile_kernel(x: Tensor, y: Tensor, dirs: Optional[Tensor], a: Optional[Tensor], b: Optional[Tensor],
+                                wpp: Tensor, cx: Tensor, cy: Tensor, gcu: Tensor, gcv: Tensor, perm_x: Tensor,
+                                perm_y: Tensor, p: float, grad: bool, backend: str) -> None:
+    """Sliced ``W_p^p`` per direction between weighted (``a``, ``b``; None: uniform) measures of any sizes
+    (``triton_kernels/sliced.py``, ``sliced_wpp_quantile``): the quantile merge; with ``grad`` the
+    derivatives with respect to the projections into ``cx``, ``cy``, and where ``gcu`` / ``gcv`` are not
+    empty those with respect to the sorted cumulative weights and the sort permutations. Triton only."""
+    if backend != "triton":
+        raise _backend.BackendUnavailableError(f"sliced_wpp_quantile has only a triton kernel, got backend {backend!r}")
+    _backend.triton_kernels().sliced.sliced_wpp_quantile(x, y, dirs, a, b, wpp, cx, cy, gcu, gcv, perm_x, perm_y,
+                                                          p, grad)
+
+
+sliced_wpp_quantile_, sliced_wpp_quantile = _kernel_op(
+    "sliced_wpp_quantile_", mutates=("wpp", "cx", "cy", "gcu", "gcv", "perm_x", "perm_y"))(_sliced_wpp_quantile_kernel)
+
+
 def _ot_softmin_kernel(x: Optional[Tensor], y: Optional[Tensor], cost_matrix: Optional[Tensor], w: Tensor, g: Tensor,
                        out: Tensor, eps: float, cost: int, backend: str) -> None:
     """The weighted soft-minimum pass (OtArgs mode 2) into ``out`` (B, n) fp32: ``out_i = -eps log(sum_j

@@ -74,16 +74,10 @@ CONTROL_VARIATES = (None, "lower", "upper")
 
 # -- argument checks ------------------------------------------------------------------------------
 def _fused_reason(x, y, a, b, dtype):
-    """Why the fused Triton kernel cannot take this problem, or None when it can."""
-    n, m = x.shape[-2], y.shape[-2]
+    """Why the fused Triton kernels cannot take this problem, or None when they can: they take any sizes
+    n, m and any weights, in float32 (float64 runs on torch)."""
     if dtype != torch.float32:
         return f"{dtype} inputs (it computes in float32; they run on backend='torch')"
-    if a is not None or b is not None:
-        return "weights (it takes uniform weights only: a = b = None)"
-    if n != m:
-        return f"n != m (it needs as many points in x as in y; got n={n}, m={m})"
-    if n > _FUSED_MAX_N:
-        return f"n > {_FUSED_MAX_N} (a program sorts at most {_FUSED_MAX_N} points in registers; got n={n})"
     return None
 
 
@@ -381,8 +375,12 @@ def wasserstein_1d(u_values: torch.Tensor, v_values: torch.Tensor, u_weights: Op
         weights.append(w)
     u, v = u.to(dtype), v.to(dtype)
     if _resolve(backend, fn, u.unsqueeze(-1), v.unsqueeze(-1), *weights, dtype) == "triton":
-        n = u.shape[-1]  # the fused kernel on given "projections": sort and reduce
-        wpp = _FusedWpp.apply(u.reshape(-1, 1, n).contiguous(), v.reshape(-1, 1, n).contiguous(), None, p)
+        n, m = u.shape[-1], v.shape[-1]  # the fused kernels on given "projections": sort and reduce
+        pu, pv = u.reshape(-1, 1, n).contiguous(), v.reshape(-1, 1, m).contiguous()
+        if weights[0] is None and weights[1] is None and n == m:
+            wpp = _FusedWpp.apply(pu, pv, None, p)
+        else:
+            wpp = _FusedQuantileWpp.apply(pu, pv, None, _weight_rows(weights[0], n), _weight_rows(weights[1], m), p)
         return wpp.reshape(u.shape[:-1])
     return _wpp_sorted_last(u, v, weights[0], weights[1], p)
 
@@ -422,7 +420,7 @@ def _project(dirs, x):
     return torch.matmul(dirs, x.mT)
 
 
-_FUSED_MAX_N = 8192  # triton_kernels.sliced.MAX_N: the points one program sorts in registers
+_FUSED_MAX_N = 8192  # triton_kernels.sliced.MAX_N: the points one program sorts in registers (above: merges)
 _FUSED_PROJECT_MAX_D = 16  # above, a GEMM projects and the kernel only sorts and reduces
 
 
@@ -451,37 +449,110 @@ class _FusedWpp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, y, dirs, cx, cy = ctx.saved_tensors
-        wx, wy = g.unsqueeze(-1) * cx, g.unsqueeze(-1) * cy  # d loss / d projection
-        if dirs is None:
-            return wx, wy, None, None
-        gx = torch.matmul(wx.mT, dirs) if ctx.needs_input_grad[0] else None  # (B, n, L) @ (Bd, L, d)
-        gy = torch.matmul(wy.mT, dirs) if ctx.needs_input_grad[1] else None
-        gd = None
-        if ctx.needs_input_grad[2]:
-            gd = torch.matmul(wx, x) + torch.matmul(wy, y)  # (B, L, d)
-            if dirs.shape[0] == 1 and gd.shape[0] != 1:
-                gd = gd.sum(0, keepdim=True)
-        return gx, gy, gd, None
+        return (*_projection_grads(ctx.needs_input_grad, g, x, y, dirs, cx, cy), None)
 
 
-def _fused_wpp(x, y, dirs, p):
-    """``W_p^p`` along ``dirs (*, L, d)`` on the fused kernel: ``(*batch, L)``; uniform weights, n == m."""
-    batch, (n, d), L = x.shape[:-2], x.shape[-2:], dirs.shape[-2]
-    xf, yf = x.reshape(-1, n, d), y.reshape(-1, n, d)
+def _projection_grads(needs, g, x, y, dirs, cx, cy):
+    """Gradients with respect to ``x``, ``y``, ``dirs`` from ``cx``, ``cy`` = ``d wpp / d projection``."""
+    if not any(needs[:3]):
+        return None, None, None
+    wx, wy = g.unsqueeze(-1) * cx, g.unsqueeze(-1) * cy  # d loss / d projection
+    if dirs is None:
+        return wx, wy, None
+    gx = torch.matmul(wx.mT, dirs) if needs[0] else None  # (B, n, L) @ (Bd, L, d)
+    gy = torch.matmul(wy.mT, dirs) if needs[1] else None
+    gd = None
+    if needs[2]:
+        gd = torch.matmul(wx, x) + torch.matmul(wy, y)  # (B, L, d)
+        if dirs.shape[0] == 1 and gd.shape[0] != 1:
+            gd = gd.sum(0, keepdim=True)
+    return gx, gy, gd
+
+
+def _weight_grad(g, w, gq, perm):
+    """``d/dw sum_l g_l W_l(q_l)`` with ``q_l = cumsum(w[perm_l]) / sum(w)`` (the kernel's cumulative weights,
+    sorted along direction l), from ``gq = d W_l / d q_l`` (B, L, k) in sorted order:
+    ``d/dw_j = (sum_{i >= rank_l(j)} gq_i - sum_i gq_i q_i) / sum(w)``."""
+    batch, L, k = gq.shape
+    ws = torch.gather(w.reshape(-1, 1, k).expand(batch, L, k), -1, perm)
+    cw = ws.cumsum(-1)
+    total = cw[..., -1:]
+    gl = gq * g.unsqueeze(-1)
+    suffix = gl.flip(-1).cumsum(-1).flip(-1)
+    gs = (suffix - (gl * (cw / total)).sum(-1, keepdim=True)) / total
+    out = torch.zeros_like(gs).scatter_(-1, perm, gs).sum(1)  # (B, k)
+    return out.sum(0, keepdim=True) if w.shape[0] == 1 and batch != 1 else out
+
+
+class _FusedQuantileWpp(torch.autograd.Function):
+    """``W_p^p`` per direction between weighted (or uniform) measures of any sizes n, m on the Triton
+    kernels (``triton_kernels/sliced.py``, ``sliced_wpp_quantile``): sorted projections (multi-block sort
+    and merge), then the merge of the cumulative weights (POT's quantile formula).
+
+    ``x`` (B, n, d), ``y`` (B, m, d) and ``dirs`` (1 or B, L, d), or projections (B, L, n) / (B, L, m) and
+    ``dirs`` None; ``a`` (1 or B, n), ``b`` (1 or B, m) normalized weights or None.  The kernel writes
+    ``d wpp / d projection`` (the backward is two GEMMs, as for :class:`_FusedWpp`) and, for weights that
+    need a gradient, ``d wpp / d cumulative weight`` and the sort permutation (the rest in torch:
+    :func:`_weight_grad`)."""
+
+    @staticmethod
+    def forward(ctx, x, y, dirs, a, b, p):
+        projected = dirs is None
+        batch = x.shape[0]
+        n, m = (x.shape[-1], y.shape[-1]) if projected else (x.shape[1], y.shape[1])
+        L = x.shape[1] if projected else dirs.shape[1]
+        grad = any(ctx.needs_input_grad[:3])
+        wu = a is not None and ctx.needs_input_grad[3]
+        wv = b is not None and ctx.needs_input_grad[4]
+        wpp = x.new_empty((batch, L))
+        cx = x.new_empty((batch, L, n) if grad else (0,))
+        cy = x.new_empty((batch, L, m) if grad else (0,))
+        gcu = x.new_empty((batch, L, n) if wu else (0,))
+        gcv = x.new_empty((batch, L, m) if wv else (0,))
+        perm_x = torch.empty((batch, L, n) if wu else (0,), dtype=torch.int64, device=x.device)
+        perm_y = torch.empty((batch, L, m) if wv else (0,), dtype=torch.int64, device=x.device)
+        _ops.sliced_wpp_quantile(x, y, dirs, a, b, wpp, cx, cy, gcu, gcv, perm_x, perm_y, p, grad, "triton")
+        ctx.save_for_backward(x, y, dirs, a, b, cx, cy, gcu, gcv, perm_x, perm_y)
+        return wpp
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, dirs, a, b, cx, cy, gcu, gcv, perm_x, perm_y = ctx.saved_tensors
+        gx, gy, gd = _projection_grads(ctx.needs_input_grad, g, x, y, dirs, cx, cy)
+        ga = _weight_grad(g, a, gcu, perm_x) if gcu.numel() else None
+        gb = _weight_grad(g, b, gcv, perm_y) if gcv.numel() else None
+        return gx, gy, gd, ga, gb, None
+
+
+def _fused_wpp(x, y, a, b, dirs, p):
+    """``W_p^p`` along ``dirs (*, L, d)`` on the Triton kernels: ``(*batch, L)``.  Uniform weights and
+    n == m: :class:`_FusedWpp` (one program per direction up to 8192 points, sorted blocks and merges
+    above); otherwise :class:`_FusedQuantileWpp`."""
+    batch, (n, d), m, L = x.shape[:-2], x.shape[-2:], y.shape[-2], dirs.shape[-2]
+    xf, yf = x.reshape(-1, n, d), y.reshape(-1, m, d)
     if d > _FUSED_PROJECT_MAX_D:
         px = torch.matmul(dirs.reshape(-1, L, d), xf.mT).contiguous()  # (B, L, n)
         py = torch.matmul(dirs.reshape(-1, L, d), yf.mT).contiguous()
-        wpp = _FusedWpp.apply(px, py, None, p)
+        args = (px, py, None)
     else:
-        wpp = _FusedWpp.apply(xf.contiguous(), yf.contiguous(), dirs.reshape(-1, L, d).contiguous(), p)
+        args = (xf.contiguous(), yf.contiguous(), dirs.reshape(-1, L, d).contiguous())
+    if a is None and b is None and n == m:
+        wpp = _FusedWpp.apply(*args, p)
+    else:
+        wpp = _FusedQuantileWpp.apply(*args, _weight_rows(a, n), _weight_rows(b, m), p)
     return wpp.reshape(*batch, L)
+
+
+def _weight_rows(w, k):
+    """Normalized weights ``(k,)`` or ``(*batch, k)`` as the kernel's ``(1 or B, k)`` (None stays None)."""
+    return None if w is None else w.reshape(-1, k).contiguous()
 
 
 def _wpp_directions(x, y, a, b, dirs, p, backend="torch"):
     """``W_p^p`` along each direction: ``dirs (*, L, d)`` (rows) -> ``(*batch, L)``, and the projections
     (None on the fused kernel, which never stores them unsorted)."""
     if backend == "triton":
-        return _fused_wpp(x, y, dirs, p), None, None
+        return _fused_wpp(x, y, a, b, dirs, p), None, None
     px = _project(dirs, x)  # (*batch, L, n)
     py = _project(dirs, y)
     a = None if a is None else a.unsqueeze(-2)
