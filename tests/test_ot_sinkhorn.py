@@ -496,3 +496,120 @@ def test_softmin_triton_kernel_compiles_for_sm90():
     for dense in (False, True):
         _compile("ot", "_ot_kernel", sig, {"D": 3, "D_PAD": 4, "COST": 0, "MODE": 2, "DENSE": dense,
                                            "BLOCK_N": 64, "BLOCK_M": 64}, 4)
+
+
+# -- semi-relaxed OT (a rho pair, inf = exact marginal) ----------------------------------------------
+
+@pytest.mark.parametrize("side", [0, 1])
+def test_semi_relaxed_matches_pot_with_one_infinite_reg_m(side):
+    x, y = _clouds(1, 19, 26, 3, seed=31, dtype=torch.float64)
+    a, b = _weights(1, 19, 5)[0], _weights(1, 26, 6)[0] * 0.7
+    C = cost_matrix(x[0], y[0], "sqeuclidean")
+    eps, r = 0.4, 1.5
+    reg_m = (math.inf, r) if side == 0 else (r, math.inf)
+    G = ot.unbalanced.sinkhorn_unbalanced(a.numpy(), b.numpy(), C.numpy(), eps, reg_m, reg_type="kl",
+                                          numItermax=20000, stopThr=1e-15)
+    res = sinkhorn(cost_matrix=C, a=a, b=b, eps=eps, rho=reg_m, tol=1e-13, n_iter=20000, backend="torch")
+    assert res.converged
+    P = res.plan()
+    np.testing.assert_allclose(P.numpy(), G, rtol=1e-7, atol=1e-14)
+    exact, w = (P.sum(1), a) if side == 0 else (P.sum(0), b)
+    torch.testing.assert_close(exact, w, rtol=1e-9, atol=1e-14)        # the infinite side is exact
+
+    def kl(p, q):
+        return (p * torch.log(p / q) - p + q).sum()
+
+    relaxed = r * (kl(P.sum(0), b) if side == 0 else kl(P.sum(1), a))
+    primal = (P * C).sum() + eps * kl(P, a[:, None] * b[None]) + relaxed
+    assert abs(float(res.value - primal)) < 1e-9 * max(1.0, abs(float(primal)))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_semi_relaxed_kernels_match_the_fp64_reference(backend):
+    x, y = _clouds(2, 37, 29, 3, seed=12)
+    a = _weights(2, 37, 3).float()
+    kw = dict(eps=0.3, rho=(2.0, math.inf), n_iter=50, tol=0.0)
+    ref = sinkhorn(x.double(), y.double(), a.double(), backend="torch", **kw)
+    got = sinkhorn(x, y, a, backend=backend, **kw)
+    torch.testing.assert_close(got.value.double(), ref.value, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(got.f.double(), ref.f, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(got.g.double(), ref.g, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("rho", [(math.inf, 0.8), (1.3, math.inf)])
+def test_semi_relaxed_gradients_match_finite_differences(rho):
+    x, y = _clouds(1, 4, 5, 2, seed=23, dtype=torch.float64)
+    x, y = x[0].requires_grad_(), y[0]
+    a, b = _weights(1, 4, 1)[0].requires_grad_(), (_weights(1, 5, 2)[0] * 1.3).requires_grad_()
+    kw = dict(eps=0.5, rho=rho, tol=1e-14, n_iter=50000, backend="torch")
+    gx, ga, gb = torch.autograd.grad(sinkhorn(x, y, a, b, **kw).value, (x, a, b))
+    h = 1e-6
+    for t, grad in ((x, gx), (a, ga), (b, gb)):
+        num = torch.zeros_like(t)
+        for idx in np.ndindex(*t.shape):
+            with torch.no_grad():
+                t[idx] += h
+                up = float(sinkhorn(x, y, a, b, **kw).value)
+                t[idx] -= 2 * h
+                down = float(sinkhorn(x, y, a, b, **kw).value)
+                t[idx] += h
+            num[idx] = (up - down) / (2 * h)
+        torch.testing.assert_close(grad, num, rtol=1e-5, atol=1e-7)
+
+
+def test_rho_pair_errors_and_equivalences():
+    x, y = _clouds(1, 7, 8, 2, seed=3)
+    with pytest.raises(ValueError, match="rho_b"):
+        sinkhorn(x[0], y[0], eps=1.0, rho=(1.0, -2.0))
+    with pytest.raises(ValueError, match="pair"):
+        sinkhorn(x[0], y[0], eps=1.0, rho=(1.0, 2.0, 3.0))
+    with pytest.raises(TypeError, match="rho_a"):
+        sinkhorn(x[0], y[0], eps=1.0, rho=("1", 2.0))
+    # a pair of equal sides is the scalar; (inf, inf) is balanced (and checks the masses)
+    kw = dict(eps=0.5, n_iter=40, tol=0.0, backend="torch")
+    torch.testing.assert_close(sinkhorn(x[0], y[0], rho=(0.7, 0.7), **kw).f, sinkhorn(x[0], y[0], rho=0.7, **kw).f)
+    torch.testing.assert_close(sinkhorn(x[0], y[0], rho=(math.inf, math.inf), **kw).value,
+                               sinkhorn(x[0], y[0], **kw).value)
+    with pytest.raises(ValueError, match="mass"):
+        sinkhorn(x[0], y[0], b=torch.full((8,), 0.2), rho=(math.inf, math.inf), **kw)
+    sinkhorn(x[0], y[0], b=torch.full((8,), 0.2), rho=(math.inf, 1.0), **kw)  # semi-relaxed: masses may differ
+
+
+# -- the debiased divergence with symmetric updates ---------------------------------------------------
+
+@pytest.mark.parametrize("rho", [None, 2.0])
+def test_symmetric_divergence_equals_three_plain_solves_in_fewer_passes(rho):
+    x, y = _clouds(1, 40, 45, 2, seed=14, dtype=torch.float64)
+    x, y = x[0].requires_grad_(), y[0].requires_grad_()
+    from fastopt.ot.sinkhorn import _divergence
+    kw = dict(tol=1e-11, n_iter=20000, backend="torch", check_every=1)
+    s1, w1 = _divergence(x, y, None, None, 0.3, "sqeuclidean", None, None, rho, True, kw)
+    s0, w0 = _divergence(x, y, None, None, 0.3, "sqeuclidean", None, None, rho, False, kw)
+    assert abs(float(s1 - s0)) < 1e-9
+    g1 = torch.autograd.grad(s1, (x, y))
+    g0 = torch.autograd.grad(s0, (x, y))
+    for u, v in zip(g1, g0):
+        torch.testing.assert_close(u, v, rtol=1e-7, atol=1e-9)
+    assert w1["xy"] == w0["xy"] and w1["passes"] < w0["passes"], (w1, w0)
+    assert w1["xx"] < 2 * w0["xx"] and w1["yy"] < 2 * w0["yy"], (w1, w0)  # fewer passes for each self term
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNELS if b != "triton"])  # (interpreted Triton is slow)
+def test_symmetric_divergence_batched_masked_on_kernels(backend):
+    x, y = _clouds(2, 30, 24, 3, seed=17)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 22:] = False
+    kw = dict(eps=0.2, tol=1e-6, x_mask=mask, backend=backend)
+    s = sinkhorn_divergence(x, y, **kw)
+    for i in range(2):
+        xi = x[i][mask[i]]
+        ref = sinkhorn_divergence(xi.double(), y[i].double(), eps=0.2, tol=1e-10, backend="torch", symmetric=False)
+        assert abs(float(s[i]) - float(ref)) < 1e-4 * max(1.0, abs(float(ref))), (i, float(s[i]), float(ref))
+
+
+def test_symmetric_divergence_errors():
+    x, y = _clouds(1, 6, 7, 2, seed=3)
+    with pytest.raises(ValueError, match="one rho"):
+        sinkhorn_divergence(x[0], y[0], eps=0.5, rho=(math.inf, 1.0))
+    with pytest.raises(TypeError, match="symmetric"):
+        sinkhorn_divergence(x[0], y[0], eps=0.5, symmetric="yes")

@@ -15,6 +15,7 @@ from . import muon  # noqa: F401  (registers the "newton_schulz" and "muon" suit
 from . import lowbit  # noqa: F401  (registers the "lowbit-adamw" suite)
 from . import sparse  # noqa: F401  (registers the "nm-mask", "transposable-24" and "sparse-step" suites)
 from . import ot  # noqa: F401  (registers the "sinkhorn" suite)
+from . import ot_divergence  # noqa: F401  (registers the "sinkhorn-divergence" suite)
 from . import ot_sliced  # noqa: F401  (registers the "sliced-wasserstein" suite)
 from . import ot_newton  # noqa: F401  (registers the "sinkhorn-newton" suite)
 from . import fsdp  # noqa: F401  (registers the "fsdp" suite)
