@@ -17,6 +17,9 @@
 #ifndef FASTOPT_CUDA_ON_CPU
 #include "cpu/mfac.h"  // dense M-FAC's window passes (not in tests/_cuda_on_cpu_build.py's sources)
 #endif
+#ifndef FASTOPT_CUDA_ON_CPU
+#include "cpu/lightsb.h"  // LightSB's fused pass (not in tests/_cuda_on_cpu_build.py's sources)
+#endif
 #ifdef FASTOPT_CUDA_ON_CPU
 #include <cuda_runtime.h>  // the CUDA-on-CPU layer: its launch counts
 #endif
@@ -289,6 +292,21 @@ PYBIND11_MODULE(_C, m) {
         fastopt::saf_cpu(a);
       },
       "The fused SAF pass (csrc/cpu/saf.h): raw addresses; the caller (fastopt.sharpness.saf) validates.");
+#ifndef FASTOPT_CUDA_ON_CPU  // (tests/_cuda_on_cpu_build.py does not compile csrc/cpu/lightsb*.cpp)
+  m.def(
+      "lightsb_cpu",
+      [](int64_t pts, int64_t coords, int64_t la, int64_t cen, int64_t sig, int64_t out, int64_t row_w,
+         int64_t dpts, int64_t dcoords, int64_t dla, int64_t dcen, int64_t dsig, int64_t n, int64_t k, int64_t d,
+         int mode, double eps, double w_scale) {
+        fastopt::LightSbArgs a;
+        a.pts = pts; a.coords = coords; a.la = la; a.cen = cen; a.sig = sig; a.out = out; a.row_w = row_w;
+        a.dpts = dpts; a.dcoords = dcoords; a.dla = dla; a.dcen = dcen; a.dsig = dsig;
+        a.n = n; a.k = k; a.d = d; a.mode = mode; a.eps = eps; a.w_scale = w_scale;
+        py::gil_scoped_release nogil;
+        fastopt::lightsb_cpu(a);
+      },
+      "The fused LightSB pass (csrc/cpu/lightsb.h): raw addresses; the caller (fastopt.ot.lightsb) validates.");
+#endif
 #ifndef FASTOPT_CUDA_ON_CPU  // (tests/_cuda_on_cpu_build.py does not compile csrc/cpu/mfac*.cpp)
   m.def(
       "mfac_dots_cpu",

@@ -194,6 +194,8 @@ CAPABILITIES: Dict[str, OpCaps] = {
     "saf": OpCaps(("cuda", "triton", "cpu")),
     # dense M-FAC's two window passes (fastopt.MFAC): C++ on CPUs, Triton on GPUs (no CUDA kernel)
     "mfac": OpCaps(("triton", "cpu")),
+    # LightSB's fused log-sum-exp passes with their gradients (fastopt.ot.LightSB): C++ on CPUs, Triton on GPUs
+    "lightsb": OpCaps(("triton", "cpu"), dtypes=(torch.float32,)),
 }
 
 

@@ -26,4 +26,5 @@ from .sliced import (CONTROL_VARIATES, max_sliced_wasserstein, random_projection
                      sliced_wasserstein, vmf_distributional_sliced_wasserstein, wasserstein_1d)
 from .newton import SNSResult, sinkhorn_newton_sparse  # noqa: F401
 from .sparse_ot import SparseOTResult, sparsity_constrained_ot  # noqa: F401
+from .lightsb import LightSB  # noqa: F401
 from .partial import PartialOTResult, ProgressivePartialOTResult, partial_wasserstein, progressive_partial_ot  # noqa: F401
