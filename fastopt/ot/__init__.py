@@ -27,4 +27,5 @@ from .sliced import (CONTROL_VARIATES, max_sliced_wasserstein, random_projection
 from .newton import SNSResult, sinkhorn_newton_sparse  # noqa: F401
 from .sparse_ot import SparseOTResult, sparsity_constrained_ot  # noqa: F401
 from .lightsb import LightSB  # noqa: F401
+from .monge_gap import monge_gap  # noqa: F401
 from .partial import PartialOTResult, ProgressivePartialOTResult, partial_wasserstein, progressive_partial_ot  # noqa: F401
