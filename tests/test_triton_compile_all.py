@@ -36,7 +36,8 @@ OPTIMIZER_KERNELS = ("_elementwise_kernel", "_lowbit_kernel")
 NO_SPILL_KERNELS = OPTIMIZER_KERNELS + ("_increment_steps_kernel", "_codec_kernel", "_nm_mask_kernel",
                                         "_transposable_mask_kernel", "_project_adam_kernel", "_back_project_kernel",
                                         "_saf_kernel", "_mfac_dots_kernel", "_mfac_update_kernel",
-                                        "_probe_fill_kernel", "_probe_consume_kernel")
+                                        "_probe_fill_kernel", "_probe_consume_kernel",
+                                        "_sort_block_kernel", "_merge_kernel", "_pairs_kernel", "_quantile_kernel")
 SMEM_LIMIT = 227 * 1024
 
 
@@ -154,6 +155,23 @@ def exercise():
     for grad in (False, True):
         tsl.sliced_wpp(xs, ys[:, :64], torch.randn(1, 8, 3), torch.zeros(1, 8), torch.zeros(1, 8, 64),
                        torch.zeros(1, 8, 48), 2.0, grad)
+    # sliced beyond one program (n > MAX_N: sorted blocks, merge passes, pair reduction) and the quantile merge
+    # (weights, n != m), projected in the kernel or given projections, every p kind, with and without gradients
+    nb = tsl.MAX_N + 100
+    xb, yb, db = torch.randn(1, nb, 3), torch.randn(1, nb - 7, 3), torch.randn(1, 2, 3)
+    for p, grad in ((2.0, False), (1.0, True), (2.0, True), (1.5, True)):
+        tsl.sliced_wpp(xb, torch.randn(1, nb, 3), db, torch.zeros(1, 2), torch.zeros(1, 2, nb),
+                       torch.zeros(1, 2, nb), p, grad)
+        tsl.sliced_wpp(torch.randn(1, 2, nb), torch.randn(1, 2, nb), None, torch.zeros(1, 2), torch.zeros(1, 2, nb),
+                       torch.zeros(1, 2, nb), p, grad)
+        for wa, wb in ((False, False), (True, True), (True, False)):
+            a = torch.rand(1, nb) if wa else None
+            b = torch.rand(1, nb - 7) if wb else None
+            gq = [torch.zeros(1, 2, k) if w is not None else torch.zeros(0) for w, k in ((a, nb), (b, nb - 7))]
+            pm = [torch.zeros(1, 2, k, dtype=torch.int64) if w is not None else torch.zeros(0, dtype=torch.int64)
+                  for w, k in ((a, nb), (b, nb - 7))]
+            tsl.sliced_wpp_quantile(xb, yb, db, a, b, torch.zeros(1, 2), torch.zeros(1, 2, nb), torch.zeros(1, 2, nb - 7),
+                                    *(gq if grad else (torch.zeros(0), torch.zeros(0))), *pm, p, grad)
 
     # GaLore's projected step (triton_kernels/lowrank.py): both sides; fp32 / bf16 (and fp16) gradients and
     # parameters; dense fp32 and INT4 projectors; with and without a grad scale. r = 5, 32, 100 reach every
@@ -212,7 +230,7 @@ def _label(r):
     c = r["constexprs"]
     keys = ("UPDATE", "REDUCE", "PHASE", "FLAGS", "DTYPE", "NSTATE", "Q0", "Q1", "ALIGNED", "M", "INNER1", "IDX64",
             "EXACT", "BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "OUT_DTYPE", "STOCHASTIC", "SPARSE", "MODE", "COST", "GRAD",
-            "LEFT", "INT4", "HAS_SCALE")
+            "LEFT", "INT4", "HAS_SCALE", "PROJECTED", "KEY64", "P_KIND", "WU", "WV")
     return r["kernel"] + "(" + ", ".join(f"{k}={c[k]}" for k in keys if k in c) + ")"
 
 
