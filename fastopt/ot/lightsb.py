@@ -273,7 +273,11 @@ class LightSB(nn.Module):
         reason = None if dtypes == {torch.float32} else f"dtypes {sorted(map(str, dtypes))} (the kernels take fp32)"
         return _backend.resolve(self.backend, self.r.device, torch.float32, op="lightsb", reason=reason, name=fn)
 
-    def _side(self, pts, mode):
+    def _rotation(self):
+        """R (K, dim, dim) for a full S (computed once per call: the parametrization is not free), else None."""
+        return None if self.is_diagonal else self.S_rotation_matrix
+
+    def _side(self, pts, mode, R):
         """The kernel inputs of one side: (pts, coords, la, cen, sig) with autograd to the parameters."""
         eps, d = self._eps, self.dim
         la = self.log_alpha_raw / eps
@@ -282,9 +286,8 @@ class LightSB(nn.Module):
             la = la - 0.5 * s.sum(-1) - 0.5 * d * math.log(2 * math.pi * eps)
         sig = torch.exp(s) if mode == 0 else torch.exp(-s)
         pts = pts.contiguous()
-        if self.is_diagonal:
+        if R is None:
             return pts, None, la.contiguous(), self.r.contiguous(), sig.contiguous()
-        R = self.S_rotation_matrix
         coords = torch.einsum("nj,kjl->nkl", pts, R).contiguous()
         cen = self.r if mode == 0 else torch.einsum("kj,kjl->kl", self.r, R)
         return pts, coords, la.contiguous(), cen.contiguous(), sig.contiguous()
@@ -299,8 +302,9 @@ class LightSB(nn.Module):
         backend = self._resolve(fn, x, y)
         if backend == "torch":
             return ref.loss_reference(x, y, *self._params())
-        a = _FusedMean.apply(*self._side(x, 0), 0, self._eps, 1.0 / x.shape[0], backend)
-        b = _FusedMean.apply(*self._side(y, 1), 1, self._eps, -1.0 / y.shape[0], backend)
+        R = self._rotation()
+        a = _FusedMean.apply(*self._side(x, 0, R), 0, self._eps, 1.0 / x.shape[0], backend)
+        b = _FusedMean.apply(*self._side(y, 1, R), 1, self._eps, -1.0 / y.shape[0], backend)
         return a + b
 
     def get_log_C(self, x):
@@ -310,7 +314,7 @@ class LightSB(nn.Module):
         backend = self._resolve(fn, x)
         if backend == "torch":
             return ref.log_C_reference(x, *self._params())
-        return _FusedRows.apply(*self._side(x, 0), 0, self._eps, backend)
+        return _FusedRows.apply(*self._side(x, 0, self._rotation()), 0, self._eps, backend)
 
     def get_log_potential(self, y):
         """``log v_theta(y) = log sum_k alpha_k N(y | r_k, eps S_k)`` per row of y (N, dim)."""
@@ -319,7 +323,7 @@ class LightSB(nn.Module):
         backend = self._resolve(fn, y)
         if backend == "torch":
             return ref.log_potential_reference(y, *self._params())
-        return _FusedRows.apply(*self._side(y, 1), 1, self._eps, backend)
+        return _FusedRows.apply(*self._side(y, 1, self._rotation()), 1, self._eps, backend)
 
     @torch.no_grad()
     def forward(self, x):
