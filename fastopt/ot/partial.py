@@ -177,16 +177,17 @@ class PartialOTResult(OTResult):
         pr = self._problem
         f, g = (self.f[None], self.g[None]) if pr.unbatched else (self.f, self.g)
         with torch.no_grad():
-            P = _dense_plan(pr, f.double(), g.double(), torch.zeros_like(pr.mass_a), self.eps)
-        P = P.to(pr.work_dtype)
+            P = _dense_plan(pr, f.double(), g.double(), self.eps, pr.work_dtype)
         return P[0] if pr.unbatched else P
 
 
-def _dense_plan(prob, f, g, k, eps):
-    C = prob.dense_cost().double()
-    logp = (prob.log_a[..., :, None] + prob.log_b[..., None, :]
-            + (f[..., :, None] + g[..., None, :] + k[:, None, None] - C) / eps)
-    return torch.exp(logp)
+def _dense_plan(prob, f, g, eps, dtype):
+    """``P = exp(log a_i + f_i / eps + log b_j + g_j / eps - C_ij / eps)`` in ``dtype``, in place on one n x m
+    buffer (the row and column terms formed in fp64)."""
+    row = (prob.log_a + f / eps).to(dtype)
+    col = (prob.log_b + g / eps).to(dtype)
+    P = prob.dense_cost().to(dtype, copy=True).mul_(-1.0 / eps)
+    return P.add_(row[:, :, None]).add_(col[:, None, :]).exp_()
 
 
 def partial_wasserstein(x: Optional[Tensor] = None, y: Optional[Tensor] = None, a: Optional[Tensor] = None,
@@ -238,11 +239,10 @@ def partial_wasserstein(x: Optional[Tensor] = None, y: Optional[Tensor] = None, 
         value = (R * ent_a).sum(1) + (S * ent_b).sum(1)  # = <P, C> + eps sum P log P (see the README)
         gx = gy = gC = None
         if C is not None or prob.backend == "torch":
-            P = _dense_plan(prob, f, g, torch.zeros_like(st.k), eps)
-            Cd = prob.dense_cost().double()
-            tcost = (P * Cd).sum((1, 2))
+            P = _dense_plan(prob, f, g, eps, work)
             if C is not None and cost_matrix.requires_grad:
-                gC = P.to(work)
+                gC = P
+            tcost = torch.einsum("bij,bij->b", P, prob.dense_cost()).double()
         if C is None:
             need = x.requires_grad or y.requires_grad
             if prob.backend != "torch" or need:
