@@ -303,3 +303,163 @@ def test_bench_suite_methods_reach_the_tolerance():
         assert bench.marginal_error(plan, a, b) <= bench.TOL, method
         iters[method] = info["iters"]
     assert iters["fastopt-sns"] * 5 <= iters["torch-sinkhorn-log"] == iters["pot-sinkhorn-log"]
+
+
+# -- (e) the online problem (points) and the float32 Sinkhorn stage --------------------------------
+from fastopt import _backend, _ops  # noqa: E402
+from fastopt.reference.ot import cost_matrix as dense_cost  # noqa: E402
+
+HAS_CPU_KERNELS = "cpu" in _backend.available_backends("cpu")
+
+
+def _points(B, n, m, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, n, d, generator=g, dtype=torch.float64)
+    y = torch.rand(B, m, d, generator=g, dtype=torch.float64)
+    a = torch.rand(B, n, generator=g, dtype=torch.float64) + 0.5
+    b = torch.rand(B, m, generator=g, dtype=torch.float64) + 0.5
+    return x, y, a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor (elements) that any operation returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.most = max(self.most, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("cost,sparsity", [("sqeuclidean", None), ("euclidean", 3)])
+def test_online_points_match_the_dense_cost(cost, sparsity):
+    # rows in blocks of 7 (several blocks, the last one short), a zero weight in each batch entry
+    x, y, a, b = _points(2, 33, 27, 3, seed=11)
+    a[0, 5] = b[1, -1] = 0
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    C = dense_cost(x, y, cost)
+    eps = 4e-3 if cost == "sqeuclidean" else 2e-2
+    kw = dict(eps=eps, sparsity=sparsity, return_plan=True, backend="torch")
+    dense = sinkhorn_newton_sparse(C, a, b, **kw)
+    online = sinkhorn_newton_sparse(a=a, b=b, x=x, y=y, cost=cost, block_rows=7, **kw)
+    assert dense.log["stop"] == online.log["stop"] == "tol"
+    for key in ("sinkhorn_iters", "newton_iters", "cg_iters", "hessian_nnz", "fallbacks"):
+        assert online.log[key] == dense.log[key], key
+    assert dense.log["newton_iters"] >= 2
+    # the same operations entry by entry: only the block sums round differently
+    torch.testing.assert_close(online.f, dense.f, atol=1e-12, rtol=0)
+    torch.testing.assert_close(online.g, dense.g, atol=1e-12, rtol=0)
+    torch.testing.assert_close(online.plan, dense.plan, atol=1e-14, rtol=0)
+    torch.testing.assert_close(online.log["value"], dense.log["value"], atol=1e-13, rtol=0)
+    assert _marginal_error(online.plan, a, b) <= 1e-10
+    assert online.plan.shape == (2, 33, 27) and float(online.plan[0, 5].abs().max()) == 0
+    assert sinkhorn_newton_sparse(x=x, y=y, eps=eps, cost=cost, backend="torch").plan is None
+
+
+def test_online_sparsify_by_blocks_keeps_the_same_entries():
+    x, y, a, b = _points(2, 23, 19, 2, seed=12)
+    f = torch.randn(2, 23, dtype=torch.float64) * 0.05
+    g = torch.randn(2, 19, dtype=torch.float64) * 0.05
+    prob = newton._OnlineProblem(x, y, "sqeuclidean", a, b, 0.01, 5)
+    P = newton._Problem(dense_cost(x, y, "sqeuclidean"), a, b, 0.01).plan(f, g)
+    for mode, count in (("top", 37), ("top", 23 * 19), ("row", 4)):
+        rows, cols, vals = prob.sparsify(None, f, g, mode, count)
+        r0, c0, v0 = newton._sparsify(P, mode, count)
+        assert rows.shape == r0.shape
+        for i in range(2):
+            key = rows[i] * 19 + cols[i]
+            assert sorted(key.tolist()) == sorted((r0[i] * 19 + c0[i]).tolist())
+            torch.testing.assert_close(vals[i], P[i].reshape(-1)[key], atol=1e-15, rtol=0)
+
+
+def test_online_newton_stage_holds_no_n_by_m_tensor():
+    # every tensor of the online solve (stage 1 on the torch reference in blocks, Newton in blocks of 6 rows)
+    # stays below n * m / 3 entries; the dense solve of the same problem does form n x m tensors
+    x, y, a, b = _points(1, 48, 40, 2, seed=13)
+    n, m, d, block = 48, 40, 2, 6
+    kw = dict(eps=1e-2, backend="torch", sparsity=0.15, sparsity_growth=1.0)
+    with _LargestTensor() as online:
+        res = sinkhorn_newton_sparse(a=a, b=b, x=x, y=y, block_rows=block, **kw)
+    assert res.log["stop"] == "tol" and res.log["newton_iters"] >= 2
+    K = math.ceil(0.15 * n * m)
+    # the largest: the costs' (block, n or m, d) difference, or the running top-K merged with a block's
+    assert online.most <= max(block * max(n, m) * d, K + block * m) < n * m / 3, online.most
+    with _LargestTensor() as dense:
+        sinkhorn_newton_sparse(dense_cost(x, y, "sqeuclidean"), a, b, **kw)
+    assert dense.most >= n * m
+
+
+def test_online_errors(no_work):
+    x, y, a, b = _points(1, 6, 5, 2, seed=0)
+    C = dense_cost(x, y, "sqeuclidean")
+    cases = [
+        (dict(C=C, x=x, y=y), "not both"),
+        (dict(x=x), "both points"),
+        (dict(y=y), "both points"),
+        (dict(), "give the cost C or the points"),
+        (dict(x=x, y=y[..., :1]), "dimension"),
+        (dict(x=x, y=y.float()), "same dtype"),
+        (dict(x=x.half(), y=y.half()), "float32 or float64"),
+        (dict(x=x.int(), y=y.int()), "float32 or float64"),
+        (dict(x=x, y=torch.where(y > 0.5, math.nan, y)), "finite"),
+        (dict(x=x, y=y, cost="cosine"), "cost must be one of"),
+        (dict(x=x, y=y, a=a[..., :4]), "shape"),
+        (dict(x=x, y=y, b=2 * b), "same total mass"),
+        (dict(x=x, y=y, block_rows=0), "block_rows"),
+        (dict(C=C, block_rows=4), "block_rows"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match="^sinkhorn_newton_sparse: .*" + match):
+            sinkhorn_newton_sparse(eps=0.1, **kwargs)
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="needs fastopt._C")
+@pytest.mark.parametrize("online", [False, True])
+def test_float64_sinkhorn_stage_on_float32_kernels(monkeypatch, online):
+    calls = []
+    real = _ops.ot_softmin
+    monkeypatch.setattr(_ops, "ot_softmin", lambda *args: (calls.append(args[-1]), real(*args))[1])
+    x, y, a, b = _points(1, 50, 40, 2, seed=14)
+    C = dense_cost(x, y, "sqeuclidean")
+    eps, tol = 3e-3, 1e-8
+    problem = dict(x=x, y=y) if online else dict(C=C)
+    ref = sinkhorn_newton_sparse(C, a, b, eps, tol=tol, return_plan=True, backend="torch")
+    assert calls == [] and ref.log["sinkhorn_backend"] == "torch/float64"
+    for backend in ("auto", "cpu"):
+        calls.clear()
+        res = sinkhorn_newton_sparse(a=a, b=b, eps=eps, tol=tol, return_plan=True, backend=backend, **problem)
+        assert calls and set(calls) == {"cpu"} and res.log["sinkhorn_backend"] == "cpu/float32"
+        assert res.f.dtype == res.plan.dtype == torch.float64 and res.log["stop"] == "tol"
+        assert _marginal_error(res.plan, a, b) <= tol  # Newton in float64 reaches the float64 tolerance
+        assert res.log["newton_iters"] <= ref.log["newton_iters"] + 2
+        torch.testing.assert_close(res.plan, ref.plan, atol=1e-9, rtol=0)
+        torch.testing.assert_close(res.log["value"], ref.log["value"], atol=1e-9, rtol=0)
+    # costs against eps beyond float32's reach for stage 1: auto runs the float64 reference, cpu refuses
+    calls.clear()
+    small = sinkhorn_newton_sparse(a=a, b=b, eps=1e-6, newton_iters=0, sinkhorn_iters=10, **problem)
+    assert calls == [] and small.log["sinkhorn_backend"] == "torch/float64"
+    with pytest.raises(_backend.BackendUnavailableError, match="sinkhorn_newton_sparse: backend 'cpu' .*float32"):
+        sinkhorn_newton_sparse(a=a, b=b, eps=1e-6, backend="cpu", **problem)
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="needs fastopt._C")
+def test_fallback_runs_float32_only_far_from_the_optimum(monkeypatch):
+    # every Newton step rejected: the fallback Sinkhorn iterations run on the float32 kernels while the
+    # error is above sinkhorn_tol, in float64 below it (float32 would undo what float64 Newton reached)
+    used = []
+    real = newton._iterate
+    monkeypatch.setattr(newton, "_iterate", lambda prob, *args: (used.append(prob.work_dtype), real(prob, *args))[1])
+    monkeypatch.setattr(newton, "_line_search", lambda prob, *args: (
+        torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.bool)))
+    C, a, b = _clouds(20, 25, seed=2)
+    res = sinkhorn_newton_sparse(C, a, b, 0.01, newton_iters=1)
+    assert res.log["fallbacks"] == 1 and res.log["sinkhorn_iters"] > 10
+    assert used[0] == torch.float32 and used[-1] == torch.float64 and used.count(torch.float64) == 1
+    used.clear()
+    res = sinkhorn_newton_sparse(C, a, b, 0.01, newton_iters=1, sinkhorn_iters=0)
+    assert res.log["fallbacks"] == 1 and used == [torch.float32]
