@@ -297,12 +297,15 @@ def test_bench_suite_methods_reach_the_tolerance():
 
     config = bench.Config(60, 0.01)
     C, a, b = bench.make_problem(config, "cpu")
-    iters = {}
+    points = bench.make_points(config, "cpu")
+    iters, plans = {}, {}
     for method in bench.METHODS:
-        plan, info = bench.solver(method, C, a, b, config.eps)()
+        plan, info = bench.solver(method, C, a, b, config.eps, points)()
         assert bench.marginal_error(plan, a, b) <= bench.TOL, method
-        iters[method] = info["iters"]
+        iters[method], plans[method] = info["iters"], plan
     assert iters["fastopt-sns"] * 5 <= iters["torch-sinkhorn-log"] == iters["pot-sinkhorn-log"]
+    assert iters["fastopt-sns"] == iters["fastopt-sns-torch"] == iters["fastopt-sns-points"]
+    torch.testing.assert_close(plans["fastopt-sns-points"], plans["fastopt-sns"], atol=1e-12, rtol=0)
 
 
 # -- (e) the online problem (points) and the float32 Sinkhorn stage --------------------------------

@@ -5,7 +5,12 @@
 the unit square, squared Euclidean cost, uniform weights; n = m = 500, ``--quick``: 100), by
 
 * ``fastopt-sns``: :func:`fastopt.ot.newton.sinkhorn_newton_sparse` (Sinkhorn warm start, then sparse
-  Newton steps; default sparsity), ``tol=1e-8``;
+  Newton steps; default sparsity), ``tol=1e-8``, ``backend="auto"``: the Sinkhorn stage on the float32
+  kernels (``info``'s ``stage1``), Newton in float64;
+* ``fastopt-sns-torch``: the same with ``backend="torch"`` (the Sinkhorn stage on the float64 torch
+  reference: what ``fastopt-sns`` ran before its stage moved to the kernels);
+* ``fastopt-sns-points``: the same solve on the points (``x=``, ``y=``: the online problem, no n x m
+  tensor except the returned plan; the Newton passes go by row blocks);
 * ``fastopt-sinkhorn``: :func:`fastopt.ot.sinkhorn` on the cost matrix (``backend="auto"``: the fastest
   Sinkhorn kernel built for the device), ``tol=1e-8``;
 * ``torch-sinkhorn-log`` (the baseline): :func:`fastopt.reference.ot.sinkhorn_reference`, the pure-PyTorch
@@ -15,8 +20,8 @@ the unit square, squared Euclidean cost, uniform weights; n = m = 500, ``--quick
   same marginal error since its rows are exact after each iteration).
 
 Each row's info gives ``eps``, the iterations the method needed (``iters``; for SNS Sinkhorn + Newton
-iterations, with ``newton`` and ``cg``, the conjugate-gradient products on the sparse Hessian, beside it)
-and the final marginal error (``err``), all from one solve done when the cases are listed.  One call is a
+iterations, with ``newton`` and ``cg``, the conjugate-gradient products on the sparse Hessian, beside it,
+and ``stage1``, what ran the Sinkhorn stage) and the final marginal error (``err``), all from one solve done when the cases are listed.  One call is a
 whole solve, so ``items`` is 1 (unit "solves") and ``bytes_per_call`` is the cost matrix read once: the
 GB/s column is not a bandwidth here.  Two regularizations: ``eps = 0.01`` (a plan spread over ~15
 neighbours per point; Sinkhorn needs a few hundred iterations) and ``eps = 0.002`` (sharper plan, slower
@@ -32,7 +37,7 @@ from .harness import Case, Suite, Unsupported, Workload, register
 TOL = 1e-8
 MAX_ITER = 100_000
 BASELINE = "torch-sinkhorn-log"
-METHODS = ("fastopt-sns", "fastopt-sinkhorn", BASELINE, "pot-sinkhorn-log")
+METHODS = ("fastopt-sns", "fastopt-sns-torch", "fastopt-sns-points", "fastopt-sinkhorn", BASELINE, "pot-sinkhorn-log")
 
 
 @dataclass(frozen=True)
@@ -50,13 +55,19 @@ CONFIGS = (Config(500, 0.01), Config(500, 0.002))
 CONFIGS_QUICK = (Config(100, 0.01),)
 
 
+def make_points(config, device):
+    """The two clouds (n, 2), float64, on ``device``."""
+    g = torch.Generator().manual_seed(config.seed)
+    x = torch.rand(config.n, 2, generator=g, dtype=torch.float64)
+    y = torch.rand(config.n, 2, generator=g, dtype=torch.float64)
+    return x.to(device), y.to(device)
+
+
 def make_problem(config, device):
     """Cost (n, n) and uniform weights, float64, on ``device`` (the same for every method)."""
     from fastopt.reference.ot import sqeuclidean_cost
 
-    g = torch.Generator().manual_seed(config.seed)
-    x = torch.rand(config.n, 2, generator=g, dtype=torch.float64)
-    y = torch.rand(config.n, 2, generator=g, dtype=torch.float64)
+    x, y = make_points(config, "cpu")
     C = sqeuclidean_cost(x, y).to(device)
     a = torch.full((config.n,), 1.0 / config.n, dtype=torch.float64, device=device)
     return C, a, a.clone()
@@ -70,15 +81,22 @@ def _pot():
     return ot
 
 
-def solver(method, C, a, b, eps):
-    """A function that runs one solve of ``method`` and returns ``(plan, info)``."""
-    if method == "fastopt-sns":
+def solver(method, C, a, b, eps, points=None):
+    """A function that runs one solve of ``method`` and returns ``(plan, info)`` (``points``: the clouds
+    ``(x, y)`` behind ``C``, for ``fastopt-sns-points``)."""
+    if method.startswith("fastopt-sns"):
         from fastopt.ot.newton import sinkhorn_newton_sparse
 
+        if method == "fastopt-sns-points" and points is None:
+            raise Unsupported("fastopt-sns-points needs the points")
+        problem = dict(x=points[0], y=points[1]) if method == "fastopt-sns-points" else dict(C=C)
+        backend = "torch" if method == "fastopt-sns-torch" else "auto"
+
         def run():
-            res = sinkhorn_newton_sparse(C, a, b, eps, tol=TOL, return_plan=True)
+            res = sinkhorn_newton_sparse(a=a, b=b, eps=eps, tol=TOL, return_plan=True, backend=backend, **problem)
             log = res.log
-            return res.plan, {"iters": log["iterations"], "newton": log["newton_iters"], "cg": log["cg_iters_total"]}
+            return res.plan, {"iters": log["iterations"], "newton": log["newton_iters"], "cg": log["cg_iters_total"],
+                              "stage1": log["sinkhorn_backend"]}
         return run
     if method == "fastopt-sinkhorn":
         from fastopt.ot import sinkhorn
@@ -118,7 +136,7 @@ def _info(config, method, device):
     """Iterations and final error of one solve (listed in the row)."""
     C, a, b = make_problem(config, device)
     try:
-        plan, info = solver(method, C, a, b, config.eps)()
+        plan, info = solver(method, C, a, b, config.eps, make_points(config, device))()
     except Unsupported:
         return {}
     return {**info, "err": f"{marginal_error(plan, a, b):.1e}"}
@@ -126,7 +144,7 @@ def _info(config, method, device):
 
 def sns_setup(config, method, device):
     C, a, b = make_problem(config, device)
-    return Workload(fn=solver(method, C, a, b, config.eps))
+    return Workload(fn=solver(method, C, a, b, config.eps, make_points(config, device)))
 
 
 def sns_cases(ctx):
@@ -135,7 +153,7 @@ def sns_cases(ctx):
     cases = []
     for c in configs:
         for m in METHODS:
-            info = {"eps": c.eps, "tol": TOL, "iters": "-", "newton": "-", "cg": "-", "err": "-"}
+            info = {"eps": c.eps, "tol": TOL, "iters": "-", "newton": "-", "cg": "-", "stage1": "-", "err": "-"}
             info.update(_info(c, m, device))
             cases.append(Case(config=c.name, method=m, items=1, bytes_moved=c.n * c.n * 8,
                               setup=lambda c=c, m=m: sns_setup(c, m, ctx.device), info=info))
