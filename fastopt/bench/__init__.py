@@ -27,4 +27,5 @@ from . import saf  # noqa: F401  (registers the "saf" suite)
 from . import adahessian  # noqa: F401  (registers the "adahessian" and "adahessian-step" suites)
 from . import classic  # noqa: F401  (registers the "classic-sgd", "classic-adagrad" and "classic-rmsprop" suites)
 from . import lightsb  # noqa: F401  (registers the "lightsb" suite)
+from . import ot_monge  # noqa: F401  (registers the "monge-gap" suite)
 from .harness import SUITES, Bar, Case, Suite, Unsupported, Workload, main, register  # noqa: F401
