@@ -37,7 +37,8 @@ NO_SPILL_KERNELS = OPTIMIZER_KERNELS + ("_increment_steps_kernel", "_codec_kerne
                                         "_transposable_mask_kernel", "_project_adam_kernel", "_back_project_kernel",
                                         "_saf_kernel", "_mfac_dots_kernel", "_mfac_update_kernel",
                                         "_probe_fill_kernel", "_probe_consume_kernel",
-                                        "_sort_block_kernel", "_merge_kernel", "_pairs_kernel", "_quantile_kernel")
+                                        "_sort_block_kernel", "_merge_kernel", "_pairs_kernel", "_quantile_kernel",
+                                        "_lightsb_kernel")
 SMEM_LIMIT = 227 * 1024
 
 

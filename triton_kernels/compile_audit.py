@@ -222,7 +222,7 @@ def select(launches, kernels):
 # :func:`capture` after it (the function launches every variant its kernel's launcher can start).
 EXERCISES = ["fastopt.triton_kernels.saf:audit_exercise", "fastopt.triton_kernels.mfac:audit_exercise",
              "fastopt.triton_kernels.sam:audit_exercise", "fastopt.triton_kernels.adahessian:audit_exercise",
-             "fastopt.triton_kernels.classic:audit_exercise"]
+             "fastopt.triton_kernels.classic:audit_exercise", "fastopt.triton_kernels.lightsb:audit_exercise"]
 
 
 def main(argv=None):

@@ -130,7 +130,9 @@ MAX_D = 1024
 def _config(n, k, d):
     block_d = triton.next_power_of_2(max(d, 1))
     block_n = 16 if block_d <= 64 else 4
-    block_k = max(1, min(triton.next_power_of_2(k), 4096 // (block_n * block_d)))
+    # (BLOCK_N, BLOCK_K, BLOCK_D) tiles of at most 2048 elements: 16 fp32 per thread and temporary at 4 warps;
+    # the gradient variants keep several alive (the compile audit: no local memory on sm_90)
+    block_k = max(1, min(triton.next_power_of_2(k), 2048 // (block_n * block_d)))
     return block_n, block_k, block_d
 
 
@@ -171,7 +173,11 @@ def lightsb_pass(pts, coords, la, cen, sig, out, row_w, dpts, dcoords, dla, dcen
 def audit_exercise():
     """Every variant :func:`lightsb_pass` launches (for ``compile_audit``): both modes, diagonal and full S,
     value only, with row weights, with every gradient."""
-    n, k, d = 37, 9, 5
+    for n, k, d in ((37, 9, 5), (300, 64, 16), (9, 5, 100)):
+        _audit_sizes(n, k, d)
+
+
+def _audit_sizes(n, k, d):
     for mode in (0, 1):
         for full in (False, True):
             x = torch.randn(n, d)

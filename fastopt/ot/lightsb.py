@@ -18,7 +18,7 @@ autograd, so the gradients reach every parameter exactly as the official code's 
 """
 import importlib
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -195,8 +195,9 @@ class LightSB(nn.Module):
     the gradient of the trainable ``...original`` tensor, which is what the optimizer sees, is the same.
     """
 
-    def __init__(self, dim=2, n_potentials=5, epsilon=1, is_diagonal=True, sampling_batch_size=1,
-                 S_diagonal_init=0.1, *, backend="auto"):
+    def __init__(self, dim: int = 2, n_potentials: int = 5, epsilon: Union[float, Tensor] = 1,
+                 is_diagonal: bool = True, sampling_batch_size: int = 1, S_diagonal_init: float = 0.1, *,
+                 backend: str = "auto") -> None:
         super().__init__()
         self.dim = _int(dim, "dim", 1)
         self.n_potentials = _int(n_potentials, "n_potentials", 1)
@@ -217,7 +218,7 @@ class LightSB(nn.Module):
         self.S_rotation_matrix = nn.Parameter(torch.randn(K, d, d))
         torch.nn.utils.parametrizations.orthogonal(self, "S_rotation_matrix")
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"dim={self.dim}, n_potentials={self.n_potentials}, epsilon={self._eps:g}, "
                 f"is_diagonal={self.is_diagonal}, sampling_batch_size={self.sampling_batch_size}, "
                 f"backend={self.backend!r}")
@@ -227,27 +228,27 @@ class LightSB(nn.Module):
         self._eps = float(self.epsilon)
 
     # -- the official accessors ----------------------------------------------------------------------
-    def get_S(self):
+    def get_S(self) -> Tensor:
         """``exp(s)`` (K, dim) when diagonal, else ``R diag(exp(s)) R^T`` (K, dim, dim)."""
         return ref.get_S(self.S_log_diagonal_matrix, None if self.is_diagonal else self.S_rotation_matrix,
                          self.is_diagonal)
 
-    def get_r(self):
+    def get_r(self) -> Tensor:
         return self.r
 
-    def get_log_alpha(self):
+    def get_log_alpha(self) -> Tensor:
         """``log_alpha_raw / epsilon``."""
         return (1 / self.epsilon) * self.log_alpha_raw
 
     @torch.no_grad()
-    def init_r_by_samples(self, samples):
+    def init_r_by_samples(self, samples: Tensor) -> None:
         """Set the means ``r`` to ``samples`` (n_potentials, dim), e.g. target samples."""
         if not isinstance(samples, Tensor) or tuple(samples.shape) != (self.n_potentials, self.dim):
             raise ValueError(f"{_FN}.init_r_by_samples: samples must be a tensor of shape "
                              f"({self.n_potentials}, {self.dim}), got {getattr(samples, 'shape', type(samples))}")
         self.r.data = torch.clone(samples.to(device=self.r.device, dtype=self.r.dtype))
 
-    def set_epsilon(self, new_epsilon):
+    def set_epsilon(self, new_epsilon: Union[float, Tensor]) -> None:
         """Set ``epsilon`` (log_alpha_raw is kept: log alpha changes with it, as in the official code)."""
         eps = _checks.real(new_epsilon, "epsilon", f"{_FN}.set_epsilon", tensor=True)
         self.epsilon = torch.tensor(eps, dtype=torch.float32, device=self.epsilon.device)
@@ -293,7 +294,7 @@ class LightSB(nn.Module):
         return pts, coords, la.contiguous(), cen.contiguous(), sig.contiguous()
 
     # -- the LightSB quantities ----------------------------------------------------------------------
-    def loss(self, x, y):
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
         """The training loss ``mean_i log c(x_i) - mean_j log v(y_j)`` (x (N, dim) source samples, y (M, dim)
         target samples): a 0-dim tensor, differentiable with respect to the parameters and x, y."""
         fn = f"{_FN}.loss"
@@ -307,7 +308,7 @@ class LightSB(nn.Module):
         b = _FusedMean.apply(*self._side(y, 1, R), 1, self._eps, -1.0 / y.shape[0], backend)
         return a + b
 
-    def get_log_C(self, x):
+    def get_log_C(self, x: Tensor) -> Tensor:
         """``log c_theta(x) = LSE_k [(x^T S_k x + 2 r_k^T x) / (2 eps) + log alpha_k]`` per row of x (N, dim)."""
         fn = f"{_FN}.get_log_C"
         self._check_points(x, "x", fn)
@@ -316,7 +317,7 @@ class LightSB(nn.Module):
             return ref.log_C_reference(x, *self._params())
         return _FusedRows.apply(*self._side(x, 0, self._rotation()), 0, self._eps, backend)
 
-    def get_log_potential(self, y):
+    def get_log_potential(self, y: Tensor) -> Tensor:
         """``log v_theta(y) = log sum_k alpha_k N(y | r_k, eps S_k)`` per row of y (N, dim)."""
         fn = f"{_FN}.get_log_potential"
         self._check_points(y, "y", fn)
@@ -326,7 +327,7 @@ class LightSB(nn.Module):
         return _FusedRows.apply(*self._side(y, 1, self._rotation()), 1, self._eps, backend)
 
     @torch.no_grad()
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         """One sample of ``y | x`` per row of x (N, dim): the mixture with weights
         ``softmax_k((x^T S_k x + 2 r_k^T x) / (2 eps) + log alpha_k)``, means ``r_k + S_k x`` and covariances
         ``eps S_k``, drawn in sub-batches of ``sampling_batch_size`` rows (torch's global generator)."""
@@ -358,7 +359,7 @@ class LightSB(nn.Module):
         return torch.cat(out, dim=0)
 
     @torch.no_grad()
-    def sample_at_time_moment(self, x, t):
+    def sample_at_time_moment(self, x: Tensor, t: Union[float, Tensor]) -> Tensor:
         """The bridge at time t: ``t y + (1 - t) x + sqrt(t (1 - t) eps) z`` with ``y = self(x)`` (official)."""
         t = torch.as_tensor(t, device=x.device)
         y = self(x)
