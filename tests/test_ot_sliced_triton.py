@@ -1,7 +1,10 @@
-"""The fused sliced-Wasserstein kernel (triton_kernels/sliced.py, backend="triton"): values and gradients
+"""The fused sliced-Wasserstein kernels (triton_kernels/sliced.py, backend="triton"): values and gradients
 against the torch path in float64 (which tests/test_ot_sliced.py checks against POT), both kernel modes
 (projection in the kernel, and projections from a GEMM for d > 16), shared and per-batch directions,
-max-SW / v-DSW / wasserstein_1d through the kernel, the backend choice and its errors, opcheck.
+max-SW / v-DSW / wasserstein_1d through the kernel, the backend choice and its errors, opcheck; beyond one
+program (the multi-block sort + merge passes, forced here with small block sizes) and the quantile merge
+for weighted / unequal-size measures, with gradients for the points, directions and weights, against the
+torch path and POT.
 
 Without a GPU the kernel runs under TRITON_INTERPRET=1 (slow: the problems here are small)."""
 import pytest
@@ -152,11 +155,14 @@ def test_backend_choice_and_errors(monkeypatch):
         sliced_wasserstein(xf, yf, backend="gpu")
     cases = [
         (dict(x=x, y=y), "float32"),
-        (dict(x=xf, y=yf, a=torch.ones(20)), "uniform weights"),
-        (dict(x=xf, y=yf[:15]), "n=20, m=15"),
         (dict(x=xf, y=yf, control_variate="lower"), "control variates"),
-        (dict(x=torch.zeros(S._FUSED_MAX_N + 1, 2), y=torch.zeros(S._FUSED_MAX_N + 1, 2)), "at most"),
     ]
+    # weights, n != m and any size are the kernels' (auto picks them on CUDA); float64 is not
+    big = torch.zeros(S._FUSED_MAX_N + 1, 2)
+    for args in ((xf, yf, torch.ones(20), None), (xf, yf[:15], None, None), (big, big, None, None),
+                 (xf, yf[:15], None, torch.ones(15))):
+        assert S._fused_reason(*args, torch.float32) is None
+    assert "float32" in S._fused_reason(x, y, None, None, torch.float64)
     for kw, match in cases:
         kw = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
         with pytest.raises(_backend.BackendUnavailableError, match=match):
@@ -172,3 +178,112 @@ def test_sliced_wpp_opcheck():
     px, py = torch.randn(2, 4, 9, device=DEV), torch.randn(2, 4, 9, device=DEV)
     torch.library.opcheck(_ops.sliced_wpp_, (px, py, None, torch.empty(2, 4, device=DEV), torch.empty(0, device=DEV),
                                              torch.empty(0, device=DEV), 1.5, False, "triton"))
+
+
+# -- beyond one program, weights, n != m -------------------------------------------------------------------------
+def _small_blocks(monkeypatch):
+    """Blocks of 64 keys (merge chunks and reductions of 64) so that a few hundred points need several sorted
+    blocks and merge passes (a run without a partner included) under the interpreter."""
+    tsl = _backend.triton_kernels().sliced
+    for name, value in (("MAX_N", 64), ("SORT_BLOCK", 64), ("MERGE_BLOCK", 64), ("REDUCE_BLOCK", 64)):
+        monkeypatch.setattr(tsl, name, value)
+    return tsl
+
+
+def test_multiblock_sort_and_merge(monkeypatch):
+    tsl = _small_blocks(monkeypatch)
+    gen = torch.Generator().manual_seed(21)
+    px = torch.randn(2, 1, 150, generator=gen)
+    px[1, 0, 40:90] = 0.5  # ties across blocks: the index keeps the sort stable
+    # int32 keys (the value only: no gradient) on the first row, int64 keys (value, index) on the one with ties
+    for key64, row in ((False, 0), (True, 1)):
+        keys = tsl._sorted_keys(px[row].contiguous().to(DEV), None, 1, 1, 150, 1, 0, key64).cpu()
+        hi = (keys >> 32).to(torch.int32) if key64 else keys
+        vals = torch.where(hi < 0, hi ^ 0x7FFFFFFF, hi).view(torch.float32)
+        want, order = torch.sort(px[row, 0], stable=True)
+        assert torch.equal(vals, want)
+        if key64:
+            assert torch.equal(keys & 0xFFFFFFFF, order)
+
+
+def test_multiblock_matches_torch(monkeypatch):
+    _small_blocks(monkeypatch)
+    x, y = _clouds((), 150, 3, seed=22)
+    proj = random_projections(3, 1, dtype=torch.float64, seed=23)
+    ref = _value_and_grads(x, y, proj, 1.5, "torch", torch.float64)
+    got = _value_and_grads(x, y, proj, 1.5, "triton", torch.float32)
+    f32 = _value_and_grads(x, y, proj, 1.5, "torch", torch.float32)
+    for name, r, g, f in zip(("value", "dx", "dy", "dtheta"), ref, got, f32):
+        scale = r.abs().max()
+        err, err32 = (g - r).abs().max() / scale, (f - r).abs().max() / scale
+        assert err <= max(2 * err32, 1e-6), (name, float(err), float(err32))
+
+
+def _weighted_value_and_grads(x, y, a, b, proj, p, backend, dtype):
+    ts = [None if t is None else t.detach().to(DEV, dtype).requires_grad_() for t in (x, y, a, b, proj)]
+    v = sliced_wasserstein(ts[0], ts[1], ts[2], ts[3], projections=ts[4], p=p, backend=backend)
+    (v * torch.arange(1, v.numel() + 1, device=DEV, dtype=v.dtype).reshape(v.shape)).sum().backward()
+    return [v.detach().double().cpu()] + [None if t is None else t.grad.double().cpu() for t in ts]
+
+
+@pytest.mark.parametrize("batch,n,m,L,weights,p", [
+    ((2,), 40, 27, 1, "ab", 1.5),    # both weighted, per-batch a and shared b, general p
+    ((), 33, 20, 2, "", 2.0),         # uniform weights, n != m
+    ((), 25, 25, 1, "b", 1.0),        # n == m but one side weighted
+])
+def test_weighted_and_unequal_match_torch(batch, n, m, L, weights, p):
+    gen = torch.Generator().manual_seed(24)
+    x = torch.randn(*batch, n, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(*batch, m, 3, generator=gen, dtype=torch.float64) * 1.2 + 0.3
+    a = torch.rand(*batch, n, generator=gen, dtype=torch.float64) + 0.1 if "a" in weights else None
+    b = torch.rand(m, generator=gen, dtype=torch.float64) + 0.1 if "b" in weights else None
+    proj = random_projections(3, L, dtype=torch.float64, seed=25)
+    ref = _weighted_value_and_grads(x, y, a, b, proj, p, "torch", torch.float64)
+    got = _weighted_value_and_grads(x, y, a, b, proj, p, "triton", torch.float32)
+    f32 = _weighted_value_and_grads(x, y, a, b, proj, p, "torch", torch.float32)
+    for name, r, g, f in zip(("value", "dx", "dy", "da", "db", "dtheta"), ref, got, f32):
+        if r is None:
+            assert g is None, name
+            continue
+        scale = r.abs().max()
+        err, err32 = (g - r).abs().max() / scale, (f - r).abs().max() / scale
+        assert err <= max(2 * err32, 2e-6), (name, float(err), float(err32))
+    ot = pytest.importorskip("ot")
+    for i in range(len(ref[0].reshape(-1))):
+        xi, yi = x.reshape(-1, n, 3)[i].numpy(), y.reshape(-1, m, 3)[i].numpy()
+        ai = None if a is None else (a.reshape(-1, n)[i] / a.reshape(-1, n)[i].sum()).numpy()
+        bi = None if b is None else (b / b.sum()).numpy()
+        want = ot.sliced_wasserstein_distance(xi, yi, ai, bi, projections=proj.numpy(), p=p)
+        assert abs(float(got[0].reshape(-1)[i]) - float(want)) <= 2e-6 * float(want)
+
+
+def test_weighted_multiblock_wasserstein_1d_matches_pot(monkeypatch):
+    _small_blocks(monkeypatch)
+    gen = torch.Generator().manual_seed(26)
+    u, v = torch.randn(150, 1, generator=gen, dtype=torch.float64), torch.rand(97, 1, generator=gen, dtype=torch.float64)
+    uw, vw = torch.rand(150, generator=gen, dtype=torch.float64) + 0.05, torch.rand(97, generator=gen, dtype=torch.float64)
+    uw, vw = uw / uw.sum(), vw / vw.sum()
+    ug, uwg = u.float().to(DEV).requires_grad_(), uw.float().to(DEV).requires_grad_()
+    got = wasserstein_1d(ug, v.float().to(DEV), uwg, vw.float().to(DEV), p=2, backend="triton")
+    got.sum().backward()
+    ur, uwr = u.clone().requires_grad_(), uw.clone().requires_grad_()
+    want = wasserstein_1d(ur, v, uwr, vw, p=2, backend="torch")
+    want.sum().backward()
+    torch.testing.assert_close(got.double().cpu(), want, rtol=2e-6, atol=0)
+    torch.testing.assert_close(ug.grad.double().cpu(), ur.grad, rtol=0, atol=2e-6 * float(ur.grad.abs().max()))
+    torch.testing.assert_close(uwg.grad.double().cpu(), uwr.grad, rtol=0, atol=2e-6 * float(uwr.grad.abs().max()))
+    ot = pytest.importorskip("ot")
+    pot = ot.wasserstein_1d(u.numpy(), v.numpy(), uw.numpy(), vw.numpy(), p=2)
+    assert abs(float(got.detach()) - float(pot[0])) <= 2e-6 * float(pot[0])
+
+
+def test_sliced_wpp_quantile_opcheck():
+    px, py = torch.randn(1, 2, 9, device=DEV), torch.randn(1, 2, 7, device=DEV)
+    a = torch.rand(1, 9, device=DEV)
+    a = a / a.sum()
+    empty = torch.empty(0, device=DEV)
+    args = (px, py, None, a, None, torch.empty(1, 2, device=DEV), torch.empty(1, 2, 9, device=DEV),
+            torch.empty(1, 2, 7, device=DEV), torch.empty(1, 2, 9, device=DEV), empty,
+            torch.empty(1, 2, 9, dtype=torch.int64, device=DEV), torch.empty(0, dtype=torch.int64, device=DEV),
+            2.0, True, "triton")
+    torch.library.opcheck(_ops.sliced_wpp_quantile_, args)

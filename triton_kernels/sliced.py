@@ -1,4 +1,8 @@
-"""Triton kernel of the sliced Wasserstein distance: projection, sort and 1-D cost fused per direction.
+"""Triton kernels of the sliced Wasserstein distance: projection, sort and 1-D cost fused per direction.
+
+(Below MAX_N points per cloud, uniform weights and n == m: one program per direction, described here.
+Above, and for weights or n != m: sorted blocks, merge passes and reductions in global memory; see
+the section "beyond one program" further down.)
 
 One program takes one direction ``theta_l`` of one batch entry ``b`` and two point clouds of the same
 size ``n`` with uniform weights (the sort-and-subtract case of ``W_p``):
@@ -110,7 +114,8 @@ def sliced_wpp(x, y, dirs, wpp, cx, cy, p, grad):
     to the projected values into ``cx``, ``cy`` (B, L, n) fp32.
 
     ``x``, ``y``: contiguous points (B, n, d) with ``dirs`` contiguous (Bd, L, d), ``Bd`` 1 (shared) or B;
-    or, with ``dirs`` None, contiguous projections (B, L, n).  ``n <= MAX_N``, ``p >= 1``."""
+    or, with ``dirs`` None, contiguous projections (B, L, n).  ``p >= 1``.  Up to ``MAX_N`` points one program
+    per direction sorts in registers; above, sorted blocks are merged in global memory."""
     batch, L = wpp.shape
     projected = dirs is None
     n = x.shape[2] if projected else x.shape[1]

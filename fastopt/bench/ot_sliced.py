@@ -3,9 +3,12 @@
 One timed call is one Monte-Carlo ``SW_2`` between two point clouds with the same fixed projection
 matrix for every method (drawn once in the setup, POT's ``(d, L)`` layout, fp32):
 
-* ``fastopt`` — :func:`fastopt.ot.sliced.sliced_wasserstein` with ``backend="auto"``: on CUDA the fused
-  Triton projection + sort kernel where it applies (uniform weights, ``n == m <= 8192``), else the
-  torch path (GEMM + sort; on CPU the sorts go through NumPy's SIMD sort);
+* ``fastopt`` — :func:`fastopt.ot.sliced.sliced_wasserstein` with ``backend="auto"``: on CUDA the Triton
+  kernels for every config (one program per direction up to 8192 points with uniform weights; sorted
+  blocks + merge passes above; the quantile merge for weights / n != m); on CPU the torch path (GEMM +
+  sort, the sorts through NumPy's SIMD sort);
+* ``fastopt-triton`` — the same with ``backend="triton"`` (Unsupported on CPU, where Triton is only the
+  interpreter): the kernels by name, so the report shows them even if ``auto`` changed its choice;
 * ``fastopt-torch`` — the same with ``backend="torch"`` (CUDA only: on CPU it is ``fastopt``), to
   measure the kernel against the torch path;
 * ``pot-torch`` (the baseline) — ``ot.sliced_wasserstein_distance`` on the same torch tensors (POT's
@@ -26,10 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .harness import Bar, Case, Suite, Unsupported, Workload, register
+from .harness import Bar, Case, Suite, Unsupported, Workload, fastopt_backend, register
 
 BASELINE = "pot-torch"
-METHODS = ("fastopt", "fastopt-torch", BASELINE, "pot-numpy")
+METHODS = ("fastopt", "fastopt-triton", "fastopt-torch", BASELINE, "pot-numpy")
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ C_CPU_QUICK = Config(2_000, 2_000, 3, 20)
 C_CUDA = Config(100_000, 100_000, 3, 1000)
 C_CUDA_W = Config(100_000, 80_000, 3, 1000, weighted=True)
 C_CUDA_GRAD = Config(100_000, 100_000, 3, 1000, grad=True)
-C_CUDA_FUSED = Config(8192, 8192, 3, 1000)  # the largest the fused kernel takes
+C_CUDA_FUSED = Config(8192, 8192, 3, 1000)  # the largest one program per direction sorts
 C_CUDA_FUSED_GRAD = Config(8192, 8192, 3, 1000, grad=True)
 C_CUDA_QUICK = Config(4096, 4096, 3, 100)
 
@@ -102,6 +105,9 @@ def sw_setup(config, method, device):
 
     if method == "fastopt":
         return Workload(fn=lambda: run(lambda: sliced_wasserstein(x, y, a, b, projections=proj)))
+    if method == "fastopt-triton":
+        backend = fastopt_backend(method, device)
+        return Workload(fn=lambda: run(lambda: sliced_wasserstein(x, y, a, b, projections=proj, backend=backend)))
     if method == "fastopt-torch":
         if device.type != "cuda":
             raise Unsupported("on CPU backend='auto' is the torch path: see the fastopt row")

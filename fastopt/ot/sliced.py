@@ -41,14 +41,29 @@ exact, so the values are the same; ``FASTOPT_NUMPY_SORT=0`` turns it off).  Grad
 to the points (and the weights) flow through the sort permutation.
 
 Backends (``backend=``): ``"torch"`` runs every case on every device (a GEMM for the projections, then
-the sorts above); ``"triton"`` is the fused kernel of ``triton_kernels/sliced.py``: one program per
-direction and batch entry projects both clouds, sorts them in registers and reduces
-``1/n sum_k |xs_k - ys_k|^p``, so the ``L x n`` projections are never written unsorted, and writes
-``d W_p^p / d projection`` for the backward (two GEMMs).  It takes uniform weights, ``n == m <= 8192``
-points, float32 compute (half inputs are upcast) and no control variate; for ``d > 16`` a GEMM
-projects and the kernel sorts and reduces.  ``"auto"`` picks it for CUDA tensors when it applies and
-the torch path otherwise; ``backend="triton"`` on a problem it cannot take raises
-``BackendUnavailableError`` saying why.  There is no ``"cpu"`` / ``"cuda"`` (C++) kernel here.
+the sorts above); ``"triton"`` runs every case on the kernels of ``triton_kernels/sliced.py`` in float32
+(half inputs are upcast):
+
+* uniform weights and ``n == m <= 8192``: one program per direction and batch entry projects both
+  clouds, sorts them in registers and reduces ``1/n sum_k |xs_k - ys_k|^p``, so the ``L x n``
+  projections are never written unsorted, and writes ``d W_p^p / d projection`` for the backward (two
+  GEMMs);
+* uniform weights and ``n == m > 8192``: each program projects and sorts a block of 4096 values of a
+  direction, merge passes (merge path: each program finds its chunk's split of the two runs by binary
+  search and sorts the chunk's keys in registers) double the sorted runs in global memory, and a
+  reduction over the sorted pairs writes the partial sums and the derivatives (scattered through the
+  permutation, which the sort keys carry);
+* weights or ``n != m`` (any sizes): the same sorts, then the quantile merge of the two sorted
+  cumulative-weight sequences (merge path again), ``W_p^p = sum_k (q_k - q_{k-1}) |xs_iu - ys_iv|^p``,
+  with the derivatives with respect to the projections and, for weights that need a gradient, with
+  respect to the cumulative weights (the weights' gradient is then a suffix sum in torch).
+
+For ``d > 16`` a GEMM projects and the kernels only sort and reduce.  ``"auto"`` picks the kernels for
+float32 (and half) CUDA tensors of any size and weights, and the torch path for float64, CPU tensors
+and control variates (which need the projections' moments); ``backend="triton"`` on such a problem
+raises ``BackendUnavailableError`` saying why.  There is no ``"cpu"`` / ``"cuda"`` (C++) kernel here.
+The quantile merge adds the interval derivatives with atomics (several intervals share a point), so
+its gradients may differ between runs in the last bits; values are deterministic.
 
 Errors: bad inputs raise ``TypeError`` / ``ValueError`` naming the parameter, before any computation
 (non-tensor, integer, bool or complex points; dimension or batch mismatch; negative, non-finite or
