@@ -466,3 +466,21 @@ def test_fallback_runs_float32_only_far_from_the_optimum(monkeypatch):
     used.clear()
     res = sinkhorn_newton_sparse(C, a, b, 0.01, newton_iters=1, sinkhorn_iters=0)
     assert res.log["fallbacks"] == 1 and used == [torch.float32]
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="needs fastopt._C")
+def test_float32_online_state_by_the_kernels(monkeypatch):
+    # float32 points on a kernel backend: the Newton stage's row and column sums of P are the kernels'
+    # soft-minimum passes (two per state); same solve as the dense float32 problem up to float32 rounding
+    x, y, a, b = (t.float() for t in _points(1, 40, 30, 2, seed=15))
+    eps = 5e-3
+    dense = sinkhorn_newton_sparse(dense_cost(x, y, "sqeuclidean"), a, b, eps, return_plan=True)
+    calls = []
+    real = _ops.ot_softmin
+    monkeypatch.setattr(_ops, "ot_softmin", lambda *args: (calls.append(args[-1]), real(*args))[1])
+    res = sinkhorn_newton_sparse(a=a, b=b, x=x, y=y, eps=eps, return_plan=True)
+    log = res.log
+    assert log["stop"] == "tol" and log["newton_iters"] >= 2 and res.plan.dtype == torch.float32
+    assert len(calls) >= 2 * log["sinkhorn_iters"] + 2 * (log["newton_iters"] + 1)
+    assert _marginal_error(res.plan.double(), a.double(), b.double()) <= 2e-5
+    assert float((res.plan - dense.plan).abs().max()) < 1e-5

@@ -82,8 +82,11 @@ Float32 problems run their Sinkhorn iterations on the kernels as :func:`fastopt.
 **Online problems** (``x=``, ``y=``: points and a cost name instead of ``C``).  No n x m tensor is held:
 the Sinkhorn iterations run on the kernels' online passes (the cost formed tile by tile) or, for the
 torch reference, on the soft-minimum by blocks of rows (and of columns); every Newton-stage pass forms
-the costs of a block of ``block_rows`` rows from the points (temporaries of ``block_rows x m`` entries)
-and reduces it: the row and column sums of ``P`` (the state), the per-row top-k (int ``sparsity``:
+the costs of a block of ``block_rows`` rows from the points (temporaries of ``block_rows x m`` entries;
+when one block holds every row, its costs are formed once and kept) and reduces it: the row and column
+sums of ``P`` (the state; for float32 points on a kernel backend, the kernels' soft-minimum passes
+instead: ``P 1 = a |b| exp((f - Phi(g)) / eps)`` with ``Phi`` the soft-minimum over the columns with
+weights ``b``, and ``P^T 1`` likewise), the per-row top-k (int ``sparsity``:
 each block's rows) or the global top-K (float ``sparsity``: each block's K largest merged into the
 running K largest), and each line-search trial's ``sum_ij P_ij expm1(...)``.  The sparse Hessian
 ``(rows, cols, vals)`` (``O(n + m + K)``) and the CG products on it are those of the dense problem, and
@@ -302,13 +305,24 @@ class _OnlineProblem:
                 _cost_block(self.x[:, i0:i0 + self.block], self.y, self.cost) / self.eps
             yield i0, fe[:, i0:i0 + self.block, None] + ge - C_eps
 
+    kernel = None  # a float32 problem of fastopt.ot.sinkhorn on a kernel backend: it gives the row/column sums
+
     def state(self, f, g):
-        rows = torch.empty_like(self.a)
-        cols = torch.zeros_like(self.b)
-        for i0, logP in self.blocks(f, g):
-            P = logP.exp()
-            rows[:, i0:i0 + P.shape[1]] = P.sum(-1)
-            cols += P.sum(-2)
+        if self.kernel is not None:
+            # P 1 = a |b| exp((f - Phi(g)) / eps) with Phi the kernels' weighted soft-minimum over the columns
+            # (weights proportional to b), and P^T 1 likewise: two online passes
+            k = self.kernel
+            rows = torch.where(self.valid[:, :self.n], self.a * self.b.sum(-1, keepdim=True)
+                               * torch.exp((f - k.softmin(g, self.eps, rows=True)) / self.eps), 0.0)
+            cols = torch.where(self.valid[:, self.n:], self.b * self.a.sum(-1, keepdim=True)
+                               * torch.exp((g - k.softmin(f, self.eps, rows=False)) / self.eps), 0.0)
+        else:
+            rows = torch.empty_like(self.a)
+            cols = torch.zeros_like(self.b)
+            for i0, logP in self.blocks(f, g):
+                P = logP.exp()
+                rows[:, i0:i0 + P.shape[1]] = P.sum(-1)
+                cols += P.sum(-2)
         d = torch.cat([rows, cols], dim=-1)
         grad = torch.where(self.valid, torch.cat([self.a, self.b], dim=-1) - d, 0.0)
         return None, d, grad, grad.norm(dim=-1)
@@ -656,6 +670,8 @@ def sinkhorn_newton_sparse(C: Optional[torch.Tensor] = None, a: Optional[torch.T
         block = block_rows or _block_rows(B, n, m, d)
         prob = _OnlineProblem(x3, y3, cost, a2, b2, eps, block)
         stage = _Stage(None, x3, y3, cost, a2, b2, eps, backend, sinkhorn_tol, size, fn, block_rows)
+        if dtype == torch.float32 and stage.fast.backend != "torch":  # row/column sums by the kernels' passes
+            prob.kernel = stage.fast
     else:
         prob = _Problem(C.reshape(B, n, m), a2, b2, eps)
         stage = _Stage(C.reshape(B, n, m), None, None, None, a2, b2, eps, backend, sinkhorn_tol, size, fn, None)
