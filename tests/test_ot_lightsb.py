@@ -245,3 +245,10 @@ def test_set_epsilon_and_state_dict_keep_the_kernels_epsilon():
     x, y = torch.randn(5, 2), torch.randn(4, 2)
     want = ref.loss_reference(x, y, m2.log_alpha_raw, m2.r, m2.S_log_diagonal_matrix, None, 0.5, True)
     torch.testing.assert_close(m2.loss(x, y), want, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_runs_the_cpu_kernel_on_fp32_cpu_tensors():
+    m = LightSB(3, 4, 0.1)
+    x = torch.randn(5, 3)
+    assert m._resolve("LightSB.loss", x) == ("cpu" if "cpu" in KERNELS else "torch")
+    assert m._resolve("LightSB.loss", x.double()) == "torch"
