@@ -112,7 +112,7 @@ from ..reference.ot import cost_matrix as _cost_block
 from ..reference.ot import softmin_reference
 from . import _checks
 from ._result import _LoggedResult
-from .sinkhorn import _balanced_problem, _check_scales, _cost_scale, _iterate, _prepare
+from .sinkhorn import _check_scales, _cost_scale, _iterate, _prepare
 
 __all__ = ["sinkhorn_newton_sparse", "sparsify_plan", "lyapunov", "SNSResult"]
 
