@@ -20,12 +20,12 @@ the unit square, squared Euclidean cost, uniform weights; n = m = 500, ``--quick
   same marginal error since its rows are exact after each iteration).
 
 Each row's info gives ``eps``, the iterations the method needed (``iters``; for SNS Sinkhorn + Newton
-iterations, with ``newton`` and ``cg``, the conjugate-gradient products on the sparse Hessian, beside it,
-and ``stage1``, what ran the Sinkhorn stage) and the final marginal error (``err``), all from one solve
-done when the cases are listed.  One call is a whole solve, so ``items`` is 1 (unit "solves") and
-``bytes_per_call`` is the cost matrix read once: the GB/s column is not a bandwidth here.  Two
-regularizations: ``eps = 0.01`` (a plan spread over ~15 neighbours per point; Sinkhorn needs a few hundred iterations) and ``eps = 0.002`` (sharper plan, slower
-Sinkhorn: the regime SNS is designed for).
+iterations, with ``newton`` and ``cg``, the conjugate-gradient products on the sparse Hessian, beside it, and
+``stage1``, what ran the Sinkhorn stage) and the final marginal error (``err``), all from one solve done when
+the cases are listed. One call is a whole solve, so ``items`` is 1 (unit "solves") and ``bytes_per_call`` is
+the cost matrix read once: the GB/s column is not a bandwidth here. Two regularizations: ``eps = 0.01`` (a
+plan spread over ~15 neighbours per point; Sinkhorn needs a few hundred iterations) and ``eps = 0.002``
+(sharper plan, slower Sinkhorn: the regime SNS is designed for).
 """
 from dataclasses import dataclass
 from functools import lru_cache
