@@ -260,8 +260,9 @@ def test_weighted_and_unequal_match_torch(batch, n, m, L, weights, p):
 def test_weighted_multiblock_wasserstein_1d_matches_pot(monkeypatch):
     _small_blocks(monkeypatch)
     gen = torch.Generator().manual_seed(26)
-    u, v = torch.randn(150, 1, generator=gen, dtype=torch.float64), torch.rand(97, 1, generator=gen, dtype=torch.float64)
-    uw, vw = torch.rand(150, generator=gen, dtype=torch.float64) + 0.05, torch.rand(97, generator=gen, dtype=torch.float64)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    u, v = torch.randn(150, 1, **f64), torch.rand(97, 1, **f64)
+    uw, vw = torch.rand(150, **f64) + 0.05, torch.rand(97, **f64)
     uw, vw = uw / uw.sum(), vw / vw.sum()
     ug, uwg = u.float().to(DEV).requires_grad_(), uw.float().to(DEV).requires_grad_()
     got = wasserstein_1d(ug, v.float().to(DEV), uwg, vw.float().to(DEV), p=2, backend="triton")

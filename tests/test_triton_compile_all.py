@@ -171,8 +171,9 @@ def exercise():
             gq = [torch.zeros(1, 2, k) if w is not None else torch.zeros(0) for w, k in ((a, nb), (b, nb - 7))]
             pm = [torch.zeros(1, 2, k, dtype=torch.int64) if w is not None else torch.zeros(0, dtype=torch.int64)
                   for w, k in ((a, nb), (b, nb - 7))]
-            tsl.sliced_wpp_quantile(xb, yb, db, a, b, torch.zeros(1, 2), torch.zeros(1, 2, nb), torch.zeros(1, 2, nb - 7),
-                                    *(gq if grad else (torch.zeros(0), torch.zeros(0))), *pm, p, grad)
+            tsl.sliced_wpp_quantile(xb, yb, db, a, b, torch.zeros(1, 2), torch.zeros(1, 2, nb),
+                                    torch.zeros(1, 2, nb - 7), *(gq if grad else (torch.zeros(0), torch.zeros(0))), *pm,
+                                    p, grad)
 
     # GaLore's projected step (triton_kernels/lowrank.py): both sides; fp32 / bf16 (and fp16) gradients and
     # parameters; dense fp32 and INT4 projectors; with and without a grad scale. r = 5, 32, 100 reach every

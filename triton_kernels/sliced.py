@@ -148,8 +148,9 @@ def sliced_wpp(x, y, dirs, wpp, cx, cy, p, grad):
 # 2. ``_merge_kernel``, once per doubling of the run width: merge path.  Output chunk ``[k0, k0 + BLOCK)`` of
 #    the merge of runs A and B starts at the diagonal ``k0``, whose split ``(i, k0 - i)`` (i keys from A) is
 #    found by a binary search, as is the split of its end; the chunk's keys are then A[i0:i1] and B[j0:j1],
-#    which the program loads into one BLOCK-wide vector and sorts in registers.  Keys are unique (int64:
-#    the index breaks ties) or equal keys are interchangeable (int32), so no tie rule is needed.
+#    which the program loads into one BLOCK-wide bitonic vector (A ascending, B reversed) and sorts in
+#    registers by one bitonic merge (log2 BLOCK rounds).  Keys are unique (int64: the index breaks ties)
+#    or equal keys are interchangeable (int32), so no tie rule is needed.
 # 3. the reduction over the sorted rows:
 #    * uniform weights, n == m (``_pairs_kernel``): sum_k |xs_k - ys_k|^p / n over chunks (partial sums per
 #      chunk, added by torch: deterministic), and with GRAD the derivative scattered to each point's index;
@@ -157,8 +158,9 @@ def sliced_wpp(x, y, dirs, wpp, cx, cy, p, grad):
 #      of the cumulative weights cu (n, sorted order) and cv (m): merged breakpoint k ends the interval
 #      (q_{k-1}, q_k] on which F^-1 = xs[iu], G^-1 = ys[iv], iu / iv the numbers of u / v breakpoints
 #      before k (u first at ties).  Merge path again: each program finds the splits of its chunk of the
-#      n + m breakpoints by binary search, sorts the chunk's breakpoints (keys: the weight's bits << 32 |
-#      side << 31 | index), and then for the breakpoint at merged position k from side u with index i:
+#      n + m breakpoints by binary search, sorts the chunk's breakpoints by a bitonic merge (keys: the
+#      weight's bits << 32 | side << 31 | index; u ascending, v reversed), and then for the breakpoint at
+#      merged position k from side u with index i:
 #      iu = i, iv = k - i (and symmetrically); q_{k-1} = max(cu[iu-1], cv[iv-1]).  With GRAD the interval's
 #      derivative delta_k * d|.|^p is added (atomically: several intervals share an atom) to the atom's
 #      point, and with WU / WV the derivative with respect to the breakpoint itself, c_k - c_{k+1}
@@ -235,6 +237,26 @@ def _split(a_ptr, b_ptr, la, lb, diag, steps):
 
 
 @triton.jit
+def _xor(a, b):
+    return a ^ b
+
+
+@triton.jit
+def _bitonic_merge(key, LOG: tl.constexpr):
+    """Sort a bitonic vector of ``2**LOG`` integer keys (ascending, then descending): ``LOG`` rounds of
+    compare-exchange at distances 2**(LOG-1), ..., 1 (Batcher's bitonic merge), where a full sort takes
+    LOG (LOG + 1) / 2.  The vector is viewed as a 2 x 2 x ... x 2 cube: round r pairs the elements that
+    differ along axis r, the partner of each is its value xor the xor of the pair (a reduction along
+    that axis), and the lower position keeps the minimum."""
+    h = tl.reshape(key, [2] * LOG)
+    for r in tl.static_range(LOG):
+        side = tl.reshape(tl.arange(0, 2), [1] * r + [2] + [1] * (LOG - 1 - r))  # 0: lower, 1: upper
+        other = h ^ tl.reduce(h, r, _xor, keep_dims=True)
+        h = tl.where((h > other) != (side == 1), other, h)
+    return tl.reshape(h, [2**LOG])
+
+
+@triton.jit
 def _sort_block_kernel(x_ptr, dir_ptr, keys_ptr, n, L, d, dir_bstride,
                        PROJECTED: tl.constexpr, KEY64: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -256,7 +278,7 @@ def _sort_block_kernel(x_ptr, dir_ptr, keys_ptr, n, L, d, dir_bstride,
 
 
 @triton.jit
-def _merge_kernel(src_ptr, dst_ptr, n, width, steps, KEY64: tl.constexpr, BLOCK: tl.constexpr):
+def _merge_kernel(src_ptr, dst_ptr, n, width, steps, KEY64: tl.constexpr, BLOCK: tl.constexpr, LOG: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     k0 = tl.program_id(1) * BLOCK
     base = (k0 // (2 * width)) * (2 * width)  # BLOCK divides width: a chunk lies in one pair of runs
@@ -271,15 +293,17 @@ def _merge_kernel(src_ptr, dst_ptr, n, width, steps, KEY64: tl.constexpr, BLOCK:
     ca = a1 - a0
     cb = (d1 - a1) - (d0 - a0)
     offs = tl.arange(0, BLOCK)
+    # A's keys ascending, the padding, B's keys descending: a bitonic vector, which one merge sorts
     isa = offs < ca
-    isb = (offs >= ca) & (offs < ca + cb)
+    rev = BLOCK - 1 - offs
+    isb = rev < cb
     ka = tl.load(a_ptr + a0 + offs, mask=isa)
-    kb = tl.load(b_ptr + (d0 - a0) + (offs - ca), mask=isb)
+    kb = tl.load(b_ptr + (d0 - a0) + rev, mask=isb)
     if KEY64:
         pad = _PAD64
     else:
         pad = _PAD32
-    key = tl.sort(tl.where(isa, ka, tl.where(isb, kb, pad)))
+    key = _bitonic_merge(tl.where(isa, ka, tl.where(isb, kb, pad)), LOG)
     tl.store(dst_ptr + row * n + k0 + offs, key, mask=offs < ca + cb)
 
 
@@ -304,7 +328,7 @@ def _pairs_kernel(kx_ptr, ky_ptr, part_ptr, cx_ptr, cy_ptr, n, nchunks, p, inv_n
 def _quantile_kernel(kx_ptr, ky_ptr, cu_ptr, cv_ptr, cu_rstride, cv_rstride, part_ptr, cx_ptr, cy_ptr,
                      gcu_ptr, gcv_ptr, n, m, nchunks, steps, p,
                      P_KIND: tl.constexpr, GRAD: tl.constexpr, WU: tl.constexpr, WV: tl.constexpr,
-                     KEY64: tl.constexpr, BLOCK: tl.constexpr):
+                     KEY64: tl.constexpr, BLOCK: tl.constexpr, LOG: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cu = cu_ptr + row * cu_rstride
@@ -317,15 +341,17 @@ def _quantile_kernel(kx_ptr, ky_ptr, cu_ptr, cv_ptr, cu_rstride, cv_rstride, par
     ca = a1 - a0
     cb = (k1 - a1) - b0
     offs = tl.arange(0, BLOCK)
+    # u's breakpoints ascending, the padding, v's descending: a bitonic vector, which one merge sorts
     isu = offs < ca
-    isv = (offs >= ca) & (offs < ca + cb)
+    rev = BLOCK - 1 - offs
+    isv = rev < cb
     iu_ld = a0 + offs
-    iv_ld = b0 + offs - ca
+    iv_ld = b0 + rev
     w = tl.where(isu, tl.load(cu + iu_ld, mask=isu, other=0.0), tl.load(cv + iv_ld, mask=isv, other=0.0))
     # cumulative weights are >= 0: their bits sort like them; side u (0) before v (1) at ties, as _split
     low = tl.where(isu, iu_ld.to(tl.int64), iv_ld.to(tl.int64) + (1 << 31))
     key = (w.to(tl.int32, bitcast=True).to(tl.int64) << 32) | low
-    key = tl.sort(tl.where(isu | isv, key, _PAD64))
+    key = _bitonic_merge(tl.where(isu | isv, key, _PAD64), LOG)
     valid = offs < ca + cb
     k = k0 + offs
     low32 = (key & 0xFFFFFFFF).to(tl.int64)
@@ -384,7 +410,8 @@ def _sorted_keys(src, dirs, batch, L, n, d, dir_bstride, key64):
         other = torch.empty_like(keys)
         while width < n:
             _merge_kernel[(rows, triton.cdiv(n, mb))](keys, other, n, width, width.bit_length() + 1, KEY64=key64,
-                                                      BLOCK=mb, num_warps=_warps(mb), enable_fp_fusion=False)
+                                                      BLOCK=mb, LOG=mb.bit_length() - 1, num_warps=_warps(mb),
+                                                      enable_fp_fusion=False)
             keys, other = other, keys
             width *= 2
     return keys
@@ -458,6 +485,6 @@ def sliced_wpp_quantile(x, y, dirs, a, b, wpp, cx, cy, gcu, gcv, perm_x, perm_y,
     _quantile_kernel[(rows, nchunks)](
         kx, ky, cu, cv, su, sv, part, cx if grad else part, cy if grad else part,
         gcu if wu else part, gcv if wv else part, n, m, nchunks, max(n, m).bit_length() + 2, float(p),
-        P_KIND=_p_kind(float(p)), GRAD=bool(grad), WU=wu, WV=wv, KEY64=key64, BLOCK=qb,
+        P_KIND=_p_kind(float(p)), GRAD=bool(grad), WU=wu, WV=wv, KEY64=key64, BLOCK=qb, LOG=qb.bit_length() - 1,
         num_warps=_warps(qb), enable_fp_fusion=False)
     torch.sum(part, dim=1, out=wpp.view(-1))
