@@ -39,11 +39,11 @@ def _triton_lightsb():
 
 def _lightsb_pass_kernel(pts: Tensor, coords: Optional[Tensor], la: Tensor, cen: Tensor, sig: Tensor, out: Tensor,
                          row_w: Optional[Tensor], dpts: Optional[Tensor], dcoords: Optional[Tensor],
-                         dla: Optional[Tensor], dcen: Optional[Tensor], dsig: Optional[Tensor], mode: int, eps: float,
+                         dla: Optional[Tensor], dcen: Optional[Tensor], dsig: Optional[Tensor], side: int, eps: float,
                          w_scale: float, backend: str) -> None:
     """One fused LightSB pass (``csrc/cpu/lightsb.h``): ``out_i = LSE_k a_ik`` over the K components, with
-    ``a_ik = la_k + (sum_j sig_kj q_ikj^2 + 2 cen_k . pts_i) / (2 eps)`` (mode 0, log c) or
-    ``a_ik = la_k - sum_j sig_kj (q_ikj - cen_kj)^2 / (2 eps)`` (mode 1, log v), where ``q_ik = pts_i``
+    ``a_ik = la_k + (sum_j sig_kj q_ikj^2 + 2 cen_k . pts_i) / (2 eps)`` (side 0, log c) or
+    ``a_ik = la_k - sum_j sig_kj (q_ikj - cen_kj)^2 / (2 eps)`` (side 1, log v), where ``q_ik = pts_i``
     (``coords`` None: diagonal S) or ``coords[i, k]`` (full S); and, into the optional fp32 buffers, the
     gradient of ``sum_i g_i out_i`` (``g = row_w``, or ``w_scale`` for every row) with respect to ``pts``
     (n, d), ``coords`` (n, K, d), ``la`` (K,), ``cen`` and ``sig`` (K, d) (the last three together).  Every
@@ -52,8 +52,8 @@ def _lightsb_pass_kernel(pts: Tensor, coords: Optional[Tensor], la: Tensor, cen:
         raise ValueError("fastopt::lightsb_pass_: pts must be (n, d) and cen (K, d)")
     n, d = pts.shape
     k = cen.shape[0]
-    if mode not in (0, 1) or not (eps > 0.0 and math.isfinite(eps)) or k < 1 or d < 1 or cen.shape[1] != d:
-        raise ValueError(f"fastopt::lightsb_pass_: bad mode {mode}, eps {eps} or sizes (n {n}, K {k}, d {d})")
+    if side not in (0, 1) or not (eps > 0.0 and math.isfinite(eps)) or k < 1 or d < 1 or cen.shape[1] != d:
+        raise ValueError(f"fastopt::lightsb_pass_: bad side {side}, eps {eps} or sizes (n {n}, K {k}, d {d})")
     params = [t is not None for t in (dla, dcen, dsig)]
     if any(params) and not all(params):
         raise ValueError("fastopt::lightsb_pass_: dla, dcen and dsig go together")
@@ -75,13 +75,13 @@ def _lightsb_pass_kernel(pts: Tensor, coords: Optional[Tensor], la: Tensor, cen:
     call.check()
     if backend == "triton":
         _triton_lightsb().lightsb_pass(pts, coords, la, cen, sig, out, row_w, dpts, dcoords, dla, dcen, dsig,
-                                       int(mode), float(eps), float(w_scale))
+                                       int(side), float(eps), float(w_scale))
         return
     if backend != "cpu":
         raise _backend.BackendUnavailableError(f"fastopt::lightsb_pass_: no kernel backend {backend!r}")
     p = call.ptr
     _backend.native().lightsb_cpu(p("pts"), p("coords"), p("la"), p("cen"), p("sig"), p("out"), p("row_w"),
-                                  p("dpts"), p("dcoords"), p("dla"), p("dcen"), p("dsig"), n, k, d, int(mode),
+                                  p("dpts"), p("dcoords"), p("dla"), p("dcen"), p("dsig"), n, k, d, int(side),
                                   float(eps), float(w_scale))
 
 
