@@ -252,3 +252,13 @@ def test_auto_runs_the_cpu_kernel_on_fp32_cpu_tensors():
     x = torch.randn(5, 3)
     assert m._resolve("LightSB.loss", x) == ("cpu" if "cpu" in KERNELS else "torch")
     assert m._resolve("LightSB.loss", x.double()) == "torch"
+
+
+@needs_cpu
+def test_cpu_pass_with_many_rows_per_block():
+    """More rows than 256 blocks of 64 (the C++ pass then flushes several fp32 chunks into each block's fp64
+    sums): the loss and its parameter gradients still match the official formulas."""
+    m = _model(3, 2, 0.3, True, "cpu", seed=7)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(20011, 2, generator=g), torch.randn(16411, 2, generator=g)
+    _assert_matches(m, lambda mod, a, b: mod.loss(a, b), [x, y])
