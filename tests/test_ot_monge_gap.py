@@ -151,6 +151,9 @@ def test_batched_equals_one_by_one(backend):
     one = monge_gap(x, t, a[0], eps=0.2, cost="euclidean", tol=1e-7, backend=backend)
     first = monge_gap(x[0], t[0], a[0], eps=0.2, cost="euclidean", tol=1e-7, backend=backend)
     torch.testing.assert_close(one[0], first, rtol=1e-5, atol=1e-6)
+    # (1, n) weights for unbatched points: a scalar, like (n,) weights
+    assert first.shape == () and monge_gap(x[0], t[0], a[:1], eps=0.2, cost="euclidean", tol=1e-7,
+                                           backend=backend).shape == ()
 
 
 @pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])

@@ -10,9 +10,10 @@ image under a non-optimal map (``tanh(x A) + 0.3 x + 0.5``), uniform weights, sq
   over the pairs);
 * ``ott-jax`` (the baseline): ``jax.jit(jax.value_and_grad(f, argnums=1))`` with ``f(x, t) =
   ott.neural.methods.monge_gap.monge_gap_from_samples(x, t, epsilon=0.1, min_iterations=50,
-  max_iterations=50, threshold=0)`` (50 iterations: ``n_iters`` of its output) (ott's other defaults: ``PointCloud`` with the dense cost matrix,
-  ``scale_cost=1``, ``inner_iterations=10``, implicit differentiation with Danskin's rule for the value),
-  compiled by one call in the setup, each call ending in ``block_until_ready``;
+  max_iterations=50, threshold=0)`` (50 iterations: the ``n_iters`` of its output; ott's other defaults:
+  ``PointCloud`` with the dense cost matrix, ``scale_cost=1``, ``inner_iterations=10``, implicit
+  differentiation with Danskin's rule for the value), compiled by one call in the setup, each call ending
+  in ``block_until_ready``;
 * ``ott-jax-danskin``: the same with ``implicit_diff=None, use_danskin=True`` (no implicit linear solve
   in the backward pass: the envelope gradient, like fastopt's).
 

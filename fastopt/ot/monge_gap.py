@@ -113,13 +113,13 @@ def monge_gap(x: Tensor, Tx: Tensor, a: Optional[Tensor] = None, *, eps: float, 
         w = None
         ent = torch.full((B,), math.log(n), dtype=torch.float64, device=x.device)
     else:
-        w = a.to(work)
+        w = a.to(work) if not (unbatched and a.dim() == 2) else a[0].to(work)  # ((1, n) weights for (n, d) points)
         w = w / w.sum(-1, keepdim=True)
         ent = _entropy(w.double())
         if unbatched or a.dim() == 1:
             ent = ent.expand(B)
     res = sinkhorn(x, Tx, w, w, eps=eps, cost=cost, n_iter=n_iter, tol=tol, check_every=check_every,
-                       eps_scaling=eps_scaling, backend=prob.backend)
+                   eps_scaling=eps_scaling, backend=prob.backend)
     disp = _displacement(x.to(work).double(), Tx.to(work).double(), cost)  # (B, n) or (n,)
     disp = disp.mean(-1) if w is None else (w.double() * disp).sum(-1)
     value = res.value.double()
