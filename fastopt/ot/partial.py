@@ -34,7 +34,6 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ..reference.ot import cost_matrix as dense_cost
 from . import _checks
 from ._result import OTResult
 from .sinkhorn import _check_scales, _prepare, _Problem
