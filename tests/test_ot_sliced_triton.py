@@ -226,18 +226,19 @@ def _weighted_value_and_grads(x, y, a, b, proj, p, backend, dtype):
     return [v.detach().double().cpu()] + [None if t is None else t.grad.double().cpu() for t in ts]
 
 
-@pytest.mark.parametrize("batch,n,m,L,weights,p", [
-    ((2,), 40, 27, 1, "ab", 1.5),    # both weighted, per-batch a and shared b, general p
-    ((), 33, 20, 2, "", 2.0),         # uniform weights, n != m
-    ((), 25, 25, 1, "b", 1.0),        # n == m but one side weighted
+@pytest.mark.parametrize("batch,n,m,d,L,weights,p,shared", [
+    ((2,), 40, 27, 3, 1, "ab", 1.5, True),    # both weighted, per-batch a and shared b, general p
+    ((), 33, 20, 3, 2, "", 2.0, True),         # uniform weights, n != m
+    ((), 25, 25, 3, 1, "b", 1.0, True),        # n == m but one side weighted
+    ((2,), 12, 9, 20, 1, "a", 2.0, False),     # d > 16 (a GEMM projects), per-batch directions
 ])
-def test_weighted_and_unequal_match_torch(batch, n, m, L, weights, p):
+def test_weighted_and_unequal_match_torch(batch, n, m, d, L, weights, p, shared):
     gen = torch.Generator().manual_seed(24)
-    x = torch.randn(*batch, n, 3, generator=gen, dtype=torch.float64)
-    y = torch.randn(*batch, m, 3, generator=gen, dtype=torch.float64) * 1.2 + 0.3
+    x = torch.randn(*batch, n, d, generator=gen, dtype=torch.float64)
+    y = torch.randn(*batch, m, d, generator=gen, dtype=torch.float64) * 1.2 + 0.3
     a = torch.rand(*batch, n, generator=gen, dtype=torch.float64) + 0.1 if "a" in weights else None
     b = torch.rand(m, generator=gen, dtype=torch.float64) + 0.1 if "b" in weights else None
-    proj = random_projections(3, L, dtype=torch.float64, seed=25)
+    proj = random_projections(d, L, batch_shape=() if shared else batch, dtype=torch.float64, seed=25)
     ref = _weighted_value_and_grads(x, y, a, b, proj, p, "torch", torch.float64)
     got = _weighted_value_and_grads(x, y, a, b, proj, p, "triton", torch.float32)
     f32 = _weighted_value_and_grads(x, y, a, b, proj, p, "torch", torch.float32)
@@ -250,10 +251,11 @@ def test_weighted_and_unequal_match_torch(batch, n, m, L, weights, p):
         assert err <= max(2 * err32, 2e-6), (name, float(err), float(err32))
     ot = pytest.importorskip("ot")
     for i in range(len(ref[0].reshape(-1))):
-        xi, yi = x.reshape(-1, n, 3)[i].numpy(), y.reshape(-1, m, 3)[i].numpy()
+        xi, yi = x.reshape(-1, n, d)[i].numpy(), y.reshape(-1, m, d)[i].numpy()
+        pi = (proj if shared else proj.reshape(-1, d, L)[i]).numpy()
         ai = None if a is None else (a.reshape(-1, n)[i] / a.reshape(-1, n)[i].sum()).numpy()
         bi = None if b is None else (b / b.sum()).numpy()
-        want = ot.sliced_wasserstein_distance(xi, yi, ai, bi, projections=proj.numpy(), p=p)
+        want = ot.sliced_wasserstein_distance(xi, yi, ai, bi, projections=pi, p=p)
         assert abs(float(got[0].reshape(-1)[i]) - float(want)) <= 2e-6 * float(want)
 
 
