@@ -228,6 +228,15 @@ def test_warm_start_from_solution_needs_no_newton_step():
     again = sinkhorn_newton_sparse(C, a, b, 0.01, f=first.f, g=first.g, sinkhorn_iters=0)
     assert again.log["newton_iters"] == 0 and again.log["iterations"] == 0
     torch.testing.assert_close(again.f, first.f)
+    # a warm start within sinkhorn_tol skips stage 1 (on float32 kernels it would blur the potentials)
+    again = sinkhorn_newton_sparse(C, a, b, 0.01, f=first.f, g=first.g)
+    assert again.log["iterations"] == 0 and again.log["err_history"] == [float(again.log["err"])]
+    torch.testing.assert_close(again.f, first.f)
+    noise = torch.randn(30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    near = sinkhorn_newton_sparse(C, a, b, 0.01, f=first.f + 1e-4 * noise, g=first.g)
+    assert near.log["sinkhorn_iters"] == 0 and 1 <= near.log["newton_iters"] <= 5 and near.log["stop"] == "tol"
+    far = sinkhorn_newton_sparse(C, a, b, 0.01, f=first.f + 0.05 * noise, g=first.g)
+    assert far.log["sinkhorn_iters"] > 0 and far.log["stop"] == "tol"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -566,7 +566,8 @@ def sinkhorn_newton_sparse(C: Optional[torch.Tensor] = None, a: Optional[torch.T
         ls_c1, ls_beta, ls_max_backtracks: Armijo constant, backtracking factor, and the most halvings
             (the smallest step tried is ``ls_beta ** ls_max_backtracks``).
         check_every: Sinkhorn iterations between marginal-error checks in stage 1.
-        f, g: warm start potentials (stage 1, or stage 2 with ``sinkhorn_iters=0``, starts from them).
+        f, g: warm start potentials (stage 1, or stage 2 with ``sinkhorn_iters=0``, starts from them; stage 1
+            is skipped when their marginal error is already at most ``sinkhorn_tol``).
         return_plan: also return the plan ``P`` (..., n, m) (materialized only then).
         backend: what runs the Sinkhorn iterations (:func:`fastopt.ot.sinkhorn`'s backends).  ``"auto"``,
             ``"cpu"``, ``"triton"``: the float32 kernels, also for float64 problems where float32 suffices
@@ -678,8 +679,11 @@ def sinkhorn_newton_sparse(C: Optional[torch.Tensor] = None, a: Optional[torch.T
     log = {"err_history": [], "iter_history": [], "cg_iters": [], "steps": [], "hessian_nnz": [],
            "sinkhorn_backend": f"{stage.fast.backend}/{str(stage.fast.work_dtype).replace('torch.', '')}"}
 
-    # stage 1: Sinkhorn (log domain), stopped early at sinkhorn_tol
+    # stage 1: Sinkhorn (log domain), stopped early at sinkhorn_tol (a warm start already there skips it:
+    # float32 iterations would only blur it)
     it1 = 0
+    if (f is not None or g is not None) and sinkhorn_iters > 0 and bool((prob.state(f2, g2)[3] <= sinkhorn_tol).all()):
+        sinkhorn_iters = 0
     while it1 < sinkhorn_iters:
         chunk = min(check_every, sinkhorn_iters - it1)
         f2, g2, err = stage.run(stage.fast, eps, chunk, f2, g2)
