@@ -581,10 +581,11 @@ def sinkhorn(x: Optional[Tensor] = None, y: Optional[Tensor] = None, a: Optional
 
 
 def _self_solve(prob, eps, rho, n_iter, tol, check_every, eps_scaling):
-    """``OT(a, a)`` (``prob`` with ``y = x``, ``b = a``) by the symmetric, averaged iteration of geomloss'
-    debiasing terms, ``f <- (f + tau T(f)) / 2`` with ``T(f)_i = -eps log sum_j a_j exp((f_j - C_ij) / eps)``:
-    one soft-minimum pass per iteration (a plain Sinkhorn iteration takes two) and, since the problem is
-    symmetric, one potential (``g = f``).  The error is the row marginal error ``|P 1 - a|_2`` of the
+    """``OT(a, a)`` (``prob`` with ``y = x``, ``b = a``) by the symmetric iteration of geomloss' debiasing
+    terms, a relaxed ``f <- (1 - w) f + w tau T(f)`` with ``T(f)_i = -eps log sum_j a_j exp((f_j - C_ij) /
+    eps)`` (:func:`_relax`: w = 2/3, where geomloss averages with 1/2): one soft-minimum pass per
+    iteration (a plain Sinkhorn iteration takes two) and, since the problem is symmetric, one potential
+    (``g = f``).  The error is the row marginal error ``|P 1 - a|_2`` of the
     current ``f`` (balanced; formed from the same pass) or the largest change of ``f / eps`` (unbalanced).
     Returns ``(_Solution with g = f, passes, error, converged)``."""
     r = _sides(rho)[0]
@@ -606,7 +607,7 @@ def _self_solve(prob, eps, rho, n_iter, tol, check_every, eps_scaling):
         e = max(_diameter(prob), eps)
         while e > eps and it < n_iter:
             th, tk = update(fh, kf, e)
-            fh, kf = 0.5 * (fh + th), 0.5 * (kf + tk)
+            fh, kf = _relax(prob, fh, kf, th, tk)
             it += 1
             e *= eps_scaling
     err = torch.full((B,), math.inf, dtype=torch.float64, device=va.device)
@@ -621,7 +622,7 @@ def _self_solve(prob, eps, rho, n_iter, tol, check_every, eps_scaling):
             if _eager() and bool((err < tol).all()):
                 converged = True
                 break
-        nh, nk = 0.5 * (fh + th), 0.5 * (kf + tk)
+        nh, nk = _relax(prob, fh, kf, th, tk)
         if check and not balanced:
             df = torch.where(va, (nh.double() - fh.double()) + (nk - kf)[:, None], 0.0)
             err = df.abs().amax(1) / eps
@@ -633,6 +634,29 @@ def _self_solve(prob, eps, rho, n_iter, tol, check_every, eps_scaling):
     if not _eager():
         converged = (err < tol).all()
     return _Solution(fh, fh, kf, kf), it, err, converged
+
+
+# The relaxation weight of the symmetric update (NOTE: [symmetric update]).
+_SYM_W = 2.0 / 3.0
+
+
+def _relax(prob, fh, kf, th, tk):
+    """The symmetric update ``f <- (1 - w) f + w T(f)`` with ``w = 2/3``, its a-weighted mean (the mass mode)
+    taken from geomloss' ``(f + T(f)) / 2``; ``(fh, kf)`` the current potential's parts, ``(th, tk)`` T's.
+
+    NOTE: [symmetric update] Near the fixed point ``T(f* + e) ~ f* - K e`` with ``K`` the row-normalized
+    plan, whose spectrum lies in [0, 1] for the positive-definite Gibbs kernels of both costs (the
+    constant, the mass mode, is its eigenvector for 1).  geomloss' average ``w = 1/2`` multiplies a mode
+    of ``K``'s eigenvalue ``l`` by ``|1 - w (1 + l)| = (1 - l) / 2``: at most 1/2 per pass, and the mass
+    mode is removed at once.  ``w = 2/3`` is the weight whose worst factor over [0, 1] is smallest (1/3
+    per pass), but it flips the mass mode (factor -1/3): that mode's coefficient, ``<a, e> / |a|``, is
+    set as geomloss' average would (exactly, in one pass).  Measured on n = 1000 points (d = 3, tol
+    1e-7): 9 passes per self term at eps 0.05 and 0.1, 14 with w = 1/2; at eps 0.5, 10 against 15."""
+    w = _SYM_W
+    nh = (1.0 - w) * fh + w * th
+    shift = (w - 0.5) * (prob.a64 * (fh.double() - th.double())).sum(1) / prob.mass_a
+    nh = nh + torch.where(prob.valid_a, shift.to(nh.dtype)[:, None], 0.0)
+    return nh, 0.5 * (kf + tk)
 
 
 def _self_transport(x, w, mask, eps, cost, rho, n_iter=1000, tol=1e-6, check_every=10, eps_scaling=None,
@@ -687,10 +711,10 @@ def sinkhorn_divergence(x: Tensor, y: Tensor, a: Optional[Tensor] = None, b: Opt
     to it).
 
     ``symmetric=True`` (default): the debiasing terms ``OT(x, x)`` and ``OT(y, y)`` are solved as geomloss
-    does, by the symmetric averaged update ``f <- (f + T(f)) / 2`` of their single potential: one
-    soft-minimum pass per iteration instead of a Sinkhorn iteration's two, and few iterations (the
-    averaged map contracts fast on a symmetric problem), to the same ``tol`` on the same marginal error
-    (``|P 1 - a|_2``).  ``symmetric=False``: three plain :func:`sinkhorn` solves.  Both give the same
+    does, by a symmetric relaxed update of their single potential, ``f <- f / 3 + 2 T(f) / 3`` (geomloss
+    averages with 1/2; 2/3 contracts faster, see NOTE: [symmetric update] in the source): one
+    soft-minimum pass per iteration instead of a Sinkhorn iteration's two, and few iterations, to the
+    same ``tol`` on the same marginal error (``|P 1 - a|_2``).  ``symmetric=False``: three plain :func:`sinkhorn` solves.  Both give the same
     divergence up to ``tol``.  A ``rho`` pair must have equal sides (semi-relaxed OT is not symmetric).
     """
     if not isinstance(symmetric, bool):
