@@ -132,6 +132,23 @@ ref = fastopt.ot.sinkhorn(x, y, eps=0.5, backend="torch")
 cost, ref = got.value, ref.value
 assert bool(got.converged) and torch.allclose(cost, ref, rtol=1e-4, atol=1e-6), (cost, ref)
 print(f"sinkhorn ok: {float(cost):.6f} (torch reference {float(ref):.6f})")
+# issue 21's OT: semi-relaxed Sinkhorn, entropic partial OT, the Monge gap, the symmetric divergence and
+# LightSB's fused pass, each on the wheel's C++ kernels against the torch reference
+for name, run in (
+        ("semi-relaxed sinkhorn", lambda b: fastopt.ot.sinkhorn(x, y, eps=0.5, rho=(float("inf"), 1.0), backend=b).value),
+        ("partial_wasserstein", lambda b: fastopt.ot.partial_wasserstein(x, y, mass=0.5, eps=0.5, backend=b).value),
+        ("monge_gap", lambda b: fastopt.ot.monge_gap(x, x + 0.1, eps=0.5, backend=b)),
+        ("sinkhorn_divergence", lambda b: fastopt.ot.sinkhorn_divergence(x, y, eps=0.5, backend=b))):
+    got, ref = run("cpu"), run("torch")
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), (name, got, ref)
+    print(f"{name} ok: {float(got):.6f} (torch reference {float(ref):.6f})")
+torch.manual_seed(0)
+sb = fastopt.ot.LightSB(dim=3, n_potentials=5, epsilon=0.5, backend="cpu")
+sb_ref = fastopt.ot.LightSB(dim=3, n_potentials=5, epsilon=0.5, backend="torch")
+sb_ref.load_state_dict(sb.state_dict())
+got, ref = sb.loss(x, y), sb_ref.loss(x, y)
+assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6), (got, ref)
+print(f"LightSB ok: loss {float(got.detach()):.6f} (torch reference {float(ref.detach()):.6f})")
 w = torch.randn(16, 32)
 mask = fastopt.sparse.nm_mask(w, 2, 4, backend="cpu")
 assert fastopt.sparse.is_nm_sparse(w * mask, 2, 4) and int(mask.sum()) == 16 * 32 // 2
