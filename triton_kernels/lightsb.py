@@ -127,12 +127,15 @@ def _lightsb_kernel(x_ptr, q_ptr, la_ptr, cen_ptr, sig_ptr, out_ptr, roww_ptr, d
 MAX_D = 1024
 
 
-def _config(n, k, d):
+def _config(n, k, d, grad=False):
     block_d = triton.next_power_of_2(max(d, 1))
-    block_n = 16 if block_d <= 64 else 4
-    # (BLOCK_N, BLOCK_K, BLOCK_D) tiles of at most 2048 elements: 16 fp32 per thread and temporary at 4 warps;
-    # the gradient variants keep several alive (the compile audit: no local memory on sm_90)
-    block_k = max(1, min(triton.next_power_of_2(k), 2048 // (block_n * block_d)))
+    block_n = 16 if block_d <= 64 else 8 if grad else 4
+    # (BLOCK_N, BLOCK_K, BLOCK_D) tiles of at most 2048 elements (16 fp32 per thread and temporary at 4 warps)
+    # for the value; the gradient variants keep several tiles alive, so theirs hold 1024 (with 2048 the
+    # compile audit found 8-16 B of stack per thread on sm_90), and at BLOCK_D 128 as 8 rows x 1 component
+    # (4 x 2 kept an 8-byte stack frame in the row-weighted log v gradient; 8 x 1, 4 x 1, 2 x 4 none)
+    budget = 1024 if grad else 2048
+    block_k = max(1, min(triton.next_power_of_2(k), budget // (block_n * block_d)))
     return block_n, block_k, block_d
 
 
@@ -143,10 +146,10 @@ def lightsb_pass(pts, coords, la, cen, sig, out, row_w, dpts, dcoords, dla, dcen
     k = cen.shape[0]
     if d > MAX_D:
         raise ValueError(f"fastopt::lightsb_pass_: the triton kernel takes d <= {MAX_D}, got {d}")
-    block_n, block_k, block_d = _config(n, k, d)
-    n_tiles = triton.cdiv(n, block_n) if n else 0
     params = dla is not None
     grad = params or dpts is not None or dcoords is not None
+    block_n, block_k, block_d = _config(n, k, d, grad)
+    n_tiles = triton.cdiv(n, block_n) if n else 0
     nprog = max(1, min(n_tiles, 1024))
     dev = pts.device
     if params:
