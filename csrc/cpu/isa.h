@@ -35,6 +35,16 @@ static inline bool use_avx512_codecs() {
 #endif
 }
 
+// True when the entropic-OT passes run their AVX-512 copy (namespace avx512, built from ot_kernels.cpp
+// alone on x86-64): the CPU has AVX-512 F/BW/DQ/VL and FASTOPT_CPU_ISA is not avx2 (use_avx512_codecs).
+static inline bool use_avx512_ot() {
+#if defined(FASTOPT_HAVE_AVX512_OT_KERNELS)
+  return use_avx2() && use_avx512_codecs();
+#else
+  return false;
+#endif
+}
+
 inline const char* isa_name() {
   if (!use_avx2()) return "baseline";
   return use_avx512_codecs() ? "avx2+avx512-codecs" : "avx2";
