@@ -82,26 +82,13 @@ def _sw_kernel(x_ptr, y_ptr, dir_ptr, wpp_ptr, cx_ptr, cy_ptr, n, L, d, dir_bstr
         xs = tl.sort(px)
         ys = tl.sort(py)
     diff = tl.where(msk, xs, 0.0) - tl.where(msk, ys, 0.0)
-    ad = tl.abs(diff)
-    if P_KIND == 1:
-        cost = ad
-    elif P_KIND == 2:
-        cost = diff * diff
-    else:
-        cost = tl.where(ad > 0.0, tl.exp2(p * tl.log2(tl.where(ad > 0.0, ad, 1.0))), 0.0)
+    cost = _pow_cost(diff, p, P_KIND)
     # a NaN sorts by its bits, possibly past the padding: flag it instead of dropping it
     nans = tl.sum(tl.where(msk & ((px != px) | (py != py)), 1, 0), axis=0)
     total = tl.sum(cost, axis=0) * inv_n
     tl.store(wpp_ptr + b * L + l, tl.where(nans > 0, float("nan"), total))
     if GRAD:
-        sign = tl.where(diff > 0.0, 1.0, tl.where(diff < 0.0, -1.0, 0.0))
-        if P_KIND == 1:
-            coef = sign
-        elif P_KIND == 2:
-            coef = 2.0 * diff
-        else:
-            coef = p * sign * tl.where(ad > 0.0, tl.exp2((p - 1.0) * tl.log2(tl.where(ad > 0.0, ad, 1.0))), 0.0)
-        coef = coef * inv_n
+        coef = _pow_slope(diff, p, P_KIND) * inv_n
         ix = kx.to(tl.int32)  # the low word of a key is its index
         iy = ky.to(tl.int32)
         # with a NaN input a padding index can land at a rank < n: never store outside the row
