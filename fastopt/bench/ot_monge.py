@@ -20,25 +20,14 @@ image under a non-optimal map (``tanh(x A) + 0.3 x + 0.5``), uniform weights, sq
 Rows report ms per call (one value and gradient; ``items`` = 1, unit "solves").  Bar (CPU): ``fastopt-cpu``
 >= 3x ``ott-jax`` at n = 4000.
 """
-from dataclasses import dataclass
 
 import torch
 
 from .harness import Bar, Case, Suite, Unsupported, Workload, fastopt_backend, register
+from .ot import Config  # (n, iters, d): the sinkhorn suite's configurations, named alike
 
 BASELINE = "ott-jax"
 EPS = 0.1
-
-
-@dataclass(frozen=True)
-class Config:
-    n: int
-    iters: int
-    d: int = 3
-
-    @property
-    def name(self):
-        return f"n{self.n}-d{self.d}-{self.iters}it"
 
 
 C_CPU = Config(4000, 50)
