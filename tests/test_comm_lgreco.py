@@ -107,3 +107,99 @@ def test_dp_ties_and_inputs():
         lgreco_dp([1.0, 2.0], [1.0, 2.0], 1.0)
     # a zero budget: only zero errors fit
     assert lgreco_dp([[0.0, 1.0], [2.0, 0.0]], [[9, 1], [1, 9]], 0).choice == [0, 1]
+
+
+# -- the policy on a minimal state (single process): the statistics, the tables, the decision -------
+class _State:
+    """The part of a fastopt.comm state the policy uses (top-k: a density per layer)."""
+
+    def __init__(self, density):
+        self.observer, self.layer_settings, self.uniform_setting, self.process_group = None, None, density, None
+
+    def set_layer_settings(self, settings):
+        self.layer_settings = settings
+
+
+def _topk_sq_error(kind, t, density):
+    """||t - topk(t)||^2, directly: the smallest (1 - density) share of the squares."""
+    k = max(1, int(density * t.numel()))
+    return float(t.flatten().square().sort().values[: t.numel() - k].sum())
+
+
+def _topk_bytes(kind, shape, density, world_size=1):
+    return max(1, int(density * math.prod(shape))) * 8  # a value and an index
+
+
+def test_policy_decides_from_the_last_steps_and_matches_the_brute_force():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in ((6, 5), (12,), (3, 7), (4, 4))]
+    state = _State(0.25)
+    seen = []
+    state.observer = lambda p, g: seen.append(p)  # an observer already there keeps being called
+    pol = LGreCo(state, params, candidates=[0.125, 0.25, 0.5], every=3, accumulate=2,
+                 kind="topk", error_fn=_topk_sq_error, bytes_fn=_topk_bytes)
+    grads = [[torch.randn(p.shape) * (1 + 5 * i) for i, p in enumerate(params)] for _ in range(3)]
+    for step in range(3):
+        assert pol.collecting() == (step >= 1)
+        for p, g in zip(params[:3], grads[step]):  # the last parameter is never observed
+            state.observer(p, g)
+        assert pol.step() == (step == 2)
+    assert len(seen) == 9 and state.layer_settings is not None
+    # the statistics: the mean of the last 2 steps' gradients, layer by layer
+    means = [(grads[1][i] + grads[2][i]) / 2 for i in range(3)]
+    E = np.array([[math.sqrt(_topk_sq_error("topk", m, d)) for d in pol.candidates] for m in means])
+    S = np.array([[_topk_bytes("topk", tuple(m.shape), d) for d in pol.candidates] for m in means])
+    np.testing.assert_allclose(pol.last["errors"], E, rtol=1e-6)
+    np.testing.assert_array_equal(pol.last["sizes"], S)
+    budget = math.fsum(E[:, 1])
+    assert pol.last["budget"] == pytest.approx(budget, rel=1e-6)
+    # the decision: the brute force's least size over the policy's own tables, up to a bin per layer
+    Ep, b = pol.last["errors"], pol.last["budget"]
+    assert _brute(Ep, S, b) <= pol.last["size"] <= _brute(Ep, S, b - 3 * b / pol.bins)
+    assert pol.last["error"] <= b
+    assert pol.last["size"] < pol.last["uniform_size"]  # heterogeneous layers: fewer bytes than uniform
+    assert set(map(id, state.layer_settings)) == {id(p) for p in params[:3]}
+    for i, p in enumerate(params[:3]):
+        assert state.layer_settings[p] == pol.candidates[pol.last["choice"][i]]
+    # squared errors: the sum of squares is the budget
+    pol2 = LGreCo(_State(0.25), params, candidates=[0.125, 0.25, 0.5], every=1, squared=True, kind="topk",
+                  error_fn=_topk_sq_error, bytes_fn=_topk_bytes)
+    E2, _ = pol2.errors_and_sizes(means)
+    np.testing.assert_allclose(E2, E ** 2, rtol=1e-6)
+    # the next period starts from nothing: no observation, no change
+    before = dict(state.layer_settings)
+    for _ in range(3):
+        pol.step()
+    assert state.layer_settings == before
+    # state_dict / load_state_dict re-apply the same settings
+    sd = pol.state_dict()
+    other = _State(0.25)
+    pol3 = LGreCo(other, params, candidates=[0.125, 0.25, 0.5], every=3, kind="topk",
+                  error_fn=_topk_sq_error, bytes_fn=_topk_bytes)
+    pol3.load_state_dict(sd)
+    assert other.layer_settings == state.layer_settings and pol3.steps == pol.steps
+    pol.remove()
+    assert state.observer is not None and state.observer != pol._observe
+
+
+def test_policy_validates():
+    p = [torch.nn.Parameter(torch.zeros(3, 3))]
+    kw = dict(kind="topk", error_fn=_topk_sq_error, bytes_fn=_topk_bytes)
+    with pytest.raises(TypeError, match="LGreCo: state"):
+        LGreCo(object(), p, **kw)
+    with pytest.raises(ValueError, match="LGreCo: candidates .* uniform"):
+        LGreCo(_State(0.25), p, candidates=[0.5, 1.0], **kw)
+    with pytest.raises(ValueError, match="LGreCo: a top-k candidate"):
+        LGreCo(_State(0.25), p, candidates=[0.25, 1.5], **kw)
+    with pytest.raises(ValueError, match="LGreCo: every"):
+        LGreCo(_State(0.25), p, every=0, **kw)
+    with pytest.raises(TypeError, match="LGreCo: model_or_params"):
+        LGreCo(_State(0.25), [], **kw)
+    with pytest.raises(TypeError, match="LGreCo: cannot tell"):
+        LGreCo(_State(0.25), p, error_fn=_topk_sq_error, bytes_fn=_topk_bytes)
+    state = _State(0.25)
+    with pytest.raises(ValueError, match="LGreCo: alpha"):
+        LGreCo(state, p, alpha=0.0, **kw)
+    assert state.observer is None  # nothing changed by a failed construction
+    with pytest.raises(ValueError, match="LGreCo.load_state_dict"):
+        LGreCo(state, p, **kw).load_state_dict({"steps": 1})
