@@ -20,6 +20,9 @@
 #ifndef FASTOPT_CUDA_ON_CPU
 #include "cpu/lightsb.h"  // LightSB's fused pass (not in tests/_cuda_on_cpu_build.py's sources)
 #endif
+#ifndef FASTOPT_CUDA_ON_CPU
+#include "cpu/select.h"  // magnitude selection (not in tests/_cuda_on_cpu_build.py's sources)
+#endif
 #ifdef FASTOPT_CUDA_ON_CPU
 #include <cuda_runtime.h>  // the CUDA-on-CPU layer: its launch counts
 #endif
@@ -306,6 +309,20 @@ PYBIND11_MODULE(_C, m) {
         fastopt::lightsb_cpu(a);
       },
       "The fused LightSB pass (csrc/cpu/lightsb.h): raw addresses; the caller (fastopt.ot.lightsb) validates.");
+#endif
+#ifndef FASTOPT_CUDA_ON_CPU  // (tests/_cuda_on_cpu_build.py does not compile csrc/cpu/select.cpp)
+  m.def(
+      "magnitude_select_cpu",
+      [](std::vector<int64_t> ptrs, std::vector<int64_t> numels, std::vector<int> dtypes, std::vector<int64_t> groups,
+         std::vector<int64_t> counts, int64_t thresholds, std::vector<int64_t> masks) {
+        fastopt::SelectArgs a;
+        a.ptrs = std::move(ptrs); a.numels = std::move(numels); a.dtypes = std::move(dtypes);
+        a.groups = std::move(groups); a.counts = std::move(counts); a.thresholds = thresholds;
+        a.masks = std::move(masks);
+        py::gil_scoped_release nogil;
+        fastopt::magnitude_select_cpu(a);
+      },
+      "Magnitude selection (csrc/cpu/select.h): raw addresses; fastopt/_ops.py magnitude_select_ validates.");
 #endif
 #ifndef FASTOPT_CUDA_ON_CPU  // (tests/_cuda_on_cpu_build.py does not compile csrc/cpu/mfac*.cpp)
   m.def(

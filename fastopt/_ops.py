@@ -757,6 +757,71 @@ mfac_update_, mfac_update = _kernel_op("mfac_update_", mutates=("params", "momen
     _mfac_update_kernel)
 
 
+def _select_triton():
+    """``fastopt.triton_kernels.select`` (imported on first use; the package's ``__init__`` does not import it)."""
+    import importlib
+
+    _backend.triton_kernels()
+    return importlib.import_module("fastopt.triton_kernels.select")
+
+
+def _magnitude_select_kernel(tensors: List[Tensor], groups: List[int], counts: List[int], thresholds: Tensor,
+                             masks: List[Tensor], backend: str) -> None:
+    """Magnitude selection (:mod:`fastopt.reference.select`): tensor ``i`` (contiguous fp32/bf16/fp16, dtypes
+    may differ) belongs to group ``groups[i]`` (0, 1, ... in list order); group ``g`` prunes ``counts[g]`` of
+    its elements; ``thresholds`` (fp32 (groups,)) gets each group's threshold and ``masks`` (uint8, one per
+    tensor, or []) the keep-masks.  ``csrc/cpu/select.cpp``, ``triton_kernels/select.py``."""
+    op = "magnitude_select_"
+    n = len(tensors)
+    if n == 0:
+        raise ValueError(f"fastopt::{op}: no tensors")
+    if len(groups) != n or groups[0] != 0 or any(b - a not in (0, 1) for a, b in zip(groups, groups[1:])):
+        raise ValueError(f"fastopt::{op}: groups must give each tensor a group 0, 1, ... in list order")
+    ngroups = groups[-1] + 1
+    if len(counts) != ngroups:
+        raise ValueError(f"fastopt::{op}: {len(counts)} counts for {ngroups} groups")
+    sizes = [0] * ngroups
+    for t, g in zip(tensors, groups):
+        sizes[g] += t.numel()
+    for g, (c, size) in enumerate(zip(counts, sizes)):
+        if not 0 <= c <= size:
+            raise ValueError(f"fastopt::{op}: counts[{g}] = {c} is not in [0, {size}]")
+    if masks and len(masks) != n:
+        raise ValueError(f"fastopt::{op}: {len(masks)} masks for {n} tensors")
+    for name, lst in (("tensors", tensors), ("masks", masks)):
+        for i, t in enumerate(lst):
+            if not t.is_contiguous():
+                raise ValueError(f"fastopt::{op}: {name}[{i}] must be contiguous")
+    for i, t in enumerate(tensors):
+        if t.dtype not in _backend.KERNEL_DTYPES:
+            raise ValueError(f"fastopt::{op}: tensors[{i}] is {t.dtype}; the kernels take fp32, bf16, fp16")
+    device = tensors[0].device
+    call = _Call(op, device)
+    numels = [t.numel() for t in tensors]
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        call.add(f"tensors ({dtype})", [t for t in tensors if t.dtype == dtype], dtype)
+    _add_contiguous(call, "thresholds", thresholds, torch.float32, ngroups, (ngroups,))
+    if masks:
+        call.add("masks", masks, torch.uint8, numels, disjoint=True)
+    call.check()
+    if masks:  # (the masks are written while the tensors are read)
+        spans = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors + [thresholds] if t.numel()]
+        for i, m in enumerate(masks):
+            lo, hi = m.data_ptr(), m.data_ptr() + m.nbytes
+            if m.numel() and any(lo < e and s < hi for s, e in spans):
+                raise ValueError(f"fastopt::{op}: masks[{i}] shares memory with an input or the thresholds")
+    if backend == "triton":
+        _select_triton().magnitude_select(tensors, groups, counts, thresholds, masks)
+        return
+    args = ([t.data_ptr() for t in tensors], numels, [_backend.dtype_code(t.dtype) for t in tensors], list(groups),
+            list(counts), thresholds.data_ptr(), [m.data_ptr() for m in masks])
+    _run_native(backend, "magnitude_select", device, args, op)
+
+
+magnitude_select_, magnitude_select = _kernel_op("magnitude_select_", mutates=("thresholds", "masks"))(
+    _magnitude_select_kernel)
+
+
 # -- the Python side of the seam: validated lists -> one kernel call ------------------------------
 def split_lr(lr, device):
     """(float lr, tensor or None) for a kernel call on ``device``: a CPU tensor lr is read on the host as
