@@ -6,6 +6,7 @@ OpenMP reads ``OMP_NUM_THREADS`` / ``OMP_DYNAMIC`` when the runtime starts, so e
 runs in a fresh subprocess (``_WORKER``), which writes its results to a file; the test compares them
 bit for bit with the one-thread run, and with the torch backend within the usual tolerance.
 """
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -75,12 +76,12 @@ def _run(tmp_path, backend, threads, dynamic):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("threads")
-    results = {("cpu", 1, False): _run(tmp, "cpu", 1, False), ("torch", 1, False): _run(tmp, "torch", 1, False)}
-    for threads in (2, 3, 7):
-        for dynamic in (True, False):
-            results[("cpu", threads, dynamic)] = _run(tmp, "cpu", threads, dynamic)
-    results[("cpu", 1, True)] = _run(tmp, "cpu", 1, True)
-    return results
+    configs = [("cpu", 1, False), ("torch", 1, False), ("cpu", 1, True)]
+    configs += [("cpu", threads, dynamic) for threads in (2, 3, 7) for dynamic in (True, False)]
+    # three workers at a time: each spends most of its time importing torch and fastopt (one core), and
+    # the results do not depend on what else runs (the point of the test)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(zip(configs, pool.map(lambda c: _run(tmp, *c), configs)))
 
 
 @pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
