@@ -197,7 +197,7 @@ CAPABILITIES: Dict[str, OpCaps] = {
     # LightSB's fused log-sum-exp passes with their gradients (fastopt.ot.LightSB): C++ on CPUs, Triton on GPUs
     "lightsb": OpCaps(("triton", "cpu"), dtypes=(torch.float32,)),
     # magnitude selection (fastopt.sparse.select: pruning thresholds / masks): C++ on CPUs, Triton on GPUs
-    "select": OpCaps(("cpu",)),
+    "select": OpCaps(("triton", "cpu")),
 }
 
 
