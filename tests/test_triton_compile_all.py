@@ -39,6 +39,7 @@ NO_SPILL_KERNELS = OPTIMIZER_KERNELS + ("_increment_steps_kernel", "_codec_kerne
                                         "_probe_fill_kernel", "_probe_consume_kernel",
                                         "_sort_block_kernel", "_merge_kernel", "_pairs_kernel", "_quantile_kernel",
                                         "_lightsb_kernel")
+NO_SPILL_KERNELS += ("_select_pass_kernel", "_select_cut_kernel", "_select_mask_kernel", "_select_fix_kernel")
 SMEM_LIMIT = 227 * 1024
 
 
@@ -138,6 +139,15 @@ def exercise():
                 fastopt.sparse.nm_mask(torch.randn(2 * m, 1024).to(dtype), m // 4, m, dim=0, backend="triton")
     finally:
         tsp.INDEX32_MAX_NUMEL = limit
+
+    # magnitude selection (fastopt.sparse.select): every dtype, a mixed-dtype call, layer and global, masks and
+    # thresholds only
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        fastopt.sparse.magnitude_masks([torch.randn(40000).to(dtype), torch.randn(33, 7).to(dtype)], 0.3,
+                                       backend="triton")
+    mixed = [torch.randn(5000), torch.randn(300).bfloat16(), torch.randn(70).half()]
+    fastopt.sparse.magnitude_masks(mixed, 0.3, scope="global", backend="triton")
+    fastopt.sparse.magnitude_thresholds(mixed, 0.3, scope="global", backend="triton")
 
     # Muon's Newton-Schulz (every autotune config: the stand-in benchmarker compiles each)
     from fastopt.triton_kernels.newton_schulz import newton_schulz_triton

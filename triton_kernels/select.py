@@ -207,18 +207,21 @@ def magnitude_select(tensors, groups, counts, thresholds, masks):
             p_tensor, p_start, _, k = tabs[dt]
             _select_pass_kernel[(k,)](addrs, numels_t, tensor_group, group_count, prefix, hist, p_tensor, p_start,
                                       PASS=pas, DTYPE=_DTYPES[dt], CHUNK=chunk, BLOCK=block, NB=NBINS,
-                                      DUMMY=DUMMY_BIN)
-        _select_cut_kernel[(ngroups,)](hist, group_count, prefix, rank, ties, thresholds, PASS=pas, NB=NBINS)
+                                      DUMMY=DUMMY_BIN, enable_fp_fusion=False)
+        _select_cut_kernel[(ngroups,)](hist, group_count, prefix, rank, ties, thresholds, PASS=pas, NB=NBINS,
+                                       enable_fp_fusion=False)
     if not masks or nunits == 0:
         return
     unit_ties = torch.zeros(nunits, dtype=torch.int64, device=device)
     for dt in order:
         p_tensor, p_start, p_unit, k = tabs[dt]
         _select_mask_kernel[(k,)](addrs, outs, numels_t, tensor_group, group_count, prefix, rank, ties, unit_ties,
-                                  p_tensor, p_start, p_unit, DTYPE=_DTYPES[dt], CHUNK=chunk, BLOCK=block)
+                                  p_tensor, p_start, p_unit, DTYPE=_DTYPES[dt], CHUNK=chunk, BLOCK=block,
+                                  enable_fp_fusion=False)
     excl = torch.cumsum(unit_ties, 0) - unit_ties
     unit_first = excl - excl[unit_group_first_t]
     for dt in order:
         p_tensor, p_start, p_unit, k = tabs[dt]
         _select_fix_kernel[(k,)](addrs, outs, numels_t, tensor_group, prefix, rank, ties, unit_ties, unit_first,
-                                 p_tensor, p_start, p_unit, DTYPE=_DTYPES[dt], CHUNK=chunk, BLOCK=block)
+                                 p_tensor, p_start, p_unit, DTYPE=_DTYPES[dt], CHUNK=chunk, BLOCK=block,
+                                 enable_fp_fusion=False)
