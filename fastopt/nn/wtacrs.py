@@ -133,7 +133,7 @@ class _WTACRSFunction(torch.autograd.Function):
     """``y = x W^T + b``; saves for ``dW`` only the kept rows of ``x`` (scaled) and their indices."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, cache, budget, min_rows, generator, backend):
+    def forward(ctx, x, weight, bias, cache, use_grad_norms, budget, min_rows, generator, backend):
         y = F.linear(x, weight, bias)
         in_f = weight.shape[1]
         x2 = x.reshape(-1, in_f)
@@ -154,7 +154,7 @@ class _WTACRSFunction(torch.autograd.Function):
             return y
         x2 = x2.contiguous()
         scores = torch.empty(n, dtype=torch.float32, device=x.device)
-        g = cache.get(n, x.device)
+        g = cache.get(n, x.device) if use_grad_norms else None
         _wtacrs_rows_call(x2, None, None, None, g, scores, backend)
         idx, w = select_rows(probabilities(scores), k, generator)
         pos = torch.full((n,), -1, dtype=torch.int64, device=x.device)
@@ -191,7 +191,7 @@ class _WTACRSFunction(torch.autograd.Function):
             dw = dw.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def _check_budget(budget, where):
@@ -207,6 +207,11 @@ def _check_min_rows(min_rows, where):
     if isinstance(min_rows, bool) or not isinstance(min_rows, numbers.Integral) or int(min_rows) < 1:
         raise ValueError(f"{where}: min_rows must be an integer >= 1, got {min_rows!r}")
     return int(min_rows)
+
+
+def _check_grad_norms(grad_norms, where):
+    if grad_norms not in ("previous", "none"):
+        raise ValueError(f"{where}: grad_norms must be 'previous' or 'none', got {grad_norms!r}")
 
 
 def _check_seed(seed, where):
@@ -239,6 +244,10 @@ class WTACRSLinear(nn.Linear):
     - ``budget`` (default 0.3: the paper's WTA-CRS@0.3): the fraction of rows kept, in (0, 1];
       1 keeps every row (exact).
     - ``min_rows`` (default 10: the official ``minimal_k``): at least this many rows are kept.
+    - ``grad_norms``: ``'previous'`` (default, the paper's ``||x_i|| * ||dy_i||``) takes ``||dy_i||`` from the
+      previous backward by row position: meaningful when a row position means the same thing from step
+      to step (sequence positions, padding); ``'none'`` samples by ``||x_i||`` alone, better for
+      batches of shuffled i.i.d. examples, where the previous step's row ``i`` was another example.
     - ``seed``: an int makes the sampling reproducible (a ``torch.Generator`` of the layer's own, seeded
       once, on the input's device); None uses torch's global generator (reproducible under
       ``torch.manual_seed``).
@@ -251,15 +260,17 @@ class WTACRSLinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, budget: float = DEFAULT_BUDGET,
-                 min_rows: int = MIN_ROWS, seed: Optional[int] = None, backend: str = "auto", device=None,
-                 dtype=None) -> None:
+                 min_rows: int = MIN_ROWS, grad_norms: str = "previous", seed: Optional[int] = None,
+                 backend: str = "auto", device=None, dtype=None) -> None:
         budget = _check_budget(budget, "WTACRSLinear")
+        _check_grad_norms(grad_norms, "WTACRSLinear")
         min_rows = _check_min_rows(min_rows, "WTACRSLinear")
         seed = _check_seed(seed, "WTACRSLinear")
         _backend.check_backend_name(backend)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.budget = budget
         self.min_rows = min_rows
+        self.use_grad_norms = grad_norms == "previous"
         self.seed = seed
         self.backend = backend
         self._generator = None
@@ -267,13 +278,14 @@ class WTACRSLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, budget: float = DEFAULT_BUDGET, min_rows: int = MIN_ROWS,
-                    seed: Optional[int] = None, backend: str = "auto") -> "WTACRSLinear":
+                    grad_norms: str = "previous", seed: Optional[int] = None,
+                    backend: str = "auto") -> "WTACRSLinear":
         """A WTACRSLinear sharing ``linear``'s parameters (the same ``Parameter`` objects: an optimizer
         built on them keeps working) and its training mode."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"WTACRSLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, budget=budget,
-                    min_rows=min_rows, seed=seed, backend=backend, device="meta")
+                    min_rows=min_rows, grad_norms=grad_norms, seed=seed, backend=backend, device="meta")
         layer.weight = linear.weight
         if linear.bias is not None:
             layer.bias = linear.bias
@@ -308,13 +320,14 @@ class WTACRSLinear(nn.Linear):
         if input.dtype != self.weight.dtype:
             raise ValueError(f"WTACRSLinear: input is {input.dtype}, the weight {self.weight.dtype}")
         backend = _backend.resolve(self.backend, input.device, input.dtype, op=_OP, name="WTACRSLinear")
-        return _WTACRSFunction.apply(input, self.weight, self.bias, self._cache, self.budget, self.min_rows,
+        return _WTACRSFunction.apply(input, self.weight, self.bias, self._cache, self.use_grad_norms,
+                                     self.budget, self.min_rows,
                                      self._generator_for(input.device), backend)
 
 
 def convert_linear(model: nn.Module, *, budget: float = DEFAULT_BUDGET,
                    filter: Optional[Callable[[str, nn.Linear], bool]] = None, min_rows: int = MIN_ROWS,
-                   seed: Optional[int] = None, backend: str = "auto") -> nn.Module:
+                   grad_norms: str = "previous", seed: Optional[int] = None, backend: str = "auto") -> nn.Module:
     """Replace, in place, every ``nn.Linear`` of ``model`` (exactly that class: subclasses such as
     ``nn.MultiheadAttention``'s ``out_proj``, which its module never calls, are left) for which
     ``filter(qualified_name, module)`` is true (None: all) by a :class:`WTACRSLinear` sharing its
@@ -323,6 +336,7 @@ def convert_linear(model: nn.Module, *, budget: float = DEFAULT_BUDGET,
     budget = _check_budget(budget, "convert_linear")
     min_rows = _check_min_rows(min_rows, "convert_linear")
     seed = _check_seed(seed, "convert_linear")
+    _check_grad_norms(grad_norms, "convert_linear")
     _backend.check_backend_name(backend)
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_linear: model must be an nn.Module, got {type(model).__name__}")
@@ -330,7 +344,7 @@ def convert_linear(model: nn.Module, *, budget: float = DEFAULT_BUDGET,
         raise TypeError(f"convert_linear: filter must be callable or None, got {filter!r}")
 
     def make(lin, j):
-        return WTACRSLinear.from_linear(lin, budget=budget, min_rows=min_rows,
+        return WTACRSLinear.from_linear(lin, budget=budget, min_rows=min_rows, grad_norms=grad_norms,
                                         seed=None if seed is None else seed + j, backend=backend)
 
     if type(model) is nn.Linear:
