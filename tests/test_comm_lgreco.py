@@ -203,3 +203,141 @@ def test_policy_validates():
     assert state.observer is None  # nothing changed by a failed construction
     with pytest.raises(ValueError, match="LGreCo.load_state_dict"):
         LGreCo(state, p, **kw).load_state_dict({"steps": 1})
+
+
+# -- fastopt.comm's error and byte tables against direct computation ---------------------------------
+def test_policy_tables_match_direct_computation():
+    from fastopt import comm
+
+    torch.manual_seed(3)
+    tensors = [torch.randn(40, 24), torch.randn(300), torch.randn(16, 3, 3, 3)]
+    # top-k: the smallest (1 - density) share of the squares, sent as fp32 values and int32 indices
+    pol = LGreCo(comm.TopKState(None, density=0.05), [torch.nn.Parameter(t.clone()) for t in tensors])
+    E, S = pol.errors_and_sizes(tensors)
+    for l, t in enumerate(tensors):
+        for c, d in enumerate(pol.candidates):
+            k = math.ceil(d * t.numel())
+            sq = t.flatten().double().square().sort().values
+            assert E[l, c] == pytest.approx(math.sqrt(float(sq[: t.numel() - k].sum())), rel=1e-5)
+            assert S[l, c] == 8 * k
+    # QSGD: the expected error of stochastic rounding, chunk by chunk: sum (norm / s)^2 p (1 - p)
+    state = comm.QSGDState(None, bits=4, bucket_size=64)
+    pol = LGreCo(state, [torch.nn.Parameter(t.clone()) for t in tensors], squared=True)
+    assert pol.candidates == [2, 4, 8]
+    E, S = pol.errors_and_sizes(tensors)
+    for l, t in enumerate(tensors):
+        for c, bits in enumerate(pol.candidates):
+            s, want = 2.0 ** bits - 1, 0.0
+            for chunk in t.flatten().double().split(64):
+                nrm = float(chunk.norm())
+                lev = chunk.abs() / nrm * s
+                p = lev - lev.floor()
+                want += float(((nrm / s) ** 2 * p * (1 - p)).sum())
+            assert E[l, c] == pytest.approx(want, rel=1e-5)
+            assert S[l, c] == comm.bytes_for("qsgd", tuple(t.shape), bits, bucket_size=64)
+    assert (S[:, 0] < S[:, 1]).all() and (S[:, 1] < S[:, 2]).all() and (E[:, 0] > E[:, 1]).all()
+    # PowerSGD: one power iteration's rank-r error is at least the best rank-r error (Eckart-Young) and 0 on
+    # a matrix of rank <= r; vectors and matrices not worth compressing are sent whole (no error)
+    low = torch.randn(40, 3) @ torch.randn(3, 24)
+    mats = [tensors[0], low, tensors[2], tensors[1]]
+    pol = LGreCo(comm.PowerSGDState(None, matrix_approximation_rank=4, start_powerSGD_iter=2),
+                 [torch.nn.Parameter(t.clone()) for t in mats], squared=True)
+    assert pol.candidates == list(range(2, 9))
+    E, S = pol.errors_and_sizes(mats)
+    for l, t in enumerate(mats[:3]):
+        m = t.reshape(t.shape[0], -1)
+        sv = torch.linalg.svdvals(m.double()).square()
+        for c, r in enumerate(pol.candidates):
+            n, k = m.shape
+            if (n + k) * r * 2 < n * k:
+                assert E[l, c] >= float(sv[r:].sum()) * (1 - 1e-5)
+                assert S[l, c] == 4 * (n + k) * r
+            else:
+                assert E[l, c] == 0 and S[l, c] == 4 * n * k
+    assert (E[1, 1:] <= 1e-6 * float(low.square().sum())).all()  # rank 3: exact from rank 3 on
+    assert (E[3] == 0).all() and (S[3] == 4 * 300).all()
+
+
+# -- the policy driving fastopt.comm's hooks on 2 gloo ranks ------------------------------------------
+WORLD, STEPS, EVERY = 2, 20, 5
+KINDS = ("powersgd", "topk")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 96), torch.nn.Tanh(), torch.nn.Linear(96, 64), torch.nn.Tanh(),
+                               torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+
+
+def _train(kind, adaptive, rank):
+    from fastopt import comm
+
+    model = torch.nn.parallel.DistributedDataParallel(_net())
+    if kind == "powersgd":
+        state, hook = comm.PowerSGDState(None, matrix_approximation_rank=2, start_powerSGD_iter=2), comm.powersgd_hook
+    else:
+        state, hook = comm.TopKState(None, density=0.1), comm.topk_hook
+
+    def annotated(st, bucket) -> torch.futures.Future[torch.Tensor]:  # (what DDP checks for)
+        return hook(st, bucket)
+
+    model.register_comm_hook(state, annotated)
+    policy = LGreCo(state, model, every=EVERY, accumulate=2) if adaptive else None
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(5)
+    teacher = torch.nn.Linear(32, 8)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    params = list(model.module.parameters())
+    opts = dict(min_compression_rate=2) if kind == "powersgd" else {}
+    out = dict(losses=[], sent=[], settings=[], predicted=[], decisions=[])
+    for _ in range(STEPS):
+        x = torch.randn(64, 32, generator=gen)
+        loss = (model(x) - teacher(x).detach()).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out["losses"].append(loss.item())
+        out["sent"].append(state.bytes_sent)
+        if policy is not None and policy.step():
+            out["settings"].append([state.setting_of(p) for p in params])
+            # the bytes of the next step, predicted from fastopt.comm.bytes_for with the new settings
+            out["predicted"].append(sum(comm.bytes_for(kind, tuple(p.shape), state.setting_of(p), **opts)
+                                        for p in params))
+            if rank == 0:
+                out["decisions"].append({k: policy.last[k] for k in ("size", "uniform_size", "error", "budget")})
+    del model  # (a DDP module left to the interpreter's exit can hang in its destructor)
+    return out
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.save({(k, a): _train(k, a, rank) for k in KINDS for a in (False, True)}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_policy_on_two_gloo_ranks(tmp_path):
+    mp.start_processes(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    for kind in KINDS:
+        uni, ada, ada1 = r0[(kind, False)], r0[(kind, True)], r1[(kind, True)]
+        assert len(ada["settings"]) == STEPS // EVERY
+        assert ada["settings"] == ada1["settings"]  # every rank applies rank 0's decision
+        assert ada["sent"] == ada1["sent"]
+        for d, (at, pred) in enumerate(zip(range(EVERY, STEPS, EVERY), ada["predicted"])):
+            assert ada["sent"][at] == pred  # the hook sends what bytes_for predicted for the new settings
+        for dec in ada["decisions"]:
+            assert dec["error"] <= dec["budget"] and dec["size"] <= dec["uniform_size"]
+        # fewer bytes than uniform once the policy has decided, and training still converges
+        assert sum(ada["sent"][EVERY:]) < sum(uni["sent"][EVERY:])
+        assert ada["losses"][-1] < 0.4 * ada["losses"][0]
+        assert ada["losses"][-1] < 1.25 * uni["losses"][-1]

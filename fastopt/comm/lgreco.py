@@ -322,7 +322,12 @@ class LGreCo:
         return g, dist.get_rank(g), dist.get_world_size(g)
 
     def _opts(self):
-        return {"bucket_size": self.state.bucket_size} if self.kind == "qsgd" and hasattr(self.state, "bucket_size") else {}
+        """The keyword arguments of fastopt.comm's error and byte functions that the state fixes."""
+        if self.kind == "qsgd" and hasattr(self.state, "bucket_size"):
+            return {"bucket_size": self.state.bucket_size}
+        if self.kind == "powersgd" and hasattr(self.state, "min_compression_rate"):
+            return {"min_compression_rate": self.state.min_compression_rate}
+        return {}
 
     # -- statistics --------------------------------------------------------------------------------
     def collecting(self) -> bool:
@@ -395,7 +400,13 @@ class LGreCo:
 
     def _apply(self, indices):
         settings = {self.params[i]: self.candidates[c] for i, c in enumerate(indices) if c >= 0}
+        old = self.state.layer_settings
         self.state.set_layer_settings(settings)
+        if self.kind == "powersgd" and settings != old and hasattr(self.state, "p_memory_dict"):
+            # new ranks: new P and Q buffers, Q drawn afresh from the state's rng at the next call, on every
+            # rank alike (the official code re-allocates them and redraws Q after every adjustment)
+            self.state.p_memory_dict.clear()
+            self.state.q_memory_dict.clear()
         self.choice = {i: self.candidates[c] for i, c in enumerate(indices) if c >= 0}
 
     def state_dict(self):
