@@ -38,7 +38,8 @@ NO_SPILL_KERNELS = OPTIMIZER_KERNELS + ("_increment_steps_kernel", "_codec_kerne
                                         "_saf_kernel", "_mfac_dots_kernel", "_mfac_update_kernel",
                                         "_probe_fill_kernel", "_probe_consume_kernel",
                                         "_sort_block_kernel", "_merge_kernel", "_pairs_kernel", "_quantile_kernel",
-                                        "_lightsb_kernel")
+                                        "_lightsb_kernel",
+                                        "_wtacrs_rows_kernel")
 NO_SPILL_KERNELS += ("_select_pass_kernel", "_select_cut_kernel", "_select_mask_kernel", "_select_fix_kernel")
 SMEM_LIMIT = 227 * 1024
 
@@ -214,6 +215,11 @@ def exercise():
         galore_step(100, 96, 5, side, torch.float16)
         galore_step(37, 53, 5, side, torch.float32)
         galore_step(37, 53, 5, side, torch.bfloat16, int4=True)
+
+    # WTA-CRS's row pass (fastopt.nn.WTACRSLinear): every variant its launcher starts
+    from fastopt.triton_kernels import wtacrs as twtacrs
+
+    twtacrs.audit_exercise()
 
 
 # -- the test ---------------------------------------------------------------------------------------------
