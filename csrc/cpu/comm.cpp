@@ -1,0 +1,324 @@
+// The fused passes of fastopt.comm's DDP comm hooks on the CPU (see comm.h; spec: fastopt/reference/comm.py).
+#include "comm.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include "fastopt/api.h"
+#include "fastopt/elementwise.h"
+
+namespace fastopt {
+namespace {
+
+inline uint32_t mag_key(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return u & 0x7FFFFFFFu;
+}
+
+// [begin, end) of thread t's share of n elements among nt threads (static, contiguous, in index order).
+inline void share(int64_t n, int t, int nt, int64_t& b, int64_t& e) {
+  b = n * t / nt;
+  e = n * (t + 1) / nt;
+}
+
+constexpr int kBins = 2048;  // the top 11 bits of a magnitude key (sign bit excluded)
+constexpr int64_t kParallelMin = 1 << 15;  // fewer elements: one thread (a parallel region costs more)
+
+}  // namespace
+
+void comm_psgd_pre(int64_t x_, int64_t e_, int64_t n, int64_t mem_, const std::vector<int64_t>& seg_off,
+                   const std::vector<int64_t>& seg_len) {
+  check_arg(seg_off.size() == seg_len.size(), "comm_psgd_pre: segment lists differ in length");
+  float* x = as_ptr<float>(x_);
+  float* e = as_ptr<float>(e_);
+  float* mem = as_ptr<float>(mem_);
+  const int64_t nseg = static_cast<int64_t>(seg_off.size());
+  std::vector<int64_t> dst(nseg + 1, 0);
+  for (int64_t s = 0; s < nseg; ++s) dst[s + 1] = dst[s] + seg_len[s];
+#pragma omp parallel if (n > kParallelMin)
+  {
+    if (e != nullptr) {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = x[i] + e[i];
+        x[i] = v;
+        e[i] = v;
+      }
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t s = 0; s < nseg; ++s)
+      if (seg_len[s] > 0) std::memcpy(mem + dst[s], x + seg_off[s], sizeof(float) * seg_len[s]);
+  }
+}
+
+void comm_psgd_scatter(int64_t x_, int64_t mem_, const std::vector<int64_t>& seg_off,
+                       const std::vector<int64_t>& seg_len, double world) {
+  check_arg(seg_off.size() == seg_len.size(), "comm_psgd_scatter: segment lists differ in length");
+  float* x = as_ptr<float>(x_);
+  float* mem = as_ptr<float>(mem_);
+  const float w = static_cast<float>(world);
+  int64_t k = 0;
+  for (size_t s = 0; s < seg_off.size(); ++s) {
+    float* dst = x + seg_off[s];
+    const float* src = mem + k;
+    const int64_t len = seg_len[s];
+#pragma omp parallel for schedule(static) if (len > 65536)
+    for (int64_t j = 0; j < len; ++j) dst[j] = src[j] / w;
+    k += len;
+  }
+}
+
+void comm_psgd_error(int64_t x_, int64_t e_, int64_t n) {
+  const float* x = as_ptr<const float>(x_);
+  float* e = as_ptr<float>(e_);
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) e[i] = e[i] - x[i];
+}
+
+int64_t comm_topk_compress(int64_t g_, int64_t e_, int64_t n, int64_t k, int64_t vals_, int64_t idx_, int phase,
+                           bool zero_g) {
+  check_arg(n >= 0 && k >= 0 && k <= n, "comm_topk_compress: need 0 <= k <= n");
+  check_arg(phase >= 1 && phase <= 3, "comm_topk_compress: phase is 1, 2 or 3");
+  float* g = as_ptr<float>(g_);
+  float* e = as_ptr<float>(e_);
+  float* x = e != nullptr ? e : g;  // x = g + e lives in e with error feedback
+  const int maxt = omp_get_max_threads();
+  std::vector<int64_t> hist(static_cast<size_t>(maxt) * kBins, 0);
+  const bool add = (phase & 1) && e != nullptr, select = (phase & 2) != 0;
+  // pass 0: the error-feedback add, fused with the histogram of the top key bits
+#pragma omp parallel if (n > kParallelMin)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t b, end;
+    share(n, t, nt, b, end);
+    int64_t* h = hist.data() + static_cast<size_t>(t) * kBins;
+    if (add && select) {
+      for (int64_t i = b; i < end; ++i) {
+        const float v = g[i] + e[i];
+        e[i] = v;
+        ++h[mag_key(v) >> 20];
+      }
+    } else if (add) {
+      for (int64_t i = b; i < end; ++i) e[i] = g[i] + e[i];
+    } else if (select) {
+      for (int64_t i = b; i < end; ++i) ++h[mag_key(x[i]) >> 20];
+    }
+  }
+  if (!select) return 0;
+  float* vals = as_ptr<float>(vals_);
+  int32_t* idx = as_ptr<int32_t>(idx_);
+  int64_t above = 0;
+  int b1 = -1;
+  if (k > 0) {
+    for (int bin = kBins - 1; bin >= 0; --bin) {
+      int64_t c = 0;
+      for (int t = 0; t < maxt; ++t) c += hist[static_cast<size_t>(t) * kBins + bin];
+      if (above + c >= k) {
+        b1 = bin;
+        break;
+      }
+      above += c;
+    }
+  }
+  // pass 1: every element at or above the threshold bin, in index order per thread; g zeroed
+  struct Entry {
+    int64_t i;
+    float v;
+  };
+  std::vector<std::vector<Entry>> lists(maxt);
+  std::vector<int> nts(1, 1);
+#pragma omp parallel if (n > kParallelMin)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    if (t == 0) nts[0] = nt;
+    int64_t b, end;
+    share(n, t, nt, b, end);
+    std::vector<Entry>& l = lists[t];
+    if (b1 >= 0) {
+      const uint32_t lo = static_cast<uint32_t>(b1) << 20;
+      for (int64_t i = b; i < end; ++i) {
+        const float v = x[i];
+        if (mag_key(v) >= lo) l.push_back({i, v});
+      }
+    }
+    if (zero_g) std::memset(g + b, 0, sizeof(float) * (end - b));
+  }
+  if (k == 0) return 0;
+  // the exact k-th largest key among the threshold bin's candidates
+  const int64_t need = k - above;
+  std::vector<uint32_t> cand;
+  for (auto& l : lists)
+    for (const Entry& en : l)
+      if (static_cast<int>(mag_key(en.v) >> 20) == b1) cand.push_back(mag_key(en.v));
+  check_arg(need >= 1 && need <= static_cast<int64_t>(cand.size()), "comm_topk_compress: internal count error");
+  std::nth_element(cand.begin(), cand.begin() + (need - 1), cand.end(), std::greater<uint32_t>());
+  const uint32_t thr = cand[need - 1];
+  int64_t gt = 0;
+  for (uint32_t c : cand) gt += c > thr;
+  int64_t ties = need - gt;
+  int64_t j = 0;
+  for (auto& l : lists) {
+    for (const Entry& en : l) {
+      const uint32_t key = mag_key(en.v);
+      bool take = key > thr;
+      if (!take && key == thr && ties > 0) {
+        take = true;
+        --ties;
+      }
+      if (take) {
+        vals[j] = en.v;
+        idx[j] = static_cast<int32_t>(en.i);
+        if (e != nullptr) e[en.i] = 0.0f;
+        ++j;
+      }
+    }
+  }
+  check_arg(j == k, "comm_topk_compress: internal selection error");
+  return j;
+}
+
+void comm_topk_decompress(int64_t out_, int64_t n, int64_t vals_, int64_t idx_, int64_t k, int64_t rank_stride,
+                          int64_t world) {
+  float* out = as_ptr<float>(out_);
+  const float* vals = as_ptr<const float>(vals_);
+  const int32_t* idx = as_ptr<const int32_t>(idx_);
+  // every index is checked before anything is written (they come from other ranks)
+  for (int64_t r = 0; r < world; ++r)
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t i = idx[r * rank_stride + j];
+      check_arg(i >= 0 && i < n, "comm_topk_decompress: an index is out of range");
+    }
+  for (int64_t r = 0; r < world; ++r) {
+    const float* v = vals + r * rank_stride;
+    const int32_t* ix = idx + r * rank_stride;
+#pragma omp parallel for schedule(static) if (k > 65536)
+    for (int64_t j = 0; j < k; ++j) out[ix[j]] += v[j];  // one rank's indices are distinct
+  }
+  const float w = static_cast<float>(world);
+  std::vector<uint8_t> done((n + 7) / 8, 0);
+  for (int64_t r = 0; r < world; ++r)
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t i = idx[r * rank_stride + j];
+      const uint8_t bit = static_cast<uint8_t>(1u << (i & 7));
+      if (!(done[i >> 3] & bit)) {
+        done[i >> 3] |= bit;
+        out[i] = out[i] / w;
+      }
+    }
+}
+
+namespace {
+
+inline float qsgd_uniform(uint32_t key, int64_t i) {
+  return static_cast<float>(sr_bits(key, static_cast<uint32_t>(i)) >> 8) * (1.0f / 16777216.0f);
+}
+
+}  // namespace
+
+void comm_qsgd_compress(int64_t g_, int64_t e_, int64_t n, int64_t chunk, int bits, uint32_t key, int64_t norms_,
+                        int64_t mags_, int64_t signs_, int phase, bool feedback) {
+  check_arg(bits == 2 || bits == 4 || bits == 8, "comm_qsgd_compress: bits is 2, 4 or 8");
+  check_arg(chunk > 0 && chunk % 8 == 0, "comm_qsgd_compress: chunk must be a positive multiple of 8");
+  check_arg(!feedback || e_ != 0, "comm_qsgd_compress: error feedback needs e");
+  const float* g = as_ptr<const float>(g_);
+  float* e = as_ptr<float>(e_);
+  float* norms = as_ptr<float>(norms_);
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  const float* x = feedback ? e : g;
+  if (phase & 1) {
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t b = c * chunk, end = std::min(n, b + chunk);
+      double ss = 0.0;
+      if (feedback) {
+        for (int64_t i = b; i < end; ++i) {
+          const float v = g[i] + e[i];
+          e[i] = v;
+          ss += static_cast<double>(v) * static_cast<double>(v);
+        }
+      } else {
+        for (int64_t i = b; i < end; ++i) ss += static_cast<double>(g[i]) * static_cast<double>(g[i]);
+      }
+      norms[c] = static_cast<float>(std::sqrt(ss));
+    }
+  }
+  if (!(phase & 2)) return;
+  uint8_t* mags = as_ptr<uint8_t>(mags_);
+  uint8_t* signs = as_ptr<uint8_t>(signs_);
+  const int s = (1 << bits) - 1;
+  const float sf = static_cast<float>(s);
+  const int per_byte = 8 / bits;
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t b = c * chunk, end = std::min(n, b + chunk);
+    const float norm = norms[c];
+    const float scale = norm / sf;
+    for (int64_t g8 = b; g8 < end; g8 += 8) {
+      uint8_t sbyte = 0;
+      uint32_t q8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      const int64_t stop = std::min<int64_t>(end, g8 + 8);
+      for (int64_t i = g8; i < stop; ++i) {
+        const float v = x[i];
+        uint32_t q = 0;
+        if (norm > 0.0f) {
+          const float l = std::fabs(v) / norm * sf;
+          const float fl = std::floor(l);
+          q = static_cast<uint32_t>(fl) + (qsgd_uniform(key, i) < l - fl ? 1u : 0u);
+          if (q > static_cast<uint32_t>(s)) q = static_cast<uint32_t>(s);
+        }
+        const bool neg = std::signbit(v);
+        q8[i - g8] = q;
+        sbyte |= static_cast<uint8_t>(neg ? 1u << (i - g8) : 0u);
+        if (feedback) {
+          const float a = static_cast<float>(q) * scale;
+          e[i] = v - (neg ? -a : a);
+        }
+      }
+      signs[g8 / 8] = sbyte;
+      uint8_t* m = mags + g8 / per_byte;
+      for (int byte = 0; byte < bits; ++byte) {  // 8 codes of `bits` bits = `bits` bytes
+        uint32_t acc = 0;
+        for (int j = 0; j < per_byte; ++j) acc |= q8[byte * per_byte + j] << (j * bits);
+        if (g8 / per_byte + byte < (n * bits + 7) / 8) m[byte] = static_cast<uint8_t>(acc);
+      }
+    }
+  }
+}
+
+void comm_qsgd_decompress(int64_t out_, int64_t n, int64_t chunk, int bits, int64_t base, int64_t rank_stride,
+                          int64_t norms_off, int64_t mags_off, int64_t signs_off, int64_t world) {
+  check_arg(bits == 2 || bits == 4 || bits == 8, "comm_qsgd_decompress: bits is 2, 4 or 8");
+  check_arg(chunk > 0 && chunk % 8 == 0, "comm_qsgd_decompress: chunk must be a positive multiple of 8");
+  float* out = as_ptr<float>(out_);
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  const float sf = static_cast<float>((1 << bits) - 1);
+  const int per_byte = 8 / bits;
+  const uint32_t mask = (1u << bits) - 1u;
+  const float w = static_cast<float>(world);
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t b = c * chunk, end = std::min(n, b + chunk);
+    for (int64_t i = b; i < end; ++i) out[i] = 0.0f;
+    for (int64_t r = 0; r < world; ++r) {
+      const uint8_t* rb = as_ptr<const uint8_t>(base + r * rank_stride);
+      const float norm = reinterpret_cast<const float*>(rb + norms_off)[c];
+      const float scale = norm / sf;
+      const uint8_t* mags = rb + mags_off;
+      const uint8_t* signs = rb + signs_off;
+      for (int64_t i = b; i < end; ++i) {
+        const uint32_t q = (mags[i / per_byte] >> ((i % per_byte) * bits)) & mask;
+        const float a = static_cast<float>(q) * scale;
+        out[i] += ((signs[i >> 3] >> (i & 7)) & 1u) ? -a : a;
+      }
+    }
+    for (int64_t i = b; i < end; ++i) out[i] = out[i] / w;
+  }
+}
+
+}  // namespace fastopt

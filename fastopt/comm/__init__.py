@@ -1,0 +1,13 @@
+"""Gradient compression for data-parallel training: DDP communication hooks (see fastopt/comm/hooks.py).
+
+* :func:`powersgd_hook` / :class:`PowerSGDState`: PowerSGD, torch's ``powerSGD_hook`` bit for bit;
+* :func:`topk_hook` / :class:`TopKState`: top-k sparsification with error feedback;
+* :func:`qsgd_hook` / :class:`QSGDState`: QSGD stochastic quantization, packed;
+* :func:`bytes_for`, :func:`compress_error`: a setting's bytes and error (for layer-wise policies).
+"""
+from .hooks import (PowerSGDState, QSGDState, TopKState, bytes_for, compress_error, powersgd_hook,  # noqa: F401
+                    qsgd_hook, topk_hook)
+
+__all__ = ["PowerSGDState", "powersgd_hook", "TopKState", "topk_hook", "QSGDState", "qsgd_hook", "bytes_for",
+           "compress_error"]
+from .lgreco import LGreCo, LGreCoChoice, lgreco_dp  # noqa: E402,F401  # lgreco: L-GreCo's layer-wise policy
