@@ -28,4 +28,6 @@ from . import adahessian  # noqa: F401  (registers the "adahessian" and "adahess
 from . import classic  # noqa: F401  (registers the "classic-sgd", "classic-adagrad" and "classic-rmsprop" suites)
 from . import lightsb  # noqa: F401  (registers the "lightsb" suite)
 from . import ot_monge  # noqa: F401  (registers the "monge-gap" suite)
+from . import sparse_select  # noqa: F401  (registers the "magnitude-select" suite)
+from . import wtacrs  # noqa: F401  (registers the "wtacrs" suite)
 from .harness import SUITES, Bar, Case, Suite, Unsupported, Workload, main, register  # noqa: F401
