@@ -11,6 +11,7 @@ from . import sparse  # noqa: F401
 from . import ot  # noqa: F401
 from . import sharpness  # noqa: F401  (SAFLoss)
 from . import nn  # noqa: F401  (WTACRSLinear, convert_linear)
+from . import comm  # noqa: F401  (DDP gradient-compression comm hooks)
 from ._backend import BackendUnavailableError, available_backends, build_info  # noqa: F401
 from .optim import (SGDP, AdaBelief, Adam, Adan, AdamP, AdamW, DiffGrad, EXAdam, Lamb, Lion, Muon,  # noqa: F401
                     SGDSaI, clip_grad_norm_, functional)
