@@ -196,6 +196,8 @@ CAPABILITIES: Dict[str, OpCaps] = {
     "mfac": OpCaps(("triton", "cpu")),
     # LightSB's fused log-sum-exp passes with their gradients (fastopt.ot.LightSB): C++ on CPUs, Triton on GPUs
     "lightsb": OpCaps(("triton", "cpu"), dtypes=(torch.float32,)),
+    # WTA-CRS's row pass (fastopt.nn.WTACRSLinear: row norms + the gather of the kept rows): C++ on CPUs, Triton on GPUs
+    "wtacrs": OpCaps(("triton", "cpu")),
     # magnitude selection (fastopt.sparse.select: pruning thresholds / masks): C++ on CPUs, Triton on GPUs
     "select": OpCaps(("triton", "cpu")),
 }
