@@ -203,6 +203,16 @@ def test_policy_validates():
     assert state.observer is None  # nothing changed by a failed construction
     with pytest.raises(ValueError, match="LGreCo.load_state_dict"):
         LGreCo(state, p, **kw).load_state_dict({"steps": 1})
+    # a failing measurement surfaces from step() (after the broadcast the other ranks wait in)
+    def broken(kind, t, d):
+        raise ValueError("broken error_fn")
+
+    state = _State(0.25)
+    pol = LGreCo(state, p, every=1, kind="topk", error_fn=broken, bytes_fn=_topk_bytes)
+    state.observer(p[0], torch.ones(3, 3))
+    with pytest.raises(ValueError, match="broken error_fn"):
+        pol.step()
+    assert state.layer_settings is None
 
 
 # -- fastopt.comm's error and byte tables against direct computation ---------------------------------
@@ -222,6 +232,8 @@ def test_policy_tables_match_direct_computation():
             assert S[l, c] == 8 * k
     # QSGD: the expected error of stochastic rounding, chunk by chunk: sum (norm / s)^2 p (1 - p)
     state = comm.QSGDState(None, bits=4, bucket_size=64)
+    with pytest.raises(ValueError, match="LGreCo: candidate 3 is not a setting the state accepts"):
+        LGreCo(state, [torch.nn.Parameter(tensors[0].clone())], candidates=[3, 4])
     pol = LGreCo(state, [torch.nn.Parameter(t.clone()) for t in tensors], squared=True)
     assert pol.candidates == [2, 4, 8]
     E, S = pol.errors_and_sizes(tensors)

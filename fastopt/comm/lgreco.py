@@ -295,6 +295,13 @@ class LGreCo:
             raise ValueError(f"LGreCo: candidates has duplicates: {cands}")
         if uniform not in cands:
             raise ValueError(f"LGreCo: candidates {cands} must include the uniform setting {uniform!r}")
+        check = getattr(state, "_check_setting", None)  # (fastopt.comm's states: what the hook accepts)
+        if callable(check):
+            for c in cands:
+                try:
+                    check(c)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"LGreCo: candidate {c!r} is not a setting the state accepts: {exc}") from exc
         if error_fn is None or bytes_fn is None:
             from fastopt import comm as _comm  # (the hooks' module; imported late: it imports this file)
             error_fn = error_fn or _comm.compress_error
@@ -382,17 +389,25 @@ class LGreCo:
         if self.steps % self.every:
             return False
         group, rank, world = self._group()
-        idx = torch.full((len(self.params) + 1,), -1, dtype=torch.int64)
+        idx = torch.full((len(self.params) + 1,), -1, dtype=torch.int64)  # the last entry: 1 decided, 2 failed
+        failure = None
         if rank == 0 and self._acc:
-            layers, choice = self._decide(world)
-            idx[torch.tensor(layers, dtype=torch.int64)] = torch.tensor(choice, dtype=torch.int64)
-            idx[-1] = 1
+            try:
+                layers, choice = self._decide(world)
+                idx[torch.tensor(layers, dtype=torch.int64)] = torch.tensor(choice, dtype=torch.int64)
+                idx[-1] = 1
+            except Exception as exc:  # (still broadcast: the other ranks wait in the collective)
+                failure, idx[-1] = exc, 2
         self._acc.clear()
         self._count.clear()
         if world > 1:
             import torch.distributed as dist
             src = dist.get_global_rank(group, 0) if group is not None else 0
             dist.broadcast(idx, src=src, group=group)
+        if idx[-1] == 2:
+            if failure is not None:
+                raise failure
+            raise RuntimeError("LGreCo.step: the decision failed on group rank 0 (see its error)")
         if idx[-1] != 1:
             return False  # nothing was observed in the window: the settings stay
         self._apply(idx[:-1].tolist())
