@@ -231,15 +231,20 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "elementwise_cpu",
       [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> sparse_mask, std::vector<int64_t> sparse_out,
-         std::vector<int64_t> sparse_numels, double sparse_lambda, double sparse_beta, std::vector<int64_t> sr_offsets) {
+         std::vector<int64_t> sparse_numels, double sparse_lambda, double sparse_beta, std::vector<int64_t> sr_offsets,
+         int sparse_prune, std::vector<int64_t> sparse_keys, int64_t sparse_threshold) {
         fastopt::ElementwiseArgs a = FASTOPT_ELEMENTWISE_ARGS;
         set_sparse(a, std::move(sparse_mask), std::move(sparse_out), std::move(sparse_numels), sparse_lambda,
                    sparse_beta);
         a.sr_offsets = std::move(sr_offsets);
+        a.sparse_prune = sparse_prune;  // prune-style unstructured sparsity (api.h)
+        a.sparse_keys = std::move(sparse_keys);
+        a.sparse_threshold = sparse_threshold;
         py::gil_scoped_release nogil;
         fastopt::elementwise_cpu(a);
       },
-      kElementwiseDoc, FASTOPT_ELEMENTWISE_NAMES, FASTOPT_SPARSE_NAMES, py::arg("sr_offsets") = std::vector<int64_t>{});
+      kElementwiseDoc, FASTOPT_ELEMENTWISE_NAMES, FASTOPT_SPARSE_NAMES, py::arg("sr_offsets") = std::vector<int64_t>{},
+      py::arg("sparse_prune") = 0, py::arg("sparse_keys") = std::vector<int64_t>{}, py::arg("sparse_threshold") = 0);
   m.def(
       "lowbit_cpu",
       [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> books, std::vector<int64_t> absmax,
@@ -399,16 +404,19 @@ PYBIND11_MODULE(_C, m) {
       "elementwise_cuda",
       [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> sparse_mask, std::vector<int64_t> sparse_out,
          std::vector<int64_t> sparse_numels, double sparse_lambda, double sparse_beta, std::vector<int64_t> sr_offsets,
-         int64_t ticket, int64_t stream) {
+         int sparse_prune, std::vector<int64_t> sparse_keys, int64_t sparse_threshold, int64_t ticket, int64_t stream) {
         fastopt::ElementwiseArgs a = FASTOPT_ELEMENTWISE_ARGS;
         set_sparse(a, std::move(sparse_mask), std::move(sparse_out), std::move(sparse_numels), sparse_lambda,
                    sparse_beta);
         a.sr_offsets = std::move(sr_offsets);
+        a.sparse_prune = sparse_prune;  // prune-style unstructured sparsity (api.h)
+        a.sparse_keys = std::move(sparse_keys);
+        a.sparse_threshold = sparse_threshold;
         py::gil_scoped_release nogil;
         fastopt::elementwise_cuda(a, ticket, stream);
       },
-      kElementwiseDoc, FASTOPT_ELEMENTWISE_NAMES, FASTOPT_SPARSE_NAMES, py::arg("sr_offsets"), py::arg("ticket"),
-      py::arg("stream"));
+      kElementwiseDoc, FASTOPT_ELEMENTWISE_NAMES, FASTOPT_SPARSE_NAMES, py::arg("sr_offsets"), py::arg("sparse_prune"),
+      py::arg("sparse_keys"), py::arg("sparse_threshold"), py::arg("ticket"), py::arg("stream"));
   m.def(
       "lowbit_cuda",
       [](FASTOPT_ELEMENTWISE_PARAMS, std::vector<int64_t> books, std::vector<int64_t> absmax,

@@ -285,7 +285,8 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
                         found_inf: Optional[Tensor], phase: int, rows: List[int], row_coef: Optional[Tensor],
                         reduce_out: Optional[Tensor], seed: int, stochastic: bool, backend: str,
                         sparse_mask: List[Tensor], sparse_out: List[Tensor], sparse_lambda: float,
-                        sparse_beta: float, sr_offsets: Optional[List[int]] = None) -> None:
+                        sparse_beta: float, sr_offsets: Optional[List[int]] = None, sparse_prune: int = 0,
+                        sparse_keys: Optional[List[int]] = None, sparse_threshold: int = 0) -> None:
     """One call of a registered elementwise op (``csrc/include/fastopt/ops.h``): ``states`` holds the
     op's state lists one after the other (``k * len(params)`` tensors).  Phase 0 is the update and
     increments ``state_steps``; phase 1 adds per-row sums into ``reduce_out`` (fp32 ``[rows, 4]``).
@@ -295,12 +296,29 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
     ``csrc/include/fastopt/elementwise.h``).  ``sr_offsets`` (None, [], or one non-negative int per
     param): stochastic rounding gives element ``i`` of param ``t`` the bits of element
     ``sr_offsets[t] + i`` -- its index in the whole tensor when ``params[t]`` is a piece (an FSDP2
-    shard) starting there (see :func:`_check_sr_offsets`)."""
+    shard) starting there (see :func:`_check_sr_offsets`).  ``sparse_prune`` (prune-style unstructured
+    sparsity, ``fastopt.sparse.RandomSparsity`` / ``MagnitudeSparsity``; the params hold the sparse
+    weights): 1 writes 0 to the param and every state where ``sparse_mask`` is False; 2 where the hash
+    mask (``fastopt/reference/unstructured.py``) of key ``sparse_keys[t]`` (one uint32 per param) and
+    ``sparse_threshold`` (``floor(density * 2**32)``) drops element ``sr_offsets[t] + i``."""
     if not params:
         return
     lr, lr_tensor = _host_lr(lr, lr_tensor)
     n = len(params)
     sr_offsets = _check_sr_offsets("elementwise_step_", sr_offsets, n)
+    sparse_keys = list(sparse_keys or ())
+    if sparse_prune not in (0, 1, 2):
+        raise ValueError(f"fastopt::elementwise_step_: sparse_prune must be 0, 1 or 2, got {sparse_prune!r}")
+    if sparse_prune == 2 and (len(sparse_keys) != n or sparse_mask or sparse_out
+                              or any(not 0 <= int(k) < 2 ** 32 for k in sparse_keys)
+                              or not 0 <= int(sparse_threshold) < 2 ** 32):
+        raise ValueError("fastopt::elementwise_step_: sparse_prune 2 needs one uint32 key per param, a threshold in "
+                         "[0, 2**32) and no sparse masks or outputs")
+    if sparse_prune == 1 and (not sparse_mask or sparse_out or sparse_lambda or sparse_beta):
+        raise ValueError("fastopt::elementwise_step_: sparse_prune 1 needs sparse_mask and no sparse_out, lambda "
+                         "or beta")
+    if sparse_prune != 2 and sparse_keys:
+        raise ValueError("fastopt::elementwise_step_: sparse_keys are for sparse_prune 2")
     nstates = len(states) // n
     if _backend.has_cpu():  # the op registry (without fastopt._C, Triton loads the lists it is given)
         nstates = _backend.native().op_shape(op)[0]
@@ -333,7 +351,8 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
             grad_scale=grad_scale, found_inf=found_inf, sign=-1.0 if maximize else 1.0, phase=phase,
             rows=rows or None, row_coef=row_coef, reduce_out=reduce_out, seed=seed, stochastic=stochastic,
             sparse_mask=sparse_mask, sparse_out=sparse_out, sparse_lambda=sparse_lambda, sparse_beta=sparse_beta,
-            sr_offsets=sr_offsets)
+            sr_offsets=sr_offsets, sparse_prune=int(sparse_prune), sparse_keys=sparse_keys,
+            sparse_threshold=int(sparse_threshold))
         return
     sparse_names = ("sparse_mask", "sparse_out") if sparse_out else ("sparse_mask",) if sparse_mask else ()
     args = (
@@ -343,6 +362,7 @@ def _elementwise_kernel(op: str, params: List[Tensor], grads: List[Tensor], stat
         call.ptr("row_coef"), call.ptr("reduce_out"), int(seed) & 0xFFFFFFFFFFFFFFFF, bool(stochastic),
         call.ptrs("sparse_mask") if sparse_mask else [], call.ptrs("sparse_out") if sparse_out else [],
         call.numels(*sparse_names), float(sparse_lambda), float(sparse_beta), sr_offsets,
+        int(sparse_prune), [int(k) for k in sparse_keys], int(sparse_threshold),
     )
     _run_native(backend, "elementwise", params[0].device, args, "elementwise_step_")
 
@@ -871,6 +891,9 @@ class ElementwiseCall(NamedTuple):
     sparse_lambda: float = 0.0
     sparse_beta: float = 0.0
     sr_offsets: Sequence[int] = ()  # per param, where it starts in its whole tensor (stochastic rounding)
+    sparse_prune: int = 0  # prune-style unstructured sparsity: 1 by sparse_mask, 2 by hash (sparse_keys)
+    sparse_keys: Sequence[int] = ()
+    sparse_threshold: int = 0
 
 
 # DTensors (FSDP2): the records below run their kernels over local shards (NOTE: [DTensors] in
@@ -888,7 +911,8 @@ def run_elementwise(c: ElementwiseCall) -> None:
         rows=list(c.rows) if c.rows is not None else [], row_coef=c.row_coef, reduce_out=c.reduce_out,
         seed=int(c.seed), stochastic=bool(c.stochastic), backend=c.backend, sparse_mask=list(c.sparse_mask or ()),
         sparse_out=list(c.sparse_out or ()), sparse_lambda=float(c.sparse_lambda), sparse_beta=float(c.sparse_beta),
-        sr_offsets=[int(o) for o in c.sr_offsets])
+        sr_offsets=[int(o) for o in c.sr_offsets], sparse_prune=int(c.sparse_prune),
+        sparse_keys=[int(k) for k in c.sparse_keys], sparse_threshold=int(c.sparse_threshold))
     if finish is not None:
         finish()
 

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from . import multi_tensor as _mt
 from .multi_tensor import (BLOCK, CHUNK, MAX_STATES, _TL_DTYPES, StepArgs, _aptr, _chunk_tables, _fold_step_increment,
-                           _load_block, _rounded, _sr_offset, _step_scalars, _step_skipped, _store_block, _store_param,
+                           fmix32, _load_block, _rounded, _sr_offset, _step_scalars, _step_skipped, _store_block, _store_param,
                            aligned16, cached_table, pad_hyper, sr_offset_column, ticket_counter)
 
 
@@ -35,8 +35,12 @@ def _elementwise_block(addr_table, row, offs, mask, step, lr, grad_mul, r_first,
                        UPDATE: tl.constexpr, REDUCE: tl.constexpr, NSTATE: tl.constexpr, NREDUCE: tl.constexpr,
                        PHASE: tl.constexpr, FLAGS: tl.constexpr, DTYPE: tl.constexpr, HAS_ROW_COEF: tl.constexpr,
                        ONE_ROW: tl.constexpr, STOCHASTIC: tl.constexpr, SPARSE: tl.constexpr,
-                       SPARSE_OUT: tl.constexpr, NCOL: tl.constexpr, ALIGNED: tl.constexpr):
-    """One block of ``offs`` (``mask``: which lanes exist; an all-true constant in the main loop)."""
+                       SPARSE_OUT: tl.constexpr, NCOL: tl.constexpr, ALIGNED: tl.constexpr, PRUNE: tl.constexpr = 0):
+    """One block of ``offs`` (``mask``: which lanes exist; an all-true constant in the main loop).
+    ``PRUNE`` (prune-style unstructured sparsity, elementwise.h's SPARSE 3 / 4): 1 pruned where the
+    tensor's uint8 mask (``sparse_table[row, 0]``) is 0, 2 where the hash of key ``sparse_table[row, 0]``
+    and element ``sr_offset + offs`` is not below the threshold ``sparse_table[row, 1]``: the param and
+    every state are stored 0 there."""
     p = _load_block(addr_table, row, 0, NCOL, offs, mask, DTYPE, ALIGNED)
     g = _load_block(addr_table, row, 1, NCOL, offs, mask, DTYPE, ALIGNED) * grad_mul
     s0 = p * 0.0
@@ -68,8 +72,24 @@ def _elementwise_block(addr_table, row, offs, mask, step, lr, grad_mul, r_first,
                 mptr = tl.multiple_of(mptr, 16)
             keep = tl.load(mptr + offs, mask=mask, other=1) != 0
             g = tl.where(keep | (sparse_lambda == 0.0), g, g + sparse_lambda * p)
+        if PRUNE == 1:
+            mptr = tl.load(sparse_table + row * 2).to(tl.pointer_type(tl.uint8))
+            if ALIGNED:
+                mptr = tl.multiple_of(mptr, 16)
+            keep = tl.load(mptr + offs, mask=mask, other=1) != 0
+        if PRUNE == 2:
+            mkey = tl.load(sparse_table + row * 2).to(tl.uint32)
+            threshold = tl.load(sparse_table + row * 2 + 1)
+            bits = fmix32((offs + sr_offset).to(tl.uint32) * 0x9E3779B1 ^ mkey)
+            keep = (bits.to(tl.int64) & 0xFFFFFFFF) < threshold
         p, s0, s1, s2, s3 = UPDATE(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3,
                                    H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, FLAGS)
+        if PRUNE != 0:
+            p = tl.where(keep, p, 0.0)
+            s0 = tl.where(keep, s0, 0.0)
+            s1 = tl.where(keep, s1, 0.0)
+            s2 = tl.where(keep, s2, 0.0)
+            s3 = tl.where(keep, s3, 0.0)
         stored = _store_param(_aptr(addr_table, row, 0, NCOL, DTYPE, ALIGNED), offs, mask, p, seed, row, step,
                               sr_offset, STOCHASTIC, DTYPE)
         if SPARSE_OUT:
@@ -121,7 +141,7 @@ def _elementwise_kernel(
     HAS_ROW_COEF: tl.constexpr, ONE_ROW: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_STEPS: tl.constexpr,
     SPARSE: tl.constexpr, SPARSE_OUT: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, ALIGNED: tl.constexpr = False,
-    FOLD_STEPS: tl.constexpr = False,
+    FOLD_STEPS: tl.constexpr = False, PRUNE: tl.constexpr = 0, READ_OFFSET: tl.constexpr = False,
 ):
     NCOL: tl.constexpr = NSTATE + 4  # param, grad, states..., stochastic-rounding offset, step counter
     pid = tl.program_id(0)
@@ -134,7 +154,7 @@ def _elementwise_kernel(
                                            HAS_LR_PTR, HAS_GRAD_SCALE, HAS_STEPS)
         r_first = tl.load(row_offset + row)
         r_len = tl.load(row_len + row)
-        sr_offset = _sr_offset(addr_table, row, NSTATE + 2, NCOL, STOCHASTIC)
+        sr_offset = _sr_offset(addr_table, row, NSTATE + 2, NCOL, READ_OFFSET)  # stochastic rounding or PRUNE 2
         # whole blocks unmasked (a constant all-true mask: 128-bit accesses when ALIGNED), then the tail
         full_end = start + (end - start) // BLOCK_SIZE * BLOCK_SIZE
         for off in range(start, full_end, BLOCK_SIZE):
@@ -143,14 +163,14 @@ def _elementwise_kernel(
                                r_len, sr_offset, row_coef, reduce_out, seed, sparse_table, sparse_lambda, sparse_beta,
                                H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
                                UPDATE, REDUCE, NSTATE, NREDUCE, PHASE, FLAGS, DTYPE, HAS_ROW_COEF, ONE_ROW,
-                               STOCHASTIC, SPARSE, SPARSE_OUT, NCOL, ALIGNED)
+                               STOCHASTIC, SPARSE, SPARSE_OUT, NCOL, ALIGNED, PRUNE)
         if full_end < end:
             offs = full_end + tl.arange(0, BLOCK_SIZE)
             _elementwise_block(addr_table, row, offs, offs < end, step, lr, grad_mul, r_first,
                                r_len, sr_offset, row_coef, reduce_out, seed, sparse_table, sparse_lambda, sparse_beta,
                                H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
                                UPDATE, REDUCE, NSTATE, NREDUCE, PHASE, FLAGS, DTYPE, HAS_ROW_COEF, ONE_ROW,
-                               STOCHASTIC, SPARSE, SPARSE_OUT, NCOL, ALIGNED)
+                               STOCHASTIC, SPARSE, SPARSE_OUT, NCOL, ALIGNED, PRUNE)
         if FOLD_STEPS:  # the last program increments every step counter (multi_tensor._fold_step_increment)
             _fold_step_increment(ticket, addr_table, n_tensors, NCOL)
 
@@ -164,7 +184,7 @@ def no_reduce(p, g, s0, s1, s2, s3, step, lr, r0, r1, r2, r3, H0, H1, H2, H3, H4
 def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr, grad_scale=None,
                       found_inf=None, sign=1.0, phase=0, rows=None, row_coef=None, reduce_out=None,
                       seed=0, stochastic=False, sparse_mask=None, sparse_out=None, sparse_lambda=0.0,
-                      sparse_beta=0.0, sr_offsets=None):
+                      sparse_beta=0.0, sr_offsets=None, sparse_prune=0, sparse_keys=None, sparse_threshold=0):
     """Run an op over ``lists`` = [params, grads, state 0, ...] in one launch (see the module doc).
 
     ``rows``: rows per tensor (or None: one row each); ``row_coef``: fp32 ``[total rows, 4]`` read by
@@ -174,6 +194,9 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
     ``sparse_out``, the forward weights ``mask ? p : sparse_beta * p`` (see ``fastopt/elementwise.h``).
     ``sr_offsets`` (None, empty, or one non-negative int per tensor): stochastic rounding gives element
     ``i`` of tensor ``t`` the bits of element ``sr_offsets[t] + i`` (the C++ kernels' ``sr_offsets``).
+    ``sparse_prune`` 1 (by ``sparse_mask``) or 2 (by the hash of ``sparse_keys[t]`` and element
+    ``sr_offsets[t] + i``, kept below ``sparse_threshold``): prune-style unstructured sparsity, the
+    param and every state stored 0 where pruned (the C++ kernels' ``sparse_prune``).
     """
     params = lists[0]
     if not params:
@@ -200,11 +223,23 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
         lambda: _table_values(lists, numels, rows, sr_column, step_addrs))
     block_tensor, block_start = _chunk_tables(numels, device)
     scalars = StepArgs(device, lr, grad_scale, found_inf, sign)
-    sparse = bool(sparse_mask)
-    if sparse and (phase != 0 or nreduce):
+    prune = int(sparse_prune)
+    sparse = bool(sparse_mask) and prune == 0
+    if (sparse or prune) and (phase != 0 or nreduce):
         raise ValueError("the sparse epilogue is for the update of ops without a reduce phase")
     sparse_table = scalars.dummy
-    if sparse:
+    if prune == 1:
+        masks = tuple(m.data_ptr() for m in sparse_mask)
+        sparse_table, = cached_table(("prune", masks), device,
+                                     lambda: ([v for m in masks for v in (m, 0)], [2 * n]))
+    elif prune == 2:
+        keys = tuple(int(k) for k in sparse_keys)
+        if len(keys) != n:
+            raise ValueError("sparse_prune 2 needs one mask key per tensor")
+        thr = int(sparse_threshold)
+        sparse_table, = cached_table(("prune-hash", keys, thr), device,
+                                     lambda: ([v for k in keys for v in (k, thr)], [2 * n]))
+    elif sparse:
         outs = tuple(o.data_ptr() for o in sparse_out) if sparse_out else (0,) * n
         masks = tuple(m.data_ptr() for m in sparse_mask)
         sparse_table, = cached_table(("sparse", masks, outs), device,
@@ -222,7 +257,7 @@ def elementwise_apply(update, reduce, nreduce, lists, steps, *, hyper, flags, lr
             HAS_ROW_COEF=row_coef is not None, ONE_ROW=all(r == 1 for r in rows), STOCHASTIC=bool(stochastic),
             HAS_STEPS=has_steps, SPARSE=sparse, SPARSE_OUT=sparse and bool(sparse_out),
             ALIGNED=aligned16(*lists, sparse_mask or (), sparse_out or ()), CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK,
-            FOLD_STEPS=fold, enable_fp_fusion=False,
+            FOLD_STEPS=fold, PRUNE=prune, READ_OFFSET=bool(stochastic) or prune == 2, enable_fp_fusion=False,
         )
     if phase == 0 and has_steps and not fold:
         scalars.increment_steps(addr_table, n, ncol)

@@ -43,6 +43,21 @@ void check_elementwise(const ElementwiseArgs& a, int states, const std::vector<i
             "sr_offsets: one stochastic-rounding element offset per tensor (or none), got " +
                 std::to_string(a.sr_offsets.size()) + " for " + std::to_string(a.lists.n) + " tensors");
   for (int64_t o : a.sr_offsets) check_arg(o >= 0, "sr_offsets: a stochastic-rounding element offset must be >= 0");
+  check_arg(a.sparse_prune >= 0 && a.sparse_prune <= 2, "sparse_prune must be 0, 1 (by mask) or 2 (by hash)");
+  if (a.sparse_prune == 2) {
+    check_arg(a.phase == 0 && op_reduce == 0, "the sparse epilogue is for the update of ops without a reduce phase");
+    check_arg(a.sparse_mask.empty() && a.sparse_out.empty() && a.sparse_numels.empty(),
+              "sparse_prune 2 (by hash) takes no sparse masks or outputs");
+    check_arg(static_cast<int64_t>(a.sparse_keys.size()) == a.lists.n, "sparse_prune 2: one mask key per tensor");
+    for (int64_t k : a.sparse_keys) check_arg(k >= 0 && k <= 0xFFFFFFFFLL, "sparse_keys: a key is a uint32");
+    check_arg(a.sparse_threshold >= 0 && a.sparse_threshold <= 0xFFFFFFFFLL,
+              "sparse_threshold must be in [0, 2^32)");
+    return;
+  }
+  check_arg(a.sparse_keys.empty(), "sparse_keys are for sparse_prune 2");
+  check_arg(a.sparse_prune == 0 || !a.sparse_mask.empty(), "sparse_prune 1 needs sparse_mask");
+  check_arg(a.sparse_prune == 0 || (a.sparse_out.empty() && a.sparse_lambda == 0.0 && a.sparse_beta == 0.0),
+            "sparse_prune 1 takes no sparse_out, lambda or beta");
   if (a.sparse_mask.empty()) {
     check_arg(a.sparse_out.empty(), "sparse_out needs sparse_mask");
     return;

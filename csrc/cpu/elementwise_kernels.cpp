@@ -25,7 +25,8 @@ template <typename Op, typename T, int SPARSE>
 void update_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0, T* __restrict__ s1,
                   T* __restrict__ s2, T* __restrict__ s3, int64_t begin, int64_t end, float grad_mul,
                   const typename Op::Coeffs c, const float* rc, bool stochastic, uint32_t key, uint32_t sr_offset,
-                  const uint8_t* __restrict__ mask, T* __restrict__ out, float lambda, float beta) {
+                  const uint8_t* __restrict__ mask, T* __restrict__ out, float lambda, float beta,
+                  uint32_t mask_key = 0, uint32_t mask_threshold = 0) {
   float row[kMaxRowCoefs] = {0.0f, 0.0f, 0.0f, 0.0f};
   if (rc != nullptr) std::memcpy(row, rc, sizeof(row));
   // ivdep: element i of every list is read and written only by iteration i (the lists never
@@ -34,12 +35,12 @@ void update_range(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0
 #pragma GCC ivdep
     for (int64_t i = begin; i < end; ++i)
       op_update_element<Op, T, SPARSE>(p, g, s0, s1, s2, s3, i, grad_mul, c, row, true, key, sr_offset, mask, out,
-                                       lambda, beta);
+                                       lambda, beta, mask_key, mask_threshold);
   } else {
 #pragma GCC ivdep
     for (int64_t i = begin; i < end; ++i)
       op_update_element<Op, T, SPARSE>(p, g, s0, s1, s2, s3, i, grad_mul, c, row, false, key, sr_offset, mask, out,
-                                       lambda, beta);
+                                       lambda, beta, mask_key, mask_threshold);
   }
 }
 
@@ -129,7 +130,18 @@ void run_op(const Plan& pl, double* sums) {
       const int64_t e = std::min(s + len, (r + 1) * row_len);
       const int64_t grow = pl.row_offset[t] + r;
       const float* rc = pl.row_coef != nullptr ? pl.row_coef + grow * kMaxRowCoefs : nullptr;
-      if (a.sparse_mask.empty()) {
+      if (a.sparse_prune != 0) {
+        if constexpr (Op::kReduce == 0) {  // prune-style unstructured sparsity (check_elementwise)
+          if (a.sparse_prune == 2) {
+            update_range<Op, T, 4>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key,
+                                   sr_offset, nullptr, nullptr, 0.0f, 0.0f, static_cast<uint32_t>(a.sparse_keys[t]),
+                                   static_cast<uint32_t>(a.sparse_threshold));
+          } else {
+            update_range<Op, T, 3>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key,
+                                   sr_offset, as_ptr<const uint8_t>(a.sparse_mask[t]), nullptr, 0.0f, 0.0f);
+          }
+        }
+      } else if (a.sparse_mask.empty()) {
         update_range<Op, T, 0>(p, g, s0, s1, s2, s3, b, e, pl.grad_mul, coeffs[t], rc, a.stochastic, key,
                                sr_offset, nullptr, nullptr, 0.0f, 0.0f);
       } else if constexpr (Op::kReduce == 0) {  // check_elementwise: the epilogue needs a one-pass op

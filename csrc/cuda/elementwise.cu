@@ -5,7 +5,8 @@
 // pointer slots: the tensor's first global row, its row length and, for the stochastic rounding
 // stream, its index in the call (low 32 bits) with its sr_offset (high 32 bits: the offset's low 32
 // bits, all that sr_bits uses); with the sparse epilogue, two more: the tensor's uint8 mask and its
-// forward weight (or null).  Phase 1 reduces a chunk that lies in one row with a block reduction and one
+// forward weight (or null); with prune-style unstructured sparsity (api.h sparse_prune), two more: the
+// uint8 mask and null (by mask), or the tensor's mask key and the call's threshold (by hash).  Phase 1 reduces a chunk that lies in one row with a block reduction and one
 // atomicAdd per sum; a chunk spanning rows (rows shorter than a chunk) adds per element.  Both phases
 // read the row coefficients (phase 1: those of an earlier pass, e.g. gradient centralization's means).
 //
@@ -96,7 +97,8 @@ struct RowCursor {
 // elements), and the whole chunk of an unaligned tensor, goes one element per thread (Vec<T, 1>).  Each
 // element runs exactly op_update_element / op_reduce_element on register copies, with its own index in
 // the tensor for the stochastic rounding bits, so the results are those of an element-wise loop.
-template <typename Op, typename T, int PHASE, bool SR, bool SPARSE = false>
+// SPARSE: 0 none, 1 the N:M epilogue, 3 prune by mask, 4 prune by hash (op_update_element's modes).
+template <typename Op, typename T, int PHASE, bool SR, int SPARSE = 0>
 struct ElementwiseOp {
   static constexpr int kLists = 2 + Op::kStates;
   static constexpr bool kOneBlockPerSM = true;  // no spills (multi_tensor.cuh)
@@ -109,6 +111,8 @@ struct ElementwiseOp {
     T* st[kMaxStates];
     const uint8_t* mask;
     T* out;
+    uint32_t mask_key;        // SPARSE 4: the tensor's mask key and the call's threshold
+    uint32_t mask_threshold;
     const float* rc0;     // row coefficients of the chunk's first row, or null (the call has none)
     float* sums0;         // phase 1: the sums of the chunk's first row
     ChunkRows rows;
@@ -137,29 +141,37 @@ struct ElementwiseOp {
              {nullptr, nullptr, nullptr, nullptr},
              nullptr,
              nullptr,
+             0u,
+             0u,
              s.row_coef != nullptr ? s.row_coef + (row_offset + rows.chunk_row) * kMaxRowCoefs : nullptr,
              s.reduce_out != nullptr ? s.reduce_out + (row_offset + rows.chunk_row) * kMaxReduce : nullptr,
              rows,
              sr_offset + static_cast<uint32_t>(start)};
     for (int k = 0; k < Op::kStates; ++k) ch.st[k] = static_cast<T*>(meta.addresses[2 + k][t]) + start;
-    if constexpr (SPARSE) {
+    if constexpr (SPARSE == 1 || SPARSE == 3) {
       ch.mask = static_cast<const uint8_t*>(meta.addresses[kLists + 4][t]) + start;
       T* out = static_cast<T*>(meta.addresses[kLists + 5][t]);
       ch.out = out != nullptr ? out + start : nullptr;
+    } else if constexpr (SPARSE == 4) {
+      ch.mask_key = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(meta.addresses[kLists + 4][t]));
+      ch.mask_threshold = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(meta.addresses[kLists + 5][t]));
     }
 
     constexpr int V = kVec<T>;
     bool aligned = is_aligned<T>(ch.p) && is_aligned<T>(ch.g);
 #pragma unroll
     for (int k = 0; k < Op::kStates; ++k) aligned = aligned && is_aligned<T>(ch.st[k]);
-    if constexpr (SPARSE) {
+    if constexpr (SPARSE == 1 || SPARSE == 3) {
       aligned = aligned && is_aligned<uint8_t, V>(ch.mask) && (ch.out == nullptr || is_aligned<T>(ch.out));
     }
     const int nvec = aligned ? n / V : 0;
 
     if constexpr (PHASE == 0) {
       const uint32_t key = sr_key(s.seed, index, static_cast<uint32_t>(static_cast<double>(step_now) + 1.0));
-      if constexpr (SPARSE) {
+      if constexpr (SPARSE >= 3) {
+        update_range<V, SPARSE>(ch, 0, nvec * V, grad_mul, c, key, s);
+        update_range<1, SPARSE>(ch, nvec * V, n, grad_mul, c, key, s);
+      } else if constexpr (SPARSE == 1) {
         if (ch.out != nullptr) {
           update_range<V, 2>(ch, 0, nvec * V, grad_mul, c, key, s);
           update_range<1, 2>(ch, nvec * V, n, grad_mul, c, key, s);
@@ -197,7 +209,7 @@ struct ElementwiseOp {
   }
 
   // Phase 0 over the chunk's elements [first, end), V per thread per iteration (V > 1: end - first a
-  // multiple of V, every list aligned for Vec<T, V>).  SPARSE_OUT as op_update_element's SPARSE.
+  // multiple of V, every list aligned for Vec<T, V>).  SPARSE_OUT as op_update_element's SPARSE (0..4).
   template <int V, int SPARSE_OUT>
   __device__ __forceinline__ void update_range(const Chunk& ch, int first, int end, float grad_mul,
                                                const typename Op::Coeffs& c, uint32_t key,
@@ -215,21 +227,21 @@ struct ElementwiseOp {
       for (int k = 0; k < Op::kStates; ++k) rs[k] = *reinterpret_cast<const Vec<T, V>*>(ch.st[k] + i);
       Vec<uint8_t, V> rmask;
       Vec<T, V> rout;
-      if constexpr (SPARSE_OUT > 0) rmask = *reinterpret_cast<const Vec<uint8_t, V>*>(ch.mask + i);
+      if constexpr (SPARSE_OUT > 0 && SPARSE_OUT != 4) rmask = *reinterpret_cast<const Vec<uint8_t, V>*>(ch.mask + i);
       const uint32_t sr_base = ch.sr_chunk + static_cast<uint32_t>(i);  // element i + e: sr_base + e (mod 2^32)
       RowCursor e_cur = cur;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const float* rc = ch.rc0 != nullptr ? ch.rc0 + e_cur.row * kMaxRowCoefs : kZeroRow;
         op_update_element<Op, T, SPARSE_OUT>(rp.v, rg.v, rs[0].v, rs[1].v, rs[2].v, rs[3].v, e, grad_mul, c, rc,
-                                             SR, key, sr_base, rmask.v, SPARSE_OUT > 1 ? rout.v : nullptr,
-                                             s.sparse_lambda, s.sparse_beta);
+                                             SR, key, sr_base, rmask.v, SPARSE_OUT == 2 ? rout.v : nullptr,
+                                             s.sparse_lambda, s.sparse_beta, ch.mask_key, ch.mask_threshold);
         if (ch.rc0 != nullptr) e_cur.next();
       }
       *reinterpret_cast<Vec<T, V>*>(ch.p + i) = rp;
 #pragma unroll
       for (int k = 0; k < Op::kStates; ++k) *reinterpret_cast<Vec<T, V>*>(ch.st[k] + i) = rs[k];
-      if constexpr (SPARSE_OUT > 1) *reinterpret_cast<Vec<T, V>*>(ch.out + i) = rout;
+      if constexpr (SPARSE_OUT == 2) *reinterpret_cast<Vec<T, V>*>(ch.out + i) = rout;
       if (ch.rc0 != nullptr) cur.advance();
     }
   }
@@ -271,7 +283,7 @@ struct ElementwiseOp {
 };
 
 
-template <typename Op, typename T, int PHASE, bool SR, bool SPARSE = false>
+template <typename Op, typename T, int PHASE, bool SR, int SPARSE = 0>
 void launch(const ElementwiseArgs& a, const DevScalars& s, const std::vector<int64_t>& row_offset,
             const StepFold& fold, cudaStream_t stream) {
   using K = ElementwiseOp<Op, T, PHASE, SR, SPARSE>;
@@ -280,6 +292,8 @@ void launch(const ElementwiseArgs& a, const DevScalars& s, const std::vector<int
   auto addr = [&](int d, int64_t t) -> void* {
     if (d < K::kLists) return l.get<void>(d, t);
     if (d == K::kLists) return a.steps.empty() ? nullptr : as_ptr<void>(a.steps[t]);
+    if (SPARSE == 4 && d == K::kLists + 4) return reinterpret_cast<void*>(static_cast<uintptr_t>(a.sparse_keys[t]));
+    if (SPARSE == 4 && d == K::kLists + 5) return reinterpret_cast<void*>(static_cast<uintptr_t>(a.sparse_threshold));
     if (d == K::kLists + 4) return as_ptr<void>(a.sparse_mask[t]);
     if (d == K::kLists + 5) return a.sparse_out.empty() ? nullptr : as_ptr<void>(a.sparse_out[t]);
     const int64_t rows = row_offset[t + 1] - row_offset[t];
@@ -306,10 +320,15 @@ bool op_dispatch(const ElementwiseArgs& a, const DevScalars& s, const std::vecto
         if constexpr (TYPE::kReduce > 0) launch<TYPE, scalar_t, 1, false>(a, s, row_offset, fold, stream); \
       } else {                                                                                  \
         FASTOPT_BOOL_SWITCH(a.stochastic, SR, [&] {                                           \
-          if (a.sparse_mask.empty()) {                                                          \
+          if (a.sparse_prune != 0) {                                                            \
+            if constexpr (TYPE::kReduce == 0) {                                                 \
+              if (a.sparse_prune == 2) launch<TYPE, scalar_t, 0, SR, 4>(a, s, row_offset, fold, stream); \
+              else launch<TYPE, scalar_t, 0, SR, 3>(a, s, row_offset, fold, stream);            \
+            }                                                                                   \
+          } else if (a.sparse_mask.empty()) {                                                   \
             launch<TYPE, scalar_t, 0, SR>(a, s, row_offset, fold, stream);                      \
           } else if constexpr (TYPE::kReduce == 0) {                                            \
-            launch<TYPE, scalar_t, 0, SR, true>(a, s, row_offset, fold, stream);                \
+            launch<TYPE, scalar_t, 0, SR, 1>(a, s, row_offset, fold, stream);                   \
           }                                                                                     \
         });                                                                                     \
       }                                                                                         \

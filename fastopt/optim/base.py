@@ -127,8 +127,9 @@ class FusedOptimizer(SchedulerAwareStep, torch.optim.Optimizer):
             return
         try:
             if not self._supports_sparsity:
-                raise TypeError(f"{name} does not support N:M sparse training (a group's 'sparsity'); use one of "
-                                f"fastopt's elementwise optimizers ({_able('_supports_sparsity')})")
+                raise TypeError(f"{name} does not support N:M sparse training or unstructured sparsity (a group's "
+                                "'sparsity'); use one of fastopt's elementwise optimizers "
+                                f"({_able('_supports_sparsity')}; fastopt.lowbit.ElementwiseAdamW for AdamW)")
             check_group_sparsity(name, group)
         except (TypeError, ValueError):
             self.param_groups.pop()
@@ -614,10 +615,11 @@ class ElementwiseOptimizer(NMSparseTraining, FusedOptimizer):
         return range(len(params))
 
     def _run(self, group, params, grads, states, backend, grad_scale, found_inf, phase=0, rows=None,
-             row_coef=None, reduce_out=None, sparse=None):
+             row_coef=None, reduce_out=None, sparse=None, prune=None):
         """One call of the op over one bucket (``params`` may be fp32 master copies, or the dense
         weights of N:M sparse training with ``sparse = (masks, forward weights or [], lambda, beta)``:
-        the fused epilogue of ``fastopt/elementwise.h``, kernel backends only)."""
+        the fused epilogue of ``fastopt/elementwise.h``, kernel backends only; ``prune``: the
+        ElementwiseCall fields of prune-style unstructured sparsity, fastopt.sparse.unstructured)."""
         if backend == "torch":
             self._reference_step(group, params, grads, states, grad_scale, found_inf)
             return
@@ -628,4 +630,5 @@ class ElementwiseOptimizer(NMSparseTraining, FusedOptimizer):
             maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf, backend=backend,
             device=params[0].device, phase=phase, rows=rows, row_coef=row_coef, reduce_out=reduce_out,
             seed=group.get("seed", 0), stochastic=self._stochastic(group, params[0]),
-            **(dict(zip(("sparse_mask", "sparse_out", "sparse_lambda", "sparse_beta"), sparse)) if sparse else {}))
+            **(dict(zip(("sparse_mask", "sparse_out", "sparse_lambda", "sparse_beta"), sparse)) if sparse else {}),
+            **(prune or {}))

@@ -10,10 +10,12 @@ same mask bit for bit.
 """
 from .masks import MAX_KERNEL_M, compress_2to4, is_nm_sparse, nm_mask, transposable_mask
 from .training import NMSparsity, nm_param_groups
+from .unstructured import MagnitudeSparsity, RandomSparsity, unstructured_param_groups
 from .densities import erk_densities, layer_adaptive_densities
 from .select import magnitude_masks, magnitude_thresholds
 
 __all__ = ["nm_mask", "transposable_mask", "is_nm_sparse", "compress_2to4", "MAX_KERNEL_M", "NMSparsity",
            "nm_param_groups"]
+__all__ += ["RandomSparsity", "MagnitudeSparsity", "unstructured_param_groups"]
 __all__ += ["magnitude_masks", "magnitude_thresholds"]
 __all__ += ["erk_densities", "layer_adaptive_densities"]

@@ -55,6 +55,8 @@ from .._sharded import local
 from ..lowbit.layouts import Int8Weights, LowbitStates, MasterWeights
 from ..reference.sparse import check_nm, check_tiles
 from .masks import MAX_KERNEL_M, check_shard_groups, like_sharded, nm_mask, transposable_mask
+from . import unstructured as _unstructured
+from .unstructured import UnstructuredSparsity, check_unstructured_group
 
 __all__ = ["NMSparsity", "nm_param_groups"]
 
@@ -272,14 +274,21 @@ def _whole_groups_in_shards(sparsity, w):
 
 # -- inside the optimizer ----------------------------------------------------------------------------
 def check_group_sparsity(owner: str, group: Dict[str, Any]) -> None:
-    """Raise (TypeError/ValueError) when a param group's ``sparsity`` is not an :class:`NMSparsity` that
-    every parameter of the group can be trained with."""
+    """Raise (TypeError/ValueError) when a param group's ``sparsity`` is not an :class:`NMSparsity`, a
+    ``RandomSparsity`` or a ``MagnitudeSparsity`` (:mod:`fastopt.sparse.unstructured`) that every
+    parameter of the group can be trained with."""
     sparsity = group.get("sparsity")
     if sparsity is None:
         return
+    if isinstance(sparsity, (list, tuple)):
+        raise TypeError(f"{owner}: a group's 'sparsity' is one schedule; N:M and unstructured sparsity (or two "
+                        f"schedules) cannot be combined on the same parameters, got {type(sparsity).__name__}")
+    if isinstance(sparsity, UnstructuredSparsity):
+        check_unstructured_group(owner, group)
+        return
     if not isinstance(sparsity, NMSparsity):
-        raise TypeError(f"{owner}: a group's 'sparsity' must be a fastopt.sparse.NMSparsity, got "
-                        f"{type(sparsity).__name__}")
+        raise TypeError(f"{owner}: a group's 'sparsity' must be a fastopt.sparse.NMSparsity, RandomSparsity or "
+                        f"MagnitudeSparsity, got {type(sparsity).__name__}")
     for p in group["params"]:
         sparsity.check_param(p, owner)
 
@@ -288,7 +297,7 @@ def save_schedules(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """A ``state_dict`` post-hook: the groups' schedules as plain dicts (:meth:`NMSparsity.to_state`), so
     that every value of a saved group is a plain Python value or a tensor."""
     for group in state_dict["param_groups"]:
-        if isinstance(group.get("sparsity"), NMSparsity):
+        if isinstance(group.get("sparsity"), (NMSparsity, UnstructuredSparsity)):
             group["sparsity"] = group["sparsity"].to_state()
     return state_dict
 
@@ -296,9 +305,15 @@ def save_schedules(state_dict: Dict[str, Any]) -> Dict[str, Any]:
 def load_schedules(groups: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The saved param groups of a checkpoint with their schedules rebuilt (new dicts where one is
     rebuilt: the caller's are not changed)."""
-    return [{**g, "sparsity": NMSparsity.from_state(g["sparsity"])}
-            if g.get("sparsity") is not None and not isinstance(g["sparsity"], NMSparsity) else g
-            for g in groups]
+    return [{**g, "sparsity": _load_schedule(g["sparsity"])}
+            if g.get("sparsity") is not None and not isinstance(g["sparsity"], (NMSparsity, UnstructuredSparsity))
+            else g for g in groups]
+
+
+def _load_schedule(value):
+    """A saved schedule (:meth:`NMSparsity.to_state` or an unstructured one's) rebuilt."""
+    unstructured = UnstructuredSparsity.from_saved(value)
+    return unstructured if unstructured is not None else NMSparsity.from_state(value)
 
 
 class NMSparseTraining:
@@ -331,6 +346,9 @@ class NMSparseTraining:
             sp = group.get("sparsity")
             if sp is None:
                 continue
+            if isinstance(sp, UnstructuredSparsity):  # prune-style (fastopt.sparse.unstructured)
+                _unstructured.sparsify(self, group)
+                continue
             for p in group["params"]:
                 state = self.state[p]
                 t = state.get(self.STEP_KEY, 0)
@@ -353,8 +371,8 @@ class NMSparseTraining:
 
     def _sparse_state_dtypes(self, p, state):
         """{name: dtype} of the sparse-training states of ``p`` (they have its shape and strides)."""
-        return {name: dtype for name, dtype in ((self.DENSE_KEY, p.dtype), (self.MASK_KEY, torch.bool))
-                if name in state}
+        return {name: dtype for name, dtype in ((self.DENSE_KEY, p.dtype), (self.MASK_KEY, torch.bool),
+                                                (_unstructured.MASK_KEY, torch.bool)) if name in state}
 
     def _dense_weight(self, group, p, state):
         """The dense weights of a sparse-trained parameter: the fp32 master copy or ``dense_param``."""
@@ -416,6 +434,9 @@ class NMSparseTraining:
         """A step of N:M sparse-trained parameters, in calls of parameters at the same point of the
         schedule."""
         sp = group["sparsity"]
+        if isinstance(sp, UnstructuredSparsity):  # prune-style (fastopt.sparse.unstructured)
+            _unstructured.step(self, group, params, grads, backend, grad_scale, found_inf)
+            return
         calls = defaultdict(list)
         for p, g in zip(params, grads):
             state = self.state[p]

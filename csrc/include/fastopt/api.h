@@ -118,6 +118,14 @@ struct ElementwiseArgs {
   std::vector<int64_t> sparse_numels;  // the numel of every mask, then of every output (each the param's)
   double sparse_lambda = 0.0;       // SR-STE: g += lambda * p where the mask is 0
   double sparse_beta = 0.0;         // out = beta * p where the mask is 0
+  // Prune-style unstructured sparsity (fastopt.sparse.RandomSparsity / MagnitudeSparsity; elementwise.h
+  // op_update_element SPARSE 3 / 4): the params hold the sparse weights; pruned elements of the param and
+  // of every state are written 0.  0: off (the N:M epilogue above, if any); 1: pruned where sparse_mask
+  // (one uint8 mask per tensor, no sparse_out, lambda and beta 0) is 0; 2: no mask: element i of tensor t
+  // is kept when prune_keep(sparse_keys[t], sr_offsets[t] + i, sparse_threshold).
+  int sparse_prune = 0;
+  std::vector<int64_t> sparse_keys;  // mode 2: one uint32 key per tensor (elementwise.h prune_key)
+  int64_t sparse_threshold = 0;      // mode 2: floor(density * 2^32), in [0, 2^32)
 };
 
 // The low 32 bits of tensor t's stochastic-rounding offset (what sr_bits hashes; 0 without offsets).

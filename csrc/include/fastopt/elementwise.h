@@ -63,6 +63,17 @@ FASTOPT_HOST_DEVICE uint32_t sr_key(uint32_t seed, uint32_t tensor, uint32_t ste
 // in the tensor the kernel gets.  So a tensor stepped whole or as contiguous pieces rounds alike.
 FASTOPT_HOST_DEVICE uint32_t sr_bits(uint32_t key, uint32_t i) { return fmix32(i * 0x9E3779B1u ^ key); }
 
+// Unstructured random sparsity (fastopt.sparse.RandomSparsity; reference: fastopt/reference/unstructured.py):
+// element j of a whole tensor (low 32 bits) is kept when its hash under the tensor's mask key is below
+// `threshold` (floor(density * 2^32)): no mask is stored, and a shard (sr_offsets) draws its part of the
+// whole tensor's mask.  The key comes from (seed, the parameter's index in the optimizer): prune_key.
+FASTOPT_HOST_DEVICE uint32_t prune_key(uint32_t seed, uint32_t index) {
+  return fmix32(seed ^ fmix32((index * 0x61C88647u) ^ 0x5BD1E995u));
+}
+FASTOPT_HOST_DEVICE bool prune_keep(uint32_t key, uint32_t j, uint32_t threshold) {
+  return sr_bits(key, j) < threshold;
+}
+
 // fp32 -> bf16 with stochastic rounding: add 16 random bits below the kept mantissa, truncate.
 // Non-finite values round to nearest (inf stays inf, NaN stays NaN).
 FASTOPT_HOST_DEVICE bf16_t bf16_stochastic(float f, uint32_t rnd) {
@@ -91,13 +102,19 @@ FASTOPT_HOST_DEVICE bf16_t store_param<bf16_t>(float f, bool stochastic, uint32_
 // nothing is added when lambda is 0); SPARSE == 2 also writes the forward weight: out = p where
 // kept, beta * p where pruned (exactly +0 when beta is 0), from the stored p.  (Selects, not
 // branches, so that the CPU loops vectorize.)
+//
+// SPARSE 3 and 4 are prune-style unstructured sparsity (fastopt.sparse.MagnitudeSparsity /
+// RandomSparsity): `p` holds the sparse weights themselves; where an element is pruned, the param and
+// every state are written 0 (its gradient is unused).  3: pruned where `mask[i]` is 0; 4: pruned where
+// prune_keep(mask_key, sr_offset + i, mask_threshold) is false (no mask in memory).
 template <typename Op, typename T, int SPARSE = 0>
 FASTOPT_HOST_DEVICE void op_update_element(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0,
                                            T* __restrict__ s1, T* __restrict__ s2, T* __restrict__ s3,
                                            int64_t i, float grad_mul, const typename Op::Coeffs& c,
                                            const float* rc, bool stochastic, uint32_t key, uint32_t sr_offset,
                                            const uint8_t* __restrict__ mask = nullptr, T* __restrict__ out = nullptr,
-                                           float lambda = 0.0f, float beta = 0.0f) {
+                                           float lambda = 0.0f, float beta = 0.0f, uint32_t mask_key = 0,
+                                           uint32_t mask_threshold = 0) {
   float st[kMaxStates] = {0.0f, 0.0f, 0.0f, 0.0f};
   if (Op::kStates > 0) st[0] = to_float(s0[i]);
   if (Op::kStates > 1) st[1] = to_float(s1[i]);
@@ -106,14 +123,27 @@ FASTOPT_HOST_DEVICE void op_update_element(T* __restrict__ p, const T* __restric
   float pf = to_float(p[i]);
   float gf = to_float(g[i]) * grad_mul;
   bool keep = true;
-  if (SPARSE > 0) {
+  if (SPARSE == 1 || SPARSE == 2) {
     keep = mask[i] != 0;
     gf = (keep || lambda == 0.0f) ? gf : gf + lambda * pf;
+  } else if (SPARSE == 3) {
+    keep = mask[i] != 0;
+  } else if (SPARSE == 4) {
+    keep = prune_keep(mask_key, sr_offset + static_cast<uint32_t>(i), mask_threshold);
   }
   Op::update(pf, gf, st, c, rc);
   const T stored = store_param<T>(pf, stochastic, key, sr_offset + static_cast<uint32_t>(i));
+  if (SPARSE >= 3) {
+    const T zero = from_float<T>(0.0f);
+    p[i] = keep ? stored : zero;
+    if (Op::kStates > 0) s0[i] = keep ? from_float<T>(st[0]) : zero;
+    if (Op::kStates > 1) s1[i] = keep ? from_float<T>(st[1]) : zero;
+    if (Op::kStates > 2) s2[i] = keep ? from_float<T>(st[2]) : zero;
+    if (Op::kStates > 3) s3[i] = keep ? from_float<T>(st[3]) : zero;
+    return;
+  }
   p[i] = stored;
-  if (SPARSE > 1) {
+  if (SPARSE == 2) {
     const float pruned = beta == 0.0f ? 0.0f : beta * to_float(stored);
     out[i] = keep ? stored : from_float<T>(pruned);
   }
