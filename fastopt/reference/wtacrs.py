@@ -64,43 +64,48 @@ def probabilities(scores, eps=EPS):
     return s / s.sum()
 
 
+def _winners(p, k):
+    """``(c, top, mass)``: the winner count of :func:`winner_count`, the ``k - 1`` largest probabilities'
+    indices in descending order (the winners are the first ``c``), and ``1 - P_C`` (one host sync)."""
+    top_v, top_i = torch.topk(p, k - 1, largest=True, sorted=True)
+    csum = torch.cumsum(top_v, 0)
+    c = torch.arange(1, k, device=p.device, dtype=p.dtype)
+    score = (1.0 - csum).clamp_min(0.0) / (k - c)
+    best = torch.argmin(score)
+    best_i, best_score, best_mass = torch.stack([best.to(p.dtype), score[best], 1.0 - csum[best]]).tolist()
+    if not best_score < 1.0 / k:
+        return 0, top_i, 1.0
+    return int(best_i) + 1, top_i, best_mass
+
+
 def winner_count(p, k):
     """``|C|``: the number of deterministic rows for a budget of ``k`` rows (the official ``k_adaptive_3D``):
     the ``c`` in ``1 .. k - 1`` minimizing ``(1 - sum of the c largest p) / (k - c)``, or 0 when that
     minimum is not below ``1 / k``."""
     if k <= 1:
         return 0
-    top = torch.topk(p, k - 1, largest=True, sorted=True).values
-    c = torch.arange(1, k, device=p.device, dtype=p.dtype)
-    score = (1.0 - torch.cumsum(top, 0)).clamp_min(0.0) / (k - c)
-    best = int(torch.argmin(score))
-    return 0 if not float(score[best]) < 1.0 / k else best + 1
+    return _winners(p, k)[0]
 
 
 def select_rows(p, k, generator=None, winners=True):
     """The rows kept and their weights: ``(idx, weight)``, ``idx`` int64 sorted ascending and distinct,
-    ``weight`` fp64, for probabilities ``p`` (n,) and a budget of ``k`` rows (``k == n``: every row,
-    weight 1).  ``winners=False``: plain column-row sampling (all ``k`` rows drawn from ``p``)."""
+    ``weight`` fp64, for probabilities ``p`` (n,) (all > 0) and a budget of ``k`` rows (``k >= n``: every
+    row, weight 1).  ``winners=False``: plain column-row sampling (all ``k`` rows drawn from ``p``)."""
     n = p.numel()
     if k >= n:
         return torch.arange(n, device=p.device), torch.ones(n, dtype=torch.float64, device=p.device)
-    c = winner_count(p, k) if winners else 0
+    c, top, mass = _winners(p, k) if (winners and k > 1) else (0, None, 1.0)
+    m = k - c  # >= 1: c <= k - 1, and the rest (n - c > 0 rows, each p > 0) has mass
+    rest = p
     if c:
-        det = torch.topk(p, c, largest=True, sorted=False).indices
+        det = top[:c]
         rest = p.clone()
         rest[det] = 0.0
-        mass = 1.0 - float(p[det].sum())
-    else:
-        det = p.new_zeros(0, dtype=torch.int64)
-        rest, mass = p, 1.0
-    m = k - c
-    if m == 0 or not bool((rest > 0).any()):
-        idx = torch.sort(det).values
-        return idx, torch.ones(c, dtype=torch.float64, device=p.device)
     draws = torch.multinomial(rest.float(), m, replacement=True, generator=generator)
     w = torch.zeros(n, dtype=torch.float64, device=p.device)
     w.index_add_(0, draws, mass / (m * p[draws]))
-    w[det] = 1.0
+    if c:
+        w[det] = 1.0
     idx = torch.nonzero(w).flatten()
     return idx, w[idx]
 
