@@ -153,5 +153,15 @@ w = torch.randn(16, 32)
 mask = fastopt.sparse.nm_mask(w, 2, 4, backend="cpu")
 assert fastopt.sparse.is_nm_sparse(w * mask, 2, 4) and int(mask.sum()) == 16 * 32 // 2
 print("nm_mask ok")
+# WTA-CRS (fastopt.nn.WTACRSLinear): the wheel's C++ row pass against the torch reference, same seed
+xw, gw = torch.randn(4, 30, 16), torch.randn(4, 30, 8)
+wgrads = {}
+for b in ("cpu", "torch"):
+    torch.manual_seed(0)
+    layer = fastopt.nn.WTACRSLinear(16, 8, seed=0, backend=b)
+    layer(xw).backward(gw)
+    wgrads[b] = layer.weight.grad
+assert torch.allclose(wgrads["cpu"], wgrads["torch"], rtol=1e-5, atol=1e-5), wgrads
+print("WTACRSLinear ok")
 print("install check passed")
 sys.exit(0)
