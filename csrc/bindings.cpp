@@ -23,6 +23,9 @@
 #ifndef FASTOPT_CUDA_ON_CPU
 #include "cpu/select.h"  // magnitude selection (not in tests/_cuda_on_cpu_build.py's sources)
 #endif
+#ifndef FASTOPT_CUDA_ON_CPU
+#include "cpu/wtacrs.h"  // WTA-CRS's row pass (not in tests/_cuda_on_cpu_build.py's sources)
+#endif
 #ifdef FASTOPT_CUDA_ON_CPU
 #include <cuda_runtime.h>  // the CUDA-on-CPU layer: its launch counts
 #endif
@@ -314,6 +317,19 @@ PYBIND11_MODULE(_C, m) {
         fastopt::lightsb_cpu(a);
       },
       "The fused LightSB pass (csrc/cpu/lightsb.h): raw addresses; the caller (fastopt.ot.lightsb) validates.");
+#endif
+#ifndef FASTOPT_CUDA_ON_CPU  // (tests/_cuda_on_cpu_build.py does not compile csrc/cpu/wtacrs*.cpp)
+  m.def(
+      "wtacrs_rows_cpu",
+      [](int64_t src, int dtype, int64_t rows, int64_t cols, int64_t pos, int64_t weight, int64_t out, int64_t k,
+         int64_t gnorm, int64_t norms) {
+        fastopt::WtacrsArgs a;
+        a.src = src; a.dtype = dtype; a.rows = rows; a.cols = cols; a.pos = pos; a.weight = weight; a.out = out;
+        a.k = k; a.gnorm = gnorm; a.norms = norms;
+        py::gil_scoped_release nogil;
+        fastopt::wtacrs_rows_cpu(a);
+      },
+      "The WTA-CRS row pass (csrc/cpu/wtacrs.h): raw addresses; the caller (fastopt.nn.wtacrs) validates.");
 #endif
 #ifndef FASTOPT_CUDA_ON_CPU  // (tests/_cuda_on_cpu_build.py does not compile csrc/cpu/select.cpp)
   m.def(
