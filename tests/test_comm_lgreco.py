@@ -295,11 +295,7 @@ def _train(kind, adaptive, rank):
         state, hook = comm.PowerSGDState(None, matrix_approximation_rank=2, start_powerSGD_iter=2), comm.powersgd_hook
     else:
         state, hook = comm.TopKState(None, density=0.1), comm.topk_hook
-
-    def annotated(st, bucket) -> torch.futures.Future[torch.Tensor]:  # (what DDP checks for)
-        return hook(st, bucket)
-
-    model.register_comm_hook(state, annotated)
+    model.register_comm_hook(state, hook)
     policy = LGreCo(state, model, every=EVERY, accumulate=2) if adaptive else None
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     torch.manual_seed(5)
