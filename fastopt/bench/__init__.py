@@ -30,4 +30,6 @@ from . import lightsb  # noqa: F401  (registers the "lightsb" suite)
 from . import ot_monge  # noqa: F401  (registers the "monge-gap" suite)
 from . import sparse_select  # noqa: F401  (registers the "magnitude-select" suite)
 from . import wtacrs  # noqa: F401  (registers the "wtacrs" suite)
+from . import sparse_unstructured  # noqa: F401  (registers the "sparse-unstructured" suite)
+from . import comm  # noqa: F401  (registers the "comm-hooks" suite)
 from .harness import SUITES, Bar, Case, Suite, Unsupported, Workload, main, register  # noqa: F401
