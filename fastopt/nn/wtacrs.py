@@ -18,7 +18,7 @@ forward: the output-gradient norms of the previous step, by row position) and wr
 """
 import importlib
 import numbers
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -261,7 +261,8 @@ class WTACRSLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, budget: float = DEFAULT_BUDGET,
                  min_rows: int = MIN_ROWS, grad_norms: str = "previous", seed: Optional[int] = None,
-                 backend: str = "auto", device=None, dtype=None) -> None:
+                 backend: str = "auto", device: Optional[Union[torch.device, str]] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         budget = _check_budget(budget, "WTACRSLinear")
         _check_grad_norms(grad_norms, "WTACRSLinear")
         min_rows = _check_min_rows(min_rows, "WTACRSLinear")
@@ -295,7 +296,7 @@ class WTACRSLinear(nn.Linear):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", budget={self.budget}"
 
-    def _generator_for(self, device):
+    def _generator_for(self, device: torch.device) -> Optional[torch.Generator]:
         if self.seed is None:
             return None
         if self._generator is None or self._generator.device != device:
