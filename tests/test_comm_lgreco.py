@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastopt.comm.lgreco import LGreCo, lgreco_dp
+from fastopt.comm.lgreco import LGreCo, lgreco_dp, svd_error
 
 
 def _brute(e, s, budget):
@@ -268,6 +268,21 @@ def test_policy_tables_match_direct_computation():
                 assert E[l, c] == 0 and S[l, c] == 4 * n * k
     assert (E[1, 1:] <= 1e-6 * float(low.square().sum())).all()  # rank 3: exact from rank 3 on
     assert (E[3] == 0).all() and (S[3] == 4 * 300).all()
+    # the official code's SVD error method: the error of the truncated SVD, reconstructed
+    pol_svd = LGreCo(comm.PowerSGDState(None, matrix_approximation_rank=4, start_powerSGD_iter=2),
+                     [torch.nn.Parameter(t.clone()) for t in mats], squared=True, error_fn=svd_error)
+    Esvd, Ssvd = pol_svd.errors_and_sizes(mats)
+    np.testing.assert_array_equal(Ssvd, S)
+    for l, t in enumerate(mats[:3]):
+        m = t.reshape(t.shape[0], -1).double()
+        u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+        for c, r in enumerate(pol_svd.candidates):
+            n, k = m.shape
+            want = float((m - u[:, :r] @ torch.diag(sv[:r]) @ vh[:r]).square().sum()) if (n + k) * r * 2 < n * k else 0
+            assert Esvd[l, c] == pytest.approx(want, rel=1e-6, abs=1e-9)
+            assert Esvd[l, c] <= E[l, c] * (1 + 1e-5) + 1e-9  # the best rank-r error: no power iteration beats it
+    with pytest.raises(ValueError, match="svd_error: only for kind 'powersgd'"):
+        svd_error("topk", mats[0], 0.1)
 
 
 # -- the policy driving fastopt.comm's hooks on 2 gloo ranks ------------------------------------------

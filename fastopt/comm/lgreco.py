@@ -33,7 +33,10 @@ uniform).  Errors whose quotient by the bin width is an integer up to 1e-9 (rela
 integer, and when every error and the budget are integers and the budget is at most ``bins``, the bin
 width is 1: the DP is then exact.  The top-k and QSGD candidate sets are not in the official code (which
 ships only the PowerSGD policy): top-k takes the uniform density times 2^(k/2), k = -2..2 (clipped to
-(0, 1]), QSGD the bit-widths the fastopt.comm hook supports (2, 4, 8).
+(0, 1]), QSGD the bit-widths the fastopt.comm hook supports (2, 4, 8).  The errors are those of the hook's
+own compression (``fastopt.comm.compress_error``; PowerSGD: one power iteration); of the official code's two
+PowerSGD error methods, ``'SVD'`` (the truncated SVD) is :func:`svd_error` (``error_fn=svd_error``), and its
+default ``'Power'`` (5 power iterations from a random Q, an approximation of the SVD's error) is not copied.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["lgreco_dp", "LGreCoChoice", "LGreCo", "DEFAULT_BINS"]
+__all__ = ["lgreco_dp", "LGreCoChoice", "LGreCo", "DEFAULT_BINS", "svd_error"]
 
 DEFAULT_BINS = 10_000  # the official code's DPBUCKETS
 _SNAP = 1e-9  # a quotient within this relative distance of an integer is that integer
@@ -184,6 +187,28 @@ def lgreco_dp(errors, sizes, budget, bins: int = DEFAULT_BINS, default=None) -> 
     return LGreCoChoice(choice, size, err)
 
 
+def svd_error(kind: str, tensor: torch.Tensor, setting, *, min_compression_rate: float = 2, **_) -> float:
+    """The official code's ``error_method='SVD'`` for PowerSGD, usable as ``LGreCo(..., error_fn=svd_error)``:
+    the squared error of the BEST rank-``setting`` approximation of the matrix view ``(shape[0], -1)``, the
+    sum of its squared singular values past the first ``setting`` (what warm-started PowerSGD approaches over
+    steps; fastopt.comm.compress_error's default is one cold power iteration, the hook's single step).
+    0 for a vector or a matrix the hook sends whole (rank not worth compressing, as ``bytes_for`` counts)."""
+    if kind != "powersgd":
+        raise ValueError(f"svd_error: only for kind 'powersgd', got {kind!r}")
+    if isinstance(setting, bool) or not isinstance(setting, (int, np.integer)) or setting < 1:
+        raise ValueError(f"svd_error: the rank must be an int >= 1, got {setting!r}")
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"svd_error: tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() < 2:
+        return 0.0
+    mat = tensor.detach().reshape(tensor.shape[0], -1).double()
+    n, m = mat.shape
+    r = min(n, m, int(setting))
+    if not (n + m) * r * min_compression_rate < n * m:
+        return 0.0
+    return float(torch.linalg.svdvals(mat)[r:].square().sum())
+
+
 _KINDS = {"PowerSGDState": "powersgd", "TopKState": "topk", "QSGDState": "qsgd"}
 
 
@@ -245,7 +270,8 @@ class LGreCo:
         squared: measure ``||g - C(g)||^2`` instead of the official ``||g - C(g)||``.
         kind: ``"powersgd"``, ``"topk"`` or ``"qsgd"`` (default: from the state's class).
         error_fn: ``error_fn(kind, tensor, setting, **opts) -> float``, the SQUARED error of one round
-            trip (default ``fastopt.comm.compress_error``).
+            trip (default ``fastopt.comm.compress_error``; for PowerSGD, :func:`svd_error` is the official
+            code's ``'SVD'`` error method).
         bytes_fn: ``bytes_fn(kind, shape, setting, world_size=..., **opts) -> int`` (default
             ``fastopt.comm.bytes_for``).
     """
