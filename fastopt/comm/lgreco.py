@@ -253,7 +253,9 @@ class LGreCo:
     ``fastopt.comm.bytes_for``), runs the DP with the budget ``alpha *`` (the uniform setting's total
     error), and broadcasts the chosen candidate indices to the group: every rank sets identical
     settings (rank 0's decision). Layers the hook never observed in the window (PowerSGD: vectors, the
-    uncompressed warm-up phase) keep the uniform setting.
+    uncompressed warm-up phase) keep the uniform setting -- so a matrix the previous decision made PowerSGD's
+    hook send whole (a rank not worth compressing: zero error, full bytes) returns to the uniform rank at the
+    next decision and is decided again one period later.
 
     Args:
         state: a ``PowerSGDState``, ``TopKState`` or ``QSGDState`` of fastopt.comm (or any object with
