@@ -369,3 +369,43 @@ def test_errors():
     # a small input: k = min_rows or every row; one row works
     layer(torch.randn(4, requires_grad=True)).sum().backward()
     assert layer.weight.grad.shape == (3, 4)
+
+
+def test_per_example_gradient_norms():
+    """grad_norms='example' (the official cache): a batch of examples seen before samples with the norms
+    their previous visit's backward stored (the same estimate as the reference given those norms and the
+    same generator state); a batch with an unseen example samples by ||x_i|| alone."""
+    from fastopt.nn import set_example_ids
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 10, 8, generator=g) * torch.exp(torch.randn(6, 10, 1, generator=g))
+    dy = torch.randn(6, 10, 5, generator=g)
+    layer = WTACRSLinear(8, 5, grad_norms="example", seed=2, backend="torch")
+    for ids in ([0, 1, 2], [3, 4, 5]):
+        set_example_ids(layer, torch.tensor(ids))
+        layer.weight.grad = None
+        layer(x[ids]).backward(dy[ids])
+    table = layer.grad_norms
+    torch.testing.assert_close(table, dy.norm(dim=-1), rtol=1e-5, atol=0)
+    ids = [2, 0, 5]
+    for known, g_expected in ((ids, table[ids].reshape(-1).clone()), ([2, 0, 7], None)):
+        set_example_ids(layer, torch.tensor(known))
+        state = layer._generator.get_state()
+        layer.weight.grad = None
+        xb, dyb = x[[i % 6 for i in known]], dy[[i % 6 for i in known]]
+        layer(xb).backward(dyb)
+        gen = torch.Generator()
+        gen.set_state(state)
+        want = ref.wtacrs_weight_grad_reference(xb, dyb, grad_norms=g_expected, generator=gen)
+        torch.testing.assert_close(layer.weight.grad, want, rtol=1e-5, atol=1e-5)
+    assert layer.grad_norms.shape[0] >= 8 and layer.grad_norms.shape[1] == 10  # grown to example 7
+    with pytest.raises(ValueError, match="set_example_ids: ids must be a 1-D int64 tensor"):
+        set_example_ids(layer, torch.tensor([[1]]))
+    with pytest.raises(ValueError, match="set_example_ids: ids must be >= 0"):
+        set_example_ids(layer, torch.tensor([-1]))
+    set_example_ids(layer, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="WTACRSLinear: 30 rows are not a whole number"):
+        layer(x[:3])
+    set_example_ids(layer, None)
+    with pytest.raises(RuntimeError, match="set_example_ids"):
+        layer(x[:3])

@@ -28,7 +28,7 @@ from .. import _backend, _ops
 from ..reference.wtacrs import (DEFAULT_BUDGET, MIN_ROWS, num_rows, probabilities, rows_reference,
                                 select_rows)
 
-__all__ = ["WTACRSLinear", "convert_linear", "wtacrs_rows"]
+__all__ = ["WTACRSLinear", "convert_linear", "set_example_ids", "wtacrs_rows"]
 
 _OP = "wtacrs"
 
@@ -115,25 +115,70 @@ def wtacrs_rows(src: Tensor, pos: Optional[Tensor] = None, weight: Optional[Tens
 
 
 class _GradNormCache:
-    """The output-gradient row norms of the last backward through one layer (fp32 (n,)), by row position."""
+    """The output-gradient row norms the next forward samples with.
 
-    __slots__ = ("norms",)
+    ``mode`` 'previous': those of the last backward through the layer (fp32 (n,)), by row position.
+    ``mode`` 'example': a table of them per training example and position (fp32 (examples, n / B)), as the
+    official code's cache: the forward reads the rows of the batch's examples (``ids``, (B,)), the
+    backward writes them; a batch with an example never seen (or another row count) samples by
+    ``||x_i||`` alone.  ``mode`` 'none': never any (``||x_i||`` alone).
+    """
 
-    def __init__(self):
+    __slots__ = ("mode", "norms", "table", "seen", "ids")
+
+    def __init__(self, mode):
+        self.mode = mode
         self.norms = None
+        self.table = None
+        self.seen = None
+        self.ids = None
 
-    def get(self, n, device):
-        g = self.norms
-        if g is None or g.numel() != n or g.device != device:
-            return None
-        return g
+    def lookup(self, n, device):
+        """``(g, token)``: the norms for a forward of ``n`` rows on ``device`` (or None) and what
+        :meth:`store` needs after its backward."""
+        if self.mode == "previous":
+            g = self.norms
+            return (None if g is None or g.numel() != n or g.device != device else g), None
+        if self.mode != "example":
+            return None, None
+        ids = self.ids
+        if ids is None:
+            raise RuntimeError("WTACRSLinear: grad_norms='example' needs the batch's example ids: call "
+                               "fastopt.nn.set_example_ids(model, ids) before the forward")
+        b = ids.numel()
+        if b == 0 or n % b:
+            raise ValueError(f"WTACRSLinear: {n} rows are not a whole number of rows for each of the {b} examples")
+        ids = ids.to(device)
+        per = n // b
+        if self.table is None or self.table.device != device or self.table.shape[1] != per:
+            return None, (ids, per)
+        known = ids < self.table.shape[0]
+        if not bool(known.all()) or not bool(self.seen[ids].all()):
+            return None, (ids, per)
+        return self.table[ids].reshape(n), (ids, per)
+
+    def store(self, token, norms):
+        if self.mode == "previous":
+            self.norms = norms
+        elif self.mode == "example" and token is not None:
+            ids, per = token
+            need = int(ids.max()) + 1
+            if self.table is None or self.table.device != norms.device or self.table.shape[1] != per:
+                self.table = norms.new_zeros(need, per)
+                self.seen = torch.zeros(need, dtype=torch.bool, device=norms.device)
+            elif self.table.shape[0] < need:
+                grow = max(need, 2 * self.table.shape[0])
+                self.table = torch.cat([self.table, self.table.new_zeros(grow - self.table.shape[0], per)])
+                self.seen = torch.cat([self.seen, self.seen.new_zeros(grow - self.seen.shape[0])])
+            self.table[ids] = norms.view(-1, per)
+            self.seen[ids] = True
 
 
 class _WTACRSFunction(torch.autograd.Function):
     """``y = x W^T + b``; saves for ``dW`` only the kept rows of ``x`` (scaled) and their indices."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, cache, use_grad_norms, budget, min_rows, generator, backend):
+    def forward(ctx, x, weight, bias, cache, budget, min_rows, generator, backend):
         y = F.linear(x, weight, bias)
         in_f = weight.shape[1]
         x2 = x.reshape(-1, in_f)
@@ -154,7 +199,7 @@ class _WTACRSFunction(torch.autograd.Function):
             return y
         x2 = x2.contiguous()
         scores = torch.empty(n, dtype=torch.float32, device=x.device)
-        g = cache.get(n, x.device) if use_grad_norms else None
+        g, ctx.token = cache.lookup(n, x.device)
         _wtacrs_rows_call(x2, None, None, None, g, scores, backend)
         idx, w = select_rows(probabilities(scores), k, generator)
         pos = torch.full((n,), -1, dtype=torch.int64, device=x.device)
@@ -186,12 +231,12 @@ class _WTACRSFunction(torch.autograd.Function):
                 norms = torch.empty(n, dtype=torch.float32, device=dy.device)
                 backend = ctx.backend if dy2.dtype in _backend.KERNEL_DTYPES else "torch"
                 _wtacrs_rows_call(dy2, pos, None, dys, None, norms, backend)
-                ctx.cache.norms = norms
+                ctx.cache.store(ctx.token, norms)
                 dw = dys.t() @ xs.to(dys.dtype)
             dw = dw.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 def _check_budget(budget, where):
@@ -210,8 +255,8 @@ def _check_min_rows(min_rows, where):
 
 
 def _check_grad_norms(grad_norms, where):
-    if grad_norms not in ("previous", "none"):
-        raise ValueError(f"{where}: grad_norms must be 'previous' or 'none', got {grad_norms!r}")
+    if grad_norms not in ("previous", "example", "none"):
+        raise ValueError(f"{where}: grad_norms must be 'previous', 'example' or 'none', got {grad_norms!r}")
 
 
 def _check_seed(seed, where):
@@ -246,8 +291,11 @@ class WTACRSLinear(nn.Linear):
     - ``min_rows`` (default 10: the official ``minimal_k``): at least this many rows are kept.
     - ``grad_norms``: ``'previous'`` (default, the paper's ``||x_i|| * ||dy_i||``) takes ``||dy_i||`` from the
       previous backward by row position: meaningful when a row position means the same thing from step
-      to step (sequence positions, padding); ``'none'`` samples by ``||x_i||`` alone, better for
-      batches of shuffled i.i.d. examples, where the previous step's row ``i`` was another example.
+      to step (sequence positions, padding); ``'example'`` keeps them per training example and position,
+      as the official code (the previous epoch's norms of the same example): call
+      :func:`set_example_ids` with the batch's example indices before each forward; ``'none'`` samples by
+      ``||x_i||`` alone, better than ``'previous'`` for batches of shuffled i.i.d. examples, where the
+      previous step's row ``i`` was another example.
     - ``seed``: an int makes the sampling reproducible (a ``torch.Generator`` of the layer's own, seeded
       once, on the input's device); None uses torch's global generator (reproducible under
       ``torch.manual_seed``).
@@ -271,11 +319,11 @@ class WTACRSLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.budget = budget
         self.min_rows = min_rows
-        self.use_grad_norms = grad_norms == "previous"
+        self.grad_norms_mode = grad_norms
         self.seed = seed
         self.backend = backend
         self._generator = None
-        self._cache = _GradNormCache()
+        self._cache = _GradNormCache(grad_norms)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, budget: float = DEFAULT_BUDGET, min_rows: int = MIN_ROWS,
@@ -306,9 +354,10 @@ class WTACRSLinear(nn.Linear):
 
     @property
     def grad_norms(self) -> Optional[Tensor]:
-        """The output-gradient row norms of the last backward (fp32 (n,)), or None: the next forward's
-        ``||dy_i||``."""
-        return self._cache.norms
+        """The output-gradient row norms the next forward samples with: those of the last backward (fp32
+        (n,); ``grad_norms='previous'``), the per-example table (fp32 (examples, rows per example);
+        ``'example'``), or None."""
+        return self._cache.norms if self._cache.mode == "previous" else self._cache.table
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
@@ -321,8 +370,7 @@ class WTACRSLinear(nn.Linear):
         if input.dtype != self.weight.dtype:
             raise ValueError(f"WTACRSLinear: input is {input.dtype}, the weight {self.weight.dtype}")
         backend = _backend.resolve(self.backend, input.device, input.dtype, op=_OP, name="WTACRSLinear")
-        return _WTACRSFunction.apply(input, self.weight, self.bias, self._cache, self.use_grad_norms,
-                                     self.budget, self.min_rows,
+        return _WTACRSFunction.apply(input, self.weight, self.bias, self._cache, self.budget, self.min_rows,
                                      self._generator_for(input.device), backend)
 
 
@@ -360,3 +408,20 @@ def convert_linear(model: nn.Module, *, budget: float = DEFAULT_BUDGET,
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, made[id(lin)])
     return model
+
+
+def set_example_ids(model: nn.Module, ids: Optional[Tensor]) -> None:
+    """Tell every :class:`WTACRSLinear` of ``model`` (or ``model`` itself) with ``grad_norms='example'``
+    which training examples the next batch holds: ``ids`` int64 (B,), the examples' indices in the data
+    set (the input's rows are B equal runs, one per example, as ``(B, L, d)`` flattens); None clears."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"set_example_ids: model must be an nn.Module, got {type(model).__name__}")
+    if ids is not None:
+        if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"set_example_ids: ids must be a 1-D int64 tensor, got {ids!r}")
+        if ids.numel() and int(ids.min()) < 0:
+            raise ValueError("set_example_ids: ids must be >= 0")
+        ids = ids.long()
+    for m in model.modules():
+        if isinstance(m, WTACRSLinear) and m._cache.mode == "example":
+            m._cache.ids = ids
