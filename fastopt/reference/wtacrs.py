@@ -33,9 +33,10 @@ and all n rows kept when ``k == n``.  Deliberate differences:
   drops it, biased, when ``P_C > 1 - 1e-3``) and is reweighted by ``1 / (m p_i)`` also when there are no
   gradient norms yet (the official code then skips that factor: biased);
 - repeated draws are merged (above);
-- the output-gradient norms are those of the previous backward through the layer, by row position (the
-  official code caches them per training example and position, from the example's previous epoch, in
-  bf16); fp32 here.
+- the output-gradient norms: by default those of the previous backward through the layer, by row
+  position (issue 22's choice, needing no example indices); the official code caches them per training
+  example and position, from the example's previous epoch, in bf16 on the host: the layer's
+  ``grad_norms='example'`` (fp32, on the layer's device).
 """
 import torch
 
