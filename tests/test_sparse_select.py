@@ -177,6 +177,19 @@ def test_cpu_kernel_many_units_and_ties(scope):
         assert torch.equal(sparse.magnitude_thresholds(ws, d, scope=scope, backend="cpu"), want_thr)
 
 
+def test_cpu_kernel_mostly_equal_magnitudes():
+    """Most keys in the threshold's first-pass bin (the kernel then re-reads the tensors in pass 3 instead
+    of collecting candidates in pass 2): still the reference's masks."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("no fastopt._C")
+    gen = torch.Generator().manual_seed(15)
+    ws = [torch.where(torch.rand(150_000, generator=gen) < 0.5, 1.0, -1.0), torch.randn(40_000, generator=gen)]
+    for scope in ("layer", "global"):
+        want_thr, want = magnitude_select_reference(ws, [0.4] * (2 if scope == "layer" else 1), scope)
+        assert_masks(sparse.magnitude_masks(ws, 0.4, scope=scope, backend="cpu"), want, scope)
+        assert torch.equal(sparse.magnitude_thresholds(ws, 0.4, scope=scope, backend="cpu"), want_thr)
+
+
 def test_cpu_kernel_group_above_2_pow_24():
     """A group of 2^24 + 5 fp16 elements (heavy ties): the count, the threshold and the tie rule hold."""
     if "cpu" not in BACKENDS:

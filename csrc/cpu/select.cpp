@@ -74,6 +74,25 @@ void count_unit(const T* __restrict__ x, int64_t len, int pass, uint32_t prefix,
   }
 }
 
+// Pass 1 with compaction: counts like count_unit<1> and appends the matching keys (the candidates of pass 2).
+template <typename T>
+void collect_unit(const T* __restrict__ x, int64_t len, uint32_t prefix, int64_t* __restrict__ local,
+                  std::vector<uint32_t>& keys) {
+  for (int64_t i = 0; i < len; ++i) {
+    const uint32_t k = key_at(x, i);
+    if ((k >> 20) == prefix) {
+      ++local[(k >> 10) & 1023u];
+      keys.push_back(k);
+    }
+  }
+}
+
+// Candidates of one group collected by one thread in pass 1.
+struct Segment {
+  int64_t group;
+  std::vector<uint32_t> keys;
+};
+
 // Writes the unit's mask (key > t, ties kept when keep_ties) and returns its number of ties.
 template <typename T>
 int64_t mask_unit(const T* __restrict__ x, uint8_t* __restrict__ out, int64_t len, uint32_t t, bool keep_ties) {
@@ -147,9 +166,18 @@ void magnitude_select_cpu(const SelectArgs& a) {
   std::vector<int64_t> rank(a.counts.begin(), a.counts.end());  // 1-based rank sought among the candidates
   std::vector<int64_t> ties(ngroups, 0);                        // c: elements equal to the threshold
   std::vector<int64_t> hist(static_cast<size_t>(ngroups) * kBins);
+  // Pass 1 collects its matching keys (per thread and group) when there are at most total / 2 of them, and
+  // pass 2 then reads those instead of the tensors.
+  bool collect = false;
+  std::vector<std::vector<Segment>> segments(std::max(omp_get_max_threads(), 1));
+  std::vector<const Segment*> all_segments;
   for (int pass = 0; pass < 3; ++pass) {
     std::fill(hist.begin(), hist.end(), 0);
     const int bins = pass == 0 ? kBins : 1024;
+    if (pass == 2 && collect)
+      for (const auto& per_thread : segments)
+        for (const auto& sg : per_thread) all_segments.push_back(&sg);
+    const int64_t nsegments = static_cast<int64_t>(all_segments.size());
 #pragma omp parallel if (parallel)
     {
       std::vector<uint32_t> sub(kSub * kBins, 0);
@@ -166,12 +194,31 @@ void magnitude_select_cpu(const SelectArgs& a) {
           }
         }
       };
+      if (pass == 2 && collect) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t s = 0; s < nsegments; ++s) {
+          const Segment& sg = *all_segments[s];
+          if (sg.group != cur) { flush(); cur = sg.group; }
+          const uint32_t p = prefix[cur];
+          for (const uint32_t k : sg.keys)
+            if ((k >> 10) == p) ++local[k & 1023u];
+        }
+      } else {
 #pragma omp for schedule(static)
       for (int64_t u = 0; u < nunits; ++u) {
         const Unit& un = units[u];
         const int64_t g = a.groups[un.tensor];
         if (!active[g]) continue;
         if (g != cur) { flush(); cur = g; }
+        if (pass == 1 && collect) {
+          auto& mine = segments[omp_get_thread_num()];
+          if (mine.empty() || mine.back().group != g) mine.push_back({g, {}});
+          FASTOPT_DTYPE_SWITCH(a.dtypes[un.tensor], [&] {
+            collect_unit(as_ptr<const scalar_t>(a.ptrs[un.tensor]) + un.start, un.len, prefix[g], local.data(),
+                         mine.back().keys);
+          });
+          continue;
+        }
         if (un.len < kSmallUnit) {  // (merging sub-histograms would cost more than the counting)
           FASTOPT_DTYPE_SWITCH(a.dtypes[un.tensor], [&] {
             count_unit<1>(as_ptr<const scalar_t>(a.ptrs[un.tensor]) + un.start, un.len, pass, prefix[g],
@@ -188,6 +235,7 @@ void magnitude_select_cpu(const SelectArgs& a) {
           local[b] += c;
         }
       }
+      }
       flush();
     }
     for (int64_t g = 0; g < ngroups; ++g) {
@@ -199,6 +247,11 @@ void magnitude_select_cpu(const SelectArgs& a) {
       rank[g] -= below;
       prefix[g] = pass == 0 ? static_cast<uint32_t>(b) : (prefix[g] << 10) | static_cast<uint32_t>(b);
       ties[g] = h[b];
+    }
+    if (pass == 0) {
+      int64_t candidates = 0;
+      for (int64_t g = 0; g < ngroups; ++g) candidates += active[g] ? ties[g] : 0;
+      collect = candidates <= total / 2;
     }
   }
   float* thr = as_ptr<float>(a.thresholds);
