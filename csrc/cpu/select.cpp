@@ -2,9 +2,11 @@
 // of the counts[g]-th smallest key of every group, over all tensors of the call at once.
 //
 // The key of x is |x| as fp32 bits with NaN as +inf (fastopt/sparse.h mag_key_bits): an unsigned 31-bit
-// integer whose order is the order of |x|.  Three histogram passes read every element and fix the key's
-// bits 30..20 (2048 bins), 19..10 and 9..0 (1024 bins each), each pass counting only the elements whose
-// higher bits equal the prefix fixed so far.  The work is cut into units of at most kUnit elements of
+// integer whose order is the order of |x|.  Three histogram passes fix the key's bits 30..20 (2048 bins),
+// 19..10 and 9..0 (1024 bins each), each pass counting only the elements whose higher bits equal the prefix
+// fixed so far.  The first two read every element; the second also collects its matching keys (the
+// candidates of the third, known in number after the first: collected when at most half the elements),
+// so that the third reads only those.  The work is cut into units of at most kUnit elements of
 // one tensor; an OpenMP thread counts its units into private sub-histograms and adds them into the
 // group's histogram (integer atomics: the counts, hence every result, do not depend on the threads).
 // After a pass, the cut of group g is the bin b with below(b) < k <= below(b) + hist[b] (k: the rank
