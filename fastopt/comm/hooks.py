@@ -393,6 +393,41 @@ def _residual(state, p, g):
     return e
 
 
+def _topk_compress(state: TopKState, params, grads, native):
+    """Compress one bucket's gradients (error-feedback add, observer, selection, residual; the gradients are
+    zeroed): returns (the message: K values then K int32 indices as one fp32 buffer, the per-tensor k)."""
+    ks = [topk_k(g.numel(), state.setting_of(p)) for p, g in zip(params, grads)]
+    Ktot = sum(ks)
+    dev = grads[0].device if grads else "cpu"
+    send = torch.empty(2 * Ktot, device=dev, dtype=torch.float32)
+    vals, idx = send[:Ktot], send[Ktot:].view(torch.int32)
+    koff = 0
+    for p, g, k in zip(params, grads, ks):
+        gf = g.view(-1)
+        e = _residual(state, p, gf) if state.use_error_feedback else None
+        v, i = vals[koff:koff + k], idx[koff:koff + k]
+        if state.observer is not None:
+            if e is not None:
+                K.topk_compress(gf, e, k, v, i, native, phase=1)
+                state.observer(p, e.view_as(p))
+                K.topk_compress(gf, e, k, v, i, native, phase=2)
+            else:
+                state.observer(p, g)
+                K.topk_compress(gf, None, k, v, i, native)
+        else:
+            K.topk_compress(gf, e, k, v, i, native)
+        koff += k
+    return send, ks
+
+
+def _topk_decompress(grads, gathered, ks, world, native):
+    """Every gradient = the average of the ranks' sparse messages (``gathered``: (world, 2K))."""
+    Ktot, koff = sum(ks), 0
+    for g, k in zip(grads, ks):
+        K.topk_decompress(g.view(-1), gathered, koff, k, Ktot, world, native)
+        koff += k
+
+
 def topk_hook(state: TopKState, bucket) -> torch.futures.Future[torch.Tensor]:
     """Top-k sparsification with error feedback: per parameter x = g + e, the k largest |x| (values and int32
     indices) are all-gathered, the bucket becomes sum over ranks / world of the sparse messages, e = x - sent.
@@ -405,36 +440,15 @@ def topk_hook(state: TopKState, bucket) -> torch.futures.Future[torch.Tensor]:
     x = bucket.buffer()
     grads, params = bucket.gradients(), bucket.parameters()
     native = state._native(x)
-    ks = [topk_k(g.numel(), state.setting_of(p)) for p, g in zip(params, grads)]
-    Ktot = sum(ks)
-    send = torch.empty(2 * Ktot, device=x.device, dtype=torch.float32)
-    vals, idx = send[:Ktot], send[Ktot:].view(torch.int32)
-    koff = 0
-    for p, g, k in zip(params, grads, ks):
-        gf = g.view(-1)
-        e = _residual(state, p, gf) if state.use_error_feedback else None
-        if state.observer is not None:
-            if e is not None:
-                K.topk_compress(gf, e, k, vals[koff:koff + k], idx[koff:koff + k], native, phase=1)
-                state.observer(p, e.view_as(p))
-                K.topk_compress(gf, e, k, vals[koff:koff + k], idx[koff:koff + k], native, phase=2)
-            else:
-                state.observer(p, g)
-                K.topk_compress(gf, None, k, vals[koff:koff + k], idx[koff:koff + k], native)
-        else:
-            K.topk_compress(gf, e, k, vals[koff:koff + k], idx[koff:koff + k], native)
-        koff += k
+    send, ks = _topk_compress(state, params, grads, native)
     if x.numel() != sum(g.numel() for g in grads):
         x.zero_()  # (padding between gradients: nothing in it is sent)
     state._record(bucket.index(), x.numel() * x.element_size(), send.numel() * 4)
-    out = torch.empty(world, 2 * Ktot, device=x.device, dtype=torch.float32)
+    out = torch.empty(world, send.numel(), device=x.device, dtype=torch.float32)
     fut = dist.all_gather(list(out.unbind(0)), send, group=group, async_op=True).get_future()
 
     def decompress(f):
-        koff = 0
-        for g, k in zip(grads, ks):
-            K.topk_decompress(g.view(-1), out, koff, k, Ktot, world, native)
-            koff += k
+        _topk_decompress(grads, out, ks, world, native)
         if bucket.is_last():
             state.iter += 1
         return x
@@ -476,32 +490,20 @@ class QSGDState(_CompressState):
         return self.bits
 
 
-def qsgd_hook(state: QSGDState, bucket) -> torch.futures.Future[torch.Tensor]:
-    """QSGD stochastic quantization: per parameter x = g + e (e only with error feedback), per chunk of
-    ``bucket_size`` the norm, then levels q = floor(|x| / norm * s) + Bernoulli(frac) packed with the signs;
-    the messages are all-gathered and the bucket becomes sum over ranks / world of the dequantized values.
-    Fused: the add and the norms (one pass), the quantization, packing and residual (a second), and the
-    unpack and average (one pass)."""
-    if not isinstance(state, QSGDState):
-        raise TypeError(f"qsgd_hook: state must be a QSGDState, got {type(state).__name__}")
-    group = _group(state.process_group)
-    world = group.size()
-    rank = group.rank()
-    x = bucket.buffer()
-    grads, params = bucket.gradients(), bucket.parameters()
-    native = state._native(x)
+def _qsgd_compress(state: QSGDState, params, grads, native, rank, tensor_base):
+    """Compress one bucket's gradients: returns (the uint8 message, per-tensor bits, per-tensor byte offsets)."""
     chunk = state.bucket_size
     bits = [state.setting_of(p) for p in params]
     offs, T = [], 0
     for g, b in zip(grads, bits):
         offs.append(T)
         T += ref.qsgd_layout(g.numel(), chunk, b)[3]
-    send = torch.empty(T, device=x.device, dtype=torch.uint8)
+    dev = grads[0].device if grads else "cpu"
+    send = torch.empty(T, device=dev, dtype=torch.uint8)
     for j, (p, g, b, off) in enumerate(zip(params, grads, bits, offs)):
         gf = g.view(-1)
-        size = ref.qsgd_layout(gf.numel(), chunk, b)[3]
-        msg = send[off:off + size]
-        key = ref.qsgd_key(state.seed, rank, bucket.index() * 65536 + j, state.iter)
+        msg = send[off:off + ref.qsgd_layout(gf.numel(), chunk, b)[3]]
+        key = ref.qsgd_key(state.seed, rank, tensor_base + j, state.iter)
         e = _residual(state, p, gf) if state.use_error_feedback else None
         if state.observer is not None:
             K.qsgd_compress(gf, e, chunk, b, key, msg, native, phase=1)
@@ -509,13 +511,37 @@ def qsgd_hook(state: QSGDState, bucket) -> torch.futures.Future[torch.Tensor]:
             K.qsgd_compress(gf, e, chunk, b, key, msg, native, phase=2)
         else:
             K.qsgd_compress(gf, e, chunk, b, key, msg, native)
-    state._record(bucket.index(), x.numel() * x.element_size(), T)
-    out = torch.empty(world, T, device=x.device, dtype=torch.uint8)
+    return send, bits, offs
+
+
+def _qsgd_decompress(state: QSGDState, grads, gathered, bits, offs, world, native):
+    for g, b, off in zip(grads, bits, offs):
+        K.qsgd_decompress(g.view(-1), gathered, off, state.bucket_size, b, world, native)
+
+
+def qsgd_hook(state: QSGDState, bucket) -> torch.futures.Future[torch.Tensor]:
+    """QSGD stochastic quantization: per parameter x = g + e (e only with error feedback), per chunk of
+    ``bucket_size`` the norm, then levels q = floor(|x| / norm * s) + Bernoulli(frac) packed with the signs;
+    the messages are all-gathered and the bucket becomes sum over ranks / world of the dequantized values.
+    Fused: the add and the norms (one pass), the quantization, packing and residual (a second), and the
+    unpack and average (one pass).  The random stream of tensor j of bucket b at step t on rank r is
+    ``fastopt.reference.comm.qsgd_key(seed, r, b * 65536 + j, t)``."""
+    if not isinstance(state, QSGDState):
+        raise TypeError(f"qsgd_hook: state must be a QSGDState, got {type(state).__name__}")
+    group = _group(state.process_group)
+    world = group.size()
+    x = bucket.buffer()
+    grads, params = bucket.gradients(), bucket.parameters()
+    native = state._native(x)
+    send, bits, offs = _qsgd_compress(state, params, grads, native, group.rank(), bucket.index() * 65536)
+    if x.numel() != sum(g.numel() for g in grads):
+        x.zero_()
+    state._record(bucket.index(), x.numel() * x.element_size(), send.numel())
+    out = torch.empty(world, send.numel(), device=x.device, dtype=torch.uint8)
     fut = dist.all_gather(list(out.unbind(0)), send, group=group, async_op=True).get_future()
 
     def decompress(f):
-        for g, b, off in zip(grads, bits, offs):
-            K.qsgd_decompress(g.view(-1), out, off, chunk, b, world, native)
+        _qsgd_decompress(state, grads, out, bits, offs, world, native)
         if bucket.is_last():
             state.iter += 1
         return x
