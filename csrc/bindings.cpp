@@ -26,6 +26,10 @@
 #ifndef FASTOPT_CUDA_ON_CPU
 #include "cpu/wtacrs.h"  // WTA-CRS's row pass (not in tests/_cuda_on_cpu_build.py's sources)
 #endif
+#ifndef FASTOPT_CUDA_ON_CPU
+#include "cpu/comm.h"  // fastopt.comm's comm-hook passes (not in tests/_cuda_on_cpu_build.py's sources)
+namespace fastopt { void bind_comm(pybind11::module_& m); }  // csrc/cpu/comm_bind.cpp
+#endif
 #ifdef FASTOPT_CUDA_ON_CPU
 #include <cuda_runtime.h>  // the CUDA-on-CPU layer: its launch counts
 #endif
@@ -190,6 +194,9 @@ constexpr const char* kTransposableMaskDoc =
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastopt native kernels (torch-independent ABI: raw addresses, sizes, dtype codes)";
+#ifndef FASTOPT_CUDA_ON_CPU
+  fastopt::bind_comm(m);  // comm_* (csrc/cpu/comm_bind.cpp)
+#endif
 #ifdef FASTOPT_CUDA_ON_CPU
   m.def("coc_launch_counts", [] { return fastopt_coc::launch_counts(); },
         "CUDA-on-CPU test build only: {kernel expression of FASTOPT_LAUNCH: launches} since the module loaded.");
