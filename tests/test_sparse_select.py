@@ -256,7 +256,8 @@ def test_non_contiguous_and_edge_cases(backend):
 def test_triton_matches_reference(scope):
     gen = torch.Generator().manual_seed(12)
     ws = [tied((70_001,), torch.bfloat16, seed=13, hi=30),                        # two chunks, ties across them
-          torch.randn(37, 11, generator=gen), tied((9,), torch.float16, seed=14), torch.empty(0)]
+          torch.randn(37, 11, generator=gen), tied((9,), torch.float16, seed=14), torch.empty(0),
+          torch.randn(1001, generator=gen)[1:]]                                      # not 16-byte aligned
     ws = [w.to(TRITON_DEVICE) for w in ws]
     for d in (0.1, 0.6):
         dens = [d] * (len(ws) if scope == "layer" else 1)

@@ -48,22 +48,53 @@ def _key(x):
 
 
 @triton.jit
+def _base(table, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``t``'s address in an address table as a ``DTYPE`` pointer, declared 16-byte aligned when
+    ``ALIGNED`` (the launcher checked every address): with chunks starting at multiples of ``CHUNK`` and
+    the lane hints of :func:`_lanes`, a whole (unmasked) block then loads and stores as vectors."""
+    ptr = tl.load(table + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _lanes(off, BLOCK: tl.constexpr):
+    """``off + arange(BLOCK)`` for a loop offset ``off`` (a multiple of BLOCK), with the hints that let a
+    block load as vectors."""
+    return tl.max_contiguous(tl.multiple_of(off + tl.arange(0, BLOCK), BLOCK), BLOCK)
+
+
+@triton.jit
+def _load_keys(x_ptr, lane, start, numel, full):
+    """The keys of block ``lane`` of the chunk at ``start`` and its in-bounds lanes: an unmasked (vector)
+    load when the whole chunk is in bounds (``full``), a masked one in a tensor's last chunk."""
+    offs = start + lane
+    if full:
+        m = lane >= 0
+        k = _key(tl.load(x_ptr + offs).to(tl.float32))
+    else:
+        m = offs < numel
+        k = _key(tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32))
+    return k, m
+
+
+@triton.jit
 def _select_pass_kernel(addrs, numels, tensor_group, group_count, prefix, hist, prog_tensor, prog_start,
                         PASS: tl.constexpr, DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                        NB: tl.constexpr, DUMMY: tl.constexpr):
+                        ALIGNED: tl.constexpr, NB: tl.constexpr, DUMMY: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(prog_tensor + pid)
     g = tl.load(tensor_group + t)
     if tl.load(group_count + g) > 0:
-        x_ptr = tl.load(addrs + t).to(tl.pointer_type(DTYPE))
         numel = tl.load(numels + t)
-        start = tl.load(prog_start + pid)
+        start = tl.multiple_of(tl.load(prog_start + pid), CHUNK)  # chunks start at multiples of CHUNK
+        x_ptr = _base(addrs, t, DTYPE, ALIGNED)
         pfx = tl.load(prefix + g).to(tl.int32)
+        full = start + CHUNK <= numel
         acc = tl.zeros([NB], dtype=tl.int32)
         for off in range(0, CHUNK, BLOCK):
-            offs = start + off + tl.arange(0, BLOCK)
-            m = offs < numel
-            k = _key(tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32))
+            k, m = _load_keys(x_ptr, _lanes(off, BLOCK), start, numel, full)
             if PASS == 0:
                 b = k >> 20
                 ok = m
@@ -103,32 +134,37 @@ def _select_cut_kernel(hist, group_count, prefix, rank, ties, thresholds, PASS: 
 
 @triton.jit
 def _select_mask_kernel(addrs, outs, numels, tensor_group, group_count, prefix, rank, ties, unit_ties, prog_tensor,
-                        prog_start, prog_unit, DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                        prog_start, prog_unit, DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                       ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(prog_tensor + pid)
     g = tl.load(tensor_group + t)
-    x_ptr = tl.load(addrs + t).to(tl.pointer_type(DTYPE))
-    o_ptr = tl.load(outs + t).to(tl.pointer_type(tl.uint8))
     numel = tl.load(numels + t)
-    start = tl.load(prog_start + pid)
+    start = tl.multiple_of(tl.load(prog_start + pid), CHUNK)  # chunks start at multiples of CHUNK
+    x_ptr = _base(addrs, t, DTYPE, ALIGNED)
+    o_ptr = _base(outs, t, tl.uint8, ALIGNED)
     inactive = tl.load(group_count + g) == 0
     tk = tl.load(prefix + g).to(tl.int32)
     partial = (tl.load(rank + g) < tl.load(ties + g)) & (inactive == 0)
+    full = start + CHUNK <= numel
     n_ties = tl.zeros([BLOCK], dtype=tl.int32)
     for off in range(0, CHUNK, BLOCK):
-        offs = start + off + tl.arange(0, BLOCK)
-        m = offs < numel
-        k = _key(tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32))
+        lane = _lanes(off, BLOCK)
+        k, m = _load_keys(x_ptr, lane, start, numel, full)
         tie = (k == tk) & partial
-        keep = inactive | (k > tk) | tie
-        tl.store(o_ptr + offs, keep.to(tl.uint8), mask=m)
+        keep = (inactive | (k > tk) | tie).to(tl.uint8)
+        if full:
+            tl.store(o_ptr + start + lane, keep)
+        else:
+            tl.store(o_ptr + start + lane, keep, mask=m)
         n_ties += (tie & m).to(tl.int32)
     tl.store(unit_ties + tl.load(prog_unit + pid), tl.sum(n_ties, 0).to(tl.int64))
 
 
 @triton.jit
 def _select_fix_kernel(addrs, outs, numels, tensor_group, prefix, rank, ties, unit_ties, unit_first, prog_tensor,
-                       prog_start, prog_unit, DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                       prog_start, prog_unit, DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                       ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     u = tl.load(prog_unit + pid)
     t = tl.load(prog_tensor + pid)
@@ -137,19 +173,19 @@ def _select_fix_kernel(addrs, outs, numels, tensor_group, prefix, rank, ties, un
     first = tl.load(unit_first + u)
     keep_n = tl.load(ties + g) - tl.load(rank + g)  # ties kept: those of flat rank < keep_n
     if (n_ties > 0) & (first + n_ties > keep_n):
-        x_ptr = tl.load(addrs + t).to(tl.pointer_type(DTYPE))
-        o_ptr = tl.load(outs + t).to(tl.pointer_type(tl.uint8))
         numel = tl.load(numels + t)
-        start = tl.load(prog_start + pid)
+        start = tl.multiple_of(tl.load(prog_start + pid), CHUNK)  # chunks start at multiples of CHUNK
+        x_ptr = _base(addrs, t, DTYPE, ALIGNED)
+        o_ptr = _base(outs, t, tl.uint8, ALIGNED)
         tk = tl.load(prefix + g).to(tl.int32)
         run = first
         for off in range(0, CHUNK, BLOCK):
-            offs = start + off + tl.arange(0, BLOCK)
-            m = offs < numel
-            k = _key(tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32))
+            lane = _lanes(off, BLOCK)
+            m = start + lane < numel
+            k = _key(tl.load(x_ptr + start + lane, mask=m, other=0.0).to(tl.float32))
             tie = m & (k == tk)
             r = run + tl.cumsum(tie.to(tl.int64), 0) - 1
-            tl.store(o_ptr + offs, tl.zeros([BLOCK], dtype=tl.uint8), mask=tie & (r >= keep_n))
+            tl.store(o_ptr + start + lane, tl.zeros([BLOCK], dtype=tl.uint8), mask=tie & (r >= keep_n))
             run += tl.sum(tie.to(tl.int64), 0)
 
 
@@ -201,13 +237,14 @@ def magnitude_select(tensors, groups, counts, thresholds, masks):
     prefix = torch.zeros(ngroups, dtype=torch.int64, device=device)
     ties = torch.zeros(ngroups, dtype=torch.int64, device=device)
     hist = torch.zeros(ngroups * NBINS, dtype=torch.int64, device=device)
+    aligned = all(t.data_ptr() % 16 == 0 for t in list(tensors) + list(masks))
     thresholds.fill_(-math.inf)
     for pas in range(3):
         for dt in order:
             p_tensor, p_start, _, k = tabs[dt]
             _select_pass_kernel[(k,)](addrs, numels_t, tensor_group, group_count, prefix, hist, p_tensor, p_start,
                                       PASS=pas, DTYPE=_DTYPES[dt], CHUNK=chunk, BLOCK=block, NB=NBINS,
-                                      DUMMY=DUMMY_BIN, enable_fp_fusion=False)
+                                      DUMMY=DUMMY_BIN, ALIGNED=aligned, enable_fp_fusion=False)
         _select_cut_kernel[(ngroups,)](hist, group_count, prefix, rank, ties, thresholds, PASS=pas, NB=NBINS,
                                        enable_fp_fusion=False)
     if not masks or nunits == 0:
@@ -217,11 +254,11 @@ def magnitude_select(tensors, groups, counts, thresholds, masks):
         p_tensor, p_start, p_unit, k = tabs[dt]
         _select_mask_kernel[(k,)](addrs, outs, numels_t, tensor_group, group_count, prefix, rank, ties, unit_ties,
                                   p_tensor, p_start, p_unit, DTYPE=_DTYPES[dt], CHUNK=chunk, BLOCK=block,
-                                  enable_fp_fusion=False)
+                                  ALIGNED=aligned, enable_fp_fusion=False)
     excl = torch.cumsum(unit_ties, 0) - unit_ties
     unit_first = excl - excl[unit_group_first_t]
     for dt in order:
         p_tensor, p_start, p_unit, k = tabs[dt]
         _select_fix_kernel[(k,)](addrs, outs, numels_t, tensor_group, prefix, rank, ties, unit_ties, unit_first,
                                  p_tensor, p_start, p_unit, DTYPE=_DTYPES[dt], CHUNK=chunk, BLOCK=block,
-                                 enable_fp_fusion=False)
+                                 ALIGNED=aligned, enable_fp_fusion=False)
