@@ -9,8 +9,9 @@ one rank sends):
 
 * ``allreduce-fp32`` (the baseline): ``dist.all_reduce`` of the whole fp32 gradient (after DDP's division by
   the world size) between 2 gloo ranks on 127.0.0.1, processes spawned at the suite's first case and kept
-  until its last (1 thread each).  One call: the report's process tells both ranks to run it between two
-  barriers and waits for their answers (the wall time of the slowest rank plus the pipes, about a ms).
+  until its last (``os.cpu_count() // 2`` threads each).  One call: the report's process tells both ranks to
+  run it between two barriers and waits for their answers (the slowest rank's wall time plus the pipes, about
+  a ms).
 * ``powersgd-r<r>``: :func:`fastopt.comm.powersgd_hook`'s computation at rank r (error-feedback add and copy,
   the gather of the bias vectors, Q orthogonalization, P = M Q, the scatter of the averaged biases, P
   orthogonalization, Q = M^T P, Q / world, M = P Q^T, the new error) without its three all-reduces;
@@ -20,10 +21,14 @@ one rank sends):
   decompress (2 ranks' messages) without the all-gather.
 
 Each call works on what the last one left in the gradient (the hooks overwrite it with the decompressed
-average; the timings do not depend on the values).
-The hook rows run in the report's process with all its threads (a rank's own node in real DDP), on the
-``cpu`` kernels (fastopt._C).  Bars: every hook's compress + decompress <= 0.1 x the all-reduce, i.e.
-``speedup_vs_allreduce-fp32`` >= 10, at the compression ratio it reports.
+average; the timings do not depend on the values).  The hook rows run in the report's process with a rank's
+share of the threads (``os.cpu_count() // 2``, as the ranks of the baseline), on the ``cpu`` kernels
+(fastopt._C).  PowerSGD's products and orthogonalization are torch's (``bmm``, ``norm``, ``linalg.qr``: the
+bit-for-bit match with torch's hook needs the same operations) and dominate its row.
+
+Bars: every hook's compress + decompress <= 0.1 x the all-reduce, i.e. ``speedup_vs_allreduce-fp32`` >= 10,
+at the compression ratio it reports (the ``compression_ratio`` column, from :func:`fastopt.comm.bytes_for`;
+the suite checks the hooks send exactly that).
 """
 import datetime
 import os
@@ -65,7 +70,7 @@ def _config(quick):
 def _rank_main(rank, world, port, conn):
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(_threads())
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
     buf = None
@@ -111,7 +116,7 @@ class _Ranks:
         ctx = mp.get_context("spawn")
         port = _free_port()
         self.conns, self.procs = [], []
-        progress(f"[comm-hooks] starting {WORLD} gloo ranks (1 thread each)")
+        progress(f"[comm-hooks] starting {WORLD} gloo ranks ({_threads()} thread(s) each)")
         for rank in range(WORLD):
             mine, theirs = ctx.Pipe()
             proc = ctx.Process(target=_rank_main, args=(rank, WORLD, port, theirs), daemon=True)
@@ -258,20 +263,47 @@ def _qsgd(config, bits):
     return step, flat.numel() * 4 / box["sent"]
 
 
-def _hook_workload(config, method, info):
+def _setting(method):
+    kind, arg = method.split("-", 1)
+    return kind, (int(arg[1:]) if kind == "powersgd" else float(arg) if kind == "topk" else int(arg[:-3]))
+
+
+def _ratio(config, method):
+    """Uncompressed bytes / bytes one rank sends (fastopt.comm.bytes_for, as the hook states count them)."""
+    from fastopt.comm import bytes_for
+
+    if method == BASELINE:
+        return 1.0
+    kind, setting = _setting(method)
+    w = config.width
+    shapes = [(w, w), (w,)] * config.layers
+    return 4 * config.numel / sum(bytes_for(kind, sh, setting, WORLD) for sh in shapes)
+
+
+def _hook_workload(config, method):
     from fastopt.comm import _kernels as K
 
     if K._native_or_none() is None:
         raise Unsupported("needs fastopt._C with the comm kernels")
-    kind, arg = method.split("-", 1)
-    if kind == "powersgd":
-        step, ratio = _powersgd(config, int(arg[1:]))
-    elif kind == "topk":
-        step, ratio = _topk(config, float(arg))
-    else:
-        step, ratio = _qsgd(config, int(arg[:-3]))
-    info["compression_ratio"] = round(ratio, 2)
-    return Workload(fn=step)
+    kind, setting = _setting(method)
+    step, ratio = {"powersgd": _powersgd, "topk": _topk, "qsgd": _qsgd}[kind](config, setting)
+    if abs(ratio - _ratio(config, method)) > 1e-6 * ratio:
+        raise AssertionError(f"{method}: the hook sent another byte count than bytes_for says")
+    threads = _threads()
+
+    def fn():  # a rank's share of the cores, as the ranks of the baseline have
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            step()
+        finally:
+            torch.set_num_threads(prev)
+
+    return Workload(fn=fn)
+
+
+def _threads():
+    return max(1, (os.cpu_count() or 1) // WORLD)
 
 
 def cases(ctx):
@@ -284,14 +316,13 @@ def cases(ctx):
     run = _Run(total=len(METHODS) * ctx.rounds)
     out = []
     for m in METHODS:
-        info = {"ranks": WORLD, "dtype": "float32"}
+        info = {"ranks": WORLD, "dtype": "float32", "compression_ratio": round(_ratio(config, m), 2)}
 
-        def setup(m=m, info=info):
+        def setup(m=m):
             try:
                 if m == BASELINE:
-                    info["compression_ratio"] = 1.0
                     return run.allreduce(config)
-                return _hook_workload(config, m, info)
+                return _hook_workload(config, m)
             finally:
                 run.finish_one()
 
