@@ -374,6 +374,17 @@ def _worker(rank, world, port, out_dir):
                     res[f"psgd-ratio-{name}-{backend}"] = (state.compression_ratio, state.compression_stats())
                 del model
             res[f"psgd-{name}"] = runs
+        # PowerSGD with per-layer ranks, changed between steps (the stored P and Q are then drawn afresh)
+        for backend in ("cpu", "torch") if NATIVE else ("torch",):
+            state = comm.PowerSGDState(None, 1, start_powerSGD_iter=2, min_compression_rate=1, backend=backend)
+            model = _ddp(state, comm.powersgd_hook)
+            state.set_layer_settings({model.module.a.weight: 3})
+            first = _run(model, rank, 3)
+            ratios = [state.compression_ratio]
+            state.set_layer_settings({model.module.b.weight: 4, model.module.conv.weight: 2})
+            res[f"psgd-layers-{backend}"] = (first, _run(model, rank, 2))
+            res[f"psgd-layers-ratio-{backend}"] = ratios + [state.compression_ratio]
+            del model
         # top-k: the kernels, the reference, and first principles
         for backend in ("cpu", "torch") if NATIVE else ("torch",):
             seen = []
@@ -443,6 +454,24 @@ def test_powersgd_matches_torch_bit_for_bit(ranks, name):
     assert _equal(ranks[0][f"psgd-{name}"][0], ranks[1][f"psgd-{name}"][0])
     ratio, stats = ranks[0][f"psgd-ratio-{name}-torch"]
     assert ratio > 1.5 and stats[0] > 1
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_powersgd_layer_settings(ranks):
+    for r in range(WORLD):
+        a, b = ranks[r]["psgd-layers-torch"]
+        if NATIVE:
+            c, d = ranks[r]["psgd-layers-cpu"]
+            assert _equal(a, c) and _equal(b, d)
+        assert all(torch.isfinite(g).all() for gs in b[0] for g in gs)
+    assert _equal(ranks[0]["psgd-layers-torch"][1], ranks[1]["psgd-layers-torch"][1])
+    before, after = ranks[0]["psgd-layers-ratio-torch"]
+    # the bytes follow the ranks: a (24x16) at rank 3 -> b (24x24) at 4 and the conv (8x27) at 2
+    unc = sum(p.numel() for p in _Net().parameters())
+    dense = unc - 24 * 16 - 24 * 24 * 2 - 8 * 27 - 5 * 32  # the biases
+    r1 = {"a": (24 + 16) * 1, "b": (24 + 24) * 1, "c": (24 + 24) * 1, "conv": (8 + 27) * 1, "head": (5 + 32) * 1}
+    assert before == pytest.approx(unc / (dense + sum(r1.values()) + (24 + 16) * 2))
+    assert after == pytest.approx(unc / (dense + sum(r1.values()) + (24 + 24) * 3 + (8 + 27) * 1))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -279,7 +279,9 @@ def powersgd_hook(state: PowerSGDState, bucket) -> torch.futures.Future[torch.Te
     esz = x.element_size()
     state._record(bi, x.numel() * esz, (mem.numel() + tp + tq) * esz)
 
-    need_random = not state.warm_start or bi not in state.p_memory_dict
+    need_random = (not state.warm_start or bi not in state.p_memory_dict
+                   # (layer settings changed a rank: the stored P and Q no longer fit, start them afresh)
+                   or state.p_memory_dict[bi].numel() != tp or state.q_memory_dict[bi].numel() != tq)
     if need_random:
         state.p_memory_dict[bi] = torch.empty(tp, device=device, dtype=dtype)
         state.q_memory_dict[bi] = torch.empty(tq, device=device, dtype=dtype)
