@@ -380,3 +380,55 @@ def test_cuda_kernel_on_cpu_matches_cpu():
             out[(mode, backend)] = [p.detach() for p in ps] + [opt.state[p]["exp_avg_sq"] for p in ps]
         for a, b in zip(out[(mode, "cpu")], out[(mode, "cuda")]):
             assert torch.equal(a, b), mode
+
+
+# -- FSDP2: RandomSparsity on DTensor shards (2 gloo ranks) ------------------------------------------------------
+def _random_groups(model):
+    weights = [layer.weight for layer in model.layers]
+    return [dict(params=weights, sparsity=RandomSparsity(0.3, seed=2)),
+            dict(params=[layer.bias for layer in model.layers])]
+
+
+def _random_train(model, backend):
+    import test_distributed_sparse as tds
+
+    opt = ElementwiseAdamW(_random_groups(model), backend=backend, **HYPER)
+    for s in range(3):
+        model(*tds._batch(s)).backward()
+        opt.step()
+        opt.zero_grad()
+    return [tds._whole(p).detach().clone() for p in model.parameters()] + \
+        [tds._whole(opt.state[layer.weight]["exp_avg"]).clone() for layer in model.layers]
+
+
+def _random_fsdp_worker(rank, world, port, out_dir):
+    import test_distributed_sparse as tds
+    from torch.distributed.device_mesh import init_device_mesh
+
+    tds._init(rank, world, port)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        results = {b: _random_train(tds._sharded(mesh), b) for b in ("torch", "cpu")}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_random_sparsity_under_fsdp2_equals_single_process(tmp_path):
+    """FSDP2 shards (rows 8|8, 6|6, 4|3, 2|2) draw their part of the whole tensor's hash mask (sr_offsets):
+    the result equals single-process training bit for bit (identical batches on both ranks: exact averages)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import test_distributed_sparse as tds
+
+    got = tds._spawn(_random_fsdp_worker, 2, tmp_path)
+    for backend in ("torch", "cpu"):
+        want = _random_train(tds.Layers(), backend)
+        for r in range(2):
+            for a, b in zip(got[r][backend], want):
+                assert torch.equal(a, b), backend
+    masks = [RandomSparsity(0.3, seed=2).mask(w.shape, i) for i, w in enumerate(want[:8:2])]
+    for w, m in zip(want[:8:2], masks):  # (named_parameters order: weight, bias per layer)
+        assert not w[~m].any()

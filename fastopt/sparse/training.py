@@ -281,8 +281,9 @@ def check_group_sparsity(owner: str, group: Dict[str, Any]) -> None:
     if sparsity is None:
         return
     if isinstance(sparsity, (list, tuple)):
-        raise TypeError(f"{owner}: a group's 'sparsity' is one schedule; N:M and unstructured sparsity (or two "
-                        f"schedules) cannot be combined on the same parameters, got {type(sparsity).__name__}")
+        raise TypeError(f"{owner}: a group's 'sparsity' must be one schedule (a fastopt.sparse.NMSparsity, "
+                        "RandomSparsity or MagnitudeSparsity); N:M and unstructured sparsity (or two schedules) "
+                        f"cannot be combined on the same parameters, got {type(sparsity).__name__}")
     if isinstance(sparsity, UnstructuredSparsity):
         check_unstructured_group(owner, group)
         return
