@@ -333,30 +333,28 @@ void comm_qsgd_compress(int64_t g_, int64_t e_, int64_t n, int64_t chunk, int bi
   check_arg(chunk > 0 && chunk % 8 == 0 && chunk <= (1 << 20),
             "comm_qsgd_compress: chunk must be a multiple of 8 in [8, 2^20]");
   check_arg(!feedback || e_ != 0, "comm_qsgd_compress: error feedback needs e");
+  check_arg(phase >= 1 && phase <= 3, "comm_qsgd_compress: phase is 1, 2 or 3");
   const float* g = as_ptr<const float>(g_);
   float* e = as_ptr<float>(e_);
   float* norms = as_ptr<float>(norms_);
   const int64_t chunks = (n + chunk - 1) / chunk;
-  if (phase & 1) {
-#pragma omp parallel for schedule(static) if (n > kParallelMin)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t b = c * chunk, len = std::min(n, b + chunk) - b;
-      norms[c] = static_cast<float>(std::sqrt(qsgd_chunk_norm(g + b, feedback ? e + b : nullptr, len, feedback)));
-    }
-  }
-  if (!(phase & 2)) return;
+  const bool norms_here = (phase & 1) != 0, codes = (phase & 2) != 0;
   const float* x = feedback ? e : g;
   uint8_t* mags = as_ptr<uint8_t>(mags_);
   uint8_t* signs = as_ptr<uint8_t>(signs_);
   const float sf = static_cast<float>((1 << bits) - 1);
   const int per_byte = 8 / bits;
   const int64_t mag_bytes = (n * bits + 7) / 8;
+  // phase 3: each chunk's norm and then its codes while it is in the cache (one pass over x)
 #pragma omp parallel if (n > kParallelMin)
   {
-    std::vector<uint8_t> q(chunk), neg(chunk);
+    std::vector<uint8_t> q(codes ? chunk : 0), neg(codes ? chunk : 0);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t b = c * chunk, len = std::min(n, b + chunk) - b;
+      if (norms_here)
+        norms[c] = static_cast<float>(std::sqrt(qsgd_chunk_norm(g + b, feedback ? e + b : nullptr, len, feedback)));
+      if (!codes) continue;
       const float norm = norms[c];
       if (norm > 0.0f) {
         qsgd_chunk_levels(x + b, feedback ? e + b : nullptr, len, static_cast<uint32_t>(b), norm, sf, key, q.data(),
