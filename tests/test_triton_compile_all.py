@@ -97,6 +97,16 @@ def exercise():
     # stochastic rounding of bf16 (elementwise and low-bit)
     step(fastopt.lowbit.ElementwiseAdamW, torch.bfloat16, lr=1e-3, stochastic_rounding=True)
     step(fastopt.lowbit.AdamW8bit, torch.bfloat16, lr=1e-3, stochastic_rounding=True, min_quant_size=0)
+    # prune-style unstructured sparsity (fastopt.sparse.unstructured): the hash mask (PRUNE 2, with and without
+    # stochastic rounding) and the stored mask (PRUNE 1), aligned and not
+    for sp in (fastopt.sparse.RandomSparsity(0.1), fastopt.sparse.MagnitudeSparsity(0.1)):
+        for dtype in (torch.float32, torch.bfloat16):
+            opt = fastopt.lowbit.ElementwiseAdamW([dict(params=params(dtype), sparsity=sp)], lr=1e-3, backend="triton",
+                                                  stochastic_rounding=dtype == torch.bfloat16)
+            opt.step()
+        opt = fastopt.lowbit.ElementwiseAdamW([dict(params=params(torch.float32, unaligned=True), sparsity=sp)],
+                                              lr=1e-3, backend="triton")
+        opt.step()
     # the separate step-increment launch (multi_tensor.FOLD_STEPS off; a call whose tensors are all empty)
     from fastopt.triton_kernels import multi_tensor
     fold, multi_tensor.FOLD_STEPS = multi_tensor.FOLD_STEPS, False
