@@ -64,6 +64,23 @@ def test_topk_compress_selects_and_conserves(native, feedback, n, k):
         assert torch.equal(e[idx.long()], torch.zeros(k))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_buckets_run_the_reference(dtype):
+    """fp16 / bf16 buckets take the torch reference (the kernels are fp32): same selection, exact conservation."""
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(500, generator=gen).to(dtype)
+    e = (torch.randn(500, generator=gen) * 0.1).to(dtype)
+    x = g + e
+    assert not K.use_native("auto", g)
+    vals, idx = torch.empty(20), torch.empty(20, dtype=torch.int32)
+    K.topk_compress(g, e, 20, vals, idx, K.use_native("auto", g))
+    assert torch.equal(idx.long(), ref.topk_select(x, 20)) and torch.equal(vals, x[idx.long()].float())
+    assert torch.equal(e + torch.zeros_like(e).index_put_((idx.long(),), vals.to(dtype)), x)
+    gathered = torch.stack([torch.cat([vals, idx.view(torch.float32)])] * 2)
+    K.topk_decompress(g, gathered, 0, 20, 20, 2, False)
+    assert torch.equal(g[idx.long()], vals.to(dtype))
+
+
 @pytest.mark.skipif(not NATIVE, reason="needs fastopt._C")
 @pytest.mark.parametrize("feedback", [True, False])
 def test_topk_kernel_equals_reference(feedback):

@@ -80,7 +80,7 @@ def psgd_error(x: Tensor, e: Tensor) -> None:
 # ----------------------------------------------------------------------------------------------- top-k
 def topk_select(x: Tensor, k: int) -> Tensor:
     """The int64 indices (ascending) of the k largest |x|, ties broken by the lower index."""
-    keys = x.abs().view(torch.int32)  # |x|'s bits: ordered like |x| (NaN above inf)
+    keys = x.float().abs().view(torch.int32)  # |x|'s fp32 bits: ordered like |x| (NaN above inf)
     order = torch.sort(keys, descending=True, stable=True).indices[:k]
     return torch.sort(order).values
 
@@ -107,7 +107,7 @@ def topk_compress(g: Tensor, e: Optional[Tensor], k: int, vals: Tensor, idx: Ten
 def topk_decompress(out: Tensor, vals: Tensor, idx: Tensor, world: int) -> None:
     """out (zero) += every rank's (vals[r], idx[r]) in rank order, then out / world."""
     for r in range(world):
-        out.index_add_(0, idx[r].long(), vals[r])
+        out.index_add_(0, idx[r].long(), vals[r].to(out.dtype))
     out.div_(world)
 
 
