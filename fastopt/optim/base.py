@@ -615,11 +615,10 @@ class ElementwiseOptimizer(NMSparseTraining, FusedOptimizer):
         return range(len(params))
 
     def _run(self, group, params, grads, states, backend, grad_scale, found_inf, phase=0, rows=None,
-             row_coef=None, reduce_out=None, sparse=None, prune=None):
+             row_coef=None, reduce_out=None, sparse=None):
         """One call of the op over one bucket (``params`` may be fp32 master copies, or the dense
         weights of N:M sparse training with ``sparse = (masks, forward weights or [], lambda, beta)``:
-        the fused epilogue of ``fastopt/elementwise.h``, kernel backends only; ``prune``: the
-        ElementwiseCall fields of prune-style unstructured sparsity, fastopt.sparse.unstructured)."""
+        the fused epilogue of ``fastopt/elementwise.h``, kernel backends only)."""
         if backend == "torch":
             self._reference_step(group, params, grads, states, grad_scale, found_inf)
             return
@@ -630,5 +629,4 @@ class ElementwiseOptimizer(NMSparseTraining, FusedOptimizer):
             maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf, backend=backend,
             device=params[0].device, phase=phase, rows=rows, row_coef=row_coef, reduce_out=reduce_out,
             seed=group.get("seed", 0), stochastic=self._stochastic(group, params[0]),
-            **(dict(zip(("sparse_mask", "sparse_out", "sparse_lambda", "sparse_beta"), sparse)) if sparse else {}),
-            **(prune or {}))
+            **(dict(zip(("sparse_mask", "sparse_out", "sparse_lambda", "sparse_beta"), sparse)) if sparse else {}))

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
-from .. import _sharded
+from .. import _ops, _sharded
 from ..lowbit.layouts import Int8Weights
 from ..reference.unstructured import prune_key, prune_threshold, random_keep_mask
 
@@ -157,8 +157,7 @@ class MagnitudeSparsity(UnstructuredSparsity):
         """Keep-masks of ``weights`` (:func:`fastopt.sparse.select.magnitude_masks`)."""
         from .select import magnitude_masks
 
-        backend = "torch" if weights[0].device.type == "cpu" and not weights[0].is_contiguous() else "auto"
-        return magnitude_masks([w.detach() for w in weights], self.density, scope=self.scope, backend=backend)
+        return magnitude_masks([w.detach() for w in weights], self.density, scope=self.scope)
 
     def check_shards(self, p, who):
         if _sharded.is_dtensor(p):
@@ -263,13 +262,10 @@ def _keep_masks(optimizer, sp, params, states):
 
 def _apply(params, states, masks, with_states=True):
     """Zero the pruned entries of the params and their per-element states (local shards)."""
-    zero = None
     for p, s, m in zip(params, states, masks):
-        targets = [p] + (_state_tensors(p, s) if with_states else [])
-        for t in targets:
+        for t in [p] + (_state_tensors(p, s) if with_states else []):
             lt = _sharded.local(t)
-            zero = torch.zeros((), dtype=lt.dtype, device=lt.device)
-            torch.where(m.view(lt.shape) if m.shape != lt.shape else m, lt, zero, out=lt)
+            torch.where(m, lt, torch.zeros((), dtype=lt.dtype, device=lt.device), out=lt)
 
 
 def enter(optimizer, group, params, states):
@@ -313,16 +309,25 @@ def step(optimizer, group, params, grads, backend, grad_scale, found_inf):
                              sparse_threshold=sp.threshold, sr_offsets=offsets)
             else:
                 prune = dict(sparse_prune=1, sparse_mask=[s[MASK_KEY] for s in ss])
-            # the base class's one kernel call (an override of _run -- use_gc / cautious -- is not fused:
-            # _fused_sparse_ok is False then)
-            from ..optim.base import ElementwiseOptimizer
-
-            ElementwiseOptimizer._run(optimizer, group, ps, gs, ss, backend, grad_scale, found_inf, prune=prune)
+            _run_fused(optimizer, group, ps, gs, ss, backend, grad_scale, found_inf, prune)
         else:
             optimizer._step_float(group, ps, gs, ss, backend, grad_scale, found_inf)
             _apply(ps, ss, _keep_masks(optimizer, sp, ps, ss))
         for s in ss:
             s[STEP_KEY] += 1
+
+
+def _run_fused(optimizer, group, params, grads, states, backend, grad_scale, found_inf, prune):
+    """One kernel call of the optimizer's op with the prune-style epilogue (what ElementwiseOptimizer._run
+    does for a one-call op; an op whose _run does more -- use_gc, cautious, a reduce pass -- is not fused:
+    _fused_sparse_ok is False for it)."""
+    hyper, flags = optimizer._native_hyper(group)
+    lists = [s[name] for name in optimizer._state_names(group) for s in states]
+    _ops.elementwise_unchecked(
+        optimizer._op_name(group), params, grads, lists, [s["step"] for s in states], hyper, flags, lr=group["lr"],
+        maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf, backend=backend,
+        device=params[0].device, seed=group.get("seed", 0), stochastic=optimizer._stochastic(group, params[0]),
+        **prune)
 
 
 def enter_refresh(optimizer, group, params, states):
