@@ -179,14 +179,24 @@ def test_saf_matches_cpu(layer, classes, bank_dtype):
 
 # ---- mutations: a copy of the tree with one bug must fail the comparisons ----
 
-def _mutated_build(tmp_path, built, rel, old, new):
+NO_KERNEL = "no CUDA kernel for elementwise op"  # elementwise.cu's error for an op left out of a build
+
+
+def _only_op(name, functor):
+    """Compile flags that give the one recompiled kernel file the instantiations of one op only (ops.h's
+    FASTOPT_FOR_EACH_OP; the mutated module then runs that op alone, which is all its check runs): about a
+    tenth of the compile of every op's instantiations."""
+    return (f"-DFASTOPT_FOR_EACH_OP(X)=X(\"{name}\", ::fastopt::functors::{functor})",)
+
+
+def _mutated_build(tmp_path, built, rel, old, new, only_op=()):
     src = ROOT / rel
     text = src.read_text()
     assert text.count(old) == 1, f"mutation anchor not found once in {rel}: {old!r}"
     tree = tmp_path / "tree"
     shutil.copytree(ROOT / "csrc", tree / "csrc")
     (tree / rel).write_text(text.replace(old, new))
-    return coc_build.build(src_root=tree, out_dir=tmp_path / "out", reuse=(built, [rel]))
+    return coc_build.build(src_root=tree, out_dir=tmp_path / "out", reuse=(built, [rel]), extra_flags=only_op)
 
 
 CHECK = """
@@ -220,11 +230,13 @@ def test_mutation_tail_bound_is_caught(tmp_path, built):
 def test_mutation_missing_barrier_is_caught(tmp_path, built):
     """The reduce pass's __syncthreads between the warps' partial sums and warp 0's final sum removed:
     warp 0 reads partial sums the other warps have not written yet."""
-    mutated = _mutated_build(tmp_path, built, "csrc/cuda/elementwise.cu", "        __syncthreads();\n", "\n")
+    mutated = _mutated_build(tmp_path, built, "csrc/cuda/elementwise.cu", "        __syncthreads();\n", "\n",
+                             _only_op("lamb", "LambOp"))
     kw = ZOO["lamb"][1][0]
     assert _fails(built, "t.ZOO['lamb'][0]", kw, False) is None  # the unmutated tree passes
     why = _fails(mutated, "t.ZOO['lamb'][0]", kw, False)
     assert why is not None, "the comparison with the cpu backend missed a missing __syncthreads"
+    assert NO_KERNEL not in why, why  # (it failed on the mutation, not on an op left out of the build)
 
 
 def test_build_script_runs(built):
@@ -361,7 +373,8 @@ def test_adam_vector_paths_match_cpu(layer, dtype, amsgrad):
 def test_mutation_row_cursor_is_caught(tmp_path, built):
     """The vector path's row cursor stepping one element late (a row boundary missed inside a vector): the
     elements after it get their row coefficients from the row before."""
-    mutated = _mutated_build(tmp_path, built, "csrc/cuda/elementwise.cu", "if (++col == len) {", "if (++col > len) {")
+    mutated = _mutated_build(tmp_path, built, "csrc/cuda/elementwise.cu", "if (++col == len) {", "if (++col > len) {",
+                             _only_op("adamp", "AdamPOp"))
     code = """
 import sys, torch
 sys.path.insert(0, {tests!r})
@@ -372,7 +385,7 @@ t.test_elementwise_vector_paths_match_cpu(None, "adamp", 0, True, False, False, 
     for path, ok in ((built, True), (mutated, False)):
         r = subprocess.run([sys.executable, "-c", code.format(tests=str(ROOT / "tests"), path=str(path))],
                            capture_output=True, text=True, cwd=ROOT)
-        assert (r.returncode == 0) == ok, r.stderr[-3000:]
+        assert (r.returncode == 0) == ok and NO_KERNEL not in r.stderr, r.stderr[-3000:]
 
 
 # ---- the step increment folded into the main launches (issue 18 item 3) ----
@@ -529,7 +542,8 @@ def test_mutation_fold_continuing_tensor_is_caught(tmp_path, built):
     shutil.copytree(ROOT / "csrc", tree / "csrc")
     (tree / rel).write_text(text.replace(old, new))
     # only elementwise.cu recompiled: the launcher's instantiations are local to each .cu (anonymous-namespace ops)
-    mutated = coc_build.build(src_root=tree, out_dir=tmp_path / "out", reuse=(built, ["csrc/cuda/elementwise.cu"]))
+    mutated = coc_build.build(src_root=tree, out_dir=tmp_path / "out", reuse=(built, ["csrc/cuda/elementwise.cu"]),
+                              extra_flags=_only_op("lion", "LionOp"))
     code = """
 import sys
 sys.path.insert(0, {tests!r})
@@ -540,4 +554,4 @@ t.test_step_fold_tensor_across_launches(None)
     for path, ok in ((built, True), (mutated, False)):
         r = subprocess.run([sys.executable, "-c", code.format(tests=str(ROOT / "tests"), path=str(path))],
                            capture_output=True, text=True, cwd=ROOT)
-        assert (r.returncode == 0) == ok, r.stderr[-3000:]
+        assert (r.returncode == 0) == ok and NO_KERNEL not in r.stderr, r.stderr[-3000:]

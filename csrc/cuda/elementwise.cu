@@ -356,7 +356,8 @@ void elementwise_cuda(const ElementwiseArgs& a, int64_t ticket, int64_t stream_h
   cuda::StepFold fold;  // phase 0 with step counters: each launch increments those of the tensors it finishes
   if (a.phase == 0) fold.ticket = cuda::fold_ticket(a.steps, ticket);
   fold.found_inf = s.found_inf;
-  cuda::op_dispatch(a, s, row_offsets(a), fold, stream);
+  // (false only in a build whose op list leaves this op out: tests/test_cuda_on_cpu.py's mutation builds)
+  check_arg(cuda::op_dispatch(a, s, row_offsets(a), fold, stream), "no CUDA kernel for elementwise op '" + a.op + "'");
   if (a.phase == 0 && !a.steps.empty() && fold.ticket == nullptr) cuda::increment_steps(a.steps, s.found_inf, stream);
 }
 

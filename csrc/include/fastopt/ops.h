@@ -22,6 +22,10 @@
 #include "fastopt/functors/rmsprop.h"
 #include "fastopt/functors/lion.h"
 
+// A build may define the list itself (-D'FASTOPT_FOR_EACH_OP(X)=X("lamb", ::fastopt::functors::LambOp)'):
+// tests/test_cuda_on_cpu.py's mutation builds recompile one kernel file for the one op they run, instead
+// of every op's instantiations.  A library build never does.
+#ifndef FASTOPT_FOR_EACH_OP
 #define FASTOPT_FOR_EACH_OP(X)                                \
   X("adamw", ::fastopt::functors::AdamWOp)      \
   X("adamw_ams", ::fastopt::functors::AdamWAmsOp)   \
@@ -59,3 +63,4 @@
   X("rmsprop_centered", ::fastopt::functors::RmspropCenteredOp)     \
   X("rmsprop_centered_momentum", ::fastopt::functors::RmspropCenteredMomentumOp)\
   X("orthograd", ::fastopt::functors::OrthoGradOp)
+#endif  // FASTOPT_FOR_EACH_OP
