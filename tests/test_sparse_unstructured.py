@@ -359,12 +359,13 @@ def test_cuda_kernel_on_cpu_matches_cpu():
 
     built = coc_build.build()
     gen = torch.Generator().manual_seed(4)
-    ws = [torch.randn(n, generator=gen) for n in (70001, 33, 4096 + 3)]
+    ws = [torch.randn(n, generator=gen) for n in (70001, 33, 4096 + 3, 5001)]
     gs = [[torch.randn(w.shape, generator=gen) for w in ws] for _ in range(2)]
     out = {}
     for mode in ("random", "magnitude"):
         for backend in ("cpu", "cuda"):
-            ps = [torch.nn.Parameter(w.clone()) for w in ws]
+            ps = [torch.nn.Parameter(w.clone()) for w in ws[:3]]
+            ps.append(torch.nn.Parameter(torch.cat([torch.zeros(1), ws[3]])[1:]))  # unaligned: the scalar path
             sp = RandomSparsity(0.2, seed=8) if mode == "random" else MagnitudeSparsity(0.2)
             opt = ElementwiseAdamW([dict(params=ps, sparsity=sp)], **HYPER, backend=backend)
             if backend == "cuda":
