@@ -382,7 +382,7 @@ def test_layer_adaptive_budget_levels_and_batches():
     # a names list picks the layers
     out = layer_adaptive_densities(model, 0.3, batches, levels=(0.0, 0.5, 1.0), layers=["2.weight", "0.weight"])
     assert list(out) == ["0.weight", "2.weight"]
-    assert DEFAULT_LEVELS[0] == 0.0 and DEFAULT_LEVELS[-1] == 1.0 and len(DEFAULT_LEVELS) == 101
+    assert DEFAULT_LEVELS == tuple(k / 100 for k in range(1, 101))  # upstream's grid without 0 (no layer pruned whole)
 
 
 def test_layer_adaptive_input_errors_before_any_change():

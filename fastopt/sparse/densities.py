@@ -35,10 +35,11 @@ per-sample mean).  Under the paper's additivity assumption the total distortion 
 ``sum_l kept_l(s_l) <= floor(target * total)``, the state being the number of kept parameters (exact
 while that budget is at most ``max_states``; beyond, counts are measured in units of
 ``ceil(budget / max_states)`` parameters, each layer's count rounded up and the budget down, so the
-choice still fits the budget).  The default levels are upstream's grid (``--maxsps 100``): densities
-``0.00, 0.01, ..., 1.00``; a layer may thus be pruned entirely when that is what minimizes the
-distortion, as upstream allows.  The returned density of a layer is the fraction its chosen level
-keeps, ``kept / n`` (so ``round(density * n)`` and ``l1_unstructured(amount=1 - density)`` give the
+choice still fits the budget).  The default levels are upstream's grid (``--maxsps 100``) without
+its 0.00: densities ``0.01, ..., 1.00``.  Upstream may prune a layer entirely; fastopt's sparse
+schedules (``RandomSparsity``, ``MagnitudeSparsity``, ``unstructured_param_groups``) take densities in
+(0, 1], so the default does not prune a layer whole (pass ``levels`` with 0.0 to allow it).  The returned
+density of a layer is the fraction its chosen level keeps, ``kept / n`` (so ``round(density * n)`` and ``l1_unstructured(amount=1 - density)`` give the
 same count).  Upstream's iterative mode (levels restricted to at least the current sparsity of each
 layer) is not reproduced: each call is one-shot from the current weights.
 """
@@ -50,7 +51,7 @@ from torch import nn
 
 __all__ = ["erk_densities", "layer_adaptive_densities", "DEFAULT_LEVELS"]
 
-DEFAULT_LEVELS: Tuple[float, ...] = tuple(k / 100 for k in range(101))
+DEFAULT_LEVELS: Tuple[float, ...] = tuple(k / 100 for k in range(1, 101))
 
 _PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -282,7 +283,7 @@ def layer_adaptive_densities(model: nn.Module, target: float, calib_batches: Ite
     ``calib_batches``: an iterable of model inputs, or of tuples ``(input, ...)`` (the default forward
     is ``model(batch)``, ``model(batch[0])`` for a tuple/list); it is read once into a list.
     ``forward(model, batch) -> tensor``: how to run a batch.  ``levels``: the candidate densities in
-    [0, 1] (default: 0.00, 0.01, ..., 1.00).  ``layers``: None (the weights of nn.Linear and
+    [0, 1] (default: 0.01, 0.02, ..., 1.00).  ``layers``: None (the weights of nn.Linear and
     convolutions), a list of ``named_parameters()`` names, or ``include(name, module) -> bool``.
     ``worst_case``: distortion = the largest per-sample mean squared difference instead of the mean.
     ``max_states``: the DP's largest exact budget (see the module doc).
