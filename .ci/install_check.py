@@ -163,5 +163,42 @@ for b in ("cpu", "torch"):
     wgrads[b] = layer.weight.grad
 assert torch.allclose(wgrads["cpu"], wgrads["torch"], rtol=1e-5, atol=1e-5), wgrads
 print("WTACRSLinear ok")
+# issue 22: the unstructured prune epilogue (RandomSparsity's hash mask in the kernel) against the torch
+# backend, magnitude masks against torch.nn.utils.prune, the top-k hook's fused compress against its reference
+from torch.nn.utils import prune  # noqa: E402
+
+from fastopt.lowbit import ElementwiseAdamW  # noqa: E402
+
+steps = {}
+for b in ("cpu", "torch"):
+    ps = [torch.nn.Parameter(torch.linspace(-1, 1, 600).view(20, 30) + i) for i in range(2)]
+    opt = ElementwiseAdamW([{"params": ps, "sparsity": fastopt.sparse.RandomSparsity(0.25, seed=3)}], lr=1e-2,
+                           backend=b)
+    for p in ps:
+        p.grad = torch.cos(p.detach())
+    opt.step()
+    steps[b] = [p.detach().clone() for p in ps] + [opt.state[p]["exp_avg"] for p in ps]
+for got, want in zip(steps["cpu"], steps["torch"]):
+    assert torch.equal(got == 0, want == 0) and torch.allclose(got, want, rtol=1e-6, atol=1e-7), (got, want)
+kept = float((steps["cpu"][0] != 0).float().mean())
+assert 0.1 < kept < 0.4, kept
+print(f"RandomSparsity step ok (kept {kept:.3f} of 0.25)")
+w = torch.randn(64, 48, generator=torch.Generator().manual_seed(5))
+lin = torch.nn.Linear(48, 64, bias=False)
+lin.weight.data.copy_(w)
+prune.l1_unstructured(lin, "weight", amount=0.7)
+assert torch.equal(fastopt.sparse.magnitude_masks([w], 0.3, backend="cpu")[0], lin.weight_mask.bool())
+print("magnitude_masks ok (= torch.nn.utils.prune.l1_unstructured)")
+from fastopt.comm import _kernels as comm_kernels  # noqa: E402
+
+xg = torch.randn(1000, generator=torch.Generator().manual_seed(6))
+outs = {}
+for native in (True, False):
+    g, e = xg.clone(), torch.full((1000,), 0.01)
+    vals, idx = torch.empty(37), torch.empty(37, dtype=torch.int32)
+    comm_kernels.topk_compress(g, e, 37, vals, idx, native=native)
+    outs[native] = (vals, idx, e)
+assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))
+print("comm top-k compress ok (kernel = reference)")
 print("install check passed")
 sys.exit(0)
