@@ -234,20 +234,11 @@ def test_backends_agree_and_seed_is_deterministic():
 
 
 def _saved_activation_bytes(module, x, g):
-    """Bytes of the distinct storages saved for backward that are not parameters (saved_tensors_hooks)."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen = {}
+    """Bytes of the distinct storages saved for backward that are not parameters (saved_tensors_hooks; the
+    wtacrs bench suite's measure)."""
+    from fastopt.bench.wtacrs import saved_bytes
 
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = module(x)
-    y.backward(g)
-    return sum(seen.values())
+    return saved_bytes(module, x, g)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -15,30 +15,14 @@ Bytes per step: the ideal single pass (read W, g, exp_avg, exp_avg_sq; write W a
 bytes per fp32 element.  Bars (CPU, the issue's targets): ``fastopt-cpu-random`` at most 1.3x the time
 of ``fastopt-cpu-dense`` (speedup >= 1 / 1.3) and at least 5x faster than ``torch-prune-mask``.
 """
-from dataclasses import dataclass
-
 import torch
 
 from .harness import Bar, Case, Suite, Workload, register, speedup_key
+from .sparse import StepConfig
 
 DENSITY = 0.1
 BASELINE = "torch-prune-mask"
-
-
-@dataclass(frozen=True)
-class Config:
-    tensors: int
-    rows: int
-    cols: int
-
-    @property
-    def name(self):
-        return f"{self.tensors}x{self.rows}x{self.cols}"
-
-    @property
-    def numel(self):
-        return self.tensors * self.rows * self.cols
-
+Config = StepConfig  # (the sparse-step suite's config: a list of equal fp32 matrices; same names)
 
 C_CPU = Config(6, 2048, 2048)     # 25.2M parameters
 C_CPU_QUICK = Config(2, 256, 256)
