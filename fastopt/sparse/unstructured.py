@@ -34,7 +34,7 @@ AdamP, ...: the step, then the masking).
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -65,7 +65,7 @@ class UnstructuredSparsity:
         return {self.STATE_KEY: asdict(self)}
 
     @classmethod
-    def from_saved(cls, value: Any):
+    def from_saved(cls, value: Any) -> Optional["UnstructuredSparsity"]:
         """The schedule a :meth:`to_state` dict describes, or None when ``value`` is not such a dict."""
         if not (isinstance(value, dict) and len(value) == 1):
             return None
@@ -116,11 +116,12 @@ class RandomSparsity(UnstructuredSparsity):
         """The mask key of the optimizer's parameter number ``index``."""
         return prune_key(self.seed, index)
 
-    def mask(self, shape, index: int, offset: int = 0, device=None) -> torch.Tensor:
+    def mask(self, shape: Sequence[int], index: int, offset: int = 0,
+             device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
         """The bool keep-mask of (a piece starting at element ``offset`` of) parameter ``index``."""
         return random_keep_mask(shape, self.seed, index, self.density, offset, device)
 
-    def check_shards(self, p, who):
+    def check_shards(self, p: torch.Tensor, who: str) -> None:
         if _sharded.is_dtensor(p) and not _sharded.row_sharded(p):
             raise NotImplementedError(
                 f"{who}: RandomSparsity of a DTensor {_sharded.describe_placement(p)}: the mask is keyed on the "
@@ -159,7 +160,7 @@ class MagnitudeSparsity(UnstructuredSparsity):
 
         return magnitude_masks([w.detach() for w in weights], self.density, scope=self.scope)
 
-    def check_shards(self, p, who):
+    def check_shards(self, p: torch.Tensor, who: str) -> None:
         if _sharded.is_dtensor(p):
             raise NotImplementedError(
                 f"{who}: MagnitudeSparsity of a DTensor {_sharded.describe_placement(p)}: the magnitude threshold "
