@@ -183,15 +183,21 @@ def _step_methods(device):
     return [f"fastopt-{b}-{mode}" for b in kernels for mode in ("k1", "steady", "dense")] + [STEP_BASELINE]
 
 
-def step_setup(config, method, device):
-    from fastopt.lowbit import ElementwiseAdamW
-    from fastopt.sparse import NMSparsity
-
+def step_params(config, device):
+    """The step suites' parameters (``config.tensors`` fp32 matrices, seeded) with gradients set."""
     gen = torch.Generator(device=device).manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(config.rows, config.cols, device=device, generator=gen))
               for _ in range(config.tensors)]
     for p in params:
         p.grad = torch.randn(p.shape, device=device, generator=gen) * 1e-2
+    return params
+
+
+def step_setup(config, method, device):
+    from fastopt.lowbit import ElementwiseAdamW
+    from fastopt.sparse import NMSparsity
+
+    params = step_params(config, device)
     if method == STEP_BASELINE:
         opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
         dense = [p.detach().clone() for p in params]

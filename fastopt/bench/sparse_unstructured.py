@@ -18,7 +18,7 @@ of ``fastopt-cpu-dense`` (speedup >= 1 / 1.3) and at least 5x faster than ``torc
 import torch
 
 from .harness import Bar, Case, Suite, Workload, register, speedup_key
-from .sparse import StepConfig
+from .sparse import StepConfig, step_params
 
 DENSITY = 0.1
 BASELINE = "torch-prune-mask"
@@ -45,11 +45,7 @@ def setup(config, method, device):
     from fastopt.lowbit import ElementwiseAdamW
     from fastopt.sparse import MagnitudeSparsity, RandomSparsity
 
-    gen = torch.Generator(device=device).manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(config.rows, config.cols, device=device, generator=gen))
-              for _ in range(config.tensors)]
-    for p in params:
-        p.grad = torch.randn(p.shape, device=device, generator=gen) * 1e-2
+    params = step_params(config, device)
     if method == BASELINE:
         import torch.nn.utils.prune as prune
 
