@@ -438,24 +438,12 @@ def topk_hook(state: TopKState, bucket) -> torch.futures.Future[torch.Tensor]:
     if not isinstance(state, TopKState):
         raise TypeError(f"topk_hook: state must be a TopKState, got {type(state).__name__}")
     group = _group(state.process_group)
-    world = group.size()
     x = bucket.buffer()
     grads, params = bucket.gradients(), bucket.parameters()
     native = state._native(x)
     send, ks = _topk_compress(state, params, grads, native)
-    if x.numel() != sum(g.numel() for g in grads):
-        x.zero_()  # (padding between gradients: nothing in it is sent)
-    state._record(bucket.index(), x.numel() * x.element_size(), send.numel() * 4)
-    out = torch.empty(world, send.numel(), device=x.device, dtype=torch.float32)
-    fut = dist.all_gather(list(out.unbind(0)), send, group=group, async_op=True).get_future()
-
-    def decompress(f):
-        _topk_decompress(grads, out, ks, world, native)
-        if bucket.is_last():
-            state.iter += 1
-        return x
-
-    return fut.then(decompress)
+    return _gather_then_unpack(state, bucket, group, grads, send,
+                               lambda out: _topk_decompress(grads, out, ks, group.size(), native))
 
 
 # ================================================================================================ QSGD
@@ -531,19 +519,28 @@ def qsgd_hook(state: QSGDState, bucket) -> torch.futures.Future[torch.Tensor]:
     if not isinstance(state, QSGDState):
         raise TypeError(f"qsgd_hook: state must be a QSGDState, got {type(state).__name__}")
     group = _group(state.process_group)
-    world = group.size()
     x = bucket.buffer()
     grads, params = bucket.gradients(), bucket.parameters()
     native = state._native(x)
     send, bits, offs = _qsgd_compress(state, params, grads, native, group.rank(), bucket.index() * 65536)
+    return _gather_then_unpack(state, bucket, group, grads, send,
+                               lambda out: _qsgd_decompress(state, grads, out, bits, offs, group.size(), native))
+
+
+def _gather_then_unpack(state, bucket, group, grads, send, unpack) -> torch.futures.Future[torch.Tensor]:
+    """The common tail of :func:`topk_hook` and :func:`qsgd_hook`: zero the bucket's padding (nothing in it
+    is sent), count the bytes, all-gather every rank's message ``send`` into ``out`` (world x message) and,
+    when it arrives, ``unpack(out)`` into the gradients (the bucket's views), then count the step on the last
+    bucket."""
+    x = bucket.buffer()
     if x.numel() != sum(g.numel() for g in grads):
         x.zero_()
-    state._record(bucket.index(), x.numel() * x.element_size(), send.numel())
-    out = torch.empty(world, send.numel(), device=x.device, dtype=torch.uint8)
+    state._record(bucket.index(), x.numel() * x.element_size(), send.numel() * send.element_size())
+    out = torch.empty(group.size(), send.numel(), device=x.device, dtype=send.dtype)
     fut = dist.all_gather(list(out.unbind(0)), send, group=group, async_op=True).get_future()
 
     def decompress(f):
-        _qsgd_decompress(state, grads, out, bits, offs, world, native)
+        unpack(out)
         if bucket.is_last():
             state.iter += 1
         return x
